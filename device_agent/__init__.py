@@ -1,0 +1,37 @@
+"""edgeship's device agent: runs a verified bundle on the board with ONNX Runtime or LiteRT.
+
+It depends on numpy, paho-mqtt and one runtime, never on torch or the SDK.
+"""
+
+from __future__ import annotations
+
+from device_agent.bundle import Bundle, load_bundle
+from device_agent.contracts.bundle import IOSpec, Manifest, TensorSpec
+from device_agent.errors import (
+    BundleError,
+    ConfigError,
+    EdgeshipError,
+    InputError,
+    IntegrityError,
+    RuntimeLoadError,
+)
+from device_agent.runtime import ModelSession, open_session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "ConfigError",
+    "EdgeshipError",
+    "IOSpec",
+    "InputError",
+    "IntegrityError",
+    "Manifest",
+    "ModelSession",
+    "RuntimeLoadError",
+    "TensorSpec",
+    "__version__",
+    "load_bundle",
+    "open_session",
+]

@@ -1,0 +1,347 @@
+"""The bundle manifest: what a bundle contains, encoded as ``manifest.json``.
+
+A bundle is a directory holding ``manifest.json``, the model file and optional detector and
+reference-statistics files. The manifest records the SHA-256 of every other file, so a
+verified manifest vouches for the whole bundle. This module owns the schema: encode with
+:meth:`Manifest.to_json`, decode and validate with :meth:`Manifest.from_json`. Decoding
+rejects anything it does not understand with a :class:`~device_agent.errors.BundleError`
+that names the offending field. The schema is documented in ``docs/bundle.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from device_agent.errors import BundleError
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_ID",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "RUNTIMES",
+    "DetectorSpec",
+    "Dim",
+    "IOSpec",
+    "Manifest",
+    "ModelInfo",
+    "TensorSpec",
+]
+
+FORMAT_ID = "edgeship.bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Runtime = Literal["onnxruntime", "litert"]
+RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "litert")
+
+# numpy dtype names the contract accepts for tensors.
+DTYPES = frozenset(
+    {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
+
+# A dimension is a fixed size, or a symbolic name (for example "batch") for a dynamic one.
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: its name, numpy dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    labels: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TensorSpec:
+        obj = _mapping(data, where)
+        name = _str(obj.get("name"), f"{where}.name")
+        dtype = _str(obj.get("dtype"), f"{where}.dtype")
+        if dtype not in DTYPES:
+            raise BundleError(f"{where}.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        shape_raw = obj.get("shape")
+        if not isinstance(shape_raw, list):
+            raise BundleError(f"{where}.shape: expected a list, got {type(shape_raw).__name__}")
+        shape: list[Dim] = []
+        for i, d in enumerate(shape_raw):
+            if isinstance(d, bool) or not isinstance(d, int | str):
+                raise BundleError(f"{where}.shape[{i}]: expected an int or a name, got {d!r}")
+            if isinstance(d, int) and d < 0:
+                raise BundleError(f"{where}.shape[{i}]: negative size {d}")
+            shape.append(d)
+        labels_raw = obj.get("labels")
+        labels = None
+        if labels_raw is not None:
+            labels = tuple(
+                _str(v, f"{where}.labels[{i}]") for i, v in enumerate(_list(labels_raw, where))
+            )
+        return cls(name=name, dtype=dtype, shape=tuple(shape), labels=labels)
+
+    def matches_shape(self, shape: Sequence[int]) -> bool:
+        """Whether a concrete shape fits this spec (symbolic dims match any size)."""
+        if len(shape) != len(self.shape):
+            return False
+        return all(isinstance(d, str) or d == s for d, s in zip(self.shape, shape, strict=True))
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """A model's inputs and outputs, in the model's own order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "io") -> IOSpec:
+        obj = _mapping(data, where)
+        inputs = tuple(
+            TensorSpec.from_dict(t, f"{where}.inputs[{i}]")
+            for i, t in enumerate(_list(obj.get("inputs"), f"{where}.inputs"))
+        )
+        outputs = tuple(
+            TensorSpec.from_dict(t, f"{where}.outputs[{i}]")
+            for i, t in enumerate(_list(obj.get("outputs"), f"{where}.outputs"))
+        )
+        if not inputs:
+            raise BundleError(f"{where}.inputs: a model needs at least one input")
+        if not outputs:
+            raise BundleError(f"{where}.outputs: a model needs at least one output")
+        return cls(inputs=inputs, outputs=outputs)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model the bundle holds and how it was made."""
+
+    name: str
+    version: str
+    file: str
+    runtime: Runtime
+    precision: str  # "fp32", "int8", ...
+    recipe: str  # how it was produced, e.g. "ort-static-int8-qdq-minmax"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "file": self.file,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "recipe": self.recipe,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "model") -> ModelInfo:
+        obj = _mapping(data, where)
+        runtime = _str(obj.get("runtime"), f"{where}.runtime")
+        if runtime not in RUNTIMES:
+            raise BundleError(f"{where}.runtime: {runtime!r} is not one of {list(RUNTIMES)}")
+        return cls(
+            name=_str(obj.get("name"), f"{where}.name"),
+            version=_str(obj.get("version"), f"{where}.version"),
+            file=_relpath(obj.get("file"), f"{where}.file"),
+            runtime=cast(Runtime, runtime),
+            precision=_str(obj.get("precision"), f"{where}.precision"),
+            recipe=_str(obj.get("recipe"), f"{where}.recipe"),
+        )
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """The outlier detector shipped with the model. Higher scores mean more anomalous."""
+
+    kind: str
+    params_file: str
+    threshold: float
+    target_fpr: float
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "params_file": self.params_file,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "detector") -> DetectorSpec:
+        obj = _mapping(data, where)
+        fpr = _float(obj.get("target_fpr"), f"{where}.target_fpr")
+        if not 0.0 < fpr < 1.0:
+            raise BundleError(f"{where}.target_fpr: {fpr} is not between 0 and 1")
+        return cls(
+            kind=_str(obj.get("kind"), f"{where}.kind"),
+            params_file=_relpath(obj.get("params_file"), f"{where}.params_file"),
+            threshold=_float(obj.get("threshold"), f"{where}.threshold"),
+            target_fpr=fpr,
+            options=dict(_mapping(obj.get("options", {}), f"{where}.options")),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the agent needs to know about a bundle, and the evidence for the choice.
+
+    ``files`` maps every bundle file except ``manifest.json`` itself to its SHA-256 (hex).
+    ``budget`` and ``benchmark`` are the report that justified choosing this model; they are
+    kept as plain JSON objects because the agent only displays them.
+    """
+
+    model: ModelInfo
+    io: IOSpec
+    files: Mapping[str, str]
+    tools: Mapping[str, str] = field(default_factory=dict)
+    created: str = ""
+    preprocessing: Mapping[str, Any] | None = None
+    detector: DetectorSpec | None = None
+    reference_file: str | None = None
+    budget: Mapping[str, Any] | None = None
+    benchmark: Mapping[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_ID,
+            "format_version": self.format_version,
+            "created": self.created,
+            "model": self.model.to_dict(),
+            "io": self.io.to_dict(),
+            "preprocessing": None if self.preprocessing is None else dict(self.preprocessing),
+            "detector": None if self.detector is None else self.detector.to_dict(),
+            "reference_file": self.reference_file,
+            "budget": None if self.budget is None else dict(self.budget),
+            "benchmark": None if self.benchmark is None else dict(self.benchmark),
+            "files": dict(sorted(self.files.items())),
+            "tools": dict(sorted(self.tools.items())),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        obj = _mapping(data, "manifest")
+        if obj.get("format") != FORMAT_ID:
+            raise BundleError(
+                f"manifest.format: expected {FORMAT_ID!r}, got {obj.get('format')!r}; "
+                "this is not an edgeship bundle"
+            )
+        version = obj.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BundleError(f"manifest.format_version: expected an int, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"manifest.format_version {version} is newer than this agent understands "
+                f"({FORMAT_VERSION}); upgrade edgeship on this device"
+            )
+        files_raw = _mapping(obj.get("files"), "manifest.files")
+        files: dict[str, str] = {}
+        for name, digest in files_raw.items():
+            _relpath(name, f"manifest.files[{name!r}]")
+            d = _str(digest, f"manifest.files[{name!r}]")
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise BundleError(f"manifest.files[{name!r}]: not a lowercase SHA-256 hex digest")
+            files[name] = d
+        model = ModelInfo.from_dict(obj.get("model"))
+        if model.file not in files:
+            raise BundleError(f"manifest.files: the model file {model.file!r} has no hash")
+        detector = None
+        if obj.get("detector") is not None:
+            detector = DetectorSpec.from_dict(obj["detector"])
+            if detector.params_file not in files:
+                raise BundleError(
+                    f"manifest.files: the detector file {detector.params_file!r} has no hash"
+                )
+        reference = obj.get("reference_file")
+        if reference is not None:
+            reference = _relpath(reference, "manifest.reference_file")
+            if reference not in files:
+                raise BundleError(f"manifest.files: the reference file {reference!r} has no hash")
+        tools = {
+            _str(k, "manifest.tools"): _str(v, f"manifest.tools[{k!r}]")
+            for k, v in _mapping(obj.get("tools", {}), "manifest.tools").items()
+        }
+        return cls(
+            model=model,
+            io=IOSpec.from_dict(obj.get("io")),
+            files=files,
+            tools=tools,
+            created=_str(obj.get("created", ""), "manifest.created", allow_empty=True),
+            preprocessing=_optional_mapping(obj.get("preprocessing"), "manifest.preprocessing"),
+            detector=detector,
+            reference_file=reference,
+            budget=_optional_mapping(obj.get("budget"), "manifest.budget"),
+            benchmark=_optional_mapping(obj.get("benchmark"), "manifest.benchmark"),
+            format_version=version,
+        )
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _optional_mapping(value: Any, where: str) -> Mapping[str, Any] | None:
+    return None if value is None else dict(_mapping(value, where))
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise BundleError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, where: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise BundleError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BundleError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _relpath(value: Any, where: str) -> str:
+    """A file name inside the bundle: relative, no '..', forward slashes."""
+    path = _str(value, where)
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        raise BundleError(f"{where}: {path!r} must be a plain relative path inside the bundle")
+    return path

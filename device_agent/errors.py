@@ -1,0 +1,57 @@
+"""The exception tree shared by the agent and the SDK.
+
+Every error edgeship raises on purpose derives from :class:`EdgeshipError`, and its
+message says what to fix. Errors from ONNX Runtime, LiteRT, paho-mqtt and friends are
+converted where they are caught (``raise BundleError(...) from exc``), so callers never
+need to know which library failed.
+
+::
+
+    EdgeshipError
+    ├── ConfigError          a setting, option or string the user gave is invalid
+    ├── InputError           inference inputs do not match the model (name, dtype, shape)
+    ├── BundleError          a bundle cannot be read or is malformed
+    │   └── IntegrityError   a bundle file does not match the hash in its manifest
+    ├── RuntimeLoadError     the runtime could not load or run a model
+    └── (sdk.errors adds ExportError, QuantizationError, DataError, ModelFormatError,
+         BenchmarkError)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "EdgeshipError",
+    "InputError",
+    "IntegrityError",
+    "RuntimeLoadError",
+]
+
+
+class EdgeshipError(Exception):
+    """Root of every error edgeship raises deliberately."""
+
+
+class ConfigError(EdgeshipError):
+    """A setting, option or string given by the user is invalid."""
+
+
+class InputError(EdgeshipError, ValueError):
+    """Inference inputs do not match the model's input spec."""
+
+
+class BundleError(EdgeshipError):
+    """A bundle cannot be read, or its manifest is malformed."""
+
+
+class IntegrityError(BundleError):
+    """A bundle file is missing or does not match the SHA-256 in the manifest."""
+
+    def __init__(self, message: str, *, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class RuntimeLoadError(EdgeshipError):
+    """ONNX Runtime or LiteRT could not load or run the model."""

@@ -1,0 +1,342 @@
+"""Model sessions: one small interface over ONNX Runtime and LiteRT (or tflite-runtime).
+
+The SDK uses the same sessions to evaluate and benchmark candidates, so what is measured on
+the workstation is the code that runs on the board. Runtimes are imported only when a session
+of that kind is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from device_agent.contracts.bundle import Dim, IOSpec, TensorSpec
+from device_agent.errors import ConfigError, InputError, RuntimeLoadError
+
+__all__ = [
+    "LiteRTSession",
+    "ModelSession",
+    "OnnxSession",
+    "check_feed",
+    "litert_interpreter_class",
+    "open_session",
+    "runtime_for_path",
+]
+
+Feed = Mapping[str, np.ndarray]
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+class ModelSession(Protocol):
+    """A loaded model that maps named numpy inputs to its outputs, in output order."""
+
+    @property
+    def io(self) -> IOSpec: ...
+
+    @property
+    def runtime(self) -> str: ...
+
+    @property
+    def runtime_version(self) -> str: ...
+
+    def run(self, feed: Feed) -> list[np.ndarray]: ...
+
+
+def runtime_for_path(path: Path) -> str:
+    """The runtime that reads a model file, from its suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix == ".tflite":
+        return "litert"
+    raise ConfigError(f"{path.name}: unknown model format {suffix!r}; expected .onnx or .tflite")
+
+
+def open_session(
+    path: str | Path,
+    *,
+    runtime: str | None = None,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+) -> ModelSession:
+    """Open ``path`` with ONNX Runtime or LiteRT. ``threads=None`` lets the runtime decide."""
+    model = Path(path)
+    if not model.is_file():
+        raise ConfigError(f"model file not found: {model}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
+    kind = runtime or runtime_for_path(model)
+    if kind == "onnxruntime":
+        return OnnxSession(model, threads=threads, providers=providers)
+    if kind == "litert":
+        return LiteRTSession(model, threads=threads)
+    raise ConfigError(f"unknown runtime {kind!r}; expected 'onnxruntime' or 'litert'")
+
+
+def check_feed(io: IOSpec, feed: Feed) -> dict[str, np.ndarray]:
+    """Validate inputs against the spec and return them as contiguous arrays.
+
+    Values of the same kind are cast (float64 to float32, int32 to int64); anything else that
+    does not match (a missing or unknown name, a float for an integer input, a wrong rank or
+    fixed dimension) raises :class:`InputError` naming the input and what it expected.
+    """
+    if not isinstance(feed, Mapping):
+        raise InputError(
+            f"inputs must be a mapping of input name to array, got {type(feed).__name__}; "
+            f"this model takes {list(io.input_names)}"
+        )
+    missing = [n for n in io.input_names if n not in feed]
+    unknown = [n for n in feed if n not in io.input_names]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unknown:
+            parts.append(f"unknown {unknown}")
+        raise InputError(f"input names do not match the model: {', '.join(parts)}; "
+                         f"expected {list(io.input_names)}")
+    out: dict[str, np.ndarray] = {}
+    for spec in io.inputs:
+        value = feed[spec.name]
+        try:
+            arr = np.asarray(value)
+        except Exception as exc:  # ragged lists and the like
+            raise InputError(f"input {spec.name!r}: cannot be read as an array ({exc})") from exc
+        want = np.dtype(spec.dtype)
+        if arr.dtype != want:
+            if arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
+                raise InputError(
+                    f"input {spec.name!r}: dtype {arr.dtype} does not fit the model's "
+                    f"{spec.dtype}; convert it with .astype(np.{spec.dtype})"
+                )
+            arr = arr.astype(want)
+        if not spec.matches_shape(arr.shape):
+            raise InputError(
+                f"input {spec.name!r}: shape {tuple(arr.shape)} does not match the model's "
+                f"{_fmt_shape(spec.shape)}"
+            )
+        out[spec.name] = np.ascontiguousarray(arr)
+    return out
+
+
+def _fmt_shape(shape: Sequence[Dim]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+class OnnxSession:
+    """An ONNX Runtime ``InferenceSession`` behind the :class:`ModelSession` interface."""
+
+    runtime = "onnxruntime"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeLoadError(
+                "onnxruntime is not installed; install it with: pip install 'edgeship[agent]'"
+            ) from exc
+        self._ort = ort
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        available = ort.get_available_providers()
+        chosen = list(providers) if providers else ["CPUExecutionProvider"]
+        absent = [p for p in chosen if p not in available]
+        if absent:
+            raise ConfigError(
+                f"execution providers {absent} are not available in this onnxruntime build "
+                f"(available: {available})"
+            )
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise RuntimeLoadError(f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}") from exc
+        self._io = IOSpec(
+            inputs=tuple(_ort_spec(a) for a in self._session.get_inputs()),
+            outputs=tuple(_ort_spec(a) for a in self._session.get_outputs()),
+        )
+        self._output_names = [o.name for o in self._io.outputs]
+
+    @property
+    def io(self) -> IOSpec:
+        return self._io
+
+    @property
+    def runtime_version(self) -> str:
+        return str(self._ort.__version__)
+
+    def run(self, feed: Feed) -> list[np.ndarray]:
+        try:
+            result = self._session.run(self._output_names, dict(feed))
+        except Exception as exc:
+            raise RuntimeLoadError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+        return [np.asarray(r) for r in result]
+
+
+def _ort_spec(arg: Any) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(arg.type)
+    if dtype is None:
+        raise RuntimeLoadError(f"tensor {arg.name!r} has type {arg.type}, which edgeship does not support")
+    shape: list[Dim] = []
+    for i, d in enumerate(arg.shape):
+        if isinstance(d, int) and d >= 0:
+            shape.append(d)
+        elif isinstance(d, str) and d:
+            shape.append(d)
+        else:
+            shape.append(f"dim{i}")
+    return TensorSpec(name=arg.name, dtype=dtype, shape=tuple(shape))
+
+
+def litert_interpreter_class() -> tuple[Any, str, str]:
+    """The LiteRT ``Interpreter`` class: ai-edge-litert first, then tflite-runtime.
+
+    Returns ``(Interpreter, package_name, version)``.
+    """
+    try:
+        from ai_edge_litert import interpreter as litert_interp
+
+        version = _package_version("ai-edge-litert")
+        return litert_interp.Interpreter, "ai-edge-litert", version
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import interpreter as tfl_interp
+
+        return tfl_interp.Interpreter, "tflite-runtime", _package_version("tflite-runtime")
+    except ImportError as exc:
+        raise RuntimeLoadError(
+            "no LiteRT runtime is installed; install one with: pip install 'edgeship[litert]' "
+            "(or tflite-runtime on boards whose numpy is older than 2)"
+        ) from exc
+
+
+def _package_version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class LiteRTSession:
+    """A LiteRT/TFLite interpreter behind the :class:`ModelSession` interface.
+
+    Integer-quantized inputs and outputs (with scale and zero point) are presented as
+    float32: inputs are quantized and outputs dequantized here, so callers feed the same
+    arrays as to the float model.
+    """
+
+    runtime = "litert"
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        interpreter_cls, self._package, self._version = litert_interpreter_class()
+        try:
+            self._interp = interpreter_cls(model_path=str(path), num_threads=threads or os.cpu_count())
+            self._interp.allocate_tensors()
+        except Exception as exc:
+            raise RuntimeLoadError(f"LiteRT cannot load {path.name}: {_first_line(exc)}") from exc
+        self._inputs = self._interp.get_input_details()
+        self._outputs = self._interp.get_output_details()
+        self._io = IOSpec(
+            inputs=tuple(_litert_spec(d) for d in self._inputs),
+            outputs=tuple(_litert_spec(d) for d in self._outputs),
+        )
+        self._shapes: dict[int, tuple[int, ...]] = {
+            d["index"]: tuple(int(s) for s in d["shape"]) for d in self._inputs
+        }
+
+    @property
+    def io(self) -> IOSpec:
+        return self._io
+
+    @property
+    def runtime_version(self) -> str:
+        return f"{self._package} {self._version}"
+
+    def run(self, feed: Feed) -> list[np.ndarray]:
+        try:
+            resized = False
+            for detail in self._inputs:
+                arr = np.asarray(feed[_clean_name(detail["name"])])
+                if tuple(arr.shape) != self._shapes[detail["index"]]:
+                    self._interp.resize_tensor_input(detail["index"], list(arr.shape))
+                    self._shapes[detail["index"]] = tuple(arr.shape)
+                    resized = True
+            if resized:
+                self._interp.allocate_tensors()
+            for detail in self._inputs:
+                arr = np.asarray(feed[_clean_name(detail["name"])])
+                self._interp.set_tensor(detail["index"], _quantize(arr, detail))
+            self._interp.invoke()
+            return [_dequantize(self._interp.get_tensor(d["index"]), d) for d in self._outputs]
+        except KeyError as exc:
+            raise InputError(f"missing input {exc}") from exc
+        except Exception as exc:
+            raise RuntimeLoadError(f"LiteRT failed to run the model: {_first_line(exc)}") from exc
+
+
+def _clean_name(name: str) -> str:
+    """TFLite signature tensors are named like ``serving_default_x:0``; keep the short name."""
+    base = name.split(":")[0]
+    return base.removeprefix("serving_default_")
+
+
+def _is_quantized(detail: Mapping[str, Any]) -> bool:
+    scale, _zero = detail.get("quantization", (0.0, 0))
+    return bool(scale) and np.dtype(detail["dtype"]).kind in "iu"
+
+
+def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
+    sig = detail.get("shape_signature")
+    dims = sig if sig is not None and len(sig) else detail["shape"]
+    shape: list[Dim] = [int(d) if d >= 0 else ("batch" if i == 0 else f"dim{i}") for i, d in enumerate(dims)]
+    dtype = "float32" if _is_quantized(detail) else np.dtype(detail["dtype"]).name
+    return TensorSpec(name=_clean_name(detail["name"]), dtype=dtype, shape=tuple(shape))
+
+
+def _quantize(arr: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
+    if not _is_quantized(detail):
+        return arr.astype(detail["dtype"], copy=False)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    q = np.round(arr / scale + zero)
+    return np.clip(q, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize(arr: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
+    if not _is_quantized(detail):
+        return np.array(arr)
+    scale, zero = detail["quantization"]
+    return ((arr.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0][:500] if lines else type(exc).__name__

@@ -1,0 +1,166 @@
+"""Calibration and evaluation data: loading, validation against a model, batching.
+
+Data comes as an ``.npz`` file keyed by input name (plus an optional ``labels`` array), a
+mapping of input name to array, a bare array for single-input models, or an iterable of
+input dicts. Arrays hold samples along their first axis. Every source is checked against the
+model's inputs before any work starts, and mismatches raise :class:`DataError` naming the
+input, what was given and what the model expects.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from device_agent.contracts.bundle import IOSpec, TensorSpec
+from sdk.errors import DataError
+
+__all__ = ["LABELS_KEY", "DataSource", "Dataset", "load_dataset"]
+
+LABELS_KEY = "labels"
+
+DataSource = Union[str, Path, np.ndarray, Mapping[str, Any], Iterable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated samples for a model: one array per input (samples on axis 0), maybe labels."""
+
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None
+    name: str
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive batches of at most ``batch_size`` samples (the last may be smaller)."""
+        n = len(self)
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+
+    def head(self, count: int) -> Dataset:
+        labels = None if self.labels is None else self.labels[:count]
+        return Dataset({k: v[:count] for k, v in self.inputs.items()}, labels, self.name)
+
+
+def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Dataset:
+    """Read ``source`` and check it against the model's inputs ``io``.
+
+    ``what`` ("calibration data", "eval data") prefixes every error message.
+    """
+    name = str(source) if isinstance(source, str | Path) else type(source).__name__
+    if isinstance(source, str | Path):
+        arrays = _read_npz(Path(source), what)
+    elif isinstance(source, np.ndarray):
+        if len(io.inputs) != 1:
+            raise DataError(
+                f"{what}: a bare array only works for single-input models; this model takes "
+                f"{list(io.input_names)}, so pass a dict keyed by input name"
+            )
+        arrays = {io.inputs[0].name: source}
+    elif isinstance(source, Mapping):
+        arrays = {str(k): np.asarray(v) for k, v in source.items()}
+    elif isinstance(source, Iterable):
+        arrays = _stack_iterable(source, io, what)
+    else:
+        raise DataError(f"{what}: unsupported source {type(source).__name__}; pass an .npz path, "
+                        "a dict of arrays, an array or an iterable of input dicts")
+    labels = arrays.pop(LABELS_KEY, None)
+    inputs = _validate(arrays, io, what)
+    n = len(next(iter(inputs.values())))
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.shape[0] != n:
+            raise DataError(f"{what}: 'labels' must be a 1-D array with one label per sample "
+                            f"({n}), got shape {labels.shape}")
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{what}: 'labels' must hold integer class ids, got {labels.dtype}")
+    return Dataset(inputs=inputs, labels=labels, name=name)
+
+
+def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"{what}: file not found: {path}")
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"{what}: {path.name} is not an .npz file; save arrays keyed by input "
+                        "name with numpy.savez")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{what}: cannot read {path.name} as .npz: {exc}") from exc
+
+
+def _stack_iterable(source: Iterable[Mapping[str, Any]], io: IOSpec, what: str) -> dict[str, np.ndarray]:
+    """Stack an iterable of per-sample or per-batch dicts along axis 0."""
+    parts: dict[str, list[np.ndarray]] = {}
+    count = 0
+    for i, item in enumerate(source):
+        if not isinstance(item, Mapping):
+            raise DataError(f"{what}: item {i} is a {type(item).__name__}, expected a dict of "
+                            f"input name to array ({list(io.input_names)})")
+        for key, value in item.items():
+            arr = np.asarray(value)
+            spec = _spec(io, str(key))
+            # A single sample (rank one less than the model's input) gets a batch axis.
+            if spec is not None and arr.ndim == len(spec.shape) - 1:
+                arr = arr[None, ...]
+            parts.setdefault(str(key), []).append(arr)
+        count += 1
+    if count == 0:
+        raise DataError(f"{what}: the iterable yielded no samples")
+    try:
+        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+    except ValueError as exc:
+        raise DataError(f"{what}: samples have inconsistent shapes: {exc}") from exc
+
+
+def _spec(io: IOSpec, name: str) -> TensorSpec | None:
+    return next((t for t in io.inputs if t.name == name), None)
+
+
+def _validate(arrays: Mapping[str, np.ndarray], io: IOSpec, what: str) -> dict[str, np.ndarray]:
+    names = list(io.input_names)
+    missing = [n for n in names if n not in arrays]
+    unknown = [k for k in arrays if k not in names]
+    if missing:
+        hint = f"; it has {unknown}" if unknown else ""
+        raise DataError(f"{what}: missing input {missing[0]!r} (the model's inputs are {names}{hint})")
+    if unknown:
+        raise DataError(f"{what}: unknown key {unknown[0]!r}; the model's inputs are {names} "
+                        f"(and '{LABELS_KEY}' for class labels)")
+    out: dict[str, np.ndarray] = {}
+    counts = set()
+    for spec in io.inputs:
+        arr = np.asarray(arrays[spec.name])
+        want = np.dtype(spec.dtype)
+        same_kind = arr.dtype.kind == want.kind or (arr.dtype.kind in "iub" and want.kind in "iu")
+        if arr.dtype.kind in "OUSV" or not same_kind:
+            raise DataError(f"{what}: input {spec.name!r} has dtype {arr.dtype}, but the model "
+                            f"takes {spec.dtype}")
+        if arr.ndim != len(spec.shape):
+            raise DataError(f"{what}: input {spec.name!r} has shape {arr.shape} (rank {arr.ndim}), "
+                            f"but the model takes rank {len(spec.shape)} {_fmt(spec)} with samples "
+                            "along the first axis")
+        for axis, (dim, size) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+            if axis > 0 and isinstance(dim, int) and dim != size:
+                raise DataError(f"{what}: input {spec.name!r} has shape {arr.shape}, but the model "
+                                f"takes {_fmt(spec)} (axis {axis} must be {dim})")
+        if arr.shape[0] == 0:
+            raise DataError(f"{what}: input {spec.name!r} holds no samples")
+        counts.add(arr.shape[0])
+        out[spec.name] = np.ascontiguousarray(arr.astype(want, copy=False))
+    if len(counts) > 1:
+        raise DataError(f"{what}: inputs hold different numbers of samples: "
+                        f"{ {k: v.shape[0] for k, v in out.items()} }")
+    return out
+
+
+def _fmt(spec: TensorSpec) -> str:
+    return "(" + ", ".join(str(d) for d in spec.shape) + ")"

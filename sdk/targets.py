@@ -1,0 +1,101 @@
+"""Target profiles: the boards edgeship benchmarks for.
+
+A profile fixes the thread count and CPU affinity a benchmark runs with (the board's core
+count, capped at this host's) and the memory the board has. Latency is always measured on
+the machine that runs the benchmark: reports label it as a host measurement. A profile may
+carry ``latency_scale``, a user-supplied factor from host to board latency; scaled figures are
+reported separately and marked as estimates, never as measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+from sdk.errors import ConfigError
+
+__all__ = ["PROFILES", "TargetProfile", "get_target", "host_profile"]
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """A board: cores, memory and CPU, and how a benchmark emulates it on the host."""
+
+    name: str
+    description: str
+    cores: int
+    memory_mb: int
+    arch: str
+    cpu: str
+    latency_scale: float | None = None  # host -> board latency factor; an estimate if set
+
+    def threads_on_host(self) -> int:
+        """Threads to benchmark with here: the board's cores, capped at this host's."""
+        return max(1, min(self.cores, _host_cores()))
+
+    def affinity_on_host(self) -> list[int]:
+        """The first ``threads_on_host()`` CPUs this process may run on."""
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        return allowed[: self.threads_on_host()]
+
+
+def _host_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def host_profile() -> TargetProfile:
+    mem_mb = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    mem_mb = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return TargetProfile(
+        name="host",
+        description="this machine, as it is",
+        cores=_host_cores(),
+        memory_mb=mem_mb,
+        arch=platform.machine(),
+        cpu=platform.processor() or platform.machine(),
+    )
+
+
+# Board facts from the vendors' specifications (cores, RAM of the common variant, CPU core).
+PROFILES: dict[str, TargetProfile] = {
+    p.name: p
+    for p in (
+        TargetProfile("rpi3", "Raspberry Pi 3 Model B+", 4, 1024, "aarch64", "Cortex-A53 1.4 GHz"),
+        TargetProfile("rpi4", "Raspberry Pi 4 Model B (4 GB)", 4, 4096, "aarch64", "Cortex-A72 1.8 GHz"),
+        TargetProfile("rpi5", "Raspberry Pi 5 (8 GB)", 4, 8192, "aarch64", "Cortex-A76 2.4 GHz"),
+        TargetProfile("rpi-zero2w", "Raspberry Pi Zero 2 W", 4, 512, "aarch64", "Cortex-A53 1 GHz"),
+        TargetProfile("jetson-nano", "NVIDIA Jetson Nano (4 GB)", 4, 4096, "aarch64", "Cortex-A57 1.43 GHz"),
+        TargetProfile(
+            "jetson-orin-nano", "NVIDIA Jetson Orin Nano (8 GB)", 6, 8192, "aarch64",
+            "Cortex-A78AE 1.5 GHz",
+        ),
+    )
+}
+
+
+def get_target(name: str, *, latency_scale: float | None = None) -> TargetProfile:
+    """The profile called ``name`` (``host`` is this machine)."""
+    key = name.strip().lower()
+    if key == "host":
+        profile = host_profile()
+    elif key in PROFILES:
+        profile = PROFILES[key]
+    else:
+        known = ", ".join(["host", *PROFILES])
+        raise ConfigError(f"unknown target {name!r}; known targets: {known}")
+    if latency_scale is not None:
+        if latency_scale <= 0:
+            raise ConfigError(f"latency scale must be positive, got {latency_scale}")
+        from dataclasses import replace
+
+        profile = replace(profile, latency_scale=latency_scale)
+    return profile
