@@ -1,0 +1,53 @@
+"""Shared fixtures: a digits CNN trained once per test session, and its ONNX export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_splits() -> Any:
+    from sdk.zoo.digits import load_digits_splits
+
+    return load_digits_splits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits_splits: Any) -> tuple[Any, float]:
+    """(model, fp32 test accuracy) of the digits CNN, trained once for the whole session."""
+    from sdk.zoo.digits import train_digits_cnn
+
+    return train_digits_cnn(digits_splits, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(trained_digits: tuple[Any, float], digits_splits: Any,
+                tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The trained digits CNN exported to ONNX through ``sdk.export`` (a ModelArtifact)."""
+    import torch
+
+    import sdk
+    from sdk.zoo.digits import INPUT_NAME, OUTPUT_NAME
+
+    model, _ = trained_digits
+    out = tmp_path_factory.mktemp("digits") / "digits.onnx"
+    example = torch.from_numpy(digits_splits.x_cal[:4])
+    return sdk.export(model, (example,), to="onnx", path=out,
+                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+
+
+@pytest.fixture(scope="session")
+def digits_npz(digits_splits: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """calibration and eval .npz files keyed by the model's input name (eval has labels)."""
+    from sdk.zoo.digits import INPUT_NAME
+
+    root = tmp_path_factory.mktemp("digits-data")
+    cal = root / "cal.npz"
+    ev = root / "eval.npz"
+    np.savez(cal, **{INPUT_NAME: digits_splits.x_cal})
+    np.savez(ev, **{INPUT_NAME: digits_splits.x_test, "labels": digits_splits.y_test})
+    return {"calibration": cal, "eval": ev}
