@@ -48,7 +48,9 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if not root.exists():
         raise BundleError(f"bundle not found: {root}")
     if not root.is_dir():
-        raise BundleError(f"{root} is not a bundle directory (expected a folder with {MANIFEST_NAME})")
+        raise BundleError(
+            f"{root} is not a bundle directory (expected a folder with {MANIFEST_NAME})"
+        )
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"{root} has no {MANIFEST_NAME}; is it a bundle directory?")

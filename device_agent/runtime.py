@@ -108,8 +108,10 @@ def check_feed(io: IOSpec, feed: Feed) -> dict[str, np.ndarray]:
             parts.append(f"missing {missing}")
         if unknown:
             parts.append(f"unknown {unknown}")
-        raise InputError(f"input names do not match the model: {', '.join(parts)}; "
-                         f"expected {list(io.input_names)}")
+        raise InputError(
+            f"input names do not match the model: {', '.join(parts)}; "
+            f"expected {list(io.input_names)}"
+        )
     out: dict[str, np.ndarray] = {}
     for spec in io.inputs:
         value = feed[spec.name]
@@ -174,7 +176,9 @@ class OnnxSession:
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise RuntimeLoadError(f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}") from exc
+            raise RuntimeLoadError(
+                f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}"
+            ) from exc
         self._io = IOSpec(
             inputs=tuple(_ort_spec(a) for a in self._session.get_inputs()),
             outputs=tuple(_ort_spec(a) for a in self._session.get_outputs()),
@@ -193,19 +197,21 @@ class OnnxSession:
         try:
             result = self._session.run(self._output_names, dict(feed))
         except Exception as exc:
-            raise RuntimeLoadError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+            raise RuntimeLoadError(
+                f"ONNX Runtime failed to run the model: {_first_line(exc)}"
+            ) from exc
         return [np.asarray(r) for r in result]
 
 
 def _ort_spec(arg: Any) -> TensorSpec:
     dtype = _ORT_DTYPES.get(arg.type)
     if dtype is None:
-        raise RuntimeLoadError(f"tensor {arg.name!r} has type {arg.type}, which edgeship does not support")
+        raise RuntimeLoadError(
+            f"tensor {arg.name!r} has type {arg.type}, which edgeship does not support"
+        )
     shape: list[Dim] = []
     for i, d in enumerate(arg.shape):
-        if isinstance(d, int) and d >= 0:
-            shape.append(d)
-        elif isinstance(d, str) and d:
+        if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d):
             shape.append(d)
         else:
             shape.append(f"dim{i}")
@@ -257,7 +263,9 @@ class LiteRTSession:
     def __init__(self, path: Path, *, threads: int | None = None) -> None:
         interpreter_cls, self._package, self._version = litert_interpreter_class()
         try:
-            self._interp = interpreter_cls(model_path=str(path), num_threads=threads or os.cpu_count())
+            self._interp = interpreter_cls(
+                model_path=str(path), num_threads=threads or os.cpu_count()
+            )
             self._interp.allocate_tensors()
         except Exception as exc:
             raise RuntimeLoadError(f"LiteRT cannot load {path.name}: {_first_line(exc)}") from exc
@@ -315,7 +323,9 @@ def _is_quantized(detail: Mapping[str, Any]) -> bool:
 def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
     sig = detail.get("shape_signature")
     dims = sig if sig is not None and len(sig) else detail["shape"]
-    shape: list[Dim] = [int(d) if d >= 0 else ("batch" if i == 0 else f"dim{i}") for i, d in enumerate(dims)]
+    shape: list[Dim] = [
+        int(d) if d >= 0 else ("batch" if i == 0 else f"dim{i}") for i, d in enumerate(dims)
+    ]
     dtype = "float32" if _is_quantized(detail) else np.dtype(detail["dtype"]).name
     return TensorSpec(name=_clean_name(detail["name"]), dtype=dtype, shape=tuple(shape))
 
@@ -326,14 +336,16 @@ def _quantize(arr: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
     scale, zero = detail["quantization"]
     info = np.iinfo(detail["dtype"])
     q = np.round(arr / scale + zero)
-    return np.clip(q, info.min, info.max).astype(detail["dtype"])
+    out: np.ndarray = np.clip(q, info.min, info.max).astype(detail["dtype"])
+    return out
 
 
 def _dequantize(arr: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
     if not _is_quantized(detail):
         return np.array(arr)
     scale, zero = detail["quantization"]
-    return ((arr.astype(np.float32) - zero) * scale).astype(np.float32)
+    out: np.ndarray = ((arr.astype(np.float32) - zero) * scale).astype(np.float32)
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

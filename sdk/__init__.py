@@ -47,7 +47,34 @@ _EXPORTS: dict[str, str] = {
     "EdgeshipError": "sdk.errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "PROFILES",
+    "BenchConfig",
+    "BenchReport",
+    "Budget",
+    "BudgetLine",
+    "Dataset",
+    "EdgeshipError",
+    "ModelArtifact",
+    "OptimizeConfig",
+    "OptimizeReport",
+    "Quality",
+    "QuantizeConfig",
+    "TargetProfile",
+    "__version__",
+    "benchmark",
+    "check_budget",
+    "evaluate",
+    "export",
+    "get_target",
+    "load_dataset",
+    "optimize",
+    "package",
+    "parse_budget",
+    "quantize",
+    "quantize_tflite",
+    "read_artifact",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -64,7 +64,9 @@ def format_for_path(path: Path) -> ModelFormat:
     return fmt
 
 
-def read_artifact(path: str | Path, *, precision: str = "fp32", recipe: str = "given") -> ModelArtifact:
+def read_artifact(
+    path: str | Path, *, precision: str = "fp32", recipe: str = "given"
+) -> ModelArtifact:
     """Describe an existing ``.onnx`` or ``.tflite`` file, checking that its runtime can load it."""
     from device_agent.runtime import open_session
 
@@ -75,8 +77,10 @@ def read_artifact(path: str | Path, *, precision: str = "fp32", recipe: str = "g
         raise ModelFormatError(f"{model} is a directory, not a model file")
     fmt = format_for_path(model)
     if fmt == "torchscript":
-        raise ModelFormatError(f"{model.name}: TorchScript files cannot be benchmarked or bundled; "
-                               "export the model to ONNX or TFLite")
+        raise ModelFormatError(
+            f"{model.name}: TorchScript files cannot be benchmarked or bundled; "
+            "export the model to ONNX or TFLite"
+        )
     if fmt == "onnx":
         from sdk.onnx_tools import check_onnx_file
 

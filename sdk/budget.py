@@ -59,8 +59,11 @@ class Budget:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     def describe(self) -> str:
-        parts = [f"{k}<={getattr(self, f'{k}_ms'):g}ms" for k in _LATENCY_KEYS
-                 if getattr(self, f"{k}_ms") is not None]
+        parts = [
+            f"{k}<={getattr(self, f'{k}_ms'):g}ms"
+            for k in _LATENCY_KEYS
+            if getattr(self, f"{k}_ms") is not None
+        ]
         if self.peak_rss_mb is not None:
             parts.append(f"rss<={self.peak_rss_mb:g}MB")
         if self.max_accuracy_drop is not None:
@@ -70,11 +73,29 @@ class Budget:
         return ",".join(parts) or "(none)"
 
 
-_TERM = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|<)\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*([a-z%]*)\s*$", re.I)
+_TERM = re.compile(
+    r"^\s*([a-z0-9_]+)\s*(<=|<)\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*([a-z%]*)\s*$", re.I
+)
 _TIME = {"": 1.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1000.0}
-_BYTES = {"": 1.0, "mb": 1.0, "mib": 1.0, "kb": 1 / 1024, "kib": 1 / 1024, "gb": 1024.0, "gib": 1024.0}
-_ALIASES = {"rss": "rss", "mem": "rss", "memory": "rss", "peak_rss": "rss", "drop": "drop",
-            "accuracy_drop": "drop", "size": "size", "file_size": "size"}
+_BYTES = {
+    "": 1.0,
+    "mb": 1.0,
+    "mib": 1.0,
+    "kb": 1 / 1024,
+    "kib": 1 / 1024,
+    "gb": 1024.0,
+    "gib": 1024.0,
+}
+_ALIASES = {
+    "rss": "rss",
+    "mem": "rss",
+    "memory": "rss",
+    "peak_rss": "rss",
+    "drop": "drop",
+    "accuracy_drop": "drop",
+    "size": "size",
+    "file_size": "size",
+}
 
 
 def parse_budget(text: str) -> Budget:
@@ -91,15 +112,24 @@ def parse_budget(text: str) -> Budget:
                 f"malformed budget term {raw.strip()!r}; write terms like "
                 "'p95<=20ms', 'rss<=64MB', 'drop<=1%', 'size<=2MB', separated by commas"
             )
-        key, _op, number, unit = m.group(1).lower(), m.group(2), float(m.group(3)), m.group(4).lower()
+        key, _op, number, unit = (
+            m.group(1).lower(),
+            m.group(2),
+            float(m.group(3)),
+            m.group(4).lower(),
+        )
         key = _ALIASES.get(key, key)
         if key in _LATENCY_KEYS:
             if unit not in _TIME:
-                raise ConfigError(f"budget {raw.strip()!r}: unknown time unit {unit!r} (use ms, us or s)")
+                raise ConfigError(
+                    f"budget {raw.strip()!r}: unknown time unit {unit!r} (use ms, us or s)"
+                )
             field_name, value = f"{key}_ms", number * _TIME[unit]
         elif key in ("rss", "size"):
             if unit not in _BYTES:
-                raise ConfigError(f"budget {raw.strip()!r}: unknown size unit {unit!r} (use KB, MB or GB)")
+                raise ConfigError(
+                    f"budget {raw.strip()!r}: unknown size unit {unit!r} (use KB, MB or GB)"
+                )
             field_name = "peak_rss_mb" if key == "rss" else "max_size_mb"
             value = number * _BYTES[unit]
         elif key == "drop":
@@ -108,12 +138,16 @@ def parse_budget(text: str) -> Budget:
             elif unit == "" and number < 1:
                 value = number
             else:
-                raise ConfigError(f"budget {raw.strip()!r}: give the accuracy drop in percent "
-                                  "points ('drop<=1%') or as a fraction ('drop<=0.01')")
+                raise ConfigError(
+                    f"budget {raw.strip()!r}: give the accuracy drop in percent "
+                    "points ('drop<=1%') or as a fraction ('drop<=0.01')"
+                )
             field_name = "max_accuracy_drop"
         else:
-            raise ConfigError(f"unknown budget key {m.group(1)!r}; known keys: "
-                              "p50, p90, p95, p99, rss, drop, size")
+            raise ConfigError(
+                f"unknown budget key {m.group(1)!r}; known keys: "
+                "p50, p90, p95, p99, rss, drop, size"
+            )
         if field_name in values:
             raise ConfigError(f"budget names {m.group(1)!r} twice")
         values[field_name] = value
@@ -138,14 +172,23 @@ class BudgetLine:
     def describe(self) -> str:
         if self.measured is None:
             return f"{self.name}: not measured (limit {self.limit:g} {self.unit})"
-        rel = f" ({self.distance / self.limit:+.0%})" if self.limit else ""
+        over = self.measured - self.limit
+        rel = f" ({over / self.limit:+.0%})" if self.limit else ""
         op = "<=" if self.passed else ">"
-        verdict = "ok" if self.passed else f"over by {self.distance:.3g} {self.unit}{rel}"
-        return f"{self.name} {self.measured:.4g} {self.unit} {op} {self.limit:g} {self.unit}: {verdict}"
+        verdict = "ok" if self.passed else f"over by {over:.3g} {self.unit}{rel}"
+        measured = f"{self.measured:.4g} {self.unit}"
+        return f"{self.name} {measured} {op} {self.limit:g} {self.unit}: {verdict}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "measured": self.measured, "limit": self.limit, "unit": self.unit,
-                "passed": self.passed, "distance": self.distance, "text": self.describe()}
+        return {
+            "name": self.name,
+            "measured": self.measured,
+            "limit": self.limit,
+            "unit": self.unit,
+            "passed": self.passed,
+            "distance": self.distance,
+            "text": self.describe(),
+        }
 
 
 def check_budget(budget: Budget, metrics: Mapping[str, float | None]) -> list[BudgetLine]:
@@ -163,8 +206,14 @@ def check_budget(budget: Budget, metrics: Mapping[str, float | None]) -> list[Bu
         lines.append(_line("rss", metrics.get("peak_rss_mb"), budget.peak_rss_mb, "MB"))
     if budget.max_accuracy_drop is not None:
         drop = metrics.get("accuracy_drop")
-        lines.append(_line("drop", None if drop is None else drop * 100, budget.max_accuracy_drop * 100,
-                           "points"))
+        lines.append(
+            _line(
+                "drop",
+                None if drop is None else drop * 100,
+                budget.max_accuracy_drop * 100,
+                "points",
+            )
+        )
     if budget.max_size_mb is not None:
         lines.append(_line("size", metrics.get("size_mb"), budget.max_size_mb, "MB"))
     return lines

@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,7 @@ __all__ = ["LABELS_KEY", "DataSource", "Dataset", "load_dataset"]
 
 LABELS_KEY = "labels"
 
-DataSource = Union[str, Path, np.ndarray, Mapping[str, Any], Iterable[Mapping[str, Any]]]
+DataSource = str | Path | np.ndarray | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,20 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
     elif isinstance(source, Iterable):
         arrays = _stack_iterable(source, io, what)
     else:
-        raise DataError(f"{what}: unsupported source {type(source).__name__}; pass an .npz path, "
-                        "a dict of arrays, an array or an iterable of input dicts")
+        raise DataError(
+            f"{what}: unsupported source {type(source).__name__}; pass an .npz path, "
+            "a dict of arrays, an array or an iterable of input dicts"
+        )
     labels = arrays.pop(LABELS_KEY, None)
     inputs = _validate(arrays, io, what)
     n = len(next(iter(inputs.values())))
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != n:
-            raise DataError(f"{what}: 'labels' must be a 1-D array with one label per sample "
-                            f"({n}), got shape {labels.shape}")
+            raise DataError(
+                f"{what}: 'labels' must be a 1-D array with one label per sample "
+                f"({n}), got shape {labels.shape}"
+            )
         if labels.dtype.kind not in "iu":
             raise DataError(f"{what}: 'labels' must hold integer class ids, got {labels.dtype}")
     return Dataset(inputs=inputs, labels=labels, name=name)
@@ -88,8 +92,10 @@ def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.exists():
         raise DataError(f"{what}: file not found: {path}")
     if path.suffix.lower() != ".npz":
-        raise DataError(f"{what}: {path.name} is not an .npz file; save arrays keyed by input "
-                        "name with numpy.savez")
+        raise DataError(
+            f"{what}: {path.name} is not an .npz file; save arrays keyed by input "
+            "name with numpy.savez"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -97,14 +103,18 @@ def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{what}: cannot read {path.name} as .npz: {exc}") from exc
 
 
-def _stack_iterable(source: Iterable[Mapping[str, Any]], io: IOSpec, what: str) -> dict[str, np.ndarray]:
+def _stack_iterable(
+    source: Iterable[Mapping[str, Any]], io: IOSpec, what: str
+) -> dict[str, np.ndarray]:
     """Stack an iterable of per-sample or per-batch dicts along axis 0."""
     parts: dict[str, list[np.ndarray]] = {}
     count = 0
     for i, item in enumerate(source):
         if not isinstance(item, Mapping):
-            raise DataError(f"{what}: item {i} is a {type(item).__name__}, expected a dict of "
-                            f"input name to array ({list(io.input_names)})")
+            raise DataError(
+                f"{what}: item {i} is a {type(item).__name__}, expected a dict of "
+                f"input name to array ({list(io.input_names)})"
+            )
         for key, value in item.items():
             arr = np.asarray(value)
             spec = _spec(io, str(key))
@@ -131,10 +141,14 @@ def _validate(arrays: Mapping[str, np.ndarray], io: IOSpec, what: str) -> dict[s
     unknown = [k for k in arrays if k not in names]
     if missing:
         hint = f"; it has {unknown}" if unknown else ""
-        raise DataError(f"{what}: missing input {missing[0]!r} (the model's inputs are {names}{hint})")
+        raise DataError(
+            f"{what}: missing input {missing[0]!r} (the model's inputs are {names}{hint})"
+        )
     if unknown:
-        raise DataError(f"{what}: unknown key {unknown[0]!r}; the model's inputs are {names} "
-                        f"(and '{LABELS_KEY}' for class labels)")
+        raise DataError(
+            f"{what}: unknown key {unknown[0]!r}; the model's inputs are {names} "
+            f"(and '{LABELS_KEY}' for class labels)"
+        )
     out: dict[str, np.ndarray] = {}
     counts = set()
     for spec in io.inputs:
@@ -142,23 +156,31 @@ def _validate(arrays: Mapping[str, np.ndarray], io: IOSpec, what: str) -> dict[s
         want = np.dtype(spec.dtype)
         same_kind = arr.dtype.kind == want.kind or (arr.dtype.kind in "iub" and want.kind in "iu")
         if arr.dtype.kind in "OUSV" or not same_kind:
-            raise DataError(f"{what}: input {spec.name!r} has dtype {arr.dtype}, but the model "
-                            f"takes {spec.dtype}")
+            raise DataError(
+                f"{what}: input {spec.name!r} has dtype {arr.dtype}, but the model "
+                f"takes {spec.dtype}"
+            )
         if arr.ndim != len(spec.shape):
-            raise DataError(f"{what}: input {spec.name!r} has shape {arr.shape} (rank {arr.ndim}), "
-                            f"but the model takes rank {len(spec.shape)} {_fmt(spec)} with samples "
-                            "along the first axis")
+            raise DataError(
+                f"{what}: input {spec.name!r} has shape {arr.shape} (rank {arr.ndim}), "
+                f"but the model takes rank {len(spec.shape)} {_fmt(spec)} with samples "
+                "along the first axis"
+            )
         for axis, (dim, size) in enumerate(zip(spec.shape, arr.shape, strict=True)):
             if axis > 0 and isinstance(dim, int) and dim != size:
-                raise DataError(f"{what}: input {spec.name!r} has shape {arr.shape}, but the model "
-                                f"takes {_fmt(spec)} (axis {axis} must be {dim})")
+                raise DataError(
+                    f"{what}: input {spec.name!r} has shape {arr.shape}, but the model "
+                    f"takes {_fmt(spec)} (axis {axis} must be {dim})"
+                )
         if arr.shape[0] == 0:
             raise DataError(f"{what}: input {spec.name!r} holds no samples")
         counts.add(arr.shape[0])
         out[spec.name] = np.ascontiguousarray(arr.astype(want, copy=False))
     if len(counts) > 1:
-        raise DataError(f"{what}: inputs hold different numbers of samples: "
-                        f"{ {k: v.shape[0] for k, v in out.items()} }")
+        raise DataError(
+            f"{what}: inputs hold different numbers of samples: "
+            f"{ {k: v.shape[0] for k, v in out.items()} }"
+        )
     return out
 
 

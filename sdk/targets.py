@@ -70,12 +70,20 @@ PROFILES: dict[str, TargetProfile] = {
     p.name: p
     for p in (
         TargetProfile("rpi3", "Raspberry Pi 3 Model B+", 4, 1024, "aarch64", "Cortex-A53 1.4 GHz"),
-        TargetProfile("rpi4", "Raspberry Pi 4 Model B (4 GB)", 4, 4096, "aarch64", "Cortex-A72 1.8 GHz"),
+        TargetProfile(
+            "rpi4", "Raspberry Pi 4 Model B (4 GB)", 4, 4096, "aarch64", "Cortex-A72 1.8 GHz"
+        ),
         TargetProfile("rpi5", "Raspberry Pi 5 (8 GB)", 4, 8192, "aarch64", "Cortex-A76 2.4 GHz"),
         TargetProfile("rpi-zero2w", "Raspberry Pi Zero 2 W", 4, 512, "aarch64", "Cortex-A53 1 GHz"),
-        TargetProfile("jetson-nano", "NVIDIA Jetson Nano (4 GB)", 4, 4096, "aarch64", "Cortex-A57 1.43 GHz"),
         TargetProfile(
-            "jetson-orin-nano", "NVIDIA Jetson Orin Nano (8 GB)", 6, 8192, "aarch64",
+            "jetson-nano", "NVIDIA Jetson Nano (4 GB)", 4, 4096, "aarch64", "Cortex-A57 1.43 GHz"
+        ),
+        TargetProfile(
+            "jetson-orin-nano",
+            "NVIDIA Jetson Orin Nano (8 GB)",
+            6,
+            8192,
+            "aarch64",
             "Cortex-A78AE 1.5 GHz",
         ),
     )

@@ -25,8 +25,9 @@ def trained_digits(digits_splits: Any) -> tuple[Any, float]:
 
 
 @pytest.fixture(scope="session")
-def digits_onnx(trained_digits: tuple[Any, float], digits_splits: Any,
-                tmp_path_factory: pytest.TempPathFactory) -> Any:
+def digits_onnx(
+    trained_digits: tuple[Any, float], digits_splits: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     """The trained digits CNN exported to ONNX through ``sdk.export`` (a ModelArtifact)."""
     import torch
 
@@ -36,8 +37,9 @@ def digits_onnx(trained_digits: tuple[Any, float], digits_splits: Any,
     model, _ = trained_digits
     out = tmp_path_factory.mktemp("digits") / "digits.onnx"
     example = torch.from_numpy(digits_splits.x_cal[:4])
-    return sdk.export(model, (example,), to="onnx", path=out,
-                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    return sdk.export(
+        model, (example,), to="onnx", path=out, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from device_agent.errors import BundleError
 
@@ -164,7 +164,7 @@ class ModelInfo:
             name=_str(obj.get("name"), f"{where}.name"),
             version=_str(obj.get("version"), f"{where}.version"),
             file=_relpath(obj.get("file"), f"{where}.file"),
-            runtime=cast(Runtime, runtime),
+            runtime=runtime,
             precision=_str(obj.get("precision"), f"{where}.precision"),
             recipe=_str(obj.get("recipe"), f"{where}.recipe"),
         )

@@ -41,7 +41,9 @@ def load_digits_splits(seed: int = 0, holdout_class: int | None = None) -> Digit
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     y = digits.target.astype(np.int64)
-    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=0.25, random_state=seed, stratify=y
+    )
     x_train, x_cal, y_train, y_cal = train_test_split(
         x_rest, y_rest, test_size=0.2, random_state=seed, stratify=y_rest
     )

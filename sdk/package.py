@@ -1,0 +1,186 @@
+"""Packaging a chosen model as a bundle directory (see ``docs/bundle.md``).
+
+The bundle is written into a temporary sibling directory and renamed into place, so a reader
+never sees half a bundle, and an existing directory is only replaced when it is itself a
+bundle (or empty): edgeship never deletes files it did not write.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle import Bundle, load_bundle, sha256_file
+from device_agent.contracts.bundle import (
+    MANIFEST_NAME,
+    DetectorSpec,
+    IOSpec,
+    Manifest,
+    ModelInfo,
+)
+from sdk.artifact import ModelArtifact
+from sdk.budget import Budget
+from sdk.errors import ConfigError
+
+__all__ = ["package", "tool_versions"]
+
+_TOOL_DISTS = (
+    "edgeship",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "torch",
+    "ai-edge-litert",
+    "litert-torch",
+    "ai-edge-quantizer",
+    "tflite-runtime",
+    "scikit-learn",
+)
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the installed tools that can take part in making a bundle."""
+    from importlib import metadata
+
+    found: dict[str, str] = {}
+    for dist in _TOOL_DISTS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def package(
+    model: ModelArtifact,
+    out_dir: str | Path,
+    *,
+    name: str = "model",
+    version: str = "1",
+    labels: Sequence[str] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    budget: Budget | None = None,
+    benchmark: Mapping[str, Any] | None = None,
+    detector: tuple[DetectorSpec, Path] | None = None,
+    reference: Path | None = None,
+    extra_files: Mapping[str, Path] | None = None,
+    overwrite: bool = True,
+) -> Bundle:
+    """Write ``model`` and its manifest into the bundle directory ``out_dir``.
+
+    ``detector`` is ``(spec, params_path)``; ``reference`` a JSON file of reference statistics.
+    ``benchmark`` is the (JSON-serialisable) report that justified the choice. Returns the
+    bundle as the agent will load it, verified.
+    """
+    if model.format not in ("onnx", "tflite"):
+        raise ConfigError(f"only ONNX and TFLite models can be bundled, not {model.format}")
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    model_file = "model.onnx" if model.format == "onnx" else "model.tflite"
+    io = _with_labels(model.io, labels)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copyfile(model.path, staging / model_file)
+        det_spec = None
+        if detector is not None:
+            det_spec, det_path = detector
+            shutil.copyfile(det_path, staging / det_spec.params_file)
+        ref_name = None
+        if reference is not None:
+            ref_name = "reference.json"
+            shutil.copyfile(reference, staging / ref_name)
+        for rel, src in (extra_files or {}).items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, staging / rel)
+        files = {
+            p.relative_to(staging).as_posix(): sha256_file(p)
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest = Manifest(
+            model=ModelInfo(
+                name=name,
+                version=version,
+                file=model_file,
+                runtime="onnxruntime" if model.format == "onnx" else "litert",
+                precision=model.precision,
+                recipe=model.recipe,
+            ),
+            io=io,
+            files=files,
+            tools=tool_versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            preprocessing=preprocessing,
+            detector=det_spec,
+            reference_file=ref_name,
+            budget=None if budget is None else budget.to_dict(),
+            benchmark=None if benchmark is None else _jsonable(benchmark),
+        )
+        # Round-trip through the decoder so a bundle we write is always one we can read.
+        Manifest.from_json(manifest.to_json())
+        (staging / MANIFEST_NAME).write_text(manifest.to_json())
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(out)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is a file; choose a directory for the bundle")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    if not (out / MANIFEST_NAME).is_file():
+        raise ConfigError(
+            f"{out} is a non-empty directory that is not a bundle; refusing to overwrite it "
+            "(choose a new directory)"
+        )
+    if not overwrite:
+        raise ConfigError(f"bundle {out} already exists; pass overwrite=True to replace it")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _with_labels(io: IOSpec, labels: Sequence[str] | None) -> IOSpec:
+    if labels is None:
+        return io
+    first = io.outputs[0]
+    return replace(
+        io, outputs=(replace(first, labels=tuple(str(x) for x in labels)), *io.outputs[1:])
+    )
+
+
+def _jsonable(value: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalise to plain JSON types (numpy scalars, Paths, tuples)."""
+    return dict(json.loads(json.dumps(value, default=_default)))
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
