@@ -1,0 +1,366 @@
+"""The ``edgeship`` command: arguments in, one library call, a report out.
+
+Exit codes (stable; scripts rely on them):
+
+* 0 — success (for ``bench``/``optimize`` with a budget: the budget is met)
+* 1 — the work ran, but no candidate / the model does not meet the budget (report written)
+* 2 — bad input: a missing file, malformed budget, unknown target, data not matching the model
+* 3 — an unexpected internal error (a bug: rerun with ``--debug`` and report the traceback)
+* 130 — interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import EdgeshipError
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_BUDGET", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_BUDGET = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """\
+examples:
+  edgeship targets
+  edgeship quantize model.onnx --calibration cal.npz -o model.int8.onnx
+  edgeship bench model.int8.onnx --target rpi4 --budget "p95<=20ms,rss<=64MB"
+  edgeship optimize model.onnx --calibration cal.npz --eval eval.npz \\
+      --target rpi4 --budget "p95<=20ms,drop<=1%" -o bundle/ --json report.json
+  edgeship inspect bundle/
+
+Data files are .npz archives keyed by the model's input names (numpy.savez); an eval
+file may add a 'labels' array of integer class ids. Exit codes: 0 ok, 1 budget not met,
+2 bad input, 3 internal error. Docs: README.md and docs/ in the repository.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeship",
+        description="Ship ML models to Raspberry Pi and Jetson boards: quantize to int8, "
+        "benchmark against a budget, and package a verified bundle.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edgeship {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "quantize",
+        help="int8-quantize an ONNX model with ONNX Runtime",
+        description="Quantize an ONNX model to int8. Static mode (the default) calibrates "
+        "activation ranges on --calibration data and writes a QDQ model with per-channel "
+        "weights; dynamic mode needs no data and quantizes weights ahead and activations at "
+        "run time (best for transformers and LSTMs).",
+    )
+    p.add_argument("model", type=Path, help="the fp32 .onnx file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the int8 .onnx")
+    p.add_argument("--calibration", type=Path, help=".npz of representative inputs (static mode)")
+    p.add_argument("--mode", choices=["static", "dynamic"], default="static")
+    p.add_argument(
+        "--method",
+        choices=["minmax", "entropy", "percentile"],
+        default="minmax",
+        help="static calibration method (default: minmax)",
+    )
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one scale per weight tensor, not per channel"
+    )
+    p.add_argument("--exclude", default="", help="comma-separated node names to keep in float")
+    p.set_defaults(handler=_cmd_quantize)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark a model or bundle under a target profile",
+        description="Benchmark a .onnx/.tflite model or a bundle in its own process, pinned to "
+        "the target's core count (capped at this host's). Latencies are measured on this "
+        "host and labelled so. The rss budget line is the model's peak RSS increase over a "
+        "runtime-only baseline.",
+    )
+    p.add_argument("model", type=Path, help=".onnx or .tflite file, or a bundle directory")
+    _add_target_args(p)
+    p.add_argument("--runs", type=int, default=200, help="minimum timed runs (default 200)")
+    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds (default 3)")
+    p.add_argument("--threads", type=int, help="override the profile's thread count")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser(
+        "optimize",
+        help="try fp32/int8 recipes, benchmark each, bundle the best that meets the budget",
+        description="Try fp32, dynamic int8 and static int8 versions of an ONNX model, measure "
+        "each one's quality on --eval data and its speed and memory under --target, choose "
+        "the fastest (p95) candidate that meets every budget line, and write it as a bundle. "
+        "Candidate models are kept in OUTPUT-candidates/. When no candidate meets the "
+        "budget, the best effort is still bundled and the report names each failing line; "
+        "the exit code is then 1.",
+    )
+    p.add_argument("model", type=Path, help="the fp32 .onnx file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--calibration", type=Path, help=".npz of representative inputs")
+    p.add_argument("--eval", type=Path, help=".npz of eval inputs, optionally with 'labels'")
+    _add_target_args(p)
+    p.add_argument("--name", default=None, help="model name in the bundle (default: file stem)")
+    p.add_argument("--model-version", default="1", help="model version in the bundle")
+    p.add_argument("--labels", default=None, help="comma-separated class labels for output 0")
+    p.add_argument("--runs", type=int, default=200, help="minimum timed runs per candidate")
+    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per candidate")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.set_defaults(handler=_cmd_optimize)
+
+    p = sub.add_parser("inspect", help="verify a bundle and print its manifest")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    p.set_defaults(handler=_cmd_inspect)
+
+    p = sub.add_parser("targets", help="list the target profiles")
+    p.set_defaults(handler=_cmd_targets)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job end to end on the bundled digits data",
+        description="Train a small CNN on scikit-learn's bundled digits, export it to ONNX, "
+        "optimize it under a Raspberry Pi 4 budget and write the bundle. Everything is "
+        "local; nothing is downloaded.",
+    )
+    p.add_argument("--workdir", type=Path, default=Path("demo-out"), help="default: ./demo-out")
+    p.add_argument("--target", default="rpi4")
+    p.add_argument("--budget", default="p95<=5ms,rss<=64MB,drop<=1%,size<=1MB")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default="host",
+        help="board profile: rpi3, rpi4, rpi5, rpi-zero2w, jetson-nano, jetson-orin-nano, "
+        "host (default: host; see 'edgeship targets')",
+    )
+    p.add_argument(
+        "--budget",
+        default="",
+        help='limits, e.g. "p95<=20ms,rss<=64MB,drop<=1%%,size<=2MB" (MB = MiB)',
+    )
+    p.add_argument(
+        "--latency-scale",
+        type=float,
+        default=None,
+        help="host-to-board latency factor, to print an ESTIMATE of board latency",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return handler(args)
+    except EdgeshipError as exc:
+        print(f"edgeship: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("edgeship: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"edgeship: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _version() -> str:
+    from sdk import __version__
+
+    return __version__
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from sdk.targets import PROFILES, host_profile
+
+    rows = [host_profile(), *PROFILES.values()]
+    print(f"{'name':<18}{'cores':>6}{'memory':>9}  {'cpu':<22}description")
+    for t in rows:
+        print(f"{t.name:<18}{t.cores:>6}{t.memory_mb:>7}MB  {t.cpu:<22}{t.description}")
+    print("\nBenchmarks run with the board's core count, capped at this host's; latencies are")
+    print("measured on this host. --latency-scale adds an estimate of board latency.")
+    return EXIT_OK
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from sdk.quantize import QuantizeConfig, quantize
+
+    excluded = tuple(n.strip() for n in args.exclude.split(",") if n.strip())
+    config = QuantizeConfig(
+        mode=args.mode, method=args.method, per_channel=not args.per_tensor, exclude_nodes=excluded
+    )
+    _require_file(args.model, "model")
+    if args.calibration is not None:
+        _require_file(args.calibration, "calibration data")
+    art = quantize(args.model, args.calibration, out=args.output, config=config)
+    src = args.model.stat().st_size
+    print(
+        f"wrote {art.path} ({art.recipe}): {art.size_bytes / 1024:.1f} KiB, "
+        f"{art.size_bytes / src:.2f}x the input's {src / 1024:.1f} KiB"
+    )
+    for note in art.details.get("fallbacks", []):
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sdk.bench import BenchConfig, benchmark
+    from sdk.budget import parse_budget
+    from sdk.targets import get_target
+
+    budget = parse_budget(args.budget)
+    target = get_target(args.target, latency_scale=args.latency_scale)
+    model_path = _model_from_path(args.model)
+    config = BenchConfig(
+        target=target, min_runs=args.runs, min_seconds=args.seconds, threads=args.threads
+    )
+    report = benchmark(
+        model_path, config, budget=None if budget.is_empty() else budget, progress=True
+    )
+    print(report.summary())
+    if args.json is not None:
+        _write_json(args.json, report.to_dict())
+    if not budget.is_empty() and not report.meets_budget:
+        return EXIT_BUDGET
+    return EXIT_OK
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from sdk.budget import parse_budget
+    from sdk.optimize import OptimizeConfig, optimize
+    from sdk.targets import get_target
+
+    budget = parse_budget(args.budget)
+    target = get_target(args.target, latency_scale=args.latency_scale)
+    _require_file(args.model, "model")
+    for what, path in (("calibration data", args.calibration), ("eval data", args.eval)):
+        if path is not None:
+            _require_file(path, what)
+    labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
+    config = OptimizeConfig(
+        target=target,
+        budget=budget,
+        name=args.name or args.model.stem,
+        version=args.model_version,
+        labels=None if labels is None else tuple(labels),
+        min_runs=args.runs,
+        min_seconds=args.seconds,
+    )
+    report = optimize(
+        args.model,
+        calibration=args.calibration,
+        eval_data=args.eval,
+        out=args.output,
+        config=config,
+        progress=True,
+    )
+    print(report.summary())
+    if args.json is not None:
+        _write_json(args.json, report.to_dict())
+    return EXIT_OK if report.meets_budget else EXIT_BUDGET
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from device_agent.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(m.to_json(), end="")
+        return EXIT_OK
+    print(
+        f"bundle {bundle.root}  (format v{m.format_version}, verified: all {len(m.files)} "
+        "file hashes match)"
+    )
+    print(
+        f"model      {m.model.name} v{m.model.version}: {m.model.file} "
+        f"[{m.model.runtime}, {m.model.precision}, {m.model.recipe}]"
+    )
+    for t in m.io.inputs:
+        print(f"input      {t.name}: {t.dtype} {list(t.shape)}")
+    for t in m.io.outputs:
+        labels = f" labels={list(t.labels)}" if t.labels else ""
+        print(f"output     {t.name}: {t.dtype} {list(t.shape)}{labels}")
+    if m.detector is not None:
+        d = m.detector
+        print(f"detector   {d.kind}: threshold {d.threshold:.4g} (target FPR {d.target_fpr:g})")
+    if m.budget:
+        print(f"budget     {json.dumps(m.budget)}")
+    if m.benchmark:
+        lat = m.benchmark.get("latency_ms", {})
+        if lat:
+            print(
+                "benchmark  "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in lat.items() if isinstance(v, int | float))
+            )
+        if "measured_on" in m.benchmark:
+            print(f"           measured on {m.benchmark['measured_on']}")
+    for name, digest in m.files.items():
+        size = bundle.path_of(name).stat().st_size
+        print(f"file       {name}  {size / 1024:.1f} KiB  sha256 {digest[:16]}…")
+    print(f"tools      {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sdk.demo import run_host_demo
+
+    return run_host_demo(args.workdir, target=args.target, budget=args.budget)
+
+
+def _model_from_path(path: Path) -> Path:
+    """A model file, or the model inside a bundle directory (verified first)."""
+    if path.is_dir():
+        from device_agent.bundle import load_bundle
+
+        return load_bundle(path).model_path
+    _require_file(path, "model")
+    return path
+
+
+def _require_file(path: Path, what: str) -> None:
+    from sdk.errors import DataError, ModelFormatError
+
+    if not path.exists():
+        cls = ModelFormatError if what == "model" else DataError
+        raise cls(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{what}: {path} is a directory, expected a file")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"report written to {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
