@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +52,10 @@ def prepare_digits(workdir: Path, *, seed: int = 0) -> dict[str, Path]:
         info_path.write_text(json.dumps({"fp32_test_accuracy": acc, "seed": seed}) + "\n")
     else:
         print(f"reusing the trained model in {onnx_path}")
-    np.savez(cal_path, **{INPUT_NAME: splits.x_cal})
-    np.savez(eval_path, **{INPUT_NAME: splits.x_test, "labels": splits.y_test})
+    cal: dict[str, Any] = {INPUT_NAME: splits.x_cal}
+    evaluation: dict[str, Any] = {INPUT_NAME: splits.x_test, "labels": splits.y_test}
+    np.savez(cal_path, **cal)
+    np.savez(eval_path, **evaluation)
     return {"model": onnx_path, "calibration": cal_path, "eval": eval_path}
 
 

@@ -90,9 +90,9 @@ def test_file_problems(tmp_path: Path) -> None:
         load_dataset(tmp_path / "nope.npz", IO)
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(DataError, match="cannot read bad.npz"):
+    with pytest.raises(DataError, match=r"cannot read bad\.npz"):
         load_dataset(bad, IO)
     txt = tmp_path / "data.csv"
     txt.write_text("1,2,3\n")
-    with pytest.raises(DataError, match="not an .npz file"):
+    with pytest.raises(DataError, match=r"not an \.npz file"):
         load_dataset(txt, IO)
