@@ -9,16 +9,21 @@ raises :class:`~sdk.errors.ExportError`. Failures inside torch or litert-torch a
 ONNX uses torch's TorchScript-based exporter (fast, emits the requested opset directly) and falls
 back to the ``torch.export``-based exporter when the tracer cannot handle the model.
 
-TFLite tensor names: litert-torch names signature inputs ``args_0, args_1, ...`` and outputs
-``output_0, ...``; :class:`device_agent.runtime.LiteRTSession` maps them back to the names given
-here (stored in the model's metadata), so ONNX and TFLite exports take the same feed.
+TFLite: litert-torch names a signature's inputs ``args_0, ...`` and outputs ``output_0, ...``;
+the export renames the signature entries and their tensors to the given names, so ONNX and TFLite
+exports take the same feed. litert-torch 0.10 cannot keep the batch dynamic through flatten or
+reshape, so such models are exported with the example's fixed batch size (logged, and recorded
+as ``details["dynamic_batch"] = False``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +42,8 @@ __all__ = ["MIN_OPSET", "export", "verify_outputs"]
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
+
+_LITERT_PROGRESS = "LITERT_TORCH_SHOW_PROGRESS"
 
 _SUFFIX: dict[str, str] = {"onnx": ".onnx", "tflite": ".tflite", "torchscript": ".pt"}
 
@@ -88,7 +95,7 @@ def export(
     if to == "onnx":
         _export_onnx(model, inputs, out, in_names, out_names, dynamic_batch, opset)
     elif to == "tflite":
-        _export_tflite(model, inputs, out, in_names, out_names, dynamic_batch)
+        dynamic_batch = _export_tflite(model, inputs, out, in_names, out_names, dynamic_batch)
     else:
         _export_torchscript(model, inputs, out)
 
@@ -99,8 +106,12 @@ def export(
     else:
         io, actual = _run_runtime(out, feed)
     max_diff = verify_outputs(reference, actual, atol=atol, rtol=rtol, what=f"{to} export")
-    if dynamic_batch and to != "torchscript":
-        max_diff = max(max_diff, _verify_other_batch(model, inputs, out, in_names, atol, rtol, to))
+    if dynamic_batch:
+        other_diff, other_outputs = _verify_other_batch(
+            model, inputs, out, in_names, atol, rtol, to
+        )
+        max_diff = max(max_diff, other_diff)
+        io = _mark_batch_outputs(io, actual, other_outputs)
     details: dict[str, Any] = {
         "max_abs_diff": max_diff,
         "atol": atol,
@@ -177,23 +188,55 @@ def _verify_other_batch(
     atol: float,
     rtol: float,
     to: str,
-) -> float:
+) -> tuple[float, list[np.ndarray]]:
     """Run a batch size other than the example's, so a batch baked in at export is caught."""
-    import torch
-
     if any(t.dim() == 0 for t in inputs):
-        return 0.0
-    if inputs[0].shape[0] > 1:
-        other = tuple(t[:1] for t in inputs)
-    else:
-        other = tuple(torch.cat([t, t]) for t in inputs)
+        return 0.0, []
+    other = _other_batch(inputs)
     reference = _reference_outputs(model, other)
-    feed = dict(zip(in_names, (t.detach().cpu().numpy() for t in other), strict=True))
-    _io, actual = _run_runtime(out, feed)
+    if to == "torchscript":
+        actual = _run_torchscript(out, other)
+    else:
+        feed = dict(zip(in_names, (t.detach().cpu().numpy() for t in other), strict=True))
+        _io, actual = _run_runtime(out, feed)
     n = other[0].shape[0]
-    return verify_outputs(
+    diff = verify_outputs(
         reference, actual, atol=atol, rtol=rtol, what=f"{to} export at batch size {n}"
     )
+    return diff, actual
+
+
+def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs at another batch size: the first sample alone, or the sample twice."""
+    import torch
+
+    if inputs[0].shape[0] > 1:
+        return tuple(t[:1] for t in inputs)
+    return tuple(torch.cat([t, t]) for t in inputs)
+
+
+def _mark_batch_outputs(io: IOSpec, first: list[np.ndarray], second: list[np.ndarray]) -> IOSpec:
+    """Name the first axis ``batch`` on outputs whose size followed the batch size.
+
+    litert-torch records outputs with the example's fixed shape even when the input's batch
+    axis is dynamic; running two batch sizes shows which outputs really follow it.
+    """
+    if len(first) != len(io.outputs) or len(second) != len(io.outputs):
+        return io
+    outputs = []
+    for spec, a, b in zip(io.outputs, first, second, strict=True):
+        if spec.shape and isinstance(spec.shape[0], int) and a.ndim and a.shape[0] != b.shape[0]:
+            spec = replace(spec, shape=("batch", *spec.shape[1:]))
+        outputs.append(spec)
+    return replace(io, outputs=tuple(outputs))
+
+
+def _at_least_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """torch.export specialises a size-1 axis to the constant 1, so a batch of one cannot be
+    traced as dynamic; a batch of one is traced as two copies instead."""
+    if all(t.dim() for t in inputs) and inputs[0].shape[0] == 1:
+        return _other_batch(inputs)
+    return inputs
 
 
 def _as_tensor_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -312,6 +355,7 @@ def _export_onnx_dynamo(
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() else {} for t in inputs)
+        inputs = _at_least_two(inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -336,8 +380,100 @@ def _export_tflite(
     in_names: list[str],
     out_names: list[str],
     dynamic_batch: bool,
-) -> None:
-    raise ExportError("TFLite export is not available yet")
+) -> bool:
+    """Convert with litert-torch and name the signature's tensors; return whether the batch
+    dimension stayed dynamic."""
+    import torch
+
+    try:
+        import litert_torch
+    except ImportError as exc:
+        raise ExportError(
+            "TFLite export needs litert-torch; install it with: "
+            "pip install 'edgeship[tflite-export]'"
+        ) from exc
+
+    converted = None
+    dynamic = False
+    with _quiet_litert():
+        if dynamic_batch:
+            batch = torch.export.Dim("batch")
+            shapes = tuple({0: batch} if t.dim() else {} for t in inputs)
+            try:
+                converted = litert_torch.convert(
+                    model, _at_least_two(inputs), dynamic_shapes=shapes
+                )
+                dynamic = True
+            except Exception as exc:
+                # litert-torch cannot lower a symbolic batch through some ops (flatten/reshape
+                # in 0.10), so such models get the example's fixed batch size instead.
+                log.warning(
+                    "TFLite export with a dynamic batch failed (%s); exporting with the fixed "
+                    "batch size %d of the example inputs",
+                    _one_line(exc),
+                    inputs[0].shape[0] if inputs[0].dim() else 1,
+                )
+        try:
+            if converted is None:
+                converted = litert_torch.convert(model, inputs)
+            converted.export(str(out))
+        except Exception as exc:
+            raise ExportError(
+                f"TFLite export of {type(model).__name__} failed: {_one_line(exc)}"
+            ) from exc
+    _rename_tflite_signature(out, in_names, out_names)
+    return dynamic
+
+
+@contextlib.contextmanager
+def _quiet_litert() -> Iterator[None]:
+    """litert-torch prints a progress tree to the terminal unless told not to."""
+    old = os.environ.get(_LITERT_PROGRESS)
+    os.environ[_LITERT_PROGRESS] = "y" if log.isEnabledFor(logging.DEBUG) else "n"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_LITERT_PROGRESS, None)
+        else:
+            os.environ[_LITERT_PROGRESS] = old
+
+
+def _rename_tflite_signature(path: Path, in_names: list[str], out_names: list[str]) -> None:
+    """Give the signature's inputs and outputs, and their tensors, the caller's names.
+
+    litert-torch names positional inputs ``args_0, args_1, ...`` and outputs ``output_0, ...``
+    (tensors ``serving_default_args_0`` and ``serving_default_output_0_output``); after this the
+    signature and the tensors are both called ``image``/``logits``/..., so every runtime and the
+    quantizer see the same names as the ONNX export.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    sigs = model.signatureDefs or []
+    if len(sigs) != 1:
+        raise ExportError(f"the TFLite export has {len(sigs)} signatures; expected exactly one")
+    sig = sigs[0]
+    subgraph = model.subgraphs[sig.subgraphIndex]
+    for kind, entries, names in (
+        ("args", sig.inputs, in_names),
+        ("output", sig.outputs, out_names),
+    ):
+        wanted = {f"{kind}_{i}": name for i, name in enumerate(names)}
+        found = sorted(_text(e.name) for e in entries)
+        if found != sorted(wanted):
+            raise ExportError(
+                f"the TFLite export's signature names {found} are not the expected {sorted(wanted)}"
+            )
+        for entry in entries:
+            name = wanted[_text(entry.name)]
+            entry.name = name.encode()
+            subgraph.tensors[entry.tensorIndex].name = name.encode()
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _export_torchscript(
@@ -392,15 +528,18 @@ def _io_from_arrays(
     outputs: list[np.ndarray],
     dynamic_batch: bool,
 ) -> IOSpec:
-    def spec(name: str, arr: np.ndarray) -> TensorSpec:
+    """The spec of a TorchScript export; outputs get a ``batch`` axis later, once a second
+    batch size has shown which of them follow it."""
+
+    def spec(name: str, arr: np.ndarray, dynamic: bool) -> TensorSpec:
         shape: list[int | str] = [int(d) for d in arr.shape]
-        if dynamic_batch and shape:
+        if dynamic and shape:
             shape[0] = "batch"
         return TensorSpec(name=name, dtype=arr.dtype.name, shape=tuple(shape))
 
     return IOSpec(
-        inputs=tuple(spec(n, a) for n, a in zip(in_names, inputs, strict=True)),
-        outputs=tuple(spec(n, a) for n, a in zip(out_names, outputs, strict=True)),
+        inputs=tuple(spec(n, a, dynamic_batch) for n, a in zip(in_names, inputs, strict=True)),
+        outputs=tuple(spec(n, a, False) for n, a in zip(out_names, outputs, strict=True)),
     )
 
 
