@@ -1,0 +1,282 @@
+"""Quantize a float TFLite model with Google's ai-edge-quantizer, and check the result runs.
+
+This is the LiteRT counterpart of :mod:`sdk.quantize` (which quantizes ONNX models with ONNX
+Runtime). Recipes are ai-edge-quantizer's own, by name:
+
+============================  ===========  ===========  ================================
+recipe                        weights      activations  needs calibration data
+============================  ===========  ===========  ================================
+``static_wi8_ai8``            int8         int8         yes
+``static_wi8_ai16``           int8         int16        yes
+``dynamic_wi8_afp32``         int8         float32 [*]  no
+``dynamic_wi4_afp32``         int4         float32 [*]  no
+``weight_only_wi8_afp32``     int8         float32      no
+``weight_only_wi4_afp32``     int4         float32      no
+============================  ===========  ===========  ================================
+
+[*] quantized on the fly inside each op (dynamic range quantization).
+
+Static recipes make int8/int16 model inputs and outputs; :class:`device_agent.runtime.LiteRTSession`
+quantizes and dequantizes them, so the quantized model takes the same float feed as the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.errors import EdgeshipError
+from sdk.artifact import ModelArtifact, read_artifact
+from sdk.data import Dataset, DataSource, load_dataset
+from sdk.errors import ConfigError, DataError, ModelFormatError, QuantizationError
+
+__all__ = ["RECIPES", "LiteRTRecipe", "quantize_tflite"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LiteRTRecipe:
+    """One ai-edge-quantizer recipe: the precision it produces and whether it calibrates."""
+
+    name: str
+    precision: str
+    calibrated: bool
+    description: str
+
+
+RECIPES: Mapping[str, LiteRTRecipe] = {
+    r.name: r
+    for r in (
+        LiteRTRecipe("static_wi8_ai8", "int8", True, "int8 weights and activations"),
+        LiteRTRecipe("static_wi8_ai16", "int16x8", True, "int8 weights, int16 activations"),
+        LiteRTRecipe("dynamic_wi8_afp32", "int8", False, "int8 weights, dynamic-range int8 ops"),
+        LiteRTRecipe("dynamic_wi4_afp32", "int4", False, "int4 weights, dynamic-range ops"),
+        LiteRTRecipe("weight_only_wi8_afp32", "int8", False, "int8 weights, float compute"),
+        LiteRTRecipe("weight_only_wi4_afp32", "int4", False, "int4 weights, float compute"),
+    )
+}
+
+# Samples checked on the quantized model before it is returned.
+_CHECK_SAMPLES = 16
+
+
+def quantize_tflite(
+    model: ModelArtifact | str | Path,
+    calibration: DataSource | None,
+    out: str | Path,
+    *,
+    recipe: str = "static_wi8_ai8",
+) -> ModelArtifact:
+    """Quantize the float TFLite ``model`` with ``recipe`` and write it to ``out``.
+
+    ``calibration`` is checked against the model's inputs (see :func:`sdk.data.load_dataset`);
+    static recipes need it, the others ignore it (pass ``None``). The quantized model is loaded
+    and run in LiteRT before it is returned; ``details["max_abs_diff_vs_float"]`` is its largest
+    output difference from the float model on up to 16 samples.
+    """
+    spec = RECIPES.get(recipe)
+    if spec is None:
+        known = ", ".join(f"{r.name} ({r.description})" for r in RECIPES.values())
+        raise ConfigError(f"unknown LiteRT quantization recipe {recipe!r}; known recipes: {known}")
+    float_art = _float_artifact(model)
+    target = Path(out)
+    if target.suffix.lower() != ".tflite":
+        raise ConfigError(f"{target.name}: the quantized model must be written to a .tflite file")
+    if target.resolve() == float_art.path.resolve():
+        raise ConfigError(f"{target}: the output would overwrite the float model")
+
+    data: Dataset | None = None
+    if calibration is not None:
+        data = load_dataset(calibration, float_art.io, what="calibration data")
+    elif spec.calibrated:
+        raise DataError(
+            f"calibration data: recipe {recipe!r} calibrates activation ranges, so it "
+            "needs calibration data (an .npz file or arrays keyed by input name)"
+        )
+
+    try:
+        from ai_edge_quantizer import quantizer as aeq_quantizer
+        from ai_edge_quantizer import recipe as aeq_recipe
+    except ImportError as exc:
+        raise QuantizationError(
+            "LiteRT quantization needs ai-edge-quantizer; install it with: "
+            "pip install 'edgeship[tflite-export]'"
+        ) from exc
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The calibrator keeps every intermediate tensor on purpose and LiteRT warns about it.
+        warnings.simplefilter("ignore")
+        quantizer = _step(
+            "loading the model",
+            lambda: aeq_quantizer.Quantizer(float_art.path, getattr(aeq_recipe, recipe)()),
+        )
+        calibration_result = None
+        if spec.calibrated and data is not None:
+            feeds = _calibration_feeds(float_art, data)
+            calibration_result = _step(
+                "calibrating",
+                lambda: quantizer.calibrate(feeds, num_threads=os.cpu_count() or 1),
+            )
+        result = _step(
+            "quantizing",
+            lambda: quantizer.quantize(calibration_result, enable_progress_report=False),
+        )
+        target.unlink(missing_ok=True)  # else the quantizer logs a warning while overwriting
+        _step("writing the model", lambda: result.export_model(target))
+
+    check = _check_feed(float_art, data)
+    diff = _compare_with_float(float_art.path, target, check)
+    details = {
+        "float_model": str(float_art.path),
+        "recipe": recipe,
+        "calibration_samples": 0 if data is None or not spec.calibrated else len(data),
+        "max_abs_diff_vs_float": diff,
+        "float_size_bytes": float_art.size_bytes,
+    }
+    session_io = _open(target).io
+    art = ModelArtifact(
+        path=target,
+        format="tflite",
+        io=session_io,
+        precision=spec.precision,
+        recipe=f"litert-{recipe}",
+        details=details,
+    )
+    log.info(
+        "quantized %s with %s: %d -> %d bytes, max |diff| vs float %.3g",
+        float_art.path.name,
+        recipe,
+        float_art.size_bytes,
+        art.size_bytes,
+        diff,
+    )
+    return art
+
+
+def _float_artifact(model: ModelArtifact | str | Path) -> ModelArtifact:
+    art = model if isinstance(model, ModelArtifact) else read_artifact(model)
+    if art.format != "tflite":
+        raise ModelFormatError(
+            f"{art.path.name}: LiteRT quantization takes a .tflite model, got {art.format}; "
+            "use sdk.quantize for ONNX models"
+        )
+    if art.precision != "fp32":
+        raise ModelFormatError(
+            f"{art.path.name} is already quantized ({art.precision}); quantize the float model"
+        )
+    return art
+
+
+def _step(what: str, action: Any) -> Any:
+    """Run one ai-edge-quantizer step, turning its failures into QuantizationError."""
+    try:
+        return action()
+    except EdgeshipError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else ""
+        message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise QuantizationError(f"ai-edge-quantizer failed while {what}: {message}") from exc
+
+
+def _open(path: Path) -> Any:
+    from device_agent.runtime import open_session
+
+    try:
+        return open_session(path, threads=1)
+    except EdgeshipError as exc:
+        raise QuantizationError(f"the quantized model {path.name} does not load: {exc}") from exc
+
+
+def _calibration_feeds(art: ModelArtifact, data: Dataset) -> dict[str, list[dict[str, Any]]]:
+    """Calibration batches keyed the way ai-edge-quantizer wants them.
+
+    The quantizer runs the model through its signature, so inputs are keyed by signature input
+    names (matched to the model's tensors by tensor index) and batches have the model's batch
+    size when that is fixed.
+    """
+    from device_agent.runtime import litert_interpreter_class
+
+    interpreter_cls, _pkg, _version = litert_interpreter_class()
+    interp = interpreter_cls(model_path=str(art.path))
+    signatures = list(interp.get_signature_list())
+    if len(signatures) != 1:
+        raise QuantizationError(
+            f"{art.path.name} has {len(signatures)} signatures; calibration needs exactly one "
+            "(export with sdk.export, which writes one)"
+        )
+    key = signatures[0]
+    runner = interp.get_signature_runner(key)
+    by_index = {int(d["index"]): name for name, d in runner.get_input_details().items()}
+    sig_names = {}
+    for spec, detail in zip(art.io.inputs, interp.get_input_details(), strict=True):
+        sig_name = by_index.get(int(detail["index"]))
+        if sig_name is None:
+            raise QuantizationError(
+                f"{art.path.name}: input {spec.name!r} is not part of signature {key!r}"
+            )
+        sig_names[spec.name] = sig_name
+
+    first = art.io.inputs[0].shape
+    batch = first[0] if first and isinstance(first[0], int) else 1
+    usable = len(data) - len(data) % batch
+    if usable == 0:
+        raise DataError(
+            f"calibration data: {len(data)} samples, but the model takes batches of {batch}"
+        )
+    if usable < len(data):
+        log.info(
+            "calibration uses %d of %d samples (whole batches of %d)", usable, len(data), batch
+        )
+    feeds = [
+        {sig_names[name]: arr for name, arr in part.items()}
+        for part in data.head(usable).batches(batch)
+    ]
+    return {key: feeds}
+
+
+def _check_feed(art: ModelArtifact, data: Dataset | None) -> dict[str, np.ndarray]:
+    """A few real samples when there are any, else zeros of the model's input shapes."""
+    first = art.io.inputs[0].shape
+    batch = first[0] if first and isinstance(first[0], int) else None
+    if data is not None:
+        count = batch or min(len(data), _CHECK_SAMPLES)
+        if len(data) >= count:
+            return dict(next(data.head(count).batches(count)))
+    feed = {}
+    for spec in art.io.inputs:
+        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+        feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
+
+
+def _compare_with_float(float_path: Path, quant_path: Path, feed: dict[str, np.ndarray]) -> float:
+    float_out = _open(float_path).run(feed)
+    try:
+        quant_out = _open(quant_path).run(feed)
+    except EdgeshipError as exc:
+        raise QuantizationError(
+            f"the quantized model {quant_path.name} fails to run: {exc}"
+        ) from exc
+    worst = 0.0
+    for ref, got in zip(float_out, quant_out, strict=True):
+        if ref.shape != got.shape:
+            raise QuantizationError(
+                f"the quantized model returns shape {got.shape} where the float model returns "
+                f"{ref.shape}"
+            )
+        if not np.isfinite(got).all():
+            raise QuantizationError("the quantized model returns NaN or infinite values")
+        if ref.size:
+            worst = max(worst, float(np.abs(got.astype(np.float64) - ref).max()))
+    return worst
