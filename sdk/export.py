@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 17
 
 _LITERT_PROGRESS = "LITERT_TORCH_SHOW_PROGRESS"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's exporter colours its messages
 
 _SUFFIX: dict[str, str] = {"onnx": ".onnx", "tflite": ".tflite", "torchscript": ".pt"}
 
@@ -92,26 +94,13 @@ def export(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    if to == "onnx":
-        _export_onnx(model, inputs, out, in_names, out_names, dynamic_batch, opset)
-    elif to == "tflite":
-        dynamic_batch = _export_tflite(model, inputs, out, in_names, out_names, dynamic_batch)
-    else:
-        _export_torchscript(model, inputs, out)
-
-    feed = dict(zip(in_names, (t.detach().cpu().numpy() for t in inputs), strict=True))
-    if to == "torchscript":
-        actual = _run_torchscript(out, inputs)
-        io = _io_from_arrays(in_names, list(feed.values()), out_names, reference, dynamic_batch)
-    else:
-        io, actual = _run_runtime(out, feed)
-    max_diff = verify_outputs(reference, actual, atol=atol, rtol=rtol, what=f"{to} export")
-    if dynamic_batch:
-        other_diff, other_outputs = _verify_other_batch(
-            model, inputs, out, in_names, atol, rtol, to
+    try:
+        io, max_diff, dynamic_batch = _export_and_verify(
+            model, inputs, reference, to, out, in_names, out_names, dynamic_batch, opset, atol, rtol
         )
-        max_diff = max(max_diff, other_diff)
-        io = _mark_batch_outputs(io, actual, other_outputs)
+    except ExportError:
+        out.unlink(missing_ok=True)  # a failed or diverging export must not pass for a good one
+        raise
     details: dict[str, Any] = {
         "max_abs_diff": max_diff,
         "atol": atol,
@@ -131,6 +120,51 @@ def export(
     return ModelArtifact(
         path=out, format=to, io=io, precision="fp32", recipe="fp32", details=details
     )
+
+
+def _export_and_verify(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    reference: list[np.ndarray],
+    to: str,
+    out: Path,
+    in_names: list[str],
+    out_names: list[str],
+    dynamic_batch: bool,
+    opset: int,
+    atol: float,
+    rtol: float,
+) -> tuple[IOSpec, float, bool]:
+    """Write the export, run it, and compare with PyTorch; return (io, max |diff|, dynamic)."""
+    if to == "onnx":
+        _export_onnx(model, inputs, out, in_names, out_names, dynamic_batch, opset)
+    elif to == "tflite":
+        dynamic_batch = _export_tflite(model, inputs, out, in_names, out_names, dynamic_batch)
+    else:
+        _export_torchscript(model, inputs, out)
+
+    feed = dict(zip(in_names, (t.detach().cpu().numpy() for t in inputs), strict=True))
+    if to == "torchscript":
+        actual = _run_torchscript(out, inputs)
+        io = _io_from_arrays(in_names, list(feed.values()), out_names, reference, dynamic_batch)
+    else:
+        io, actual = _run_runtime(out, feed)
+    try:
+        max_diff = verify_outputs(reference, actual, atol=atol, rtol=rtol, what=f"{to} export")
+        if dynamic_batch:
+            other_diff, other_outputs = _verify_other_batch(
+                model, inputs, out, in_names, atol, rtol, to
+            )
+            max_diff = max(max_diff, other_diff)
+            io = _mark_batch_outputs(io, actual, other_outputs)
+    except ExportError as exc:
+        if not model.training:
+            raise
+        # Exporters trace eval-mode behaviour (dropout off, batch-norm running stats).
+        raise ExportError(
+            f"{exc} (the model is in training mode; call model.eval() first)"
+        ) from exc
+    return io, max_diff, dynamic_batch
 
 
 def verify_outputs(
@@ -328,8 +362,8 @@ def _export_onnx(
             _export_onnx_dynamo(model, inputs, out, in_names, out_names, dynamic_batch, opset)
         except Exception as exc:
             raise ExportError(
-                f"ONNX export of {type(model).__name__} failed: {_one_line(exc)} "
-                f"(TorchScript exporter: {_one_line(legacy_exc)})"
+                f"ONNX export of {type(model).__name__} failed: {_one_line(legacy_exc)} "
+                f"(torch.export-based exporter: {_one_line(exc)})"
             ) from exc
     from sdk.errors import ModelFormatError
     from sdk.onnx_tools import check_onnx_file
@@ -544,7 +578,7 @@ def _io_from_arrays(
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = _ANSI.sub("", str(exc)).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else ""
     name = type(exc).__name__
