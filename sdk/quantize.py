@@ -1,0 +1,733 @@
+"""Int8 quantization of ONNX models with ONNX Runtime's quantizer.
+
+This module owns the ``quantize`` pipeline stage: it takes an fp32 ONNX artifact and returns an
+int8 one, static (QDQ format, calibrated on user data) or dynamic (weights only). Every step that
+ONNX Runtime's tooling can fail at has a fallback or an edgeship error that names the step:
+
+1. the model is read and, if its opset is older than :data:`sdk.onnx_tools.MIN_QUANT_OPSET`,
+   upgraded (ORT's QDQ per-channel quantization needs opset 13);
+2. ORT's pre-processing (symbolic shape inference, graph optimization, ONNX shape inference) runs,
+   retried without symbolic shape inference, then without optimization, then skipped;
+3. calibration streams the data one batch at a time (ORT's strided calibration), so memory holds
+   one batch of activations whatever the size of the calibration set;
+4. the quantized model is loaded and run by the runtime the board uses, and compared with the fp32
+   model on the same inputs; a node the runtime refuses is excluded and quantization retried.
+
+Each fallback is logged and listed in the returned artifact's ``details["fallbacks"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from device_agent.errors import RuntimeLoadError
+from sdk.artifact import ModelArtifact, read_artifact
+from sdk.data import Dataset, DataSource, load_dataset
+from sdk.errors import ConfigError, DataError, ModelFormatError, QuantizationError
+
+if TYPE_CHECKING:
+    from device_agent.contracts.bundle import IOSpec, TensorSpec
+    from device_agent.runtime import ModelSession
+
+__all__ = ["QuantizeConfig", "quantize"]
+
+log = logging.getLogger(__name__)
+
+QuantMode = Literal["static", "dynamic"]
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+IntType = Literal["int8", "uint8"]
+
+_MODES = ("static", "dynamic")
+_METHODS = ("minmax", "entropy", "percentile")
+_INT_TYPES = ("int8", "uint8")
+
+# A runtime refusal that names a node gets the node excluded and quantization retried; a model
+# that still fails after this many exclusions has a deeper problem, reported as an error.
+_MAX_EXCLUSION_RETRIES = 4
+
+# Samples used to check that the quantized model runs (taken from the calibration data).
+_CHECK_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize.
+
+    ``mode``: ``"static"`` calibrates activation ranges on data and stores weights and activations
+    as int8 (QDQ format); ``"dynamic"`` stores int8 weights and quantizes activations at run time
+    (no data needed; suits transformers and MLPs, not CNNs).
+    ``method``: how static calibration picks activation ranges: ``"minmax"`` (observed range),
+    ``"entropy"`` (KL-divergence threshold) or ``"percentile"`` (99.999th percentile).
+    ``per_channel``: one weight scale per output channel, which keeps accuracy on convolutions.
+    ``batch_size``: calibration batch size, which bounds calibration memory.
+    ``max_calibration_samples``: use at most this many calibration samples (the first ones).
+    ``exclude_nodes``: node names kept in float; ``op_types``: quantize only these operator types
+    (``None``: every type ORT can quantize).
+    ``activation_type``: uint8 by default: asymmetric uint8 activations with int8 weights (U8S8)
+    are what ONNX Runtime's CPU kernels support best on both x86 and Arm, and they spend the whole
+    range on non-negative post-ReLU activations.
+    ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI where 8-bit products can saturate.
+    """
+
+    mode: QuantMode = "static"
+    method: CalibMethod = "minmax"
+    per_channel: bool = True
+    batch_size: int = 32
+    max_calibration_samples: int | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
+    weight_type: IntType = "int8"
+    activation_type: IntType = "uint8"
+    reduce_range: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ConfigError(f"quantization mode {self.mode!r} is not one of {list(_MODES)}")
+        if self.method not in _METHODS:
+            raise ConfigError(f"calibration method {self.method!r} is not one of {list(_METHODS)}")
+        for name in ("weight_type", "activation_type"):
+            if getattr(self, name) not in _INT_TYPES:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not one of {list(_INT_TYPES)}"
+                )
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
+            raise ConfigError(
+                f"max_calibration_samples must be at least 1, got {self.max_calibration_samples}"
+            )
+        if isinstance(self.exclude_nodes, str) or (
+            self.op_types is not None and isinstance(self.op_types, str)
+        ):
+            raise ConfigError("exclude_nodes and op_types take a tuple of names, not a string")
+
+    @property
+    def recipe(self) -> str:
+        if self.mode == "dynamic":
+            return "ort-dynamic-int8"
+        return f"ort-static-int8-qdq-{self.method}"
+
+
+def quantize(
+    model: ModelArtifact | str | Path,
+    calibration: DataSource | Dataset | None = None,
+    *,
+    out: str | Path,
+    config: QuantizeConfig = QuantizeConfig(),
+) -> ModelArtifact:
+    """Quantize an ONNX model to int8 and write it to ``out``.
+
+    ``calibration`` (an ``.npz`` path, a dict of arrays, an array, an iterable of input dicts or
+    a :class:`~sdk.data.Dataset`) is required in static mode; in dynamic mode it is optional and
+    only used to check the result. The returned artifact has been loaded and run by ONNX Runtime.
+
+    Raises :class:`DataError` for calibration data that does not fit the model,
+    :class:`ConfigError` for bad settings and :class:`QuantizationError` naming the failed step.
+    """
+    source = _source_artifact(model)
+    target = Path(out)
+    if target.suffix.lower() != ".onnx":
+        raise ConfigError(f"{target.name}: the quantized model must be written to a .onnx file")
+    if target.resolve() == source.path.resolve():
+        raise ConfigError(f"{target}: writing the quantized model over its fp32 source is refused")
+
+    data = _calibration_data(calibration, source.io, config)
+    batch = _calibration_batch(source.io, config, data)
+    fallbacks: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgeship-quant-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        proto = _read_model(source.path)
+        _check_node_names(proto, config.exclude_nodes)
+        prepared = _prepare(proto, tmp, fallbacks)
+        excluded = _map_exclusions(config.exclude_nodes, prepared, fallbacks)
+        for attempt in range(_MAX_EXCLUSION_RETRIES + 1):
+            candidate = tmp / f"quantized-{attempt}.onnx"
+            _run_quantizer(prepared, candidate, data, source.io, batch, config, excluded)
+            try:
+                session, check = _verify(candidate, source, data, batch)
+                break
+            except _RuntimeRefusal as refusal:
+                nodes = _nodes_behind(refusal.node, prepared) if refusal.node else []
+                nodes = [n for n in nodes if n not in excluded]
+                if not nodes or attempt == _MAX_EXCLUSION_RETRIES:
+                    where = f" at node {refusal.node!r}" if refusal.node else ""
+                    raise QuantizationError(
+                        f"{refusal.step}{where}: {refusal.message}; try excluding that node "
+                        "(exclude_nodes) or dynamic mode"
+                    ) from refusal.__cause__
+                note = (
+                    f"ONNX Runtime refused quantized node {refusal.node!r} ({refusal.message}); "
+                    f"kept {nodes} in float and quantized again"
+                )
+                log.warning(note)
+                fallbacks.append(note)
+                excluded.extend(nodes)
+        size_fp32 = source.size_bytes
+        _publish(candidate, target)
+
+    details: dict[str, Any] = {
+        "mode": config.mode,
+        "method": config.method if config.mode == "static" else None,
+        "per_channel": config.per_channel,
+        "weight_type": config.weight_type,
+        "activation_type": config.activation_type if config.mode == "static" else None,
+        "reduce_range": config.reduce_range,
+        "calibration_samples": 0 if data is None else len(data),
+        "calibration_batch_size": batch if config.mode == "static" else None,
+        "excluded_nodes": excluded,
+        "op_types": None if config.op_types is None else list(config.op_types),
+        "fallbacks": fallbacks,
+        "source": str(source.path),
+        "source_size_bytes": size_fp32,
+        "size_ratio": target.stat().st_size / size_fp32 if size_fp32 else None,
+        "check": check,
+    }
+    log.info(
+        "quantized %s -> %s (%s, %d -> %d bytes, %d fallbacks)",
+        source.path.name,
+        target,
+        config.recipe,
+        size_fp32,
+        target.stat().st_size,
+        len(fallbacks),
+    )
+    return ModelArtifact(
+        path=target,
+        format="onnx",
+        io=session.io,
+        precision="int8",
+        recipe=config.recipe,
+        details=details,
+    )
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def _source_artifact(model: ModelArtifact | str | Path) -> ModelArtifact:
+    artifact = model if isinstance(model, ModelArtifact) else read_artifact(model)
+    if artifact.format != "onnx":
+        raise ConfigError(
+            f"{artifact.path.name}: quantize() works on ONNX models; quantize TFLite exports "
+            "with sdk.quantize_tflite"
+        )
+    if not artifact.path.is_file():
+        raise ModelFormatError(f"model file not found: {artifact.path}")
+    return artifact
+
+
+def _calibration_data(
+    calibration: DataSource | Dataset | None, io: IOSpec, config: QuantizeConfig
+) -> Dataset | None:
+    if calibration is None:
+        if config.mode == "static":
+            raise DataError(
+                "static quantization needs calibration data: pass --calibration (an .npz keyed by "
+                "input name, or a dict of arrays) or use dynamic mode (--mode dynamic)"
+            )
+        return None
+    # A Dataset is re-validated: it may have been loaded for another model.
+    source = dict(calibration.inputs) if isinstance(calibration, Dataset) else calibration
+    data = load_dataset(source, io, what="calibration data")
+    if config.max_calibration_samples is not None and len(data) > config.max_calibration_samples:
+        data = data.head(config.max_calibration_samples)
+    return data
+
+
+def _calibration_batch(io: IOSpec, config: QuantizeConfig, data: Dataset | None) -> int:
+    """The batch size the model accepts: ``config.batch_size`` unless the batch axis is fixed."""
+    fixed = {d for d in (s.shape[0] for s in io.inputs if s.shape) if isinstance(d, int)}
+    if not fixed:
+        return config.batch_size
+    if len(fixed) > 1:
+        raise QuantizationError(
+            f"reading the model: its inputs fix different batch sizes {sorted(fixed)}; "
+            "re-export it with a dynamic batch axis"
+        )
+    size = fixed.pop()
+    if data is not None and config.mode == "static" and len(data) < size:
+        raise DataError(
+            f"calibration data: the model's batch axis is fixed at {size} but the data holds "
+            f"only {len(data)} samples"
+        )
+    return size
+
+
+def _has_fixed_batch_spec(spec: TensorSpec) -> bool:
+    return bool(spec.shape) and isinstance(spec.shape[0], int)
+
+
+def _has_fixed_batch(io: IOSpec) -> bool:
+    return any(_has_fixed_batch_spec(s) for s in io.inputs)
+
+
+def _read_model(path: Path) -> Any:
+    from sdk.onnx_tools import load_onnx
+
+    try:
+        return load_onnx(path)
+    except ModelFormatError as exc:
+        raise QuantizationError(f"reading the model: {exc}") from exc
+
+
+def _check_node_names(proto: Any, names: Sequence[str]) -> None:
+    known = {n.name for n in proto.graph.node}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sample = sorted(known)[:8]
+        raise ConfigError(
+            f"exclude_nodes: the model has no node named {unknown[0]!r} (node names look like "
+            f"{sample})"
+        )
+
+
+# --- preparation --------------------------------------------------------------------------
+
+
+def _prepare(proto: Any, tmp: Path, fallbacks: list[str]) -> Path:
+    """Upgrade an old opset and run ORT's pre-processing; return the model file to quantize."""
+    import onnx
+
+    from sdk.onnx_tools import MIN_QUANT_OPSET, opset_of, upgrade_opset
+
+    opset = opset_of(proto)
+    if 0 < opset < MIN_QUANT_OPSET:
+        try:
+            proto = upgrade_opset(proto, MIN_QUANT_OPSET)
+        except ModelFormatError as exc:
+            raise QuantizationError(f"opset upgrade: {exc}") from exc
+        note = (
+            f"upgraded the model from opset {opset} to {MIN_QUANT_OPSET} "
+            "(ONNX Runtime's quantizer needs it for per-channel and QDQ quantization)"
+        )
+        log.info(note)
+        fallbacks.append(note)
+    raw = tmp / "model.onnx"
+    try:
+        onnx.save(proto, str(raw))
+    except Exception as exc:  # ValueError for protos over 2 GB, OSError
+        raise QuantizationError(
+            f"opset upgrade: cannot save the upgraded model: {_first_line(exc)}"
+        ) from exc
+    return _preprocess(raw, tmp, fallbacks)
+
+
+_PREPROCESS_ATTEMPTS: tuple[tuple[str, dict[str, bool]], ...] = (
+    ("full", {}),
+    ("without symbolic shape inference", {"skip_symbolic_shape": True}),
+    (
+        "without symbolic shape inference and graph optimization",
+        {"skip_symbolic_shape": True, "skip_optimization": True},
+    ),
+)
+
+
+def _preprocess(raw: Path, tmp: Path, fallbacks: list[str]) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    errors: list[str] = []
+    for label, options in _PREPROCESS_ATTEMPTS:
+        target = tmp / "preprocessed.onnx"
+        try:
+            with _quiet():
+                quant_pre_process(str(raw), str(target), **options)
+        except Exception as exc:  # symbolic shape inference and ORT's optimizer raise anything
+            errors.append(f"{label}: {_first_line(exc)}")
+            log.warning("ONNX Runtime pre-processing (%s) failed: %s", label, _first_line(exc))
+            continue
+        if errors:
+            note = f"pre-processing ran {label} because the full run failed ({errors[0]})"
+            fallbacks.append(note)
+            log.warning(note)
+        return target
+    note = f"pre-processing skipped: it failed every way ({'; '.join(errors)})"
+    fallbacks.append(note)
+    log.warning(note)
+    return raw
+
+
+def _map_exclusions(names: Sequence[str], prepared: Path, fallbacks: list[str]) -> list[str]:
+    """Node names to exclude in the pre-processed model.
+
+    ORT's optimizer renames the nodes it fuses (``mm`` and ``add`` become
+    ``mm/MatMulAddFusion``), so an excluded node that is gone is replaced by the fused nodes
+    named after it, or reported when nothing carries its name.
+    """
+    if not names:
+        return []
+    import onnx
+
+    present = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node]
+    mapped: list[str] = []
+    for name in names:
+        if name in present:
+            mapped.append(name)
+            continue
+        fused = [n for n in present if n.startswith(name + "/")]
+        if fused:
+            mapped.extend(fused)
+            note = f"excluded node {name!r} was fused by pre-processing; excluded {fused} instead"
+        else:
+            note = f"excluded node {name!r} was removed by pre-processing (folded or fused)"
+        log.warning(note)
+        fallbacks.append(note)
+    return mapped
+
+
+# --- quantization -------------------------------------------------------------------------
+
+
+class _BatchReader:
+    """ORT's ``CalibrationDataReader`` protocol over a dataset, one batch per ``get_next``.
+
+    ``__len__`` and ``set_range`` count batches, so ORT's strided calibration
+    (``CalibStridedMinMax=1``) calibrates one batch at a time and merges the results.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, fixed: bool) -> None:
+        self._data = data
+        self._size = batch_size
+        n = len(data)
+        # A fixed batch axis cannot take a short last batch: drop the remainder.
+        self._count = n // batch_size if fixed else -(-n // batch_size)
+        self._next = 0
+        self._end = self._count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next = start_index
+        self._end = min(end_index, self._count)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= self._end:
+            return None
+        lo = self._next * self._size
+        self._next += 1
+        return {k: v[lo : lo + self._size] for k, v in self._data.inputs.items()}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.get_next()
+        if batch is None:
+            raise StopIteration
+        return batch
+
+
+def _run_quantizer(
+    model: Path,
+    out: Path,
+    data: Dataset | None,
+    data_io: IOSpec,
+    batch: int,
+    config: QuantizeConfig,
+    excluded: list[str],
+) -> None:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    op_types = None if config.op_types is None else list(config.op_types)
+    try:
+        with _quiet():
+            if config.mode == "dynamic":
+                quantize_dynamic(
+                    str(model),
+                    str(out),
+                    op_types_to_quantize=op_types,
+                    per_channel=config.per_channel,
+                    reduce_range=config.reduce_range,
+                    weight_type=types[config.weight_type],
+                    nodes_to_exclude=list(excluded),
+                )
+                return
+            if data is None:  # _calibration_data guarantees data in static mode
+                raise DataError("static quantization needs calibration data")
+            methods = {
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }
+            reader = _BatchReader(data, batch, _has_fixed_batch(data_io))
+            if len(reader) == 0:
+                raise DataError(f"calibration data: no complete batch of {batch} samples")
+            quantize_static(
+                str(model),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=types[config.activation_type],
+                weight_type=types[config.weight_type],
+                nodes_to_exclude=list(excluded),
+                calibrate_method=methods[config.method],
+                # One batch per calibration step, ranges merged between steps. ORT's
+                # CalibMaxIntermediateOutputs would be the obvious knob, but its MinMax
+                # calibrator (1.32) clears the kept outputs without merging them, silently
+                # calibrating on the last partial chunk only or raising "No data is collected"
+                # (onnxruntime#18893), and the histogram calibrators ignore it.
+                extra_options={"CalibStridedMinMax": 1},
+            )
+    except DataError:
+        raise
+    except Exception as exc:  # ORT's quantizer raises ValueError, KeyError, RuntimeError, ...
+        step = _failed_step(exc, config.mode)
+        node = _node_in_message(str(exc), model)
+        where = f" at node {node!r}" if node else ""
+        raise QuantizationError(f"{step}{where}: {_first_line(exc)}") from exc
+
+
+def _failed_step(exc: BaseException, mode: str) -> str:
+    """Name the quantizer's step from where the exception was raised."""
+    files = [Path(frame.filename).name for frame in traceback.extract_tb(exc.__traceback__)]
+    if "calibrate.py" in files:
+        return "calibration"
+    if mode == "dynamic":
+        return "dynamic quantization"
+    return "static quantization (inserting QDQ nodes)"
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+class _RuntimeRefusal(Exception):
+    """ONNX Runtime could not load or run a quantized model (internal: retried or converted)."""
+
+    def __init__(self, step: str, message: str, node: str | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.message = message
+        self.node = node
+
+
+def _verify(
+    candidate: Path, source: ModelArtifact, data: Dataset | None, batch: int
+) -> tuple[ModelSession, dict[str, Any]]:
+    """Load and run the quantized model next to the fp32 one; return its session and a summary."""
+    from device_agent.runtime import open_session
+
+    try:
+        session = open_session(candidate)
+    except RuntimeLoadError as exc:
+        raise _RuntimeRefusal(
+            "loading the quantized model", _strip_prefix(str(exc)), _node_in_message(str(exc))
+        ) from exc
+    try:
+        reference = open_session(source.path)
+    except RuntimeLoadError as exc:
+        raise QuantizationError(f"checking the quantized model: the fp32 model: {exc}") from exc
+    feed, kind, expected = _check_inputs(reference, data, batch)
+    try:
+        outputs = session.run(feed)
+    except RuntimeLoadError as exc:
+        raise _RuntimeRefusal(
+            "running the quantized model", _strip_prefix(str(exc)), _node_in_message(str(exc))
+        ) from exc
+    return session, _compare(session.io, outputs, expected, kind, len(next(iter(feed.values()))))
+
+
+def _check_inputs(
+    reference: ModelSession, data: Dataset | None, batch: int
+) -> tuple[dict[str, np.ndarray], str, list[np.ndarray]]:
+    """Inputs for the check and the fp32 outputs on them: calibration samples when there are
+    any, else generated inputs the fp32 model accepts."""
+    if data is not None:
+        count = batch if _has_fixed_batch(reference.io) else min(len(data), _CHECK_SAMPLES)
+        feed = {k: v[:count] for k, v in data.head(count).inputs.items()}
+        try:
+            return feed, "calibration", reference.run(feed)
+        except RuntimeLoadError as exc:
+            raise DataError(f"calibration data: the fp32 model cannot run on it: {exc}") from exc
+    errors = []
+    for size in (8, 32, 1, 224):
+        feed = _generated_feed(reference.io.inputs, size)
+        try:
+            return feed, "generated", reference.run(feed)
+        except RuntimeLoadError as exc:
+            errors.append(str(exc))
+    raise QuantizationError(
+        "checking the quantized model: could not generate inputs the fp32 model accepts "
+        f"({errors[0]}); pass calibration data so the check can use real inputs"
+    )
+
+
+def _generated_feed(specs: Sequence[TensorSpec], free_size: int) -> dict[str, np.ndarray]:
+    """Inputs matching ``specs``: batch 2 on a dynamic first axis, ``free_size`` on other
+    dynamic axes; ones for integer inputs (a valid token id, index and mask everywhere)."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in specs:
+        shape = tuple(
+            d if isinstance(d, int) else (2 if axis == 0 else free_size)
+            for axis, d in enumerate(spec.shape)
+        )
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[spec.name] = np.ones(shape, dtype=dtype)
+        else:
+            feed[spec.name] = np.ones(shape, dtype=dtype)
+    return feed
+
+
+def _compare(
+    io_spec: IOSpec, got: list[np.ndarray], expected: list[np.ndarray], kind: str, samples: int
+) -> dict[str, Any]:
+    from sdk.evaluate import cosine_rows, max_abs_difference
+
+    summary: dict[str, Any] = {"inputs": kind, "samples": samples}
+    worst_cos: float | None = None
+    worst_abs = 0.0
+    for spec, q, f in zip(io_spec.outputs, got, expected, strict=False):
+        q = np.asarray(q)
+        f = np.asarray(f)
+        if q.dtype.kind != "f" or q.shape != f.shape:
+            continue
+        if not np.isfinite(q).all() and np.isfinite(f).all():
+            raise QuantizationError(
+                f"checking the quantized model: output {spec.name!r} holds NaN or infinity where "
+                "the fp32 model's does not; try another calibration method or dynamic mode"
+            )
+        if q.size and q.ndim >= 1:
+            cos = float(cosine_rows(q, f).min())
+            worst_cos = cos if worst_cos is None else min(worst_cos, cos)
+        worst_abs = max(worst_abs, max_abs_difference(q, f))
+    summary["cosine_min"] = worst_cos
+    summary["max_abs_error"] = worst_abs
+    return summary
+
+
+# --- finding nodes in ORT's messages ------------------------------------------------------
+
+_NODE_PATTERNS = (
+    re.compile(r"node with name '([^']+)'"),
+    re.compile(r"[Nn]ode\. Name:'([^']+)'"),
+    re.compile(r"In Node, \(\"([^\"]+)\""),
+    re.compile(r"Node \(([^)]+)\)"),
+    re.compile(r"node ([^\s,:]+) of type"),
+)
+
+
+def _node_in_message(message: str, model: Path | None = None) -> str | None:
+    """The node an ORT error message names, if any.
+
+    With ``model``, quoted names in the message are also matched against the model's node and
+    tensor names (a tensor stands for the node that produces it).
+    """
+    for pattern in _NODE_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    if model is None:
+        return None
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # the model is only read to improve the message
+        return None
+    producers = {o: n.name for n in proto.graph.node for o in n.output}
+    names = {n.name for n in proto.graph.node}
+    for quoted in re.findall(r"['\"]([^'\"]+)['\"]", message):
+        if quoted in names:
+            return str(quoted)
+        producer = producers.get(quoted)
+        if producer:
+            return str(producer)
+    return None
+
+
+def _nodes_behind(failed: str, prepared: Path) -> list[str]:
+    """The nodes of the model being quantized that produced quantized node ``failed``.
+
+    ORT names quantized nodes after their source (``conv`` -> ``conv_quant``) and QDQ nodes
+    after their tensor (``x_DequantizeLinear``): the longest source node name that prefixes the
+    failed name wins, else the nodes that consume the tensor a Q/DQ node wraps.
+    """
+    import onnx
+
+    source = onnx.load(str(prepared), load_external_data=False)
+    names = [n.name for n in source.graph.node if n.name]
+    if failed in names:
+        return [failed]
+    prefixed = [n for n in names if failed.startswith(n)]
+    if prefixed:
+        return [max(prefixed, key=len)]
+    for suffix in ("_DequantizeLinear", "_QuantizeLinear"):
+        if suffix in failed:
+            tensor = failed.split(suffix)[0]
+            return [n.name for n in source.graph.node if n.name and tensor in n.input]
+    return []
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Send what ORT's quantization tools print to stdout to the debug log instead."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    text = buffer.getvalue().strip()
+    if text:
+        log.debug("onnxruntime.quantization: %s", text)
+
+
+def _publish(candidate: Path, target: Path) -> None:
+    """Copy the verified model to ``target`` without leaving a half-written file behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copyfile(candidate, partial)
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise QuantizationError(f"writing {target}: {exc}") from exc
+
+
+_ORT_NOISE = (
+    re.compile(r"^ONNX Runtime failed to run the model: "),
+    re.compile(r"^ONNX Runtime cannot load [^:]+: "),
+    re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "),
+    re.compile(r"Load model from \S+ failed:\s*"),
+)
+
+
+def _strip_prefix(message: str) -> str:
+    """ORT's message without the wrapper text and temporary paths that mean nothing to a user."""
+    for pattern in _ORT_NOISE:
+        message = pattern.sub("", message)
+    return message.strip()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = next(ln for ln in text.splitlines() if ln.strip())
+    return line[:400]

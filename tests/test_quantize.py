@@ -1,0 +1,449 @@
+"""sdk.quantize and sdk.evaluate on real models: the digits CNN and small hand-built ONNX graphs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sdk.artifact import ModelArtifact, read_artifact
+from sdk.data import load_dataset
+from sdk.errors import ConfigError, DataError
+from sdk.evaluate import Quality, accuracy_drop, evaluate
+from sdk.quantize import QuantizeConfig, quantize
+from sdk.zoo.digits import INPUT_NAME
+
+RNG = np.random.default_rng(0)
+
+
+def _f32(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _save(model: Any, path: Path) -> Path:
+    import onnx
+
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _op_types(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _run(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from device_agent.runtime import open_session
+
+    return open_session(path, threads=1).run(feed)
+
+
+@pytest.fixture(scope="module")
+def eval_set(digits_onnx: ModelArtifact, digits_npz: dict[str, Path]) -> Any:
+    return load_dataset(digits_npz["eval"], digits_onnx.io, what="eval data")
+
+
+@pytest.fixture(scope="module")
+def fp32_quality(digits_onnx: ModelArtifact, eval_set: Any) -> Quality:
+    quality = evaluate(digits_onnx, eval_set)
+    assert quality.accuracy is not None and quality.accuracy >= 0.95
+    return quality
+
+
+# --- acceptance: the digits CNN -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_static_int8_digits_is_small_and_accurate(
+    method: str,
+    digits_onnx: ModelArtifact,
+    digits_npz: dict[str, Path],
+    eval_set: Any,
+    fp32_quality: Quality,
+    tmp_path: Path,
+) -> None:
+    config = QuantizeConfig(method=method)  # type: ignore[arg-type]
+    int8 = quantize(digits_onnx, digits_npz["calibration"], out=tmp_path / "q.onnx", config=config)
+
+    quality = evaluate(int8, eval_set, reference=digits_onnx)
+    drop = accuracy_drop(quality, fp32_quality)
+    ratio = int8.size_bytes / digits_onnx.size_bytes
+    print(
+        f"\n[digits static {method}] fp32 {digits_onnx.size_bytes} B"
+        f" acc {fp32_quality.accuracy:.4f}"
+        f" | int8 {int8.size_bytes} B ({ratio:.3f}x) acc {quality.accuracy:.4f}"
+        f" drop {drop * 100:+.2f} pts agreement {quality.agreement:.4f}"
+        f" cosine mean/min {quality.cosine_mean:.5f}/{quality.cosine_min:.5f}"
+    )
+    assert ratio <= 0.30
+    assert drop <= 0.01
+    assert int8.precision == "int8"
+    assert int8.recipe == f"ort-static-int8-qdq-{method}"
+    assert int8.details["method"] == method
+    assert int8.details["per_channel"] is True
+    assert int8.details["calibration_samples"] == len(
+        np.load(digits_npz["calibration"])[INPUT_NAME]
+    )
+    assert int8.details["fallbacks"] == []
+    assert int8.details["check"]["inputs"] == "calibration"
+    assert int8.io.input_names == digits_onnx.io.input_names
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(int8.path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops  # QDQ format
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    conv_weight_scales = [
+        inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear"
+        and inits.get(n.input[0]) is not None
+        and inits[n.input[0]].dtype == np.int8
+        and inits[n.input[0]].ndim == 4
+    ]
+    assert conv_weight_scales and all(s.size > 1 for s in conv_weight_scales)  # per channel
+
+
+def test_dynamic_int8_digits_needs_no_data(
+    digits_onnx: ModelArtifact, eval_set: Any, fp32_quality: Quality, tmp_path: Path
+) -> None:
+    int8 = quantize(digits_onnx, out=tmp_path / "dyn.onnx", config=QuantizeConfig(mode="dynamic"))
+    quality = evaluate(int8, eval_set, reference=digits_onnx)
+    drop = accuracy_drop(quality, fp32_quality)
+    print(
+        f"\n[digits dynamic] int8 {int8.size_bytes} B "
+        f"({int8.size_bytes / digits_onnx.size_bytes:.3f}x) acc {quality.accuracy:.4f} "
+        f"drop {drop * 100:+.2f} pts agreement {quality.agreement:.4f}"
+    )
+    assert int8.recipe == "ort-dynamic-int8" and int8.precision == "int8"
+    assert int8.details["calibration_samples"] == 0
+    assert int8.details["check"]["inputs"] == "generated"
+    assert "MatMulInteger" in _op_types(int8.path) or "ConvInteger" in _op_types(int8.path)
+    assert drop <= 0.02
+
+
+# --- calibration sources ------------------------------------------------------------------
+
+
+def _per_sample(x: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    for sample in x:  # (1, 8, 8): rank one less than the model's input
+        yield {INPUT_NAME: sample}
+
+
+@pytest.mark.parametrize("kind", ["npz", "dict", "iterable"])
+def test_calibration_sources_give_the_same_loadable_model(
+    kind: str,
+    digits_onnx: ModelArtifact,
+    digits_npz: dict[str, Path],
+    digits_splits: Any,
+    tmp_path: Path,
+) -> None:
+    x_cal = digits_splits.x_cal
+    source: Any = {
+        "npz": digits_npz["calibration"],
+        "dict": {INPUT_NAME: x_cal},
+        "iterable": _per_sample(x_cal),
+    }[kind]
+    int8 = quantize(digits_onnx, source, out=tmp_path / f"{kind}.onnx")
+    reference = quantize(digits_onnx, {INPUT_NAME: x_cal}, out=tmp_path / "ref.onnx")
+
+    assert int8.details["calibration_samples"] == len(x_cal)
+    feed = {INPUT_NAME: digits_splits.x_test[:32]}
+    got = _run(int8.path, feed)[0]
+    assert got.shape == (32, 10)
+    np.testing.assert_array_equal(got, _run(reference.path, feed)[0])
+
+
+def test_batched_calibration_matches_one_pass(
+    digits_onnx: ModelArtifact, digits_splits: Any, tmp_path: Path
+) -> None:
+    """Calibrating 7 samples at a time gives the ranges of one pass over all of them."""
+    import onnx
+    from onnx import numpy_helper
+
+    data = {INPUT_NAME: digits_splits.x_cal}
+    small = quantize(
+        digits_onnx, data, out=tmp_path / "b7.onnx", config=QuantizeConfig(batch_size=7)
+    )
+    whole = quantize(
+        digits_onnx, data, out=tmp_path / "all.onnx", config=QuantizeConfig(batch_size=10_000)
+    )
+
+    def scales(path: Path) -> dict[str, np.ndarray]:
+        model = onnx.load(str(path))
+        return {
+            i.name: numpy_helper.to_array(i) for i in model.graph.initializer if "scale" in i.name
+        }
+
+    a, b = scales(small.path), scales(whole.path)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, err_msg=name)
+    assert small.details["calibration_batch_size"] == 7
+
+
+def test_max_calibration_samples_caps_the_data(
+    digits_onnx: ModelArtifact, digits_npz: dict[str, Path], tmp_path: Path
+) -> None:
+    config = QuantizeConfig(max_calibration_samples=50, batch_size=16)
+    int8 = quantize(digits_onnx, digits_npz["calibration"], out=tmp_path / "q.onnx", config=config)
+    assert int8.details["calibration_samples"] == 50
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"pixels": np.zeros((8, 1, 8, 8), np.float32)}, "missing input 'image'"),
+        ({INPUT_NAME: np.zeros((8, 1, 9, 9), np.float32)}, "input 'image' has shape (8, 1, 9, 9)"),
+        ({INPUT_NAME: np.zeros((8, 64), np.float32)}, "input 'image' has shape (8, 64) (rank 2)"),
+        ({INPUT_NAME: np.array([["a"] * 8] * 8)}, "input 'image' has dtype"),
+        ({INPUT_NAME: np.zeros((8, 1, 8, 8), np.complex64)}, "input 'image' has dtype complex64"),
+    ],
+)
+def test_calibration_data_that_does_not_fit_names_the_input(
+    data: dict[str, np.ndarray], needle: str, digits_onnx: ModelArtifact, tmp_path: Path
+) -> None:
+    with pytest.raises(DataError) as info:
+        quantize(digits_onnx, data, out=tmp_path / "q.onnx")
+    print(f"\n[DataError] {info.value}")
+    assert str(info.value).startswith("calibration data:")
+    assert needle in str(info.value)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_static_without_calibration_says_what_to_do(
+    digits_onnx: ModelArtifact, tmp_path: Path
+) -> None:
+    with pytest.raises(DataError, match=r"--calibration.*dynamic"):
+        quantize(digits_onnx, out=tmp_path / "q.onnx")
+
+
+def test_bad_settings_are_config_errors(digits_onnx: ModelArtifact, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="method"):
+        QuantizeConfig(method="kl")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="batch_size"):
+        QuantizeConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="no node named 'nope'"):
+        quantize(
+            digits_onnx,
+            out=tmp_path / "q.onnx",
+            config=QuantizeConfig(mode="dynamic", exclude_nodes=("nope",)),
+        )
+    with pytest.raises(ConfigError, match="over its fp32 source"):
+        quantize(digits_onnx, out=digits_onnx.path, config=QuantizeConfig(mode="dynamic"))
+
+
+def test_excluded_nodes_stay_float(
+    digits_onnx: ModelArtifact, digits_splits: Any, tmp_path: Path
+) -> None:
+    import onnx
+
+    fp32 = onnx.load(str(digits_onnx.path))
+    last = [n.name for n in fp32.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    config = QuantizeConfig(exclude_nodes=(last,))
+    int8 = quantize(
+        digits_onnx, {INPUT_NAME: digits_splits.x_cal}, out=tmp_path / "q.onnx", config=config
+    )
+    node = next(n for n in onnx.load(str(int8.path)).graph.node if n.name == last)
+    weights = {i.name for i in onnx.load(str(int8.path)).graph.initializer}
+    assert node.input[1] in weights  # still a float initializer, not a DequantizeLinear output
+    assert int8.details["excluded_nodes"] == [last]
+
+
+# --- models ORT's tooling finds hard ------------------------------------------------------
+
+
+def _opset11_model(path: Path) -> Path:
+    """Conv -> Relu -> Flatten -> MatMul -> Add -> Relu at opset 11."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+            helper.make_node("Flatten", ["r"], ["f"], axis=1, name="flatten"),
+            helper.make_node("MatMul", ["f", "M"], ["m"], name="matmul"),
+            helper.make_node("Add", ["m", "b2"], ["a"], name="add"),
+            helper.make_node("Relu", ["a"], ["y"], name="relu2"),
+        ],
+        "opset11",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [
+            numpy_helper.from_array(_f32(4, 1, 3, 3), "W"),
+            numpy_helper.from_array(_f32(4), "B"),
+            numpy_helper.from_array(_f32(256, 10), "M"),
+            numpy_helper.from_array(_f32(10), "b2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    return _save(model, path)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_old_opset_is_upgraded(mode: str, tmp_path: Path) -> None:
+    from sdk.onnx_tools import MIN_QUANT_OPSET, load_onnx, opset_of
+
+    source = read_artifact(_opset11_model(tmp_path / "op11.onnx"))
+    x = _f32(64, 1, 8, 8)
+    config = QuantizeConfig(mode=mode)  # type: ignore[arg-type]
+    int8 = quantize(source, {"x": x}, out=tmp_path / "q.onnx", config=config)
+
+    print(
+        f"\n[opset 11 {mode}] fallbacks {int8.details['fallbacks']} check {int8.details['check']}"
+    )
+    assert any("opset 11 to 13" in f for f in int8.details["fallbacks"])
+    assert opset_of(load_onnx(int8.path)) >= MIN_QUANT_OPSET
+    assert int8.details["check"]["cosine_min"] > 0.99
+    quality = evaluate(int8, load_dataset({"x": x}, source.io), reference=source)
+    assert quality.cosine_mean is not None and quality.cosine_mean > 0.99
+
+
+def test_runtime_refusal_excludes_the_node_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quantized at opset 11, ORT's per-channel QDQ nodes carry an ``axis`` attribute that opset
+    11 lacks, so ONNX Runtime refuses the model and names the node: the quantizer must keep the
+    nodes behind it in float and try again rather than hand over a model that does not load."""
+    import sdk.onnx_tools
+
+    # Stop the opset upgrade, the very fallback that normally prevents this refusal.
+    monkeypatch.setattr(sdk.onnx_tools, "MIN_QUANT_OPSET", 11)
+    source = read_artifact(_opset11_model(tmp_path / "op11.onnx"))
+    int8 = quantize(source, {"x": _f32(40, 1, 8, 8)}, out=tmp_path / "q.onnx")
+
+    print(f"\n[refusal] excluded {int8.details['excluded_nodes']}")
+    for note in int8.details["fallbacks"]:
+        print(f"  fallback: {note}")
+    assert "conv" in int8.details["excluded_nodes"]
+    assert any(
+        "refused quantized node 'B_DequantizeLinear'" in f for f in int8.details["fallbacks"]
+    )
+    assert not any("/tmp/" in f for f in int8.details["fallbacks"])  # no temporary paths
+    assert _run(int8.path, {"x": _f32(2, 1, 8, 8)})[0].shape == (2, 10)
+
+
+def _token_model(path: Path) -> Path:
+    """int64 token ids -> Gather (embedding) -> ReduceMean -> MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["E", "ids"], ["e"], axis=0, name="embed"),
+            helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="pool"),
+            helper.make_node("MatMul", ["p", "W"], ["y"], name="proj"),
+        ],
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [numpy_helper.from_array(_f32(500, 64), "E"), numpy_helper.from_array(_f32(64, 16), "W")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_integer_inputs_stay_integer(mode: str, tmp_path: Path) -> None:
+    source = read_artifact(_token_model(tmp_path / "tokens.onnx"))
+    ids = RNG.integers(0, 500, size=(96, 12)).astype(np.int64)
+    config = QuantizeConfig(mode=mode)  # type: ignore[arg-type]
+    calibration = {"ids": ids} if mode == "static" else None
+    int8 = quantize(source, calibration, out=tmp_path / "q.onnx", config=config)
+
+    assert [(s.name, s.dtype) for s in int8.io.inputs] == [("ids", "int64")]
+    ops = _op_types(int8.path)
+    assert ("DequantizeLinear" in ops) if mode == "static" else ("MatMulInteger" in ops)
+    quality = evaluate(int8, load_dataset({"ids": ids}, source.io), reference=source)
+    ratio = int8.size_bytes / source.size_bytes
+    print(f"\n[tokens {mode}] {ops} size {ratio:.3f}x cosine {quality.cosine_mean:.5f}")
+    assert quality.cosine_mean is not None and quality.cosine_mean > 0.99
+    assert ratio < 0.5  # the embedding table and the projection are stored as int8
+
+
+def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path) -> None:
+    """Two inputs whose dynamic axes have different names ('batch', 'batch_size') defeat ORT's
+    symbolic shape inference; pre-processing must go on without it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+            helper.make_node("Add", ["m", "bias"], ["y"], name="add"),
+        ],
+        "mixed-dims",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["batch_size", 32]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [numpy_helper.from_array(_f32(32, 32), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source = read_artifact(_save(model, tmp_path / "mixed.onnx"))
+    data = {"x": _f32(40, 32), "bias": _f32(40, 32)}
+    int8 = quantize(source, data, out=tmp_path / "q.onnx")
+
+    print(f"\n[pre-processing] fallbacks {int8.details['fallbacks']}")
+    assert any("without symbolic shape inference" in f for f in int8.details["fallbacks"])
+    assert int8.details["check"]["cosine_min"] > 0.99
+
+
+# --- evaluate -----------------------------------------------------------------------------
+
+
+def test_evaluate_handles_a_fixed_batch_of_one(
+    trained_digits: Any,
+    digits_splits: Any,
+    digits_onnx: ModelArtifact,
+    eval_set: Any,
+    fp32_quality: Quality,
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    import sdk
+    from sdk.zoo.digits import OUTPUT_NAME
+
+    model, _ = trained_digits
+    fixed = sdk.export(
+        model,
+        (torch.from_numpy(digits_splits.x_cal[:1]),),
+        to="onnx",
+        path=tmp_path / "b1.onnx",
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_batch=False,
+    )
+    assert fixed.io.inputs[0].shape[0] == 1
+    # The fixed model as candidate and as reference of the dynamic-batch one.
+    for candidate, reference in ((fixed, digits_onnx), (digits_onnx, fixed)):
+        quality = evaluate(candidate, eval_set, reference=reference, batch_size=50)
+        assert quality.samples == len(eval_set)
+        assert quality.accuracy == pytest.approx(fp32_quality.accuracy)
+        assert quality.agreement == 1.0
+        assert quality.max_abs_error is not None and quality.max_abs_error < 1e-3
+        assert quality.cosine_min is not None and quality.cosine_min > 0.9999
+
+
+def test_evaluate_rejects_an_unknown_output(digits_onnx: ModelArtifact, eval_set: Any) -> None:
+    with pytest.raises(ConfigError, match="no output 'probs'"):
+        evaluate(digits_onnx, eval_set, output="probs")
+
+
+def test_accuracy_drop_prefers_accuracy_then_agreement() -> None:
+    assert accuracy_drop(Quality(10, accuracy=0.9), Quality(10, accuracy=0.95)) == pytest.approx(
+        0.05
+    )
+    assert accuracy_drop(Quality(10, agreement=0.97), Quality(10)) == pytest.approx(0.03)
+    with pytest.raises(ConfigError):
+        accuracy_drop(Quality(10), Quality(10))
