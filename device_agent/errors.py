@@ -13,6 +13,7 @@ need to know which library failed.
     ├── BundleError          a bundle cannot be read or is malformed
     │   └── IntegrityError   a bundle file does not match the hash in its manifest
     ├── RuntimeLoadError     the runtime could not load or run a model
+    ├── ProtocolError        an MQTT topic or message breaks the wire contract
     └── (sdk.errors adds ExportError, QuantizationError, DataError, ModelFormatError,
          BenchmarkError)
 """
@@ -25,6 +26,7 @@ __all__ = [
     "EdgeshipError",
     "InputError",
     "IntegrityError",
+    "ProtocolError",
     "RuntimeLoadError",
 ]
 
@@ -55,3 +57,15 @@ class IntegrityError(BundleError):
 
 class RuntimeLoadError(EdgeshipError):
     """ONNX Runtime or LiteRT could not load or run the model."""
+
+
+class ProtocolError(EdgeshipError):
+    """An MQTT topic or message payload does not follow the wire contract.
+
+    ``field`` names the offending part (``"payload"``, ``"topic"``, ``"latency_ms.counts[3]"``)
+    so that a collector can count rejections by cause.
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
