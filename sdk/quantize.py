@@ -148,7 +148,7 @@ def quantize(
     batch = _calibration_batch(source.io, config, data)
     fallbacks: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgeship-quant-") as tmp_dir:
-        tmp = Path(tmp_dir)
+        tmp = Path(tmp_dir).resolve()
         proto = _read_model(source.path)
         _check_node_names(proto, config.exclude_nodes)
         prepared = _prepare(proto, tmp, fallbacks)
@@ -342,7 +342,9 @@ def _preprocess(raw: Path, tmp: Path, fallbacks: list[str]) -> Path:
     for label, options in _PREPROCESS_ATTEMPTS:
         target = tmp / "preprocessed.onnx"
         try:
-            with _quiet():
+            # ORT's symbolic shape inference saves a debug model into the working directory
+            # when it fails; keep that litter in our temporary directory.
+            with _quiet(), _working_directory(tmp):
                 quant_pre_process(str(raw), str(target), **options)
         except Exception as exc:  # symbolic shape inference and ORT's optimizer raise anything
             errors.append(f"{label}: {_first_line(exc)}")
@@ -696,6 +698,16 @@ def _quiet() -> Iterator[None]:
     text = buffer.getvalue().strip()
     if text:
         log.debug("onnxruntime.quantization: %s", text)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _publish(candidate: Path, target: Path) -> None:

@@ -370,10 +370,17 @@ def test_integer_inputs_stay_integer(mode: str, tmp_path: Path) -> None:
     assert ratio < 0.5  # the embedding table and the projection are stored as int8
 
 
-def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path) -> None:
+def test_symbolic_shape_inference_failure_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two inputs whose dynamic axes have different names ('batch', 'batch_size') defeat ORT's
-    symbolic shape inference; pre-processing must go on without it."""
+    symbolic shape inference; pre-processing must go on without it, and the debug model ORT
+    saves into the working directory when it fails must not land in the user's."""
     from onnx import TensorProto, helper, numpy_helper
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
 
     graph = helper.make_graph(
         [
@@ -396,6 +403,7 @@ def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path) -> None:
     print(f"\n[pre-processing] fallbacks {int8.details['fallbacks']}")
     assert any("without symbolic shape inference" in f for f in int8.details["fallbacks"])
     assert int8.details["check"]["cosine_min"] > 0.99
+    assert list(cwd.iterdir()) == []
 
 
 # --- evaluate -----------------------------------------------------------------------------
