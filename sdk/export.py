@@ -517,9 +517,9 @@ def _export_torchscript(
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+            warnings.simplefilter("ignore")  # tracer and torch.jit deprecation warnings
             traced = _jit().trace(model, inputs, check_trace=False)
-        torch.jit.save(traced, str(out))
+            torch.jit.save(traced, str(out))
     except Exception as exc:
         raise ExportError(
             f"TorchScript export of {type(model).__name__} failed: {_one_line(exc)}"
@@ -537,7 +537,9 @@ def _run_torchscript(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.nd
     import torch
 
     try:
-        loaded = _jit().load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+            loaded = _jit().load(str(path))
         with torch.no_grad():
             result = loaded(*inputs)
     except Exception as exc:
