@@ -101,7 +101,7 @@ def test_dropout_in_training_mode_diverges(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5))
     model.train()  # PyTorch drops units at random; the exporter traces eval behaviour
-    with pytest.raises(ExportError, match="diverges.*training mode") as info:
+    with pytest.raises(ExportError, match=r"diverges.*training mode") as info:
         sdk.export(model, torch.randn(4, 16), to="onnx", path=tmp_path / "dropout.onnx")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "dropout.onnx").exists()
@@ -113,7 +113,7 @@ class _Eigenvalues(torch.nn.Module):
 
 
 def test_unexportable_model_gives_a_one_line_error(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="ONNX export of _Eigenvalues failed.*eigvalsh") as info:
+    with pytest.raises(ExportError, match=r"ONNX export of _Eigenvalues failed.*eigvalsh") as info:
         sdk.export(_Eigenvalues(), torch.randn(2, 4, 4), to="onnx", path=tmp_path / "eig.onnx")
     assert "\n" not in str(info.value)
     assert "\x1b" not in str(info.value)
