@@ -1,0 +1,114 @@
+"""Bad input gets one line saying what to fix and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import write_mlp_onnx
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model = write_mlp_onnx(root / "mlp.onnx")
+    data = model.read_bytes()
+    (root / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (root / "corrupt.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
+    (root / "empty.onnx").write_bytes(b"")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    np.savez(root / "good.npz", x=x, labels=rng.integers(0, 4, 40))
+    np.savez(root / "wrong_name.npz", image=x)
+    np.savez(root / "wrong_shape.npz", x=x[:, :12])
+    np.savez(root / "wrong_dtype.npz", x=(x > 0).astype("U1"))
+    np.savez(root / "float_labels.npz", x=x, labels=x[:, 0])
+    return {p.stem: p for p in root.iterdir()}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sdk.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _assert_one_line_error(out: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr + out.stdout
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgeship: error: "), out.stderr
+    assert needle in lines[0], lines[0]
+
+
+CASES = [
+    # (command builder, expected fragment)
+    (
+        lambda f, o: ["quantize", f["mlp"], "--calibration", f["wrong_name"], "-o", o + ".onnx"],
+        "calibration data: missing input 'x'",
+    ),
+    (
+        lambda f, o: ["quantize", f["mlp"], "--calibration", f["wrong_shape"], "-o", o + ".onnx"],
+        "axis 1 must be 16",
+    ),
+    (
+        lambda f, o: ["quantize", f["mlp"], "--calibration", f["wrong_dtype"], "-o", o + ".onnx"],
+        "input 'x' has dtype <U1",
+    ),
+    (lambda f, o: ["quantize", f["mlp"], "-o", o + ".onnx"], "calibration"),
+    (
+        lambda f, o: ["quantize", f["truncated"], "--calibration", f["good"], "-o", o + ".onnx"],
+        "truncated.onnx",
+    ),
+    (
+        lambda f, o: ["quantize", f["corrupt"], "--mode", "dynamic", "-o", o + ".onnx"],
+        "corrupt.onnx",
+    ),
+    (lambda f, o: ["quantize", f["empty"], "--mode", "dynamic", "-o", o + ".onnx"], "empty"),
+    (
+        lambda f, o: ["quantize", "nope.onnx", "--mode", "dynamic", "-o", o + ".onnx"],
+        "not found: nope.onnx",
+    ),
+    (lambda f, o: ["bench", f["corrupt"]], "corrupt.onnx"),
+    (lambda f, o: ["bench", f["mlp"], "--target", "rpi9"], "unknown target 'rpi9'"),
+    (lambda f, o: ["bench", f["mlp"], "--budget", "p95=3ms"], "malformed budget term"),
+    (lambda f, o: ["bench", f["mlp"], "--budget", "speed<=3ms"], "unknown budget key"),
+    (lambda f, o: ["bench", "missing.onnx"], "not found: missing.onnx"),
+    (
+        lambda f, o: ["optimize", f["mlp"], "--eval", f["wrong_shape"], "-o", o],
+        "eval data: input 'x' has shape (40, 12)",
+    ),
+    (
+        lambda f, o: ["optimize", f["mlp"], "--eval", f["float_labels"], "-o", o],
+        "integer class ids",
+    ),
+    (
+        lambda f, o: ["optimize", f["mlp"], "--calibration", f["wrong_name"], "-o", o],
+        "missing input 'x'",
+    ),
+    (
+        lambda f, o: ["optimize", f["mlp"], "--calibration", "cal-missing.npz", "-o", o],
+        "calibration data file not found",
+    ),
+    (lambda f, o: ["optimize", f["truncated"], "-o", o], "truncated.onnx"),
+    (lambda f, o: ["optimize", f["mlp"], "--target", "pi4", "-o", o], "known targets"),
+    (lambda f, o: ["inspect", o], "bundle not found"),
+]
+
+
+@pytest.mark.parametrize(("build", "needle"), CASES, ids=[c[1][:40] for c in CASES])
+def test_bad_input(files: dict[str, Path], tmp_path: Path, build: object, needle: str) -> None:
+    args = build({k: str(v) for k, v in files.items()}, str(tmp_path / "out"))  # type: ignore[operator]
+    _assert_one_line_error(_run(*args), needle)
+
+
+def test_help_teaches() -> None:
+    top = _run("--help")
+    assert top.returncode == 0 and "examples:" in top.stdout and "Exit codes" in top.stdout
+    for cmd in ("quantize", "bench", "optimize", "inspect", "targets", "demo"):
+        sub = _run(cmd, "--help")
+        assert sub.returncode == 0 and "usage: edgeship " + cmd in sub.stdout
+    assert "rpi-zero2w" in _run("targets").stdout
