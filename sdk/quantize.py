@@ -109,10 +109,12 @@ class QuantizeConfig:
             raise ConfigError(
                 f"max_calibration_samples must be at least 1, got {self.max_calibration_samples}"
             )
-        if isinstance(self.exclude_nodes, str) or (
-            self.op_types is not None and isinstance(self.op_types, str)
-        ):
+        if isinstance(self.exclude_nodes, str) or isinstance(self.op_types, str):
             raise ConfigError("exclude_nodes and op_types take a tuple of names, not a string")
+        # Lists (from a CLI or JSON) become tuples so the config stays hashable.
+        object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        if self.op_types is not None:
+            object.__setattr__(self, "op_types", tuple(self.op_types))
 
     @property
     def recipe(self) -> str:
@@ -157,7 +159,7 @@ def quantize(
             candidate = tmp / f"quantized-{attempt}.onnx"
             _run_quantizer(prepared, candidate, data, source.io, batch, config, excluded)
             try:
-                session, check = _verify(candidate, source, data, batch)
+                quantized_io, check = _verify(candidate, source, data, batch)
                 break
             except _RuntimeRefusal as refusal:
                 nodes = _nodes_behind(refusal.node, prepared) if refusal.node else []
@@ -207,7 +209,7 @@ def quantize(
     return ModelArtifact(
         path=target,
         format="onnx",
-        io=session.io,
+        io=quantized_io,
         precision="int8",
         recipe=config.recipe,
         details=details,
@@ -527,8 +529,8 @@ class _RuntimeRefusal(Exception):
 
 def _verify(
     candidate: Path, source: ModelArtifact, data: Dataset | None, batch: int
-) -> tuple[ModelSession, dict[str, Any]]:
-    """Load and run the quantized model next to the fp32 one; return its session and a summary."""
+) -> tuple[IOSpec, dict[str, Any]]:
+    """Load and run the quantized model next to the fp32 one; return its I/O and a summary."""
     from device_agent.runtime import open_session
 
     try:
@@ -548,7 +550,8 @@ def _verify(
         raise _RuntimeRefusal(
             "running the quantized model", _strip_prefix(str(exc)), _node_in_message(str(exc))
         ) from exc
-    return session, _compare(session.io, outputs, expected, kind, len(next(iter(feed.values()))))
+    samples = len(next(iter(feed.values())))
+    return session.io, _compare(session.io, outputs, expected, kind, samples)
 
 
 def _check_inputs(
@@ -556,8 +559,9 @@ def _check_inputs(
 ) -> tuple[dict[str, np.ndarray], str, list[np.ndarray]]:
     """Inputs for the check and the fp32 outputs on them: calibration samples when there are
     any, else generated inputs the fp32 model accepts."""
-    if data is not None:
-        count = batch if _has_fixed_batch(reference.io) else min(len(data), _CHECK_SAMPLES)
+    fixed = _has_fixed_batch(reference.io)
+    if data is not None and (not fixed or len(data) >= batch):
+        count = batch if fixed else min(len(data), _CHECK_SAMPLES)
         feed = {k: v[:count] for k, v in data.head(count).inputs.items()}
         try:
             return feed, "calibration", reference.run(feed)

@@ -409,38 +409,63 @@ def test_symbolic_shape_inference_failure_falls_back(
 # --- evaluate -----------------------------------------------------------------------------
 
 
-def test_evaluate_handles_a_fixed_batch_of_one(
-    trained_digits: Any,
-    digits_splits: Any,
-    digits_onnx: ModelArtifact,
-    eval_set: Any,
-    fp32_quality: Quality,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture(scope="module")
+def digits_batch_one(
+    trained_digits: Any, digits_splits: Any, tmp_path_factory: pytest.TempPathFactory
+) -> ModelArtifact:
+    """The digits CNN exported with its batch axis fixed at 1."""
     import torch
 
     import sdk
     from sdk.zoo.digits import OUTPUT_NAME
 
     model, _ = trained_digits
-    fixed = sdk.export(
+    artifact = sdk.export(
         model,
         (torch.from_numpy(digits_splits.x_cal[:1]),),
         to="onnx",
-        path=tmp_path / "b1.onnx",
+        path=tmp_path_factory.mktemp("b1") / "b1.onnx",
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
         dynamic_batch=False,
     )
-    assert fixed.io.inputs[0].shape[0] == 1
+    assert artifact.io.inputs[0].shape[0] == 1
+    return artifact
+
+
+def test_evaluate_handles_a_fixed_batch_of_one(
+    digits_batch_one: ModelArtifact,
+    digits_onnx: ModelArtifact,
+    eval_set: Any,
+    fp32_quality: Quality,
+) -> None:
     # The fixed model as candidate and as reference of the dynamic-batch one.
-    for candidate, reference in ((fixed, digits_onnx), (digits_onnx, fixed)):
+    pairs = ((digits_batch_one, digits_onnx), (digits_onnx, digits_batch_one))
+    for candidate, reference in pairs:
         quality = evaluate(candidate, eval_set, reference=reference, batch_size=50)
         assert quality.samples == len(eval_set)
         assert quality.accuracy == pytest.approx(fp32_quality.accuracy)
         assert quality.agreement == 1.0
         assert quality.max_abs_error is not None and quality.max_abs_error < 1e-3
         assert quality.cosine_min is not None and quality.cosine_min > 0.9999
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_fixed_batch_model_quantizes(
+    mode: str,
+    digits_batch_one: ModelArtifact,
+    digits_splits: Any,
+    eval_set: Any,
+    fp32_quality: Quality,
+    tmp_path: Path,
+) -> None:
+    config = QuantizeConfig(mode=mode, max_calibration_samples=64)  # type: ignore[arg-type]
+    calibration = {INPUT_NAME: digits_splits.x_cal}
+    int8 = quantize(digits_batch_one, calibration, out=tmp_path / "q.onnx", config=config)
+    quality = evaluate(int8, eval_set)
+    print(f"\n[batch fixed at 1, {mode}] acc {quality.accuracy:.4f} check {int8.details['check']}")
+    assert int8.details["check"]["samples"] == 1
+    assert accuracy_drop(quality, fp32_quality) <= 0.01
 
 
 def test_evaluate_rejects_an_unknown_output(digits_onnx: ModelArtifact, eval_set: Any) -> None:
