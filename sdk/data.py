@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -24,7 +24,7 @@ __all__ = ["LABELS_KEY", "DataSource", "Dataset", "load_dataset"]
 
 LABELS_KEY = "labels"
 
-DataSource = str | Path | np.ndarray | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+DataSource = Union["Dataset", str, Path, np.ndarray, Mapping[str, Any], Iterable[Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,12 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
     ``what`` ("calibration data", "eval data") prefixes every error message.
     """
     name = str(source) if isinstance(source, str | Path) else type(source).__name__
-    if isinstance(source, str | Path):
+    if isinstance(source, Dataset):
+        arrays = dict(source.inputs)
+        if source.labels is not None:
+            arrays[LABELS_KEY] = source.labels
+        name = source.name
+    elif isinstance(source, str | Path):
         arrays = _read_npz(Path(source), what)
     elif isinstance(source, np.ndarray):
         if len(io.inputs) != 1:
