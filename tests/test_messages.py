@@ -1,0 +1,557 @@
+"""The MQTT wire contract: topics, round-trips, strict rejection by field, and the docs example."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from device_agent.contracts.messages import (
+    LATENCY_BUCKETS_MS,
+    MAX_PAYLOAD_BYTES,
+    MAX_SEQ,
+    SCORE_BUCKETS,
+    Alert,
+    Command,
+    CommandReply,
+    Histogram,
+    InputSummary,
+    LatencySummary,
+    Message,
+    OutlierEvent,
+    StatusMessage,
+    TelemetryMessage,
+    Throttled,
+    TopicParts,
+    decode,
+    encode,
+    message_topic,
+    parse_topic,
+    shared_subscription,
+    subscription,
+    topic,
+)
+from device_agent.errors import EdgeshipError, ProtocolError
+
+REPO = Path(__file__).resolve().parent.parent
+ENV: dict[str, Any] = {
+    "device": "pi-kitchen-01",
+    "boot": "4f1c2a9e",
+    "seq": 41,
+    "ts": 1764201600.25,
+}
+
+
+def _latency(counts_at: dict[int, int], p: tuple[float, ...] | None) -> LatencySummary:
+    counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    for i, c in counts_at.items():
+        counts[i] = c
+    hist = Histogram(LATENCY_BUCKETS_MS, tuple(counts))
+    if p is None:
+        return LatencySummary(hist, None, None, None, None)
+    return LatencySummary(hist, *p)
+
+
+def _scores(counts_at: dict[int, int]) -> Histogram:
+    counts = [0] * (len(SCORE_BUCKETS) + 1)
+    for i, c in counts_at.items():
+        counts[i] = c
+    return Histogram(SCORE_BUCKETS, tuple(counts))
+
+
+def _telemetry(**over: Any) -> TelemetryMessage:
+    fields: dict[str, Any] = dict(
+        **ENV,
+        model="digits",
+        model_version="3",
+        window_start=1764201590.0,
+        window_s=10.0,
+        inferences=120,
+        errors=1,
+        latency_ms=_latency({9: 100, 10: 19, 13: 1}, (1.31, 1.9, 1.97, 6.2)),
+        outliers=2,
+        scores=_scores({10: 100, 11: 18, 12: 2}),
+        predictions={"3": 70, "7": 50},
+        cpu_percent=23.5,
+        system_cpu_percent=12.25,
+        rss_bytes=98_000_000,
+        mem_available_bytes=3_300_000_000,
+        temperature_c=47.712,
+        throttled=Throttled(0x50005),
+        spool_depth=3,
+        spool_dropped=10,
+        drops_since_last=2,
+    )
+    fields.update(over)
+    return TelemetryMessage(**fields)
+
+
+def _samples() -> dict[str, Message]:
+    return {
+        "status": StatusMessage(
+            **ENV,
+            state="online",
+            agent_version="0.1.0",
+            model="digits",
+            model_version="3",
+            runtime="onnxruntime",
+            host={"model": "Raspberry Pi 4 Model B Rev 1.1", "cores": 4, "kernel": None},
+        ),
+        "telemetry": _telemetry(),
+        "outliers": OutlierEvent(
+            **ENV,
+            score=12.5,
+            threshold=3.5,
+            prediction="7",
+            input=InputSummary.of(np.arange(64, dtype=np.float32).reshape(1, 8, 8), sample=4),
+            model="digits",
+            model_version="3",
+            suppressed=4,
+        ),
+        "cmd": Command(id="c-17", action="benchmark", ts=1764201600.0, args={"runs": 50}),
+        "cmd/reply": CommandReply(**ENV, id="c-17", ok=True, result={"p95_ms": 1.9}),
+        "alerts": Alert(
+            id="a-1",
+            source="collector-1",
+            ts=1764201600.0,
+            rule="p95_latency",
+            severity="warning",
+            state="firing",
+            summary="pi-kitchen-01 p95 1.9 ms over budget 1.5 ms",
+            device="pi-kitchen-01",
+            value=1.9,
+        ),
+    }
+
+
+def _topic_for(kind: str) -> str:
+    if kind == "alerts":
+        return "edgeship/home/alerts"
+    return f"edgeship/home/pi-kitchen-01/{kind}"
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+
+def test_topics_round_trip() -> None:
+    for kind in ("status", "telemetry", "outliers", "cmd", "cmd/reply"):
+        t = topic("home", "pi-kitchen-01", kind)
+        assert t == f"edgeship/home/pi-kitchen-01/{kind}"
+        assert parse_topic(t) == TopicParts("home", "pi-kitchen-01", kind)
+    assert topic("home", None, "alerts") == "edgeship/home/alerts"
+    assert parse_topic("edgeship/home/alerts") == TopicParts("home", None, "alerts")
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "+", "#", "a/b", "a+b", "$SYS", "x" * 65, "pi 4", "caf\u00e9", "a\x00"]
+)
+def test_ids_with_wildcards_or_odd_characters_are_refused(bad: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        topic("home", bad, "status")
+    assert info.value.field == "device"
+    with pytest.raises(ProtocolError):
+        topic(bad, "pi", "status")
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ("edgeship/home", "topic"),
+        ("other/home/pi/status", "topic"),
+        ("edgeship/home/pi/metrics", "topic.kind"),
+        ("edgeship/home/pi/cmd/other", "topic.kind"),
+        ("edgeship/ho+me/pi/status", "topic.fleet"),
+        ("edgeship/home/#/status", "topic.device"),
+        ("edgeship/home/pi", "topic"),
+        ("edgeship/home/pi/status/", "topic.kind"),
+    ],
+)
+def test_parse_topic_rejects_foreign_topics(value: str, field: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_topic(value)
+    assert info.value.field == field
+
+
+def test_subscription_patterns() -> None:
+    assert subscription("home") == "edgeship/home/#"
+    assert subscription() == "edgeship/+/#"
+    assert subscription("home", kind="telemetry") == "edgeship/home/+/telemetry"
+    assert subscription("home", "pi") == "edgeship/home/pi/#"
+    assert subscription("home", "pi", "cmd") == "edgeship/home/pi/cmd"
+    assert subscription(kind="status") == "edgeship/+/+/status"
+    assert subscription("home", kind="alerts") == "edgeship/home/alerts"
+    assert shared_subscription("collectors", subscription("home")) == (
+        "$share/collectors/edgeship/home/#"
+    )
+    with pytest.raises(ProtocolError):
+        subscription("home", "pi", "alerts")
+
+
+def test_message_topic() -> None:
+    samples = _samples()
+    assert message_topic("home", samples["telemetry"]) == _topic_for("telemetry")
+    assert message_topic("home", samples["alerts"]) == "edgeship/home/alerts"
+    with pytest.raises(ProtocolError):
+        message_topic("home", samples["cmd"])
+
+
+# --- round trips ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["status", "telemetry", "outliers", "cmd", "cmd/reply", "alerts"])
+def test_round_trip_is_lossless(kind: str) -> None:
+    msg = _samples()[kind]
+    payload = encode(msg)
+    assert b", " not in payload and b": " not in payload  # compact
+    again = decode(_topic_for(kind), payload)
+    assert again == msg
+    assert encode(again) == payload
+    data = json.loads(payload)
+    assert data["v"] == 1 and data["kind"] == kind
+
+
+def test_telemetry_wire_shape() -> None:
+    data = json.loads(encode(_telemetry()))
+    assert data["latency_ms"]["bounds"] == list(LATENCY_BUCKETS_MS)
+    assert len(data["latency_ms"]["counts"]) == len(LATENCY_BUCKETS_MS) + 1
+    assert data["throttled"] == {
+        "raw": 0x50005,
+        "under_voltage": True,
+        "freq_capped": False,
+        "throttled": True,
+        "soft_temp_limit": False,
+        "under_voltage_occurred": True,
+        "freq_capped_occurred": False,
+        "throttled_occurred": True,
+        "soft_temp_limit_occurred": False,
+    }
+    assert list(data)[:6] == ["v", "kind", "device", "boot", "seq", "ts"]
+
+
+def test_empty_window_and_nulls_round_trip() -> None:
+    msg = _telemetry(
+        inferences=0,
+        errors=0,
+        outliers=0,
+        latency_ms=_latency({}, None),
+        scores=_scores({}),
+        predictions={},
+        cpu_percent=None,
+        rss_bytes=None,
+        temperature_c=None,
+        throttled=None,
+        model=None,
+        model_version=None,
+    )
+    assert decode(_topic_for("telemetry"), encode(msg)) == msg
+
+
+def test_failed_reply_and_offline_status_round_trip() -> None:
+    reply = CommandReply(**ENV, id="c-9", ok=False, error="unknown action 'reboot'")
+    assert decode(_topic_for("cmd/reply"), encode(reply)) == reply
+    will = StatusMessage(**ENV, state="offline", agent_version="0.1.0")
+    assert decode(_topic_for("status"), encode(will)) == will
+
+
+def test_unknown_fields_are_ignored() -> None:
+    data = json.loads(encode(_samples()["status"]))
+    data["added_in_a_later_minor_version"] = {"x": 1}
+    msg = decode(_topic_for("status"), json.dumps(data).encode())
+    assert msg == _samples()["status"]
+
+
+def test_input_summary_handles_nonfinite_values() -> None:
+    s = InputSummary.of(np.array([1.0, np.nan, 3.0, np.inf]), sample=8)
+    assert (s.mean, s.min, s.max, s.nonfinite, s.sample) == (2.0, 1.0, 3.0, 2, (1.0, 3.0))
+    empty = InputSummary.of(np.array([np.nan]))
+    assert empty.mean is None and empty.nonfinite == 1
+    event = OutlierEvent(**ENV, score=9.0, threshold=3.0, prediction=None, input=empty)
+    assert decode(_topic_for("outliers"), encode(event)) == event
+
+
+# --- rejection ------------------------------------------------------------------------------
+
+
+def _mutate(kind: str, path: list[Any], value: Any) -> bytes:
+    data = json.loads(encode(_samples()[kind]))
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "field"),
+    [
+        ("telemetry", ["v"], 2, "v"),
+        ("telemetry", ["v"], "1", "v"),
+        ("telemetry", ["v"], 0, "v"),
+        ("telemetry", ["v"], KeyError, "v"),
+        ("telemetry", ["kind"], "status", "kind"),
+        ("telemetry", ["device"], "pi-other", "device"),
+        ("telemetry", ["device"], "pi/x", "device"),
+        ("telemetry", ["boot"], "", "boot"),
+        ("telemetry", ["seq"], -1, "seq"),
+        ("telemetry", ["seq"], 1.0, "seq"),
+        ("telemetry", ["seq"], True, "seq"),
+        ("telemetry", ["seq"], MAX_SEQ + 1, "seq"),
+        ("telemetry", ["seq"], KeyError, "seq"),
+        ("telemetry", ["ts"], "now", "ts"),
+        ("telemetry", ["ts"], -5, "ts"),
+        ("telemetry", ["inferences"], 121, "latency_ms.counts"),
+        ("telemetry", ["latency_ms", "counts"], [1, 2], "latency_ms.counts"),
+        ("telemetry", ["latency_ms", "counts", 9], -1, "latency_ms.counts[9]"),
+        ("telemetry", ["latency_ms", "bounds", 3], 0.01, "latency_ms.bounds[3]"),
+        ("telemetry", ["latency_ms", "p50"], 5.0, "latency_ms.p50"),
+        ("telemetry", ["latency_ms", "p99"], None, "latency_ms.p50"),
+        ("telemetry", ["latency_ms", "max"], KeyError, "latency_ms.max"),
+        ("telemetry", ["outliers"], 500, "outliers"),
+        ("telemetry", ["scores"], [], "scores"),
+        ("telemetry", ["predictions", "3"], -1, "predictions.3"),
+        ("telemetry", ["predictions", "3"], 1.5, "predictions.3"),
+        ("telemetry", ["cpu_percent"], "high", "cpu_percent"),
+        ("telemetry", ["rss_bytes"], 1.5, "rss_bytes"),
+        ("telemetry", ["throttled", "throttled"], False, "throttled.throttled"),
+        ("telemetry", ["throttled", "raw"], -1, "throttled.raw"),
+        ("telemetry", ["drops_since_last"], 11, "drops_since_last"),
+        ("status", ["state"], "sleeping", "state"),
+        ("status", ["host"], {"nested": {"a": 1}}, "host.nested"),
+        ("status", ["agent_version"], None, "agent_version"),
+        ("outliers", ["score"], None, "score"),
+        ("outliers", ["input", "std"], -1.0, "input.std"),
+        ("outliers", ["input", "sample"], [0.0] * 65, "input.sample"),
+        ("cmd", ["action"], "Reboot", "action"),
+        ("cmd", ["id"], "a b", "id"),
+        ("cmd", ["args"], [1, 2], "args"),
+        ("cmd/reply", ["error"], "but ok", "error"),
+        ("cmd/reply", ["ok"], "yes", "ok"),
+        ("alerts", ["severity"], "fatal", "severity"),
+        ("alerts", ["source"], KeyError, "source"),
+    ],
+)
+def test_decode_rejects_bad_fields_by_name(
+    kind: str, path: list[Any], value: Any, field: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(_topic_for(kind), _mutate(kind, path, value))
+    assert info.value.field == field, str(info.value)
+    assert str(info.value).startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (b"", "payload"),
+        (b"\xff\xfe{}", "payload"),
+        (b"{not json", "payload"),
+        (b"[1, 2]", "payload"),
+        (b"null", "payload"),
+        (b'{"v": NaN}', "payload"),
+        (b'{"v": 1, "kind": "status", "v": 1}', "v"),
+        (b"[" * 100_000, "payload"),
+        (b" " * (MAX_PAYLOAD_BYTES + 1), "payload"),
+    ],
+)
+def test_decode_rejects_bad_payloads(payload: bytes, field: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(_topic_for("status"), payload)
+    assert info.value.field == field
+
+
+def test_decode_rejects_nan_and_infinity_spelled_in_json() -> None:
+    good = encode(_telemetry()).decode()
+    for spelled in ("NaN", "Infinity", "-Infinity", "1e999"):
+        bad = re.sub(r'"temperature_c":[0-9.]+', f'"temperature_c":{spelled}', good)
+        assert bad != good
+        with pytest.raises(ProtocolError):
+            decode(_topic_for("telemetry"), bad.encode())
+
+
+def test_encode_refuses_what_decode_would_reject() -> None:
+    with pytest.raises(ProtocolError) as info:
+        encode(_telemetry(cpu_percent=float("nan")))
+    assert "payload" in info.value.field or info.value.field == "cpu_percent"
+    with pytest.raises(ProtocolError) as info:
+        encode(_telemetry(device="pi+1"))
+    assert info.value.field == "device"
+    with pytest.raises(ProtocolError) as info:
+        encode(_telemetry(inferences=1))
+    assert info.value.field == "latency_ms.counts"
+    huge = Command(id="c", action="x", ts=0.0, args={"blob": "a" * MAX_PAYLOAD_BYTES})
+    with pytest.raises(ProtocolError) as info:
+        encode(huge)
+    assert info.value.field == "payload"
+    assert issubclass(ProtocolError, EdgeshipError)
+
+
+# --- property tests: decode raises ProtocolError and nothing else -----------------------------
+
+_TOPICS = st.sampled_from([_topic_for(k) for k in _samples()])
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+def _decode_or_protocol_error(topic_name: str, payload: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode(topic_name, payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TOPICS, st.binary(max_size=512))
+def test_decode_random_bytes_only_raises_protocol_error(topic_name: str, payload: bytes) -> None:
+    _decode_or_protocol_error(topic_name, payload)
+
+
+@settings(max_examples=120, deadline=None)
+@given(_TOPICS, _json)
+def test_decode_random_json_only_raises_protocol_error(topic_name: str, value: Any) -> None:
+    _decode_or_protocol_error(topic_name, json.dumps(value).encode())
+
+
+_ENCODED = {kind: encode(msg) for kind, msg in _samples().items()}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(_ENCODED)), st.data())
+def test_decode_mutated_messages_only_raises_protocol_error(kind: str, data: st.DataObject) -> None:
+    obj = json.loads(_ENCODED[kind])
+    # Replace or add one field, possibly nested one level, with arbitrary JSON.
+    key = data.draw(st.sampled_from([*obj, "extra"]))
+    if isinstance(obj.get(key), dict) and obj[key] and data.draw(st.booleans()):
+        inner = data.draw(st.sampled_from(sorted(obj[key])))
+        obj[key][inner] = data.draw(_json)
+    else:
+        obj[key] = data.draw(_json)
+    payload = json.dumps(obj).encode()
+    try:
+        msg = decode(_topic_for(kind), payload)
+    except ProtocolError:
+        return
+    # Whatever decode accepts, encode accepts too, and the result is stable.
+    assert decode(_topic_for(kind), encode(msg)) == msg
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=80))
+def test_parse_topic_random_text_only_raises_protocol_error(value: str) -> None:
+    with contextlib.suppress(ProtocolError):
+        parse_topic(value)
+
+
+# --- the docs example, against the shared Mosquitto -----------------------------------------
+
+BROKER = ("127.0.0.1", 1883)
+
+
+def _broker_up() -> bool:
+    try:
+        with socket.create_connection(BROKER, timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _docs_example() -> str:
+    text = (REPO / "docs" / "protocol.md").read_text()
+    match = re.search(r"<!-- example: subscriber -->\n```python\n(.*?)```", text, re.S)
+    assert match, "docs/protocol.md lost its subscriber example"
+    return match.group(1)
+
+
+def _read_line_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
+    """Lines the process printed until one matches ``pattern``."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if re.search(pattern, line):
+                return lines
+    raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got {lines}")
+
+
+def test_docs_subscriber_example_reads_a_fleet(tmp_path: Path) -> None:
+    if not _broker_up():
+        pytest.skip("no MQTT broker on 127.0.0.1:1883")
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    fleet = f"test-{uuid.uuid4().hex[:12]}"
+    script = tmp_path / "subscriber.py"
+    script.write_text(_docs_example())
+    env = dict(
+        os.environ,
+        EDGESHIP_BROKER=BROKER[0],
+        EDGESHIP_PORT=str(BROKER[1]),
+        EDGESHIP_FLEET=fleet,
+        EDGESHIP_SECONDS="8",
+    )
+    samples = _samples()
+    seq = ENV["seq"]
+    status = encode(samples["status"])
+    status_topic = topic(fleet, ENV["device"], "status")
+    telemetry_topic = topic(fleet, ENV["device"], "telemetry")
+
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+    pub.connect(*BROKER)
+    pub.loop_start()
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=env,
+    )  # fmt: skip
+    try:
+        # The retained status reaches the subscriber whenever it subscribes.
+        pub.publish(status_topic, status, qos=1, retain=True).wait_for_publish(5)
+        lines = _read_line_until(proc, r"subscribed to", 8)
+        for n in (seq + 1, seq + 1, seq + 4):  # a duplicate, then two numbers skipped
+            pub.publish(telemetry_topic, encode(_telemetry(seq=n)), qos=1).wait_for_publish(5)
+        lines += _read_line_until(proc, rf"telemetry seq={seq + 4}:", 8)
+        proc.send_signal(signal.SIGINT)  # the example stops on Ctrl-C and prints its summary
+        rest, _ = proc.communicate(timeout=5)
+        lines += rest.splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        # Leave nothing retained on the shared broker.
+        pub.publish(status_topic, b"", qos=1, retain=True).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
+    output = "\n".join(lines)
+    assert f"{ENV['device']} status seq={seq}: online agent=0.1.0 model=digits" in output
+    assert output.count(f"telemetry seq={seq + 1}: 120 inferences, p95=1.9 ms, 2 outliers") == 1
+    assert f"telemetry seq={seq + 4}:" in output
+    assert f"{ENV['device']}: 2 missing" in output
