@@ -555,3 +555,21 @@ def test_docs_subscriber_example_reads_a_fleet(tmp_path: Path) -> None:
     assert output.count(f"telemetry seq={seq + 1}: 120 inferences, p95=1.9 ms, 2 outliers") == 1
     assert f"telemetry seq={seq + 4}:" in output
     assert f"{ENV['device']}: 2 missing" in output
+
+
+def test_docs_describe_every_field() -> None:
+    """docs/protocol.md is the contract for third parties: every wire field is in a table."""
+    text = (REPO / "docs" / "protocol.md").read_text()
+
+    def keys(value: Any) -> set[str]:
+        out: set[str] = set()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                out.add(k)
+                if k not in ("host", "predictions", "args", "result"):  # free-form maps
+                    out |= keys(v)
+        return out
+
+    for kind, encoded in _ENCODED.items():
+        for key in keys(json.loads(encoded)):
+            assert f"`{key}`" in text, f"docs/protocol.md does not describe {kind} field {key!r}"
