@@ -158,6 +158,14 @@ def quantize(
         for attempt in range(_MAX_EXCLUSION_RETRIES + 1):
             candidate = tmp / f"quantized-{attempt}.onnx"
             _run_quantizer(prepared, candidate, data, source.io, batch, config, excluded)
+            quantized_nodes = _count_quantized_nodes(candidate)
+            if quantized_nodes == 0:
+                raise QuantizationError(
+                    "quantization: ONNX Runtime quantized nothing in this model"
+                    + (f" after excluding {excluded}" if excluded else "")
+                    + f" (its operators: {_op_summary(prepared)}); ORT quantizes float32 "
+                    "MatMul/Gemm/Conv/Gather and friends, so the int8 model would be the fp32 one"
+                )
             try:
                 quantized_io, check = _verify(candidate, source, data, batch)
                 break
@@ -190,6 +198,7 @@ def quantize(
         "calibration_samples": 0 if data is None else len(data),
         "calibration_batch_size": batch if config.mode == "static" else None,
         "excluded_nodes": excluded,
+        "quantized_nodes": quantized_nodes,
         "op_types": None if config.op_types is None else list(config.op_types),
         "fallbacks": fallbacks,
         "source": str(source.path),
@@ -502,6 +511,29 @@ def _run_quantizer(
         node = _node_in_message(str(exc), model)
         where = f" at node {node!r}" if node else ""
         raise QuantizationError(f"{step}{where}: {_first_line(exc)}") from exc
+
+
+_QUANT_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+     "ConvInteger", "DynamicQuantizeMatMul", "QLinearConv", "QLinearMatMul", "QGemm",
+     "QAttention", "DynamicQuantizeLSTM", "QLinearAdd", "QLinearMul"}
+)  # fmt: skip
+
+
+def _count_quantized_nodes(model: Path) -> int:
+    """Nodes that quantize, dequantize or compute in integers."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return sum(1 for n in graph.node if n.op_type in _QUANT_OPS)
+
+
+def _op_summary(model: Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    types = sorted({n.op_type for n in graph.node})
+    return ", ".join(types[:12]) + (", ..." if len(types) > 12 else "")
 
 
 def _failed_step(exc: BaseException, mode: str) -> str:

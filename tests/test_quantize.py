@@ -313,25 +313,44 @@ def test_old_opset_is_upgraded(mode: str, tmp_path: Path) -> None:
 def test_runtime_refusal_excludes_the_node_and_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Quantized at opset 11, ORT's per-channel QDQ nodes carry an ``axis`` attribute that opset
-    11 lacks, so ONNX Runtime refuses the model and names the node: the quantizer must keep the
-    nodes behind it in float and try again rather than hand over a model that does not load."""
+    """Quantized at opset 11, ORT's per-channel weight DequantizeLinear carries an ``axis``
+    attribute that opset 11 lacks, so ONNX Runtime refuses the model and names the node: the
+    quantizer must keep the node behind it in float and try again (the activation-only Gram
+    MatMul stays quantized) rather than hand over a model that does not load."""
+    from onnx import TensorProto, helper, numpy_helper
+
     import sdk.onnx_tools
 
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="dense"),
+            helper.make_node("Relu", ["m"], ["r"], name="relu"),
+            helper.make_node("Transpose", ["r"], ["rt"], name="transpose", perm=[1, 0]),
+            helper.make_node("MatMul", ["r", "rt"], ["y"], name="gram"),
+        ],
+        "gram",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "N"])],
+        [numpy_helper.from_array(_f32(16, 16), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
     # Stop the opset upgrade, the very fallback that normally prevents this refusal.
     monkeypatch.setattr(sdk.onnx_tools, "MIN_QUANT_OPSET", 11)
-    source = read_artifact(_opset11_model(tmp_path / "op11.onnx"))
-    int8 = quantize(source, {"x": _f32(40, 1, 8, 8)}, out=tmp_path / "q.onnx")
+    source = read_artifact(_save(model, tmp_path / "gram.onnx"))
+    int8 = quantize(source, {"x": _f32(40, 16)}, out=tmp_path / "q.onnx")
 
     print(f"\n[refusal] excluded {int8.details['excluded_nodes']}")
     for note in int8.details["fallbacks"]:
         print(f"  fallback: {note}")
-    assert "conv" in int8.details["excluded_nodes"]
+    assert int8.details["excluded_nodes"] == ["dense"]
     assert any(
-        "refused quantized node 'B_DequantizeLinear'" in f for f in int8.details["fallbacks"]
+        "refused quantized node 'W_DequantizeLinear'" in f for f in int8.details["fallbacks"]
     )
     assert not any("/tmp/" in f for f in int8.details["fallbacks"])  # no temporary paths
-    assert _run(int8.path, {"x": _f32(2, 1, 8, 8)})[0].shape == (2, 10)
+    assert int8.details["quantized_nodes"] > 0
+    assert int8.details["check"]["cosine_min"] > 0.99
+    assert _run(int8.path, {"x": _f32(3, 16)})[0].shape == (3, 3)
 
 
 def _token_model(path: Path) -> Path:
@@ -404,6 +423,31 @@ def test_symbolic_shape_inference_failure_falls_back(
     assert any("without symbolic shape inference" in f for f in int8.details["fallbacks"])
     assert int8.details["check"]["cosine_min"] > 0.99
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_model_with_nothing_to_quantize_is_an_error(mode: str, tmp_path: Path) -> None:
+    """ORT quantizes float32 tensors only: a float64 model would come back unchanged, and an
+    'int8' artifact that is really fp32 would mislead every later stage."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.errors import QuantizationError
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="matmul")],
+        "float64",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["batch", 8])],
+        [numpy_helper.from_array(_f32(8, 8).astype(np.float64), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source = _save(model, tmp_path / "f64.onnx")
+    config = QuantizeConfig(mode=mode)  # type: ignore[arg-type]
+    with pytest.raises(QuantizationError, match=r"^quantization: .*quantized nothing.*MatMul"):
+        quantize(
+            source, {"x": _f32(16, 8).astype(np.float64)}, out=tmp_path / "q.onnx", config=config
+        )
+    assert not (tmp_path / "q.onnx").exists()
 
 
 # --- evaluate -----------------------------------------------------------------------------
