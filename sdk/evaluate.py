@@ -9,7 +9,7 @@ difference. :func:`accuracy_drop` turns two qualities into the single number a b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,7 @@ def evaluate(
     cosines: list[np.ndarray] = []
     max_abs = 0.0
     labels = data.labels
+    two_d = False
     start = 0
     for feed in data.batches(run.fixed or batch_size):
         got = run(feed)
@@ -93,7 +94,8 @@ def evaluate(
                     f"the model's output {session.io.outputs[index].name!r} has shape {got.shape} "
                     f"but the reference's has {ref.shape}; they cannot be compared"
                 )
-            if got.ndim == 2:
+            two_d = got.ndim == 2
+            if two_d:
                 agree += int((got.argmax(axis=1) == ref.argmax(axis=1)).sum())
             cosines.append(cosine_rows(got, ref))
             max_abs = max(max_abs, max_abs_difference(got, ref))
@@ -102,11 +104,10 @@ def evaluate(
     total = len(data)
     quality = Quality(samples=total)
     if labels is not None:
-        quality = _replace(quality, accuracy=correct / total)
+        quality = replace(quality, accuracy=correct / total)
     if ref_session is not None:
         cos = np.concatenate(cosines) if cosines else np.zeros(0)
-        two_d = len(session.io.outputs[index].shape) == 2
-        quality = _replace(
+        quality = replace(
             quality,
             agreement=agree / total if two_d else None,
             cosine_mean=float(cos.mean()) if cos.size else None,
@@ -157,12 +158,6 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
     if np.isnan(diff).any():
         return float("inf")
     return float(diff.max())
-
-
-def _replace(quality: Quality, **changes: Any) -> Quality:
-    from dataclasses import replace
-
-    return replace(quality, **changes)
 
 
 def _path_of(model: ModelArtifact | str | Path) -> Path:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from device_agent.contracts.bundle import IOSpec, TensorSpec
     from device_agent.runtime import ModelSession
 
-__all__ = ["QuantizeConfig", "quantize"]
+__all__ = ["CalibMethod", "QuantMode", "QuantizeConfig", "quantize"]
 
 log = logging.getLogger(__name__)
 
