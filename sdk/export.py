@@ -157,6 +157,8 @@ def _export_and_verify(
             )
             max_diff = max(max_diff, other_diff)
             io = _mark_batch_outputs(io, actual, other_outputs)
+            if to == "tflite":
+                _set_tflite_output_batch(out, io)
     except ExportError as exc:
         if not model.training:
             raise
@@ -503,6 +505,36 @@ def _rename_tflite_signature(path: Path, in_names: list[str], out_names: list[st
             name = wanted[_text(entry.name)]
             entry.name = name.encode()
             subgraph.tensors[entry.tensorIndex].name = name.encode()
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def _set_tflite_output_batch(path: Path, io: IOSpec) -> None:
+    """Record the dynamic batch axis in the file's output shape signatures too.
+
+    litert-torch writes outputs with the traced example's fixed shape, so a later reader
+    (``read_artifact``, the agent) would otherwise see a fixed batch on the outputs.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    batched = {o.name for o in io.outputs if o.shape and o.shape[0] == "batch"}
+    if not batched:
+        return
+    model = flatbuffer_utils.read_model(str(path))
+    sig = model.signatureDefs[0]
+    subgraph = model.subgraphs[sig.subgraphIndex]
+    for entry in sig.outputs:
+        if _text(entry.name) in batched:
+            tensor = subgraph.tensors[entry.tensorIndex]
+            dims = [
+                int(d)
+                for d in (
+                    tensor.shapeSignature
+                    if tensor.shapeSignature is not None and len(tensor.shapeSignature)
+                    else tensor.shape
+                )
+            ]
+            dims[0] = -1
+            tensor.shapeSignature = np.array(dims, dtype=np.int32)
     flatbuffer_utils.write_model(model, str(path))
 
 

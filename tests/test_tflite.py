@@ -193,6 +193,7 @@ def test_dynamic_batch_tflite_export(tmp_path: Path) -> None:
     assert art.details["dynamic_batch"] is True
     assert art.io.inputs[0].shape == ("batch", 1, 8, 8)
     assert art.io.outputs[0].shape == ("batch", 4, 6, 6)
+    assert sdk.read_artifact(art.path).io == art.io  # the file itself records the batch axis
     session = open_session(art.path, threads=1)
     for n in (1, 5):
         x = torch.randn(n, 1, 8, 8)
