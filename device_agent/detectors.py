@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -330,17 +330,21 @@ class EnergyDetector(_LogitDetector):
 class TailCalibration:
     """Maps a raw score to its surprise ``-log P(S >= s)`` under calibration scores ``S``.
 
-    ``quantiles`` are the calibration scores' quantiles at evenly spaced probabilities
-    (0, 1/(m-1), ..., 1) from ``count`` samples. Inside their range the survival probability is
-    interpolated and shrunk towards ``1/(count+1)`` (a conformal p-value); above the largest
-    score the tail decays exponentially with scale ``tail_scale`` (the mean excess over the 90th
-    percentile, a peaks-over-threshold fit), so far outliers keep their order instead of tying.
+    ``quantiles`` ``q_0 <= ... <= q_{m-1}`` are the calibration scores' quantiles at the
+    probabilities ``p_j = j / (m-1)``, from ``n = count`` samples. At ``q_j`` the surprise is
+    ``-log(1 - p_j * n / (n+1))``: the survival probability shrunk so that the largest
+    calibration score has ``1/(n+1)`` (a conformal p-value), not 0. Between the quantiles it is
+    interpolated linearly; above ``q_{m-1}`` it grows by ``(s - q_{m-1}) / tail_scale``, an
+    exponential tail whose scale is the mean excess over the 90th percentile (a
+    peaks-over-threshold fit), so far outliers keep their order instead of tying.
     In-distribution surprise is about Exp(1)-distributed, whatever the raw score's scale.
     """
 
     quantiles: Array
     count: int
     tail_scale: float
+    _nodes: Scores = field(init=False, repr=False, compare=False)
+    _inv_tail: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         q = np.asarray(self.quantiles, dtype=np.float64)
@@ -348,6 +352,11 @@ class TailCalibration:
             raise BundleError("tail calibration quantiles must be a sorted 1-D array of >= 2")
         if self.count < 1 or not self.tail_scale > 0:
             raise BundleError("tail calibration needs count >= 1 and a positive tail scale")
+        # Precomputed once: at batch size 1, each numpy call costs about a microsecond.
+        shrink = self.count / (self.count + 1.0)
+        object.__setattr__(self, "quantiles", q)
+        object.__setattr__(self, "_nodes", -np.log1p(-np.linspace(0.0, shrink, q.shape[0])))
+        object.__setattr__(self, "_inv_tail", 1.0 / self.tail_scale)
 
     @classmethod
     def from_scores(cls, scores: Array, points: int = 129) -> TailCalibration:
@@ -363,17 +372,13 @@ class TailCalibration:
         return cls(q, int(s.size), max(scale, floor))
 
     def surprise(self, scores: Scores) -> Scores:
-        q = np.asarray(self.quantiles, dtype=np.float64)
-        n = self.count
-        cdf = np.interp(scores, q, np.linspace(0.0, 1.0, q.shape[0]))
-        survival = (n * (1.0 - cdf) + 1.0) / (n + 1.0)
-        above = np.maximum(scores - q[-1], 0.0) / self.tail_scale
-        out: Scores = -np.log(survival) + above
+        inside = np.interp(scores, self.quantiles, self._nodes)
+        out: Scores = inside + np.maximum(scores - self.quantiles[-1], 0.0) * self._inv_tail
         return out
 
     def to_params(self, prefix: str) -> Params:
         return {
-            f"{prefix}quantiles": np.asarray(self.quantiles, dtype=np.float64),
+            f"{prefix}quantiles": self.quantiles,
             f"{prefix}count": np.array(self.count, dtype=np.int64),
             f"{prefix}tail_scale": np.array(self.tail_scale),
         }
@@ -432,8 +437,12 @@ class CombinedDetector:
         return out
 
     def score(self, inputs: Mapping[str, Array], outputs: Sequence[Array]) -> Scores:
-        parts = self.component_scores(inputs, outputs)
-        out: Scores = parts.max(axis=1) if self.reduce == "max" else parts.sum(axis=1)
+        combine = np.maximum if self.reduce == "max" else np.add
+        out: Scores | None = None
+        for c, cal, w in zip(self.components, self.calibrations, self.weights, strict=True):
+            part = w * cal.surprise(c.score(inputs, outputs))
+            out = part if out is None else combine(out, part)
+        assert out is not None  # the constructor refuses an empty component list
         return out
 
     def params(self) -> Params:
