@@ -335,6 +335,8 @@ def fit_detector(
     if not 0.0 < target_fpr < 1.0:
         raise ConfigError(f"target_fpr must be between 0 and 1, got {target_fpr}")
     opts = options or DetectorOptions()
+    if isinstance(model, str | Path):
+        model = open_session(model)  # once, for both its input spec and its outputs
     run = None if model is None else _runner(model)
     inputs = _calibration_inputs(calibration, model)
     n = _count(inputs)
