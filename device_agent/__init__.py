@@ -5,6 +5,8 @@ It depends on numpy, paho-mqtt and one runtime, never on torch or the SDK.
 
 from __future__ import annotations
 
+from device_agent._version import __version__
+from device_agent.agent import Agent, AgentConfig, Prediction
 from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts.bundle import IOSpec, Manifest, TensorSpec
 from device_agent.errors import (
@@ -17,9 +19,9 @@ from device_agent.errors import (
 )
 from device_agent.runtime import ModelSession, open_session
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "Bundle",
     "BundleError",
     "ConfigError",
@@ -29,6 +31,7 @@ __all__ = [
     "IntegrityError",
     "Manifest",
     "ModelSession",
+    "Prediction",
     "RuntimeLoadError",
     "TensorSpec",
     "__version__",

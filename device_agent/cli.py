@@ -17,28 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.contracts.bundle import IOSpec
 from device_agent.errors import EdgeshipError
 
-__all__ = ["main", "sample_inputs"]
-
-
-def sample_inputs(io: IOSpec, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of the right names, dtypes and shapes (symbolic dims become ``batch``/1)."""
-    rng = np.random.default_rng(seed)
-    feed: dict[str, np.ndarray] = {}
-    for spec in io.inputs:
-        shape = tuple(
-            (batch if i == 0 else 1) if isinstance(d, str) else d for i, d in enumerate(spec.shape)
-        )
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            feed[spec.name] = rng.random(shape, dtype=np.float32).astype(dtype)
-        elif dtype.kind == "b":
-            feed[spec.name] = np.ones(shape, dtype=dtype)
-        else:
-            feed[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feed
+__all__ = ["build_parser", "main"]
 
 
 def _meminfo_mb(key: str) -> int | None:
@@ -53,6 +34,7 @@ def _meminfo_mb(key: str) -> int | None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from device_agent.benchmark import sample_inputs
     from device_agent.bundle import load_bundle
     from device_agent.runtime import check_feed, open_session
 
@@ -116,7 +98,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: runtime's)")
     p.add_argument("--runs", type=int, default=20, help="timed runs after the first (default 20)")
     p.set_defaults(handler=_cmd_check)
+
+    p = sub.add_parser(
+        "run",
+        help="run the agent as a service: inference endpoint, telemetry over MQTT, spool",
+        description="Load and verify a bundle, serve a local JSON inference endpoint, report "
+        "telemetry and outlier events to an MQTT broker (spooled on disk while the broker is "
+        "away), and stop cleanly on SIGTERM. Every option can also be set in agent.toml "
+        "(--config) or as EDGESHIP_AGENT_<OPTION> in the environment; the command line wins.",
+        epilog="example: edgeship-agent run --bundle /opt/edgeship/bundle "
+        "--broker mqtt://hub.local:1883 --fleet greenhouse --device-id pi-07",
+    )
+    p.add_argument("--bundle", type=Path, help="the bundle directory")
+    p.add_argument("--config", type=Path, help="agent.toml with any of these settings")
+    p.add_argument("--broker", dest="broker_url", help="mqtt://host:1883 or mqtts://host:8883")
+    p.add_argument("--device-id", help="this board's id (default: the hostname)")
+    p.add_argument("--fleet", help="fleet name in the topics (default: 'default')")
+    p.add_argument("--username", help="MQTT user name")
+    p.add_argument("--password", help="MQTT password (prefer EDGESHIP_AGENT_PASSWORD)")
+    p.add_argument(
+        "--state-dir", type=Path, help="where the spool lives (default ~/.local/state/edgeship)"
+    )
+    p.add_argument(
+        "--window", dest="window_s", type=float, help="telemetry window in s (default 10)"
+    )
+    p.add_argument("--threads", type=int, help="runtime threads")
+    p.add_argument(
+        "--http", help="host:port of the inference endpoint, or 'off' (default 127.0.0.1:8765)"
+    )
+    p.add_argument("--replay", type=Path, help=".npz of inputs (keyed by input name) to feed")
+    p.add_argument("--replay-rate", type=float, help="replayed inputs per second (default 10)")
+    p.add_argument("--replay-loops", type=int, help="passes over the replay file (0 = forever)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=_cmd_run)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from device_agent.config import load_settings
+    from device_agent.service import run_service
+
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "bundle",
+            "broker_url",
+            "device_id",
+            "fleet",
+            "username",
+            "password",
+            "state_dir",
+            "window_s",
+            "threads",
+            "http",
+            "replay",
+            "replay_rate",
+            "replay_loops",
+            "log_level",
+        )
+    }
+    agent_config, run_config = load_settings(args.config, os.environ, overrides)
+    logging.basicConfig(
+        level=getattr(logging, run_config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run_service(agent_config, run_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ Quick start::
 
     import sdk
     art = sdk.export(model, example_inputs, to="onnx", path="model.onnx")
-    int8 = sdk.quantize(art, calibration="cal.npz", mode="static", out="model.int8.onnx")
+    int8 = sdk.quantize(art, "cal.npz", out="model.int8.onnx")  # static QDQ int8
     report = sdk.benchmark(int8, target="rpi4", budget=sdk.parse_budget("p95<=5ms"))
 """
 

@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="comma-separated class labels for output 0")
     p.add_argument("--runs", type=int, default=200, help="minimum timed runs per candidate")
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per candidate")
+    p.add_argument(
+        "--detector",
+        default="auto",
+        choices=["auto", "none", "combined", "mahalanobis", "energy", "max_softmax"],
+        help="outlier detector fitted on --calibration and shipped in the bundle (default: "
+        "auto, chosen from the model's inputs and outputs)",
+    )
+    p.add_argument(
+        "--outlier-fpr",
+        type=float,
+        default=0.01,
+        help="false-positive rate the detector's threshold is calibrated for (default 0.01)",
+    )
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(handler=_cmd_optimize)
 
@@ -273,6 +286,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         labels=None if labels is None else tuple(labels),
         min_runs=args.runs,
         min_seconds=args.seconds,
+        detector=args.detector,
+        outlier_fpr=args.outlier_fpr,
     )
     report = optimize(
         args.model,

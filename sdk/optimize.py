@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.contracts.bundle import DetectorSpec
 from sdk.artifact import ModelArtifact, read_artifact
 from sdk.bench import BenchConfig, BenchReport, benchmark
 from sdk.budget import Budget, BudgetLine, check_budget
-from sdk.data import DataSource, load_dataset
+from sdk.data import Dataset, DataSource, load_dataset
 from sdk.errors import ConfigError, EdgeshipError
 from sdk.evaluate import Quality, accuracy_drop, evaluate
 from sdk.package import package
@@ -52,7 +53,10 @@ class OptimizeConfig:
 
     ``static_methods`` lists the calibration methods tried for static int8 (each is one
     candidate). ``confirm_rounds`` is how many alternating re-benchmarks settle a winner
-    against fp32.
+    against fp32. ``detector`` is the outlier detector fitted on the calibration data and
+    shipped in the bundle: ``"auto"`` (what :func:`sdk.detect.default_detector` recommends
+    for the model), a detector kind, or None; its threshold is calibrated on held-out
+    calibration samples for a false-positive rate of ``outlier_fpr``.
     """
 
     target: str | TargetProfile = "host"
@@ -66,6 +70,8 @@ class OptimizeConfig:
     min_seconds: float = 3.0
     confirm_rounds: int = 2
     keep_candidates: bool = True
+    detector: str | None = "auto"
+    outlier_fpr: float = 0.01
 
 
 @dataclass
@@ -311,9 +317,11 @@ def optimize(
             lambda art: benchmark(art, _bench_config(cfg, target)).latency_ms["p95"],
             notes,
         )
-        bar.set_description("bundle")
         winner = chosen.artifact
         assert winner is not None  # _choose only returns candidates that were made
+        bar.set_description("fit the outlier detector")
+        detector = None if cal is None else _fit_detector(cfg, cal, winner, work, notes)
+        bar.set_description("bundle")
         bundle = package(
             winner,
             out_dir,
@@ -322,6 +330,7 @@ def optimize(
             labels=cfg.labels,
             budget=cfg.budget,
             benchmark=_bundle_benchmark(chosen),
+            detector=detector,
         )
         bar.update(1)
     finally:
@@ -337,6 +346,41 @@ def optimize(
         budget=cfg.budget,
         notes=notes,
     )
+
+
+def _fit_detector(
+    cfg: OptimizeConfig, cal: Dataset, model: ModelArtifact, work: Path, notes: list[str]
+) -> tuple[DetectorSpec, Path] | None:
+    """Fit the configured detector on the calibration data, or explain in a note why not."""
+    from sdk.detect import DetectorOptions, default_detector, fit_detector
+
+    if cfg.detector is None or cfg.detector == "none":
+        return None
+    if cfg.detector == "auto":
+        choice = default_detector(model.io)
+        if choice is None:
+            notes.append(
+                "no outlier detector: the model has no float input or embedding "
+                "output to watch (choose one with --detector)"
+            )
+            return None
+        kind, options = choice.kind, choice.options
+    else:
+        kind, options = cfg.detector, DetectorOptions()
+    try:
+        spec, path = fit_detector(
+            kind, cal, model, target_fpr=cfg.outlier_fpr, options=options, out=work / "detector.npz"
+        )
+    except EdgeshipError as exc:
+        notes.append(f"no outlier detector: fitting {kind} failed: {exc}")
+        return None
+    measured = spec.options.get("fpr_holdout")
+    extra = "" if measured is None else f", {float(measured):.1%} on held-out calibration data"
+    notes.append(
+        f"outlier detector {kind}: threshold {spec.threshold:.4g} for a target "
+        f"false-positive rate of {cfg.outlier_fpr:.1%}{extra}"
+    )
+    return spec, path
 
 
 def _bench_config(cfg: OptimizeConfig, target: TargetProfile) -> BenchConfig:

@@ -19,9 +19,18 @@ def digits_splits() -> Any:
 @pytest.fixture(scope="session")
 def trained_digits(digits_splits: Any) -> tuple[Any, float]:
     """(model, fp32 test accuracy) of the digits CNN, trained once for the whole session."""
+    import torch
+
     from sdk.zoo.digits import train_digits_cnn
 
-    return train_digits_cnn(digits_splits, seed=0)
+    # One thread trains this small CNN several times faster than torch's default on a busy
+    # 2-core machine (thread contention), and the weights do not depend on it.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_digits_cnn(digits_splits, seed=0)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +62,34 @@ def digits_npz(digits_splits: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     np.savez(cal, **{INPUT_NAME: digits_splits.x_cal})
     np.savez(ev, **{INPUT_NAME: digits_splits.x_test, "labels": digits_splits.y_test})
     return {"calibration": cal, "eval": ev}
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(
+    digits_onnx: Any, digits_splits: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A bundle of the fp32 digits CNN with its default (combined) outlier detector."""
+    from sdk.detect import default_detector, fit_detector
+    from sdk.package import package
+    from sdk.zoo.digits import INPUT_NAME
+
+    root = tmp_path_factory.mktemp("digits-bundle")
+    choice = default_detector(digits_onnx.io)
+    assert choice is not None
+    detector = fit_detector(
+        choice.kind,
+        {INPUT_NAME: digits_splits.x_cal},
+        digits_onnx,
+        target_fpr=0.05,
+        options=choice.options,
+        out=root / "det.npz",
+    )
+    bundle = package(
+        digits_onnx,
+        root / "bundle",
+        name="digits-cnn",
+        version="1",
+        labels=[str(i) for i in range(10)],
+        detector=detector,
+    )
+    return bundle.root

@@ -1,0 +1,554 @@
+"""The agent: runs a verified bundle, scores every input, and reports the fleet's telemetry.
+
+Use it from your own application on the board::
+
+    from device_agent import Agent, AgentConfig
+    config = AgentConfig(broker_url="mqtt://hub:1883", fleet="greenhouse")
+    with Agent.from_bundle("/opt/edgeship/bundle", config) as agent:
+        result = agent.predict({"image": frame})
+        if result.is_outlier[0]: ...
+
+The predict path is kept short: validate, run, score, count. Everything that touches the disk
+or the network (telemetry windows, outlier events, command replies) runs on background threads
+that take their work from a queue, so a slow SD card or a missing broker never slows inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from device_agent._version import __version__ as AGENT_VERSION
+from device_agent.bundle import Bundle, load_bundle
+from device_agent.contracts import messages as msg
+from device_agent.detectors import ThresholdedDetector, load_detector
+from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
+from device_agent.runtime import ModelSession, check_feed, open_session
+from device_agent.sysinfo import SysInfo
+from device_agent.telemetry import WindowAggregator
+
+__all__ = ["Agent", "AgentConfig", "Prediction"]
+
+log = logging.getLogger(__name__)
+
+
+def _default_device_id() -> str:
+    name = socket.gethostname().split(".")[0] or "device"
+    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64]
+    return cleaned or "device"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "edgeship"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the agent runs. Every field can also come from ``agent.toml`` or the environment
+    (see :mod:`device_agent.config`).
+
+    ``broker_url`` None runs without MQTT (inference and scoring only). ``window_s`` is the
+    telemetry window. Outlier events are limited to ``outlier_events_per_min`` (a token bucket;
+    the next event reports how many were held back).
+    """
+
+    device_id: str = field(default_factory=_default_device_id)
+    fleet: str = "default"
+    broker_url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    mqtt_protocol: str = "auto"
+    state_dir: Path = field(default_factory=_default_state_dir)
+    spool_max_bytes: int = 32 * 2**20
+    window_s: float = 10.0
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None
+    outlier_events_per_min: float = 60.0
+    input_sample_values: int = 0
+    sysinfo_root: str = "/"
+
+    def __post_init__(self) -> None:
+        for value, what in ((self.device_id, "device_id"), (self.fleet, "fleet")):
+            try:
+                msg.validate_id(value, what)
+            except ProtocolError as exc:
+                raise ConfigError(str(exc)) from exc
+        if self.window_s <= 0:
+            raise ConfigError(f"window_s must be positive, got {self.window_s}")
+        if self.spool_max_bytes < 64 * 1024:
+            raise ConfigError(
+                f"spool_max_bytes must be at least 64 KiB, got {self.spool_max_bytes}"
+            )
+        if self.outlier_events_per_min < 0:
+            raise ConfigError("outlier_events_per_min must not be negative")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result of one :meth:`Agent.predict` call (a batch of ``n`` samples).
+
+    ``scores`` and ``is_outlier`` have one entry per sample (``scores`` is None without a
+    detector, and ``is_outlier`` then all False). ``labels`` holds the predicted class label
+    per sample when output 0 is a classifier's (batch, classes) output.
+    """
+
+    outputs: list[np.ndarray]
+    scores: np.ndarray | None
+    is_outlier: np.ndarray
+    labels: list[str] | None
+    latency_s: float
+
+    @property
+    def score(self) -> float | None:
+        """The first sample's score (the common batch-of-one case)."""
+        return None if self.scores is None else float(self.scores[0])
+
+
+class _TokenBucket:
+    def __init__(self, per_min: float, clock: Callable[[], float]) -> None:
+        self._rate = per_min / 60.0
+        self._cap = max(1.0, per_min / 6.0)  # bursts of up to 10 s worth
+        self._tokens = self._cap
+        self._clock = clock
+        self._last = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._cap, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class Agent:
+    """Inference with outlier scores and telemetry for one bundle. Thread-safe.
+
+    Create it with :meth:`from_bundle`; :meth:`start` begins telemetry (and MQTT when a broker
+    is configured); :meth:`close` flushes and stops. It is a context manager that does both.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        session: ModelSession,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bundle = bundle
+        self.config = config
+        self.session = session
+        self.boot = uuid.uuid4().hex[:16]
+        self._clock = clock
+        m = bundle.manifest
+        self._io = m.io
+        self._model = m.model
+        self._labels = self._classifier_labels()
+        self._detector: ThresholdedDetector | None = None
+        if m.detector is not None:
+            det = load_detector(m.detector, bundle.path_of(m.detector.params_file))
+            self._detector = ThresholdedDetector(det, m.detector.threshold)
+        # LiteRT interpreters are not safe to call from two threads; ORT sessions are.
+        self._run_lock: threading.Lock | None = (
+            threading.Lock() if session.runtime == "litert" else None
+        )
+        self._aggregator = WindowAggregator(labels=self._labels or ())
+        self._sys = SysInfo(config.sysinfo_root)
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
+        self._bucket = _TokenBucket(config.outlier_events_per_min, time.monotonic)
+        self._suppressed = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._publisher: Any = None
+        self._spool: Any = None
+        self._drops_mark = 0
+        self._started = False
+        self._closed = False
+        self.last_window: dict[str, Any] | None = None
+        self.command_handlers: dict[str, Callable[[msg.Command], Any]] = {
+            "ping": lambda cmd: {"pong": True, "boot": self.boot},
+            "benchmark": self._cmd_benchmark,
+        }
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, config: AgentConfig | None = None) -> Agent:
+        """Verify the bundle at ``path`` (every file's SHA-256), load its model and detector."""
+        cfg = config or AgentConfig()
+        bundle = load_bundle(path)
+        session = open_session(
+            bundle.model_path,
+            runtime=bundle.manifest.model.runtime,
+            threads=cfg.threads,
+            providers=cfg.providers,
+        )
+        return cls(bundle, session, cfg)
+
+    def _classifier_labels(self) -> tuple[str, ...] | None:
+        out = self._io.outputs[0]
+        if len(out.shape) != 2 or not isinstance(out.shape[1], int) or out.shape[1] < 2:
+            return None
+        if out.labels is not None and len(out.labels) == out.shape[1]:
+            return tuple(out.labels)
+        return tuple(str(i) for i in range(out.shape[1]))
+
+    # --- inference ------------------------------------------------------------------------
+
+    def predict(self, inputs: Mapping[str, Any]) -> Prediction:
+        """Run the model on ``inputs`` (input name -> array with a batch axis) and score them.
+
+        Raises :class:`InputError` for inputs that do not fit the model; the error is counted
+        in telemetry and the agent keeps running.
+        """
+        if self._closed:
+            raise EdgeshipError("the agent is closed")
+        try:
+            feed = check_feed(self._io, inputs)
+            start = time.perf_counter()
+            if self._run_lock is None:
+                outputs = self.session.run(feed)
+            else:
+                with self._run_lock:
+                    outputs = self.session.run(feed)
+            scores = None if self._detector is None else self._detector.score(feed, outputs)
+            latency = time.perf_counter() - start
+        except EdgeshipError:
+            self._aggregator.record_error()
+            raise
+        n = int(outputs[0].shape[0]) if outputs[0].ndim else 1
+        if scores is not None and self._detector is not None:
+            flags = scores > self._detector.threshold
+        else:
+            flags = np.zeros(n, dtype=bool)
+        classes = None
+        if self._labels is not None and outputs[0].ndim == 2:
+            classes = outputs[0].argmax(axis=1)
+        record = self._aggregator.record
+        for i in range(n):
+            record(
+                latency,
+                None if classes is None else int(classes[i]),
+                None if scores is None else float(scores[i]),
+                bool(flags[i]),
+            )
+        if flags.any() and self._started:
+            self._queue_outliers(feed, scores, flags, classes)
+        labels = None
+        if classes is not None and self._labels is not None:
+            labels = [self._labels[int(c)] for c in classes]
+        return Prediction(outputs, scores, flags, labels, latency)
+
+    def _queue_outliers(
+        self,
+        feed: Mapping[str, np.ndarray],
+        scores: np.ndarray | None,
+        flags: np.ndarray,
+        classes: np.ndarray | None,
+    ) -> None:
+        assert scores is not None
+        first_input = self._io.inputs[0].name
+        for i in np.flatnonzero(flags):
+            if not self._bucket.take():
+                self._suppressed += 1
+                continue
+            label = None
+            if classes is not None and self._labels is not None:
+                label = self._labels[int(classes[i])]
+            item = (float(scores[i]), label, feed[first_input][i].copy(), self._clock())
+            try:
+                self._events.put_nowait(("outlier", item))
+            except queue.Full:
+                self._suppressed += 1
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        """Start telemetry windows, and MQTT publishing when a broker is configured."""
+        if self._started:
+            return self
+        self._started = True
+        cfg = self.config
+        if cfg.broker_url is not None:
+            self._start_mqtt()
+        for name, target in (("telemetry", self._window_loop), ("events", self._event_loop)):
+            t = threading.Thread(target=target, name=f"edgeship-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _start_mqtt(self) -> None:
+        from device_agent.mqtt import BrokerConfig, Publisher
+        from device_agent.spool import Spool
+
+        cfg = self.config
+        assert cfg.broker_url is not None
+        broker = BrokerConfig.from_url(
+            cfg.broker_url,
+            username=cfg.username,
+            password=cfg.password,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            protocol=cfg.mqtt_protocol,
+        )
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._spool = Spool(
+            cfg.state_dir / f"spool-{cfg.fleet}-{cfg.device_id}.db", max_bytes=cfg.spool_max_bytes
+        )
+        self._drops_mark = self._spool.dropped_total
+        self._publisher = Publisher(
+            broker,
+            self._spool,
+            fleet=cfg.fleet,
+            device=cfg.device_id,
+            boot=self.boot,
+            birth=lambda seq: self._status_payload(seq, "online"),
+            will=lambda seq: self._status_payload(seq, "offline"),
+            on_command=self._on_command,
+        )
+        self._publisher.start()
+
+    def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Publish the last window, flush what the broker will take, and stop."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            return
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=max(1.0, flush_timeout_s))
+        self._emit_window()
+        self._drain_events()
+        if self._publisher is not None:
+            self._publisher.close(flush_timeout_s=flush_timeout_s)
+        if self._spool is not None:
+            self._spool.close()
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Publisher and spool figures, for ``/health`` and tests."""
+        out: dict[str, Any] = {
+            "boot": self.boot,
+            "suppressed_outlier_events": self._suppressed,
+            "last_window": self.last_window,
+        }
+        if self._publisher is not None:
+            out["mqtt"] = dict(self._publisher.stats)
+            out["connected"] = bool(self._publisher.connected)
+        if self._spool is not None:
+            out["spool_depth"] = self._spool.depth()
+            out["spool_dropped"] = self._spool.dropped_total
+        return out
+
+    # --- background work ------------------------------------------------------------------
+
+    def _window_loop(self) -> None:
+        while not self._stop.wait(self.config.window_s):
+            try:
+                self._emit_window()
+            except EdgeshipError as exc:  # a full disk, a bad field: count, log, keep going
+                self._aggregator.record_error()
+                log.error("telemetry window not published: %s", exc)
+
+    def _emit_window(self) -> None:
+        fields = self._aggregator.close_window(self._clock())
+        host = self._sys.sample()
+        self.last_window = {
+            "window_start": fields["window_start"],
+            "window_s": fields["window_s"],
+            "inferences": fields["inferences"],
+            "errors": fields["errors"],
+            "outliers": fields["outliers"],
+            "latency_ms": fields["latency_ms"].to_dict(),
+            "predictions": dict(fields["predictions"]),
+        }
+        if self._publisher is None:
+            log.info(
+                "window: %d inferences, %d errors, %d outliers",
+                fields["inferences"],
+                fields["errors"],
+                fields["outliers"],
+            )
+            return
+        spool = self._spool
+        dropped = spool.dropped_total
+        since = spool.drops_since(self._drops_mark)
+        self._drops_mark = dropped
+
+        def payload(seq: int) -> bytes:
+            return msg.encode(
+                msg.TelemetryMessage(
+                    device=self.config.device_id,
+                    boot=self.boot,
+                    seq=seq,
+                    ts=self._clock(),
+                    model=self._model.name,
+                    model_version=self._model.version,
+                    **fields,
+                    cpu_percent=host.cpu_percent,
+                    system_cpu_percent=host.system_cpu_percent,
+                    rss_bytes=host.rss_bytes,
+                    mem_available_bytes=host.mem_available_bytes,
+                    temperature_c=host.temperature_c,
+                    throttled=host.throttled,
+                    spool_depth=spool.depth(),
+                    spool_dropped=dropped,
+                    drops_since_last=since,
+                )
+            )
+
+        self._publisher.publish("telemetry", payload)
+
+    def _event_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, item = self._events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._handle_event(kind, item)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                kind, item = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle_event(kind, item)
+
+    def _handle_event(self, kind: str, item: Any) -> None:
+        try:
+            if kind == "outlier":
+                self._publish_outlier(*item)
+            elif kind == "command":
+                self._run_command(item)
+        except EdgeshipError as exc:
+            log.error("%s not handled: %s", kind, exc)
+
+    def _publish_outlier(
+        self, score: float, label: str | None, sample: np.ndarray, ts: float
+    ) -> None:
+        if self._publisher is None:
+            return
+        suppressed, self._suppressed = self._suppressed, 0
+        summary = msg.InputSummary.of(sample, sample=self.config.input_sample_values)
+        assert self._detector is not None
+        threshold = self._detector.threshold
+
+        def payload(seq: int) -> bytes:
+            return msg.encode(
+                msg.OutlierEvent(
+                    device=self.config.device_id,
+                    boot=self.boot,
+                    seq=seq,
+                    ts=ts,
+                    score=score,
+                    threshold=threshold,
+                    prediction=label,
+                    input=summary,
+                    model=self._model.name,
+                    model_version=self._model.version,
+                    suppressed=suppressed,
+                )
+            )
+
+        self._publisher.publish("outliers", payload)
+
+    def _status_payload(self, seq: int, state: str) -> bytes:
+        return msg.encode(
+            msg.StatusMessage(
+                device=self.config.device_id,
+                boot=self.boot,
+                seq=seq,
+                ts=self._clock(),
+                state="online" if state == "online" else "offline",
+                agent_version=AGENT_VERSION,
+                model=self._model.name,
+                model_version=self._model.version,
+                runtime=f"{self.session.runtime} {self.session.runtime_version}",
+                host=self._sys.host_facts(),
+            )
+        )
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _on_command(self, command: msg.Command) -> None:
+        try:
+            self._events.put_nowait(("command", command))
+        except queue.Full:
+            log.error("command %s dropped: the agent's work queue is full", command.id)
+
+    def _run_command(self, command: msg.Command) -> None:
+        now = self._clock()
+        handler = self.command_handlers.get(command.action)
+        ok, result, error = False, None, None
+        if command.expires is not None and command.expires < now:
+            error = f"command expired {now - command.expires:.0f} s before it arrived"
+        elif handler is None:
+            error = f"unknown action {command.action!r}; known: {sorted(self.command_handlers)}"
+        else:
+            try:
+                result, ok = handler(command), True
+            except EdgeshipError as exc:
+                error = str(exc)
+        assert self._publisher is not None
+
+        def payload(seq: int) -> bytes:
+            return msg.encode(
+                msg.CommandReply(
+                    device=self.config.device_id,
+                    boot=self.boot,
+                    seq=seq,
+                    ts=self._clock(),
+                    id=command.id,
+                    ok=ok,
+                    result=result if ok else None,
+                    error=None if ok else (error or "failed"),
+                )
+            )
+
+        self._publisher.reply(payload)
+
+    def _cmd_benchmark(self, command: msg.Command) -> dict[str, Any]:
+        from device_agent.benchmark import run_benchmark
+
+        args = command.args
+        return run_benchmark(
+            self.session,
+            self._io,
+            min_runs=int(args.get("min_runs", 200)),
+            min_seconds=float(args.get("min_seconds", 3.0)),
+            warmup_runs=int(args.get("warmup_runs", 10)),
+            lock=self._run_lock,
+            model_path=self.bundle.model_path,
+        )
