@@ -190,7 +190,7 @@ def test_service_http_replay_and_sigterm(
         assert health["last_window"]["inferences"] > 0
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
 
