@@ -515,6 +515,8 @@ def _launch_worker(
         drain.join(timeout=5)
         if bar is not None:
             bar.close()
+    if final is not None and final.get("event") == "result" and code == 0:
+        return final
     if timed_out.is_set():
         raise BenchmarkError(
             f"benchmark of {label} timed out after {timeout_s:g} s; raise "
@@ -522,11 +524,9 @@ def _launch_worker(
         )
     if final is not None and final.get("event") == "error":
         raise BenchmarkError(f"benchmark of {label} failed: {final.get('message', '?')}")
-    if final is None or code != 0:
-        raise BenchmarkError(
-            f"benchmark worker for {label} {_exit_reason(code)}{_last_line(stderr_tail)}"
-        )
-    return final
+    raise BenchmarkError(
+        f"benchmark worker for {label} {_exit_reason(code)}{_last_line(stderr_tail)}"
+    )
 
 
 def _drain(stream: IO[str], tail: deque[str]) -> None:
