@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.errors import EdgeshipError
+from device_agent.errors import ConfigError, EdgeshipError
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BUDGET", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
 
@@ -89,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         "host and labelled so. The rss budget line is the model's peak RSS increase over a "
         "runtime-only baseline.",
     )
-    p.add_argument("model", type=Path, help=".onnx or .tflite file, or a bundle directory")
+    p.add_argument(
+        "model", type=Path, nargs="?", help=".onnx or .tflite file, or a bundle directory"
+    )
     _add_target_args(p)
+    p.add_argument(
+        "--device",
+        help="benchmark on this device instead: its agent times its bundle on the board "
+        "(needs --broker)",
+    )
+    p.add_argument("--broker", help="MQTT broker the device's agent is connected to")
+    p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
     p.add_argument("--runs", type=int, default=200, help="minimum timed runs (default 200)")
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds (default 3)")
     p.add_argument("--threads", type=int, help="override the profile's thread count")
@@ -250,6 +259,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from sdk.targets import get_target
 
     budget = parse_budget(args.budget)
+    if args.device is not None:
+        return _bench_remote(args, budget)
+    if args.model is None:
+        raise ConfigError("give a model or bundle to benchmark, or --device ID --broker URL")
     target = get_target(args.target, latency_scale=args.latency_scale)
     model_path = _model_from_path(args.model)
     config = BenchConfig(
@@ -264,6 +277,41 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not budget.is_empty() and not report.meets_budget:
         return EXIT_BUDGET
     return EXIT_OK
+
+
+def _bench_remote(args: argparse.Namespace, budget: Any) -> int:
+    from sdk.budget import check_budget
+    from sdk.remote import remote_benchmark
+
+    if args.broker is None:
+        raise ConfigError("--device needs --broker URL (the broker the device reports to)")
+    report = remote_benchmark(
+        args.broker, args.fleet, args.device, min_runs=args.runs, min_seconds=args.seconds
+    )
+    lat = report["latency_ms"]
+    print(f"{args.device}: {report.get('runtime')} {report.get('runtime_version')}")
+    print(f"measured on {report['measured_on']}")
+    print(
+        f"  latency (ms) over {report['runs']} runs: "
+        + "  ".join(f"{k} {lat[k]:.4g}" for k in ("p50", "p90", "p95", "p99", "min", "max"))
+    )
+    print(
+        f"  throughput {report['inferences_per_s']:.4g} inferences/s; agent peak RSS "
+        f"{report.get('peak_rss_mb') or float('nan'):.1f} MiB"
+    )
+    code = EXIT_OK
+    if not budget.is_empty():
+        metrics = {f"{k}_ms": lat[k] for k in ("p50", "p90", "p95", "p99")}
+        metrics["size_mb"] = (report.get("size_bytes") or 0) / 2**20
+        lines = check_budget(budget, metrics)
+        report["budget_lines"] = [line.to_dict() for line in lines]
+        report["meets_budget"] = all(line.passed for line in lines)
+        for line in lines:
+            print(f"    {line.describe()}")
+        code = EXIT_OK if report["meets_budget"] else EXIT_BUDGET
+    if args.json is not None:
+        _write_json(args.json, report)
+    return code
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
