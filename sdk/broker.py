@@ -8,6 +8,7 @@ use Mosquitto or EMQX (see ``examples/mosquitto/``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -118,10 +119,8 @@ def _serve(host: str, port: int) -> None:
         finally:
             await broker.shutdown()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
