@@ -29,6 +29,9 @@ class TargetProfile:
     arch: str
     cpu: str
     latency_scale: float | None = None  # host -> board latency factor; an estimate if set
+    # CPU features that matter for inference, named as Linux's /proc/cpuinfo names them
+    # (asimd = NEON, asimddp = dot product, i8mm); see sdk.isa. Empty: unknown.
+    isa: tuple[str, ...] = ()
 
     def threads_on_host(self) -> int:
         """Threads to benchmark with here: the board's cores, capped at this host's."""
@@ -65,18 +68,63 @@ def host_profile() -> TargetProfile:
     )
 
 
+# ISA features per core generation (Linux /proc/cpuinfo names). Cortex-A53/A57/A72 are
+# Armv8.0-A: NEON (asimd) but no int8 dot product. Cortex-A76 and A78AE are Armv8.2-A with the
+# dot product (asimddp) and fp16 arithmetic; neither has i8mm (Armv8.6-A).
+_ARMV8_0 = ("fp", "asimd", "crc32")
+_ARMV8_2_DOTPROD = (
+    "fp", "asimd", "crc32", "aes", "pmull", "sha1", "sha2", "atomics", "fphp", "asimdhp",
+    "asimdrdm", "lrcpc", "dcpop", "asimddp",
+)  # fmt: skip
+
 # Board facts from the vendors' specifications (cores, RAM of the common variant, CPU core).
 PROFILES: dict[str, TargetProfile] = {
     p.name: p
     for p in (
-        TargetProfile("rpi3", "Raspberry Pi 3 Model B+", 4, 1024, "aarch64", "Cortex-A53 1.4 GHz"),
         TargetProfile(
-            "rpi4", "Raspberry Pi 4 Model B (4 GB)", 4, 4096, "aarch64", "Cortex-A72 1.8 GHz"
+            "rpi3",
+            "Raspberry Pi 3 Model B+",
+            4,
+            1024,
+            "aarch64",
+            "Cortex-A53 1.4 GHz",
+            isa=_ARMV8_0,
         ),
-        TargetProfile("rpi5", "Raspberry Pi 5 (8 GB)", 4, 8192, "aarch64", "Cortex-A76 2.4 GHz"),
-        TargetProfile("rpi-zero2w", "Raspberry Pi Zero 2 W", 4, 512, "aarch64", "Cortex-A53 1 GHz"),
         TargetProfile(
-            "jetson-nano", "NVIDIA Jetson Nano (4 GB)", 4, 4096, "aarch64", "Cortex-A57 1.43 GHz"
+            "rpi4",
+            "Raspberry Pi 4 Model B (4 GB)",
+            4,
+            4096,
+            "aarch64",
+            "Cortex-A72 1.8 GHz",
+            isa=_ARMV8_0,
+        ),
+        TargetProfile(
+            "rpi5",
+            "Raspberry Pi 5 (8 GB)",
+            4,
+            8192,
+            "aarch64",
+            "Cortex-A76 2.4 GHz",
+            isa=_ARMV8_2_DOTPROD,
+        ),
+        TargetProfile(
+            "rpi-zero2w",
+            "Raspberry Pi Zero 2 W",
+            4,
+            512,
+            "aarch64",
+            "Cortex-A53 1 GHz",
+            isa=_ARMV8_0,
+        ),
+        TargetProfile(
+            "jetson-nano",
+            "NVIDIA Jetson Nano (4 GB)",
+            4,
+            4096,
+            "aarch64",
+            "Cortex-A57 1.43 GHz",
+            isa=(*_ARMV8_0, "aes", "pmull", "sha1", "sha2"),
         ),
         TargetProfile(
             "jetson-orin-nano",
@@ -85,6 +133,7 @@ PROFILES: dict[str, TargetProfile] = {
             8192,
             "aarch64",
             "Cortex-A78AE 1.5 GHz",
+            isa=_ARMV8_2_DOTPROD,
         ),
     )
 }
