@@ -355,7 +355,6 @@ class Publisher:
             raise ConfigError(f"max_inflight: {max_inflight} is outside 1..65535")
         self.config = config
         self._spool = spool
-        self._fleet, self._device, self._boot = fleet, device, boot
         self._birth, self._will_builder, self._on_command = birth, will, on_command
         self._max_inflight = max_inflight
         self._backoff = Backoff(backoff_min_s, backoff_max_s, rng)
@@ -379,14 +378,12 @@ class Publisher:
             "reconnects": 0,  # accepted connections after the first
             "connect_attempts": 0,
             "last_error": None,
-            "inflight": 0,
             "commands": 0,
             "invalid_commands": 0,
             "dropped_commands": 0,
             "command_errors": 0,
             "errors": 0,  # failures of our own machinery (spool, callbacks, will file)
         }
-        self._stop = threading.Event()
         self._closing = threading.Event()
         self._flush_timeout_s = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -408,6 +405,7 @@ class Publisher:
         self._attempt_protocol: Literal["5", "3.1.1"] = "5"
         self._connack_reason: ReasonCode | None = None
         self._accepted_at: float | None = None  # clock() at this connection's CONNACK
+        self._last_connect_failure: str | None = None  # since the last accepted connection
         self._inflight: dict[int, int] = {}  # paho mid -> spool item id
         self._last_sent_id = 0  # highest spool id handed to this connection
         self._acked_ids: list[int] = []  # acknowledged, not yet removed from the spool
@@ -427,7 +425,8 @@ class Publisher:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the counters (see ``_stats`` in ``__init__``) plus ``protocol``."""
+        """A snapshot of the counters (see ``_stats`` in ``__init__``), ``inflight`` (QoS 1
+        publishes awaiting their PUBACK), ``connected`` and ``protocol``."""
         with self._lock:
             out = dict(self._stats)
         out["inflight"] = len(self._inflight)
@@ -599,8 +598,7 @@ class Publisher:
                 client.connect(cfg.host, cfg.port, cfg.keepalive_s)
         except OSError as exc:  # refused, unreachable, DNS, timeout, TLS handshake
             self._client = None
-            self._set_error(f"connect to {cfg.host}:{cfg.port} failed: {_describe(exc)}")
-            log.warning("mqtt: %s", self._stats["last_error"])
+            self._connect_failed(f"connect to {cfg.host}:{cfg.port} failed: {_describe(exc)}")
             return _Attempt()
         return self._serve(client, protocol)
 
@@ -620,11 +618,10 @@ class Publisher:
                     if self._closing.is_set():
                         break
                     if self._clock() >= connack_deadline:
-                        self._set_error(
+                        self._connect_failed(
                             f"no CONNACK within {self.config.connect_timeout_s:g} s "
                             f"(MQTT {protocol})"
                         )
-                        log.warning("mqtt: %s", self._stats["last_error"])
                         attempt.protocol_refused = protocol == "5"
                         break
                 elif self._closing.is_set():
@@ -806,12 +803,12 @@ class Publisher:
             return
         if reason_code.is_failure:
             self._connack_reason = reason_code
-            self._set_error(f"broker refused the connection: {reason_code}")
-            log.warning("mqtt: %s", self._stats["last_error"])
+            self._connect_failed(f"broker refused the connection: {reason_code}")
             return
         self._connack_reason = reason_code
         protocol = self._attempt_protocol
         self._accepted_at = self._clock()
+        self._last_connect_failure = None
         self._connected = True
         self._protocol_in_use = protocol
         if self._ever_connected:
@@ -1054,6 +1051,13 @@ class Publisher:
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self._stats[key] += n
+
+    def _connect_failed(self, text: str) -> None:
+        """Record why a connect failed; log it once, not on every retry of a long outage."""
+        repeated = text == self._last_connect_failure
+        self._last_connect_failure = text
+        self._set_error(text)
+        log.log(logging.DEBUG if repeated else logging.WARNING, "mqtt: %s", text)
 
     def _set_error(self, text: str) -> None:
         with self._lock:

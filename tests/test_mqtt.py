@@ -75,9 +75,9 @@ def telemetry_builder(boot: str, n: int = 3) -> Callable[[int], bytes]:
 class Rig:
     """A spool and a publisher for DEVICE; closes both."""
 
-    def __init__(self, tmp_path: Path, url: str, **kw: Any) -> None:
+    def __init__(self, tmp_path: Path, url: str, spool: Path | None = None, **kw: Any) -> None:
         self.boot = uuid.uuid4().hex[:12]
-        self.spool = Spool(tmp_path / f"spool-{self.boot}.db", max_bytes=kw.pop("max_bytes", 10**7))
+        self.spool = Spool(spool or tmp_path / f"spool-{self.boot}.db")
         config_kw = kw.pop("config", {})
         self.config = BrokerConfig.from_url(url, **config_kw)
         kw.setdefault("backoff_min_s", 0.05)
@@ -342,9 +342,11 @@ def test_unreachable_broker_at_start_spools_then_drains_in_order(
     for i in range(10):
         seqs.append(rig.pub.publish("telemetry", tele))
         assert rig.spool.depth() == i + 1
-    assert wait_for(lambda: rig.pub.stats["connect_attempts"] >= 2, 5)
+    assert wait_for(lambda: rig.pub.stats["connect_attempts"] >= 4, 5)
     assert not rig.pub.connected
     assert "refused" in rig.pub.stats["last_error"]
+    # Failed attempts share one reserved will number: the numbering has no holes.
+    assert seqs == list(range(seqs[0], seqs[0] + 10)) and seqs[0] <= 1
 
     with broker:
         assert wait_for(lambda: rig.pub.connected, 10), rig.pub.stats
@@ -357,6 +359,57 @@ def test_unreachable_broker_at_start_spools_then_drains_in_order(
             report = delivery_report([m for _, m in col.decoded()], DEVICE)
             print("start without broker:", report.line())
             assert report.missing == [] and report.duplicates == 0
+
+
+def test_close_without_a_broker_keeps_the_offline_status_for_the_next_run(
+    tmp_path: Path, rigs: list[Rig]
+) -> None:
+    broker = Mosquitto(tmp_path / "broker")
+    with broker, Collector(broker.port, f"edgeship/{FLEET}/#", client_id="col"):
+        pass  # the subscriber's session, for later
+    spool_path = tmp_path / "spool.db"
+    first = Rig(tmp_path, broker.url, spool_path, backoff_max_s=0.2)
+    first.pub.start()
+    seqs = [first.pub.publish("telemetry", telemetry_builder(first.boot)) for _ in range(2)]
+    assert wait_for(lambda: first.pub.stats["connect_attempts"] >= 2, 5)
+    t0 = time.monotonic()
+    first.close(flush_timeout_s=5.0)
+    assert time.monotonic() - t0 < 2.0, "no connection: nothing to wait for"
+    assert not Path(f"{spool_path}.will").exists()
+
+    with broker, Collector(broker.port, f"edgeship/{FLEET}/#", client_id="col") as col:
+        second = Rig(tmp_path, broker.url, spool_path)
+        rigs.append(second)
+        second.pub.start()
+        assert col.wait(lambda _: len(statuses(col)) >= 2, 10), col.snapshot()
+        (offline, _), (online, _) = statuses(col)[:2]
+        assert (offline.state, offline.boot) == ("offline", first.boot)
+        assert (online.state, online.boot) == ("online", second.boot)
+        assert col.seqs("telemetry") == seqs
+        assert offline.seq < seqs[0] and online.seq == seqs[-1] + 2  # +1 is the new will
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_close_that_cannot_flush_lets_the_broker_publish_the_will(
+    broker: Mosquitto, tmp_path: Path, rigs: list[Rig], protocol: str
+) -> None:
+    col = Collector(broker.port, f"edgeship/{FLEET}/#").start()
+    rig = new_rig(rigs, tmp_path, broker.url, config={"protocol": protocol})
+    rig.pub.start()
+    assert wait_for(lambda: rig.pub.connected and rig.spool.depth() == 0, 10)
+    broker.pause()
+    try:
+        rig.pub.publish("telemetry", telemetry_builder(rig.boot))
+        t0 = time.monotonic()
+        rig.pub.close(flush_timeout_s=1.0)
+        assert time.monotonic() - t0 < 4.0
+        # Unsent: the telemetry and the offline status wait in the spool for the next run.
+        assert rig.spool.depth() == 2
+    finally:
+        broker.resume()
+    # The connection ended without a clean DISCONNECT, so the broker publishes the will.
+    assert col.wait(lambda _: any(s.state == "offline" for s, _ in statuses(col)), 10)
+    col.stop()
 
 
 def test_inflight_is_bounded_while_the_broker_does_not_ack(
