@@ -14,7 +14,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DigitsSplits", "build_digits_cnn", "load_digits_splits", "train_digits_cnn"]
+__all__ = [
+    "DigitsSplits",
+    "add_outlier_channels",
+    "build_digits_cnn",
+    "load_digits_splits",
+    "train_digits_cnn",
+]
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -105,3 +111,38 @@ def train_digits_cnn(
     with torch.no_grad():
         pred = net(torch.from_numpy(data.x_test)).argmax(1).numpy()
     return net, float((pred == data.y_test).mean())
+
+
+def add_outlier_channels(
+    model: torch.nn.Module, channels: tuple[int, ...] = (0, 1), scale: float = 300.0
+) -> torch.nn.Module:
+    """Give the first convolution's activations a few huge channels, without changing what the
+    model computes (in place; returns ``model``).
+
+    Output ``channels`` of the first convolution (weights and bias) are multiplied by
+    ``scale`` and the second convolution's weights that read them are divided by it. ReLU
+    commutes with a positive scale, so the fp32 model's outputs are unchanged up to rounding,
+    but its first activation tensor now holds a few channels ``scale`` times larger than the
+    rest: the outlier features that per-tensor activation quantization handles badly (one
+    scale for the whole tensor leaves the ordinary channels less than one int8 step once
+    ``scale`` is a few hundred). For :func:`build_digits_cnn`'s layout.
+    """
+    import torch
+    from torch import nn
+
+    layers = list(model.children())
+    first, second = (layers[0], layers[2]) if len(layers) > 2 else (None, None)
+    if not isinstance(first, nn.Conv2d) or not isinstance(second, nn.Conv2d):
+        raise TypeError("add_outlier_channels expects build_digits_cnn's layout (conv, relu, conv)")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    bad = [c for c in channels if not 0 <= c < first.out_channels]
+    if bad:
+        raise ValueError(f"channels {bad} are out of range for {first.out_channels} channels")
+    with torch.no_grad():
+        for c in channels:
+            first.weight[c] *= scale
+            if first.bias is not None:
+                first.bias[c] *= scale
+            second.weight[:, c] /= scale
+    return model
