@@ -702,10 +702,13 @@ class Publisher:
         for item in items:
             try:
                 info = client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
-            except ValueError as exc:  # paho's own checks (topic, size): it can never be sent
+            except ValueError as exc:  # paho's own checks (topic, size): no broker will take it
                 self._count("errors")
-                log.error("mqtt: spool item %d cannot be published (%s); skipping it", item.id, exc)
+                log.error(
+                    "mqtt: spool item %d can never be published (%s); dropping it", item.id, exc
+                )
                 self._last_sent_id = item.id
+                self._acked_ids.append(item.id)
                 continue
             if info.rc == paho.MQTT_ERR_NO_CONN or info.rc == paho.MQTT_ERR_CONN_LOST:
                 self._need_peek = True
