@@ -456,8 +456,9 @@ def _apt_lists() -> Path:
         for sub in ("lists/partial", "cache/archives/partial", "sources.list.d", "preferences.d"):
             (target / sub).mkdir(parents=True, exist_ok=True)
         (target / "sources.list").write_text(sources)
+        # apt-get update exits 0 when a fetch fails unless told otherwise.
         _run(
-            ["apt-get", *_apt_options(), "update"],
+            ["apt-get", *_apt_options(), "--error-on=any", "update"],
             what="apt-get update of the private bookworm lists (is deb.debian.org reachable?)",
         )
 
@@ -476,7 +477,7 @@ def _apt_download(packages: Sequence[str], dest: Path) -> list[Path]:
         )
     dest.mkdir(parents=True, exist_ok=True)
     download = ["apt-get", *_apt_options(), "download", *packages]
-    what = f"apt-get download {' '.join(packages)}"
+    what = f"apt-get download {' '.join(packages)} (is deb.debian.org reachable?)"
     try:
         _apt_lists()
         _run(download, what=what, cwd=dest)

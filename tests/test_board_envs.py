@@ -99,7 +99,8 @@ def _setup(build: Callable[[], T]) -> T:
     try:
         return build()
     except board_envs.SetupError as exc:
-        pytest.fail(f"board environment setup failed: {exc}", pytrace=False)
+        message = f"board environment setup failed: {exc}"
+    pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
 
 
 def _run(
