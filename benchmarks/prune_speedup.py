@@ -10,9 +10,12 @@ per-round ratios and their median. It exits 1 if the median ratio is above ``--m
 (0.7) or the accuracy drop above ``--max-drop`` (1 point).
 
 With ``--int8`` it also quantizes both models (static QDQ) and benchmarks them in the same
-rounds, for information; the acceptance ratio is always fp32 pruned vs fp32 unpruned.
+rounds; with ``--unstructured 0.8`` it adds the unpruned model with 80% of its weights zeroed
+(magnitude pruning, fine-tuned). Both are for information: the acceptance ratio is always
+fp32 pruned vs fp32 unpruned.
 
-    .venv/bin/python benchmarks/prune_speedup.py [--rounds 5] [--threads 1] [--int8] [--json PATH]
+    .venv/bin/python benchmarks/prune_speedup.py [--rounds 5] [--threads 1] [--int8]
+        [--unstructured 0.8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ratio", type=float, default=0.7)
     parser.add_argument("--max-drop", type=float, default=0.01)
     parser.add_argument("--int8", action="store_true", help="also benchmark int8 of both")
+    parser.add_argument(
+        "--unstructured",
+        type=float,
+        default=None,
+        metavar="AMOUNT",
+        help="also benchmark the model with AMOUNT of its weights zeroed (magnitude, global) "
+        "and fine-tuned, to show that sparsity alone does not make a dense runtime faster",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -50,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import sdk
     from sdk.bench import BenchConfig
-    from sdk.prune import fine_tune, prune_structured
+    from sdk.prune import (
+        fine_tune,
+        model_stats,
+        prune_structured,
+        prune_unstructured,
+        remove_pruning_masks,
+    )
     from sdk.training import torch_threads
     from sdk.zoo.digits import (
         INPUT_NAME,
@@ -67,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     result = prune_structured(wide, example, args.ratio)
     fine_tune(result.model, (s.x_train, s.y_train), epochs=args.ft_epochs, lr=1e-3, seed=0)
     print(result.summary())
+    sparse = None
+    if args.unstructured is not None:
+        sparse = prune_unstructured(wide, args.unstructured).model
+        fine_tune(sparse, (s.x_train, s.y_train), epochs=args.ft_epochs, lr=1e-3, seed=0)
+        remove_pruning_masks(sparse)
+        stats = model_stats(sparse, example)
+        dense = model_stats(wide, example)
+        print(
+            f"unstructured pruning ({args.unstructured:.0%} of weights): non-zero params "
+            f"{dense.nonzero_params:,} -> {stats.nonzero_params:,}, MACs {dense.macs:,} -> "
+            f"{stats.macs:,} (dense kernels multiply the zeros), zlib-compressed parameters "
+            f"{dense.compressed_bytes:,} -> {stats.compressed_bytes:,} B"
+        )
     print(f"training and pruning took {time.perf_counter() - started:.0f} s")
 
     with tempfile.TemporaryDirectory(prefix="prune-speedup-") as tmp_dir:
@@ -78,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 result.model, (example,), to="onnx", path=tmp / "pruned.onnx", **names
             ),
         }
+        if sparse is not None:
+            models["unstructured"] = sdk.export(
+                sparse, (example,), to="onnx", path=tmp / "sparse.onnx", **names
+            )
         if args.int8:
             cal = {INPUT_NAME: s.x_cal}
             for name in ("unpruned", "pruned"):
