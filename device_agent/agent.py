@@ -405,6 +405,9 @@ class Agent:
         dropped = spool.dropped_total
         since = spool.drops_since(self._drops_mark)
         self._drops_mark = dropped
+        # Read before publish(): the payload builder runs under the spool's (non-reentrant)
+        # lock, so it must not call back into the spool. The depth excludes this message.
+        depth = spool.depth()
 
         def payload(seq: int) -> bytes:
             return msg.encode(
@@ -422,7 +425,7 @@ class Agent:
                     mem_available_bytes=host.mem_available_bytes,
                     temperature_c=host.temperature_c,
                     throttled=host.throttled,
-                    spool_depth=spool.depth(),
+                    spool_depth=depth,
                     spool_dropped=dropped,
                     drops_since_last=since,
                 )

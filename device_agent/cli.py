@@ -46,7 +46,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"bundle     {bundle.root}: {m.model.name} v{m.model.version} "
         f"({m.model.precision}, {m.model.recipe})"
     )
-    print(f"verified   {len(m.files)} files match their SHA-256 ({t_verify * 1000:.1f} ms)")
+    print(f"verified   {len(m.files)} file(s) match their SHA-256 ({t_verify * 1000:.1f} ms)")
     t0 = time.perf_counter()
     session = open_session(bundle.model_path, runtime=m.model.runtime, threads=args.threads)
     t_load = time.perf_counter() - t0

@@ -109,7 +109,7 @@ def test_cli_inspect_and_agent_check(bundle_dir: Path) -> None:
         text=True,
     )
     assert check.returncode == 0, check.stderr
-    assert "verified   2 files" in check.stdout and "outputs logits (1, 4)" in check.stdout
+    assert "verified   2 file(s)" in check.stdout and "outputs logits (1, 4)" in check.stdout
     (bundle_dir / "model.onnx").write_bytes(b"tampered")
     bad = subprocess.run(
         [sys.executable, "-m", "device_agent.cli", "check", str(bundle_dir)],
