@@ -74,7 +74,7 @@ class AgentConfig:
     cert_file: str | None = None
     key_file: str | None = None
     mqtt_protocol: str = "auto"
-    state_dir: Path = field(default_factory=_default_state_dir)
+    state_dir: Path | str = field(default_factory=_default_state_dir)
     spool_max_bytes: int = 32 * 2**20
     window_s: float = 10.0
     threads: int | None = None
@@ -84,6 +84,8 @@ class AgentConfig:
     sysinfo_root: str = "/"
 
     def __post_init__(self) -> None:
+        # Accept a str for convenience; the field is always a Path afterwards.
+        object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
         for value, what in ((self.device_id, "device_id"), (self.fleet, "fleet")):
             try:
                 msg.validate_id(value, what)
@@ -310,9 +312,10 @@ class Agent:
             key_file=cfg.key_file,
             protocol=cfg.mqtt_protocol,
         )
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        state = Path(cfg.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
         self._spool = Spool(
-            cfg.state_dir / f"spool-{cfg.fleet}-{cfg.device_id}.db", max_bytes=cfg.spool_max_bytes
+            state / f"spool-{cfg.fleet}-{cfg.device_id}.db", max_bytes=cfg.spool_max_bytes
         )
         self._drops_mark = self._spool.dropped_total
         self._publisher = Publisher(

@@ -73,6 +73,8 @@ def _convert(name: str, value: Any, hint: Any, source: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         hint = next(a for a in args if a is not type(None))
+    if Path in typing.get_args(hint):  # Path | str: settings always give a path
+        hint = Path
     origin = typing.get_origin(hint)
     try:
         if hint is bool:

@@ -97,7 +97,10 @@ def test_settings_precedence_and_typos(tmp_path: Path) -> None:
         'fleet = "from-toml"\nwindow_s = 5\n[agent]\ndevice_id = "pi-toml"\nhttp = "off"\n'
     )
     env = {"EDGESHIP_AGENT_FLEET": "from-env", "EDGESHIP_AGENT_THREADS": "2", "HOME": "/x"}
-    agent, run = load_settings(toml, env, {"device_id": "pi-cli", "window_s": None})
+    agent, run = load_settings(
+        toml, env, {"device_id": "pi-cli", "window_s": None, "state_dir": "~/spool"}
+    )
+    assert agent.state_dir == Path("~/spool").expanduser()
     assert (agent.fleet, agent.device_id, agent.window_s, agent.threads) == (
         "from-env",
         "pi-cli",

@@ -107,3 +107,29 @@ def test_agent_reports_over_mqtt(digits_bundle: Path, digits_splits: Any, tmp_pa
     assert len(seqs) == len(set(seqs)), "a sequence number was used twice"
     assert report["latency_ms"]["p50"] > 0 and report["measured_on"].startswith("device:")
     assert report["runs"] >= 50 and listener.invalid == []
+
+
+def test_agent_end_to_end_keeps_heavy_modules_out(digits_bundle: Path, tmp_path: Path) -> None:
+    """Acceptance: running the agent (ONNX Runtime bundle, MQTT telemetry) imports neither
+    torch, the SDK, onnx nor sklearn."""
+    fleet = f"t{uuid.uuid4().hex[:10]}"
+    script = f"""
+import sys, time, numpy as np
+from device_agent import Agent, AgentConfig
+cfg = AgentConfig(device_id="pi-light", fleet="{fleet}", broker_url="{BROKER}", window_s=0.3,
+                  state_dir={str(tmp_path / "state")!r})
+with Agent.from_bundle({str(digits_bundle)!r}, cfg) as agent:
+    for _ in range(20):
+        agent.predict({{"image": np.random.default_rng(0).random((1, 1, 8, 8), np.float32)}})
+    time.sleep(1.0)
+    sent = agent.stats["mqtt"]["acked"]
+heavy = [m for m in ("torch", "sdk", "onnx", "sklearn", "tensorflow") if m in sys.modules]
+print("acked", sent, "heavy", heavy)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    acked = int(out.stdout.split()[1])
+    assert acked >= 2, out.stdout  # the birth and at least one telemetry window went out
+    assert out.stdout.strip().endswith("heavy []"), out.stdout
