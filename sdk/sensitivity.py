@@ -245,6 +245,9 @@ def accuracy_aware_quantize(
     base = tuple(config.exclude_nodes)
     notes: list[str] = []
 
+    chosen_nodes: list[str] = []  # excluded so far, beyond the config's own
+    steps: list[ExclusionStep] = []
+    artifacts: list[ModelArtifact | None] = []
     with tempfile.TemporaryDirectory(prefix="edgeship-aaq-") as tmp_dir:
         tmp = Path(tmp_dir)
 
@@ -266,9 +269,6 @@ def accuracy_aware_quantize(
             log.info("accuracy-aware int8 step %d: excluded %s, drop %.4f", index, excluded, drop)
             return ExclusionStep(excluded, added, because, quality, drop), art
 
-        chosen_nodes: list[str] = []
-        steps: list[ExclusionStep] = []
-        artifacts: list[ModelArtifact | None] = []
         step, art = attempt(0, (), None)
         if art is None:
             raise QuantizationError(f"plain static int8 failed: {step.error}")
