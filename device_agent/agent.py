@@ -35,7 +35,7 @@ from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts import messages as msg
 from device_agent.detectors import ThresholdedDetector, load_detector
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
-from device_agent.runtime import ModelSession, check_feed, open_session
+from device_agent.runtime import FeedChecker, ModelSession, open_session
 from device_agent.sysinfo import SysInfo
 from device_agent.telemetry import WindowAggregator
 
@@ -162,6 +162,7 @@ class Agent:
         self._clock = clock
         m = bundle.manifest
         self._io = m.io
+        self._check = FeedChecker(m.io)
         self._model = m.model
         self._labels = self._classifier_labels()
         self._detector: ThresholdedDetector | None = None
@@ -224,7 +225,7 @@ class Agent:
         if self._closed:
             raise EdgeshipError("the agent is closed")
         try:
-            feed = check_feed(self._io, inputs)
+            feed = self._check(inputs)
             start = time.perf_counter()
             if self._run_lock is None:
                 outputs = self.session.run(feed)
