@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", type=Path, help=".npz of inputs (keyed by input name) to feed")
     p.add_argument("--replay-rate", type=float, help="replayed inputs per second (default 10)")
     p.add_argument("--replay-loops", type=int, help="passes over the replay file (0 = forever)")
+    p.add_argument(
+        "--replay-log", type=Path, help="write each replayed input's score and flag (JSON lines)"
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=_cmd_run)
     return parser
@@ -156,6 +159,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "replay",
             "replay_rate",
             "replay_loops",
+            "replay_log",
             "log_level",
         )
     }

@@ -37,7 +37,8 @@ class RunConfig:
     ``http`` is ``host:port`` for the local inference endpoint (``off`` disables it); it binds
     127.0.0.1 by default so only processes on the board can reach it. ``replay`` feeds inputs
     from an ``.npz`` keyed by input name at ``replay_rate`` inputs per second, ``replay_loops``
-    times over (0 = forever).
+    times over (0 = forever); ``replay_log`` records each replayed input's index, score and
+    outlier flag as JSON lines (for demos and tests that check detection against ground truth).
     """
 
     bundle: Path | None = None
@@ -45,6 +46,7 @@ class RunConfig:
     replay: Path | None = None
     replay_rate: float = 10.0
     replay_loops: int = 0
+    replay_log: Path | None = None
     log_level: str = "info"
 
     def http_address(self) -> tuple[str, int] | None:

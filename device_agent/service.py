@@ -201,20 +201,40 @@ def _replay(
     period = 0.0 if run.replay_rate <= 0 else 1.0 / run.replay_rate
     loops = 0
     next_at = time.monotonic()
-    while not stop.is_set():
-        for sample in samples:
-            if stop.is_set():
+    log_file = None if run.replay_log is None else open(run.replay_log, "a", encoding="utf-8")  # noqa: SIM115
+    try:
+        while not stop.is_set():
+            for index, sample in enumerate(samples):
+                if stop.is_set():
+                    return
+                try:
+                    result = agent.predict(sample)
+                except InputError as exc:  # counted in telemetry by predict; keep going
+                    log.warning("replayed input rejected: %s", exc)
+                    continue
+                if log_file is not None:
+                    log_file.write(
+                        json.dumps(
+                            {
+                                "loop": loops,
+                                "index": index,
+                                "score": result.score,
+                                "outlier": bool(result.is_outlier[0]),
+                                "label": None if result.labels is None else result.labels[0],
+                            }
+                        )
+                        + "\n"
+                    )
+                    log_file.flush()
+                next_at += period
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    stop.wait(delay)
+                else:
+                    next_at = time.monotonic()
+            loops += 1
+            if run.replay_loops and loops >= run.replay_loops:
                 return
-            try:
-                agent.predict(sample)
-            except InputError as exc:  # counted in telemetry by predict; keep going
-                log.warning("replayed input rejected: %s", exc)
-            next_at += period
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                stop.wait(delay)
-            else:
-                next_at = time.monotonic()
-        loops += 1
-        if run.replay_loops and loops >= run.replay_loops:
-            return
+    finally:
+        if log_file is not None:
+            log_file.close()
