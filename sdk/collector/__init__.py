@@ -1,0 +1,65 @@
+"""The fleet collector: subscribe to a fleet's MQTT topics, validate, store, serve its state.
+
+Modules, each owning one stage (see ``docs/collector.md``):
+
+* :mod:`~sdk.collector.ingest`: ``(topic, payload, received_at)`` -> record or dead letter;
+  pure, no I/O.
+* :mod:`~sdk.collector.store`: the :class:`~sdk.collector.store.Store` protocol, SQLite and
+  PostgreSQL implementations, schema versions, batch inserts deduplicated by the store.
+* :mod:`~sdk.collector.state`: online / offline / stale, latency percentiles, outlier rate,
+  gaps, derived from the store with an injectable clock.
+* :mod:`~sdk.collector.service`: the MQTT loop (persistent QoS 1 session, manual acks after
+  commit, batching, reconnect, v5 with a 3.1.1 fallback, shared subscriptions).
+* :mod:`~sdk.collector.api`: the read-only JSON API on ``http.server``.
+* :mod:`~sdk.collector.simulate`: a fleet of simulated devices, for benchmarks, tests, demos.
+
+The names below are imported on first use, so ``import sdk.collector`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "Collector": "sdk.collector.service",
+    "CollectorConfig": "sdk.collector.service",
+    "CollectorStats": "sdk.collector.service",
+    "run_collector": "sdk.collector.service",
+    "FleetState": "sdk.collector.state",
+    "StateConfig": "sdk.collector.state",
+    "Store": "sdk.collector.store",
+    "open_store": "sdk.collector.store",
+    "CollectorError": "sdk.collector.errors",
+    "StoreError": "sdk.collector.errors",
+    "BrokerError": "sdk.collector.errors",
+}
+
+__all__ = [
+    "BrokerError",
+    "Collector",
+    "CollectorConfig",
+    "CollectorError",
+    "CollectorStats",
+    "FleetState",
+    "StateConfig",
+    "Store",
+    "StoreError",
+    "open_store",
+    "run_collector",
+]
+
+if TYPE_CHECKING:
+    from sdk.collector.errors import BrokerError, CollectorError, StoreError
+    from sdk.collector.service import Collector, CollectorConfig, CollectorStats, run_collector
+    from sdk.collector.state import FleetState, StateConfig
+    from sdk.collector.store import Store, open_store
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdk.collector' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
