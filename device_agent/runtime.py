@@ -246,10 +246,12 @@ def _ort_spec(arg: Any) -> TensorSpec:
         )
     shape: list[Dim] = []
     for i, d in enumerate(arg.shape):
-        if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d):
+        if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d and d != "?"):
             shape.append(d)
         else:
-            shape.append(f"dim{i}")
+            # ORT reports an unnamed dynamic axis as None, "" or "?": a shared placeholder
+            # would make unrelated axes look like one symbolic dimension, so each gets its own.
+            shape.append(f"{arg.name}_dim{i}")
     return TensorSpec(name=arg.name, dtype=dtype, shape=tuple(shape))
 
 

@@ -2,9 +2,12 @@
 
 Data comes as an ``.npz`` file keyed by input name (plus an optional ``labels`` array), a
 mapping of input name to array, a bare array for single-input models, or an iterable of
-input dicts. Arrays hold samples along their first axis. Every source is checked against the
-model's inputs before any work starts, and mismatches raise :class:`DataError` naming the
-input, what was given and what the model expects.
+input dicts. Arrays hold samples along their first axis. An input the model takes as a scalar
+(rank 0, such as a sample rate) is given as one rank-0 value: a constant fed, unchanged, with
+every sample and every batch. Every source is checked against the model's inputs before any
+work starts, and mismatches raise :class:`DataError` naming the input, what was given and what
+the model expects. Other layouts (a batch on an axis other than the first, per-sample values
+for a scalar input) are refused with a :class:`DataError` that says so.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from device_agent.contracts.bundle import IOSpec, TensorSpec
 from sdk.errors import DataError
 
-__all__ = ["LABELS_KEY", "DataSource", "Dataset", "load_dataset"]
+__all__ = ["LABELS_KEY", "DataSource", "Dataset", "load_dataset", "sample_count", "take_samples"]
 
 LABELS_KEY = "labels"
 
@@ -29,24 +32,43 @@ DataSource = Union["Dataset", str, Path, np.ndarray, Mapping[str, Any], Iterable
 
 @dataclass(frozen=True)
 class Dataset:
-    """Validated samples for a model: one array per input (samples on axis 0), maybe labels."""
+    """Validated samples for a model: one array per input (samples on axis 0), maybe labels.
+
+    A rank-0 array is a constant for a scalar input: every batch carries it unchanged.
+    """
 
     inputs: Mapping[str, np.ndarray]
     labels: np.ndarray | None
     name: str
 
     def __len__(self) -> int:
-        return int(next(iter(self.inputs.values())).shape[0])
+        return sample_count(self.inputs)
+
+    @property
+    def constants(self) -> list[str]:
+        """The inputs given as one rank-0 value shared by every sample."""
+        return [k for k, v in self.inputs.items() if v.ndim == 0]
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Consecutive batches of at most ``batch_size`` samples (the last may be smaller)."""
         n = len(self)
         for start in range(0, n, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+            yield take_samples(self.inputs, start, start + batch_size)
 
     def head(self, count: int) -> Dataset:
         labels = None if self.labels is None else self.labels[:count]
-        return Dataset({k: v[:count] for k, v in self.inputs.items()}, labels, self.name)
+        return Dataset(take_samples(self.inputs, 0, count), labels, self.name)
+
+
+def sample_count(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed: the first axis of its per-sample arrays (1 if all are constants)."""
+    sizes = [int(np.shape(v)[0]) for v in feed.values() if np.ndim(v) > 0]
+    return sizes[0] if sizes else 1
+
+
+def take_samples(feed: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of every per-sample array; rank-0 constants as they are."""
+    return {k: v if v.ndim == 0 else v[start:stop] for k, v in feed.items()}
 
 
 def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Dataset:
@@ -80,7 +102,7 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
         )
     labels = arrays.pop(LABELS_KEY, None)
     inputs = _validate(arrays, io, what)
-    n = len(next(iter(inputs.values())))
+    n = sample_count(inputs)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != n:
@@ -113,6 +135,7 @@ def _stack_iterable(
 ) -> dict[str, np.ndarray]:
     """Stack an iterable of per-sample or per-batch dicts along axis 0."""
     parts: dict[str, list[np.ndarray]] = {}
+    constants: dict[str, np.ndarray] = {}
     count = 0
     for i, item in enumerate(source):
         if not isinstance(item, Mapping):
@@ -123,6 +146,16 @@ def _stack_iterable(
         for key, value in item.items():
             arr = np.asarray(value)
             spec = _spec(io, str(key))
+            if spec is not None and not spec.shape and arr.ndim == 0:
+                # A scalar input is one constant for the whole data set, not one per sample.
+                first = constants.setdefault(str(key), arr)
+                if not np.array_equal(first, arr):
+                    raise DataError(
+                        f"{what}: scalar input {key!r} changes between items ({first} in the "
+                        f"first, {arr} in item {i}); a scalar input takes one value shared by "
+                        "every sample"
+                    )
+                continue
             # A single sample (rank one less than the model's input) gets a batch axis.
             if spec is not None and arr.ndim == len(spec.shape) - 1:
                 arr = arr[None, ...]
@@ -131,7 +164,7 @@ def _stack_iterable(
     if count == 0:
         raise DataError(f"{what}: the iterable yielded no samples")
     try:
-        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+        return {**{k: np.concatenate(v, axis=0) for k, v in parts.items()}, **constants}
     except ValueError as exc:
         raise DataError(f"{what}: samples have inconsistent shapes: {exc}") from exc
 
@@ -165,6 +198,16 @@ def _validate(arrays: Mapping[str, np.ndarray], io: IOSpec, what: str) -> dict[s
                 f"{what}: input {spec.name!r} has dtype {arr.dtype}, but the model "
                 f"takes {spec.dtype}"
             )
+        if not spec.shape:
+            if arr.ndim != 0:
+                raise DataError(
+                    f"{what}: input {spec.name!r} is a scalar (rank 0) in the model, but the "
+                    f"data gives shape {arr.shape}; give one rank-0 value (numpy.array(v)): "
+                    "it is fed, unchanged, with every sample (per-sample values for a scalar "
+                    "input are not supported: the model cannot take them as a batch)"
+                )
+            out[spec.name] = np.array(arr, dtype=want)  # ascontiguousarray would make it 1-D
+            continue
         if arr.ndim != len(spec.shape):
             raise DataError(
                 f"{what}: input {spec.name!r} has shape {arr.shape} (rank {arr.ndim}), "
@@ -182,11 +225,29 @@ def _validate(arrays: Mapping[str, np.ndarray], io: IOSpec, what: str) -> dict[s
         counts.add(arr.shape[0])
         out[spec.name] = np.ascontiguousarray(arr.astype(want, copy=False))
     if len(counts) > 1:
+        sizes = {k: v.shape[0] for k, v in out.items() if v.ndim}
         raise DataError(
-            f"{what}: inputs hold different numbers of samples: "
-            f"{ {k: v.shape[0] for k, v in out.items()} }"
+            f"{what}: inputs hold different numbers of samples: {sizes}{_layout_hint(io)}"
         )
     return out
+
+
+def _layout_hint(io: IOSpec) -> str:
+    """What the data format supports, and which input looks batched on another axis."""
+    hint = (
+        "; every input holds samples along its first axis (a rank-0 input is one constant "
+        "shared by every sample)"
+    )
+    for spec in io.inputs:
+        dynamic_later = any(isinstance(d, str) for d in spec.shape[1:])
+        if spec.shape and isinstance(spec.shape[0], int) and dynamic_later:
+            hint += (
+                f"; input {spec.name!r} {_fmt(spec)} has a fixed first axis and a dynamic one "
+                "after it, so its batch is probably not on the first axis, which edgeship's "
+                "data cannot express: re-export the model with that input's batch axis first"
+            )
+            break
+    return hint
 
 
 def _fmt(spec: TensorSpec) -> str:
