@@ -3,15 +3,27 @@
 :func:`evaluate` runs an ONNX or TFLite model through the same sessions the board uses
 (:func:`device_agent.runtime.open_session`) and returns a :class:`Quality`: top-1 accuracy when
 the data has labels and, against a reference model (usually the fp32 original of an int8
-candidate), top-1 agreement, per-sample cosine similarity of the outputs and the largest absolute
-difference. :func:`accuracy_drop` turns two qualities into the single number a budget checks.
+candidate), top-1 agreement, per-sample cosine similarity of the outputs and the mean and largest
+absolute difference. :func:`accuracy_drop` turns two qualities into the single number a budget
+checks, and :func:`drop_basis` says which measurement it came from.
+
+How an output is scored depends on its shape:
+
+* ``(samples, classes)`` with two or more classes: top-1 is the arg-max over the classes;
+* ``(samples, 1)`` or ``(samples,)``, one score per sample: a binary decision, ``score >
+  threshold``. The threshold is 0.5 when the scores (the reference's when there is one, else
+  the model's) all lie in [0, 1], i.e. look like probabilities, and 0 otherwise (logits); pass
+  ``threshold=`` to choose. A per-sample cosine of a single value is only its sign, so these
+  outputs get no cosine: the mean and largest absolute errors measure them instead;
+* anything else (sequences, maps, embeddings of rank 3 and up): no top-1; cosine and errors
+  only, and :func:`accuracy_drop` falls back to ``1 - cosine_mean``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -24,16 +36,27 @@ if TYPE_CHECKING:
     from sdk.artifact import ModelArtifact
     from sdk.data import Dataset
 
-__all__ = ["Quality", "accuracy_drop", "cosine_rows", "evaluate", "max_abs_difference"]
+__all__ = [
+    "Quality",
+    "accuracy_drop",
+    "cosine_rows",
+    "drop_basis",
+    "evaluate",
+    "max_abs_difference",
+]
+
+DropBasis = Literal["accuracy", "agreement", "cosine"]
 
 
 @dataclass(frozen=True)
 class Quality:
     """What :func:`evaluate` measured; a field is ``None`` when it could not be measured.
 
-    ``accuracy`` needs labels; ``agreement`` (share of samples whose top-1 class matches the
-    reference's) needs a reference and a ``(samples, classes)`` output; ``cosine_*`` and
+    ``accuracy`` needs labels; ``agreement`` (share of samples whose top-1 class, or binary
+    decision, matches the reference's) needs a reference and a ``(samples, classes)`` or
+    ``(samples, 1)`` output; ``cosine_*`` (not for one value per sample), ``mean_abs_error`` and
     ``max_abs_error`` compare each sample's output with the reference's.
+    ``decision_threshold`` is the threshold used for a one-score-per-sample output.
     """
 
     samples: int
@@ -42,6 +65,8 @@ class Quality:
     cosine_mean: float | None = None
     cosine_min: float | None = None
     max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    decision_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,12 +80,18 @@ def evaluate(
     output: int | str = 0,
     batch_size: int = 64,
     threads: int | None = None,
+    threshold: float | None = None,
 ) -> Quality:
     """Run ``model`` over ``data`` in batches and measure its quality.
 
     ``output`` picks the output to score, by index or name; the reference's output is found by
     the same name when it has one, else by the same index. Models whose batch axis is fixed run
-    one fixed-size batch at a time (the last one padded).
+    one fixed-size batch at a time (the last one padded). ``threshold`` is the decision
+    threshold for a one-score-per-sample output (default: see the module docstring).
+
+    A dynamically quantized model computes its activation scales on each run's whole batch, so
+    its outputs depend on what else is in the batch: evaluate it with ``batch_size=1`` to score
+    what a board that runs one sample at a time gets.
     """
     from device_agent.runtime import open_session
 
@@ -76,43 +107,78 @@ def evaluate(
 
     run = _Runner(session, index, "model")
     run_ref = None if ref_session is None else _Runner(ref_session, ref_index, "reference")
+    labels = data.labels
+    name = session.io.outputs[index].name
     correct = agree = 0
     cosines: list[np.ndarray] = []
-    max_abs = 0.0
-    labels = data.labels
-    two_d = False
+    scores: list[np.ndarray] = []  # one-score-per-sample outputs: the model's scores...
+    ref_scores: list[np.ndarray] = []  # ...and the reference's, thresholded at the end
+    max_abs = abs_sum = 0.0
+    abs_count = 0
+    kind = None
     start = 0
     for feed in data.batches(run.fixed or batch_size):
         got = run(feed)
         n = got.shape[0]
-        if labels is not None:
-            correct += int((_top1(got, session.io, index) == labels[start : start + n]).sum())
+        kind = _output_kind(got)
+        if labels is not None and kind == "other":
+            raise DataError(
+                f"the data has labels, but the model's output {name!r} has shape {got.shape}; "
+                "top-1 accuracy needs a (samples, classes) output or one score per sample"
+            )
+        if kind == "binary":
+            scores.append(got.reshape(n).astype(np.float64))
+        elif labels is not None:
+            correct += int((got.argmax(axis=1) == labels[start : start + n]).sum())
         if run_ref is not None:
             ref = run_ref(feed)
             if ref.shape != got.shape:
                 raise DataError(
-                    f"the model's output {session.io.outputs[index].name!r} has shape {got.shape} "
+                    f"the model's output {name!r} has shape {got.shape} "
                     f"but the reference's has {ref.shape}; they cannot be compared"
                 )
-            two_d = got.ndim == 2
-            if two_d:
-                agree += int((got.argmax(axis=1) == ref.argmax(axis=1)).sum())
-            cosines.append(cosine_rows(got, ref))
+            if kind == "binary":
+                ref_scores.append(ref.reshape(n).astype(np.float64))
+            else:
+                cosines.append(cosine_rows(got, ref))
+                if kind == "classes":
+                    agree += int((got.argmax(axis=1) == ref.argmax(axis=1)).sum())
             max_abs = max(max_abs, max_abs_difference(got, ref))
+            abs_sum += _abs_sum(got, ref)
+            abs_count += got.size
         start += n
 
     total = len(data)
     quality = Quality(samples=total)
+    cut = None
+    if kind == "binary":
+        cut = _decision_threshold(
+            np.concatenate(ref_scores or scores) if (ref_scores or scores) else np.zeros(0),
+            threshold,
+        )
+        decided = np.concatenate(scores) > cut
+        quality = replace(quality, decision_threshold=cut)
+        if labels is not None:
+            if not np.isin(labels, (0, 1)).all():
+                raise DataError(
+                    f"the model's output {name!r} holds one score per sample (a binary "
+                    f"decision), but the labels hold {sorted(set(labels.tolist()))[:8]}; "
+                    "binary labels are 0 and 1"
+                )
+            correct = int((decided == (labels == 1)).sum())
+        if ref_scores:
+            agree = int((decided == (np.concatenate(ref_scores) > cut)).sum())
     if labels is not None:
         quality = replace(quality, accuracy=correct / total)
     if ref_session is not None:
         cos = np.concatenate(cosines) if cosines else np.zeros(0)
         quality = replace(
             quality,
-            agreement=agree / total if two_d else None,
+            agreement=agree / total if kind in ("classes", "binary") else None,
             cosine_mean=float(cos.mean()) if cos.size else None,
             cosine_min=float(cos.min()) if cos.size else None,
             max_abs_error=max_abs,
+            mean_abs_error=abs_sum / abs_count if abs_count else None,
         )
     return quality
 
@@ -121,15 +187,37 @@ def accuracy_drop(candidate: Quality, baseline: Quality) -> float:
     """How much worse ``candidate`` is than ``baseline``, as a fraction (0.01 = one point).
 
     Uses accuracy when both have it (negative when the candidate is better), else
-    ``1 - agreement`` of the candidate with its reference.
+    ``1 - agreement`` of the candidate with its reference, else, for outputs without classes
+    (sequences, maps), ``1 - cosine_mean`` with the reference: a continuous stand-in that
+    :func:`drop_basis` names so a report can say what the number is.
+    """
+    basis = drop_basis(candidate, baseline)
+    if basis == "accuracy":
+        assert candidate.accuracy is not None and baseline.accuracy is not None
+        return baseline.accuracy - candidate.accuracy
+    if basis == "agreement":
+        assert candidate.agreement is not None
+        return 1.0 - candidate.agreement
+    assert candidate.cosine_mean is not None
+    return 1.0 - candidate.cosine_mean
+
+
+def drop_basis(candidate: Quality, baseline: Quality) -> DropBasis:
+    """Which measurement :func:`accuracy_drop` uses for these two qualities.
+
+    Raises :class:`ConfigError` when there is none: the candidate was evaluated without labels
+    (or its baseline was) and without a reference model to compare with.
     """
     if candidate.accuracy is not None and baseline.accuracy is not None:
-        return baseline.accuracy - candidate.accuracy
+        return "accuracy"
     if candidate.agreement is not None:
-        return 1.0 - candidate.agreement
+        return "agreement"
+    if candidate.cosine_mean is not None:
+        return "cosine"
     raise ConfigError(
-        "cannot compute an accuracy drop: evaluate both models on labelled data, or evaluate the "
-        "candidate against a reference model with a (samples, classes) output"
+        "cannot compute an accuracy drop: the candidate's quality has no accuracy to compare "
+        "(both models need labelled data for that) and no comparison with a reference model; "
+        "evaluate the candidate with reference= its fp32 original"
     )
 
 
@@ -158,6 +246,28 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
     if np.isnan(diff).any():
         return float("inf")
     return float(diff.max())
+
+
+def _output_kind(out: np.ndarray) -> Literal["classes", "binary", "other"]:
+    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
+        return "binary"
+    if out.ndim == 2:
+        return "classes"
+    return "other"
+
+
+def _decision_threshold(scores: np.ndarray, given: float | None) -> float:
+    """``given``, else 0.5 for probabilities (every score in [0, 1]), else 0 (logits)."""
+    if given is not None:
+        return float(given)
+    if scores.size and float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0:
+        return 0.5
+    return 0.0
+
+
+def _abs_sum(a: np.ndarray, b: np.ndarray) -> float:
+    diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return float(diff.sum()) if not np.isnan(diff).any() else float("inf")
 
 
 def _path_of(model: ModelArtifact | str | Path) -> Path:
@@ -212,7 +322,9 @@ class _Runner:
         self.one_by_one = False
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(next(iter(feed.values())))
+        from sdk.data import sample_count, take_samples
+
+        n = sample_count(feed)
         chunk = 1 if self.one_by_one else (self.fixed or n)
         if chunk == n:
             try:
@@ -224,12 +336,12 @@ class _Runner:
                 chunk = 1
         parts = []
         for start in range(0, n, chunk):
-            part = {k: v[start : start + chunk] for k, v in feed.items()}
-            real = len(next(iter(part.values())))
+            part = take_samples(feed, start, start + chunk)
+            real = sample_count(part)
             if real < chunk:
                 # Repeat the last sample to fill the fixed batch; the padding is sliced off.
                 part = {
-                    k: np.concatenate([v, np.repeat(v[-1:], chunk - real, axis=0)])
+                    k: v if v.ndim == 0 else np.concatenate([v, np.repeat(v[-1:], chunk - real, 0)])
                     for k, v in part.items()
                 }
             parts.append(self._run(part)[:real])
@@ -243,13 +355,3 @@ class _Runner:
         except InputError as exc:
             raise DataError(f"eval data does not fit the {self.what}: {exc}") from exc
         return self.session.run(checked)[self.index]
-
-
-def _top1(out: np.ndarray, io: IOSpec, index: int) -> np.ndarray:
-    if out.ndim != 2:
-        raise DataError(
-            f"the data has labels, but the model's output {io.outputs[index].name!r} has shape "
-            f"{out.shape}; top-1 accuracy needs a (samples, classes) output"
-        )
-    top: np.ndarray = out.argmax(axis=1)
-    return top

@@ -1,0 +1,158 @@
+"""sdk.evaluate on small real ONNX models: how each output shape is scored.
+
+One score per sample (a VAD's speech probability, a detector's logit) is a binary decision, not
+a one-class arg-max: an int8 model that answers the opposite of fp32 must not score agreement 1.
+Outputs without classes (sequences, maps) get a continuous drop instead of an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdk.data import load_dataset
+from sdk.errors import ConfigError, DataError
+from sdk.evaluate import Quality, accuracy_drop, drop_basis, evaluate
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((200, 4)).astype(np.float32)
+W = np.array([[1.0], [-2.0], [0.5], [1.5]], np.float32)
+
+
+def _save(graph: object, path: Path) -> Path:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # type: ignore[arg-type]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _score_model(path: Path, weight: np.ndarray, *, sigmoid: bool) -> Path:
+    """x (N, 4) -> MatMul -> [Sigmoid] -> y (N, 1): one score per sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z" if sigmoid else "y"])]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["z"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "score",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return _save(graph, path)
+
+
+def _sequence_model(path: Path, weight: np.ndarray) -> Path:
+    """x (N, 4) -> MatMul (4, 6) -> Reshape -> y (N, 2, 3): no single class axis."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"]),
+            helper.make_node("Reshape", ["m", "shape"], ["y"]),
+        ],
+        "sequence",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3])],
+        [
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "shape"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def _io(path: Path) -> object:
+    from device_agent.runtime import open_session
+
+    return open_session(path).io
+
+
+@pytest.mark.parametrize("sigmoid", [True, False], ids=["probabilities", "logits"])
+def test_one_score_per_sample_is_a_binary_decision(sigmoid: bool, tmp_path: Path) -> None:
+    """The 'broken int8' here answers the opposite of fp32 on every sample; the old arg-max over
+    one column scored it 100% agreement, 0.00 pt drop and cosine 1."""
+    fp32 = _score_model(tmp_path / "fp32.onnx", W, sigmoid=sigmoid)
+    broken = _score_model(tmp_path / "broken.onnx", -W, sigmoid=sigmoid)
+    labels = (X @ W[:, 0] > 0).astype(np.int64)  # what fp32 decides: its accuracy is 1
+    data = load_dataset({"x": X, "labels": labels}, _io(fp32))  # type: ignore[arg-type]
+
+    base = evaluate(fp32, data)
+    same = evaluate(fp32, data, reference=fp32)
+    bad = evaluate(broken, data, reference=fp32)
+    print(f"\n[binary sigmoid={sigmoid}] fp32 {base}\n  broken {bad}")
+    threshold = 0.5 if sigmoid else 0.0
+    assert base.decision_threshold == bad.decision_threshold == threshold
+    assert base.accuracy == 1.0 and same.agreement == 1.0
+    assert bad.accuracy == 0.0 and bad.agreement == 0.0
+    assert accuracy_drop(bad, base) == pytest.approx(1.0)
+    assert drop_basis(bad, base) == "accuracy"
+    # Without labels the drop is the decision disagreement, still 100 points.
+    unlabelled = load_dataset({"x": X}, _io(fp32))  # type: ignore[arg-type]
+    bad_nolabels = evaluate(broken, unlabelled, reference=fp32)
+    assert accuracy_drop(bad_nolabels, evaluate(fp32, unlabelled)) == pytest.approx(1.0)
+    # A per-sample cosine of one value is only its sign: not reported; errors are.
+    assert bad.cosine_mean is None and bad.cosine_min is None
+    assert bad.mean_abs_error is not None and bad.mean_abs_error > 0.1
+    assert bad.max_abs_error is not None and bad.max_abs_error >= bad.mean_abs_error
+    assert same.mean_abs_error == 0.0
+
+
+def test_threshold_can_be_chosen_and_labels_must_be_binary(tmp_path: Path) -> None:
+    fp32 = _score_model(tmp_path / "fp32.onnx", W, sigmoid=True)
+    io = _io(fp32)
+    data = load_dataset({"x": X}, io)  # type: ignore[arg-type]
+    assert evaluate(fp32, data, threshold=0.9).decision_threshold == 0.9
+    three = load_dataset({"x": X, "labels": np.arange(len(X)) % 3}, io)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="binary labels are 0 and 1"):
+        evaluate(fp32, three)
+
+
+def test_outputs_without_classes_fall_back_to_cosine(tmp_path: Path) -> None:
+    weight = RNG.standard_normal((4, 6)).astype(np.float32)
+    fp32 = _sequence_model(tmp_path / "fp32.onnx", weight)
+    noisy = _sequence_model(
+        tmp_path / "noisy.onnx", (weight + 0.3 * RNG.standard_normal((4, 6))).astype(np.float32)
+    )
+    data = load_dataset({"x": X}, _io(fp32))  # type: ignore[arg-type]
+
+    base = evaluate(fp32, data)
+    quality = evaluate(noisy, data, reference=fp32)
+    assert quality.agreement is None and quality.accuracy is None
+    assert quality.cosine_mean is not None and 0.5 < quality.cosine_mean < 0.999
+    assert drop_basis(quality, base) == "cosine"
+    assert accuracy_drop(quality, base) == pytest.approx(1.0 - quality.cosine_mean)
+    labelled = load_dataset({"x": X, "labels": np.zeros(len(X), np.int64)}, _io(fp32))  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"top-1 accuracy needs a \(samples, classes\) output"):
+        evaluate(fp32, labelled)
+
+
+def test_no_drop_without_labels_or_reference_says_what_is_missing() -> None:
+    with pytest.raises(ConfigError, match="reference") as info:
+        accuracy_drop(Quality(10), Quality(10))
+    assert "data" not in str(info.value).split("(")[0]  # does not blame the user's data
+
+
+def test_scalar_inputs_are_fed_with_every_batch(tmp_path: Path) -> None:
+    """A rank-0 input (a sample rate, a gain) is one constant for the whole data set."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gain"], ["y"])],
+        "gain",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("gain", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = _save(graph, tmp_path / "gain.onnx")
+    data = load_dataset({"x": X, "gain": np.array(2.0)}, _io(model))  # type: ignore[arg-type]
+    quality = evaluate(model, data, reference=model, batch_size=7)
+    assert quality.samples == len(X) and quality.cosine_min == pytest.approx(1.0)
