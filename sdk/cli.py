@@ -154,13 +154,55 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job end to end on the bundled digits data",
         description="Train a small CNN on scikit-learn's bundled digits, export it to ONNX, "
-        "optimize it under a Raspberry Pi 4 budget and write the bundle. Everything is "
-        "local; nothing is downloaded.",
+        "optimize it under a Raspberry Pi 4 budget and bundle it with its outlier detector; "
+        "then start an MQTT broker (embedded, unless --broker), the collector with its "
+        "dashboard, and several agents that replay held-out digits mixed with corrupted "
+        "inputs, and report what the fleet saw. Everything is local; nothing is downloaded.",
     )
     p.add_argument("--workdir", type=Path, default=Path("demo-out"), help="default: ./demo-out")
     p.add_argument("--target", default="rpi4")
     p.add_argument("--budget", default="p95<=5ms,rss<=64MB,drop<=1%,size<=1MB")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds the fleet runs (60)")
+    p.add_argument("--agents", type=int, default=3, help="agent processes (default 3)")
+    p.add_argument("--broker", help="use this MQTT broker instead of starting an embedded one")
+    p.add_argument("--http", default="127.0.0.1:9108", help="collector dashboard/API address")
+    p.add_argument(
+        "--keep-running", action="store_true", help="keep the collector serving after the run"
+    )
+    p.add_argument(
+        "--host-only", action="store_true", help="only train, optimize and bundle (no fleet)"
+    )
     p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser(
+        "collect",
+        help="subscribe to a fleet's MQTT topics, store its history, serve its state",
+        description="Run the fleet collector until SIGTERM or Ctrl-C: validate every message "
+        "(invalid ones go to a dead-letter table), store telemetry, outlier events and status "
+        "changes without duplicates, and serve a read-only JSON API. See docs/collector.md.",
+    )
+    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host[:port] or mqtts://")
+    p.add_argument("--fleet", help="the fleet to collect (default: every fleet)")
+    p.add_argument(
+        "--store",
+        default="sqlite:///fleet.db",
+        help="sqlite:///path.db (default: sqlite:///fleet.db) or postgresql://user@host/db",
+    )
+    p.add_argument(
+        "--http", default="127.0.0.1:9108", help="JSON API address (default 127.0.0.1:9108; off)"
+    )
+    p.add_argument("--group", help="MQTT v5 shared-subscription group, to split a fleet's load")
+    p.add_argument("--client-id", help="the broker session's name (keep it across restarts)")
+    p.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+    p.add_argument(
+        "--stale-windows",
+        type=float,
+        default=3.0,
+        help="telemetry windows without a message before a device is stale (default 3)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="decode/store processes (default 2)")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.set_defaults(handler=_cmd_collect)
     return parser
 
 
@@ -394,9 +436,58 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sdk.demo import run_host_demo
+    from sdk.demo import run_fleet_demo, run_host_demo
 
-    return run_host_demo(args.workdir, target=args.target, budget=args.budget)
+    if args.host_only:
+        return run_host_demo(args.workdir, target=args.target, budget=args.budget)
+    if args.agents < 1 or args.duration <= 0:
+        raise ConfigError("--agents must be at least 1 and --duration positive")
+    return run_fleet_demo(
+        args.workdir,
+        target=args.target,
+        budget=args.budget,
+        duration_s=args.duration,
+        agents=args.agents,
+        broker_url=args.broker,
+        http=args.http,
+        keep_running=args.keep_running,
+    )
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from sdk.collector.service import Collector, CollectorConfig, run_collector
+
+    config = CollectorConfig(
+        broker_url=args.broker,
+        fleet=args.fleet,
+        store_url=args.store,
+        http=args.http,
+        client_id=args.client_id,
+        share_group=args.group,
+        protocol=args.protocol,
+        stale_windows=args.stale_windows,
+        workers=args.workers,
+        ca_file=args.ca_file,
+    )
+
+    def started(c: Collector) -> None:
+        api = "off"
+        if config.http_address is not None:
+            host, port = c.http_address_bound()
+            api = f"http://{host}:{port}/api/health"
+        print(
+            f"collecting {config.topic_filter} from {config.broker.display()} as "
+            f"{config.session_id} into {c.state.store.url}; API {api}",
+            flush=True,
+        )
+
+    stats = run_collector(config, on_started=started)
+    print(
+        f"stopped: {stats.received} received, {stats.stored} stored, {stats.duplicates} "
+        f"duplicates, {stats.dead_letters} dead letters",
+        flush=True,
+    )
+    return EXIT_OK
 
 
 def _model_from_path(path: Path) -> Path:

@@ -7,14 +7,17 @@ newcomer can look at each one, and a second run reuses the trained model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["prepare_digits", "run_host_demo"]
+__all__ = ["make_replay", "prepare_digits", "run_fleet_demo", "run_host_demo"]
 
 
 def prepare_digits(workdir: Path, *, seed: int = 0) -> dict[str, Path]:
@@ -38,6 +41,8 @@ def prepare_digits(workdir: Path, *, seed: int = 0) -> dict[str, Path]:
 
         print("training a CNN on scikit-learn's bundled digits (about 10 s)...", flush=True)
         start = time.perf_counter()
+        # One thread: this small CNN trains fastest that way, above all on a busy machine.
+        torch.set_num_threads(1)
         model, acc = train_digits_cnn(splits, seed=seed)
         print(f"  fp32 test accuracy {acc:.2%} ({time.perf_counter() - start:.1f} s)")
         art = export(
@@ -88,3 +93,347 @@ def run_host_demo(workdir: Path, *, target: str = "rpi4", budget: str = "") -> i
     report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     print(f"\nreport: {report_path}\nnext: edgeship inspect {report.bundle}")
     return 0 if report.meets_budget else 1
+
+
+# --- the fleet demo -------------------------------------------------------------------------
+
+CORRUPTIONS = ("noise", "inverted", "random")
+
+
+def make_replay(
+    x: np.ndarray, *, seed: int, corrupt_share: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits with a share replaced by corrupted inputs; returns (inputs, is_corrupt).
+
+    Corruptions cycle through Gaussian noise (sigma 0.5, clipped to [0, 1]), inverted images
+    and uniformly random pixels.
+    """
+    rng = np.random.default_rng(seed)
+    images = x[rng.permutation(len(x))].copy()
+    corrupt = np.zeros(len(images), dtype=bool)
+    picks = rng.choice(len(images), size=round(corrupt_share * len(images)), replace=False)
+    for k, i in enumerate(picks):
+        kind = CORRUPTIONS[k % len(CORRUPTIONS)]
+        if kind == "noise":
+            images[i] = np.clip(images[i] + rng.normal(0.0, 0.5, images[i].shape), 0.0, 1.0)
+        elif kind == "inverted":
+            images[i] = 1.0 - images[i]
+        else:
+            images[i] = rng.random(images[i].shape)
+        corrupt[i] = True
+    return images.astype(np.float32), corrupt
+
+
+def _get_json(url: str, timeout: float = 3.0) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_api(url: str, proc: Any, timeout_s: float = 60.0) -> None:
+    import urllib.error
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the collector exited at start (code {proc.returncode}); see its log")
+        try:
+            _get_json(url)
+            return
+        except (urllib.error.URLError, OSError, ValueError):
+            time.sleep(0.3)
+    raise DemoError(f"the collector's API did not answer at {url} within {timeout_s:g} s")
+
+
+class DemoError(Exception):
+    """The demo could not set up one of its processes."""
+
+
+def _fleet_table(snapshot: dict[str, Any]) -> str:
+    rows = [
+        f"  {'device':<8}{'state':<9}{'model':<16}{'p95 ms':>8}{'inferences':>11}"
+        f"{'outlier rate':>13}{'gaps':>6}"
+    ]
+    for d in snapshot.get("devices", []):
+        lat = d.get("latency_ms") or d.get("latency") or {}
+        p95 = lat.get("p95")
+        rate = d.get("outlier_rate")
+        gaps = d.get("gaps", {})
+        missing = gaps.get("missing", 0) if isinstance(gaps, dict) else gaps
+        model = f"{d.get('model') or '?'} v{d.get('model_version') or '?'}"
+        rows.append(
+            f"  {d.get('device', '?'):<8}{d.get('status', '?'):<9}{model:<16}"
+            f"{'-' if p95 is None else f'{p95:.3f}':>8}{d.get('inferences', 0):>11}"
+            f"{'-' if rate is None else f'{rate:.1%}':>13}{missing:>6}"
+        )
+    return "\n".join(rows)
+
+
+def _detection(log_path: Path, corrupt: np.ndarray) -> dict[str, int]:
+    counts = {"injected": 0, "caught": 0, "clean": 0, "false_alarms": 0}
+    if not log_path.is_file():
+        return counts
+    for line in log_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short when the agent stopped
+        if row["index"] >= len(corrupt):
+            continue
+        if corrupt[row["index"]]:
+            counts["injected"] += 1
+            counts["caught"] += int(row["outlier"])
+        else:
+            counts["clean"] += 1
+            counts["false_alarms"] += int(row["outlier"])
+    return counts
+
+
+def run_fleet_demo(
+    workdir: Path,
+    *,
+    target: str = "rpi4",
+    budget: str = "",
+    duration_s: float = 60.0,
+    agents: int = 3,
+    broker_url: str | None = None,
+    http: str = "127.0.0.1:9108",
+    rate: float = 20.0,
+    keep_running: bool = False,
+) -> int:
+    """The whole story: optimize and bundle, then run a fleet of agents that report to a
+    collector through a broker, and show what the fleet saw."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from sdk.broker import EmbeddedBroker, free_port
+
+    workdir = workdir.resolve()
+    print("[1/5] model: train, optimize for the board, bundle", flush=True)
+    code = run_host_demo(workdir, target=target, budget=budget)
+    bundle = workdir / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        print("the bundle was not written; stopping", flush=True)
+        return 1
+    from sdk.zoo.digits import INPUT_NAME, load_digits_splits
+
+    splits = load_digits_splits(0)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    broker = None
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fleet = "demo"
+    interrupted = False
+    try:
+        if broker_url is None:
+            print("[2/5] broker: starting an embedded MQTT broker (amqtt, MQTT 3.1.1)", flush=True)
+            broker = EmbeddedBroker(log_file=workdir / "broker.log").start()
+            broker_url = broker.url
+            # amqtt speaks 3.1.1 only: say so, rather than have every client wait out a v5
+            # connect attempt before falling back.
+            env["EDGESHIP_AGENT_MQTT_PROTOCOL"] = "3.1.1"
+            collector_protocol = "3.1.1"
+        else:
+            print(f"[2/5] broker: using {broker_url}", flush=True)
+            collector_protocol = "auto"
+        host, _, port = http.rpartition(":")
+        host = host or "127.0.0.1"
+        try:
+            if not port.isdigit() or int(port) == 0:
+                raise OSError("pick a free port")
+            with socket.socket() as s:
+                s.bind((host, int(port)))
+        except OSError:  # taken (or 0): any free port will do for a demo
+            port = str(free_port(host))
+        api = f"http://{host}:{port}"
+        db = workdir / "fleet.db"
+        for stale in workdir.glob("fleet.db*"):
+            stale.unlink()
+        print(f"[3/5] collector: SQLite {db}, dashboard and API on {api}/", flush=True)
+        log = open(workdir / "collector.log", "wb")  # noqa: SIM115
+        procs.append(
+            (
+                "collector",
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "sdk.cli",
+                        "collect",
+                        "--broker",
+                        broker_url,
+                        "--fleet",
+                        fleet,
+                        "--store",
+                        f"sqlite:///{db}",
+                        "--http",
+                        f"{host}:{port}",
+                        "--client-id",
+                        "edgeship-demo-collector",
+                        "--protocol",
+                        collector_protocol,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                ),
+            )
+        )
+        _wait_api(f"{api}/api/health", procs[0][1])
+
+        print(
+            f"[4/5] fleet: {agents} agents replaying held-out digits, 20% of them corrupted "
+            f"({', '.join(CORRUPTIONS)})",
+            flush=True,
+        )
+        truths: dict[str, np.ndarray] = {}
+        agent_root = workdir / "agents"
+        shutil.rmtree(agent_root, ignore_errors=True)
+        for i in range(1, agents + 1):
+            device = f"pi-{i}"
+            home = agent_root / device
+            home.mkdir(parents=True)
+            images, corrupt = make_replay(splits.x_test, seed=i)
+            replay_file = home / "replay.npz"
+            arrays: dict[str, Any] = {INPUT_NAME: images}
+            np.savez(replay_file, **arrays)
+            truths[device] = corrupt
+            log = open(home / "agent.log", "wb")  # noqa: SIM115
+            procs.append(
+                (
+                    device,
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "device_agent.cli",
+                            "run",
+                            "--bundle",
+                            str(bundle),
+                            "--broker",
+                            broker_url,
+                            "--fleet",
+                            fleet,
+                            "--device-id",
+                            device,
+                            "--replay",
+                            str(replay_file),
+                            "--replay-rate",
+                            str(rate),
+                            "--window",
+                            "2",
+                            "--http",
+                            "off",
+                            "--state-dir",
+                            str(home / "state"),
+                            "--replay-log",
+                            str(home / "replay.jsonl"),
+                            "--log-level",
+                            "warning",
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                    ),
+                )
+            )
+
+        print(
+            f"[5/5] running for {duration_s:g} s (Ctrl-C to stop early); watch {api}/", flush=True
+        )
+        start = time.monotonic()
+        snapshot: dict[str, Any] = {}
+        try:
+            while True:
+                elapsed = time.monotonic() - start
+                if elapsed >= duration_s:
+                    break
+                time.sleep(min(5.0, duration_s - elapsed))
+                for name, p in procs:
+                    if p.poll() is not None:
+                        raise DemoError(
+                            f"{name} exited early (code {p.returncode}); see {workdir} for its log"
+                        )
+                try:
+                    snapshot = _get_json(f"{api}/api/devices")
+                except OSError:
+                    continue
+                s = snapshot.get("summary", {})
+                print(
+                    f"  {time.monotonic() - start:5.0f} s: {s.get('online', 0)} online, "
+                    f"{s.get('inferences', 0)} inferences, {s.get('outliers', 0)} outliers, "
+                    f"{s.get('missing', 0)} messages missing",
+                    flush=True,
+                )
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\ninterrupted: stopping the fleet", flush=True)
+        # The snapshot taken while every agent still runs is the fleet table to show.
+        with contextlib.suppress(OSError):
+            snapshot = _get_json(f"{api}/api/devices")
+        for _name, p in procs[1:]:
+            p.send_signal(signal.SIGTERM)
+        for _name, p in procs[1:]:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        detection = {d: _detection(agent_root / d / "replay.jsonl", t) for d, t in truths.items()}
+        total = {
+            k: sum(v[k] for v in detection.values())
+            for k in ("injected", "caught", "clean", "false_alarms")
+        }
+        caught = total["caught"] / total["injected"] if total["injected"] else 0.0
+        false_rate = total["false_alarms"] / total["clean"] if total["clean"] else 0.0
+        online = sum(1 for d in snapshot.get("devices", []) if d.get("status") == "online")
+        print("\nfleet (from the collector's API, while the agents ran):")
+        print(_fleet_table(snapshot))
+        print(
+            f"\noutliers: caught {total['caught']} of {total['injected']} injected corrupted "
+            f"inputs ({caught:.1%}); flagged {total['false_alarms']} of {total['clean']} clean "
+            f"ones ({false_rate:.1%})"
+        )
+        summary = {
+            "devices_online": online,
+            "devices": agents,
+            "detection": detection,
+            "total": total,
+            "caught_rate": caught,
+            "false_alarm_rate": false_rate,
+            "fleet": snapshot,
+            "dashboard": f"{api}/",
+            "optimize_exit_code": code,
+            "interrupted": interrupted,
+        }
+        (workdir / "demo-summary.json").write_text(
+            json.dumps(summary, indent=2, default=str) + "\n"
+        )
+        print(f"summary: {workdir / 'demo-summary.json'}")
+        if keep_running and not interrupted:
+            print(f"dashboard: {api}/ (collector and broker keep running; Ctrl-C to stop)")
+            with contextlib.suppress(KeyboardInterrupt):
+                procs[0][1].wait()
+        else:
+            print(
+                f"dashboard was served at {api}/ (rerun with --keep-running to browse it "
+                "after the run)"
+            )
+        ok = online == agents and caught >= 0.9 and false_rate <= 0.05
+        return 0 if ok and not interrupted else 1
+    except DemoError as exc:
+        print(f"edgeship demo: {exc}", flush=True)
+        return 1
+    finally:
+        for _name, p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if broker is not None:
+            broker.stop()
