@@ -1,0 +1,373 @@
+"""A bundle's reference statistics: what in-distribution traffic looks like, for drift checks.
+
+:func:`reference_stats` runs the model (through :func:`device_agent.runtime.open_session`, the
+session the agent uses on the board) and its outlier detector over in-distribution data and
+summarizes what the collector later compares the fleet's telemetry with:
+
+* the **prediction histogram**: label -> fraction of samples, counted the way the agent counts
+  them (argmax of the first output when it is ``(batch, classes)``, named by the bundle's
+  labels or by the class index), every known label listed, zeros included;
+* the **outlier-score histogram** on the protocol's fixed :data:`SCORE_BUCKETS` (``le``
+  semantics, the last count above the last bound: the same binning as telemetry), score
+  quantiles and the share of samples over the detector's threshold.
+
+:func:`write_reference` writes it as ``reference.json`` (format ``edgeship.reference``, version
+1; documented in ``docs/collector.md``), which ``sdk.package(..., reference=path)`` copies into
+the bundle and records as the manifest's ``reference_file``. :class:`ReferenceStats` reads and
+validates the file; the collector uses it (:mod:`sdk.collector.drift`). numpy and the runtime
+are imported when statistics are computed, not when a file is read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from device_agent.contracts.bundle import DetectorSpec
+from device_agent.contracts.messages import SCORE_BUCKETS
+from sdk.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from sdk.data import DataSource
+
+__all__ = [
+    "QUANTILES",
+    "REFERENCE_FORMAT",
+    "REFERENCE_NAME",
+    "REFERENCE_VERSION",
+    "ReferenceStats",
+    "load_reference",
+    "reference_stats",
+    "write_reference",
+]
+
+REFERENCE_FORMAT = "edgeship.reference"
+REFERENCE_VERSION = 1
+REFERENCE_NAME = "reference.json"
+# Score quantiles recorded in the file (keys are these numbers written with repr()).
+QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """The parsed ``reference.json``. ``predictions`` maps every label to its fraction of
+    ``samples`` (empty for a model that is not a classifier); ``score_counts`` has one more
+    entry than ``score_bounds`` and is empty without a detector."""
+
+    samples: int
+    predictions: Mapping[str, float]
+    prediction_counts: Mapping[str, int]
+    score_bounds: tuple[float, ...] = tuple(SCORE_BUCKETS)
+    score_counts: tuple[int, ...] = ()
+    score_quantiles: Mapping[str, float] = field(default_factory=dict)
+    detector: str | None = None
+    threshold: float | None = None
+    outlier_rate: float | None = None
+    model: str | None = None
+    model_version: str | None = None
+    dataset: str = ""
+    created: str = ""
+
+    @property
+    def scored(self) -> int:
+        """How many samples the score histogram holds (0 without a detector)."""
+        return sum(self.score_counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REFERENCE_FORMAT,
+            "version": REFERENCE_VERSION,
+            "created": self.created,
+            "model": self.model,
+            "model_version": self.model_version,
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "predictions": dict(self.predictions),
+            "prediction_counts": dict(self.prediction_counts),
+            "scores": None
+            if not self.score_counts
+            else {
+                "detector": self.detector,
+                "threshold": self.threshold,
+                "bounds": list(self.score_bounds),
+                "counts": list(self.score_counts),
+                "quantiles": dict(self.score_quantiles),
+                "outlier_rate": self.outlier_rate,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "reference") -> ReferenceStats:
+        """Validate a parsed ``reference.json``; raises ConfigError naming the field."""
+        obj = _obj(data, where)
+        if obj.get("format") != REFERENCE_FORMAT:
+            raise ConfigError(
+                f"{where}.format: expected {REFERENCE_FORMAT!r}, got {obj.get('format')!r}; "
+                "this is not an edgeship reference file"
+            )
+        version = obj.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"{where}.version: expected a positive integer, got {version!r}")
+        if version > REFERENCE_VERSION:
+            raise ConfigError(
+                f"{where}.version {version} is newer than this edgeship ({REFERENCE_VERSION}); "
+                "upgrade edgeship"
+            )
+        samples = _count(obj.get("samples"), f"{where}.samples")
+        preds = _obj(obj.get("predictions", {}), f"{where}.predictions")
+        fractions = {
+            _label(k, f"{where}.predictions"): _fraction(v, f"{where}.predictions.{k}")
+            for k, v in preds.items()
+        }
+        if fractions and abs(sum(fractions.values()) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"{where}.predictions: fractions add up to {sum(fractions.values()):.6g}, not 1"
+            )
+        counts_raw = _obj(obj.get("prediction_counts", {}), f"{where}.prediction_counts")
+        counts = {
+            _label(k, f"{where}.prediction_counts"): _count(v, f"{where}.prediction_counts.{k}")
+            for k, v in counts_raw.items()
+        }
+        scores = obj.get("scores")
+        if scores is None:
+            return cls(
+                samples=samples,
+                predictions=fractions,
+                prediction_counts=counts,
+                score_counts=(),
+                model=_opt_str(obj.get("model"), f"{where}.model"),
+                model_version=_opt_str(obj.get("model_version"), f"{where}.model_version"),
+                dataset=str(obj.get("dataset") or ""),
+                created=str(obj.get("created") or ""),
+            )
+        s = _obj(scores, f"{where}.scores")
+        bounds = tuple(_num(b, f"{where}.scores.bounds") for b in _list(s.get("bounds"), where))
+        if any(b <= a for a, b in itertools.pairwise(bounds)):
+            raise ConfigError(f"{where}.scores.bounds: must be strictly increasing")
+        score_counts = tuple(
+            _count(c, f"{where}.scores.counts") for c in _list(s.get("counts"), where)
+        )
+        if len(score_counts) != len(bounds) + 1:
+            raise ConfigError(
+                f"{where}.scores.counts: {len(score_counts)} counts for {len(bounds)} bounds; "
+                f"expected {len(bounds) + 1}"
+            )
+        quantiles = {
+            str(k): _num(v, f"{where}.scores.quantiles.{k}")
+            for k, v in _obj(s.get("quantiles", {}), f"{where}.scores.quantiles").items()
+        }
+        threshold = s.get("threshold")
+        rate = s.get("outlier_rate")
+        return cls(
+            samples=samples,
+            predictions=fractions,
+            prediction_counts=counts,
+            score_bounds=bounds,
+            score_counts=score_counts,
+            score_quantiles=quantiles,
+            detector=_opt_str(s.get("detector"), f"{where}.scores.detector"),
+            threshold=None if threshold is None else _num(threshold, f"{where}.scores.threshold"),
+            outlier_rate=None if rate is None else _fraction(rate, f"{where}.scores.outlier_rate"),
+            model=_opt_str(obj.get("model"), f"{where}.model"),
+            model_version=_opt_str(obj.get("model_version"), f"{where}.model_version"),
+            dataset=str(obj.get("dataset") or ""),
+            created=str(obj.get("created") or ""),
+        )
+
+
+def load_reference(path: str | Path) -> ReferenceStats:
+    """Read and validate a ``reference.json``; raises ConfigError naming the file and field."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"reference statistics not found: {p}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: cannot read reference statistics: {exc}") from exc
+    return ReferenceStats.from_dict(data, where=p.name)
+
+
+def reference_stats(
+    model_path: str | Path,
+    detector: tuple[DetectorSpec, str | Path] | None,
+    dataset: DataSource,
+    labels: Sequence[str] | None = None,
+    *,
+    model: str | None = None,
+    model_version: str | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Reference statistics of ``model_path`` (and its detector) on in-distribution ``dataset``.
+
+    ``detector`` is ``(spec, params_path)`` as for ``sdk.package`` (None: no score histogram);
+    ``dataset`` anything :func:`sdk.data.load_dataset` reads (held-out eval data is best: the
+    detector was fitted on the calibration data, whose scores are optimistic). ``labels`` names
+    the classes (default: the model's output labels, else the class index, as on the board).
+    Returns the ``reference.json`` document; :func:`write_reference` writes it.
+    """
+    import numpy as np
+
+    from device_agent.detectors import load_detector
+    from device_agent.runtime import FeedChecker, open_session
+    from sdk.data import load_dataset
+
+    session = open_session(model_path)
+    io = session.io
+    data = load_dataset(dataset, io, what="reference data")
+    n = len(data)
+    if n == 0:
+        raise DataError("reference data: no samples")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    det = None if detector is None else load_detector(detector[0], detector[1])
+    class_names = _class_names(io.outputs[0].shape, io.outputs[0].labels, labels)
+    fixed = _fixed_batch(io.inputs)
+    chunk = fixed or batch_size
+    check = FeedChecker(io)
+    classes: list[Any] = []
+    scores: list[Any] = []
+    for start in range(0, n, chunk):
+        part = {k: v[start : start + chunk] for k, v in data.inputs.items()}
+        real = len(next(iter(part.values())))
+        if fixed is not None and real < fixed:
+            # Repeat the last sample to fill a fixed batch axis; the padding is sliced off.
+            part = {
+                k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
+                for k, v in part.items()
+            }
+        feed = check(part)
+        outputs = session.run(feed)
+        if class_names is not None:
+            out0 = np.asarray(outputs[0])
+            if out0.ndim == 2:
+                classes.append(out0.argmax(axis=1)[:real])
+        if det is not None:
+            scores.append(np.asarray(det.score(feed, outputs), dtype=np.float64)[:real])
+    counts: dict[str, int] = {}
+    if class_names is not None and classes:
+        per_class = np.bincount(np.concatenate(classes), minlength=len(class_names))
+        counts = {name: int(c) for name, c in zip(class_names, per_class, strict=True)}
+    predicted = sum(counts.values())
+    doc: dict[str, Any] = {
+        "format": REFERENCE_FORMAT,
+        "version": REFERENCE_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "model_version": model_version,
+        "dataset": data.name,
+        "samples": n,
+        "predictions": {k: (c / predicted if predicted else 0.0) for k, c in counts.items()},
+        "prediction_counts": counts,
+        "scores": None,
+    }
+    if not predicted:
+        doc["predictions"] = {}
+    if det is not None and detector is not None:
+        s = np.concatenate(scores) if scores else np.zeros(0)
+        s = s[np.isfinite(s)]  # the agent does not bin NaN scores either
+        bounds = np.asarray(SCORE_BUCKETS, dtype=np.float64)
+        # side="left" is bisect_left: a score equal to a bound falls in that bound's bucket.
+        buckets = np.bincount(np.searchsorted(bounds, s, side="left"), minlength=len(bounds) + 1)
+        spec = detector[0]
+        doc["scores"] = {
+            "detector": spec.kind,
+            "threshold": spec.threshold,
+            "bounds": list(SCORE_BUCKETS),
+            "counts": [int(c) for c in buckets],
+            "quantiles": {repr(q): float(np.quantile(s, q)) for q in QUANTILES} if s.size else {},
+            "outlier_rate": float(np.mean(s > spec.threshold)) if s.size else None,
+        }
+    ReferenceStats.from_dict(doc)  # what we write is always what we can read
+    return doc
+
+
+def write_reference(path: str | Path, stats: Mapping[str, Any] | ReferenceStats) -> Path:
+    """Write reference statistics (the dict :func:`reference_stats` returns, or a
+    :class:`ReferenceStats`) to ``path`` as JSON, after validating them. Returns the path."""
+    doc = stats.to_dict() if isinstance(stats, ReferenceStats) else dict(stats)
+    ReferenceStats.from_dict(doc)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return out
+
+
+def _class_names(
+    shape: Sequence[int | str], spec_labels: Sequence[str] | None, labels: Sequence[str] | None
+) -> tuple[str, ...] | None:
+    """The agent's rule (``Agent._classifier_labels``): a ``(batch, C >= 2)`` first output is a
+    classifier, named by the labels when there is one per class, else by the index."""
+    if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 2:
+        if labels is not None:
+            raise ConfigError(
+                f"labels were given, but the model's first output {tuple(shape)} is not "
+                "(batch, classes)"
+            )
+        return None
+    classes = shape[1]
+    for names in (labels, spec_labels):
+        if names is not None:
+            if len(names) != classes:
+                if names is labels:
+                    raise ConfigError(f"{len(names)} labels for a model with {classes} classes")
+                continue
+            if len(set(names)) != len(names):
+                raise ConfigError("labels must be distinct")
+            return tuple(names)
+    return tuple(str(i) for i in range(classes))
+
+
+def _fixed_batch(inputs: Sequence[Any]) -> int | None:
+    sizes = {t.shape[0] for t in inputs if t.shape and isinstance(t.shape[0], int)}
+    return min(sizes) if sizes else None
+
+
+def _obj(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _num(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any, where: str) -> float:
+    out = _num(value, where)
+    if not 0.0 <= out <= 1.0:
+        raise ConfigError(f"{where}: {out} is not a fraction in [0, 1]")
+    return out
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _label(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise ConfigError(f"{where}: {value!r} is not a label of 1 to 128 characters")
+    return value
+
+
+def _opt_str(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string or null, got {value!r}")
+    return value
