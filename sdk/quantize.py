@@ -152,20 +152,15 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="edgeship-quant-") as tmp_dir:
         tmp = Path(tmp_dir).resolve()
         proto = _read_model(source.path)
-        _check_node_names(proto, config.exclude_nodes)
         prepared = _prepare(proto, tmp, fallbacks)
+        _check_node_names(proto, prepared, config.exclude_nodes)
         excluded = _map_exclusions(config.exclude_nodes, prepared, fallbacks)
         for attempt in range(_MAX_EXCLUSION_RETRIES + 1):
             candidate = tmp / f"quantized-{attempt}.onnx"
-            _run_quantizer(prepared, candidate, data, source.io, batch, config, excluded)
+            _run_quantizer(prepared, candidate, data, source.io, batch, config, excluded, fallbacks)
             quantized_nodes = _count_quantized_nodes(candidate)
             if quantized_nodes == 0:
-                raise QuantizationError(
-                    "quantization: ONNX Runtime quantized nothing in this model"
-                    + (f" after excluding {excluded}" if excluded else "")
-                    + f" (its operators: {_op_summary(prepared)}); ORT quantizes float32 "
-                    "MatMul/Gemm/Conv/Gather and friends, so the int8 model would be the fp32 one"
-                )
+                raise QuantizationError(_nothing_quantized(prepared, config, excluded))
             try:
                 quantized_io, check = _verify(candidate, source, data, batch)
                 break
@@ -294,14 +289,21 @@ def _read_model(path: Path) -> Any:
         raise QuantizationError(f"reading the model: {exc}") from exc
 
 
-def _check_node_names(proto: Any, names: Sequence[str]) -> None:
-    known = {n.name for n in proto.graph.node}
-    unknown = [n for n in names if n not in known]
+def _check_node_names(proto: Any, prepared: Path, names: Sequence[str]) -> None:
+    """Every excluded name must be a node of the model or of its pre-processed form (ORT's
+    optimizer fuses nodes and names the results itself, e.g. ``mm/MatMulAddFusion``)."""
+    if not names:
+        return
+    import onnx
+
+    original = {n.name for n in proto.graph.node}
+    processed = {n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node}
+    unknown = [n for n in names if n not in original | processed]
     if unknown:
-        sample = sorted(known)[:8]
+        sample = sorted(n for n in processed if n)[:8]
         raise ConfigError(
-            f"exclude_nodes: the model has no node named {unknown[0]!r} (node names look like "
-            f"{sample})"
+            f"exclude_nodes: neither the model nor its pre-processed form has a node named "
+            f"{unknown[0]!r} (pre-processed node names look like {sample})"
         )
 
 
@@ -333,7 +335,41 @@ def _prepare(proto: Any, tmp: Path, fallbacks: list[str]) -> Path:
         raise QuantizationError(
             f"opset upgrade: cannot save the upgraded model: {_first_line(exc)}"
         ) from exc
-    return _preprocess(raw, tmp, fallbacks)
+    prepared = _preprocess(raw, tmp, fallbacks)
+    _flatten_gemm_bias(prepared)
+    return prepared
+
+
+def _flatten_gemm_bias(model: Path) -> None:
+    """Give every Gemm a 1-D bias: ``(1, N)`` becomes ``(N,)``, which broadcasts the same way.
+
+    ORT's optimizer fuses MatMul + Add into a Gemm that keeps the Add's ``(1, N)`` constant, and
+    ORT's static quantizer (1.32) cannot adjust per-channel weight scales for a 2-D bias ("The
+    truth value of an array with more than one element is ambiguous").
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(model), load_external_data=False)
+    inits = {i.name: i for i in proto.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    changed = False
+    for node in proto.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        init = inits[node.input[2]]
+        if len(init.dims) != 2 or init.dims[0] != 1 or uses.get(init.name, 0) != 1:
+            continue
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        flat = numpy_helper.to_array(init).reshape(-1)
+        init.CopyFrom(numpy_helper.from_array(flat, init.name))
+        changed = True
+    if changed:
+        onnx.save(proto, str(model))
 
 
 _PREPROCESS_ATTEMPTS: tuple[tuple[str, dict[str, bool]], ...] = (
@@ -451,6 +487,8 @@ def _run_quantizer(
     batch: int,
     config: QuantizeConfig,
     excluded: list[str],
+    fallbacks: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -502,11 +540,21 @@ def _run_quantizer(
                 # calibrator (1.32) clears the kept outputs without merging them, silently
                 # calibrating on the last partial chunk only or raising "No data is collected"
                 # (onnxruntime#18893), and the histogram calibrators ignore it.
-                extra_options={"CalibStridedMinMax": 1},
+                extra_options={"CalibStridedMinMax": 1, **(extra or {})},
             )
     except DataError:
         raise
     except Exception as exc:  # ORT's quantizer raises ValueError, KeyError, RuntimeError, ...
+        if extra is None and _raised_in(exc, "_adjust_weight_scale_for_int32_bias"):
+            note = (
+                "ONNX Runtime could not adjust weight scales for an int32 bias "
+                f"({_first_line(exc)}); quantized again without that adjustment"
+            )
+            log.warning(note)
+            fallbacks.append(note)
+            disable = {"QDQDisableWeightAdjustForInt32Bias": True}
+            _run_quantizer(model, out, data, data_io, batch, config, excluded, fallbacks, disable)
+            return
         step = _failed_step(exc, config.mode)
         node = _node_in_message(str(exc), model)
         where = f" at node {node!r}" if node else ""
@@ -520,20 +568,78 @@ _QUANT_OPS = frozenset(
 )  # fmt: skip
 
 
+# Operators that hold a model's weights: where its compute is.
+_WEIGHT_OPS = frozenset(
+    {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "RNN",
+     "EmbedLayerNormalization"}
+)  # fmt: skip
+
+
+def _walk(graph: Any, inside: bool = False) -> Iterator[tuple[Any, bool]]:
+    """Every node of ``graph`` and of its subgraphs (If branches, Loop and Scan bodies), with
+    whether it is inside a subgraph."""
+    for node in graph.node:
+        yield node, inside
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField("g") else []
+            for sub in [*subgraphs, *attr.graphs]:
+                yield from _walk(sub, True)
+
+
 def _count_quantized_nodes(model: Path) -> int:
-    """Nodes that quantize, dequantize or compute in integers."""
+    """Nodes that quantize, dequantize or compute in integers, in subgraphs too."""
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
-    return sum(1 for n in graph.node if n.op_type in _QUANT_OPS)
+    return sum(1 for n, _ in _walk(graph) if n.op_type in _QUANT_OPS)
 
 
-def _op_summary(model: Path) -> str:
-    import onnx
+def _op_counts(graph: Any, *, inside: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node, nested in _walk(graph):
+        if nested == inside:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
-    graph = onnx.load(str(model), load_external_data=False).graph
-    types = sorted({n.op_type for n in graph.node})
+
+def _op_summary(counts: dict[str, int]) -> str:
+    types = sorted(counts)
     return ", ".join(types[:12]) + (", ..." if len(types) > 12 else "")
+
+
+def _nothing_quantized(prepared: Path, config: QuantizeConfig, excluded: list[str]) -> str:
+    """Why ORT quantized nothing, and what to do about it."""
+    import onnx
+
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    top = _op_counts(graph, inside=False)
+    nested = _op_counts(graph, inside=True)
+    compute = {op: n for op, n in nested.items() if op in _WEIGHT_OPS and op not in top}
+    head = "quantization: ONNX Runtime quantized nothing in this model" + (
+        f" after excluding {excluded}" if excluded else ""
+    )
+    if compute:
+        holders = sorted({op for op in top if op in ("If", "Loop", "Scan")}) or ["control-flow"]
+        found = ", ".join(f"{n} {op}" for op, n in sorted(compute.items()))
+        return (
+            f"{head}: its compute ({found}) is inside the subgraphs of {'/'.join(holders)} "
+            f"nodes, which ONNX Runtime's quantizer leaves in float (the top-level graph holds "
+            f"only {_op_summary(top)}). Quantize a version of the model without control flow: "
+            "export it with the input the If tests fixed so that one branch is inlined, or "
+            "fold the If on a constant condition (e.g. onnxsim with that input given)"
+        )
+    wanted = "every type ORT can" if config.op_types is None else ", ".join(config.op_types)
+    hint = (
+        "" if config.op_types is None else "; try op_types=None (CLI: --op-types all) to allow more"
+    )
+    return (
+        f"{head} (its operators: {_op_summary(top)}; quantized types: {wanted}); ORT quantizes "
+        f"float32 tensors only, so the int8 model would be the fp32 one{hint}"
+    )
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    return any(frame.name == function for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _failed_step(exc: BaseException, mode: str) -> str:

@@ -233,7 +233,7 @@ def test_bad_settings_are_config_errors(digits_onnx: ModelArtifact, tmp_path: Pa
         QuantizeConfig(method="kl")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="batch_size"):
         QuantizeConfig(batch_size=0)
-    with pytest.raises(ConfigError, match="no node named 'nope'"):
+    with pytest.raises(ConfigError, match="has a node named 'nope'"):
         quantize(
             digits_onnx,
             out=tmp_path / "q.onnx",
@@ -524,3 +524,125 @@ def test_accuracy_drop_prefers_accuracy_then_agreement() -> None:
     assert accuracy_drop(Quality(10, agreement=0.97), Quality(10)) == pytest.approx(0.03)
     with pytest.raises(ConfigError):
         accuracy_drop(Quality(10), Quality(10))
+
+
+# --- the default operator set, ORT's quirks, and the check (pretrained-model findings) ------
+
+
+def _matmul_add_2d_bias(path: Path) -> Path:
+    """MatMul + Add with a (1, N) bias, which ORT's pre-processing fuses into one Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="add"),
+        ],
+        "gemm-2d-bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(_f32(8, 4), "W"), numpy_helper.from_array(_f32(1, 4), "b")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_a_fused_gemm_with_a_2d_bias_quantizes_per_channel(tmp_path: Path) -> None:
+    """magika: ORT 1.32's int32-bias weight-scale adjustment raised 'The truth value of an array
+    with more than one element is ambiguous' on the (1, 214) bias of a fused Gemm."""
+    source = _matmul_add_2d_bias(tmp_path / "gemm.onnx")
+    x = {"x": _f32(64, 8)}
+    int8 = quantize(source, x, out=tmp_path / "q.onnx")
+    print(f"\n[gemm 2-D bias] check {int8.details['check']} fallbacks {int8.details['fallbacks']}")
+    assert int8.details["fallbacks"] == []
+    assert int8.details["check"]["cosine_min"] > 0.99
+    assert "Gemm" in _op_types(int8.path)
+
+
+def test_a_failing_bias_adjustment_is_retried_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a bias still trip ORT's adjustment, quantization retries without it (a fallback)."""
+    import importlib
+
+    module = importlib.import_module("sdk.quantize")  # sdk.quantize is also the function
+    monkeypatch.setattr(module, "_flatten_gemm_bias", lambda model: None)
+    source = _matmul_add_2d_bias(tmp_path / "gemm.onnx")
+    int8 = quantize(source, {"x": _f32(64, 8)}, out=tmp_path / "q.onnx")
+    assert any("without that adjustment" in f for f in int8.details["fallbacks"])
+    assert int8.details["check"]["cosine_min"] > 0.99
+
+
+def test_quantized_nodes_in_subgraphs_are_counted(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from sdk.quantize import _count_quantized_nodes
+
+    then = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, ["N"])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.UINT8)],
+        "else",
+        [],
+        [helper.make_tensor_value_info("c", TensorProto.UINT8, ["N"])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)],
+        "nested",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _count_quantized_nodes(_save(model, tmp_path / "nested.onnx")) == 1
+
+
+def test_exclude_accepts_a_node_named_by_preprocessing(tmp_path: Path) -> None:
+    """ORT's optimizer fuses mm1 + add1 into 'mm1/MatMulAddFusion', a node that exists only in
+    the pre-processed model: it can be excluded by that name (it used to be refused)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+            helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+            helper.make_node("Relu", ["a1"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "W2"], ["m2"], name="mm2"),
+            helper.make_node("Add", ["m2", "b2"], ["y"], name="add2"),
+        ],
+        "two-dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [
+            numpy_helper.from_array(_f32(8, 16), "W1"),
+            numpy_helper.from_array(_f32(16), "b1"),
+            numpy_helper.from_array(_f32(16, 4), "W2"),
+            numpy_helper.from_array(_f32(4), "b2"),
+        ],
+    )
+    source = _save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        tmp_path / "two.onnx",
+    )
+    fused = "mm1/MatMulAddFusion"
+    assert fused not in [n.name for n in onnx.load(str(source)).graph.node]
+    config = QuantizeConfig(exclude_nodes=(fused,))
+    int8 = quantize(source, {"x": _f32(64, 8)}, out=tmp_path / "q.onnx", config=config)
+
+    model = onnx.load(str(int8.path))
+    node = next(n for n in model.graph.node if n.name == fused)
+    assert node.input[1] in {i.name for i in model.graph.initializer}  # a float weight
+    assert int8.details["excluded_nodes"] == [fused] and int8.details["quantized_nodes"] > 0
+    with pytest.raises(ConfigError, match="neither the model nor its pre-processed form"):
+        quantize(
+            source,
+            {"x": _f32(64, 8)},
+            out=tmp_path / "q2.onnx",
+            config=QuantizeConfig(exclude_nodes=("mm1/NoSuchFusion",)),
+        )
