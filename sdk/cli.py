@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-tensor", action="store_true", help="one scale per weight tensor, not per channel"
     )
     p.add_argument("--exclude", default="", help="comma-separated node names to keep in float")
+    p.add_argument(
+        "--op-types",
+        default=None,
+        help="comma-separated operator types to quantize (default: "
+        + ",".join(_default_op_types())
+        + "); 'all' for every type ONNX Runtime can quantize",
+    )
     p.set_defaults(handler=_cmd_quantize)
 
     p = sub.add_parser(
@@ -278,8 +285,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from sdk.quantize import QuantizeConfig, quantize
 
     excluded = tuple(n.strip() for n in args.exclude.split(",") if n.strip())
+    op_types: tuple[str, ...] | None = _default_op_types()
+    if args.op_types is not None:
+        named = tuple(n.strip() for n in args.op_types.split(",") if n.strip())
+        if not named:
+            raise ConfigError("--op-types: give operator types such as Conv,MatMul, or 'all'")
+        op_types = None if named == ("all",) else named
     config = QuantizeConfig(
-        mode=args.mode, method=args.method, per_channel=not args.per_tensor, exclude_nodes=excluded
+        mode=args.mode,
+        method=args.method,
+        per_channel=not args.per_tensor,
+        exclude_nodes=excluded,
+        op_types=op_types,
     )
     _require_file(args.model, "model")
     if args.calibration is not None:
@@ -293,6 +310,35 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     for note in art.details.get("fallbacks", []):
         print(f"  note: {note}")
     return EXIT_OK
+
+
+def _default_op_types() -> tuple[str, ...]:
+    from sdk.quantize import DEFAULT_OP_TYPES
+
+    return DEFAULT_OP_TYPES
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    """The quantized model's check against fp32, as one line (quantize() logs the warning)."""
+    from sdk.quantize import CHECK_MIN_COSINE
+
+    cos, err = check.get("cosine_min"), check.get("max_abs_error")
+    figures = (
+        f"worst-sample cosine {'n/a' if cos is None else f'{cos:.5g}'}, "
+        f"max |error| {'n/a' if err is None else f'{err:.4g}'}"
+    )
+    if check.get("inputs") != "calibration":
+        return (
+            f"check vs fp32 on {check.get('samples', '?')} generated random inputs: {figures} "
+            "(random inputs show the model runs, not its accuracy; pass --calibration for a "
+            "real check)"
+        )
+    verdict = ""
+    if cos is not None:
+        verdict = (
+            " (ok)" if cos >= CHECK_MIN_COSINE else f" (BELOW {CHECK_MIN_COSINE}: see warning)"
+        )
+    return f"check vs fp32 on {check.get('samples', '?')} calibration samples: {figures}{verdict}"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -61,6 +61,27 @@ _MAX_EXCLUSION_RETRIES = 4
 # Samples used to check that the quantized model runs (taken from the calibration data).
 _CHECK_SAMPLES = 16
 
+#: Operators quantized by default: those that carry weights and most of the arithmetic (Conv,
+#: ConvTranspose, MatMul, Gemm; Gather for embedding tables; ORT's Attention, LSTM and
+#: EmbedLayerNormalization in dynamic mode), and Relu and Clip, which static QDQ folds into the
+#: quantized op before them (they cost nothing and save a requantization). Types a mode cannot
+#: quantize are skipped by ORT.
+DEFAULT_OP_TYPES: tuple[str, ...] = (
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    "Gather",
+    "Attention",
+    "LSTM",
+    "EmbedLayerNormalization",
+    "Relu",
+    "Clip",
+)
+
+#: Below this worst-sample cosine similarity with fp32 (on real inputs), quantize() warns.
+CHECK_MIN_COSINE = 0.99
+
 
 @dataclass(frozen=True)
 class QuantizeConfig:
@@ -74,8 +95,10 @@ class QuantizeConfig:
     ``per_channel``: one weight scale per output channel, which keeps accuracy on convolutions.
     ``batch_size``: calibration batch size, which bounds calibration memory.
     ``max_calibration_samples``: use at most this many calibration samples (the first ones).
-    ``exclude_nodes``: node names kept in float; ``op_types``: quantize only these operator types
-    (``None``: every type ORT can quantize).
+    ``exclude_nodes``: node names kept in float (names in the model or in its pre-processed
+    form, whose fused nodes ORT renames); ``op_types``: quantize only these operator types
+    (default :data:`DEFAULT_OP_TYPES`; ``None``: every type ORT can quantize, element-wise math
+    and normalisations included, which often costs accuracy).
     ``activation_type``: uint8 by default: asymmetric uint8 activations with int8 weights (U8S8)
     are what ONNX Runtime's CPU kernels support best on both x86 and Arm, and they spend the whole
     range on non-negative post-ReLU activations.
@@ -88,7 +111,7 @@ class QuantizeConfig:
     batch_size: int = 32
     max_calibration_samples: int | None = None
     exclude_nodes: tuple[str, ...] = ()
-    op_types: tuple[str, ...] | None = None
+    op_types: tuple[str, ...] | None = DEFAULT_OP_TYPES
     weight_type: IntType = "int8"
     activation_type: IntType = "uint8"
     reduce_range: bool = False
@@ -118,9 +141,10 @@ class QuantizeConfig:
 
     @property
     def recipe(self) -> str:
+        suffix = "-all-ops" if self.op_types is None else ""
         if self.mode == "dynamic":
-            return "ort-dynamic-int8"
-        return f"ort-static-int8-qdq-{self.method}"
+            return f"ort-dynamic-int8{suffix}"
+        return f"ort-static-int8-qdq-{self.method}{suffix}"
 
 
 def quantize(

@@ -529,6 +529,73 @@ def test_accuracy_drop_prefers_accuracy_then_agreement() -> None:
 # --- the default operator set, ORT's quirks, and the check (pretrained-model findings) ------
 
 
+def _layer_norm_mlp(path: Path) -> Path:
+    """x -> MatMul -> layer norm written out (ReduceMean, Sub, Mul, Add, Sqrt, Div) -> MatMul:
+    the element-wise math around the weights that quantizing 'every op' puts on int8 grids."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+            helper.make_node("ReduceMean", ["h"], ["mu"], axes=[-1], name="mean"),
+            helper.make_node("Sub", ["h", "mu"], ["d"], name="center"),
+            helper.make_node("Mul", ["d", "d"], ["d2"], name="square"),
+            helper.make_node("ReduceMean", ["d2"], ["var"], axes=[-1], name="var"),
+            helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+            helper.make_node("Sqrt", ["ve"], ["sd"], name="sqrt"),
+            helper.make_node("Div", ["d", "sd"], ["n"], name="normalize"),
+            helper.make_node("MatMul", ["n", "W2"], ["y"], name="fc2"),
+        ],
+        "layer-norm-mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "W1"),
+            numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+            numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float32), "W2"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _fed_by_dequantize(path: Path) -> set[str]:
+    """Names of the nodes that have an input coming out of a DequantizeLinear."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node if any(i in dq for i in n.input)}
+
+
+def test_default_op_types_leave_elementwise_math_in_float(tmp_path: Path) -> None:
+    """Quantizing every type ORT can (Mul, Add, Sqrt, ReduceMean, ...) broke magika and
+    silero-vad and hurt PaddleOCR rec; the default quantizes the weight-bearing ops only."""
+    from sdk.quantize import DEFAULT_OP_TYPES
+
+    source = read_artifact(_layer_norm_mlp(tmp_path / "ln.onnx"))
+    x = {"x": np.random.default_rng(2).standard_normal((200, 32)).astype(np.float32)}
+    default = quantize(source, x, out=tmp_path / "default.onnx")
+    every = quantize(source, x, out=tmp_path / "all.onnx", config=QuantizeConfig(op_types=None))
+
+    print(
+        f"\n[op types] default cosine {default.details['check']['cosine_min']:.5f}, "
+        f"all ops {every.details['check']['cosine_min']:.5f}"
+    )
+    assert QuantizeConfig().op_types == DEFAULT_OP_TYPES
+    assert {"Conv", "MatMul", "Gemm"} <= set(DEFAULT_OP_TYPES)
+    assert not {"Mul", "Add", "Sqrt", "ReduceMean", "Div", "Transpose"} & set(DEFAULT_OP_TYPES)
+    # (fc1's output is quantized, so whatever reads it reads a DequantizeLinear: look further.)
+    quantized = _fed_by_dequantize(default.path)
+    assert {"fc1", "fc2"} <= quantized
+    assert not quantized & {"square", "var", "add_eps", "sqrt"}
+    assert {"square", "var", "add_eps", "sqrt"} <= _fed_by_dequantize(every.path)
+    assert default.recipe == "ort-static-int8-qdq-minmax"
+    assert every.recipe == "ort-static-int8-qdq-minmax-all-ops"
+    assert default.details["check"]["cosine_min"] > every.details["check"]["cosine_min"]
+    assert default.details["check"]["cosine_min"] > 0.999
+
+
 def _matmul_add_2d_bias(path: Path) -> Path:
     """MatMul + Add with a (1, N) bias, which ORT's pre-processing fuses into one Gemm."""
     from onnx import TensorProto, helper, numpy_helper
