@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path, help="the fp32 .onnx file")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the int8 .onnx")
-    p.add_argument("--calibration", type=Path, help=".npz of representative inputs (static mode)")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help=".npz of representative inputs (static mode: calibrates; both modes: the check "
+        "of the int8 model against fp32 runs on it, else on generated random inputs)",
+    )
     p.add_argument("--mode", choices=["static", "dynamic"], default="static")
     p.add_argument(
         "--method",
@@ -309,6 +314,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
     for note in art.details.get("fallbacks", []):
         print(f"  note: {note}")
+    print(_check_line(art.details.get("check") or {}))
     return EXIT_OK
 
 

@@ -14,6 +14,19 @@ ONNX Runtime's tooling can fail at has a fallback or an edgeship error that name
    model on the same inputs; a node the runtime refuses is excluded and quantization retried.
 
 Each fallback is logged and listed in the returned artifact's ``details["fallbacks"]``.
+
+Only the operators in :data:`DEFAULT_OP_TYPES` are quantized unless ``op_types`` says otherwise:
+the ones that hold the weights and do the arithmetic (and the activations ORT folds into them).
+Quantizing every operator ORT can (``op_types=None``) also puts element-wise math, reductions
+and normalisations on int8 grids, which broke or degraded real models (magika, silero-vad,
+PaddleOCR) while adding little speed.
+
+The check in step 4 is in ``details["check"]``: the worst per-sample cosine similarity of the
+outputs with fp32's and the largest absolute error, on calibration samples when there are any,
+else on generated random inputs (which only shows that the model runs). Below
+:data:`CHECK_MIN_COSINE` on real data, a warning is logged. ORT's own printing and logging
+during quantization is sent to this module's logger at INFO level (``edgeship -v`` shows it).
+See docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
@@ -35,14 +49,21 @@ import numpy as np
 
 from device_agent.errors import RuntimeLoadError
 from sdk.artifact import ModelArtifact, read_artifact
-from sdk.data import Dataset, DataSource, load_dataset
+from sdk.data import Dataset, DataSource, load_dataset, sample_count, take_samples
 from sdk.errors import ConfigError, DataError, ModelFormatError, QuantizationError
 
 if TYPE_CHECKING:
     from device_agent.contracts.bundle import IOSpec, TensorSpec
     from device_agent.runtime import ModelSession
 
-__all__ = ["CalibMethod", "QuantMode", "QuantizeConfig", "quantize"]
+__all__ = [
+    "CHECK_MIN_COSINE",
+    "DEFAULT_OP_TYPES",
+    "CalibMethod",
+    "QuantMode",
+    "QuantizeConfig",
+    "quantize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +179,9 @@ def quantize(
 
     ``calibration`` (an ``.npz`` path, a dict of arrays, an array, an iterable of input dicts or
     a :class:`~sdk.data.Dataset`) is required in static mode; in dynamic mode it is optional and
-    only used to check the result. The returned artifact has been loaded and run by ONNX Runtime.
+    only used to check the result (without it the check runs on generated random inputs, which
+    shows the model runs but not how accurate it is). The returned artifact has been loaded and
+    run by ONNX Runtime; ``details["check"]`` holds the comparison with fp32.
 
     Raises :class:`DataError` for calibration data that does not fit the model,
     :class:`ConfigError` for bad settings and :class:`QuantizationError` naming the failed step.
@@ -206,6 +229,7 @@ def quantize(
                 excluded.extend(nodes)
         size_fp32 = source.size_bytes
         _publish(candidate, target)
+    _warn_on_check(check, config)
 
     details: dict[str, Any] = {
         "mode": config.mode,
@@ -419,12 +443,12 @@ def _preprocess(raw: Path, tmp: Path, fallbacks: list[str]) -> Path:
                 quant_pre_process(str(raw), str(target), **options)
         except Exception as exc:  # symbolic shape inference and ORT's optimizer raise anything
             errors.append(f"{label}: {_first_line(exc)}")
-            log.warning("ONNX Runtime pre-processing (%s) failed: %s", label, _first_line(exc))
+            log.info("ONNX Runtime pre-processing (%s) failed: %s", label, _first_line(exc))
             continue
         if errors:
             note = f"pre-processing ran {label} because the full run failed ({errors[0]})"
             fallbacks.append(note)
-            log.warning(note)
+            log.info(note)  # a harmless fallback: listed in details["fallbacks"], not alarming
         return target
     note = f"pre-processing skipped: it failed every way ({'; '.join(errors)})"
     fallbacks.append(note)
@@ -491,7 +515,7 @@ class _BatchReader:
             return None
         lo = self._next * self._size
         self._next += 1
-        return {k: v[lo : lo + self._size] for k, v in self._data.inputs.items()}
+        return take_samples(self._data.inputs, lo, lo + self._size)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -712,8 +736,7 @@ def _verify(
         raise _RuntimeRefusal(
             "running the quantized model", _strip_prefix(str(exc)), _node_in_message(str(exc))
         ) from exc
-    samples = len(next(iter(feed.values())))
-    return session.io, _compare(session.io, outputs, expected, kind, samples)
+    return session.io, _compare(session.io, outputs, expected, kind, sample_count(feed))
 
 
 def _check_inputs(
@@ -724,7 +747,7 @@ def _check_inputs(
     fixed = _has_fixed_batch(reference.io)
     if data is not None and (not fixed or len(data) >= batch):
         count = batch if fixed else min(len(data), _CHECK_SAMPLES)
-        feed = {k: v[:count] for k, v in data.head(count).inputs.items()}
+        feed = dict(data.head(count).inputs)
         try:
             return feed, "calibration", reference.run(feed)
         except RuntimeLoadError as exc:
@@ -733,7 +756,9 @@ def _check_inputs(
     for size in (8, 32, 1, 224):
         feed = _generated_feed(reference.io.inputs, size)
         try:
-            return feed, "generated", reference.run(feed)
+            # A size the model refuses makes ORT log an error line of its own: keep it quiet.
+            with _native_stderr_to_log():
+                return feed, "generated", reference.run(feed)
         except RuntimeLoadError as exc:
             errors.append(str(exc))
     raise QuantizationError(
@@ -765,9 +790,19 @@ def _generated_feed(specs: Sequence[TensorSpec], free_size: int) -> dict[str, np
 def _compare(
     io_spec: IOSpec, got: list[np.ndarray], expected: list[np.ndarray], kind: str, samples: int
 ) -> dict[str, Any]:
+    """The check's figures: the worst per-sample cosine over the outputs, the largest error.
+
+    An output with one value per sample is compared as one vector across the samples: a
+    per-sample cosine of a single value is only its sign, and would hide a broken model.
+    """
     from sdk.evaluate import cosine_rows, max_abs_difference
 
     summary: dict[str, Any] = {"inputs": kind, "samples": samples}
+    if kind == "generated":
+        summary["note"] = (
+            "generated random inputs: shows the int8 model runs, not how accurate it is; "
+            "pass calibration data for a real check"
+        )
     worst_cos: float | None = None
     worst_abs = 0.0
     for spec, q, f in zip(io_spec.outputs, got, expected, strict=False):
@@ -780,13 +815,36 @@ def _compare(
                 f"checking the quantized model: output {spec.name!r} holds NaN or infinity where "
                 "the fp32 model's does not; try another calibration method or dynamic mode"
             )
-        if q.size and q.ndim >= 1:
-            cos = float(cosine_rows(q, f).min())
+        if q.size:
+            per_sample = q.ndim >= 1 and q.size > len(q)
+            if per_sample:
+                cos = float(cosine_rows(q, f).min())
+            else:
+                cos = float(cosine_rows(q.reshape(1, -1), f.reshape(1, -1))[0])
             worst_cos = cos if worst_cos is None else min(worst_cos, cos)
         worst_abs = max(worst_abs, max_abs_difference(q, f))
     summary["cosine_min"] = worst_cos
     summary["max_abs_error"] = worst_abs
     return summary
+
+
+def _warn_on_check(check: dict[str, Any], config: QuantizeConfig) -> None:
+    cos = check.get("cosine_min")
+    if check.get("inputs") != "calibration" or cos is None or cos >= CHECK_MIN_COSINE:
+        return
+    if config.op_types is None:
+        hint = "quantize only the default op_types"
+    elif config.mode == "dynamic":
+        hint = "exclude sensitive nodes, or use static mode"
+    else:
+        hint = "exclude sensitive nodes, or try another calibration method"
+    log.warning(
+        "the int8 model's outputs differ from fp32's on calibration data: worst-sample cosine "
+        "%.4g (below %.2f); %s",
+        cos,
+        CHECK_MIN_COSINE,
+        hint,
+    )
 
 
 # --- finding nodes in ORT's messages ------------------------------------------------------
@@ -855,15 +913,77 @@ def _nodes_behind(failed: str, prepared: Path) -> list[str]:
 # --- helpers ------------------------------------------------------------------------------
 
 
+class _RelayFilter(logging.Filter):
+    """Drops ORT's records logged on the root logger after re-logging them on this module's
+    logger at INFO level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.info("onnxruntime: %s", record.getMessage())
+        return False
+
+
+class _RelayHandler(logging.Handler):
+    """The same for records of the ``onnxruntime.*`` loggers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.info("onnxruntime: %s", record.getMessage())
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Send what ORT's quantization tools print to stdout to the debug log instead."""
+    """Keep ORT's quantization tools off the terminal: what they print (stdout, and native
+    stderr) and log (``logging.warning`` on the root logger, e.g. "Axis 1 is out-of-range for
+    weight ...") goes to this module's logger at INFO level (``edgeship -v`` shows it)."""
+    root = logging.getLogger()
+    ort_logger = logging.getLogger("onnxruntime")
+    relay = _RelayFilter()
+    relay_handler = _RelayHandler()
+    # logging.warning() on a root logger without handlers would install one (basicConfig).
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    root.addFilter(relay)
+    ort_logger.addHandler(relay_handler)
+    propagate = ort_logger.propagate
+    ort_logger.propagate = False
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    try:
+        with contextlib.redirect_stdout(buffer), _native_stderr_to_log():
+            yield
+    finally:
+        ort_logger.propagate = propagate
+        ort_logger.removeHandler(relay_handler)
+        root.removeFilter(relay)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+        text = buffer.getvalue().strip()
+        if text:
+            log.debug("onnxruntime.quantization: %s", text)
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Capture what native code writes to file descriptor 2 (ORT's ``[E:onnxruntime ...]``
+    lines) and log it at INFO level instead of showing it."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, closed)
         yield
-    text = buffer.getvalue().strip()
-    if text:
-        log.debug("onnxruntime.quantization: %s", text)
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                log.info("onnxruntime (native): %s", text[-4000:])
 
 
 @contextlib.contextmanager

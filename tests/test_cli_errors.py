@@ -72,6 +72,10 @@ CASES = [
         lambda f, o: ["quantize", "nope.onnx", "--mode", "dynamic", "-o", o + ".onnx"],
         "not found: nope.onnx",
     ),
+    (
+        lambda f, o: ["quantize", f["mlp"], "--mode", "dynamic", "--op-types", ",", "-o", o],
+        "--op-types: give operator types",
+    ),
     (lambda f, o: ["bench", f["corrupt"]], "corrupt.onnx"),
     (lambda f, o: ["bench", f["mlp"], "--target", "rpi9"], "unknown target 'rpi9'"),
     (lambda f, o: ["bench", f["mlp"], "--budget", "p95=3ms"], "malformed budget term"),
@@ -112,3 +116,53 @@ def test_help_teaches() -> None:
         sub = _run(cmd, "--help")
         assert sub.returncode == 0 and "usage: edgeship " + cmd in sub.stdout
     assert "rpi-zero2w" in _run("targets").stdout
+
+
+# --- what a successful quantize prints, and what it keeps quiet ----------------------------
+
+
+def _conv9_model(path: Path) -> Path:
+    """x (N, 3, ?, ?) -> Conv 9x9 without padding: a generated 8x8 input is refused (ORT logs
+    an error line of its own for it), a larger one runs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((4, 3, 9, 9)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="conv")],
+        "conv9",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_quantize_prints_its_check_and_no_runtime_noise(tmp_path: Path) -> None:
+    model = _conv9_model(tmp_path / "conv9.onnx")
+    out = _run("quantize", str(model), "--mode", "dynamic", "-o", str(tmp_path / "q.onnx"))
+    print(f"\n[quantize] {out.stdout}{out.stderr}")
+    assert out.returncode == 0, out.stderr
+    assert "[E:onnxruntime" not in out.stderr and "Non-zero status code" not in out.stderr
+    assert "WARNING root" not in out.stderr
+    assert "check vs fp32 on 2 generated random inputs: worst-sample cosine" in out.stdout
+    assert "not its accuracy; pass --calibration for a real check" in out.stdout
+
+
+def test_quantize_check_runs_on_calibration_data_in_dynamic_mode(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    out = _run(
+        "quantize",
+        str(files["mlp"]),
+        "--mode",
+        "dynamic",
+        "--calibration",
+        str(files["good"]),
+        "-o",
+        str(tmp_path / "q.onnx"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "check vs fp32 on 16 calibration samples: worst-sample cosine" in out.stdout
+    assert "(ok)" in out.stdout

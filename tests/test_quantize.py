@@ -639,6 +639,62 @@ def test_a_failing_bias_adjustment_is_retried_without_it(
     assert int8.details["check"]["cosine_min"] > 0.99
 
 
+def _if_model(path: Path) -> Path:
+    """silero-vad's shape: the top-level graph is Equal + If on a scalar input; the MatMuls (with
+    their weights as Constant nodes) live in the branches."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name: str) -> Any:
+        weight = numpy_helper.from_array(_f32(16, 8), f"W_{name}")
+        return helper.make_graph(
+            [
+                helper.make_node("Constant", [], [f"W_{name}"], value=weight),
+                helper.make_node("MatMul", ["x", f"W_{name}"], [f"y_{name}"], name=f"mm_{name}"),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["N", 8])],
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Equal", ["sr", "k"], ["is16k"], name="is16k"),
+            helper.make_node(
+                "If",
+                ["is16k"],
+                ["y"],
+                name="by_rate",
+                then_branch=branch("then"),
+                else_branch=branch("else"),
+            ),
+        ],
+        "if-model",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(np.array(16000, np.int64), "k")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_compute_inside_if_branches_is_named(mode: str, tmp_path: Path) -> None:
+    from sdk.errors import QuantizationError
+
+    source = _if_model(tmp_path / "if.onnx")
+    data = {"x": _f32(40, 16), "sr": np.array(16000)}  # a scalar input: one shared constant
+    config = QuantizeConfig(mode=mode)  # type: ignore[arg-type]
+    with pytest.raises(QuantizationError) as info:
+        quantize(source, data, out=tmp_path / "q.onnx", config=config)
+    message = str(info.value)
+    print(f"\n[If] {message}")
+    assert "its compute (2 MatMul) is inside the subgraphs of If nodes" in message
+    assert "without control flow" in message
+    assert "(Equal, If)" not in message  # the old, literal and useless operator list
+
+
 def test_quantized_nodes_in_subgraphs_are_counted(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
@@ -713,3 +769,68 @@ def test_exclude_accepts_a_node_named_by_preprocessing(tmp_path: Path) -> None:
             out=tmp_path / "q2.onnx",
             config=QuantizeConfig(exclude_nodes=("mm1/NoSuchFusion",)),
         )
+
+
+def test_the_check_says_what_it_ran_on(tmp_path: Path) -> None:
+    """Without calibration data the dynamic-mode check runs on random inputs, which shows the
+    model runs but not its accuracy; with calibration data it runs on that."""
+    source = _matmul_add_2d_bias(tmp_path / "gemm.onnx")
+    config = QuantizeConfig(mode="dynamic")
+    blind = quantize(source, out=tmp_path / "blind.onnx", config=config)
+    real = quantize(source, {"x": _f32(40, 8)}, out=tmp_path / "real.onnx", config=config)
+    assert blind.details["check"]["inputs"] == "generated"
+    assert "not how accurate it is" in blind.details["check"]["note"]
+    assert real.details["check"]["inputs"] == "calibration"
+    assert real.details["check"]["samples"] == 16 and "note" not in real.details["check"]
+
+
+def test_a_one_value_output_is_checked_across_samples() -> None:
+    """silero-vad's speech probability is (N, 1): a per-sample cosine of one positive value is
+    always 1, so the check compares the column across samples instead."""
+    from device_agent.contracts.bundle import IOSpec, TensorSpec
+    from sdk.quantize import _compare
+
+    io = IOSpec((TensorSpec("x", "float32", ("N", 4)),), (TensorSpec("p", "float32", ("N", 1)),))
+    fp32 = np.array([[0.9], [0.1], [0.8], [0.2]], np.float32)
+    int8 = np.array([[0.1], [0.9], [0.2], [0.8]], np.float32)  # every decision flipped
+    check = _compare(io, [int8], [fp32], "calibration", 4)
+    assert check["cosine_min"] == pytest.approx(0.5 / 1.5)
+    assert _compare(io, [fp32], [fp32], "calibration", 4)["cosine_min"] == pytest.approx(1.0)
+
+
+def test_a_bad_check_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sdk.quantize import _warn_on_check
+
+    caplog.set_level(logging.WARNING, logger="sdk.quantize")
+    _warn_on_check({"inputs": "calibration", "cosine_min": 0.027}, QuantizeConfig())
+    _warn_on_check({"inputs": "generated", "cosine_min": 0.5}, QuantizeConfig())  # says little
+    _warn_on_check({"inputs": "calibration", "cosine_min": 0.999}, QuantizeConfig())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "worst-sample cosine 0.027" in warnings[0]
+
+
+def test_ort_output_is_kept_off_the_terminal(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ORT's quantizer calls logging.warning() on the root logger ('Axis 1 is out-of-range for
+    weight ...') and its C++ code writes '[E:onnxruntime ...]' lines to stderr: both go to
+    sdk.quantize's log at INFO level (edgeship -v shows them)."""
+    import logging
+    import os
+
+    from sdk.quantize import _quiet
+
+    caplog.set_level(logging.INFO, logger="sdk.quantize")
+    with _quiet():
+        logging.warning("Axis 1 is out-of-range for weight 'w' with rank 1")
+        logging.getLogger("onnxruntime.quantization.quant_utils").warning("from a child logger")
+        os.write(2, b"[E:onnxruntime:, sequential_executor.cc:677] Non-zero status code\n")
+        print("printed by a quantization tool")
+    out = capfd.readouterr()
+    assert out.err == "" and out.out == ""
+    relayed = " | ".join(r.getMessage() for r in caplog.records if r.name == "sdk.quantize")
+    assert "Axis 1 is out-of-range" in relayed and "from a child logger" in relayed
+    assert "Non-zero status code" in relayed
+    assert not any(r.name == "root" for r in caplog.records)
