@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except EdgeshipError as exc:
+        if args.debug:  # the traceback, with the foreign error it was converted from
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"edgeship: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

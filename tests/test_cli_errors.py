@@ -166,3 +166,18 @@ def test_quantize_check_runs_on_calibration_data_in_dynamic_mode(
     assert out.returncode == 0, out.stderr
     assert "check vs fp32 on 16 calibration samples: worst-sample cosine" in out.stdout
     assert "(ok)" in out.stdout
+
+
+# --- --debug --------------------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback_behind_an_edgeship_error(files: dict[str, Path]) -> None:
+    """--debug used to show tracebacks only for internal errors; a converted error (ONNX's
+    DecodeError behind edgeship's ModelFormatError here) needs its cause shown too."""
+    out = _run("--debug", "quantize", str(files["truncated"]), "--mode", "dynamic", "-o", "q.onnx")
+    assert out.returncode == 2
+    assert "Traceback" in out.stderr and "DecodeError" in out.stderr
+    assert "The above exception was the direct cause of the following exception" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("edgeship: error: ")
+    plain = _run("quantize", str(files["truncated"]), "--mode", "dynamic", "-o", "q.onnx")
+    assert "Traceback" not in plain.stderr  # without --debug: one line, as before
