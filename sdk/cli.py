@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="minimum timed runs (default 200)")
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds (default 3)")
     p.add_argument("--threads", type=int, help="override the profile's thread count")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="full shape of the generated input NAME, e.g. x=1,3,48,320 (repeatable); needed "
+        "for dynamic dimensions other than the batch",
+    )
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(handler=_cmd_bench)
 
@@ -363,11 +371,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     target = get_target(args.target, latency_scale=args.latency_scale)
     model_path = _model_from_path(args.model)
     config = BenchConfig(
-        target=target, min_runs=args.runs, min_seconds=args.seconds, threads=args.threads
+        target=target,
+        min_runs=args.runs,
+        min_seconds=args.seconds,
+        threads=args.threads,
+        shapes=_parse_shapes(args.shape) or None,
     )
-    report = benchmark(
-        model_path, config, budget=None if budget.is_empty() else budget, progress=True
-    )
+    try:
+        report = benchmark(
+            model_path, config, budget=None if budget.is_empty() else budget, progress=True
+        )
+    except ConfigError as exc:
+        if "cannot choose a size for dimension" not in str(exc):
+            raise
+        raise ConfigError(f"{exc}; on the command line: --shape NAME=D0,D1,...") from exc
     print(report.summary())
     if args.json is not None:
         _write_json(args.json, report.to_dict())
@@ -543,6 +560,24 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         flush=True,
     )
     return EXIT_OK
+
+
+def _parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["x=1,3,48,320", ...]`` -> ``{"x": (1, 3, 48, 320)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not sep or not name.strip() or not shape or any(d < 0 for d in shape):
+            raise ConfigError(
+                f"--shape {item!r}: expected NAME=D0,D1,... with the input's full shape, "
+                "e.g. x=1,3,48,320"
+            )
+        shapes[name.strip()] = shape
+    return shapes
 
 
 def _model_from_path(path: Path) -> Path:

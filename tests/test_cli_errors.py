@@ -81,6 +81,9 @@ CASES = [
     (lambda f, o: ["bench", f["mlp"], "--budget", "p95=3ms"], "malformed budget term"),
     (lambda f, o: ["bench", f["mlp"], "--budget", "speed<=3ms"], "unknown budget key"),
     (lambda f, o: ["bench", "missing.onnx"], "not found: missing.onnx"),
+    (lambda f, o: ["bench", f["mlp"], "--shape", "x"], "--shape 'x': expected NAME=D0,D1"),
+    (lambda f, o: ["bench", f["mlp"], "--shape", "x=1,two"], "--shape 'x=1,two': expected"),
+    (lambda f, o: ["bench", f["mlp"], "--shape", "x=1,3"], "shapes['x'] = (1, 3) does not fit"),
     (
         lambda f, o: ["optimize", f["mlp"], "--eval", f["wrong_shape"], "-o", o],
         "eval data: input 'x' has shape (40, 12)",
@@ -168,7 +171,7 @@ def test_quantize_check_runs_on_calibration_data_in_dynamic_mode(
     assert "(ok)" in out.stdout
 
 
-# --- --debug --------------------------------------------------------------------------------
+# --- --debug and bench --shape ---------------------------------------------------------------
 
 
 def test_debug_shows_the_traceback_behind_an_edgeship_error(files: dict[str, Path]) -> None:
@@ -181,3 +184,17 @@ def test_debug_shows_the_traceback_behind_an_edgeship_error(files: dict[str, Pat
     assert out.stderr.strip().splitlines()[-1].startswith("edgeship: error: ")
     plain = _run("quantize", str(files["truncated"]), "--mode", "dynamic", "-o", "q.onnx")
     assert "Traceback" not in plain.stderr  # without --debug: one line, as before
+
+
+def test_bench_shape_sizes_dynamic_dimensions(tmp_path: Path) -> None:
+    """PaddleOCR's recogniser takes (N, 3, ?, ?): without --shape bench cannot pick H and W."""
+    import json
+
+    model = _conv9_model(tmp_path / "conv9.onnx")
+    fast = ["--runs", "3", "--seconds", "0"]
+    refused = _run("bench", str(model), *fast)
+    _assert_one_line_error(refused, "on the command line: --shape NAME=D0,D1,...")
+    report = tmp_path / "bench.json"
+    out = _run("bench", str(model), "--shape", "x=1,3,16,24", *fast, "--json", str(report))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(report.read_text())["input_shapes"] == {"x": [1, 3, 16, 24]}
