@@ -13,6 +13,9 @@ Routes (all GET; documented with examples in ``docs/collector.md``):
 * ``/api/dead-letters``: the newest rejected messages (``?limit=N``, default 50) with the field
   and reason, and a payload preview.
 
+Other parts of the collector add routes with :func:`mount` (:mod:`sdk.collector.monitor`:
+``/metrics``, ``/api/alerts``, ``/api/drift`` and the dashboard at ``/``).
+
 It binds 127.0.0.1 unless told otherwise: the API has no authentication, so exposing it is a
 decision for a reverse proxy, not a default.
 """
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,11 +36,21 @@ from device_agent.errors import EdgeshipError
 from sdk.collector.errors import ConfigError
 from sdk.collector.state import FleetState
 
-__all__ = ["make_api_server"]
+__all__ = ["Route", "make_api_server", "mount"]
 
 log = logging.getLogger("sdk.collector.api")
 
 _MAX_SERIES = 10_000
+
+# A mounted route gets the path and the query; it answers (status, content type, body), or
+# None for a path that is not its own.
+Route = Callable[[str, dict[str, str]], "tuple[int, str, bytes] | None"]
+_ROUTES: weakref.WeakKeyDictionary[FleetState, list[Route]] = weakref.WeakKeyDictionary()
+
+
+def mount(state: FleetState, route: Route) -> None:
+    """Serve ``route`` on the API servers of ``state``, tried after the built-in routes."""
+    _ROUTES.setdefault(state, []).append(route)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -72,6 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._device(urllib.parse.unquote(path[len("/api/devices/") :]), query)
             elif path == "/api/dead-letters":
                 self._dead_letters(query)
+            elif self._mounted(url.path, query):
+                pass
             else:
                 self._send(
                     HTTPStatus.NOT_FOUND,
@@ -83,6 +99,20 @@ class _Handler(BaseHTTPRequestHandler):
         except EdgeshipError as exc:
             log.warning("API %s failed: %s", url.path, exc)
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+
+    def _mounted(self, path: str, query: dict[str, str]) -> bool:
+        for route in _ROUTES.get(self.state, ()):
+            answer = route(path, query)
+            if answer is not None:
+                status, content_type, body = answer
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+                return True
+        return False
 
     def _device(self, device: str, query: dict[str, str]) -> None:
         series = _int_arg(query, "series", 120, 0, _MAX_SERIES)
