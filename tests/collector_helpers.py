@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -26,6 +26,10 @@ from device_agent.contracts.messages import (
     encode,
     topic,
 )
+
+if TYPE_CHECKING:
+    from device_agent.contracts.messages import Alert
+    from sdk.collector.monitor import MonitorConfig
 
 LABELS = tuple(str(i) for i in range(10))
 UNIFORM = tuple([0.1] * 10)
@@ -213,6 +217,69 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+FLEET = "farm"
+
+
+class Fleet:
+    """A store, its fleet state and a monitor, all on one fake clock; ``sent`` collects the
+    published alerts."""
+
+    def __init__(self, tmp: Path, config: MonitorConfig | None = None, **kw: Any) -> None:
+        from sdk.collector.monitor import Monitor, MonitorConfig
+        from sdk.collector.state import FleetState, StateConfig
+        from sdk.collector.store import open_store
+
+        self.clock = FakeClock()
+        self.store = open_store(f"sqlite:///{tmp}/fleet.db")
+        self.state = FleetState(
+            self.store, fleet=FLEET, config=StateConfig(cache_s=0.0), clock=self.clock
+        )
+        self.sent: list[tuple[str, Alert]] = []
+        self.config = config or MonitorConfig(alerts_db=str(tmp / "alerts.db"))
+        self.monitor = Monitor(
+            self.state, self.store, self.config, clock=self.clock,
+            publish=lambda fleet, alert: self.sent.append((fleet, alert)), **kw,
+        )  # fmt: skip
+        self.rng = np.random.default_rng(0)
+        self.seq: dict[str, int] = {}
+
+    def next_seq(self, device: str) -> int:
+        self.seq[device] = self.seq.get(device, -1) + 1
+        return self.seq[device]
+
+    def online(self, device: str) -> None:
+        store_messages(
+            self.store,
+            FLEET,
+            [status(device, self.next_seq(device), ts=self.clock())],
+            self.clock(),
+        )
+
+    def offline(self, device: str) -> None:
+        store_messages(
+            self.store,
+            FLEET,
+            [status(device, self.next_seq(device), "offline", ts=self.clock())],
+            self.clock(),
+        )
+
+    def telemetry(self, device: str, **kw: Any) -> None:
+        m = window(device, self.next_seq(device), rng=self.rng, ts=self.clock(), **kw)
+        store_messages(self.store, FLEET, [m], self.clock())
+
+    def tick(self, advance: float = 10.0) -> list[tuple[str, str | None, str]]:
+        """Advance the clock, evaluate; the (state, device, rule) of alerts sent this tick."""
+        self.clock.advance(advance)
+        before = len(self.sent)
+        self.state.invalidate()
+        self.monitor.tick()
+        return [(a.state, a.device, a.rule) for _, a in self.sent[before:]]
+
+    def close(self) -> None:
+        self.monitor.stop()
+        self.store.close()
 
 
 def write_json(path: Path, data: Any) -> Path:

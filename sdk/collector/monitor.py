@@ -1,0 +1,403 @@
+"""The collector's watcher: drift, alerts and Prometheus metrics over what the collector stores.
+
+A :class:`Monitor` runs beside a :class:`~sdk.collector.service.Collector` (same process, its
+own thread and its own store connection) and never touches the ingest path::
+
+    store ──(new telemetry windows, every interval_s)──► DriftMonitor, per-device counters
+    FleetState.snapshot() ─────────────────────────────► AlertEngine ──► AlertStore, MQTT alerts
+                                                          │
+    GET /metrics, /api/alerts, /api/drift, /, /devices/x ◄┘  (mounted on the collector's API)
+
+Every ``interval_s`` (1 s) it reads the telemetry windows committed since the last read (by
+receive time, re-reading the last ``slack_s`` seconds so a batch committed late is not missed,
+de-duplicated by ``(fleet, device, boot, seq)``) and evaluates every rule on every device, so
+an alert follows the window that triggers it by about a second, and ``offline`` / ``stale``
+are noticed without any new message. At start it reads the last ``max_age_s`` (300 s) of
+telemetry, so rules that look at recent windows work at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from device_agent.errors import EdgeshipError
+from sdk.collector.alerts import (
+    RULES,
+    AlertEngine,
+    AlertsConfig,
+    AlertStore,
+    DeviceView,
+    MqttAlertPublisher,
+    Publish,
+)
+from sdk.collector.drift import DriftMonitor, ReferenceSet
+from sdk.collector.errors import ConfigError
+from sdk.collector.ingest import TelemetryRecord
+from sdk.collector.metrics import DeviceCounters, render_metrics
+from sdk.collector.state import DeviceState, FleetState
+from sdk.collector.store import Store
+
+if TYPE_CHECKING:
+    from sdk.collector.service import Collector, CollectorStats
+
+__all__ = ["Monitor", "MonitorConfig", "default_alerts_db"]
+
+log = logging.getLogger("sdk.collector.monitor")
+
+_RECENT_WINDOWS = 64
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """``alerts``: the rules (``load_alerts_config``); ``references``: ``--reference`` specs
+    (see :func:`sdk.collector.drift.load_reference_spec`); ``alerts_db``: the alert history's
+    SQLite file (None: next to a SQLite store, in memory otherwise); ``interval_s``: how often
+    new telemetry is read and rules evaluated; ``expire_after_s``: a device silent that long
+    has no metrics any more; ``publish``: send alerts over MQTT."""
+
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    references: tuple[str, ...] = ()
+    alerts_db: str | None = None
+    interval_s: float = 1.0
+    expire_after_s: float = 3600.0
+    publish: bool = True
+    slack_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval_s <= 60:
+            raise ConfigError("monitor: interval_s must be in (0, 60]")
+        if not self.expire_after_s > 0 or self.slack_s < 0:
+            raise ConfigError("monitor: expire_after_s must be positive, slack_s >= 0")
+
+
+def default_alerts_db(store_url: str) -> str:
+    """``sqlite:///fleet.db`` (or a bare path) -> ``fleet.alerts.db`` beside it; a PostgreSQL
+    store -> ``:memory:`` (pass ``alerts_db`` to keep its alert history in a file)."""
+    if store_url.startswith("sqlite:///"):
+        path = store_url[len("sqlite:///") :].split("?", 1)[0]
+    elif "://" not in store_url:
+        path = store_url  # open_store reads a bare path as a SQLite file
+    else:
+        return ":memory:"
+    if not path or path == ":memory:":
+        return ":memory:"
+    p = Path(path)
+    return str(p.with_name(p.stem + ".alerts.db"))
+
+
+@dataclass
+class _Track:
+    """What the monitor keeps per device between ticks."""
+
+    model: str | None
+    version: str | None
+    windows: deque[TelemetryRecord] = field(default_factory=lambda: deque(maxlen=_RECENT_WINDOWS))
+    drops: deque[tuple[float, int]] = field(default_factory=deque)
+    missing: deque[tuple[float, int]] = field(default_factory=deque)
+    seen: int = 0
+
+
+class Monitor:
+    """Drift, alerts and metrics for one collector. :meth:`start` runs it on a thread;
+    :meth:`tick` does one round (tests call it directly with a fake clock)."""
+
+    def __init__(
+        self,
+        state: FleetState,
+        store: Store,
+        config: MonitorConfig = MonitorConfig(),
+        *,
+        references: ReferenceSet | None = None,
+        publish: Publish | None = None,
+        stats: Callable[[], CollectorStats] | None = None,
+        source: str = "collector",
+        clock: Callable[[], float] = time.time,
+        close: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.config = config
+        self.references = (
+            references if references is not None else ReferenceSet.from_specs(config.references)
+        )
+        self.drift = DriftMonitor(config.alerts.drift, self.references)
+        self.alert_store = AlertStore(config.alerts_db or ":memory:")
+        self.engine = AlertEngine(
+            config.alerts, self.alert_store, source=source, publish=publish, clock=clock
+        )
+        self._stats = stats
+        self._clock = clock
+        self._close = list(close)
+        self._lock = threading.Lock()
+        self._tracks: dict[tuple[str, str], _Track] = {}
+        self._counters: dict[tuple[str, str], DeviceCounters] = {}
+        self._cursor: dict[str, float] = {}
+        self._seen: dict[tuple[str, str, str, int], float] = {}
+        self._started_at = clock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+        self.errors = 0
+        self.last_error: str | None = None
+
+    @classmethod
+    def for_collector(
+        cls, collector: Collector, config: MonitorConfig = MonitorConfig()
+    ) -> Monitor:
+        """A monitor for a started collector: its own store connection, alerts published to
+        the collector's broker under the client id ``{collector id}-alerts``."""
+        from sdk.collector.store import open_store
+
+        cfg = collector.config
+        references = ReferenceSet.from_specs(config.references)
+        if config.alerts_db is None:
+            from dataclasses import replace
+
+            config = replace(config, alerts_db=default_alerts_db(cfg.store_url))
+        store = open_store(cfg.store_url, migrate=False)
+        closers: list[Callable[[], None]] = [store.close]
+        publisher = None
+        if config.publish:
+            publisher = MqttAlertPublisher(
+                cfg.broker_url, f"{cfg.session_id[:57]}-alerts", ca_file=cfg.ca_file
+            )
+            closers.insert(0, publisher.close)
+        return cls(
+            collector.state,
+            store,
+            config,
+            references=references,
+            publish=publisher,
+            stats=lambda: collector.stats,
+            source=cfg.session_id,
+            close=closers,
+        )
+
+    # --- lifecycle ---
+
+    def start(self) -> Monitor:
+        """Mount the routes on the collector's API and start the thread."""
+        from sdk.collector.api import mount
+        from sdk.collector.web import make_routes
+
+        mount(self.state, make_routes(self))
+        self._thread = threading.Thread(target=self._run, name="edgeship-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30.0)
+        for close in self._close:
+            try:
+                close()
+            except Exception:  # closing a connection that is already broken
+                log.debug("monitor: close failed", exc_info=True)
+        self.alert_store.close()
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except EdgeshipError as exc:
+                self._note(f"{type(exc).__name__}: {exc}")
+                log.warning("monitor: %s (retrying)", exc)
+            except Exception as exc:  # a bug: keep the collector running, count and show it
+                self._note(f"{type(exc).__name__}: {exc}")
+                log.exception("monitor: tick failed")
+            self._stop.wait(self.config.interval_s)
+
+    def _note(self, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+
+    # --- one round ---
+
+    def tick(self) -> None:
+        """Read new telemetry, update drift and counters, evaluate every rule."""
+        now = self._clock()
+        snap = self.state.snapshot()
+        fleets = {d.fleet for d in snap.devices}
+        if self.state.fleet is not None:
+            fleets.add(self.state.fleet)
+        new: list[TelemetryRecord] = []
+        for fleet in sorted(fleets):
+            new.extend(self._poll(fleet, now))
+        new.sort(key=lambda w: (w.received_at, w.seq))
+        with self._lock:
+            for w in new:
+                self._observe(w)
+            views = [self._view(d, now) for d in snap.devices]
+        self.engine.evaluate(views)
+        self._expire(snap.devices, now)
+        self.ticks += 1
+
+    def _poll(self, fleet: str, now: float) -> list[TelemetryRecord]:
+        slack = self.config.slack_s
+        cursor = self._cursor.get(fleet)
+        if cursor is None:
+            cursor = now - self.config.alerts.max_age_s
+        rows = self.store.telemetry(fleet, since=cursor - slack)
+        out = []
+        for w in rows:
+            if w.key in self._seen:
+                continue
+            self._seen[w.key] = w.received_at
+            out.append(w)
+            cursor = max(cursor, w.received_at)
+        self._cursor[fleet] = cursor
+        horizon = min(self._cursor.values()) - slack - 1.0
+        if len(self._seen) > 1024 or out:
+            self._seen = {k: t for k, t in self._seen.items() if t >= horizon}
+        return out
+
+    def _observe(self, w: TelemetryRecord) -> None:
+        key = (w.fleet, w.device)
+        track = self._tracks.get(key)
+        if track is None or (track.model, track.version) != (w.model, w.model_version):
+            old = track
+            track = _Track(w.model, w.model_version)
+            if old is not None:  # gap and drop history are the device's, not the model's
+                track.drops, track.missing, track.seen = old.drops, old.missing, old.seen
+            self._tracks[key] = track
+        track.windows.append(w)
+        track.seen += 1
+        if w.drops_since_last:
+            track.drops.append((w.received_at, w.drops_since_last))
+        counters = self._counters.get(key)
+        if counters is None or (counters.model, counters.model_version) != (
+            w.model,
+            w.model_version,
+        ):
+            counters = DeviceCounters(w.fleet, w.device, w.model, w.model_version)
+            self._counters[key] = counters
+        counters.add(w)
+        self.drift.observe(w)
+
+    def _view(self, d: DeviceState, now: float) -> DeviceView:
+        cfg = self.config.alerts
+        key = (d.fleet, d.device)
+        track = self._tracks.get(key)
+        if track is None:
+            track = self._tracks[key] = _Track(d.model, d.model_version)
+        oldest = now - cfg.max_age_s
+        windows = [w for w in track.windows if w.received_at >= oldest]
+        gap_period = cfg.rules["gaps"].period_s
+        missing = track.missing
+        if not missing or missing[-1][1] != d.gaps.missing:
+            missing.append((now, d.gaps.missing))
+        while len(missing) > 1 and missing[1][0] <= now - gap_period:
+            missing.popleft()
+        new_gaps = max(0, missing[-1][1] - min(v for _, v in missing))
+        drop_period = cfg.rules["spool_drops"].period_s
+        while track.drops and track.drops[0][0] < now - max(drop_period, gap_period):
+            track.drops.popleft()
+        drops = sum(n for t, n in track.drops if t >= now - drop_period)
+        return DeviceView(
+            state=d,
+            now=now,
+            windows=windows,
+            drift=self.drift.result(d.fleet, d.device),
+            reference=self.references.lookup(d.model, d.model_version),
+            new_gaps=new_gaps,
+            spool_drops=drops,
+        )
+
+    def _expire(self, devices: Sequence[DeviceState], now: float) -> None:
+        limit = now - self.config.expire_after_s
+        gone = [
+            (d.fleet, d.device)
+            for d in devices
+            if d.last_seen is not None
+            and d.last_seen < limit
+            and (d.fleet, d.device) in self._tracks
+        ]
+        with self._lock:
+            for key in gone:
+                self._tracks.pop(key, None)
+                self._counters.pop(key, None)
+                self.drift.forget(*key)
+
+    # --- views for the API ---
+
+    def windows_seen(self, fleet: str, device: str) -> int:
+        """How many telemetry windows of the device the monitor has read (tests wait on it)."""
+        with self._lock:
+            track = self._tracks.get((fleet, device))
+            return 0 if track is None else track.seen
+
+    def metrics_text(self) -> str:
+        with self._lock:
+            counters = list(self._counters.values())
+        return render_metrics(
+            self.state.snapshot(),
+            stats=self._stats() if self._stats is not None else None,
+            counters=counters,
+            drift=self.drift.results(),
+            alerts=self.engine.firing(),
+            expire_after_s=self.config.expire_after_s,
+        ) + _monitor_metrics(self)
+
+    def alerts_dict(self, *, state: str | None = None, limit: int = 100) -> dict[str, Any]:
+        firing = [a.to_dict() for a in self.engine.firing()]
+        recent = [a.to_dict() for a in self.alert_store.recent(limit, state)]
+        return {
+            "source": self.engine.source,
+            "rules": list(RULES),
+            "firing": firing,
+            "recent": recent,
+        }
+
+    def drift_dict(self) -> dict[str, Any]:
+        cfg = self.config.alerts.drift
+        return {
+            "config": {
+                "windows": cfg.windows,
+                "min_samples": cfg.min_samples,
+                "max_windows": cfg.max_windows,
+                "baseline_windows": cfg.baseline_windows,
+                "baseline_samples": cfg.baseline_samples,
+                "epsilon": cfg.epsilon,
+                "moderate": cfg.moderate,
+                "significant": cfg.significant,
+            },
+            "references": [r.to_dict() for r in self.references],
+            "devices": [r.to_dict() for r in self.drift.results()],
+        }
+
+    def health(self) -> Mapping[str, Any]:
+        return {
+            "ticks": self.ticks,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "alerts_published": self.engine.published,
+            "alert_publish_errors": self.engine.publish_errors,
+            "firing": len(self.engine.firing()),
+            "alerts_db": self.alert_store.path,
+        }
+
+
+def _monitor_metrics(monitor: Monitor) -> str:
+    lines = [
+        "# HELP edgeship_collector_monitor_errors_total Monitor rounds that failed (see the log).",
+        "# TYPE edgeship_collector_monitor_errors_total counter",
+        f"edgeship_collector_monitor_errors_total {monitor.errors}",
+        "# HELP edgeship_collector_alerts_published_total Alert messages published over MQTT.",
+        "# TYPE edgeship_collector_alerts_published_total counter",
+        f"edgeship_collector_alerts_published_total {monitor.engine.published}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,154 @@
+"""The monitor beside a real collector: a real Mosquitto, real SQLite, alerts published over
+MQTT. Acceptance: a device whose prediction distribution shifts raises a drift alert within 3
+windows; an unshifted device over >= 100 windows raises none (both counted and printed)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from device_agent.contracts.messages import Alert, decode, subscription
+from sdk.collector.monitor import Monitor, MonitorConfig
+from sdk.collector.service import Collector, CollectorConfig
+from tests.brokers import Mosquitto, wait_for
+from tests.collector_helpers import (
+    LABELS,
+    UNIFORM,
+    Publisher,
+    gamma_score_counts,
+    reference_doc,
+    status,
+    window,
+    write_json,
+)
+
+FLEET = "farm"
+SHIFTED = (0.3, 0.3) + (0.05,) * 8  # two classes take 60% of the predictions (PSI 0.72)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path / "mosquitto") as b:
+        yield b
+
+
+class AlertListener:
+    """Subscribes to edgeship/{fleet}/alerts and decodes what arrives with the contract."""
+
+    def __init__(self, port: int) -> None:
+        self.alerts: list[Alert] = []
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"alerts-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(
+            subscription(FLEET, kind="alerts"), qos=1
+        )
+        self.client.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        msg = decode(m.topic, m.payload)
+        assert isinstance(msg, Alert) and not m.retain
+        self.alerts.append(msg)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def start_collector(broker: Mosquitto, tmp_path: Path, **monitor: Any) -> tuple[Collector, Monitor]:
+    config = CollectorConfig(
+        broker_url=broker.url,
+        fleet=FLEET,
+        store_url=f"sqlite:///{tmp_path}/fleet.db",
+        http="127.0.0.1:0",
+        client_id=f"test-{uuid.uuid4().hex[:8]}",
+        batch_interval_s=0.02,
+        worker="thread",
+    )
+    collector = Collector(config).start()
+    mon = Monitor.for_collector(collector, MonitorConfig(interval_s=0.05, **monitor)).start()
+    return collector, mon
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("basis", ["reference", "baseline"])
+def test_drift_alert_within_three_windows_and_no_false_alarm(
+    broker: Mosquitto, tmp_path: Path, basis: str
+) -> None:
+    rng = np.random.default_rng(42)
+    refs: tuple[str, ...] = ()
+    if basis == "reference":
+        ref = write_json(
+            tmp_path / "reference.json",
+            reference_doc(dict(zip(LABELS, UNIFORM, strict=True)), gamma_score_counts(rng)),
+        )
+        refs = (f"digits-cnn@1={ref}",)
+    collector, monitor = start_collector(broker, tmp_path, references=refs)
+    listener = AlertListener(broker.port)
+    pub = Publisher(broker.port, FLEET)
+    windows, shift_at = 120, 20
+    detected_after: int | None = None
+    try:
+        pub.send(status("steady", 0), status("shifty", 0))
+        for i in range(1, windows + 1):
+            shifted = i > shift_at
+            pub.send(
+                window("steady", i, rng=rng),
+                window("shifty", i, rng=rng, probs=SHIFTED if shifted else UNIFORM),
+            )
+            # One window at a time: wait until the monitor has read and judged this one.
+            assert wait_for(
+                lambda i=i: (
+                    monitor.windows_seen(FLEET, "steady") == i
+                    and monitor.windows_seen(FLEET, "shifty") == i
+                    and monitor.ticks > 0
+                ),
+                10,
+            ), (i, monitor.windows_seen(FLEET, "steady"), monitor.last_error)
+            before = monitor.ticks
+            assert wait_for(lambda b=before: monitor.ticks > b, 10)
+            firing = {(a.device, a.rule) for a in monitor.engine.firing()}
+            if ("shifty", "drift") in firing and detected_after is None:
+                assert shifted, f"drift alert before the shift, at window {i}"
+                detected_after = i - shift_at
+        false_alarms = [a for a in monitor.alert_store.recent(1000) if a.device == "steady"]
+        assert wait_for(lambda: any(a.rule == "drift" for a in listener.alerts), 10)
+        drift = get(f"http://{':'.join(map(str, collector.http_address_bound()))}/api/drift")
+    finally:
+        pub.close()
+        listener.close()
+        monitor.stop()
+        collector.stop()
+    print(
+        f"\ndrift ({basis}): shifted device alerted after {detected_after} windows; "
+        f"unshifted device: {len(false_alarms)} alerts over {windows} windows"
+    )
+    assert detected_after is not None and detected_after <= 3
+    assert false_alarms == []
+    sent = [a for a in listener.alerts if a.rule == "drift"]
+    assert [(a.device, a.state) for a in sent] == [("shifty", "firing")]
+    assert sent[0].source.startswith("test-") and sent[0].value is not None
+    by_device = {d["device"]: d for d in drift["devices"]}
+    assert by_device["shifty"]["level"] == "significant"
+    assert by_device["steady"]["level"] == "ok" and by_device["steady"]["basis"] == basis
