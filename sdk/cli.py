@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="false-positive rate the detector's threshold is calibrated for (default 0.01)",
     )
+    p.add_argument(
+        "--min-cosine",
+        default="0.99",
+        help="quality gate without eval data (or without a drop line): an int8 candidate needs "
+        "this worst-sample cosine with fp32 on calibration samples (default 0.99; 'off' to "
+        "disable)",
+    )
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(handler=_cmd_optimize)
 
@@ -450,6 +457,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         min_seconds=args.seconds,
         detector=args.detector,
         outlier_fpr=args.outlier_fpr,
+        min_cosine=_min_cosine(args.min_cosine),
     )
     report = optimize(
         args.model,
@@ -463,6 +471,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.json is not None:
         _write_json(args.json, report.to_dict())
     return EXIT_OK if report.meets_budget else EXIT_BUDGET
+
+
+def _min_cosine(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--min-cosine {text!r}: give a number such as 0.99, or 'off'") from None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
