@@ -230,7 +230,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=2, help="decode/store processes (default 2)")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument(
+        "--alerts",
+        type=Path,
+        help="alert rules, TOML (default: the built-in rules; docs/collector.md)",
+    )
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="[NAME[@VERSION]=]PATH",
+        help="reference statistics for drift: a bundle directory, or NAME[@VERSION]=reference.json "
+        "(repeatable; without one, a device is compared with its own first windows)",
+    )
+    p.add_argument(
+        "--alerts-db", help="the alert history's SQLite file (default: beside a SQLite store)"
+    )
+    p.add_argument(
+        "--metrics-expire",
+        type=float,
+        default=3600.0,
+        help="seconds after which a silent device's series leave /metrics (default 3600)",
+    )
+    p.add_argument(
+        "--no-monitor",
+        action="store_true",
+        help="only collect and serve the JSON API: no alerts, drift, /metrics or dashboard",
+    )
     p.set_defaults(handler=_cmd_collect)
+
+    from sdk.fleet_cli import add_fleet_parser
+
+    add_fleet_parser(sub)
     return parser
 
 
@@ -558,25 +589,55 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         workers=args.workers,
         ca_file=args.ca_file,
     )
+    monitor_config, references = _monitor_settings(args)
+    monitors: list[Any] = []
 
     def started(c: Collector) -> None:
         api = "off"
         if config.http_address is not None:
             host, port = c.http_address_bound()
             api = f"http://{host}:{port}/api/health"
+            if monitor_config is not None:
+                api += f", dashboard http://{host}:{port}/, metrics http://{host}:{port}/metrics"
         print(
             f"collecting {config.topic_filter} from {config.broker.display()} as "
             f"{config.session_id} into {c.state.store.url}; API {api}",
             flush=True,
         )
+        if monitor_config is not None:
+            from sdk.collector.monitor import Monitor
 
-    stats = run_collector(config, on_started=started)
+            monitors.append(Monitor.for_collector(c, monitor_config, references=references).start())
+
+    try:
+        stats = run_collector(config, on_started=started)
+    finally:
+        for monitor in monitors:
+            monitor.stop()
     print(
         f"stopped: {stats.received} received, {stats.stored} stored, {stats.duplicates} "
         f"duplicates, {stats.dead_letters} dead letters",
         flush=True,
     )
     return EXIT_OK
+
+
+def _monitor_settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(MonitorConfig, ReferenceSet) from ``collect``'s options, read before connecting so a
+    bad alerts file or reference is exit code 2; (None, None) with --no-monitor."""
+    if args.no_monitor:
+        return None, None
+    from sdk.collector.alerts import load_alerts_config
+    from sdk.collector.drift import ReferenceSet
+    from sdk.collector.monitor import MonitorConfig
+
+    config = MonitorConfig(
+        alerts=load_alerts_config(args.alerts),
+        references=tuple(args.reference),
+        alerts_db=args.alerts_db,
+        expire_after_s=args.metrics_expire,
+    )
+    return config, ReferenceSet.from_specs(config.references)
 
 
 def _parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:

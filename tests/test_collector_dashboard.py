@@ -278,3 +278,25 @@ def test_json_api_additions(fleet: dict[str, Any]) -> None:
     assert content_type.startswith("text/javascript") and b"http" not in js.replace(
         b"http://www.w3.org/2000/svg", b""
     )
+
+
+def test_fleet_status_and_watch_in_the_terminal(fleet: dict[str, Any], capsys: Any) -> None:
+    from sdk.cli import main
+
+    assert main(["fleet", "status", "--collector", fleet["url"]]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+    assert out.startswith("greenhouse: 5 devices, 4 online, 0 stale, 1 offline;")
+    assert lines["DEVICE"].split()[:4] == ["DEVICE", "STATE", "MODEL", "P95"]
+    assert set(lines) == {"DEVICE", *DEVICES}
+    assert "offline" in lines["pi-attic"] and lines["pi-attic"].rstrip().endswith("offline")
+    assert "digits-cnn@1" in lines["pi-kitchen"] and lines["pi-kitchen"].rstrip().endswith("-")
+    assert "throttled" in lines["pi-porch"] and "drift" in lines["pi-shed"]
+    assert (
+        main(["fleet", "watch", "--collector", fleet["url"], "--interval", "0.05", "--count", "2"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("greenhouse: 5 devices") == 2 and "Ctrl-C to stop" in out
+    assert main(["fleet", "status", "--collector", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the collector API" in capsys.readouterr().err

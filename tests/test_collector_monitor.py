@@ -152,3 +152,58 @@ def test_drift_alert_within_three_windows_and_no_false_alarm(
     by_device = {d["device"]: d for d in drift["devices"]}
     assert by_device["shifty"]["level"] == "significant"
     assert by_device["steady"]["level"] == "ok" and by_device["steady"]["basis"] == basis
+
+
+def test_edgeship_collect_runs_the_monitor(broker: Mosquitto, tmp_path: Path) -> None:
+    """The CLI: --reference and --alerts are read before connecting (a bad one is exit 2),
+    the monitor serves /metrics and /api/drift on the collector's port, SIGTERM stops both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.brokers import ROOT, free_port
+
+    rng = np.random.default_rng(1)
+    ref = write_json(
+        tmp_path / "reference.json",
+        reference_doc(dict(zip(LABELS, UNIFORM, strict=True)), gamma_score_counts(rng)),
+    )
+    alerts = ROOT / "examples" / "collector" / "alerts.toml"
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "sdk.cli", "collect", "--broker", broker.url, "--fleet", FLEET,
+        "--store", f"sqlite:///{tmp_path}/fleet.db", "--http", f"127.0.0.1:{port}",
+        "--workers", "1", "--client-id", f"cli-{uuid.uuid4().hex[:6]}",
+        "--reference", f"digits-cnn@1={ref}", "--alerts", str(alerts),
+    ]  # fmt: skip
+    bad = subprocess.run([*cmd[:-1], str(tmp_path / "missing.toml")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "alerts file not found" in bad.stderr
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pub = Publisher(broker.port, FLEET)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return bool(get(base + "/api/drift")["references"])
+            except OSError:
+                return False
+
+        assert wait_for(up, 30), proc.stderr.read() if proc.poll() is not None else "no API"
+        pub.send(status("pi-1", 0), *(window("pi-1", i, rng=rng) for i in range(1, 5)))
+        assert wait_for(lambda: b"edgeship_device_inferences_total{" in urllib.request.urlopen(
+            base + "/metrics", timeout=5).read(), 30)  # fmt: skip
+        drift = get(base + "/api/drift")
+        assert drift["references"][0]["model"] == "digits-cnn"
+        assert wait_for(lambda: get(base + "/api/drift")["devices"][0]["basis"] == "reference", 10)
+    finally:
+        pub.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"dashboard http://127.0.0.1:{port}/" in out and "stopped:" in out

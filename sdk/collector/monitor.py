@@ -149,14 +149,20 @@ class Monitor:
 
     @classmethod
     def for_collector(
-        cls, collector: Collector, config: MonitorConfig = MonitorConfig()
+        cls,
+        collector: Collector,
+        config: MonitorConfig = MonitorConfig(),
+        *,
+        references: ReferenceSet | None = None,
     ) -> Monitor:
         """A monitor for a started collector: its own store connection, alerts published to
-        the collector's broker under the client id ``{collector id}-alerts``."""
+        the collector's broker under the client id ``{collector id}-alerts``. ``references``
+        (already loaded) replaces ``config.references``."""
         from sdk.collector.store import open_store
 
         cfg = collector.config
-        references = ReferenceSet.from_specs(config.references)
+        if references is None:
+            references = ReferenceSet.from_specs(config.references)
         if config.alerts_db is None:
             from dataclasses import replace
 

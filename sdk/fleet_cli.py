@@ -1,0 +1,206 @@
+"""``edgeship fleet status`` and ``edgeship fleet watch``: a running collector's fleet as a table
+in the terminal, read from its JSON API (``/api/devices``, and ``/api/alerts`` when the
+collector runs its monitor). Standard library only, so the command starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from device_agent.errors import ConfigError
+
+__all__ = ["add_fleet_parser", "fetch_fleet", "render_fleet"]
+
+DEFAULT_COLLECTOR = "http://127.0.0.1:9108"
+
+
+def add_fleet_parser(sub: Any) -> None:
+    """Add ``fleet status`` and ``fleet watch`` to the ``edgeship`` subcommands."""
+    p = sub.add_parser(
+        "fleet",
+        help="the fleet as a running collector sees it (status, watch)",
+        description="Read a running collector's JSON API (edgeship collect --http ...) and show "
+        "one line per device: state, model, p95 latency, outlier rate, temperature, drift, alerts.",
+    )
+    actions = p.add_subparsers(dest="fleet_command", metavar="ACTION")
+    for name, text in (
+        ("status", "print the fleet's table once"),
+        ("watch", "redraw the table every --interval seconds until Ctrl-C"),
+    ):
+        q = actions.add_parser(name, help=text, description=text)
+        q.add_argument(
+            "--collector",
+            default=DEFAULT_COLLECTOR,
+            help=f"the collector's API (default {DEFAULT_COLLECTOR})",
+        )
+        q.add_argument("--fleet", help="only this fleet's devices")
+        q.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout, seconds")
+        if name == "watch":
+            q.add_argument("--interval", type=float, default=2.0, help="seconds (default 2)")
+            q.add_argument("--count", type=int, default=0, help="stop after N redraws (0: never)")
+        q.set_defaults(handler=_cmd_status if name == "status" else _cmd_watch)
+    p.set_defaults(handler=_cmd_help(p))
+
+
+def _cmd_help(p: argparse.ArgumentParser) -> Any:
+    def show(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    return show
+
+
+def fetch_fleet(collector: str, *, timeout: float = 5.0) -> dict[str, Any]:
+    """``{"devices": <GET /api/devices>, "alerts": <GET /api/alerts> or None}``; raises
+    ConfigError when the collector cannot be reached or does not answer JSON."""
+    base = collector.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    devices = _get(base + "/api/devices", timeout)
+    try:
+        alerts = _get(base + "/api/alerts?state=firing&limit=1", timeout)
+    except _NotFound:
+        alerts = None  # a collector started with --no-monitor
+    return {"devices": devices, "alerts": alerts}
+
+
+class _NotFound(ConfigError):
+    pass
+
+
+def _get(url: str, timeout: float) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise _NotFound(f"{url}: not found") from exc
+        raise ConfigError(f"the collector answered {url} with HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"cannot reach the collector API at {url}: {reason} "
+            "(is 'edgeship collect' running, and is --collector its --http address?)"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(f"{url} did not answer JSON: {exc}") from exc
+
+
+def _cell(value: Any, spec: str = "", scale: float = 1.0, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value * scale, spec) + suffix
+
+
+def _ago(now: float, t: float | None) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, now - t)
+    if s < 90:
+        return f"{s:.0f}s ago"
+    if s < 5400:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.1f}h ago"
+
+
+def render_fleet(
+    data: Mapping[str, Any], *, fleet: str | None = None, now: float | None = None
+) -> str:
+    """The table ``fleet status`` prints, from what :func:`fetch_fleet` returned."""
+    now = time.time() if now is None else now
+    devices = [d for d in data["devices"]["devices"] if fleet is None or d["fleet"] == fleet]
+    alerts = data.get("alerts")
+    firing: dict[tuple[str, str | None], list[str]] = {}
+    for a in (alerts or {}).get("firing", []):
+        if fleet is None or a["fleet"] == fleet:
+            firing.setdefault((a["fleet"], a["device"]), []).append(a["rule"])
+    several = len({d["fleet"] for d in devices}) > 1
+    header = ["DEVICE", *(["FLEET"] if several else []), "STATE", "MODEL", "P95 MS", "OUTLIERS",
+              "TEMP C", "LAST SEEN", "ALERTS"]  # fmt: skip
+    rows: list[list[str]] = []
+    for d in devices:
+        model = (d.get("model") or "-") + (
+            f"@{d['model_version']}" if d.get("model_version") else ""
+        )
+        rules = firing.get((d["fleet"], d["device"]), [])
+        rows.append(
+            [
+                d["device"],
+                *([d["fleet"]] if several else []),
+                d["status"],
+                model,
+                _cell(d["latency_ms"]["p95"], ".3g"),
+                _cell(d["outlier_rate"], ".1f", 100, "%"),
+                _cell(d.get("temperature_c"), ".1f"),
+                _ago(now, d.get("last_seen")),
+                ", ".join(rules) if rules else ("-" if alerts is not None else "n/a"),
+            ]
+        )
+    counts = {
+        s: sum(1 for d in devices if d["status"] == s) for s in ("online", "stale", "offline")
+    }
+    n_firing = sum(len(v) for v in firing.values())
+    title = fleet or data["devices"].get("fleet") or "all fleets"
+    summary = (
+        f"{title}: {len(devices)} devices, {counts['online']} online, {counts['stale']} stale, "
+        f"{counts['offline']} offline; "
+        + (
+            f"{n_firing} alerts firing"
+            if alerts is not None
+            else "alerts: the collector runs no monitor"
+        )
+    )
+    return summary + "\n\n" + _table(header, rows)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    numeric = {"P95 MS", "OUTLIERS", "TEMP C"}
+    lines = []
+    for r in [header, *rows]:
+        cells = [
+            str(c).rjust(w) if h in numeric else str(c).ljust(w)
+            for c, w, h in zip(r, widths, header, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    if not rows:
+        lines.append("(no devices yet)")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    out.write(render_fleet(fetch_fleet(args.collector, timeout=args.timeout), fleet=args.fleet))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    if not args.interval > 0:
+        raise ConfigError("--interval must be positive")
+    clear = "\x1b[H\x1b[2J" if out.isatty() else ""
+    shown = 0
+    try:
+        while True:
+            try:
+                text = render_fleet(
+                    fetch_fleet(args.collector, timeout=args.timeout), fleet=args.fleet
+                )
+            except ConfigError as exc:  # the collector restarting: keep watching
+                text = f"{exc}\n"
+            stamp = time.strftime("%H:%M:%S")
+            out.write(f"{clear}{text}\n{stamp}, every {args.interval:g} s; Ctrl-C to stop\n")
+            out.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
