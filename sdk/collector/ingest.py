@@ -384,7 +384,10 @@ def _unknown_keys(obj: dict[str, Any], known: frozenset[str]) -> int:
 def _telemetry_from(
     fleet: str, device: str, obj: dict[str, Any], received_at: float
 ) -> tuple[TelemetryRecord | None, int]:
-    """(the record, how many keys the parsed payload holds at every depth); raises _Unsure."""
+    """(the record, how many keys the parsed payload holds at every depth); raises _Unsure.
+
+    Checks are batched (one type/range test over every integer of the message, one over every
+    non-negative number) because per-field calls cost more than the JSON parse."""
     if obj.get("kind") != "telemetry" or not obj.keys() >= _REQUIRED_KEYS:
         raise _Unsure
     version = obj["v"]
@@ -393,66 +396,75 @@ def _telemetry_from(
         raise _Unsure
     if type(boot) is not str or not _ID_RE.fullmatch(boot):
         raise _Unsure
-    seq, inferences, errors, outliers = _ints(
-        [obj["seq"], obj["inferences"], obj["errors"], obj["outliers"]]
-    )
-    ts, window_start, window_s = _nonnegative([obj["ts"], obj["window_start"], obj["window_s"]])
-    if outliers > inferences:
-        raise _Unsure
     lat = obj["latency_ms"]
     scores = obj["scores"]
     predictions = obj["predictions"]
     if type(lat) is not dict or type(scores) is not dict or type(predictions) is not dict:
         raise _Unsure
-    lat_bounds, lat_counts = _histogram(lat, _STD_LATENCY_LIST, _STD_LATENCY)
-    if sum(lat_counts) != inferences or not lat.keys() >= _LATENCY_KEY_SET:
+    get = obj.get
+    # Every integer: envelope and counters, optional byte counts, both histograms' counts,
+    # the prediction counts; all must be ints in [0, MAX_SEQ].
+    scalars = [
+        obj["seq"], obj["inferences"], obj["errors"], obj["outliers"],
+        get("spool_depth", 0), get("spool_dropped", 0), get("drops_since_last", 0),
+    ]  # fmt: skip
+    rss, mem = get("rss_bytes"), get("mem_available_bytes")
+    lat_bounds, lat_counts = _bounds(lat, _STD_LATENCY_LIST, _STD_LATENCY)
+    score_bounds, score_counts = _bounds(scores, _STD_SCORES_LIST, _STD_SCORES)
+    if len(predictions) > _MAX_LABELS:
         raise _Unsure
-    pct = [lat["p50"], lat["p95"], lat["p99"], lat["max"]]
-    if inferences > 0:
-        p50, p95, p99, max_ms = _nonnegative(pct)
-        if not p50 <= p95 <= p99 <= max_ms:
-            raise _Unsure
-        percentiles: tuple[float | None, float | None, float | None, float | None] = (
-            p50,
-            p95,
-            p99,
-            max_ms,
-        )
-    elif pct != [None, None, None, None]:
+    every_int = scalars + lat_counts + score_counts + list(predictions.values())
+    if rss is not None:
+        every_int.append(rss)
+    if mem is not None:
+        every_int.append(mem)
+    if set(map(type, every_int)) != _INT or min(every_int) < 0 or max(every_int) > MAX_SEQ:
         raise _Unsure
-    else:
-        percentiles = (None, None, None, None)
-    score_bounds, score_counts = _histogram(scores, _STD_SCORES_LIST, _STD_SCORES)
+    seq, inferences, errors, outliers, spool_depth, spool_dropped, drops = scalars
+    if outliers > inferences or drops > spool_dropped or sum(lat_counts) != inferences:
+        raise _Unsure
     if predictions:
-        if len(predictions) > _MAX_LABELS:
-            raise _Unsure
         lengths = list(map(len, predictions))
         if min(lengths) == 0 or max(lengths) > _MAX_LABEL_LEN:
             raise _Unsure
-        _ints(list(predictions.values()))
-    get = obj.get
-    model = _opt_text(get("model"), _MAX_LABEL_LEN)
-    model_version = _opt_text(get("model_version"), 64)
+    if not lat.keys() >= _LATENCY_KEY_SET:
+        raise _Unsure
+    pct = [lat["p50"], lat["p95"], lat["p99"], lat["max"]]
     cpu, system_cpu = get("cpu_percent"), get("system_cpu_percent")
-    temperature = get("temperature_c")
+    # Every number that must be finite and >= 0.
+    numbers = [obj["ts"], obj["window_start"], obj["window_s"]]
+    if inferences > 0:
+        numbers += pct
+    elif pct != [None, None, None, None]:
+        raise _Unsure
     if cpu is not None:
-        (cpu,) = _nonnegative([cpu])
+        numbers.append(cpu)
     if system_cpu is not None:
-        (system_cpu,) = _nonnegative([system_cpu])
+        numbers.append(system_cpu)
+    numbers = _nonnegative(numbers)
+    ts, window_start, window_s = numbers[:3]
+    percentiles: tuple[float | None, float | None, float | None, float | None]
+    if inferences > 0:
+        p50, p95, p99, max_ms = numbers[3:7]
+        if not p50 <= p95 <= p99 <= max_ms:
+            raise _Unsure
+        percentiles = (p50, p95, p99, max_ms)
+        rest = 7
+    else:
+        percentiles = (None, None, None, None)
+        rest = 3
+    if cpu is not None:
+        cpu = numbers[rest]
+        rest += 1
+    if system_cpu is not None:
+        system_cpu = numbers[rest]
+    temperature = get("temperature_c")
     if temperature is not None:
         temperature = _num(temperature)
-    rss, mem = get("rss_bytes"), get("mem_available_bytes")
-    if rss is not None:
-        _ints([rss])
-    if mem is not None:
-        _ints([mem])
+    model = _opt_text(get("model"), _MAX_LABEL_LEN)
+    model_version = _opt_text(get("model_version"), 64)
     throttled_obj = get("throttled")
     throttled = _throttled(throttled_obj)
-    spool_depth, spool_dropped, drops = _ints(
-        [get("spool_depth", 0), get("spool_dropped", 0), get("drops_since_last", 0)]
-    )
-    if drops > spool_dropped:
-        raise _Unsure
     keys = len(obj) + len(lat) + len(scores) + len(predictions)
     if len(obj) != _KNOWN_COUNT or not obj.keys() <= _KNOWN:
         keys += _unknown_keys(obj, _KNOWN)
@@ -481,9 +493,9 @@ def _telemetry_from(
         p99=percentiles[2],
         max_ms=percentiles[3],
         latency_bounds=lat_bounds,
-        latency_counts=lat_counts,
+        latency_counts=tuple(lat_counts),
         score_bounds=score_bounds,
-        score_counts=score_counts,
+        score_counts=tuple(score_counts),
         predictions=predictions,
         cpu_percent=cpu,
         system_cpu_percent=system_cpu,
@@ -529,9 +541,10 @@ def _opt_text(value: Any, max_len: int) -> str | None:
     return value
 
 
-def _histogram(
+def _bounds(
     obj: dict[str, Any], standard: list[float], standard_tuple: tuple[float, ...]
-) -> tuple[tuple[float, ...], tuple[int, ...]]:
+) -> tuple[tuple[float, ...], list[Any]]:
+    """(checked bounds, the counts list, for the caller's integer check) of a histogram."""
     bounds = obj.get("bounds")
     counts = obj.get("counts")
     if type(bounds) is not list or type(counts) is not list:
@@ -543,12 +556,11 @@ def _histogram(
     if bounds and set(map(type, bounds)) != _FLOAT:
         raise _Unsure
     if bounds == standard:
-        floats = standard_tuple
-    else:
-        floats = tuple(bounds)
-        if not all(map(math.isfinite, floats)) or not all(map(operator.lt, floats, floats[1:])):
-            raise _Unsure
-    return floats, _ints(counts)
+        return standard_tuple, counts
+    floats = tuple(bounds)
+    if not all(map(math.isfinite, floats)) or not all(map(operator.lt, floats, floats[1:])):
+        raise _Unsure
+    return floats, counts
 
 
 def _ints(values: list[Any]) -> tuple[int, ...]:
