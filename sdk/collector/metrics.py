@@ -380,6 +380,11 @@ def _collector(out: _Exposition, stats: CollectorStats | None) -> None:
             stats.store_errors,
         ),
         (
+            "edgeship_collector_redelivered_total",
+            "Deliveries the broker flagged as re-sent (after a reconnect or a crash).",
+            stats.redelivered,
+        ),
+        (
             "edgeship_collector_connects_total",
             "Successful connections to the broker.",
             stats.connects,
@@ -405,6 +410,11 @@ def _collector(out: _Exposition, stats: CollectorStats | None) -> None:
             "edgeship_collector_pending_messages",
             "Received messages waiting for the next commit.",
             stats.pending,
+        ),
+        (
+            "edgeship_collector_uncommitted_messages",
+            "Received messages not committed (so not acknowledged) yet.",
+            stats.uncommitted,
         ),
         (
             "edgeship_collector_start_time_seconds",
