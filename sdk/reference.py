@@ -215,7 +215,7 @@ def reference_stats(
 
     from device_agent.detectors import load_detector
     from device_agent.runtime import FeedChecker, open_session
-    from sdk.data import load_dataset
+    from sdk.data import load_dataset, take_samples
 
     session = open_session(model_path)
     io = session.io
@@ -233,12 +233,14 @@ def reference_stats(
     classes: list[Any] = []
     scores: list[Any] = []
     for start in range(0, n, chunk):
-        part = {k: v[start : start + chunk] for k, v in data.inputs.items()}
-        real = len(next(iter(part.values())))
+        part = take_samples(data.inputs, start, start + chunk)  # rank-0 constants stay as they are
+        real = min(chunk, n - start)
         if fixed is not None and real < fixed:
             # Repeat the last sample to fill a fixed batch axis; the padding is sliced off.
             part = {
-                k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
+                k: v
+                if v.ndim == 0
+                else np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
                 for k, v in part.items()
             }
         feed = check(part)
