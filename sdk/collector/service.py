@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -436,8 +436,9 @@ class CollectorStats:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
+    """One delivery waiting for its commit (a tuple: the receive path makes one a message)."""
+
     topic: str
     payload: bytes
     received_at: float
@@ -827,7 +828,7 @@ class Collector:
                 if self._stopping.is_set():
                     return
                 continue
-            deliveries = [(p.topic, p.payload, p.received_at) for p in batch]
+            deliveries = [p[:3] for p in batch]
             while True:
                 try:
                     outcome = self._process(index, deliveries)

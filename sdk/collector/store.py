@@ -841,18 +841,7 @@ class SqliteStore(_Reader):
         ordered, deltas = _plan(records)
         try:
             with self._transaction() as conn:
-                # BEGIN IMMEDIATE holds SQLite's write lock, so no other writer can store a
-                # key between this look-up and the insert; ON CONFLICT DO NOTHING stays as the
-                # guarantee, and the change count below proves it did nothing.
-                stored = self._stored_keys(conn, ordered)
-                new = [r for r in ordered if r.key not in stored]
-                dups = [r for r in ordered if r.key in stored]
-                before = conn.total_changes
-                conn.executemany(_MESSAGE_INSERT, [_message_row(r) for r in new])
-                if conn.total_changes - before != len(new):
-                    raise StoreError(
-                        f"SQLite store {self.path}: another writer stored keys of this batch"
-                    )
+                new, dups = self._insert_messages(conn, ordered)
                 conn.executemany(
                     _TELEMETRY_INSERT,
                     [_telemetry_row(r) for r in new if isinstance(r, TelemetryRecord)],
@@ -865,6 +854,34 @@ class SqliteStore(_Reader):
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: batch not stored: {exc}") from exc
         return _result(len(records), new, len(dead_letters))
+
+    def _insert_messages(
+        self, conn: sqlite3.Connection, ordered: Sequence[Record]
+    ) -> tuple[list[Record], list[Record]]:
+        """Insert into ``messages`` (ON CONFLICT DO NOTHING); (new records, duplicates).
+
+        Most batches hold no duplicate, so the insert is tried at once and the change count
+        says whether every row was new. When it was not (redeliveries), the insert is rolled
+        back to its savepoint and redone for the keys a look-up finds absent: BEGIN IMMEDIATE
+        holds SQLite's write lock, so no other writer stores a key in between.
+        """
+        rows = [_message_row(r) for r in ordered]
+        conn.execute("SAVEPOINT batch_messages")
+        before = conn.total_changes
+        conn.executemany(_MESSAGE_INSERT, rows)
+        if conn.total_changes - before == len(rows):
+            conn.execute("RELEASE batch_messages")
+            return list(ordered), []
+        conn.execute("ROLLBACK TO batch_messages")
+        conn.execute("RELEASE batch_messages")
+        stored = self._stored_keys(conn, ordered)
+        new = [r for r in ordered if r.key not in stored]
+        dups = [r for r in ordered if r.key in stored]
+        before = conn.total_changes
+        conn.executemany(_MESSAGE_INSERT, [_message_row(r) for r in new])
+        if conn.total_changes - before != len(new):
+            raise StoreError(f"SQLite store {self.path}: another writer stored keys of this batch")
+        return new, dups
 
     @staticmethod
     def _stored_keys(
