@@ -71,8 +71,11 @@ __all__ = [
     "agent_venv",
     "cpuinfo_method",
     "pi4_cpuinfo",
+    "pi_emulator",
     "pi_env",
+    "pi_interpreter",
     "pi_python",
+    "pi_wheelhouse",
     "project_wheel",
     "tflite_venv",
     "venv_python",
@@ -676,6 +679,85 @@ def pi_python(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) 
         overlay = _pi_overlay(info)
         return [*env, str(parts["qemu"]), "-L", str(overlay), python]
     raise SetupError(f"unknown cpuinfo method {chosen!r}; expected 'mount' or 'sysroot'")
+
+
+def pi_interpreter() -> Path:
+    """The emulated Pi's ``python3.11``: an aarch64 binary, run it through :func:`pi_emulator`."""
+    return pi_root() / PI_PYTHON
+
+
+def pi_emulator(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) -> list[str]:
+    """The command prefix that runs an aarch64 program on the emulated Raspberry Pi 4.
+
+    ``[*pi_emulator(), program, *args]`` is what binfmt_misc would do for ``program`` on a host
+    set up for it: qemu with the Pi's sysroot and its ``/proc/cpuinfo`` (same methods as
+    :func:`pi_python`). Unlike :func:`pi_python` nothing is put on ``PYTHONPATH``: a Python
+    started this way (e.g. a virtualenv's ``bin/python`` made from :func:`pi_interpreter`)
+    sees only what was installed into it, as on a board. ``PYTHONPATH`` and ``PYTHONHOME`` of
+    the caller are removed.
+    """
+    qemu = qemu_aarch64()
+    root = pi_root()
+    info = (cpuinfo or pi4_cpuinfo()).resolve()
+    chosen = method or cpuinfo_method()
+    env = ["env", "-u", "PYTHONHOME", "-u", "PYTHONPATH", "PYTHONNOUSERSITE=1"]
+    if chosen == "mount":
+        if not _mount_namespace_works():
+            raise SetupError(
+                "unshare -m with a bind mount over /proc/cpuinfo is not permitted here "
+                "(needs root / CAP_SYS_ADMIN); use method='sysroot'"
+            )
+        return [
+            "unshare",
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            'mount --bind "$0" /proc/cpuinfo && exec "$@"',
+            str(info),
+            *env,
+            str(qemu),
+            "-L",
+            str(root),
+        ]
+    if chosen == "sysroot":
+        return [*env, str(qemu), "-L", str(_pi_overlay(info))]
+    raise SetupError(f"unknown cpuinfo method {chosen!r}; expected 'mount' or 'sysroot'")
+
+
+def pi_wheelhouse() -> Path:
+    """aarch64 wheel files of ``edgeship[agent]``'s dependencies and of pip, for the Pi's Python.
+
+    A directory for ``pip install --no-index --find-links``: pip running on the emulated Pi
+    installs from it offline, and ``pip-*.whl`` bootstraps pip into a virtualenv made without
+    one (Debian's Python has no ``ensurepip`` unless python3-venv is installed).
+    """
+    reqs = [*_requirements("agent"), "pip"]
+    key = _digest("pi-wheelhouse-v1", *reqs, *PI_PLATFORMS)
+
+    def build(target: Path) -> None:
+        platforms = [arg for p in PI_PLATFORMS for arg in ("--platform", p)]
+        _run(
+            [
+                *_pip(),
+                "download",
+                "--quiet",
+                "--dest",
+                str(target),
+                *platforms,
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                *reqs,
+            ],
+            what=f"downloading aarch64 wheels of {' '.join(reqs)}",
+        )
+        if not list(target.glob("pip-*.whl")):
+            raise SetupError(f"pip download left no pip wheel in {target}")
+
+    return _cached(CACHE / "pi-wheelhouse", key, build, what="aarch64 wheel files for the Pi")
 
 
 # ---------------------------------------------------------------------------------------------
