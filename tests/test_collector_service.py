@@ -431,3 +431,20 @@ def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
         f"received, {after['stored']} new, {after['duplicates']} duplicates dropped; "
         f"store holds {result['total']} = published {total}, each once"
     )
+
+
+def test_a_failed_start_stops_what_it_started(tmp_path: Path) -> None:
+    import socket
+
+    from sdk.collector.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = collector_config("mqtt://127.0.0.1:1", f"sqlite:///{tmp_path}/f.db",
+                                  http=f"127.0.0.1:{port}")  # fmt: skip
+        before = {t.name for t in threading.enumerate()}
+        with pytest.raises(ConfigError, match="Address already in use"):
+            Collector(config).start()
+        assert {t.name for t in threading.enumerate()} <= before  # no thread, no worker left

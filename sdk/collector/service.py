@@ -502,6 +502,16 @@ class Collector:
     # --- lifecycle ---
 
     def start(self) -> Collector:
+        """Open the store, start the workers and the API, connect. On an error (a bad store,
+        a port in use, credentials the broker refuses) whatever started is stopped again."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         cfg = self.config
         reader = open_store(cfg.store_url)  # creates or migrates the schema: fail fast here
         self._reader = reader
@@ -509,7 +519,8 @@ class Collector:
             reader, fleet=cfg.fleet, config=cfg.state_config, clock=self._clock
         )
         n = cfg.workers if cfg.worker == "process" else 1
-        self._sinks = [self._make_sink() for _ in range(n)]
+        for _ in range(n):
+            self._sinks.append(self._make_sink())
         for i in range(n):
             committer = threading.Thread(
                 target=self._commit_loop, args=(i,), name=f"edgeship-commit-{i}", daemon=True
@@ -526,7 +537,6 @@ class Collector:
             self._threads.append(t)
             log.info("JSON API on http://%s:%d/api/health", *self.http_address_bound())
         self._connect_first()
-        return self
 
     def _make_sink(self) -> _Sink:
         if self.config.worker == "process":
@@ -788,6 +798,8 @@ class Collector:
             log.warning("disconnected from the broker (%s); paho reconnects", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        if self._stopping.is_set():
+            return  # not acknowledged: the broker re-sends it to the session next time
         try:
             topic = m.topic
         except UnicodeDecodeError:
