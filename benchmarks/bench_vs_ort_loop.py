@@ -14,8 +14,8 @@ figures as JSON, and exits 1 if any pair differs by more than the tolerance (10%
 On a shared host other processes slow multi-threaded runs by far more than 10%, and unevenly.
 So the script reads /proc/stat around every measurement, waits for a quiet moment before each
 pair, and rejects a pair when others used more than ``--max-busy`` of the CPUs during either
-side; rejected pairs are printed and kept in the JSON. If no pair was quiet, the verdict uses
-the busy pairs and says so.
+side; rejected pairs are printed and kept in the JSON. If fewer than half the wanted pairs
+were quiet, the verdict uses every pair, busy ones included, and says so.
 
 Models: the digits CNN (trained with ``sdk.zoo.digits`` and exported with ``sdk.export``), a
 small image CNN exported the same way, and an MLP built directly with ``onnx.helper``.
@@ -321,11 +321,12 @@ def compare(args: argparse.Namespace) -> int:
                         continue
                     sdk_p50.append(pair["sdk"])
                     ort_p50.append(pair["ort"])
-                quiet = len(sdk_p50) >= args.reps
-                if not sdk_p50:
-                    # Never quiet: judge on everything rather than on nothing, and say so.
-                    sdk_p50 = [r["sdk"] for r in rejected]
-                    ort_p50 = [r["ort"] for r in rejected]
+                quiet = len(sdk_p50)
+                if quiet < (args.reps + 1) // 2:
+                    # Too few quiet pairs for a median to outvote one odd process (tiny models
+                    # at 2 threads are bimodal across processes): judge on every pair.
+                    sdk_p50 += [r["sdk"] for r in rejected]
+                    ort_p50 += [r["ort"] for r in rejected]
                 s, o = statistics.median(sdk_p50), statistics.median(ort_p50)
                 ratio = s / o
                 rows.append(
@@ -341,7 +342,7 @@ def compare(args: argparse.Namespace) -> int:
                         "sdk_p50_ms_reps": sdk_p50,
                         "ort_p50_ms_reps": ort_p50,
                         "rejected_busy_pairs": rejected,
-                        "enough_quiet_pairs": quiet,
+                        "quiet_pairs": quiet,
                         "passed": abs(ratio - 1.0) <= args.tolerance,
                     }
                 )
@@ -353,8 +354,11 @@ def compare(args: argparse.Namespace) -> int:
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         verdict = "ok" if r["passed"] else f"DISAGREE (> {args.tolerance:.0%})"
-        if not r["enough_quiet_pairs"]:
-            verdict += f" (host busy: {len(r['rejected_busy_pairs'])} pairs rejected)"
+        n_busy = len(r["rejected_busy_pairs"])
+        if r["quiet_pairs"] < (args.reps + 1) // 2:
+            verdict += f" (host busy: {r['quiet_pairs']} quiet pairs, judged on all)"
+        elif n_busy:
+            verdict += f" ({n_busy} busy pairs rejected)"
         print(
             f"{r['model']:<8} {r['threads']:>7} {r['sdk_p50_ms']:>11.4f} "
             f"{r['ort_p50_ms']:>16.4f} {r['ratio']:>7.3f} {len(r['sdk_p50_ms_reps']):>5}  {verdict}"
@@ -402,11 +406,11 @@ def main() -> int:
     parser.add_argument(
         "--wait-quiet",
         type=float,
-        default=60.0,
-        help="seconds to wait for a quiet host before each pair (default 60)",
+        default=30.0,
+        help="seconds to wait for a quiet host before each pair (default 30)",
     )
     parser.add_argument(
-        "--max-attempts", type=int, default=3, help="at most this many tries per wanted pair"
+        "--max-attempts", type=int, default=2, help="at most this many tries per wanted pair"
     )
     args = parser.parse_args()
     if args.plain_loop:

@@ -16,9 +16,9 @@ Generated inputs: a float input gets standard-normal values, an integer input va
 ``[0, 100)`` (valid token ids for any vocabulary), a bool input random bools. A symbolic
 dimension is resolved, in order, from ``BenchConfig.shapes`` (a full shape per input name;
 its symbolic names then hold for every input that shares them), as ``batch_size`` when it is
-the first axis, as 128 when its name looks like a sequence length (``seq``, ``sequence``,
-``seq_len``, ``length``, ``tokens``, ``time``, ...); any other raises :class:`ConfigError`
-asking for ``shapes``.
+the first axis, as 128 when its name has a sequence-like word (``seq``, ``sequence``,
+``seq_len``, ``length``, ``tokens``, ``time``, ...); any other, including an axis the
+exporter left unnamed, raises :class:`ConfigError` asking for ``shapes``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,21 @@ REPORT_SCHEMA = "edgeship.bench/1"
 SEQUENCE_DEFAULT = 128
 INT_INPUT_HIGH = 100
 _MIB = 2**20
-_SEQUENCE_NAME = re.compile(r"(seq|sequence|len|length|tokens?|time|steps?)", re.I)
-_LATENCY_KEYS = ("p50", "p90", "p95", "p99", "min", "max", "mean", "std")
+_SEQUENCE_WORDS = frozenset(
+    {
+        "seq",
+        "seqlen",
+        "sequence",
+        "len",
+        "length",
+        "token",
+        "tokens",
+        "time",
+        "timesteps",
+        "step",
+        "steps",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -385,7 +398,7 @@ def _resolve_shape(spec: TensorSpec, batch_size: int, bound: Mapping[str, int]) 
             shape.append(bound[dim])
         elif axis == 0:
             shape.append(batch_size)
-        elif _SEQUENCE_NAME.search(dim):
+        elif _is_sequence_dim(dim, spec.name, axis):
             shape.append(SEQUENCE_DEFAULT)
         else:
             example = tuple(1 if isinstance(d, str) else d for d in spec.shape)
@@ -395,6 +408,15 @@ def _resolve_shape(spec: TensorSpec, batch_size: int, bound: Mapping[str, int]) 
                 f"BenchConfig(shapes={{{spec.name!r}: {example}}}) with real sizes"
             )
     return tuple(shape)
+
+
+def _is_sequence_dim(dim: str, input_name: str, axis: int) -> bool:
+    """Whether a dimension's own name reads as a sequence length (``seq_len``, ``num_tokens``).
+    Placeholders the runtime invents for unnamed axes (``dim2``, ``<input>_dim2``) do not,
+    even when the input's name would."""
+    if dim in (f"dim{axis}", f"{input_name}_dim{axis}"):
+        return False
+    return any(word in _SEQUENCE_WORDS for word in re.split(r"[^a-z0-9]+", dim.lower()))
 
 
 def _fmt_spec_shape(spec: TensorSpec) -> str:

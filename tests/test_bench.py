@@ -287,6 +287,16 @@ def test_unresolvable_dimension_asks_for_shapes() -> None:
         make_inputs(io, shapes={"image": (1, 3, 32, 32)})
 
 
+def test_unnamed_axes_are_not_guessed_from_the_input_name() -> None:
+    io = IOSpec(
+        inputs=(TensorSpec("token_ids", "int64", ("token_ids_dim0", "token_ids_dim1")),),
+        outputs=(TensorSpec("y", "float32", ("batch", 2)),),
+    )
+    with pytest.raises(ConfigError, match="token_ids_dim1"):
+        make_inputs(io)
+    assert make_inputs(io, batch_size=3, shapes={"token_ids": (3, 7)})["token_ids"].shape == (3, 7)
+
+
 def test_integer_inputs_with_a_sequence_dimension_run(tokens_onnx: Path) -> None:
     r = benchmark(tokens_onnx, BenchConfig(min_runs=20, min_seconds=0.05, batch_size=2))
     assert dict(r.input_shapes) == {"ids": (2, 128)}
