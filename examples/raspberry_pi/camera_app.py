@@ -67,6 +67,9 @@ class InputFormat:
     @classmethod
     def from_spec(cls, spec: TensorSpec, size: tuple[int, int] | None = None) -> InputFormat:
         dims = list(spec.shape[1:])  # the first axis is the batch
+        c: int | str
+        h: int | str
+        w: int | str
         if len(dims) == 3 and dims[0] in (1, 3) and dims[2] not in (1, 3):
             layout, c, h, w = "NCHW", dims[0], dims[1], dims[2]
         elif len(dims) == 3:
@@ -111,10 +114,10 @@ class InputFormat:
         else:
             x = img[None, :, :, None] if img.ndim == 2 else img[None]
         if self.dtype == "uint8":
-            return np.round(x * 255.0).astype(np.uint8)
+            return np.asarray(np.round(x * 255.0), dtype=np.uint8)
         if self.dtype == "int8":
-            return (np.round(x * 255.0) - 128.0).astype(np.int8)
-        return x.astype(self.dtype)
+            return np.asarray(np.round(x * 255.0) - 128.0, dtype=np.int8)
+        return np.asarray(x, dtype=self.dtype)
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -132,7 +135,7 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     if img.shape[:2] == (height, width):
         return img
     try:
-        import cv2
+        import cv2  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return _box(_box(img, height, axis=0), width, axis=1)
     out: np.ndarray = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
@@ -194,7 +197,7 @@ def image_frames(directory: Path) -> Iterator[np.ndarray]:
 
 def _read_image(path: Path) -> np.ndarray | None:
     if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        arr = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
         peak = float(arr.max(initial=0.0))
         return arr / peak if peak > 1.0 else arr  # 0..255 or 0..16 images become 0..1
     if path.suffix.lower() == ".pgm":
@@ -208,8 +211,7 @@ def _read_image(path: Path) -> np.ndarray | None:
     if bgr is None:
         log.warning("skipping %s: OpenCV cannot read it", path.name)
         return None
-    rgb: np.ndarray = bgr[:, :, ::-1].astype(np.float32) / 255.0
-    return rgb
+    return np.asarray(bgr[:, :, ::-1], dtype=np.float32) / 255.0
 
 
 def _read_pgm(path: Path) -> np.ndarray:

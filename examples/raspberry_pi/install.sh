@@ -252,7 +252,7 @@ case $RUNTIME in
 onnxruntime) requirements=("$(with_extra "$PACKAGE" agent)") ;;
 litert)
 	if [[ $(numpy_major) == 1 ]]; then
-		note "numpy 1.x is present: LiteRT comes from tflite-runtime (ai-edge-litert needs numpy 2)"
+		note "numpy 1.x is present: LiteRT comes from tflite-runtime, which is built for it, and numpy stays 1.x"
 		requirements=("$PACKAGE" "numpy<2" "tflite-runtime")
 	else
 		requirements=("$(with_extra "$PACKAGE" litert)")
