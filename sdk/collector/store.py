@@ -359,8 +359,24 @@ def _newer(col: str, at: str = "status_at", tie: str | None = "status_seq") -> s
     )
 
 
-def _upsert_sql(d: _Dialect) -> tuple[str, str]:
+_DEVICE_PG_TYPES = (
+    "text", "text", "float8", "float8", "int8", "int8", "text", "text", "float8", "int8",
+    "text", "text", "text", "text", "text", "float8", "float8", "float8",
+)  # fmt: skip
+_BOOT_PG_TYPES = ("text", "text", "text", "int8", "int8", "int8", "float8", "float8")
+
+
+def _unnest(types: Sequence[str]) -> str:
+    """PostgreSQL: rows from one array parameter per column (one statement for a batch)."""
+    return f"SELECT * FROM unnest({', '.join(f'%s::{t}[]' for t in types)})"
+
+
+def _upsert_sql(d: _Dialect, *, arrays: bool = False) -> tuple[str, str]:
+    """(devices upsert, boots upsert); ``arrays`` takes one array per column (PostgreSQL)."""
     lo, hi = d.least, d.greatest
+
+    def values(columns: Sequence[str], types: Sequence[str]) -> str:
+        return _unnest(types) if arrays else f"VALUES ({', '.join('?' for _ in columns)})"
 
     def coalesced(fn: str, col: str, table: str) -> str:
         return (
@@ -385,12 +401,12 @@ def _upsert_sql(d: _Dialect) -> tuple[str, str]:
     # SET expressions read the row as it was before the update, so the order above is free.
     devices = (
         f"INSERT INTO devices ({', '.join(_DEVICE_COLUMNS)}) "
-        f"VALUES ({', '.join('?' for _ in _DEVICE_COLUMNS)}) "
+        f"{values(_DEVICE_COLUMNS, _DEVICE_PG_TYPES)} "
         f"ON CONFLICT (fleet, device) DO UPDATE SET {', '.join(device_sets)}"
     )
     boots = (
         f"INSERT INTO boots ({', '.join(_BOOT_COLUMNS)}) "
-        f"VALUES ({', '.join('?' for _ in _BOOT_COLUMNS)}) "
+        f"{values(_BOOT_COLUMNS, _BOOT_PG_TYPES)} "
         f"ON CONFLICT (fleet, device, boot) DO UPDATE SET "
         f"min_seq = {lo}(boots.min_seq, excluded.min_seq), "
         f"max_seq = {hi}(boots.max_seq, excluded.max_seq), "
@@ -966,7 +982,7 @@ class PostgresStore(_Reader):
         self._retries = retries
         self._lock = threading.RLock()
         self._conn: Any = None
-        self._upsert_devices, self._upsert_boots = (_pg(s) for s in _upsert_sql(_POSTGRES))
+        self._upsert_devices, self._upsert_boots = _upsert_sql(_POSTGRES, arrays=True)
         self._connect()
         if migrate:
             self.migrate()
@@ -1078,12 +1094,14 @@ class PostgresStore(_Reader):
                         (new if r.key in stored else dups).append(r)
                 telemetry = [_telemetry_row(r) for r in new if isinstance(r, TelemetryRecord)]
                 if telemetry:
-                    cur.executemany(_pg(_TELEMETRY_INSERT), telemetry)
+                    with cur.copy(_TELEMETRY_COPY) as copy:
+                        for row in telemetry:
+                            copy.write_row(row)
                 boot_rows, device_rows = _aggregate(new, dups, deltas)
                 if boot_rows:
-                    cur.executemany(self._upsert_boots, boot_rows)
+                    cur.execute(self._upsert_boots, _columns(boot_rows))
                 if device_rows:
-                    cur.executemany(self._upsert_devices, device_rows)
+                    cur.execute(self._upsert_devices, _columns(device_rows))
                 if dead_letters:
                     cur.executemany(_pg(_DEAD_INSERT), [_dead_row(d) for d in dead_letters])
             outcome[:] = new
@@ -1123,6 +1141,14 @@ class PostgresStore(_Reader):
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+_TELEMETRY_COPY = f"COPY telemetry ({', '.join(_TELEMETRY_COLUMNS)}) FROM STDIN"
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows to one list per column, for the unnest() statements."""
+    return [list(c) for c in zip(*rows, strict=True)]
 
 
 def _pg(sql: str) -> str:
