@@ -571,7 +571,7 @@ def _fed_by_dequantize(path: Path) -> set[str]:
 def test_default_op_types_leave_elementwise_math_in_float(tmp_path: Path) -> None:
     """Quantizing every type ORT can (Mul, Add, Sqrt, ReduceMean, ...) broke magika and
     silero-vad and hurt PaddleOCR rec; the default quantizes the weight-bearing ops only."""
-    from sdk.quantize import DEFAULT_OP_TYPES
+    from sdk.quantize import DEFAULT_OP_TYPES, _op_types_for
 
     source = read_artifact(_layer_norm_mlp(tmp_path / "ln.onnx"))
     x = {"x": np.random.default_rng(2).standard_normal((200, 32)).astype(np.float32)}
@@ -585,6 +585,11 @@ def test_default_op_types_leave_elementwise_math_in_float(tmp_path: Path) -> Non
     assert QuantizeConfig().op_types == DEFAULT_OP_TYPES
     assert {"Conv", "MatMul", "Gemm"} <= set(DEFAULT_OP_TYPES)
     assert not {"Mul", "Add", "Sqrt", "ReduceMean", "Div", "Transpose"} & set(DEFAULT_OP_TYPES)
+    # Folding Relu into the op before it broke silero-vad: only weight-bearing ops by default,
+    # and each mode gets the ones it has kernels for (static QDQ has none for LSTM).
+    assert "Relu" not in DEFAULT_OP_TYPES and "Clip" not in DEFAULT_OP_TYPES
+    assert _op_types_for(QuantizeConfig()) == ["Conv", "ConvTranspose", "MatMul", "Gemm", "Gather"]
+    assert "LSTM" in (_op_types_for(QuantizeConfig(mode="dynamic")) or [])
     # (fc1's output is quantized, so whatever reads it reads a DequantizeLinear: look further.)
     quantized = _fed_by_dequantize(default.path)
     assert {"fc1", "fc2"} <= quantized
