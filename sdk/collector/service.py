@@ -259,6 +259,7 @@ class BatchOutcome:
     ignored: int
     dead_by_field: dict[str, int]
     dead_samples: tuple[tuple[str, str, str], ...]
+    ignored_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def process_batch(
@@ -267,13 +268,13 @@ def process_batch(
     """Validate every delivery and store the batch in one transaction (raises StoreError)."""
     records: list[Record] = []
     dead: list[DeadLetter] = []
-    ignored = 0
+    ignored: dict[str, int] = {}
     for topic, payload, received_at in deliveries:
         result = ingest(topic, payload, received_at, fleet=fleet)
         if isinstance(result, DeadLetter):
             dead.append(result)
         elif isinstance(result, Ignored):
-            ignored += 1
+            ignored[result.reason] = ignored.get(result.reason, 0) + 1
         else:
             records.append(result)
     stored = store.insert_batch(records, dead)
@@ -281,7 +282,7 @@ def process_batch(
     for d in dead:
         by_field[d.field] = by_field.get(d.field, 0) + 1
     samples = tuple((d.topic, d.field, d.error) for d in dead[:20])
-    return BatchOutcome(stored, ignored, by_field, samples)
+    return BatchOutcome(stored, sum(ignored.values()), by_field, samples, ignored)
 
 
 class _Sink(Protocol):
@@ -431,6 +432,7 @@ class CollectorStats:
     last_commit_at: float | None
     last_error: str | None
     dead_by_field: dict[str, int]
+    ignored_by_reason: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -497,6 +499,7 @@ class Collector:
             "last_error": None,
         }
         self._dead_by_field: dict[str, int] = {}
+        self._ignored_by_reason: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # --- lifecycle ---
@@ -601,11 +604,16 @@ class Collector:
         with self._lock:
             counters = dict(self._counters)
             by_field = dict(self._dead_by_field)
+            by_reason = dict(self._ignored_by_reason)
         with self._cond:
             pending = len(self._pending)
             uncommitted = self._uncommitted
         return CollectorStats(
-            **counters, pending=pending, uncommitted=uncommitted, dead_by_field=by_field
+            **counters,
+            pending=pending,
+            uncommitted=uncommitted,
+            dead_by_field=by_field,
+            ignored_by_reason=by_reason,
         )
 
     def health(self) -> dict[str, Any]:
@@ -909,6 +917,8 @@ class Collector:
             c["last_commit_at"] = self._clock()
             for name, count in outcome.dead_by_field.items():
                 self._dead_by_field[name] = self._dead_by_field.get(name, 0) + count
+            for reason, count in outcome.ignored_by_reason.items():
+                self._ignored_by_reason[reason] = self._ignored_by_reason.get(reason, 0) + count
         for topic, fld, error in outcome.dead_samples:
             self._dead_log.warning("dead letter on %r (%s): %s", topic[:200], fld, error[:300])
         hidden = stored.dead_letters - len(outcome.dead_samples)
