@@ -229,7 +229,7 @@ def test_agent_venv_checks_and_runs_the_onnx_bundle(
     )
     assert "ok" in check
     assert check["runtime"].startswith("onnxruntime ")
-    assert "files match their SHA-256" in check["verified"], check["verified"]
+    assert "match their SHA-256" in check["verified"], check["verified"]
 
     board = _predict([board_envs.venv_python(agent_venv)], onnx_bundle, test_digits, work)
     host = _predict([sys.executable], onnx_bundle, test_digits, work)
