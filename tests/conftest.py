@@ -93,3 +93,11 @@ def digits_bundle(
         detector=detector,
     )
     return bundle.root
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless chromium (installed with apt-get when missing and we are root)."""
+    from tests.browser import chromium_path
+
+    return chromium_path()
