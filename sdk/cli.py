@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "this worst-sample cosine with fp32 on calibration samples (default 0.99; 'off' to "
         "disable)",
     )
+    p.add_argument("--html", type=Path, help="also write the report as an HTML page here")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(handler=_cmd_optimize)
 
@@ -501,6 +502,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     print(report.summary())
     if args.json is not None:
         _write_json(args.json, report.to_dict())
+    if args.html is not None:
+        from sdk.report_html import write_report
+
+        write_report(
+            args.html,
+            report.to_dict(),
+            command="edgeship "
+            + " ".join(sys.argv[1:] if argv_is_cli() else ["optimize", str(args.model), "..."]),
+        )
+        print(f"HTML report written to {args.html}")
     return EXIT_OK if report.meets_budget else EXIT_BUDGET
 
 
@@ -511,6 +522,11 @@ def _min_cosine(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise ConfigError(f"--min-cosine {text!r}: give a number such as 0.99, or 'off'") from None
+
+
+def argv_is_cli() -> bool:
+    """Whether sys.argv is this command's (not a test runner's calling main() directly)."""
+    return len(sys.argv) > 1 and sys.argv[1] == "optimize"
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

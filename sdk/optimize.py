@@ -394,6 +394,10 @@ def optimize(
         assert winner is not None  # _choose only returns candidates that were made
         bar.set_description("fit the outlier detector")
         detector = None if cal is None else _fit_detector(cfg, cal, winner, work, notes)
+        bar.set_description("reference statistics")
+        reference = _write_reference(
+            cfg, ev if ev is not None else cal, winner, detector, work, notes
+        )
         bar.set_description("bundle")
         bundle = package(
             winner,
@@ -404,10 +408,14 @@ def optimize(
             budget=cfg.budget,
             benchmark=_bundle_benchmark(chosen),
             detector=detector,
+            reference=reference,
         )
         bar.update(1)
     finally:
         bar.close()
+    isa = _isa_note(target)
+    if isa is not None:
+        notes.append(isa)
     if sample is not None:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items())
         source = "eval" if ev is not None else "calibration"
@@ -497,6 +505,48 @@ def _bench_sample(data: Dataset | None, model: ModelArtifact) -> dict[str, np.nd
     if len(data) < count:
         return None
     return take_samples(data.inputs, 0, count)
+
+
+def _write_reference(
+    cfg: OptimizeConfig,
+    data: Dataset | None,
+    model: ModelArtifact,
+    detector: tuple[DetectorSpec, Path] | None,
+    work: Path,
+    notes: list[str],
+) -> Path | None:
+    """The reference statistics a collector compares the fleet's predictions and outlier
+    scores with (drift), from in-distribution data through the chosen model and detector."""
+    from sdk.reference import reference_stats, write_reference
+
+    if data is None:
+        return None
+    # Dynamic int8 scales activations per batch: count at batch 1, as the board runs it.
+    batch = 1 if model.recipe.startswith(DYNAMIC) else 256
+    try:
+        stats = reference_stats(
+            model.path,
+            detector,
+            data,
+            cfg.labels,
+            model=cfg.name,
+            model_version=cfg.version,
+            batch_size=batch,
+        )
+    except EdgeshipError as exc:
+        notes.append(f"no reference statistics for drift: {exc}")
+        return None
+    return write_reference(work / "reference.json", stats)
+
+
+def _isa_note(target: TargetProfile) -> str | None:
+    from sdk.isa import int8_outlook
+
+    try:
+        outlook = int8_outlook(target)
+    except EdgeshipError:
+        return None
+    return f"int8 outlook on {target.name}: {outlook.reason}"
 
 
 def _fit_detector(
