@@ -21,6 +21,7 @@ How an output is scored depends on its shape:
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -121,6 +122,9 @@ def evaluate(
         got = run(feed)
         n = got.shape[0]
         kind = _output_kind(got)
+        if kind == "classes" and labels is None and _EMBEDDING_NAME.search(name):
+            # An embedding's largest coordinate means nothing: compare whole vectors.
+            kind = "other"
         if labels is not None and kind == "other":
             raise DataError(
                 f"the data has labels, but the model's output {name!r} has shape {got.shape}; "
@@ -246,6 +250,10 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
     if np.isnan(diff).any():
         return float("inf")
     return float(diff.max())
+
+
+# Output names that say "this is a vector, not class scores" (the detectors use the same cue).
+_EMBEDDING_NAME = re.compile(r"embed|pool|feature|hidden|encod|represent|sentence", re.IGNORECASE)
 
 
 def _output_kind(out: np.ndarray) -> Literal["classes", "binary", "other"]:
