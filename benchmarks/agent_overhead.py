@@ -150,6 +150,37 @@ def run_one(code: str, args: list[str]) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Bars of p50 per call, bare against agent, per model, with the added microseconds."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install -e '.[dev]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    bare = [results["models"][n]["bare_p50_us"] for n in names]
+    agent = [results["models"][n]["agent_p50_us"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], bare, width=0.4, label="bare session.run")
+    ax.bar([x + 0.2 for x in xs], agent, width=0.4, label="Agent.predict (scoring, telemetry)")
+    for x, b, a in zip(xs, bare, agent, strict=True):
+        ax.annotate(
+            f"+{a - b:.0f} us ({a / b:.2f}x)", (x + 0.2, a), ha="center", va="bottom", fontsize=8
+        )
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("p50 per call (us)")
+    ax.set_title(f"agent overhead, {results['threads']} thread(s), this host")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -226,6 +257,7 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten {args.json}")
+    plot(results, args.json.with_suffix(".png"))
     digits = results["models"]["digits-int8"]
     ok = digits["ratio"] <= 1.15 and digits["rss_added_mb"] <= 25
     print("targets on digits-int8 (ratio <= 1.15, +RSS <= 25 MB):", "met" if ok else "NOT met")
