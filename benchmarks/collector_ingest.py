@@ -453,8 +453,37 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nJSON written to {args.json}")
+    _plot(results, args.json.with_suffix(".png"))
     loss_ok = args.skip_loss or results["loss"]["loss"] == 0
     return 0 if ratio >= 0.7 and loss_ok else 1
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    """Ingest rate per repeat, bare subscriber against the collector, as a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install -e '.[dev]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    pairs = summary["pair_ratios"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar(range(len(pairs)), pairs, color="#4a7")
+    ax.axhline(0.7, color="#b42318", linestyle="--", label="target 0.7")
+    ax.set_xlabel("repeat (bare subscriber and collector measured back to back)")
+    ax.set_ylabel("collector rate / bare rate")
+    ax.set_title(
+        f"collector ingest (SQLite): median {summary['collector_sqlite_rate_median']:.0f} msg/s "
+        f"vs bare {summary['bare_rate_median']:.0f} msg/s"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
 
 
 def _print_table(results: dict[str, Any]) -> None:
