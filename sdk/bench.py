@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from device_agent.benchmark import latency_summary_ms
 from device_agent.contracts.bundle import IOSpec, TensorSpec
 from device_agent.runtime import check_feed
 from sdk.artifact import ModelArtifact, read_artifact
@@ -631,17 +632,8 @@ def _report(
     lat = latencies_ns.astype(np.float64) / 1e6
     if lat.size == 0:
         raise BenchmarkError(f"benchmark of {artifact.path.name} recorded no runs")
-    p50, p90, p95, p99 = (float(v) for v in np.percentile(lat, [50, 90, 95, 99]))
-    latency = {
-        "p50": p50,
-        "p90": p90,
-        "p95": p95,
-        "p99": p99,
-        "min": float(lat.min()),
-        "max": float(lat.max()),
-        "mean": float(lat.mean()),
-        "std": float(lat.std()),
-    }
+    # The same summary the board's agent reports for a remote benchmark.
+    latency = latency_summary_ms(latencies_ns)
     first = next(iter(feed.values()))
     batch = int(first.shape[0]) if first.ndim else 1
     total_s = float(lat.sum()) / 1e3
