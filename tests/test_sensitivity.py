@@ -107,11 +107,17 @@ def test_acceptance_outlier_channels_recovered_within_a_point(
     assert float(act.max()) > 100 * typical
     assert report.plain_drop is not None and report.plain_drop > 0.01
     assert report.met and report.drop <= 0.01
-    assert report.excluded == ("/0/Conv", "/2/Conv")
-    assert report.tensors[0].tensor == "/1/Relu_output_0"
-    assert report.tensors[0].error > 100 * report.tensors[1].error
-    assert {n.node for n in report.nodes[:2]} == {"/0/Conv", "/2/Conv"}
-    assert art.details["excluded_nodes"] == ["/0/Conv", "/2/Conv"]
+    # The convs around the outlier activation stay in float (and the Relu between them,
+    # which the default op set leaves unquantized anyway).
+    assert {"/0/Conv", "/2/Conv"} <= set(report.excluded) <= {"/0/Conv", "/1/Relu", "/2/Conv"}
+    # The outlier activation, read before or after its ReLU (whichever the op set quantizes).
+    outlier = {"/0/Conv_output_0", "/1/Relu_output_0"}  # the same activation around its ReLU
+    top = [t for t in report.tensors if t.tensor in outlier]
+    rest = [t for t in report.tensors if t.tensor not in outlier]
+    assert report.tensors[0].tensor in outlier
+    assert rest and min(t.error for t in top) > 100 * max(t.error for t in rest)
+    assert {n.node for n in report.nodes[:3]} == {"/0/Conv", "/1/Relu", "/2/Conv"}
+    assert art.details["excluded_nodes"] == list(report.excluded)
     assert art.details["quantized_nodes"] > 0  # the rest of the model is still int8
     again = sdk.evaluate(art.path, sdk.load_dataset(ev, art.io))
     assert again.accuracy is not None and report.fp32_quality.accuracy is not None
