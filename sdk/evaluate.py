@@ -198,12 +198,16 @@ def accuracy_drop(candidate: Quality, baseline: Quality) -> float:
     basis = drop_basis(candidate, baseline)
     if basis == "accuracy":
         assert candidate.accuracy is not None and baseline.accuracy is not None
-        return baseline.accuracy - candidate.accuracy
-    if basis == "agreement":
+        drop = baseline.accuracy - candidate.accuracy
+    elif basis == "agreement":
         assert candidate.agreement is not None
-        return 1.0 - candidate.agreement
-    assert candidate.cosine_mean is not None
-    return 1.0 - candidate.cosine_mean
+        drop = 1.0 - candidate.agreement
+    else:
+        assert candidate.cosine_mean is not None
+        drop = 1.0 - candidate.cosine_mean
+    # Rounded so that 2 of 200 samples is 1% exactly, not 1.0000000000000009% (which a
+    # 'drop<=1%' budget line would fail).
+    return round(drop, 12)
 
 
 def drop_basis(candidate: Quality, baseline: Quality) -> DropBasis:

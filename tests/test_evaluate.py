@@ -190,3 +190,15 @@ def test_embedding_outputs_are_compared_as_vectors(tmp_path: Path) -> None:
     assert q.agreement is None and q.cosine_mean is not None and q.cosine_mean > 0.99
     assert drop_basis(q, base) == "cosine"
     assert accuracy_drop(q, base) < 0.01
+
+
+def test_a_drop_on_the_budget_line_is_not_pushed_over_it_by_float_error() -> None:
+    """2 of 200 samples disagreeing is a 1% drop, which 'drop<=1%' accepts; 1 - 0.99 in floats
+    is 0.010000000000000009, which failed the line (PaddleOCR's classifier, magika)."""
+    from sdk.budget import check_budget, parse_budget
+
+    drop = accuracy_drop(Quality(200, agreement=198 / 200), Quality(200))
+    assert drop == 0.01
+    lines = check_budget(parse_budget("drop<=1%"), {"accuracy_drop": drop})
+    assert all(line.passed for line in lines)
+    assert accuracy_drop(Quality(200, accuracy=0.98), Quality(200, accuracy=0.985)) == 0.005
