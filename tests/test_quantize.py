@@ -839,3 +839,27 @@ def test_ort_output_is_kept_off_the_terminal(
     assert "Axis 1 is out-of-range" in relayed and "from a child logger" in relayed
     assert "Non-zero status code" in relayed
     assert not any(r.name == "root" for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_quantization_doc_example_runs(tmp_path: Path) -> None:
+    """docs/quantization.md's Python example runs as written."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "quantization.md").read_text()
+    blocks = re.findall(r"```python\n(# quantization-doc-example.*?)```", text, flags=re.S)
+    assert blocks, "docs/quantization.md lost its runnable example"
+    script = tmp_path / "example.py"
+    script.write_text(blocks[0])
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "ort-static-int8-qdq-minmax: check on 16 calibration samples" in out.stdout
+    assert "ort-static-int8-qdq-minmax-all-ops" in out.stdout
+    assert "quality gate: int8 candidates need worst-sample cosine >= 0.99" in out.stdout
