@@ -210,6 +210,8 @@ class Case:
     extra: list[tuple[str, dict[str, np.ndarray] | None, str]] = field(default_factory=list)
     # recipes the CLI cannot express, tried through the Python API (sdk.quantize.QuantizeConfig)
     probes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # `edgeship bench --shape` values for inputs with dynamic dimensions other than the batch
+    bench_shapes: list[str] = field(default_factory=list)
 
 
 # ---- magika ---------------------------------------------------------------------------------
@@ -674,6 +676,7 @@ def build_silero(pkg: Path, version: str, variant: str, work: Path, seed: int) -
         budget="p95<=5ms,drop<=1%",
         extra=extra,
         probes=probes,
+        bench_shapes=["input=1,576", "state=2,1,128"] if layout == "shipped" else [],
     )
 
 
@@ -835,6 +838,7 @@ def build_ocr_rec(
         check,
         budget="p95<=50ms,drop<=1%",
         extra=[] if fixed is None else [("optimize, no eval", None, "p95<=50ms")],
+        bench_shapes=["x=1,3,48,320"] if fixed is None else [],
         probes=[]
         if fixed is None
         else [
@@ -901,6 +905,7 @@ def build_ocr_cls(
         check,
         budget="p95<=20ms,drop<=1%",
         labels="0,180",
+        bench_shapes=["x=1,3,48,192"] if fixed is None else [],
         extra=[("optimize, eval without labels", {"x": ev["x"]}, "p95<=20ms,drop<=1%")],
     )
 
@@ -988,6 +993,7 @@ def build_ocr_det(
         check,
         budget="p95<=200ms,drop<=1%",
         extra=[] if fixed is None else [("optimize, no eval", None, "p95<=200ms")],
+        bench_shapes=[f"x=1,3,{side},{side}"] if fixed is None else [],
     )
 
 
@@ -1028,10 +1034,11 @@ def run_case(case: Case, work: Path, target: str, runs: int, seconds: float) -> 
     timing = ["--runs", str(runs), "--seconds", str(seconds)]
     steps = []
     m = str(case.model)
+    shapes = [a for s in case.bench_shapes for a in ("--shape", s)]
     steps.append(
         edgeship(
             "bench",
-            ["bench", m, "--target", target, *timing, "--json", str(d / "bench.json")],
+            ["bench", m, "--target", target, *shapes, *timing, "--json", str(d / "bench.json")],
             json_out=d / "bench.json",
         )
     )
@@ -1164,6 +1171,8 @@ def table(results: list[dict[str, Any]]) -> str:
             if not rep:
                 continue
             rows.append(f"{'':<34}{step['step']}:")
+            if rep.get("quality_gate"):
+                rows.append(f"{'':<36}quality gate: {rep['quality_gate'][:110]}")
             for c in rep["candidates"]:
                 mark = "*" if c["name"] == rep["chosen"] else " "
                 if c.get("error"):
@@ -1171,11 +1180,14 @@ def table(results: list[dict[str, Any]]) -> str:
                     continue
                 lat = c.get("latency_ms") or {}
                 drop = c.get("accuracy_drop")
+                basis = {"agreement": " agr", "cosine": " cos", "accuracy": " acc"}.get(
+                    c.get("drop_basis") or "", ""
+                )
                 p50, p95 = lat.get("p50", math.nan), lat.get("p95", math.nan)
                 rows.append(
                     f"{'':<36}{mark}{c['name'][:24]:<25}{(c['size_bytes'] or 0) / 1024:>7.0f} KiB"
                     f"  p50 {p50:7.2f}  p95 {p95:7.2f} ms"
-                    f"  drop {'-' if drop is None else f'{drop * 100:.2f}pt'}"
+                    f"  drop {'-' if drop is None else f'{drop * 100:.2f}pt{basis}'}"
                     f"  {'ok' if c['meets_budget'] else 'MISS'}"
                 )
         for label, c in r.get("checks", {}).items():
@@ -1197,7 +1209,8 @@ def _outcome(step: dict[str, Any]) -> str:
         return errs[-1][:160]
     out = (step["stdout"] or "").strip().splitlines()
     if step["step"].startswith("quantize") and out:
-        return out[0][:160]
+        check = next((ln for ln in out if ln.startswith("check vs fp32")), "")
+        return out[0][:150] + ("\n" + " " * 57 + check[:150] if check else "")
     if step["step"] == "bench" and step["report"]:
         lat = step["report"]["latency_ms"]
         return f"p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms (generated inputs)"
