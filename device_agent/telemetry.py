@@ -81,6 +81,13 @@ class WindowAggregator:
     Raw latencies are kept for exact percentiles up to ``max_samples`` per window; beyond that
     a uniform reservoir sample of that size is kept (percentiles become estimates, the
     histogram and max stay exact). ``start`` (unix seconds) opens the first window.
+
+    Without ``start`` the aggregator runs in real time: a window's length is measured on the
+    monotonic clock and its ``window_start`` is its end (``now``) minus that length, so a step
+    of the wall clock (NTP setting the time of a board with no RTC, a manual ``date``) never
+    gives a window a wrong or zero ``window_s``; it shows as a jump of ``window_start``
+    between two windows. With ``start`` (synthetic times, for tests and replays) the length is
+    ``now`` minus the window's start.
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class WindowAggregator:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._start = time.time() if start is None else float(start)
+        self._began: float | None = time.monotonic() if start is None else None
         self._reset()
 
     def _reset(self) -> None:
@@ -212,6 +220,13 @@ class WindowAggregator:
         end = time.time() if now is None else float(now)
         with self._lock:
             start, self._start = self._start, end
+            began = self._began
+            if began is not None:
+                self._began = time.monotonic()
+                length = max(0.0, self._began - began)
+                start = max(0.0, end - length)
+            else:
+                length = max(0.0, end - start)
             n, errors, outliers, max_ms = self._n, self._errors, self._outliers, self._max_ms
             lat_counts, score_counts = self._lat_counts, self._score_counts
             label_counts, extra, samples = self._label_counts, self._extra_labels, self._samples
@@ -232,7 +247,7 @@ class WindowAggregator:
             predictions[name] = predictions.get(name, 0) + c
         return WindowFields(
             window_start=start,
-            window_s=max(0.0, end - start),
+            window_s=length,
             inferences=n,
             errors=errors,
             latency_ms=latency,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,20 @@ def test_percentile_nearest_rank() -> None:
 def test_bad_configuration_is_a_config_error(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         WindowAggregator(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_wall_clock_step_never_bends_window_lengths() -> None:
+    # A board without an RTC boots with a stale clock and NTP steps it later (forward by hours,
+    # or back): the agent passes its wall clock as ``now``. The length comes from the
+    # monotonic clock, the start is the end minus the length.
+    agg = WindowAggregator(labels=("a",))
+    time.sleep(0.05)
+    ahead = time.time() + 3600.0
+    w = agg.close_window(ahead)
+    assert 0.04 <= w["window_s"] < 30.0, w["window_s"]
+    assert w["window_start"] == pytest.approx(ahead - w["window_s"])
+    time.sleep(0.05)
+    behind = time.time() - 7200.0
+    w = agg.close_window(behind)
+    assert 0.04 <= w["window_s"] < 30.0, w["window_s"]
+    assert w["window_start"] == pytest.approx(behind - w["window_s"])
