@@ -35,7 +35,7 @@ from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts import messages as msg
 from device_agent.detectors import ThresholdedDetector, load_detector
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
-from device_agent.runtime import FeedChecker, ModelSession, open_session
+from device_agent.runtime import FeedChecker, ModelSession
 from device_agent.sysinfo import SysInfo
 from device_agent.telemetry import WindowAggregator
 
@@ -62,7 +62,9 @@ class AgentConfig:
 
     ``broker_url`` None runs without MQTT (inference and scoring only). ``window_s`` is the
     telemetry window. Outlier events are limited to ``outlier_events_per_min`` (a token bucket;
-    the next event reports how many were held back).
+    the next event reports how many were held back). With ``trusted_keys`` (Ed25519 public key
+    files) only bundles signed by one of those keys are loaded; ``model_key_file`` holds the
+    AES-256 key of encrypted models (see ``docs/security.md``).
     """
 
     device_id: str = field(default_factory=_default_device_id)
@@ -82,6 +84,8 @@ class AgentConfig:
     outlier_events_per_min: float = 60.0
     input_sample_values: int = 0
     sysinfo_root: str = "/"
+    trusted_keys: tuple[str, ...] = ()
+    model_key_file: str | None = None
 
     def __post_init__(self) -> None:
         # Accept a str for convenience; the field is always a Path afterwards.
@@ -195,14 +199,12 @@ class Agent:
 
     @classmethod
     def from_bundle(cls, path: str | Path, config: AgentConfig | None = None) -> Agent:
-        """Verify the bundle at ``path`` (every file's SHA-256), load its model and detector."""
+        """Verify the bundle at ``path`` (its signature when ``trusted_keys`` are configured,
+        every file's SHA-256), load its model (decrypted in memory if encrypted) and detector."""
         cfg = config or AgentConfig()
-        bundle = load_bundle(path)
-        session = open_session(
-            bundle.model_path,
-            runtime=bundle.manifest.model.runtime,
-            threads=cfg.threads,
-            providers=cfg.providers,
+        bundle = load_bundle(path, trusted_keys=cfg.trusted_keys)
+        session = bundle.open_model(
+            model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers
         )
         return cls(bundle, session, cfg)
 

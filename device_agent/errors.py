@@ -11,7 +11,9 @@ need to know which library failed.
     ├── ConfigError          a setting, option or string the user gave is invalid
     ├── InputError           inference inputs do not match the model (name, dtype, shape)
     ├── BundleError          a bundle cannot be read or is malformed
-    │   └── IntegrityError   a bundle file does not match the hash in its manifest
+    │   ├── IntegrityError   a bundle file does not match the hash in its manifest
+    │   └── SignatureError   a bundle is unsigned, signed by an untrusted key, or its
+    │                        signature does not verify (with trusted_keys configured)
     ├── RuntimeLoadError     the runtime could not load or run a model
     ├── ProtocolError        an MQTT topic or message breaks the wire contract
     └── (sdk.errors adds ExportError, QuantizationError, DataError, ModelFormatError,
@@ -28,6 +30,7 @@ __all__ = [
     "IntegrityError",
     "ProtocolError",
     "RuntimeLoadError",
+    "SignatureError",
 ]
 
 
@@ -53,6 +56,10 @@ class IntegrityError(BundleError):
     def __init__(self, message: str, *, file: str) -> None:
         super().__init__(message)
         self.file = file
+
+
+class SignatureError(BundleError):
+    """A bundle's signature is missing, by a key that is not trusted, or does not verify."""
 
 
 class RuntimeLoadError(EdgeshipError):

@@ -74,18 +74,23 @@ def open_session(
     runtime: str | None = None,
     threads: int | None = None,
     providers: Sequence[str] | None = None,
+    content: bytes | None = None,
 ) -> ModelSession:
-    """Open ``path`` with ONNX Runtime or LiteRT. ``threads=None`` lets the runtime decide."""
+    """Open ``path`` with ONNX Runtime or LiteRT. ``threads=None`` lets the runtime decide.
+
+    ``content`` is the model itself, already in memory (a decrypted model): the runtime loads
+    it from there and ``path`` only names it in messages.
+    """
     model = Path(path)
-    if not model.is_file():
+    if content is None and not model.is_file():
         raise ConfigError(f"model file not found: {model}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
     kind = runtime or runtime_for_path(model)
     if kind == "onnxruntime":
-        return OnnxSession(model, threads=threads, providers=providers)
+        return OnnxSession(model, threads=threads, providers=providers, content=content)
     if kind == "litert":
-        return LiteRTSession(model, threads=threads)
+        return LiteRTSession(model, threads=threads, content=content)
     raise ConfigError(f"unknown runtime {kind!r}; expected 'onnxruntime' or 'litert'")
 
 
@@ -186,6 +191,7 @@ class OnnxSession:
         *,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        content: bytes | None = None,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -209,7 +215,9 @@ class OnnxSession:
                 f"(available: {available})"
             )
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+            self._session = ort.InferenceSession(
+                str(path) if content is None else content, sess_options=opts, providers=chosen
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise RuntimeLoadError(
                 f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}"
@@ -297,12 +305,13 @@ class LiteRTSession:
 
     runtime = "litert"
 
-    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, threads: int | None = None, content: bytes | None = None
+    ) -> None:
         interpreter_cls, self._package, self._version = litert_interpreter_class()
+        source = {"model_path": str(path)} if content is None else {"model_content": content}
         try:
-            self._interp = interpreter_cls(
-                model_path=str(path), num_threads=threads or os.cpu_count()
-            )
+            self._interp = interpreter_cls(**source, num_threads=threads or os.cpu_count())
             self._interp.allocate_tensors()
         except Exception as exc:
             raise RuntimeLoadError(f"LiteRT cannot load {path.name}: {_first_line(exc)}") from exc

@@ -10,6 +10,7 @@ import pytest
 from device_agent.contracts.bundle import (
     FORMAT_ID,
     FORMAT_VERSION,
+    READABLE_FORMAT_VERSION,
     DetectorSpec,
     IOSpec,
     Manifest,
@@ -62,7 +63,7 @@ def _mutated(path: list[Any], value: Any) -> str:
     ("path", "value", "needle"),
     [
         (["format"], "something.else", "manifest.format"),
-        (["format_version"], FORMAT_VERSION + 1, "newer than this agent"),
+        (["format_version"], READABLE_FORMAT_VERSION + 1, "newer than this agent"),
         (["format_version"], "1", "format_version"),
         (["model", "runtime"], "tensorflow", "model.runtime"),
         (["model", "file"], "../etc/passwd", "model.file"),

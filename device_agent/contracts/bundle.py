@@ -2,14 +2,17 @@
 
 A bundle is a directory holding ``manifest.json``, the model file and optional detector and
 reference-statistics files. The manifest records the SHA-256 of every other file, so a
-verified manifest vouches for the whole bundle. This module owns the schema: encode with
-:meth:`Manifest.to_json`, decode and validate with :meth:`Manifest.from_json`. Decoding
-rejects anything it does not understand with a :class:`~device_agent.errors.BundleError`
-that names the offending field. The schema is documented in ``docs/bundle.md``.
+verified manifest vouches for the whole bundle; ``signature.json`` (not listed in the
+manifest) may sign the manifest's bytes (:mod:`device_agent.signing`). This module owns the
+schema: encode with :meth:`Manifest.to_json`, decode and validate with
+:meth:`Manifest.from_json`. Decoding rejects anything it does not understand with a
+:class:`~device_agent.errors.BundleError` that names the offending field. The schema is
+documented in ``docs/bundle.md``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,21 +22,36 @@ from device_agent.errors import BundleError
 
 __all__ = [
     "DTYPES",
+    "ENCRYPTED_FORMAT_VERSION",
+    "ENCRYPTION_ALGORITHMS",
     "FORMAT_ID",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "READABLE_FORMAT_VERSION",
+    "RESERVED_NAMES",
     "RUNTIMES",
     "DetectorSpec",
     "Dim",
     "IOSpec",
     "Manifest",
+    "ModelEncryption",
     "ModelInfo",
     "TensorSpec",
 ]
 
 FORMAT_ID = "edgeship.bundle"
+# Plain bundles are written as version 1. A bundle whose model is encrypted is version 2, so
+# that an agent from before encryption refuses it with "upgrade edgeship" instead of handing
+# ciphertext to its runtime. This code reads both.
 FORMAT_VERSION = 1
+ENCRYPTED_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+# Files in a bundle directory that the manifest must not list: the manifest itself, and the
+# signature file, which signs the manifest and so cannot be hashed inside it.
+RESERVED_NAMES = frozenset({MANIFEST_NAME, "signature.json"})
+ENCRYPTION_ALGORITHMS = ("aes-256-gcm",)
+GCM_NONCE_BYTES = 12
 
 Runtime = Literal["onnxruntime", "litert"]
 RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "litert")
@@ -134,8 +152,51 @@ class IOSpec:
 
 
 @dataclass(frozen=True)
+class ModelEncryption:
+    """How the model file is encrypted at rest: AES-256-GCM under the key whose id is
+    ``key_id`` (``sha256:`` + hex SHA-256 of ``b"edgeship-model-key\\0" + key``), with ``nonce``
+    (12 bytes). The file on disk is the ciphertext followed by the 16-byte tag; the agent
+    decrypts it in memory only."""
+
+    algorithm: str
+    key_id: str
+    nonce: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "key_id": self.key_id,
+            "nonce": base64.b64encode(self.nonce).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "model.encryption") -> ModelEncryption:
+        obj = _mapping(data, where)
+        algorithm = _str(obj.get("algorithm"), f"{where}.algorithm")
+        if algorithm not in ENCRYPTION_ALGORITHMS:
+            raise BundleError(
+                f"{where}.algorithm: {algorithm!r} is not one of {list(ENCRYPTION_ALGORITHMS)}"
+            )
+        key_id = _str(obj.get("key_id"), f"{where}.key_id")
+        if not key_id.startswith("sha256:"):
+            raise BundleError(f"{where}.key_id: expected 'sha256:<hex>', got {key_id!r}")
+        nonce_text = _str(obj.get("nonce"), f"{where}.nonce")
+        try:
+            nonce = base64.b64decode(nonce_text, validate=True)
+        except ValueError as exc:
+            raise BundleError(f"{where}.nonce: not base64") from exc
+        if len(nonce) != GCM_NONCE_BYTES:
+            raise BundleError(f"{where}.nonce: expected {GCM_NONCE_BYTES} bytes, got {len(nonce)}")
+        return cls(algorithm=algorithm, key_id=key_id, nonce=nonce)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """Which model the bundle holds and how it was made."""
+    """Which model the bundle holds and how it was made.
+
+    ``encryption`` is None for a plain model file (written without the key, so plain manifests
+    are unchanged).
+    """
 
     name: str
     version: str
@@ -143,9 +204,10 @@ class ModelInfo:
     runtime: Runtime
     precision: str  # "fp32", "int8", ...
     recipe: str  # how it was produced, e.g. "ort-static-int8-qdq-minmax"
+    encryption: ModelEncryption | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "file": self.file,
@@ -153,6 +215,9 @@ class ModelInfo:
             "precision": self.precision,
             "recipe": self.recipe,
         }
+        if self.encryption is not None:
+            out["encryption"] = self.encryption.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model") -> ModelInfo:
@@ -160,6 +225,7 @@ class ModelInfo:
         runtime = _str(obj.get("runtime"), f"{where}.runtime")
         if runtime not in RUNTIMES:
             raise BundleError(f"{where}.runtime: {runtime!r} is not one of {list(RUNTIMES)}")
+        encryption = obj.get("encryption")
         return cls(
             name=_str(obj.get("name"), f"{where}.name"),
             version=_str(obj.get("version"), f"{where}.version"),
@@ -167,6 +233,9 @@ class ModelInfo:
             runtime=runtime,
             precision=_str(obj.get("precision"), f"{where}.precision"),
             recipe=_str(obj.get("recipe"), f"{where}.recipe"),
+            encryption=None
+            if encryption is None
+            else ModelEncryption.from_dict(encryption, f"{where}.encryption"),
         )
 
 
@@ -263,20 +332,30 @@ class Manifest:
         version = obj.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError(f"manifest.format_version: expected an int, got {version!r}")
-        if version > FORMAT_VERSION:
+        if version > READABLE_FORMAT_VERSION:
             raise BundleError(
                 f"manifest.format_version {version} is newer than this agent understands "
-                f"({FORMAT_VERSION}); upgrade edgeship on this device"
+                f"({READABLE_FORMAT_VERSION}); upgrade edgeship on this device"
             )
         files_raw = _mapping(obj.get("files"), "manifest.files")
         files: dict[str, str] = {}
         for name, digest in files_raw.items():
             _relpath(name, f"manifest.files[{name!r}]")
+            if name in RESERVED_NAMES:
+                raise BundleError(
+                    f"manifest.files: {name!r} is reserved for the bundle's own metadata and "
+                    "cannot be listed"
+                )
             d = _str(digest, f"manifest.files[{name!r}]")
             if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
                 raise BundleError(f"manifest.files[{name!r}]: not a lowercase SHA-256 hex digest")
             files[name] = d
         model = ModelInfo.from_dict(obj.get("model"))
+        if model.encryption is not None and version < ENCRYPTED_FORMAT_VERSION:
+            raise BundleError(
+                f"manifest.model.encryption needs format_version {ENCRYPTED_FORMAT_VERSION} "
+                f"(this manifest says {version}), so that older agents refuse it"
+            )
         if model.file not in files:
             raise BundleError(f"manifest.files: the model file {model.file!r} has no hash")
         detector = None

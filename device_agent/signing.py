@@ -1,0 +1,418 @@
+"""Ed25519 signatures over a bundle's ``manifest.json``, kept in ``signature.json`` beside it.
+
+The manifest lists the SHA-256 of every other bundle file, so a valid signature over the exact
+bytes of ``manifest.json`` vouches for the whole bundle: the agent checks the signature first
+(was this manifest written by a key we trust?) and then every file's hash (are these the files
+the manifest describes?). ``signature.json`` is not listed in the manifest; it can hold several
+signatures (one per key, for key rotation). The format is in ``docs/bundle.md``.
+
+A key is named by its fingerprint: ``sha256:`` and the hex SHA-256 of the public key's DER
+SubjectPublicKeyInfo, which ``openssl pkey -pubin -in key.pub.pem -outform DER | sha256sum``
+reproduces.
+
+``cryptography`` is imported only when a key is read or a signature checked, so an agent
+without ``trusted_keys`` runs without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from device_agent.contracts.bundle import MANIFEST_NAME
+from device_agent.errors import ConfigError, SignatureError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+__all__ = [
+    "ALGORITHM",
+    "SIGNATURE_FORMAT",
+    "SIGNATURE_NAME",
+    "Signature",
+    "SignatureStatus",
+    "TrustedKeys",
+    "check_signatures",
+    "fingerprint",
+    "load_private_key",
+    "load_public_key",
+    "load_trusted_keys",
+    "read_signatures",
+    "require_cryptography",
+    "sign_manifest",
+    "signature_status",
+]
+
+SIGNATURE_NAME = "signature.json"
+SIGNATURE_FORMAT = "edgeship.signature"
+SIGNATURE_FORMAT_VERSION = 1
+ALGORITHM = "ed25519"
+
+_SIGN_HINT = "sign it on the workstation with: edgeship sign BUNDLE --key PRIVATE.pem"
+
+
+def require_cryptography() -> None:
+    """Raise :class:`ConfigError` saying how to install ``cryptography`` when it is missing."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "bundle signatures and encryption need the 'cryptography' package, which is not "
+            "installed; install it with: pip install 'cryptography>=41'"
+        ) from exc
+
+
+def fingerprint(key: Ed25519PublicKey) -> str:
+    """``sha256:`` + hex SHA-256 of the key's DER SubjectPublicKeyInfo."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def short(key_id: str) -> str:
+    """A key id cut for messages where the full one would be noise: ``sha256:1a2b3c4d5e6f…``."""
+    return key_id[:19] + "…" if len(key_id) > 20 else key_id
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM (``-----BEGIN PUBLIC KEY-----``) or OpenSSH
+    (``ssh-ed25519 AAAA...``) file; :class:`ConfigError` naming the file otherwise."""
+    require_cryptography()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    file = Path(path).expanduser()
+    data = _read_key_file(file, "trusted key")
+    try:
+        if data.lstrip().startswith(b"ssh-"):
+            key: Any = serialization.load_ssh_public_key(data.strip())
+        else:
+            key = serialization.load_pem_public_key(data)
+    except Exception as exc:  # ValueError, UnsupportedAlgorithm, ...: they vary by format
+        if b"PRIVATE KEY" in data:
+            raise ConfigError(
+                f"trusted key {file} is a PRIVATE key; give the public key (.pub.pem) here and "
+                "keep the private key on the signing workstation"
+            ) from exc
+        raise ConfigError(
+            f"trusted key {file} is not a PEM or OpenSSH public key; give the .pub.pem "
+            "written by 'edgeship keys generate'"
+        ) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(
+            f"trusted key {file} is a {_key_kind(key)} key; edgeship signs bundles with Ed25519 "
+            "only (make one with: edgeship keys generate --out DIR)"
+        )
+    return key
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from an unencrypted PKCS#8 PEM or OpenSSH file.
+
+    Refuses a file that group or others can read or write (``chmod 600`` it), as ssh does: a
+    signing key others can read signs for them too.
+    """
+    require_cryptography()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    file = Path(path).expanduser()
+    data = _read_key_file(file, "private key")
+    mode = file.stat().st_mode
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            f"private key {file} is accessible by group or others (mode "
+            f"{stat.S_IMODE(mode):04o}); restrict it with: chmod 600 {file}"
+        )
+    try:
+        if b"OPENSSH PRIVATE KEY" in data:
+            key: Any = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except TypeError as exc:  # "Password was not given but private key is encrypted"
+        raise ConfigError(
+            f"private key {file} is protected by a passphrase, which edgeship does not read; "
+            "keep the key unencrypted on a protected workstation (chmod 600)"
+        ) from exc
+    except Exception as exc:
+        if b"PUBLIC KEY" in data or data.lstrip().startswith(b"ssh-"):
+            raise ConfigError(
+                f"{file} is a PUBLIC key; signing needs the private key (.pem without .pub)"
+            ) from exc
+        raise ConfigError(
+            f"private key {file} is not a PEM or OpenSSH private key; give the .pem written "
+            "by 'edgeship keys generate'"
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(
+            f"private key {file} is a {_key_kind(key)} key; edgeship signs with Ed25519 only "
+            "(make one with: edgeship keys generate --out DIR)"
+        )
+    return key
+
+
+def _read_key_file(file: Path, what: str) -> bytes:
+    if not file.exists():
+        raise ConfigError(f"{what} file not found: {file}")
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} is not a file")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {file}: {exc.strerror or exc}") from exc
+    if not data.strip():
+        raise ConfigError(f"{what} {file} is empty")
+    return data
+
+
+def _key_kind(key: Any) -> str:
+    name = type(key).__name__
+    for kind in ("RSA", "EllipticCurve", "Ed448", "DSA", "X25519", "X448"):
+        if name.startswith(f"_{kind}") or name.startswith(kind):
+            return {"EllipticCurve": "ECDSA"}.get(kind, kind)
+    return name
+
+
+@dataclass(frozen=True)
+class TrustedKeys:
+    """Public keys the agent accepts signatures from, by fingerprint, and the files they came
+    from (for messages)."""
+
+    keys: Mapping[str, Ed25519PublicKey]
+    files: Mapping[str, str]
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def describe(self) -> str:
+        return ", ".join(f"{short(k)} ({self.files[k]})" for k in self.keys)
+
+
+def load_trusted_keys(paths: Sequence[str | Path]) -> TrustedKeys:
+    """Read every public key file; :class:`ConfigError` for a missing or unusable one."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    files: dict[str, str] = {}
+    for path in paths:
+        key = load_public_key(path)
+        key_id = fingerprint(key)
+        keys.setdefault(key_id, key)
+        files.setdefault(key_id, str(path))
+    return TrustedKeys(keys=keys, files=files)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One entry of ``signature.json``.
+
+    ``manifest_sha256`` records which manifest bytes were signed. It is not trusted (anyone can
+    edit it); it only lets a failed check say whether the manifest changed after signing.
+    """
+
+    key_id: str
+    algorithm: str
+    signature: bytes
+    manifest_sha256: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "key_id": self.key_id,
+            "signature": base64.b64encode(self.signature).decode("ascii"),
+            "manifest_sha256": self.manifest_sha256,
+            "created": self.created,
+        }
+
+
+def read_signatures(root: Path) -> list[Signature] | None:
+    """The signatures in ``root/signature.json``; None when the bundle has no such file.
+
+    Raises :class:`SignatureError` when the file exists but is not a signature file.
+    """
+    file = root / SIGNATURE_NAME
+    if not file.exists():
+        return None
+    where = f"{root}/{SIGNATURE_NAME}"
+    try:
+        data = json.loads(file.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SignatureError(f"{where} is not valid JSON ({exc}); {_SIGN_HINT} again") from exc
+    if not isinstance(data, dict) or data.get("format") != SIGNATURE_FORMAT:
+        raise SignatureError(
+            f"{where}: 'format' is not {SIGNATURE_FORMAT!r}; this is not an edgeship signature "
+            f"file ({_SIGN_HINT} again)"
+        )
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SignatureError(f"{where}: format_version must be a positive int, got {version!r}")
+    if version > SIGNATURE_FORMAT_VERSION:
+        raise SignatureError(
+            f"{where}: format_version {version} is newer than this agent understands "
+            f"({SIGNATURE_FORMAT_VERSION}); upgrade edgeship on this device"
+        )
+    entries = data.get("signatures")
+    if not isinstance(entries, list):
+        raise SignatureError(f"{where}: 'signatures' must be a list")
+    out: list[Signature] = []
+    for i, entry in enumerate(entries):
+        at = f"{where}: signatures[{i}]"
+        if not isinstance(entry, dict):
+            raise SignatureError(f"{at} must be an object")
+        key_id, algorithm, sig = entry.get("key_id"), entry.get("algorithm"), entry.get("signature")
+        if not isinstance(key_id, str) or not key_id.startswith("sha256:"):
+            raise SignatureError(f"{at}.key_id must be 'sha256:<hex>', got {key_id!r}")
+        if not isinstance(algorithm, str):
+            raise SignatureError(f"{at}.algorithm must be a string, got {algorithm!r}")
+        try:
+            raw = base64.b64decode(str(sig), validate=True)
+        except ValueError as exc:
+            raise SignatureError(f"{at}.signature is not base64") from exc
+        digest = entry.get("manifest_sha256", "")
+        created = entry.get("created", "")
+        out.append(
+            Signature(
+                key_id=key_id,
+                algorithm=algorithm,
+                signature=raw,
+                manifest_sha256=digest if isinstance(digest, str) else "",
+                created=created if isinstance(created, str) else "",
+            )
+        )
+    return out
+
+
+def write_signatures(root: Path, signatures: Sequence[Signature]) -> Path:
+    """Write ``root/signature.json`` atomically (temp file + rename)."""
+    doc = {
+        "format": SIGNATURE_FORMAT,
+        "format_version": SIGNATURE_FORMAT_VERSION,
+        "signed_file": MANIFEST_NAME,
+        "signatures": [s.to_dict() for s in signatures],
+    }
+    target = root / SIGNATURE_NAME
+    tmp = root / f".{SIGNATURE_NAME}.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def sign_manifest(manifest_bytes: bytes, key: Ed25519PrivateKey, *, created: str = "") -> Signature:
+    """An Ed25519 signature over the exact bytes of ``manifest.json``."""
+    return Signature(
+        key_id=fingerprint(key.public_key()),
+        algorithm=ALGORITHM,
+        signature=key.sign(manifest_bytes),
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        created=created,
+    )
+
+
+@dataclass(frozen=True)
+class SignatureStatus:
+    """What a loaded bundle's ``signature.json`` says, and what was checked.
+
+    ``signers`` are the key ids listed in the file (unchecked claims); ``verified_by`` those
+    whose signature was verified against a trusted key (empty without ``trusted_keys``).
+    ``problem`` is set when the file exists but could not be read and nothing was enforced.
+    """
+
+    signers: tuple[str, ...] = ()
+    verified_by: tuple[str, ...] = ()
+    problem: str | None = None
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signers)
+
+    def describe(self) -> str:
+        """One line for ``edgeship-agent check`` and ``edgeship inspect``."""
+        if self.problem is not None:
+            return f"{SIGNATURE_NAME} unreadable, not verified (no trusted_keys): {self.problem}"
+        if not self.signers:
+            return "not signed"
+        if self.verified_by:
+            others = [s for s in self.signers if s not in self.verified_by]
+            extra = f" (also signed by {', '.join(others)}, not trusted here)" if others else ""
+            return f"signed by {', '.join(self.verified_by)}, verified against trusted_keys{extra}"
+        return f"signed by {', '.join(self.signers)}, not verified (no trusted_keys)"
+
+
+def signature_status(root: Path) -> SignatureStatus:
+    """The signers listed in ``signature.json`` without checking anything (no trusted keys)."""
+    try:
+        signatures = read_signatures(root)
+    except SignatureError as exc:
+        return SignatureStatus(problem=str(exc))
+    if signatures is None:
+        return SignatureStatus()
+    return SignatureStatus(signers=tuple(s.key_id for s in signatures))
+
+
+def check_signatures(root: Path, manifest_bytes: bytes, trusted: TrustedKeys) -> SignatureStatus:
+    """Enforce ``trusted``: the bundle must carry a valid signature by one of its keys.
+
+    Every signature by a trusted key must verify (a bad one means the manifest or the signature
+    file was altered); signatures by other keys are listed but not checked. Raises
+    :class:`SignatureError` saying what is wrong and what to do.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    signatures = read_signatures(root)
+    if signatures is None:
+        raise SignatureError(
+            f"bundle {root} is not signed (no {SIGNATURE_NAME}) and this agent only runs bundles "
+            f"signed by its trusted_keys ({trusted.describe()}); {_SIGN_HINT}"
+        )
+    if not signatures:
+        raise SignatureError(f"bundle {root}: {SIGNATURE_NAME} holds no signatures; {_SIGN_HINT}")
+    signers = tuple(s.key_id for s in signatures)
+    by_trusted = [s for s in signatures if s.key_id in trusted.keys]
+    if not by_trusted:
+        raise SignatureError(
+            f"bundle {root} is signed by {', '.join(signers)}, which is not among this agent's "
+            f"trusted_keys ({trusted.describe()}); sign it with a trusted key, or add the "
+            "signer's public key to trusted_keys if you trust it"
+        )
+    actual = hashlib.sha256(manifest_bytes).hexdigest()
+    verified: list[str] = []
+    for sig in by_trusted:
+        if sig.algorithm != ALGORITHM:
+            raise SignatureError(
+                f"bundle {root}: the signature by {sig.key_id} uses algorithm "
+                f"{sig.algorithm!r}; this agent verifies {ALGORITHM!r} only"
+            )
+        try:
+            trusted.keys[sig.key_id].verify(sig.signature, manifest_bytes)
+        except InvalidSignature:
+            if sig.manifest_sha256 and sig.manifest_sha256 != actual:
+                why = (
+                    f"{MANIFEST_NAME} was changed after it was signed (signed SHA-256 "
+                    f"{sig.manifest_sha256[:12]}…, now {actual[:12]}…)"
+                )
+            else:
+                why = f"the signature in {SIGNATURE_NAME} is damaged or forged"
+            raise SignatureError(
+                f"bundle {root}: the signature by trusted key {sig.key_id} does not verify: "
+                f"{why}; do not run this bundle; copy the original again or re-sign it on the "
+                "workstation"
+            ) from None
+        verified.append(sig.key_id)
+    return SignatureStatus(signers=signers, verified_by=tuple(verified))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
