@@ -437,7 +437,14 @@ class Agent:
                 )
             )
 
-        self._publisher.publish("telemetry", payload)
+        try:
+            self._publisher.publish("telemetry", payload)
+        except EdgeshipError:
+            # The window is lost (a full disk): its own errors and the drops it was to report
+            # carry over to the next window; _window_loop adds one error for this window.
+            self._aggregator.record_error(fields["errors"])
+            self._drops_mark -= since
+            raise
 
     def _event_loop(self) -> None:
         while not self._stop.is_set():

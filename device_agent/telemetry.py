@@ -210,10 +210,10 @@ class WindowAggregator:
         else:
             extra[OTHER_LABEL] = extra.get(OTHER_LABEL, 0) + 1
 
-    def record_error(self) -> None:
-        """Count one failed inference (it does not enter the latency histogram)."""
+    def record_error(self, n: int = 1) -> None:
+        """Count ``n`` failed inferences (they do not enter the latency histogram)."""
         with self._lock:
-            self._errors += 1
+            self._errors += n
 
     def close_window(self, now: float | None = None) -> WindowFields:
         """End the current window at ``now`` (unix seconds), start the next, return the fields."""
