@@ -1,8 +1,9 @@
 """The ``edgeship-agent`` command on the board.
 
 ``edgeship-agent check BUNDLE`` is the first command to run on a new board: it verifies the
-bundle's hashes, loads the model with its runtime, runs one inference and prints timings and
-the environment. Exit codes: 0 ok, 2 a problem with the bundle or the runtime.
+bundle's signature (with trusted keys) and hashes, loads the model with its runtime (decrypting
+it in memory if it is encrypted), runs one inference and prints timings and the environment.
+Exit codes: 0 ok, 2 a problem with the bundle, its signature, a key or the runtime.
 """
 
 from __future__ import annotations
@@ -36,20 +37,34 @@ def _meminfo_mb(key: str) -> int | None:
 def _cmd_check(args: argparse.Namespace) -> int:
     from device_agent.benchmark import sample_inputs
     from device_agent.bundle import load_bundle
-    from device_agent.runtime import check_feed, open_session
+    from device_agent.config import load_settings
+    from device_agent.runtime import check_feed
 
+    # The same trust settings as 'run' (agent.toml, environment), so check refuses what run
+    # would refuse; --trusted-key and --model-key win.
+    overrides = {
+        "trusted_keys": tuple(str(p) for p in args.trusted_key) or None,
+        "model_key_file": None if args.model_key is None else str(args.model_key),
+    }
+    config, _ = load_settings(args.config, os.environ, overrides)
     t0 = time.perf_counter()
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, trusted_keys=config.trusted_keys)
     t_verify = time.perf_counter() - t0
     m = bundle.manifest
     print(
         f"bundle     {bundle.root}: {m.model.name} v{m.model.version} "
         f"({m.model.precision}, {m.model.recipe})"
     )
+    print(f"signature  {bundle.signature.describe()}")
     print(f"verified   {len(m.files)} file(s) match their SHA-256 ({t_verify * 1000:.1f} ms)")
     t0 = time.perf_counter()
-    session = open_session(bundle.model_path, runtime=m.model.runtime, threads=args.threads)
+    session = bundle.open_model(model_key_file=config.model_key_file, threads=args.threads)
     t_load = time.perf_counter() - t0
+    if m.model.encryption is not None:
+        print(
+            f"decrypted  {m.model.file} ({m.model.encryption.algorithm}, key "
+            f"{m.model.encryption.key_id}) in memory"
+        )
     print(
         f"runtime    {session.runtime} {session.runtime_version} "
         f"(session created in {t_load * 1000:.1f} ms)"
@@ -97,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: runtime's)")
     p.add_argument("--runs", type=int, default=20, help="timed runs after the first (default 20)")
+    _add_trust_args(p)
+    p.add_argument(
+        "--config", type=Path, help="agent.toml whose trusted_keys and model_key_file apply"
+    )
     p.set_defaults(handler=_cmd_check)
 
     p = sub.add_parser(
@@ -133,8 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--replay-log", type=Path, help="write each replayed input's score and flag (JSON lines)"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _add_trust_args(p)
     p.set_defaults(handler=_cmd_run)
     return parser
+
+
+def _add_trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PUBLIC.pem",
+        help="only accept bundles signed by this Ed25519 public key (repeatable; setting "
+        "trusted_keys)",
+    )
+    p.add_argument(
+        "--model-key",
+        type=Path,
+        metavar="FILE",
+        help="AES-256 key file of an encrypted model (setting model_key_file)",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -163,6 +201,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "log_level",
         )
     }
+    overrides["trusted_keys"] = tuple(str(p) for p in args.trusted_key) or None
+    overrides["model_key_file"] = None if args.model_key is None else str(args.model_key)
     agent_config, run_config = load_settings(args.config, os.environ, overrides)
     logging.basicConfig(
         level=getattr(logging, run_config.log_level.upper(), logging.INFO),

@@ -131,6 +131,10 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
 
     file = Path(path).expanduser()
     data = _read_key_file(file, "private key")
+    if b"PRIVATE KEY" not in data and (b"PUBLIC KEY" in data or data.lstrip().startswith(b"ssh-")):
+        raise ConfigError(
+            f"{file} is a PUBLIC key; signing needs the private key (the .pem without .pub)"
+        )
     mode = file.stat().st_mode
     if os.name == "posix" and mode & 0o077:
         raise ConfigError(
@@ -148,10 +152,6 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
             "keep the key unencrypted on a protected workstation (chmod 600)"
         ) from exc
     except Exception as exc:
-        if b"PUBLIC KEY" in data or data.lstrip().startswith(b"ssh-"):
-            raise ConfigError(
-                f"{file} is a PUBLIC key; signing needs the private key (.pem without .pub)"
-            ) from exc
         raise ConfigError(
             f"private key {file} is not a PEM or OpenSSH private key; give the .pem written "
             "by 'edgeship keys generate'"
@@ -217,15 +217,16 @@ def load_trusted_keys(paths: Sequence[str | Path]) -> TrustedKeys:
 class Signature:
     """One entry of ``signature.json``.
 
-    ``manifest_sha256`` records which manifest bytes were signed. It is not trusted (anyone can
-    edit it); it only lets a failed check say whether the manifest changed after signing.
+    ``manifest_sha256`` records which manifest bytes were signed. The signature does not cover
+    it, so it is never trusted on its own: it lets ``edgeship sign`` drop signatures over an
+    older manifest without their keys, lets a failed check say whether the manifest changed,
+    and must match the manifest whenever a trusted signature is checked.
     """
 
     key_id: str
     algorithm: str
     signature: bytes
-    manifest_sha256: str = ""
-    created: str = ""
+    manifest_sha256: str
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -233,14 +234,19 @@ class Signature:
             "key_id": self.key_id,
             "signature": base64.b64encode(self.signature).decode("ascii"),
             "manifest_sha256": self.manifest_sha256,
-            "created": self.created,
         }
+
+
+_FILE_KEYS = frozenset({"format", "format_version", "signed_file", "signatures"})
+_ENTRY_KEYS = frozenset({"algorithm", "key_id", "signature", "manifest_sha256"})
 
 
 def read_signatures(root: Path) -> list[Signature] | None:
     """The signatures in ``root/signature.json``; None when the bundle has no such file.
 
-    Raises :class:`SignatureError` when the file exists but is not a signature file.
+    Raises :class:`SignatureError` when the file exists but is not exactly a signature file:
+    the schema is strict (no unknown keys, canonical base64), so no byte of the file can change
+    without the change being refused or reaching a checked field.
     """
     file = root / SIGNATURE_NAME
     if not file.exists():
@@ -254,6 +260,13 @@ def read_signatures(root: Path) -> list[Signature] | None:
         raise SignatureError(
             f"{where}: 'format' is not {SIGNATURE_FORMAT!r}; this is not an edgeship signature "
             f"file ({_SIGN_HINT} again)"
+        )
+    unknown = sorted(set(data) - _FILE_KEYS)
+    if unknown:
+        raise SignatureError(f"{where}: unknown fields {unknown}; {_SIGN_HINT} again")
+    if data.get("signed_file") != MANIFEST_NAME:
+        raise SignatureError(
+            f"{where}: 'signed_file' must be {MANIFEST_NAME!r}, got {data.get('signed_file')!r}"
         )
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -269,29 +282,32 @@ def read_signatures(root: Path) -> list[Signature] | None:
     out: list[Signature] = []
     for i, entry in enumerate(entries):
         at = f"{where}: signatures[{i}]"
-        if not isinstance(entry, dict):
-            raise SignatureError(f"{at} must be an object")
-        key_id, algorithm, sig = entry.get("key_id"), entry.get("algorithm"), entry.get("signature")
-        if not isinstance(key_id, str) or not key_id.startswith("sha256:"):
-            raise SignatureError(f"{at}.key_id must be 'sha256:<hex>', got {key_id!r}")
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+            raise SignatureError(f"{at} must be an object with exactly {sorted(_ENTRY_KEYS)}")
+        key_id, algorithm, sig = entry["key_id"], entry["algorithm"], entry["signature"]
+        digest = entry["manifest_sha256"]
+        if not (
+            isinstance(key_id, str) and key_id.startswith("sha256:") and _is_hex(key_id[7:], 64)
+        ):
+            raise SignatureError(f"{at}.key_id must be 'sha256:<64 hex digits>', got {key_id!r}")
         if not isinstance(algorithm, str):
             raise SignatureError(f"{at}.algorithm must be a string, got {algorithm!r}")
+        if not isinstance(digest, str) or not _is_hex(digest, 64):
+            raise SignatureError(f"{at}.manifest_sha256 must be 64 lowercase hex digits")
         try:
             raw = base64.b64decode(str(sig), validate=True)
         except ValueError as exc:
             raise SignatureError(f"{at}.signature is not base64") from exc
-        digest = entry.get("manifest_sha256", "")
-        created = entry.get("created", "")
+        if base64.b64encode(raw).decode("ascii") != sig:  # e.g. altered padding bits
+            raise SignatureError(f"{at}.signature is not canonical base64")
         out.append(
-            Signature(
-                key_id=key_id,
-                algorithm=algorithm,
-                signature=raw,
-                manifest_sha256=digest if isinstance(digest, str) else "",
-                created=created if isinstance(created, str) else "",
-            )
+            Signature(key_id=key_id, algorithm=algorithm, signature=raw, manifest_sha256=digest)
         )
     return out
+
+
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
 
 
 def write_signatures(root: Path, signatures: Sequence[Signature]) -> Path:
@@ -309,14 +325,13 @@ def write_signatures(root: Path, signatures: Sequence[Signature]) -> Path:
     return target
 
 
-def sign_manifest(manifest_bytes: bytes, key: Ed25519PrivateKey, *, created: str = "") -> Signature:
+def sign_manifest(manifest_bytes: bytes, key: Ed25519PrivateKey) -> Signature:
     """An Ed25519 signature over the exact bytes of ``manifest.json``."""
     return Signature(
         key_id=fingerprint(key.public_key()),
         algorithm=ALGORITHM,
         signature=key.sign(manifest_bytes),
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
-        created=created,
     )
 
 
@@ -397,7 +412,7 @@ def check_signatures(root: Path, manifest_bytes: bytes, trusted: TrustedKeys) ->
         try:
             trusted.keys[sig.key_id].verify(sig.signature, manifest_bytes)
         except InvalidSignature:
-            if sig.manifest_sha256 and sig.manifest_sha256 != actual:
+            if sig.manifest_sha256 != actual:
                 why = (
                     f"{MANIFEST_NAME} was changed after it was signed (signed SHA-256 "
                     f"{sig.manifest_sha256[:12]}…, now {actual[:12]}…)"
@@ -409,6 +424,12 @@ def check_signatures(root: Path, manifest_bytes: bytes, trusted: TrustedKeys) ->
                 f"{why}; do not run this bundle; copy the original again or re-sign it on the "
                 "workstation"
             ) from None
+        if sig.manifest_sha256 != actual:
+            raise SignatureError(
+                f"bundle {root}: {SIGNATURE_NAME} was altered (the signature by {sig.key_id} "
+                f"verifies, but its manifest_sha256 is not {MANIFEST_NAME}'s); copy the bundle "
+                "again or re-sign it"
+            )
         verified.append(sig.key_id)
     return SignatureStatus(signers=signers, verified_by=tuple(verified))
 

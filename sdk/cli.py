@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sdk.fleet_cli import add_fleet_parser
 
     add_fleet_parser(sub)
+
+    from sdk.trust_cli import add_trust_parsers
+
+    add_trust_parsers(sub)
     return parser
 
 
@@ -568,6 +572,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         size = bundle.path_of(name).stat().st_size
         print(f"file       {name}  {size / 1024:.1f} KiB  sha256 {digest[:16]}…")
     print(f"tools      {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
+    print(f"signature  {bundle.signature.describe()}")
+    if m.model.encryption is not None:
+        enc = m.model.encryption
+        print(f"encrypted  {m.model.file}: {enc.algorithm}, key {enc.key_id}")
     return EXIT_OK
 
 
@@ -679,7 +687,13 @@ def _model_from_path(path: Path) -> Path:
     if path.is_dir():
         from device_agent.bundle import load_bundle
 
-        return load_bundle(path).model_path
+        bundle = load_bundle(path)
+        if bundle.encrypted:
+            raise ConfigError(
+                f"bundle {path}'s model is encrypted; benchmark the plain model (before "
+                "'edgeship encrypt'), or the bundle on a board with 'edgeship bench --device'"
+            )
+        return bundle.model_path
     _require_file(path, "model")
     return path
 
