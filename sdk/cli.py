@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="subscribe to a fleet's MQTT topics, store its history, serve its state",
         description="Run the fleet collector until SIGTERM or Ctrl-C: validate every message "
         "(invalid ones go to a dead-letter table), store telemetry, outlier events and status "
-        "changes without duplicates, and serve a read-only JSON API. See docs/collector.md.",
+        "changes without duplicates, and serve a JSON API: reads are open (on 127.0.0.1 unless "
+        "--http names another address); sending commands needs the API token "
+        "(--api-token-file, or EDGESHIP_API_TOKEN). See docs/collector.md.",
     )
     p.add_argument("--broker", required=True, help="mqtt://[user:password@]host[:port] or mqtts://")
     p.add_argument("--fleet", help="the fleet to collect (default: every fleet)")
@@ -231,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=2, help="decode/store processes (default 2)")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument(
+        "--api-token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding the API token that POST requests (commands to devices) must send "
+        "as 'Authorization: Bearer TOKEN'; without a token (this, --api-token or "
+        "EDGESHIP_API_TOKEN) the API is read-only",
+    )
+    p.add_argument(
+        "--api-token",
+        metavar="TOKEN",
+        help="the API token itself (visible to other users in ps: prefer --api-token-file)",
+    )
     p.add_argument(
         "--alerts",
         type=Path,
@@ -599,6 +614,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
+    from sdk.collector.api import load_api_token
     from sdk.collector.service import Collector, CollectorConfig, run_collector
 
     config = CollectorConfig(
@@ -612,6 +628,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         stale_windows=args.stale_windows,
         workers=args.workers,
         ca_file=args.ca_file,
+        api_token=load_api_token(args.api_token, args.api_token_file),
     )
     monitor_config, references = _monitor_settings(args)
     monitors: list[Any] = []
@@ -621,6 +638,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         if config.http_address is not None:
             host, port = c.http_address_bound()
             api = f"http://{host}:{port}/api/health"
+            api += " (commands: token set)" if config.api_token else " (read-only: no API token)"
             if monitor_config is not None:
                 api += f", dashboard http://{host}:{port}/, metrics http://{host}:{port}/metrics"
         print(

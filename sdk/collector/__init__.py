@@ -10,7 +10,8 @@ Modules, each owning one stage (see ``docs/collector.md``):
   gaps, derived from the store with an injectable clock.
 * :mod:`~sdk.collector.service`: the MQTT loop (persistent QoS 1 session, manual acks after
   commit, batching, reconnect, v5 with a 3.1.1 fallback, shared subscriptions).
-* :mod:`~sdk.collector.api`: the read-only JSON API on ``http.server``.
+* :mod:`~sdk.collector.api`: the JSON API on ``http.server`` (reads open; sending commands
+  needs the API token).
 * :mod:`~sdk.collector.simulate`: a fleet of simulated devices, for benchmarks, tests, demos.
 
 The names below are imported on first use, so ``import sdk.collector`` stays cheap.

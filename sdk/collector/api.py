@@ -13,34 +13,71 @@ Routes (all GET; documented with examples in ``docs/collector.md``):
 * ``/api/dead-letters``: the newest rejected messages (``?limit=N``, default 50) with the field
   and reason, and a payload preview.
 
+* ``/api/devices/{device}/commands/{id}``: a command sent through this API and the device's
+  reply (from the store), ``state`` pending / replied / expired.
+
 Other parts of the collector add routes with :func:`mount` (:mod:`sdk.collector.monitor`:
 ``/metrics``, ``/api/alerts``, ``/api/drift`` and the dashboard at ``/``).
 
-It binds 127.0.0.1 unless told otherwise: the API has no authentication, so exposing it is a
-decision for a reverse proxy, not a default.
+State-changing routes (POST) need the API token, ``Authorization: Bearer <token>``:
+
+* ``POST /api/devices/{device}/commands`` with ``{"action": "ping", "args": {}}``: the collector
+  publishes a ``cmd`` (:class:`device_agent.contracts.messages.Command`) to the device over its
+  own MQTT connection and answers 202 with the command's id once the broker acknowledged it.
+
+Without a configured token (``--api-token-file``, ``EDGESHIP_API_TOKEN``) those routes answer
+403 and say how to enable them; with one, a missing or wrong token is 401. Reads stay open. The
+API binds 127.0.0.1 unless told otherwise; on another address without a token the collector
+logs a warning (anyone who reaches the port reads the fleet's state). The token travels in the
+clear over plain HTTP: beyond the local machine, put a TLS reverse proxy in front.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
+import os
+import re
+import time
 import urllib.parse
+import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from device_agent.errors import EdgeshipError
-from sdk.collector.errors import ConfigError
+from device_agent.contracts import messages as msg
+from device_agent.errors import EdgeshipError, ProtocolError
+from sdk.collector.errors import BrokerError, ConfigError
 from sdk.collector.state import FleetState
 
-__all__ = ["Route", "make_api_server", "mount"]
+__all__ = [
+    "TOKEN_ENV",
+    "Commander",
+    "Route",
+    "SentCommand",
+    "load_api_token",
+    "make_api_server",
+    "mount",
+]
 
 log = logging.getLogger("sdk.collector.api")
 
 _MAX_SERIES = 10_000
+_MAX_BODY = 64 * 1024
+TOKEN_ENV = "EDGESHIP_API_TOKEN"
+_MIN_TOKEN = 16
+_ENABLE = (
+    "state-changing requests are disabled: start edgeship collect with --api-token-file FILE "
+    f"(or {TOKEN_ENV}) and send 'Authorization: Bearer <token>'"
+)
+_COMMANDS_RE = re.compile(r"/api/devices/([^/]+)/commands")
+_COMMAND_RE = re.compile(r"/api/devices/([^/]+)/commands/([^/]+)")
 
 # A mounted route gets the path and the query; it answers (status, content type, body), or
 # None for a path that is not its own.
@@ -53,20 +90,94 @@ def mount(state: FleetState, route: Route) -> None:
     _ROUTES.setdefault(state, []).append(route)
 
 
+@dataclass(frozen=True)
+class SentCommand:
+    """A command this collector published, as ``GET .../commands/{id}`` shows it."""
+
+    fleet: str
+    device: str
+    topic: str
+    command: msg.Command
+    sent_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.command
+        return {
+            "action": c.action,
+            "args": dict(c.args),
+            "topic": self.topic,
+            "sent_at": self.sent_at,
+            "expires": c.expires,
+        }
+
+
+class Commander(Protocol):
+    """What the API needs to send commands (:class:`sdk.collector.service.Collector`)."""
+
+    def send_command(self, fleet: str, device: str, command: msg.Command) -> SentCommand:
+        """Publish ``command`` at QoS 1 and wait for the broker's PUBACK; raises BrokerError
+        when not connected, refused (MQTT 5 reason code) or not acknowledged in time."""
+        ...
+
+    def sent_command(self, command_id: str) -> SentCommand | None:
+        """A command sent since start (the newest 1000 are kept), or None."""
+        ...
+
+
+def load_api_token(
+    token: str | None = None,
+    token_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """The API token from ``--api-token``, ``--api-token-file`` or ``EDGESHIP_API_TOKEN`` (in
+    that order; naming both options is an error), or None. Raises ConfigError."""
+    env = os.environ if environ is None else environ
+    if token is not None and token_file is not None:
+        raise ConfigError("--api-token and --api-token-file: give one of them")
+    where = "--api-token"
+    if token_file is not None:
+        where = f"--api-token-file {token_file}"
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from exc
+    elif token is None:
+        token = env.get(TOKEN_ENV) or None
+        where = TOKEN_ENV
+    if token is None:
+        return None
+    check_api_token(token, where)
+    return token
+
+
+def check_api_token(token: str, where: str = "api_token") -> None:
+    """Raise ConfigError unless ``token`` is at least 16 printable characters, no spaces."""
+    if len(token) < _MIN_TOKEN or not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"{where}: the API token must be at least {_MIN_TOKEN} printable characters "
+            "without spaces; make one with: python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'"
+        )
+
+
 class _Handler(BaseHTTPRequestHandler):
     state: FleetState
     health: Callable[[], dict[str, Any]]
+    api_token: str | None = None
+    commander: Commander | None = None
     server_version = "edgeship-collector"
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
 
-    def _send(self, status: int, body: Any) -> None:
+    def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(body, default=_jsonable, allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -82,6 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             elif path == "/api/devices":
                 self._send(HTTPStatus.OK, self.state.snapshot().to_dict())
+            elif match := _COMMAND_RE.fullmatch(path):
+                device, command_id = (urllib.parse.unquote(g) for g in match.groups())
+                self._get_command(device, command_id, query)
             elif path.startswith("/api/devices/"):
                 self._device(urllib.parse.unquote(path[len("/api/devices/") :]), query)
             elif path == "/api/dead-letters":
@@ -151,10 +265,215 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def do_POST(self) -> None:
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "the collector API is read-only"})
+    # --- state-changing requests ---
 
-    do_PUT = do_DELETE = do_PATCH = do_POST
+    def do_POST(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path.rstrip("/")
+        query = dict(urllib.parse.parse_qsl(url.query))
+        body = self._read_body()
+        if body is None or not self._authorized():
+            return
+        try:
+            if match := _COMMANDS_RE.fullmatch(path):
+                self._post_command(urllib.parse.unquote(match.group(1)), body, query)
+            else:
+                self._send(
+                    HTTPStatus.NOT_FOUND,
+                    {"error": f"no route POST {url.path}; try /api/devices/{{id}}/commands"},
+                )
+        except _BadRequest as exc:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except EdgeshipError as exc:
+            log.warning("API POST %s failed: %s", url.path, exc)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+
+    def do_PUT(self) -> None:
+        self._read_body()
+        self._send(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            {"error": f"{self.command} is not supported: reads are GET, commands are POST"},
+            {"Allow": "GET, POST"},
+        )
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _read_body(self) -> bytes | None:
+        """The request body (up to 64 KiB); None after answering 411/413 for a bad length."""
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw is not None else 0
+        except ValueError:
+            length = -1
+        if length < 0 or length > _MAX_BODY:
+            self.close_connection = True
+            self._send(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.LENGTH_REQUIRED,
+                {"error": f"the body must have a Content-Length of 0..{_MAX_BODY} bytes"},
+            )
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _authorized(self) -> bool:
+        """True for a request that carries the API token; else answer 403 (no token configured:
+        state-changing routes are off) or 401 (token missing or wrong)."""
+        token = self.api_token
+        if token is None:
+            self._send(HTTPStatus.FORBIDDEN, {"error": _ENABLE})
+            return False
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return True
+        problem = "wrong API token" if scheme.lower() == "bearer" else "no API token"
+        log.warning("API %s %s from %s: %s", self.command, self.path, self.client_address[0],
+                    problem)  # fmt: skip
+        self._send(
+            HTTPStatus.UNAUTHORIZED,
+            {"error": f"{problem}: send 'Authorization: Bearer <token>' (the collector's "
+                      "--api-token-file)"},
+            {"WWW-Authenticate": 'Bearer realm="edgeship-collector"'},
+        )  # fmt: skip
+        return False
+
+    def _fleet_of(self, device: str, fleet: str | None) -> str | None:
+        """The fleet to address ``device`` in: the one named, the collector's, or the only one
+        the store knows the device in (None: the device is unknown, nothing sent)."""
+        own = self.state.fleet
+        if fleet is not None:
+            try:
+                msg.validate_id(fleet, "fleet")
+            except ProtocolError as exc:
+                raise _BadRequest(str(exc)) from None
+            if own is not None and fleet != own:
+                raise _BadRequest(f"this collector collects fleet {own!r}, not {fleet!r}")
+            return fleet
+        if own is not None:
+            return own
+        fleets = sorted({r.fleet for r in self.state.store.devices(None) if r.device == device})
+        if len(fleets) > 1:
+            raise _BadRequest(f"device {device!r} exists in fleets {fleets}; name one (fleet)")
+        return fleets[0] if fleets else None
+
+    def _post_command(self, device: str, body: bytes, query: dict[str, str]) -> None:
+        commander = self.commander
+        if commander is None:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "this API cannot send commands"})
+            return
+        try:
+            msg.validate_id(device, "device")
+            request = json.loads(body or b"{}")
+        except ProtocolError as exc:
+            raise _BadRequest(str(exc)) from None
+        except ValueError as exc:
+            raise _BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise _BadRequest('the body must be a JSON object, e.g. {"action": "ping"}')
+        unknown = sorted(set(request) - {"action", "args", "id", "expires_in_s", "fleet"})
+        if unknown:
+            raise _BadRequest(
+                f"unknown field(s) {unknown}; expected action, args, id, expires_in_s, fleet"
+            )
+        fleet = self._fleet_of(device, request.get("fleet") or query.get("fleet"))
+        if fleet is None:
+            self._send(
+                HTTPStatus.NOT_FOUND,
+                {"error": f"no device {device!r} in the store; name its fleet (\"fleet\": ...) "
+                          "to command a device the collector has not heard from"},
+            )  # fmt: skip
+            return
+        now = time.time()
+        expires_in = request.get("expires_in_s", 300)
+        if expires_in is not None and (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int | float)
+            or not 0 < expires_in <= 30 * 86400
+        ):
+            raise _BadRequest("expires_in_s must be a number of seconds in (0, 2592000] or null")
+        try:
+            command = msg.Command.from_dict(
+                {
+                    "id": request.get("id") or uuid.uuid4().hex[:16],
+                    "action": request.get("action"),
+                    "ts": now,
+                    "args": request.get("args", {}),
+                    "expires": None if expires_in is None else now + expires_in,
+                }
+            )
+        except ProtocolError as exc:
+            raise _BadRequest(f"not a valid command: {exc}") from None
+        if commander.sent_command(command.id) is not None:
+            raise _BadRequest(f"command id {command.id!r} was used already; leave id out")
+        try:
+            sent = commander.send_command(fleet, device, command)
+        except BrokerError as exc:
+            self._send(HTTPStatus.BAD_GATEWAY, {"error": str(exc)})
+            return
+        log.info("API: sent %s %r to %s/%s", command.id, command.action, fleet, device)
+        reply_url = f"/api/devices/{urllib.parse.quote(device)}/commands/{command.id}?fleet={fleet}"
+        self._send(
+            HTTPStatus.ACCEPTED,
+            {"id": command.id, "fleet": fleet, "device": device, **sent.to_dict(),
+             "state": "pending", "reply_url": reply_url},
+            {"Location": reply_url},
+        )  # fmt: skip
+
+    def _get_command(self, device: str, command_id: str, query: dict[str, str]) -> None:
+        """``GET /api/devices/{device}/commands/{id}``: what was sent and the device's reply."""
+        sent = self.commander.sent_command(command_id) if self.commander else None
+        if sent is not None and sent.device != device:
+            sent = None
+        fleet = query.get("fleet") or (sent.fleet if sent else None)
+        try:
+            fleet = self._fleet_of(device, fleet)
+        except _BadRequest:
+            if sent is None:
+                raise
+        reply = None
+        if fleet is not None:
+            for event in self.state.store.events(fleet, device, "cmd/reply", limit=1000):
+                if event.body.get("id") == command_id:
+                    reply = event
+                    break
+        if sent is None and reply is None:
+            self._send(
+                HTTPStatus.NOT_FOUND,
+                {"error": f"no command {command_id!r} sent to {device!r} by this collector, "
+                          "and no reply to it in the store"},
+            )  # fmt: skip
+            return
+        if reply is not None:
+            state = "replied"
+        elif (
+            sent is not None
+            and sent.command.expires is not None
+            and (time.time() > sent.command.expires)
+        ):
+            state = "expired"
+        else:
+            state = "pending"
+        self._send(
+            HTTPStatus.OK,
+            {
+                "id": command_id,
+                "fleet": fleet,
+                "device": device,
+                "state": state,
+                "sent": sent.to_dict() if sent else None,
+                "reply": None
+                if reply is None
+                else {
+                    "ok": reply.body.get("ok"),
+                    "result": reply.body.get("result"),
+                    "error": reply.body.get("error"),
+                    "ts": reply.ts,
+                    "received_at": reply.received_at,
+                    "boot": reply.boot,
+                    "seq": reply.seq,
+                },
+            },
+        )
 
 
 class _BadRequest(Exception):
@@ -185,12 +504,27 @@ def _jsonable(value: Any) -> Any:
 
 
 def make_api_server(
-    state: FleetState, health: Callable[[], dict[str, Any]], address: tuple[str, int]
+    state: FleetState,
+    health: Callable[[], dict[str, Any]],
+    address: tuple[str, int],
+    *,
+    api_token: str | None = None,
+    commander: Commander | None = None,
 ) -> ThreadingHTTPServer:
     """A threaded HTTP server for the API on ``address`` (not yet serving: call
-    ``serve_forever`` on a thread). Raises ConfigError if the address cannot be bound."""
+    ``serve_forever`` on a thread). ``api_token`` None turns the state-changing routes off;
+    ``commander`` sends the commands. Raises ConfigError if the address cannot be bound."""
+    if api_token is not None:
+        check_api_token(api_token)
     handler = type(
-        "CollectorAPIHandler", (_Handler,), {"state": state, "health": staticmethod(health)}
+        "CollectorAPIHandler",
+        (_Handler,),
+        {
+            "state": state,
+            "health": staticmethod(health),
+            "api_token": api_token,
+            "commander": commander,
+        },
     )
     try:
         server = ThreadingHTTPServer(address, handler)

@@ -34,7 +34,9 @@ run in this process and read the store through their own connection.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -59,8 +61,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from device_agent.contracts.messages import shared_subscription, subscription, validate_id
+from device_agent.contracts.messages import (
+    Command,
+    encode,
+    shared_subscription,
+    subscription,
+    validate_id,
+)
+from device_agent.contracts.messages import topic as message_topic
 from device_agent.errors import ProtocolError
+from sdk.collector.api import SentCommand
 from sdk.collector.errors import BrokerError, CollectorError, ConfigError, StoreError
 from sdk.collector.ingest import DeadLetter, Ignored, Record, ingest
 from sdk.collector.state import FleetState, StateConfig
@@ -88,6 +98,13 @@ _new_properties: Callable[[int], Properties] = Properties
 _PROTOCOL_NAMES = {MQTTProtocolVersion.MQTTv5: "5", MQTTProtocolVersion.MQTTv311: "3.1.1"}
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK "Unsupported protocol version" (3.1.1 return code 1)
 _FATAL_CONNACK = {134: "bad user name or password", 135: "not authorized"}
+_PUBACK_REASONS = {
+    128: "unspecified error",
+    131: "implementation specific error",
+    135: "not authorized",
+    144: "topic name invalid",
+    151: "quota exceeded",
+}
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -152,6 +169,15 @@ def parse_http_address(value: str | None) -> tuple[str, int] | None:
     return host, port
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _default_client_id(fleet: str | None) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "host"
     return f"edgeship-collector-{fleet or 'all'}-{host}"[:64]
@@ -167,6 +193,8 @@ class CollectorConfig:
     ``stale_windows``: a device is stale when no telemetry arrived for that many of its windows.
     ``worker``: ``process`` (decode and store in ``workers`` child processes, each with its own
     batches and database connection; the default) or ``thread`` (one, in this process).
+    ``api_token`` enables the API's state-changing routes (sending commands), for requests
+    with ``Authorization: Bearer <api_token>``; None leaves the API read-only.
     """
 
     broker_url: str
@@ -188,6 +216,7 @@ class CollectorConfig:
     lookback_s: float = 300.0
     ca_file: str | None = None
     connect_timeout_s: float = 10.0
+    api_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.broker  # noqa: B018 - parse now: a bad URL is a ConfigError at construction
@@ -218,6 +247,10 @@ class CollectorConfig:
             raise ConfigError("keepalive_s must be in 5..65535")
         if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
             raise ConfigError("session_expiry_s must be in 0..4294967295")
+        if self.api_token is not None:
+            from sdk.collector.api import check_api_token
+
+            check_api_token(self.api_token)
 
     @property
     def broker(self) -> BrokerAddress:
@@ -501,6 +534,11 @@ class Collector:
         self._dead_by_field: dict[str, int] = {}
         self._ignored_by_reason: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Commands sent through the API: PUBACK reason codes by packet id, and the newest
+        # commands by id (for GET /api/devices/{device}/commands/{id}).
+        self._pubacks: dict[int, int] = {}
+        self._pub_cond = threading.Condition()
+        self._sent: collections.OrderedDict[str, SentCommand] = collections.OrderedDict()
 
     # --- lifecycle ---
 
@@ -534,11 +572,19 @@ class Collector:
         if address is not None:
             from sdk.collector.api import make_api_server
 
-            self._http = make_api_server(self._state, self.health, address)
+            self._http = make_api_server(
+                self._state, self.health, address, api_token=cfg.api_token, commander=self
+            )
             t = threading.Thread(target=self._http.serve_forever, name="edgeship-http", daemon=True)
             t.start()
             self._threads.append(t)
             log.info("JSON API on http://%s:%d/api/health", *self.http_address_bound())
+            if not _is_loopback(address[0]) and cfg.api_token is None:
+                log.warning(
+                    "the JSON API listens on %s without an API token: whoever reaches it reads "
+                    "the fleet's state (commands stay disabled); bind 127.0.0.1 or set "
+                    "--api-token-file", address[0],
+                )  # fmt: skip
         self._connect_first()
 
     def _make_sink(self) -> _Sink:
@@ -667,6 +713,7 @@ class Collector:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     def _connect_first(self) -> None:
@@ -804,6 +851,56 @@ class Collector:
             self._counters["connected"] = False
         if not self._stopping.is_set():
             log.warning("disconnected from the broker (%s); paho reconnects", rc)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
+    ) -> None:
+        with self._pub_cond:
+            self._pubacks[mid] = int(rc.value)
+            self._pub_cond.notify_all()
+
+    # --- commands (the API's POST /api/devices/{device}/commands) ---
+
+    def send_command(
+        self, fleet: str, device: str, command: Command, timeout_s: float = 10.0
+    ) -> SentCommand:
+        """Publish ``command`` to ``edgeship/{fleet}/{device}/cmd`` at QoS 1 and wait for the
+        broker's PUBACK. Raises BrokerError when not connected, when the broker refuses it
+        (MQTT 5 reason code; the collector's user lacks write access to the topic) or when no
+        PUBACK comes in ``timeout_s``."""
+        client = self._client
+        cmd_topic = message_topic(fleet, device, "cmd")
+        if client is None or not self.stats.connected:
+            raise BrokerError(f"not connected to {self._broker.display()}: command not sent")
+        with self._pub_cond:  # PUBACK handled only after the mid is known
+            info = client.publish(cmd_topic, encode(command), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"cannot publish to {cmd_topic}: {mqtt.error_string(info.rc)}")
+            deadline = time.monotonic() + timeout_s
+            while info.mid not in self._pubacks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(
+                        f"the broker did not acknowledge the command in {timeout_s:.0f} s"
+                    )
+                self._pub_cond.wait(left)
+            code = self._pubacks.pop(info.mid)
+        if code >= 128:
+            reason = _PUBACK_REASONS.get(code, f"reason code {code}")
+            raise BrokerError(
+                f"the broker refused the command on {cmd_topic}: {reason}; the collector's MQTT "
+                "user needs write access to edgeship/+/+/cmd (docs/security.md)"
+            )
+        sent = SentCommand(fleet, device, cmd_topic, command, self._clock())
+        with self._lock:
+            self._sent[command.id] = sent
+            while len(self._sent) > 1000:
+                self._sent.popitem(last=False)
+        return sent
+
+    def sent_command(self, command_id: str) -> SentCommand | None:
+        with self._lock:
+            return self._sent.get(command_id)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
         if self._stopping.is_set():
