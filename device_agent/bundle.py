@@ -56,19 +56,25 @@ class Bundle:
     ) -> ModelSession:
         """Open the model with its runtime. An encrypted model is decrypted in memory with the
         key in ``model_key_file`` and handed to the runtime as bytes (never written to disk);
-        the key file is ignored for a plain model."""
+        the key file is ignored for a plain model. The detector's in-graph score output
+        (``detector.graph_output``) is hidden from the session's ``io`` and ``run``."""
         model = self.manifest.model
         content = None
         if model.encryption is not None:
             from device_agent.encryption import decrypt_model
 
             content = decrypt_model(self.model_path, model.encryption, model_key_file)
+        detector = self.manifest.detector
+        hidden = (
+            () if detector is None or detector.graph_output is None else (detector.graph_output,)
+        )
         return open_session(
             self.model_path,
             runtime=model.runtime,
             threads=threads,
             providers=providers,
             content=content,
+            hidden_outputs=hidden,
         )
 
 

@@ -75,11 +75,13 @@ def open_session(
     threads: int | None = None,
     providers: Sequence[str] | None = None,
     content: bytes | None = None,
+    hidden_outputs: Sequence[str] = (),
 ) -> ModelSession:
     """Open ``path`` with ONNX Runtime or LiteRT. ``threads=None`` lets the runtime decide.
 
     ``content`` is the model itself, already in memory (a decrypted model): the runtime loads
-    it from there and ``path`` only names it in messages.
+    it from there and ``path`` only names it in messages. ``hidden_outputs`` (ONNX only) are
+    outputs left out of the session's ``io`` and ``run`` (see :class:`OnnxSession`).
     """
     model = Path(path)
     if content is None and not model.is_file():
@@ -88,7 +90,13 @@ def open_session(
         raise ConfigError(f"threads must be at least 1, got {threads}")
     kind = runtime or runtime_for_path(model)
     if kind == "onnxruntime":
-        return OnnxSession(model, threads=threads, providers=providers, content=content)
+        return OnnxSession(
+            model,
+            threads=threads,
+            providers=providers,
+            content=content,
+            hidden_outputs=hidden_outputs,
+        )
     if kind == "litert":
         return LiteRTSession(model, threads=threads, content=content)
     raise ConfigError(f"unknown runtime {kind!r}; expected 'onnxruntime' or 'litert'")
@@ -116,6 +124,20 @@ class FeedChecker:
         self.io = io
         self._names = io.input_names
         self._name_set = frozenset(self._names)
+        # The happy path: (name, dtype, rank, first checked axis, the fixed sizes from there)
+        # per input, for inputs whose dims past the first are all fixed; anything that misses
+        # it (a cast, a copy, an error) takes the full check below.
+        self._fast: tuple[tuple[str, np.dtype[Any], int, int, tuple[int, ...]], ...] | None = None
+        fast = []
+        for t in io.inputs:
+            skip = 0 if t.shape and isinstance(t.shape[0], int) else 1
+            tail = t.shape[skip:]
+            if not all(isinstance(d, int) for d in tail):
+                break
+            dims = tuple(d for d in tail if isinstance(d, int))
+            fast.append((t.name, np.dtype(t.dtype), len(t.shape), skip, dims))
+        else:
+            self._fast = tuple(fast)
         self._specs = tuple(
             (
                 t.name,
@@ -128,6 +150,25 @@ class FeedChecker:
         )
 
     def __call__(self, feed: Feed) -> dict[str, np.ndarray]:
+        fast = self._fast
+        if fast is not None and type(feed) is dict and len(feed) == len(fast):
+            out: dict[str, np.ndarray] = {}
+            for name, want, rank, skip, dims in fast:
+                value = feed.get(name)
+                if (
+                    type(value) is not np.ndarray
+                    or value.dtype is not want
+                    or value.ndim != rank
+                    or value.shape[skip:] != dims
+                    or not value.flags.c_contiguous
+                ):
+                    break
+                out[name] = value
+            else:
+                return out
+        return self._check(feed)
+
+    def _check(self, feed: Feed) -> dict[str, np.ndarray]:
         if not isinstance(feed, Mapping):
             raise InputError(
                 f"inputs must be a mapping of input name to array, got {type(feed).__name__}; "
@@ -192,6 +233,7 @@ class OnnxSession:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         content: bytes | None = None,
+        hidden_outputs: Sequence[str] = (),
     ) -> None:
         try:
             import onnxruntime as ort
@@ -222,11 +264,17 @@ class OnnxSession:
             raise RuntimeLoadError(
                 f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}"
             ) from exc
+        outputs = self._session.get_outputs()
+        present = {o.name for o in outputs}
+        # Outputs the bundle added for itself (the detector's score): not part of io or run(),
+        # returned after the model's own outputs by run_with_hidden().
+        self.hidden_outputs = tuple(n for n in hidden_outputs if n in present)
         self._io = IOSpec(
             inputs=tuple(_ort_spec(a) for a in self._session.get_inputs()),
-            outputs=tuple(_ort_spec(a) for a in self._session.get_outputs()),
+            outputs=tuple(_ort_spec(a) for a in outputs if a.name not in self.hidden_outputs),
         )
         self._output_names = [o.name for o in self._io.outputs]
+        self._all_names = [*self._output_names, *self.hidden_outputs]
 
     @property
     def io(self) -> IOSpec:
@@ -237,13 +285,23 @@ class OnnxSession:
         return str(self._ort.__version__)
 
     def run(self, feed: Feed) -> list[np.ndarray]:
+        return self._run(self._output_names, feed)
+
+    def run_with_hidden(self, feed: Feed) -> list[np.ndarray]:
+        """The model's outputs followed by the :attr:`hidden_outputs`, from one run."""
+        return self._run(self._all_names, feed)
+
+    def _run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
         try:
-            result = self._session.run(self._output_names, dict(feed))
+            # ORT returns numpy arrays for tensor outputs (the only kind io admits).
+            result: list[np.ndarray] = self._session.run(
+                names, feed if type(feed) is dict else dict(feed)
+            )
         except Exception as exc:
             raise RuntimeLoadError(
                 f"ONNX Runtime failed to run the model: {_first_line(exc)}"
             ) from exc
-        return [np.asarray(r) for r in result]
+        return result
 
 
 def _ort_spec(arg: Any) -> TensorSpec:

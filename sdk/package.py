@@ -71,12 +71,19 @@ def package(
     reference: Path | None = None,
     extra_files: Mapping[str, Path] | None = None,
     overwrite: bool = True,
+    detector_in_graph: bool = True,
 ) -> Bundle:
     """Write ``model`` and its manifest into the bundle directory ``out_dir``.
 
     ``detector`` is ``(spec, params_path)``; ``reference`` a JSON file of reference statistics.
     ``benchmark`` is the (JSON-serialisable) report that justified the choice. Returns the
     bundle as the agent will load it, verified.
+
+    With ``detector_in_graph`` (the default) and an ONNX model, the detector is also merged
+    into the bundled model as an extra output (``sdk.detector_graph``), so the agent gets the
+    score from the same ``session.run`` as the outputs; the manifest names that output in
+    ``detector.graph_output``. When the detector has no graph form, the bundle keeps numpy
+    scoring and ``detector.options["graph_output_skipped"]`` says why.
     """
     if model.format not in ("onnx", "tflite"):
         raise ConfigError(f"only ONNX and TFLite models can be bundled, not {model.format}")
@@ -88,11 +95,15 @@ def package(
     io = _with_labels(model.io, labels)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shutil.copyfile(model.path, staging / model_file)
         det_spec = None
+        merged = False
         if detector is not None:
             det_spec, det_path = detector
             shutil.copyfile(det_path, staging / det_spec.params_file)
+            if detector_in_graph and model.format == "onnx":
+                det_spec, merged = _merge_detector(model.path, det_spec, det_path, staging)
+        if not merged:
+            shutil.copyfile(model.path, staging / model_file)
         ref_name = None
         if reference is not None:
             ref_name = "reference.json"
@@ -132,6 +143,22 @@ def package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(out)
+
+
+def _merge_detector(
+    model_path: Path, spec: DetectorSpec, params_path: Path, staging: Path
+) -> tuple[DetectorSpec, bool]:
+    """Write ``staging/model.onnx`` with the detector's score as an extra output, if it can."""
+    from device_agent.detectors import load_detector
+    from sdk.detector_graph import SCORE_OUTPUT, NotExportable, merge_detector
+
+    try:
+        merge_detector(model_path, load_detector(spec, params_path), staging / "model.onnx")
+    except NotExportable as exc:
+        (staging / "model.onnx").unlink(missing_ok=True)
+        options = {**spec.options, "graph_output_skipped": str(exc)}
+        return replace(spec, options=options), False
+    return replace(spec, graph_output=SCORE_OUTPUT), True
 
 
 def _check_target(out: Path, overwrite: bool) -> None:

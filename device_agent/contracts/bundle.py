@@ -241,22 +241,32 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """The outlier detector shipped with the model. Higher scores mean more anomalous."""
+    """The outlier detector shipped with the model. Higher scores mean more anomalous.
+
+    ``graph_output`` names an extra output of the (ONNX) model file that computes the same
+    score inside the graph (``sdk.detector_graph``): the agent takes the score from it and
+    hides it from the model's outputs, which ``io.outputs`` lists without it. ``None`` (and
+    every bundle written before it existed) means the agent scores with ``params_file``.
+    """
 
     kind: str
     params_file: str
     threshold: float
     target_fpr: float
     options: Mapping[str, Any] = field(default_factory=dict)
+    graph_output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind,
             "params_file": self.params_file,
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
             "options": dict(self.options),
         }
+        if self.graph_output is not None:  # absent, not null, so older manifests stay as they were
+            out["graph_output"] = self.graph_output
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "detector") -> DetectorSpec:
@@ -270,6 +280,11 @@ class DetectorSpec:
             threshold=_float(obj.get("threshold"), f"{where}.threshold"),
             target_fpr=fpr,
             options=dict(_mapping(obj.get("options", {}), f"{where}.options")),
+            graph_output=(
+                None
+                if obj.get("graph_output") is None
+                else _str(obj.get("graph_output"), f"{where}.graph_output")
+            ),
         )
 
 
@@ -365,6 +380,17 @@ class Manifest:
                 raise BundleError(
                     f"manifest.files: the detector file {detector.params_file!r} has no hash"
                 )
+            if detector.graph_output is not None and model.runtime != "onnxruntime":
+                raise BundleError(
+                    "manifest.detector.graph_output: only an onnxruntime model can hold "
+                    f"the detector's score, not a {model.runtime} one"
+                )
+        io = IOSpec.from_dict(obj.get("io"))
+        if detector is not None and detector.graph_output in io.output_names:
+            raise BundleError(
+                f"manifest.detector.graph_output: {detector.graph_output!r} is one of the "
+                "model's own outputs in io.outputs"
+            )
         reference = obj.get("reference_file")
         if reference is not None:
             reference = _relpath(reference, "manifest.reference_file")
@@ -376,7 +402,7 @@ class Manifest:
         }
         return cls(
             model=model,
-            io=IOSpec.from_dict(obj.get("io")),
+            io=io,
             files=files,
             tools=tools,
             created=_str(obj.get("created", ""), "manifest.created", allow_empty=True),
