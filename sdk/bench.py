@@ -79,6 +79,10 @@ class BenchConfig:
     both ``min_runs`` and ``min_seconds`` are reached, after ``warmup_runs`` untimed ones.
     ``batch_size`` and ``shapes`` (input name -> concrete shape) only shape generated inputs.
     ``timeout_s`` bounds the whole worker process; ``seed`` makes generated inputs repeatable.
+    ``ci_stop`` (a fraction, e.g. 0.02) ends the timed runs early, once ``min_runs`` are done,
+    when the 95% confidence interval of the p95 (from order statistics) is within
+    ``ci_stop`` of it on either side: more runs would not move it; the report says so in
+    ``stopped_by_ci``. None (default): always run until ``min_seconds``.
     """
 
     target: str | TargetProfile = "host"
@@ -90,6 +94,7 @@ class BenchConfig:
     shapes: Mapping[str, tuple[int, ...]] | None = None
     timeout_s: float = 600.0
     seed: int = 0
+    ci_stop: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -102,6 +107,10 @@ class BenchConfig:
             ),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.timeout_s > 0, f"timeout_s must be positive, got {self.timeout_s}"),
+            (
+                self.ci_stop is None or 0 < self.ci_stop < 1,
+                f"ci_stop must be a fraction between 0 and 1, got {self.ci_stop}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,6 +170,7 @@ class BenchReport:
     budget: Budget | None = None
     budget_lines: tuple[BudgetLine, ...] = ()
     latencies_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    stopped_by_ci: bool = False
 
     @property
     def size_mb(self) -> float:
@@ -218,6 +228,7 @@ class BenchReport:
             "warmup_mean_ms": self.warmup_mean_ms,
             "runs": self.runs,
             "duration_s": self.duration_s,
+            "stopped_by_ci": self.stopped_by_ci,
             "latency_ms": dict(self.latency_ms),
             "inferences_per_s": self.inferences_per_s,
             "samples_per_s": self.samples_per_s,
@@ -462,6 +473,7 @@ def _write_request(
         "warmup_runs": config.warmup_runs,
         "min_runs": config.min_runs,
         "min_seconds": config.min_seconds,
+        "ci_stop": config.ci_stop,
         "progress": progress,
         "latencies_out": str(work / "latencies.npy"),
     }
@@ -678,6 +690,7 @@ def _report(
         if scale is None
         else {k: latency[k] * scale for k in ("p50", "p90", "p95", "p99", "mean")},
         latencies_ms=tuple(float(v) for v in lat),
+        stopped_by_ci=bool(result.get("stopped_by_ci", False)),
     )
 
 

@@ -19,6 +19,7 @@ The raw latencies (int64 nanoseconds) go to the ``.npy`` file the request names.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -26,10 +27,11 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["main"]
+__all__ = ["main", "p95_ci_relative"]
 
 PROTOCOL_VERSION = 1
 _PROGRESS_EVERY_NS = 250_000_000
+_CI_CHECK_EVERY_NS = 100_000_000  # how often a ci_stop request looks at the runs so far
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -103,17 +105,26 @@ def run(request: dict[str, Any], emit: Emit) -> dict[str, Any]:
 
     min_runs = int(request["min_runs"])
     min_ns = int(float(request["min_seconds"]) * 1e9)
+    ci_stop = request.get("ci_stop")
     latencies: list[int] = []
     record = latencies.append
     next_report = 0
+    next_check = 0
+    stopped_by_ci = False
     start = pc()
     while True:
         t0 = pc()
         run_once(feed)
         t1 = pc()
         record(t1 - t0)
-        if len(latencies) >= min_runs and t1 - start >= min_ns:
-            break
+        if len(latencies) >= min_runs:
+            if t1 - start >= min_ns:
+                break
+            if ci_stop is not None and t1 >= next_check:
+                next_check = t1 + _CI_CHECK_EVERY_NS
+                if p95_ci_relative(latencies) <= float(ci_stop):
+                    stopped_by_ci = True
+                    break
         if progress and t1 >= next_report:
             next_report = t1 + _PROGRESS_EVERY_NS
             emit(
@@ -147,6 +158,7 @@ def run(request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         "warmup_ns": warmup_ns,
         "runs": len(latencies),
         "duration_ns": duration_ns,
+        "stopped_by_ci": stopped_by_ci,
         "baseline_rss_bytes": baseline_rss,
         "rss_after_init_bytes": rss_after_init,
         "peak_rss_bytes": peak_rss,
@@ -154,6 +166,28 @@ def run(request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         "peak_reset": hwm_reset,
         "modules": sorted(sys.modules),
     }
+
+
+def p95_ci_relative(latencies: list[int]) -> float:
+    """Half the width of the 95% confidence interval of the p95 of ``latencies``, over the p95.
+
+    Distribution-free: the interval's ends are the order statistics at ranks
+    ``n q -+ 1.96 sqrt(n q (1 - q))`` (the binomial's normal approximation, q = 0.95).
+    """
+    import numpy as np  # imported after pinning (module docstring)
+
+    n = len(latencies)
+    if n < 20:
+        return math.inf
+    ordered = np.sort(np.asarray(latencies, dtype=np.int64))
+    q = 0.95
+    spread = 1.96 * math.sqrt(n * q * (1 - q))
+    lo = max(0, math.floor(n * q - spread) - 1)
+    hi = min(n - 1, math.ceil(n * q + spread) - 1)
+    p95 = float(ordered[min(n - 1, max(0, math.ceil(n * q) - 1))])
+    if p95 <= 0:
+        return math.inf
+    return float(ordered[hi] - ordered[lo]) / 2 / p95
 
 
 def _protocol_stream() -> IO[str]:

@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Try fp32, dynamic int8 and static int8 versions of an ONNX model, measure "
         "each one's quality on --eval data and its speed and memory under --target, choose "
         "the fastest (p95) candidate that meets every budget line, and write it as a bundle. "
-        "Candidate models are kept in OUTPUT-candidates/. When no candidate meets the "
+        "Calibration variants and accuracy-aware int8 run only when plain static int8 misses "
+        "the quality line; recipes not tried are listed with the reason (docs/quantization.md, "
+        "'How optimize searches'). Candidate models are kept in OUTPUT-candidates/. When no "
+        "candidate meets the "
         "budget, the best effort is still bundled and the report names each failing line; "
         "the exit code is then 1.",
     )
@@ -146,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1", help="model version in the bundle")
     p.add_argument("--labels", default=None, help="comma-separated class labels for output 0")
     p.add_argument("--runs", type=int, default=200, help="minimum timed runs per candidate")
-    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per candidate")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=3.0,
+        help="timed seconds per candidate; a benchmark stops sooner (after --runs) once its p95 "
+        "is known within 2%% (95%% confidence)",
+    )
     p.add_argument(
         "--detector",
         default="auto",
@@ -166,6 +175,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality gate without eval data (or without a drop line): an int8 candidate needs "
         "this worst-sample cosine with fp32 on calibration samples (default 0.99; 'off' to "
         "disable)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no new candidate after this many seconds; the ones not started are "
+        "reported as skipped (fp32 always runs, the choice and bundle always follow)",
+    )
+    p.add_argument(
+        "--methods",
+        default="minmax,entropy,percentile",
+        help="static int8 calibration methods: the first is always tried, the others (and "
+        "per-tensor weights) only when it misses the quality line (default "
+        "minmax,entropy,percentile)",
+    )
+    p.add_argument(
+        "--no-accuracy-aware",
+        action="store_true",
+        help="do not try accuracy-aware int8 (nodes kept in float until the drop line is met; "
+        "tried only when plain static int8 misses that line)",
+    )
+    p.add_argument(
+        "--calibration-cache",
+        type=Path,
+        metavar="DIR",
+        help="where calibration ranges are cached per (model, data, method) and reused "
+        "(default ~/.cache/edgeship/calibration, or $EDGESHIP_CACHE_DIR/calibration)",
+    )
+    p.add_argument(
+        "--no-calibration-cache", action="store_true", help="calibrate every candidate afresh"
+    )
+    p.add_argument(
+        "--fp16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="fp16 candidate: auto tries it only where the runtime benefits (not on CPU "
+        "boards, where it is listed as skipped with the reason)",
     )
     p.add_argument("--html", type=Path, help="also write the report as an HTML page here")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -509,6 +555,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         detector=args.detector,
         outlier_fpr=args.outlier_fpr,
         min_cosine=_min_cosine(args.min_cosine),
+        time_limit_s=args.time_limit,
+        static_methods=_methods(args.methods),
+        try_accuracy_aware=not args.no_accuracy_aware,
+        calibration_cache=args.calibration_cache,
+        use_calibration_cache=not args.no_calibration_cache,
+        try_fp16={"auto": None, "on": True, "off": False}[args.fp16],
     )
     report = optimize(
         args.model,
@@ -532,6 +584,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         )
         print(f"HTML report written to {args.html}")
     return EXIT_OK if report.meets_budget else EXIT_BUDGET
+
+
+def _methods(text: str) -> tuple[Any, ...]:
+    """``--methods``: calibration methods, checked against sdk.quantize.CalibMethod's values."""
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    known = ("minmax", "entropy", "percentile")
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(known)}")
+    return methods
 
 
 def _min_cosine(text: str) -> float | None:

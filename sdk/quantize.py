@@ -26,13 +26,20 @@ outputs with fp32's and the largest absolute error, on calibration samples when 
 else on generated random inputs (which only shows that the model runs). Below
 :data:`CHECK_MIN_COSINE` on real data, a warning is logged. ORT's own printing and logging
 during quantization is sent to this module's logger at INFO level (``edgeship -v`` shows it).
-See docs/quantization.md.
+With ``calibration_cache`` (a directory), static calibration's activation ranges are kept
+there in ONNX Runtime's JSON calibration cache, one file per (fp32 model, calibration data,
+calibration method, operator types, batch size, ONNX Runtime version): another quantization of
+the same model and data (a re-run, per-channel on or off, other excluded nodes) loads the
+ranges instead of running the model over the data again. ``details["calibration_cache"]`` says
+whether it was a hit. See docs/quantization.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -174,6 +181,7 @@ def quantize(
     *,
     out: str | Path,
     config: QuantizeConfig = QuantizeConfig(),
+    calibration_cache: str | Path | None = None,
 ) -> ModelArtifact:
     """Quantize an ONNX model to int8 and write it to ``out``.
 
@@ -181,7 +189,9 @@ def quantize(
     a :class:`~sdk.data.Dataset`) is required in static mode; in dynamic mode it is optional and
     only used to check the result (without it the check runs on generated random inputs, which
     shows the model runs but not how accurate it is). The returned artifact has been loaded and
-    run by ONNX Runtime; ``details["check"]`` holds the comparison with fp32.
+    run by ONNX Runtime; ``details["check"]`` holds the comparison with fp32. ``calibration_cache``
+    is a directory where static calibration ranges are cached and reused (module docstring);
+    ``details["calibration_cache"]`` holds the file and whether it was a hit.
 
     Raises :class:`DataError` for calibration data that does not fit the model,
     :class:`ConfigError` for bad settings and :class:`QuantizationError` naming the failed step.
@@ -196,6 +206,8 @@ def quantize(
     data = _calibration_data(calibration, source.io, config)
     batch = _calibration_batch(source.io, config, data)
     fallbacks: list[str] = []
+    cache = _cache_file(calibration_cache, source, data, config, batch)
+    cache_hit = cache is not None and cache.is_file()
     with tempfile.TemporaryDirectory(prefix="edgeship-quant-") as tmp_dir:
         tmp = Path(tmp_dir).resolve()
         proto = _read_model(source.path)
@@ -204,7 +216,17 @@ def quantize(
         excluded = _map_exclusions(config.exclude_nodes, prepared, fallbacks)
         for attempt in range(_MAX_EXCLUSION_RETRIES + 1):
             candidate = tmp / f"quantized-{attempt}.onnx"
-            _run_quantizer(prepared, candidate, data, source.io, batch, config, excluded, fallbacks)
+            _run_quantizer(
+                prepared,
+                candidate,
+                data,
+                source.io,
+                batch,
+                config,
+                excluded,
+                fallbacks,
+                cache=cache,
+            )
             quantized_nodes = _count_quantized_nodes(candidate)
             if quantized_nodes == 0:
                 raise QuantizationError(_nothing_quantized(prepared, config, excluded))
@@ -248,6 +270,7 @@ def quantize(
         "source_size_bytes": size_fp32,
         "size_ratio": target.stat().st_size / size_fp32 if size_fp32 else None,
         "check": check,
+        "calibration_cache": None if cache is None else {"path": str(cache), "hit": cache_hit},
     }
     log.info(
         "quantized %s -> %s (%s, %d -> %d bytes, %d fallbacks)",
@@ -537,6 +560,7 @@ def _run_quantizer(
     excluded: list[str],
     fallbacks: list[str],
     extra: dict[str, Any] | None = None,
+    cache: Path | None = None,
 ) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -583,6 +607,7 @@ def _run_quantizer(
                 weight_type=types[config.weight_type],
                 nodes_to_exclude=list(excluded),
                 calibrate_method=methods[config.method],
+                calibration_cache_path=None if cache is None else str(cache),
                 # One batch per calibration step, ranges merged between steps. ORT's
                 # CalibMaxIntermediateOutputs would be the obvious knob, but its MinMax
                 # calibrator (1.32) clears the kept outputs without merging them, silently
@@ -601,12 +626,59 @@ def _run_quantizer(
             log.warning(note)
             fallbacks.append(note)
             disable = {"QDQDisableWeightAdjustForInt32Bias": True}
-            _run_quantizer(model, out, data, data_io, batch, config, excluded, fallbacks, disable)
+            _run_quantizer(
+                model, out, data, data_io, batch, config, excluded, fallbacks, disable, cache
+            )
             return
         step = _failed_step(exc, config.mode)
         node = _node_in_message(str(exc), model)
         where = f" at node {node!r}" if node else ""
         raise QuantizationError(f"{step}{where}: {_first_line(exc)}") from exc
+
+
+def _cache_file(
+    directory: str | Path | None,
+    source: ModelArtifact,
+    data: Dataset | None,
+    config: QuantizeConfig,
+    batch: int,
+) -> Path | None:
+    """Where static calibration's ranges for this model, data and method are cached.
+
+    The key hashes everything the ranges depend on: the fp32 model's bytes, the calibration
+    samples (after ``max_calibration_samples``), the method, the operator types whose tensors
+    are calibrated, the batch size (ranges are merged per batch) and ONNX Runtime's version.
+    Excluded nodes, per-channel weights and the integer types do not change the activation
+    ranges, so the variants that differ only in those share one file.
+    """
+    if directory is None or config.mode != "static" or data is None:
+        return None
+    import onnxruntime
+
+    digest = hashlib.sha256()
+    with source.path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    model_hash = digest.hexdigest()
+    digest = hashlib.sha256()
+    for name in sorted(data.inputs):
+        array = np.ascontiguousarray(data.inputs[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    data_hash = digest.hexdigest()
+    key = json.dumps(
+        {
+            "model": model_hash,
+            "data": data_hash,
+            "method": config.method,
+            "op_types": _op_types_for(config),
+            "batch": batch,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        sort_keys=True,
+    )
+    name = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return Path(directory) / f"calibration-{config.method}-{name}.json"
 
 
 def _op_types_for(config: QuantizeConfig) -> list[str] | None:

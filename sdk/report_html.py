@@ -1,6 +1,8 @@
 """The optimize report as one self-contained HTML page (no scripts, no external assets).
 
-It holds the candidate table, a Pareto chart (p95 latency against quality, marker area
+It holds the candidate table (with each candidate's search time, whether its calibration came
+from the cache, and the nodes it keeps in float), the recipes the search skipped and why, a
+Pareto chart (p95 latency against quality, marker area
 proportional to the model file's size, the Pareto front joined by a line), the budget verdict
 of every line, notes (detector, ISA, fallbacks, exclusions) and the command that reproduces
 the run. Input is :meth:`sdk.optimize.OptimizeReport.to_dict`, so a report saved as JSON can
@@ -162,6 +164,7 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
             f"<td>{_fmt(lat.get('p50'))}</td><td>{_fmt(lat.get('p95'))}</td>"
             f"<td>{_fmt(c.get('rss_increase_mb'), 3)}</td><td>{_fmt(q)}</td>"
             f"<td>{_fmt(None if drop is None else drop * 100, 3)}</td>"
+            f"<td>{_fmt(c.get('elapsed_s'), 3)}</td><td>{_cache_cell(c)}</td>"
             f'<td class="{verdict.split()[0]}">{verdict}</td>'
             f"<td>{'<br>'.join(html.escape(v) for v in c.get('violations', []))}</td></tr>"
         )
@@ -183,6 +186,17 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
                 f"{html.escape(c['name'])}: kept in float: "
                 + ", ".join(html.escape(str(n)) for n in excluded)
             )
+    skipped_rows = "".join(
+        f"<tr><td>{html.escape(str(s.get('name')))}</td><td>{html.escape(str(s.get('reason')))}"
+        "</td></tr>"
+        for s in report.get("skipped", [])
+    )
+    skipped = (
+        f"<table><tr><th>recipe</th><th>why it was not tried</th></tr>{skipped_rows}</table>"
+        if skipped_rows
+        else "<p>none: every recipe was tried.</p>"
+    )
+    search = _search_line(report)
     target = report.get("target") or {}
     verdict = (
         "the chosen candidate meets every budget line"
@@ -216,8 +230,12 @@ code {{ background: #f4f4f4; padding: 2px 4px; }}
 {html.escape(str(report.get("measured_on") or "this host"))}, not on the board.</p>
 <h2>Candidates</h2>
 <table><tr><th>candidate</th><th>size KiB</th><th>p50 ms</th><th>p95 ms</th><th>RSS+ MB</th>
-<th>quality</th><th>drop (points)</th><th>verdict</th><th>off by</th></tr>
+<th>quality</th><th>drop (points)</th><th>time s</th><th>calibration</th><th>verdict</th>
+<th>off by</th></tr>
 {"".join(rows)}</table>
+<p>{search}</p>
+<h2>Skipped recipes</h2>
+{skipped}
 <h2>Latency against quality</h2>
 {_chart(candidates, chosen, front)}
 <p>Marker area is proportional to the model file's size; the dashed line joins the Pareto
@@ -230,6 +248,28 @@ front (no other candidate is at least as good on latency, memory, size and quali
 <p><code>{reproduce}</code></p>
 </body></html>
 """
+
+
+def _cache_cell(c: Mapping[str, Any]) -> str:
+    hit = c.get("calibration_cache_hit")
+    return "–" if hit is None else ("cached" if hit else "calibrated")
+
+
+def _search_line(report: Mapping[str, Any]) -> str:
+    elapsed = report.get("elapsed_s")
+    limit = report.get("time_limit_s")
+    text = "The search took " + (
+        f"{elapsed:.1f} s" if isinstance(elapsed, int | float) else "an unknown time"
+    )
+    if isinstance(limit, int | float):
+        text += f" (time limit {limit:g} s: no candidate started after it)"
+    cache = report.get("calibration_cache") or {}
+    if isinstance(cache, Mapping) and cache.get("dir"):
+        text += (
+            f"; calibration cache {html.escape(str(cache['dir']))}: {cache.get('hits', 0)} "
+            f"hit(s), {cache.get('misses', 0)} miss(es)"
+        )
+    return text + "."
 
 
 def write_report(

@@ -210,9 +210,13 @@ def accuracy_aware_quantize(
     out: str | Path,
     config: QuantizeConfig | None = None,
     ranking_samples: int = 256,
+    calibration_cache: str | Path | None = None,
 ) -> tuple[ModelArtifact, SensitivityReport]:
     """Static int8 that keeps the most quantization-sensitive nodes in float until the accuracy
     drop on ``eval_dataset`` is at most ``max_drop`` (a fraction: 0.01 is one point).
+    Every step calibrates once: the steps differ only in excluded nodes, which leave the
+    activation ranges alone, so they share a calibration cache (``calibration_cache``, a
+    directory as in :func:`sdk.quantize.quantize`; a temporary one when None).
 
     ``eval_dataset`` should carry labels (the drop is then in accuracy); without labels the
     drop is ``1 - agreement`` with the fp32 model's top-1. ``config`` is the base static
@@ -250,6 +254,7 @@ def accuracy_aware_quantize(
     artifacts: list[ModelArtifact | None] = []
     with tempfile.TemporaryDirectory(prefix="edgeship-aaq-") as tmp_dir:
         tmp = Path(tmp_dir)
+        cache_dir = tmp / "calibration" if calibration_cache is None else Path(calibration_cache)
 
         def attempt(
             index: int, added: tuple[str, ...], because: str | None
@@ -261,6 +266,7 @@ def accuracy_aware_quantize(
                     cal_data,
                     out=tmp / f"step-{index}.onnx",
                     config=replace(config, exclude_nodes=excluded),
+                    calibration_cache=cache_dir,
                 )
             except QuantizationError as exc:
                 return ExclusionStep(excluded, added, because, None, None, str(exc)), None
