@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp16 candidate: auto tries it only where the runtime benefits (not on CPU "
         "boards, where it is listed as skipped with the reason)",
     )
+    p.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="PRIVATE.pem",
+        help="sign the bundle with this Ed25519 key when it meets the budget (edgeship sign)",
+    )
     p.add_argument("--html", type=Path, help="also write the report as an HTML page here")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(handler=_cmd_optimize)
@@ -562,6 +568,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         use_calibration_cache=not args.no_calibration_cache,
         try_fp16={"auto": None, "on": True, "off": False}[args.fp16],
     )
+    if args.sign_key is not None:  # a bad key fails now, not after the search
+        from device_agent.signing import load_private_key
+
+        load_private_key(args.sign_key)
     report = optimize(
         args.model,
         calibration=args.calibration,
@@ -571,6 +581,17 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(report.summary())
+    if args.sign_key is not None:
+        if report.meets_budget:
+            from sdk.signing import sign_bundle
+
+            _, key_id = sign_bundle(args.output, args.sign_key)
+            print(f"signed {args.output} with {key_id}")
+        else:
+            print(
+                f"not signed: the bundle misses its budget; to ship it anyway: "
+                f"edgeship sign {args.output} --key {args.sign_key}"
+            )
     if args.json is not None:
         _write_json(args.json, report.to_dict())
     if args.html is not None:

@@ -609,3 +609,53 @@ def test_encrypted_litert_bundle_predicts_like_the_plain_one(
     config = _config(tmp_path, model_key_file=str(keys["fleet"].private))
     with Agent.from_bundle(bundle.root, config) as agent:
         np.testing.assert_array_equal(agent.predict({"x": x}).outputs[0], expected)
+
+
+def test_openssh_ed25519_keys_sign_and_verify(tiny: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = tmp_path / "id_ed25519", tmp_path / "id_ed25519.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    _, key_id = sign_bundle(tiny, private)
+    assert key_id == fingerprint(key.public_key())
+    assert load_bundle(tiny, trusted_keys=[public]).signature.verified_by[-1] == key_id
+
+
+@pytest.mark.slow
+def test_optimize_signs_the_bundle_only_when_it_meets_the_budget(
+    tmp_path: Path, keys: dict[str, GeneratedKey]
+) -> None:
+    model = write_mlp_onnx(tmp_path / "mlp.onnx")
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
+    base = ("optimize", model, "--calibration", cal, "--detector", "none")
+    fast = ("--runs", "5", "--seconds", "0.05", "--sign-key")
+    _refused(_cli(*base, "-o", tmp_path / "b0", *fast, _pub(keys, "release")), "PUBLIC key")
+    assert not (tmp_path / "b0").exists()  # refused before the search
+
+    met = _cli(*base, "-o", tmp_path / "b1", *fast, keys["release"].private)
+    assert met.returncode == 0, met.stderr
+    assert f"signed {tmp_path / 'b1'} with {keys['release'].key_id}" in met.stdout
+    bundle = load_bundle(tmp_path / "b1", trusted_keys=[_pub(keys, "release")])
+    assert bundle.signature.verified_by == (keys["release"].key_id,)
+
+    missed = _cli(
+        *base, "-o", tmp_path / "b2", "--budget", "size<=0.001MB", *fast, keys["release"].private
+    )
+    assert missed.returncode == 1, missed.stderr
+    assert "not signed: the bundle misses its budget" in missed.stdout
+    assert load_bundle(tmp_path / "b2").signature.describe() == "not signed"
