@@ -226,6 +226,7 @@ class Candidate:
     error: str | None = None
     confirm_p95_ms: list[float] = field(default_factory=list)
     elapsed_s: float | None = None
+    reproduce: str | None = None
 
     @property
     def meets_budget(self) -> bool:
@@ -276,6 +277,7 @@ class Candidate:
             "drop_basis": self.drop_basis,
             "elapsed_s": self.elapsed_s,
             "calibration_cache_hit": self.calibration_cache_hit,
+            "reproduce": self.reproduce,
         }
         if self.artifact is not None:
             excluded = self.artifact.details.get("excluded_nodes")
@@ -527,6 +529,7 @@ def optimize(
                 )
             finally:
                 cand.elapsed_s = time.monotonic() - began
+            cand.reproduce = _reproduce(cand.artifact, calibration)
             if recipe.kind == "fp32":
                 baseline_quality = cand.quality
             cand.budget_lines = [] if cand.error else check_budget(cfg.budget, _metrics(cand))
@@ -824,6 +827,34 @@ def _accuracy_aware(
         return replace(artifact, recipe=ACCURACY_AWARE).with_details(accuracy_aware=details)
 
     return make
+
+
+def _reproduce(artifact: ModelArtifact | None, calibration: DataSource | None) -> str | None:
+    """The ``edgeship quantize`` command that makes this int8 model again from the ONNX model
+    it was quantized from (for pruned and distilled candidates, their fp32 export in the
+    candidates directory), or None for a model quantize did not make."""
+    import shlex
+
+    details = {} if artifact is None else artifact.details
+    if artifact is None or "mode" not in details or "source" not in details:
+        return None
+    cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
+    parts = ["edgeship", "quantize", str(details["source"])]
+    if details.get("calibration_samples") or details["mode"] == "static":
+        parts += ["--calibration", cal]
+    if details["mode"] == "dynamic":
+        parts += ["--mode", "dynamic"]
+    elif details.get("method") not in (None, "minmax"):
+        parts += ["--method", str(details["method"])]
+    if details.get("per_channel") is False:
+        parts.append("--per-tensor")
+    if details.get("op_types") is None:
+        parts += ["--op-types", "all"]
+    excluded = details.get("excluded_nodes") or []
+    if excluded:
+        parts += ["--exclude", ",".join(excluded)]
+    parts += ["-o", str(artifact.path)]
+    return shlex.join(parts)
 
 
 def _check_torch_inputs(

@@ -204,6 +204,17 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
         else "NO candidate meets the budget: the best effort was bundled"
     )
     reproduce = html.escape(command) if command else "edgeship optimize … (see the report JSON)"
+    per_candidate = "".join(
+        f"<li>{html.escape(str(c['name']))}: <code>{html.escape(str(c['reproduce']))}</code></li>"
+        for c in candidates
+        if c.get("reproduce")
+    )
+    each = (
+        "<p>Each int8 candidate on its own, from the ONNX model it was quantized from:</p>"
+        f"<ul>{per_candidate}</ul>"
+        if per_candidate
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>edgeship optimize: {html.escape(chosen)} for {html.escape(str(target.get("name", "")))}
@@ -246,6 +257,7 @@ front (no other candidate is at least as good on latency, memory, size and quali
 <ul>{"".join(f"<li>{n}</li>" for n in notes) or "<li>none</li>"}</ul>
 <h2>Reproduce</h2>
 <p><code>{reproduce}</code></p>
+{each}
 </body></html>
 """
 

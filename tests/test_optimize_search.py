@@ -150,6 +150,28 @@ def test_second_run_hits_the_calibration_cache_and_variants_stop_early(tmp_path:
     assert data["calibration_cache"]["hits"] == second.calibration_cache_hits
     assert {s["name"] for s in data["skipped"]} >= {"fp16", "ort-static-int8-entropy"}
     assert "calibration cache" in second.summary() and "skipped:" in second.summary()
+    assert again["fp32"].reproduce is None
+    _reproduces(again["ort-static-int8-minmax"], tmp_path, cal)
+    _reproduces(again["ort-dynamic-int8"], tmp_path, cal)
+
+
+def _reproduces(candidate: Any, tmp_path: Path, cal: dict[str, np.ndarray]) -> None:
+    """The candidate's ``reproduce`` command, run, writes the same model (same bytes)."""
+    import shlex
+
+    np.savez(tmp_path / "cal.npz", **cal)
+    args = shlex.split(candidate.reproduce)
+    assert args[:2] == ["edgeship", "quantize"] and args[-2] == "-o"
+    args = [a if a != "CALIBRATION.npz" else str(tmp_path / "cal.npz") for a in args[2:-1]]
+    again = tmp_path / f"again-{candidate.name}.onnx"
+    done = subprocess.run(
+        [sys.executable, "-m", "sdk.cli", "quantize", *args, str(again)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert again.read_bytes() == candidate.artifact.path.read_bytes()
 
 
 def test_variants_run_when_the_first_method_fails_on_quality(tmp_path: Path) -> None:
@@ -287,6 +309,8 @@ def test_accuracy_aware_candidate_is_chosen_when_static_int8_misses_the_drop_lin
 
     page = render_report(data)
     assert "kept in float: " in page and "cached" in page and "Skipped recipes" in page
+    assert "--exclude" in aaq.reproduce and "edgeship quantize" in page
+    _reproduces(aaq, tmp_path, {INPUT_NAME: s.x_cal})
 
 
 @pytest.mark.slow
