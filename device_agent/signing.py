@@ -432,8 +432,3 @@ def check_signatures(root: Path, manifest_bytes: bytes, trusted: TrustedKeys) ->
             )
         verified.append(sig.key_id)
     return SignatureStatus(signers=signers, verified_by=tuple(verified))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

@@ -11,8 +11,8 @@ caches under ``.cache/board-envs/``:
   numpy is older than 2. A LiteRT int8 bundle (static_wi8_ai8) checks there with tflite-runtime
   and in ``.venv`` with ai-edge-litert, and the two agree on the test digits.
 * **emulated Raspberry Pi 4**: Debian bookworm's arm64 Python 3.11 under qemu-user with aarch64
-  wheels; ``platform.machine()`` is aarch64, the ONNX bundle checks, and its predictions match
-  the host's.
+  wheels; ``platform.machine()`` is aarch64, the ONNX bundle checks (signed and encrypted too,
+  with cryptography's aarch64 wheel), and its predictions match the host's.
 
 A prerequisite that cannot be had (no package index, no Debian archive) fails these tests with
 the setup step's message; the one skip is the ``unshare -m`` variant where mount namespaces are
@@ -337,3 +337,33 @@ def test_pi_predicts_what_the_host_predicts(
     assert board["heavy"] == []
     np.testing.assert_array_equal(np.argmax(board["logits"], 1), np.argmax(host["logits"], 1))
     np.testing.assert_allclose(board["logits"], host["logits"], atol=1e-4)
+
+
+def test_pi_checks_a_signed_and_encrypted_bundle(
+    pi: list[str], onnx_bundle: Path, work: Path
+) -> None:
+    """cryptography's aarch64 wheel on the Pi's Python 3.11: the Ed25519 signature and the
+    AES-GCM model are checked there as on the host, and a changed manifest is refused."""
+    import shutil
+
+    from sdk.signing import encrypt_bundle, generate_model_key, generate_signing_key, sign_bundle
+
+    bundle = Path(shutil.copytree(onnx_bundle, work / "digits-signed"))
+    keys = work / "pi-keys"
+    signing, model_key = generate_signing_key(keys), generate_model_key(keys)
+    assert signing.public is not None
+    encrypt_bundle(bundle, model_key.private)
+    sign_bundle(bundle, signing.private)
+    check = [*pi, "-m", "device_agent.cli", "check", bundle, "--runs", "1"]
+    trust = ["--trusted-key", signing.public, "--model-key", model_key.private]
+    out = _ok(_run([*check, *trust], work))
+    lines = _check_lines(out)
+    assert "ok" in lines, out
+    assert lines["signature"] == f"signed by {signing.key_id}, verified against trusted_keys"
+    assert lines["decrypted"].startswith("model.onnx.enc (aes-256-gcm"), out
+    assert lines["host"].startswith("aarch64, "), lines["host"]
+    manifest = bundle / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"digits"', '"digitz"'))
+    refused = _run([*check, *trust], work)
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    assert "manifest.json was changed after it was signed" in refused.stderr
