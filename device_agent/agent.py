@@ -33,13 +33,14 @@ import numpy as np
 from device_agent._version import __version__ as AGENT_VERSION
 from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts import messages as msg
+from device_agent.contracts.bundle import IOSpec, ModelInfo
 from device_agent.detectors import ThresholdedDetector, load_detector
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 from device_agent.runtime import FeedChecker, ModelSession
 from device_agent.sysinfo import SysInfo
 from device_agent.telemetry import WindowAggregator
 
-__all__ = ["Agent", "AgentConfig", "Prediction"]
+__all__ = ["Agent", "AgentConfig", "LoadedModel", "Prediction"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class AgentConfig:
     sysinfo_root: str = "/"
     trusted_keys: tuple[str, ...] = ()
     model_key_file: str | None = None
+    deploy_probation_inferences: int = 20
+    deploy_max_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         # Accept a str for convenience; the field is always a Path afterwards.
@@ -103,6 +106,12 @@ class AgentConfig:
             )
         if self.outlier_events_per_min < 0:
             raise ConfigError("outlier_events_per_min must not be negative")
+        if self.deploy_probation_inferences < 0:
+            raise ConfigError("deploy_probation_inferences must not be negative")
+        if self.deploy_max_bytes < 1024:
+            raise ConfigError(
+                f"deploy_max_bytes must be at least 1 KiB, got {self.deploy_max_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,61 @@ class Prediction:
     def score(self) -> float | None:
         """The first sample's score (the common batch-of-one case)."""
         return None if self.scores is None else float(self.scores[0])
+
+
+class LoadedModel:
+    """One verified bundle ready to run: its session, input checker, detector and labels.
+
+    :meth:`Agent.predict` reads the agent's current ``LoadedModel`` once per call, so a remote
+    deploy swaps models by replacing that one reference: calls in flight finish on the model
+    they started with, and no call ever sees the new session with the old detector. ``trial``
+    is set while a newly deployed bundle is on probation (see :mod:`device_agent.deploy`).
+    """
+
+    __slots__ = ("bundle", "check", "detector", "labels", "run_lock", "session", "trial")
+
+    def __init__(self, bundle: Bundle, session: ModelSession) -> None:
+        self.bundle = bundle
+        self.session = session
+        m = bundle.manifest
+        self.check = FeedChecker(m.io)
+        self.labels = _classifier_labels(m.io)
+        self.detector: ThresholdedDetector | None = None
+        if m.detector is not None:
+            det = load_detector(m.detector, bundle.path_of(m.detector.params_file))
+            self.detector = ThresholdedDetector(det, m.detector.threshold)
+        # LiteRT interpreters are not safe to call from two threads; ORT sessions are.
+        self.run_lock: threading.Lock | None = (
+            threading.Lock() if session.runtime == "litert" else None
+        )
+        self.trial: Any = None
+
+    @classmethod
+    def open(cls, bundle: Bundle, config: AgentConfig) -> LoadedModel:
+        """Open ``bundle``'s model with the runtime its manifest names."""
+        session = bundle.open_model(
+            model_key_file=config.model_key_file,
+            threads=config.threads,
+            providers=config.providers,
+        )
+        return cls(bundle, session)
+
+    @property
+    def io(self) -> IOSpec:
+        return self.bundle.manifest.io
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.bundle.manifest.model
+
+
+def _classifier_labels(io: IOSpec) -> tuple[str, ...] | None:
+    out = io.outputs[0]
+    if len(out.shape) != 2 or not isinstance(out.shape[1], int) or out.shape[1] < 2:
+        return None
+    if out.labels is not None and len(out.labels) == out.shape[1]:
+        return tuple(out.labels)
+    return tuple(str(i) for i in range(out.shape[1]))
 
 
 class _TokenBucket:
@@ -159,30 +223,18 @@ class Agent:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.bundle = bundle
         self.config = config
-        self.session = session
         self.boot = uuid.uuid4().hex[:16]
         self._clock = clock
-        m = bundle.manifest
-        self._io = m.io
-        self._check = FeedChecker(m.io)
-        self._model = m.model
-        self._labels = self._classifier_labels()
-        self._detector: ThresholdedDetector | None = None
-        if m.detector is not None:
-            det = load_detector(m.detector, bundle.path_of(m.detector.params_file))
-            self._detector = ThresholdedDetector(det, m.detector.threshold)
-        # LiteRT interpreters are not safe to call from two threads; ORT sessions are.
-        self._run_lock: threading.Lock | None = (
-            threading.Lock() if session.runtime == "litert" else None
-        )
-        self._aggregator = WindowAggregator(labels=self._labels or ())
+        self._loaded = LoadedModel(bundle, session)
+        self._aggregator = WindowAggregator(labels=self._loaded.labels or ())
         self._sys = SysInfo(config.sysinfo_root)
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
         self._bucket = _TokenBucket(config.outlier_events_per_min, time.monotonic)
         self._suppressed = 0
         self._stop = threading.Event()
+        self._window_lock = threading.Lock()
+        self._deploy_event: msg.DeployEvent | None = None  # for the next telemetry window
         self._threads: list[threading.Thread] = []
         self._publisher: Any = None
         self._spool: Any = None
@@ -194,27 +246,55 @@ class Agent:
             "ping": lambda cmd: {"pong": True, "boot": self.boot},
             "benchmark": self._cmd_benchmark,
         }
+        from device_agent.deploy import Deployer
+
+        self.deployer = Deployer(self)
+        self.command_handlers.update(self.deployer.handlers())
 
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_bundle(cls, path: str | Path, config: AgentConfig | None = None) -> Agent:
         """Verify the bundle at ``path`` (its signature when ``trusted_keys`` are configured,
-        every file's SHA-256), load its model (decrypted in memory if encrypted) and detector."""
+        every file's SHA-256), load its model (decrypted in memory if encrypted) and detector.
+
+        A bundle deployed to this device over MQTT (and kept after its probation) takes
+        precedence over ``path``: see :func:`device_agent.deploy.deployed_bundle`.
+        """
+        from device_agent.deploy import deployed_bundle
+
         cfg = config or AgentConfig()
-        bundle = load_bundle(path, trusted_keys=cfg.trusted_keys)
+        bundle = deployed_bundle(cfg) or load_bundle(path, trusted_keys=cfg.trusted_keys)
         session = bundle.open_model(
             model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers
         )
         return cls(bundle, session, cfg)
 
-    def _classifier_labels(self) -> tuple[str, ...] | None:
-        out = self._io.outputs[0]
-        if len(out.shape) != 2 or not isinstance(out.shape[1], int) or out.shape[1] < 2:
-            return None
-        if out.labels is not None and len(out.labels) == out.shape[1]:
-            return tuple(out.labels)
-        return tuple(str(i) for i in range(out.shape[1]))
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle running now (it changes when a remote deploy swaps one in)."""
+        return self._loaded.bundle
+
+    @property
+    def session(self) -> ModelSession:
+        """The runtime session of :attr:`bundle`."""
+        return self._loaded.session
+
+    def _swap_model(self, new: LoadedModel) -> LoadedModel:
+        """Make ``new`` the model every following :meth:`predict` uses; return the old one.
+
+        One reference assignment: calls in flight finish on the model they started with. When
+        the classes' labels differ, the window is closed first so no window names one model's
+        predictions with the other's labels.
+        """
+        old = self._loaded
+        if new.labels != old.labels:
+            with self._window_lock:
+                if self._started:
+                    self._emit_window()
+                self._aggregator = WindowAggregator(labels=new.labels or ())
+        self._loaded = new
+        return old
 
     # --- inference ------------------------------------------------------------------------
 
@@ -226,26 +306,41 @@ class Agent:
         """
         if self._closed:
             raise EdgeshipError("the agent is closed")
+        loaded = self._loaded
         try:
-            feed = self._check(inputs)
+            return self._predict_on(loaded, inputs)
+        except EdgeshipError as exc:
+            if loaded.trial is None:
+                raise
+            # A deployed bundle on probation failed: the deployer answers with the previous
+            # model when it can, and rolls back if that one succeeds where the new one failed.
+            return self.deployer.trial_failed(loaded, inputs, exc)
+
+    def _predict_on(self, loaded: LoadedModel, inputs: Mapping[str, Any]) -> Prediction:
+        detector = loaded.detector
+        try:
+            feed = loaded.check(inputs)
             start = time.perf_counter()
-            if self._run_lock is None:
-                outputs = self.session.run(feed)
+            if loaded.run_lock is None:
+                outputs = loaded.session.run(feed)
             else:
-                with self._run_lock:
-                    outputs = self.session.run(feed)
-            scores = None if self._detector is None else self._detector.score(feed, outputs)
+                with loaded.run_lock:
+                    outputs = loaded.session.run(feed)
+            scores = None if detector is None else detector.score(feed, outputs)
             latency = time.perf_counter() - start
         except EdgeshipError:
             self._aggregator.record_error()
             raise
+        if loaded.trial is not None:
+            loaded.trial.passed()
         n = int(outputs[0].shape[0]) if outputs[0].ndim else 1
-        if scores is not None and self._detector is not None:
-            flags = scores > self._detector.threshold
+        if scores is not None and detector is not None:
+            flags = scores > detector.threshold
         else:
             flags = np.zeros(n, dtype=bool)
+        labels_of = loaded.labels
         classes = None
-        if self._labels is not None and outputs[0].ndim == 2:
+        if labels_of is not None and outputs[0].ndim == 2:
             classes = outputs[0].argmax(axis=1)
         record = self._aggregator.record
         for i in range(n):
@@ -256,29 +351,34 @@ class Agent:
                 bool(flags[i]),
             )
         if flags.any() and self._started:
-            self._queue_outliers(feed, scores, flags, classes)
+            self._queue_outliers(loaded, feed, scores, flags, classes)
         labels = None
-        if classes is not None and self._labels is not None:
-            labels = [self._labels[int(c)] for c in classes]
+        if classes is not None and labels_of is not None:
+            labels = [labels_of[int(c)] for c in classes]
         return Prediction(outputs, scores, flags, labels, latency)
 
     def _queue_outliers(
         self,
+        loaded: LoadedModel,
         feed: Mapping[str, np.ndarray],
         scores: np.ndarray | None,
         flags: np.ndarray,
         classes: np.ndarray | None,
     ) -> None:
-        assert scores is not None
-        first_input = self._io.inputs[0].name
+        assert scores is not None and loaded.detector is not None
+        first_input = loaded.io.inputs[0].name
+        labels_of = loaded.labels
+        model = loaded.model
+        threshold = loaded.detector.threshold
         for i in np.flatnonzero(flags):
             if not self._bucket.take():
                 self._suppressed += 1
                 continue
             label = None
-            if classes is not None and self._labels is not None:
-                label = self._labels[int(classes[i])]
-            item = (float(scores[i]), label, feed[first_input][i].copy(), self._clock())
+            if classes is not None and labels_of is not None:
+                label = labels_of[int(classes[i])]
+            sample = feed[first_input][i].copy()
+            item = (float(scores[i]), label, sample, self._clock(), model, threshold)
             try:
                 self._events.put_nowait(("outlier", item))
             except queue.Full:
@@ -343,7 +443,8 @@ class Agent:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=max(1.0, flush_timeout_s))
-        self._emit_window()
+        with self._window_lock:
+            self._emit_window()
         self._drain_events()
         if self._publisher is not None:
             self._publisher.close(flush_timeout_s=flush_timeout_s)
@@ -382,13 +483,16 @@ class Agent:
     def _window_loop(self) -> None:
         while not self._stop.wait(self.config.window_s):
             try:
-                self._emit_window()
+                with self._window_lock:
+                    self._emit_window()
             except EdgeshipError as exc:  # a full disk, a bad field: count, log, keep going
                 self._aggregator.record_error()
                 log.error("telemetry window not published: %s", exc)
 
     def _emit_window(self) -> None:
         fields = self._aggregator.close_window(self._clock())
+        model = self._loaded.model
+        deploy, self._deploy_event = self._deploy_event, None
         host = self._sys.sample()
         self.last_window = {
             "window_start": fields["window_start"],
@@ -422,8 +526,8 @@ class Agent:
                     boot=self.boot,
                     seq=seq,
                     ts=self._clock(),
-                    model=self._model.name,
-                    model_version=self._model.version,
+                    model=model.name,
+                    model_version=model.version,
                     **fields,
                     cpu_percent=host.cpu_percent,
                     system_cpu_percent=host.system_cpu_percent,
@@ -434,6 +538,7 @@ class Agent:
                     spool_depth=depth,
                     spool_dropped=dropped,
                     drops_since_last=since,
+                    deploy=deploy,
                 )
             )
 
@@ -468,18 +573,24 @@ class Agent:
                 self._publish_outlier(*item)
             elif kind == "command":
                 self._run_command(item)
+            elif kind == "call":
+                item()
         except EdgeshipError as exc:
             log.error("%s not handled: %s", kind, exc)
 
     def _publish_outlier(
-        self, score: float, label: str | None, sample: np.ndarray, ts: float
+        self,
+        score: float,
+        label: str | None,
+        sample: np.ndarray,
+        ts: float,
+        model: ModelInfo,
+        threshold: float,
     ) -> None:
         if self._publisher is None:
             return
         suppressed, self._suppressed = self._suppressed, 0
         summary = msg.InputSummary.of(sample, sample=self.config.input_sample_values)
-        assert self._detector is not None
-        threshold = self._detector.threshold
 
         def payload(seq: int) -> bytes:
             return msg.encode(
@@ -492,15 +603,33 @@ class Agent:
                     threshold=threshold,
                     prediction=label,
                     input=summary,
-                    model=self._model.name,
-                    model_version=self._model.version,
+                    model=model.name,
+                    model_version=model.version,
                     suppressed=suppressed,
                 )
             )
 
         self._publisher.publish("outliers", payload)
 
+    def _publish_status(self) -> None:
+        """Publish the retained ``online`` status again (the model changed)."""
+        if self._publisher is not None and not self._closed:
+            self._publisher.publish("status", lambda seq: self._status_payload(seq, "online"))
+
+    def _run_soon(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the events thread (disk and network work off the caller's thread)."""
+        if not self._started or self._closed:
+            work()
+            return
+        try:
+            self._events.put_nowait(("call", work))
+        except queue.Full:
+            log.error("the agent's work queue is full; running deploy work inline")
+            work()
+
     def _status_payload(self, seq: int, state: str) -> bytes:
+        loaded = self._loaded
+        session = loaded.session
         return msg.encode(
             msg.StatusMessage(
                 device=self.config.device_id,
@@ -509,10 +638,11 @@ class Agent:
                 ts=self._clock(),
                 state="online" if state == "online" else "offline",
                 agent_version=AGENT_VERSION,
-                model=self._model.name,
-                model_version=self._model.version,
-                runtime=f"{self.session.runtime} {self.session.runtime_version}",
+                model=loaded.model.name,
+                model_version=loaded.model.version,
+                runtime=f"{session.runtime} {session.runtime_version}",
                 host=self._sys.host_facts(),
+                deploy=self.deployer.last_event,
             )
         )
 
@@ -559,12 +689,13 @@ class Agent:
         from device_agent.benchmark import run_benchmark
 
         args = command.args
+        loaded = self._loaded
         return run_benchmark(
-            self.session,
-            self._io,
+            loaded.session,
+            loaded.io,
             min_runs=int(args.get("min_runs", 200)),
             min_seconds=float(args.get("min_seconds", 3.0)),
             warmup_runs=int(args.get("warmup_runs", 10)),
-            lock=self._run_lock,
-            model_path=self.bundle.model_path,
+            lock=loaded.run_lock,
+            model_path=loaded.bundle.model_path,
         )

@@ -223,6 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(handler=_cmd_optimize)
 
+    p = sub.add_parser(
+        "deploy",
+        help="send a bundle to a device over MQTT; it swaps in after checks, or rolls back",
+        description="Send a bundle to a device's agent over MQTT in chunks. The device "
+        "verifies it (hashes, and the signature when it has trusted keys), loads it, runs a "
+        "self-test, swaps it in without failing an inference, and rolls back to the previous "
+        "bundle if one of its first inferences fails. Exit 0 when the bundle is applied, 1 "
+        "when the device refused or rolled it back (the reason is printed) or did not "
+        "answer, 2 for bad input. See docs/agent.md, 'Remote deploy'.",
+    )
+    p.add_argument("bundle", type=Path, help="the bundle directory to send")
+    p.add_argument("--device", required=True, help="the device id")
+    p.add_argument("--broker", required=True, help="MQTT broker the device's agent is connected to")
+    p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the whole deploy, probation included (default 300)",
+    )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the bundle is swapped in, without waiting for its probation",
+    )
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.set_defaults(handler=_cmd_deploy)
+
     p = sub.add_parser("inspect", help="verify a bundle and print its manifest")
     p.add_argument("bundle", type=Path)
     p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
@@ -629,6 +658,56 @@ def _min_cosine(text: str) -> float | None:
 def argv_is_cli() -> bool:
     """Whether sys.argv is this command's (not a test runner's calling main() directly)."""
     return len(sys.argv) > 1 and sys.argv[1] == "optimize"
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from sdk.deploy import deploy_bundle
+    from sdk.remote import RemoteError
+
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
+    if not args.bundle.is_dir():
+        raise ConfigError(f"bundle directory not found: {args.bundle}")
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        line = f"sending [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks"
+        if tty:
+            print(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or 10 * done // max(total, 1) > shown[0]:  # every 10% in a log
+            shown[0] = 10 * done // max(total, 1)
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = deploy_bundle(
+            args.bundle,
+            args.broker,
+            args.fleet,
+            args.device,
+            timeout_s=args.timeout,
+            wait_probation=not args.no_wait,
+            progress=progress,
+            ca_file=args.ca_file,
+        )
+    except RemoteError as exc:
+        print(f"edgeship: deploy failed: {exc}", file=sys.stderr)
+        return EXIT_BUDGET
+    versions = f"v{result.from_version} -> v{result.to_version}"
+    print(
+        f"{args.device}: deploy {result.deploy_id} {result.state.replace('_', ' ')} ({versions}); "
+        f"{result.archive_bytes / 1024:.1f} KiB in {result.chunks} chunks "
+        f"({result.chunks_sent} sent) in {result.seconds:.1f} s"
+    )
+    if result.reason:
+        print(f"  reason: {result.reason}")
+    if result.state == "probation":
+        print("  still on probation: it rolls back if one of its first inferences fails")
+    if args.json is not None:
+        _write_json(args.json, result.to_dict())
+    return EXIT_OK if result.ok or (args.no_wait and result.state == "probation") else EXIT_BUDGET
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

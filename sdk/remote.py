@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from device_agent.contracts import messages as msg
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 
-__all__ = ["RemoteError", "remote_benchmark", "send_command"]
+__all__ = ["CommandClient", "RemoteError", "remote_benchmark", "send_command"]
 
 
 class RemoteError(EdgeshipError):
@@ -45,6 +45,126 @@ def _parse_url(url: str) -> _Broker:
     return _Broker(parts.hostname, port, tls, parts.username, parts.password)
 
 
+class CommandClient:
+    """One MQTT connection to the broker for a series of commands to one device.
+
+    ``call`` sends a command and waits for its reply; the connection and the subscription to
+    the device's ``cmd/reply`` are made once (a deploy sends hundreds of chunk commands).
+    Use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        fleet: str,
+        device: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.broker = _parse_url(broker_url)
+        for value, what in ((fleet, "fleet"), (device, "device")):
+            try:
+                msg.validate_id(value, what)
+            except ProtocolError as exc:
+                raise ConfigError(str(exc)) from exc
+        self.fleet, self.device = fleet, device
+        self._cmd_topic = msg.topic(fleet, device, "cmd")
+        reply_topic = msg.topic(fleet, device, "cmd/reply")
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[threading.Event, list[msg.CommandReply]]] = {}
+        subscribed = threading.Event()
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            if not reason.is_failure:
+                client.subscribe(reply_topic, qos=1)
+
+        def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
+            subscribed.set()
+
+        def on_message(client: Any, userdata: Any, message: Any) -> None:
+            try:
+                decoded = msg.decode(message.topic, message.payload)
+            except ProtocolError:
+                return
+            if isinstance(decoded, msg.CommandReply):
+                with self._lock:
+                    waiter = self._waiting.get(decoded.id)
+                if waiter is not None and not waiter[0].is_set():
+                    waiter[1].append(decoded)
+                    waiter[0].set()
+
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgeship-cli-{uuid.uuid4().hex[:16]}",
+            protocol=mqtt.MQTTv311,
+        )
+        if self.broker.tls:
+            client.tls_set(ca_certs=ca_file)
+        user = username or self.broker.username
+        if user:
+            client.username_pw_set(user, password or self.broker.password)
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_message = on_message
+        where = f"{self.broker.host}:{self.broker.port}"
+        try:
+            client.connect(self.broker.host, self.broker.port, keepalive=30)
+        except OSError as exc:
+            raise RemoteError(f"cannot reach the broker at {where}: {exc}") from exc
+        client.loop_start()
+        self._client = client
+        if not subscribed.wait(10):
+            self.close()
+            raise RemoteError(
+                f"the broker at {where} did not accept the subscription to the device's replies"
+            )
+
+    def call(
+        self, action: str, args: dict[str, Any] | None = None, *, timeout_s: float = 60.0
+    ) -> msg.CommandReply:
+        """Send ``action`` and return the device's reply (``ok`` true or false).
+
+        Raises :class:`RemoteError` when no reply comes within ``timeout_s``.
+        """
+        command = msg.Command(
+            id=uuid.uuid4().hex[:16],
+            action=action,
+            ts=time.time(),
+            args=args or {},
+            expires=time.time() + timeout_s,
+        )
+        done = threading.Event()
+        answer: list[msg.CommandReply] = []
+        with self._lock:
+            self._waiting[command.id] = (done, answer)
+        try:
+            self._client.publish(self._cmd_topic, msg.encode(command), qos=1)
+            if not done.wait(timeout_s):
+                raise RemoteError(
+                    f"device {self.device!r} in fleet {self.fleet!r} did not answer {action!r} "
+                    f"within {timeout_s:g} s (is its agent running and connected?)"
+                )
+        finally:
+            with self._lock:
+                del self._waiting[command.id]
+        return answer[0]
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def __enter__(self) -> CommandClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def send_command(
     broker_url: str,
     fleet: str,
@@ -61,77 +181,8 @@ def send_command(
     Raises :class:`RemoteError` when no reply comes within ``timeout_s`` (the device is offline
     or too busy) or when the device reports failure.
     """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    broker = _parse_url(broker_url)
-    for value, what in ((fleet, "fleet"), (device, "device")):
-        try:
-            msg.validate_id(value, what)
-        except ProtocolError as exc:
-            raise ConfigError(str(exc)) from exc
-    command = msg.Command(
-        id=uuid.uuid4().hex[:16],
-        action=action,
-        ts=time.time(),
-        args=args or {},
-        expires=time.time() + timeout_s,
-    )
-    reply_topic = msg.topic(fleet, device, "cmd/reply")
-    done = threading.Event()
-    subscribed = threading.Event()
-    answer: list[msg.CommandReply] = []
-
-    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if not reason.is_failure:
-            client.subscribe(reply_topic, qos=1)
-
-    def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
-        subscribed.set()
-
-    def on_message(client: Any, userdata: Any, message: Any) -> None:
-        try:
-            decoded = msg.decode(message.topic, message.payload)
-        except ProtocolError:
-            return
-        if isinstance(decoded, msg.CommandReply) and decoded.id == command.id:
-            answer.append(decoded)
-            done.set()
-
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"edgeship-cli-{command.id}",
-        protocol=mqtt.MQTTv311,
-    )
-    if broker.tls:
-        client.tls_set()
-    user = username or broker.username
-    if user:
-        client.username_pw_set(user, password or broker.password)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise RemoteError(f"cannot reach the broker at {broker.host}:{broker.port}: {exc}") from exc
-    client.loop_start()
-    try:
-        if not subscribed.wait(10):
-            raise RemoteError(
-                f"the broker at {broker.host}:{broker.port} did not accept the "
-                "subscription to the device's replies"
-            )
-        client.publish(msg.topic(fleet, device, "cmd"), msg.encode(command), qos=1)
-        if not done.wait(timeout_s):
-            raise RemoteError(
-                f"device {device!r} in fleet {fleet!r} did not answer {action!r} within "
-                f"{timeout_s:g} s (is its agent running and connected?)"
-            )
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    reply = answer[0]
+    with CommandClient(broker_url, fleet, device, username=username, password=password) as client:
+        reply = client.call(action, args, timeout_s=timeout_s)
     if not reply.ok:
         raise RemoteError(f"device {device!r} could not {action}: {reply.error}")
     return reply.result

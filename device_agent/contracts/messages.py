@@ -46,6 +46,7 @@ __all__ = [
     "Alert",
     "Command",
     "CommandReply",
+    "DeployEvent",
     "Histogram",
     "InputSummary",
     "JSONScalar",
@@ -140,6 +141,8 @@ _MAX_BUCKETS = 256
 
 JSONScalar: TypeAlias = str | int | float | bool | None
 StatusState: TypeAlias = Literal["online", "offline"]
+DeployState: TypeAlias = Literal["probation", "applied", "rolled_back", "failed"]
+DEPLOY_STATES: tuple[DeployState, ...] = ("probation", "applied", "rolled_back", "failed")
 Severity: TypeAlias = Literal["info", "warning", "critical"]
 AlertState: TypeAlias = Literal["firing", "resolved"]
 
@@ -595,6 +598,55 @@ class InputSummary:
         )
 
 
+@dataclass(frozen=True)
+class DeployEvent:
+    """The outcome of a remote deploy, as ``telemetry`` and ``status`` report it.
+
+    ``state`` is ``probation`` (the bundle is live and its first inferences are being watched),
+    ``applied`` (it passed and is kept across restarts), ``rolled_back`` (it was swapped in and
+    then out again: the previous bundle runs) or ``failed`` (refused before the swap: a bad
+    archive, hash, signature, or a failed load or self-test). ``reason`` says why for the last
+    two. ``from_version``/``to_version`` are model versions; ``ts`` when the state was reached.
+    """
+
+    id: str
+    state: DeployState
+    ts: float
+    from_version: str | None = None
+    to_version: str | None = None
+    model: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "ts": self.ts,
+            "model": self.model,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> DeployEvent:
+        obj = _obj(data, where)
+        state = _choice(_require(obj, "state", where), f"{where}.state", DEPLOY_STATES)
+        return cls(
+            id=_id(_require(obj, "id", where), f"{where}.id"),
+            state=cast(DeployState, state),
+            ts=_float(_require(obj, "ts", where), f"{where}.ts", lo=0.0),
+            model=_opt_str(obj.get("model"), f"{where}.model", max_len=_MAX_LABEL_LEN),
+            from_version=_opt_str(obj.get("from_version"), f"{where}.from_version", max_len=64),
+            to_version=_opt_str(obj.get("to_version"), f"{where}.to_version", max_len=64),
+            reason=_opt_str(obj.get("reason"), f"{where}.reason"),
+        )
+
+
+def _opt_deploy(value: Any, where: str) -> DeployEvent | None:
+    return None if value is None else DeployEvent.from_dict(value, where)
+
+
 # --- messages -------------------------------------------------------------------------------
 
 
@@ -640,6 +692,7 @@ class StatusMessage:
     model_version: str | None = None
     runtime: str | None = None
     host: Mapping[str, JSONScalar] = field(default_factory=dict)
+    deploy: DeployEvent | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -650,6 +703,7 @@ class StatusMessage:
             "model_version": self.model_version,
             "runtime": self.runtime,
             "host": dict(self.host),
+            "deploy": None if self.deploy is None else self.deploy.to_dict(),
         }
 
     @classmethod
@@ -676,6 +730,7 @@ class StatusMessage:
             model_version=_opt_str(obj.get("model_version"), "model_version", max_len=64),
             runtime=_opt_str(obj.get("runtime"), "runtime", max_len=64),
             host=host,
+            deploy=_opt_deploy(obj.get("deploy"), "deploy"),
         )
 
 
@@ -715,6 +770,7 @@ class TelemetryMessage:
     spool_depth: int = 0
     spool_dropped: int = 0
     drops_since_last: int = 0
+    deploy: DeployEvent | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -738,6 +794,7 @@ class TelemetryMessage:
             "spool_depth": self.spool_depth,
             "spool_dropped": self.spool_dropped,
             "drops_since_last": self.drops_since_last,
+            "deploy": None if self.deploy is None else self.deploy.to_dict(),
         }
 
     @classmethod
@@ -789,6 +846,7 @@ class TelemetryMessage:
             spool_depth=_int(obj.get("spool_depth", 0), "spool_depth"),
             spool_dropped=spool_dropped,
             drops_since_last=drops,
+            deploy=_opt_deploy(obj.get("deploy"), "deploy"),
         )
 
 

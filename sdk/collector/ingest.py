@@ -311,7 +311,7 @@ _KNOWN = frozenset(
     (
         "v", "kind", *_REQUIRED, "model", "model_version", "cpu_percent", "system_cpu_percent",
         "temperature_c", "rss_bytes", "mem_available_bytes", "throttled", "spool_depth",
-        "spool_dropped", "drops_since_last",
+        "spool_dropped", "drops_since_last", "deploy",
     )
 )  # fmt: skip
 _KNOWN_COUNT = len(_KNOWN)
@@ -393,6 +393,8 @@ def _telemetry_from(
     version = obj["v"]
     boot = obj["boot"]
     if type(version) is not int or version != SCHEMA_VERSION or obj["device"] != device:
+        raise _Unsure
+    if obj.get("deploy") is not None:  # a remote deploy's outcome: rare, the reference checks it
         raise _Unsure
     if type(boot) is not str or not _ID_RE.fullmatch(boot):
         raise _Unsure

@@ -1,0 +1,742 @@
+"""Remote deploy: a bundle sent over ``cmd`` in chunks, staged, verified, swapped in, watched
+and rolled back.
+
+The host (``edgeship deploy``, :mod:`sdk.deploy`) packs a bundle directory into a tar archive
+and sends it with five actions, each answered on ``cmd/reply`` (docs/agent.md, "Remote deploy"):
+
+* ``deploy_begin`` ``{deploy, size, sha256, chunks, chunk_bytes, model?, model_version?}``:
+  opens (or resumes) an upload; the reply lists the chunks already ``have``.
+* ``deploy_chunk`` ``{deploy, index, data, sha256}``: one base64 chunk of at most
+  :data:`MAX_CHUNK_BYTES`, checked against its own SHA-256 and written to the staging folder.
+  A chunk delivered twice (QoS 1) is written once and acknowledged twice.
+* ``deploy_commit`` ``{deploy}``: joins the chunks, checks the archive's size and SHA-256,
+  unpacks it safely, verifies the bundle as a bundle loaded at start is verified (every file's
+  hash, and the signature when ``trusted_keys`` are configured), opens it, runs a self-test
+  inference, and swaps it in. The reply says ``probation``, ``applied`` or ``failed``.
+* ``deploy_status`` ``{deploy?}`` and ``deploy_abort`` ``{deploy}``.
+
+After the swap the new bundle is on probation for ``deploy_probation_inferences`` successful
+inferences. An inference that fails on it is retried on the previous model; if the previous
+model answers, the new bundle is at fault: the agent rolls back at once and the caller gets
+the previous model's answer. If both fail, the input is at fault and nothing changes. Only a
+bundle that passed probation is recorded as current on disk, so a bundle that crashes the
+process is not used again after a restart.
+
+On-disk layout, under ``{state_dir}/deploy-{fleet}-{device}/``::
+
+    current.json        the deployed bundle to run (written to a temporary file, then renamed)
+    staging/{id}/       begin.json and the received chunks, 000000.part ...
+    bundles/{id}/       unpacked, verified bundles: the current one and the one before it
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from device_agent.bundle import Bundle, load_bundle
+from device_agent.contracts import messages as msg
+from device_agent.errors import BundleError, ConfigError, EdgeshipError
+
+if TYPE_CHECKING:
+    from device_agent.agent import Agent, AgentConfig, LoadedModel, Prediction
+
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "MAX_FILES",
+    "DeployError",
+    "Deployer",
+    "deploy_dir",
+    "deployed_bundle",
+    "unpack_archive",
+]
+
+log = logging.getLogger(__name__)
+
+# 128 KiB of raw data is about 171 KiB of base64: a chunk command stays well under the
+# protocol's 256 KiB payload limit.
+MAX_CHUNK_BYTES = 128 * 1024
+MAX_FILES = 1000
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_KEEP_RECORDS = 32
+CURRENT_NAME = "current.json"
+
+
+class DeployError(ConfigError):
+    """A deploy command that cannot be done as asked (unknown upload, missing chunks, a bad
+    argument, another deploy on probation)."""
+
+
+def deploy_dir(config: AgentConfig) -> Path:
+    """Where this device's deploys live: ``{state_dir}/deploy-{fleet}-{device}``."""
+    return Path(config.state_dir) / f"deploy-{config.fleet}-{config.device_id}"
+
+
+def deployed_bundle(config: AgentConfig) -> Bundle | None:
+    """The bundle a remote deploy made current on this device, verified; None if there is none.
+
+    It takes precedence over the bundle given at start (``--bundle``). A pointer to a bundle
+    that no longer verifies (or no longer passes the signature check of ``trusted_keys``) is
+    logged as an error and ignored, so the agent starts with the given bundle instead.
+    """
+    root = deploy_dir(config)
+    pointer = root / CURRENT_NAME
+    if not pointer.is_file():
+        return None
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        rel = PurePosixPath(str(data["bundle"]))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"bundle {str(rel)!r} is not inside {root}")
+        bundle = load_bundle(root / rel, trusted_keys=config.trusted_keys)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("ignoring %s: unreadable (%s); delete it to silence this", pointer, exc)
+        return None
+    except EdgeshipError as exc:
+        log.error("ignoring the deployed bundle in %s: %s", pointer, exc)
+        return None
+    m = bundle.manifest.model
+    log.info(
+        "using %s v%s, deployed remotely as %s (%s); it takes precedence over the configured "
+        "bundle: delete %s to go back to that one",
+        m.name,
+        m.version,
+        data.get("deploy"),
+        bundle.root,
+        pointer,
+    )
+    return bundle
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _arg(args: Mapping[str, Any], key: str) -> Any:
+    if key not in args:
+        raise DeployError(f"argument {key!r} is missing")
+    return args[key]
+
+
+def _arg_id(args: Mapping[str, Any], key: str = "deploy") -> str:
+    value = _arg(args, key)
+    try:
+        return msg.validate_id(value, key)
+    except EdgeshipError as exc:
+        raise DeployError(str(exc)) from exc
+
+
+def _arg_int(args: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    value = _arg(args, key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise DeployError(f"argument {key!r}: expected an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _arg_sha(args: Mapping[str, Any], key: str = "sha256") -> str:
+    value = _arg(args, key)
+    if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
+        raise DeployError(f"argument {key!r}: expected a lowercase hex SHA-256")
+    return value
+
+
+def _opt_text(args: Mapping[str, Any], key: str) -> str | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise DeployError(f"argument {key!r}: expected a string of 1 to 64 characters")
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a reader (or a power cut) sees the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unpack_archive(
+    archive: Path, dest: Path, *, max_bytes: int, max_files: int = MAX_FILES
+) -> None:
+    """Unpack a (possibly gzipped) tar of a bundle into the new folder ``dest``, safely.
+
+    Only plain files and folders with relative names inside ``dest`` are accepted: an absolute
+    name, ``..``, a link, a device or a name given twice raises :class:`BundleError`, as do
+    more than ``max_files`` files or ``max_bytes`` bytes in all (checked before a byte is
+    written, from the headers; tarfile never reads past a member's declared size).
+    """
+    try:
+        tar = tarfile.open(archive, mode="r:*")  # noqa: SIM115 - closed by the with below
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"the deployed archive is not a tar archive: {exc}") from exc
+    dest.mkdir(parents=True)
+    root = dest.resolve()
+    total = files = 0
+    with tar:
+        try:
+            for member in tar:
+                name = member.name
+                parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
+                if name.startswith("/") or "\\" in name or ".." in parts:
+                    raise BundleError(f"archive member {name!r}: not a relative path inside it")
+                if not parts:
+                    if member.isdir():
+                        continue  # the archive's own "./"
+                    raise BundleError(f"archive member {name!r}: an empty name")
+                target = root.joinpath(*parts)
+                if root not in target.parents:
+                    raise BundleError(f"archive member {name!r}: outside the bundle")
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                if not member.isreg():
+                    raise BundleError(
+                        f"archive member {name!r} is a link or special file; a bundle holds "
+                        "only plain files and folders"
+                    )
+                files += 1
+                total += member.size
+                if files > max_files:
+                    raise BundleError(f"the archive holds more than {max_files} files")
+                if total > max_bytes:
+                    raise BundleError(
+                        f"the archive unpacks to more than {max_bytes} bytes (deploy_max_bytes)"
+                    )
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                if src is None:  # pragma: no cover - isreg() members always have data
+                    raise BundleError(f"archive member {name!r} has no data")
+                try:
+                    with src, target.open("xb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                except FileExistsError as exc:
+                    raise BundleError(f"archive member {name!r} appears twice") from exc
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise BundleError(f"the deployed archive is damaged: {exc}") from exc
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Upload:
+    id: str
+    size: int
+    sha256: str
+    chunks: int
+    chunk_bytes: int
+    model: str | None
+    model_version: str | None
+    dir: Path
+    have: set[int] = field(default_factory=set)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "deploy": self.id,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+            "model": self.model,
+            "model_version": self.model_version,
+        }
+
+    def chunk_path(self, index: int) -> Path:
+        return self.dir / f"{index:06d}.part"
+
+    def chunk_len(self, index: int) -> int:
+        if index < self.chunks - 1:
+            return self.chunk_bytes
+        return self.size - self.chunk_bytes * (self.chunks - 1)
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.chunks) if i not in self.have]
+
+
+class _Trial:
+    """A swapped-in bundle's probation: ``left`` successful inferences to go."""
+
+    def __init__(
+        self, deployer: Deployer, deploy_id: str, new: LoadedModel, previous: LoadedModel, n: int
+    ) -> None:
+        self.deployer = deployer
+        self.id = deploy_id
+        self.new = new
+        self.previous: LoadedModel | None = previous
+        self.left = n
+        self.outcome: str | None = None  # "applied" or "rolled_back" once decided
+        self._lock = threading.Lock()
+
+    def passed(self) -> None:
+        """One inference on the new bundle succeeded (called on the caller's thread)."""
+        with self._lock:
+            if self.outcome is not None:
+                return
+            self.left -= 1
+            if self.left > 0:
+                return
+            self.outcome = "applied"
+        self.deployer._probation_passed(self)
+
+    def decide_rollback(self) -> bool:
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.outcome = "rolled_back"
+            return True
+
+
+class Deployer:
+    """The device side of remote deploy for one :class:`~device_agent.agent.Agent`.
+
+    :meth:`handlers` are registered as the agent's ``deploy_*`` commands; they run on the
+    agent's command thread, one at a time. :meth:`trial_failed` is called by ``predict`` when a
+    bundle on probation fails.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._config = agent.config
+        self.root = deploy_dir(agent.config)
+        self._lock = threading.Lock()
+        self._upload: _Upload | None = None
+        self._trial: _Trial | None = None
+        self._records: dict[str, dict[str, Any]] = {}
+        self.last_event: msg.DeployEvent | None = None
+
+    def handlers(self) -> dict[str, Callable[[msg.Command], Any]]:
+        return {
+            "deploy_begin": lambda c: self.begin(c.args),
+            "deploy_chunk": lambda c: self.chunk(c.args),
+            "deploy_commit": lambda c: self.commit(c.args),
+            "deploy_status": lambda c: self.status(c.args),
+            "deploy_abort": lambda c: self.abort(c.args),
+        }
+
+    # --- records and events -------------------------------------------------------------
+
+    def _record(self, deploy_id: str, **fields: Any) -> dict[str, Any]:
+        rec = self._records.setdefault(deploy_id, {"deploy": deploy_id})
+        rec.update(fields)
+        while len(self._records) > _KEEP_RECORDS:
+            del self._records[next(iter(self._records))]
+        return dict(rec)
+
+    def _event(
+        self,
+        deploy_id: str,
+        state: msg.DeployState,
+        from_version: str | None,
+        to_version: str | None,
+        model: str | None,
+        reason: str | None = None,
+    ) -> None:
+        event = msg.DeployEvent(
+            id=deploy_id,
+            state=state,
+            ts=time.time(),
+            from_version=from_version,
+            to_version=to_version,
+            model=model,
+            reason=None if reason is None else reason[:1000],
+        )
+        self.last_event = event
+        self._agent._deploy_event = event
+        level = logging.WARNING if state in ("rolled_back", "failed") else logging.INFO
+        log.log(
+            level,
+            "deploy %s: %s (%s -> %s)%s",
+            deploy_id,
+            state,
+            from_version,
+            to_version,
+            f": {reason}" if reason else "",
+        )
+        self._agent._run_soon(self._agent._publish_status)
+
+    # --- actions ------------------------------------------------------------------------
+
+    def begin(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        deploy_id = _arg_id(args)
+        size = _arg_int(args, "size", 1, self._config.deploy_max_bytes)
+        chunk_bytes = _arg_int(args, "chunk_bytes", 1, MAX_CHUNK_BYTES)
+        chunks = _arg_int(args, "chunks", 1, 1 << 31)
+        if chunks != -(-size // chunk_bytes):
+            raise DeployError(
+                f"{chunks} chunks of {chunk_bytes} bytes cannot hold {size} bytes exactly"
+            )
+        sha = _arg_sha(args)
+        model, model_version = _opt_text(args, "model"), _opt_text(args, "model_version")
+        params: dict[str, Any] = {
+            "deploy": deploy_id,
+            "size": size,
+            "sha256": sha,
+            "chunks": chunks,
+            "chunk_bytes": chunk_bytes,
+            "model": model,
+            "model_version": model_version,
+        }
+        trial = self._trial
+        if trial is not None:
+            raise DeployError(
+                f"deploy {trial.id} is on probation ({trial.left} inferences to go); wait for "
+                "it to be applied or send deploy_abort"
+            )
+        # The same id, size, hash and chunking resume an upload; the model fields are labels.
+        same = ("deploy", "size", "sha256", "chunks", "chunk_bytes")
+        upload = self._upload
+        if upload is not None and all(upload.params()[k] == params[k] for k in same):
+            upload.model, upload.model_version = model, model_version
+            return self._receiving(upload)
+        if upload is not None:
+            log.info("deploy %s: abandoned for deploy %s", upload.id, deploy_id)
+            self._discard(upload)
+        staging = self.root / "staging" / deploy_id
+        upload = _Upload(
+            id=deploy_id,
+            size=size,
+            sha256=sha,
+            chunks=chunks,
+            chunk_bytes=chunk_bytes,
+            model=model,
+            model_version=model_version,
+            dir=staging,
+        )
+        begin_file = staging / "begin.json"
+        resumed = False
+        if begin_file.is_file():
+            try:
+                before = json.loads(begin_file.read_text(encoding="utf-8"))
+                resumed = all(before.get(k) == params[k] for k in same)
+            except (OSError, ValueError, AttributeError):
+                resumed = False
+        if resumed:
+            upload.have = {
+                i
+                for i in range(chunks)
+                if upload.chunk_path(i).is_file()
+                and upload.chunk_path(i).stat().st_size == upload.chunk_len(i)
+            }
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._clear_staging()
+            self.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+            if free < 3 * size:
+                raise DeployError(
+                    f"{free // 2**20} MiB free under {self.root}; a deploy of {size // 2**20} "
+                    "MiB needs three times its size (chunks, unpacked bundle, previous bundle)"
+                )
+            staging.mkdir(parents=True)
+            _write_atomic(begin_file, json.dumps(params).encode())
+        self._upload = upload
+        self._record(deploy_id, state="receiving", error=None)
+        log.info(
+            "deploy %s: %s %d bytes in %d chunks (%d already here)",
+            deploy_id,
+            "resuming" if resumed else "receiving",
+            size,
+            chunks,
+            len(upload.have),
+        )
+        return self._receiving(upload)
+
+    def _receiving(self, upload: _Upload) -> dict[str, Any]:
+        return {
+            "deploy": upload.id,
+            "state": "receiving",
+            "chunks": upload.chunks,
+            "have": sorted(upload.have),
+        }
+
+    def _current_upload(self, deploy_id: str) -> _Upload:
+        upload = self._upload
+        if upload is None or upload.id != deploy_id:
+            raise DeployError(f"no upload {deploy_id!r} in progress; send deploy_begin first")
+        return upload
+
+    def chunk(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        upload = self._current_upload(_arg_id(args))
+        index = _arg_int(args, "index", 0, upload.chunks - 1)
+        sha = _arg_sha(args)
+        data_b64 = _arg(args, "data")
+        if not isinstance(data_b64, str):
+            raise DeployError("argument 'data': expected a base64 string")
+        try:
+            data = base64.b64decode(data_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise DeployError(f"chunk {index}: 'data' is not base64 ({exc})") from exc
+        if len(data) != upload.chunk_len(index):
+            raise DeployError(
+                f"chunk {index}: {len(data)} bytes, expected {upload.chunk_len(index)}"
+            )
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise DeployError(f"chunk {index}: does not match its SHA-256 (damaged in transit)")
+        path = upload.chunk_path(index)
+        if index not in upload.have:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            upload.have.add(index)
+        return {
+            "deploy": upload.id,
+            "index": index,
+            "received": len(upload.have),
+            "chunks": upload.chunks,
+        }
+
+    def commit(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        deploy_id = _arg_id(args)
+        done = self._records.get(deploy_id)
+        if done is not None and done.get("state") not in (None, "receiving"):
+            return dict(done)  # a commit delivered twice gets the same answer
+        upload = self._current_upload(deploy_id)
+        missing = upload.missing()
+        if missing:
+            raise DeployError(
+                f"deploy {deploy_id}: {len(missing)} of {upload.chunks} chunks missing "
+                f"(first: {missing[:10]}); send them and commit again"
+            )
+        current = self._agent._loaded
+        from_version = current.model.version
+        dest = self.root / "bundles" / deploy_id
+        self._upload = None
+        try:
+            try:
+                self._unpack(upload, dest)
+                bundle = load_bundle(dest, trusted_keys=self._config.trusted_keys)
+                if upload.model_version is not None and (
+                    bundle.manifest.model.version != upload.model_version
+                ):
+                    raise BundleError(
+                        f"the bundle is {bundle.manifest.model.name} v"
+                        f"{bundle.manifest.model.version}, not the announced v"
+                        f"{upload.model_version}"
+                    )
+                new = self._open_and_test(bundle)
+            finally:
+                shutil.rmtree(upload.dir, ignore_errors=True)
+        except EdgeshipError as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            reason = f"refused before the swap: {exc}"
+            self._event(
+                deploy_id, "failed", from_version, upload.model_version, upload.model, reason
+            )
+            return self._record(
+                deploy_id,
+                state="failed",
+                from_version=from_version,
+                to_version=upload.model_version,
+                reason=reason,
+            )
+        m = bundle.manifest.model
+        inputs_changed = new.io.inputs != current.io.inputs
+        n = self._config.deploy_probation_inferences
+        if n > 0:
+            new.trial = trial = _Trial(self, deploy_id, new, current, n)
+            self._trial = trial
+        previous = self._agent._swap_model(new)
+        rec = self._record(
+            deploy_id,
+            state="probation" if n > 0 else "applied",
+            from_version=previous.model.version,
+            to_version=m.version,
+            model=m.name,
+            reason=None,
+            inputs_changed=inputs_changed,
+            probation=n,
+        )
+        if n > 0:
+            self._event(deploy_id, "probation", from_version, m.version, m.name)
+        else:
+            self._apply(deploy_id, new, previous)
+        return rec
+
+    def _unpack(self, upload: _Upload, dest: Path) -> None:
+        digest = hashlib.sha256()
+        archive = upload.dir / "archive"
+        size = 0
+        with archive.open("wb") as out:
+            for i in range(upload.chunks):
+                data = upload.chunk_path(i).read_bytes()
+                digest.update(data)
+                size += len(data)
+                out.write(data)
+        if size != upload.size or digest.hexdigest() != upload.sha256:
+            raise BundleError(
+                f"the archive does not match the SHA-256 announced in deploy_begin "
+                f"(expected {upload.sha256[:12]}…, got {digest.hexdigest()[:12]}…, "
+                f"{size} bytes)"
+            )
+        shutil.rmtree(dest, ignore_errors=True)
+        unpack_archive(archive, dest, max_bytes=self._config.deploy_max_bytes)
+
+    def _open_and_test(self, bundle: Bundle) -> LoadedModel:
+        """Open the bundle's model and detector and run one inference on generated inputs."""
+        from device_agent.agent import LoadedModel
+        from device_agent.benchmark import sample_inputs
+
+        new = LoadedModel.open(bundle, self._config)
+        io = bundle.manifest.io
+        try:
+            feed = new.check(sample_inputs(io))
+            outputs = new.session.run(feed)
+            if new.detector is not None:
+                new.detector.score(feed, outputs)
+        except EdgeshipError as exc:
+            raise BundleError(f"the self-test inference failed: {exc}") from exc
+        if len(outputs) != len(io.outputs):
+            raise BundleError(
+                f"the self-test gave {len(outputs)} outputs; the manifest lists {len(io.outputs)}"
+            )
+        for spec, out in zip(io.outputs, outputs, strict=True):
+            if out.dtype.kind == "f" and not np.isfinite(out).all():
+                raise BundleError(f"the self-test gave non-finite values in output {spec.name!r}")
+        return new
+
+    def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        deploy_id = args.get("deploy")
+        current = self._agent._loaded.model
+        base = {"model": current.name, "model_version": current.version}
+        if deploy_id is None:
+            trial, upload = self._trial, self._upload
+            deploy_id = trial.id if trial else upload.id if upload else None
+            if deploy_id is None and self._records:
+                deploy_id = next(reversed(self._records))
+        if deploy_id is None:
+            return {**base, "deploy": None, "state": None}
+        deploy_id = _arg_id({"deploy": deploy_id})
+        rec = self._records.get(deploy_id)
+        if rec is None:
+            raise DeployError(f"no deploy {deploy_id!r} on this device since the agent started")
+        out = {**base, **rec}
+        upload, trial = self._upload, self._trial
+        if upload is not None and upload.id == deploy_id:
+            out.update(received=len(upload.have), chunks=upload.chunks)
+        if trial is not None and trial.id == deploy_id:
+            out["probation_left"] = max(0, trial.left)
+        return out
+
+    def abort(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        deploy_id = _arg_id(args)
+        upload, trial = self._upload, self._trial
+        if upload is not None and upload.id == deploy_id:
+            self._discard(upload)
+            self._upload = None
+            return self._record(deploy_id, state="aborted")
+        if trial is not None and trial.id == deploy_id:
+            self._rollback(trial, "aborted by the operator during probation")
+            return dict(self._records[deploy_id])
+        rec = self._records.get(deploy_id)
+        state = None if rec is None else rec.get("state")
+        raise DeployError(
+            f"deploy {deploy_id!r} cannot be aborted: "
+            + ("unknown to this agent" if state is None else f"it is {state}")
+        )
+
+    def _discard(self, upload: _Upload) -> None:
+        shutil.rmtree(upload.dir, ignore_errors=True)
+
+    def _clear_staging(self) -> None:
+        shutil.rmtree(self.root / "staging", ignore_errors=True)
+
+    # --- probation ------------------------------------------------------------------------
+
+    def trial_failed(
+        self, loaded: LoadedModel, inputs: Mapping[str, Any], exc: EdgeshipError
+    ) -> Prediction:
+        """``loaded`` (on probation) failed on ``inputs``: answer with the previous model if it
+        can, rolling back, or re-raise ``exc`` if the previous model fails too."""
+        trial = loaded.trial
+        previous = None if trial is None else trial.previous
+        if trial is None or previous is None:
+            raise exc
+        try:
+            result = self._agent._predict_on(previous, inputs)
+        except EdgeshipError:
+            raise exc from None  # both models refuse it: the input is at fault, not the deploy
+        self._rollback(trial, f"inference failed on the new bundle: {exc}")
+        return result
+
+    def _rollback(self, trial: _Trial, reason: str) -> None:
+        if not trial.decide_rollback():
+            return
+        previous = trial.previous
+        assert previous is not None
+        with self._lock:
+            self._agent._swap_model(previous)
+            if self._trial is trial:
+                self._trial = None
+        new_model = trial.new.model
+        self._record(trial.id, state="rolled_back", reason=reason)
+        self._event(
+            trial.id,
+            "rolled_back",
+            previous.model.version,
+            new_model.version,
+            new_model.name,
+            reason,
+        )
+        dest = self.root / "bundles" / trial.id
+        self._agent._run_soon(lambda: shutil.rmtree(dest, ignore_errors=True))
+
+    def _probation_passed(self, trial: _Trial) -> None:
+        previous = trial.previous
+        assert previous is not None
+        with self._lock:
+            trial.new.trial = None  # the hot path stops counting
+            trial.previous = None  # let the previous session go
+            if self._trial is trial:
+                self._trial = None
+        self._agent._run_soon(lambda: self._apply(trial.id, trial.new, previous))
+
+    def _apply(self, deploy_id: str, new: LoadedModel, previous: LoadedModel) -> None:
+        """Record ``new`` as the bundle to run after a restart, and tell the fleet."""
+        m = new.model
+        pointer = {
+            "deploy": deploy_id,
+            "bundle": f"bundles/{deploy_id}",
+            "model": m.name,
+            "model_version": m.version,
+            "previous": str(previous.bundle.root),
+            "ts": time.time(),
+        }
+        try:
+            _write_atomic(self.root / CURRENT_NAME, json.dumps(pointer, indent=2).encode())
+        except OSError as exc:
+            log.error("deploy %s: applied, but %s not written: %s", deploy_id, CURRENT_NAME, exc)
+        self._prune(keep={new.bundle.root.name, previous.bundle.root.name})
+        self._record(deploy_id, state="applied")
+        self._event(deploy_id, "applied", previous.model.version, m.version, m.name)
+
+    def _prune(self, keep: set[str]) -> None:
+        """Delete deployed bundles other than the current and the previous one."""
+        bundles = self.root / "bundles"
+        if not bundles.is_dir():
+            return
+        for entry in bundles.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""Deploying a bundle to a device over MQTT: pack, send in chunks, commit, wait for the verdict.
+
+``edgeship deploy bundle/ --device pi-07 --broker mqtt://hub:1883`` calls
+:func:`deploy_bundle`. The device's side (staging, verification, the atomic swap, probation
+and rollback) is :mod:`device_agent.deploy`; the actions are documented in docs/agent.md.
+
+::
+
+    from sdk.deploy import deploy_bundle
+    result = deploy_bundle("bundle/", "mqtt://hub:1883", "greenhouse", "pi-07")
+    if not result.ok:
+        print(result.state, result.reason)    # rolled_back / failed, and why
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import math
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle import load_bundle
+from device_agent.contracts.bundle import MANIFEST_NAME
+from device_agent.deploy import MAX_CHUNK_BYTES
+from device_agent.errors import ConfigError
+from sdk.remote import CommandClient, RemoteError
+
+__all__ = ["DeployResult", "deploy_bundle", "pack_bundle"]
+
+# Optional files that travel with a bundle without being listed in its manifest.
+_UNLISTED = ("signature.json",)
+_FINAL = ("applied", "rolled_back", "failed")
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What became of a deploy. ``state`` is ``applied`` (the bundle runs and passed its
+    probation), ``probation`` (it runs, the probation was not over when we stopped waiting),
+    ``rolled_back`` (it ran and failed; the previous bundle runs again) or ``failed`` (the
+    device refused it before the swap). ``reason`` says why for the last two."""
+
+    deploy_id: str
+    device: str
+    state: str
+    from_version: str | None
+    to_version: str | None
+    reason: str | None
+    archive_bytes: int
+    chunks: int
+    chunks_sent: int
+    seconds: float
+    inputs_changed: bool | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "applied"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pack_bundle(path: str | Path) -> bytes:
+    """The bundle at ``path``, verified, as a gzipped tar: its manifest, the files the manifest
+    lists and its signature if it has one, nothing else. The same bundle gives the same bytes
+    (sorted names, zero times and owners), so a resumed deploy can reuse chunks."""
+    bundle = load_bundle(path)
+    names = [MANIFEST_NAME, *sorted(bundle.manifest.files)]
+    names += [n for n in _UNLISTED if (bundle.root / n).is_file()]
+    buf = io.BytesIO()
+    # mtime=0 in the gzip header too, or the same bundle packs to different bytes each second.
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for name in names:
+            data = (bundle.root / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def deploy_bundle(
+    bundle: str | Path,
+    broker_url: str,
+    fleet: str,
+    device: str,
+    *,
+    timeout_s: float = 300.0,
+    wait_probation: bool = True,
+    chunk_bytes: int = MAX_CHUNK_BYTES,
+    call_timeout_s: float = 30.0,
+    attempts: int = 3,
+    progress: Callable[[int, int], None] | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+) -> DeployResult:
+    """Send ``bundle`` to ``device`` and wait for the outcome (at most ``timeout_s`` in all).
+
+    Chunks the device already has (an interrupted deploy of the same bytes) are not sent
+    again. Each command that gets no answer within ``call_timeout_s`` is sent again, up to
+    ``attempts`` times; the device handles repeats idempotently. ``progress(sent, total)`` is
+    called after each chunk. With ``wait_probation`` the result waits for the device's verdict
+    on its first inferences, else it returns once the bundle is swapped in (``probation``).
+
+    Raises :class:`ConfigError`/:class:`BundleError` for a bad bundle or argument and
+    :class:`RemoteError` when the device does not answer; a device that refuses or rolls back
+    the bundle is a result, not an exception.
+    """
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+    if timeout_s <= 0 or call_timeout_s <= 0 or attempts < 1:
+        raise ConfigError("timeout_s and call_timeout_s must be positive and attempts >= 1")
+    started = time.monotonic()
+    deadline = started + timeout_s
+    archive = pack_bundle(bundle)
+    model = load_bundle(bundle, verify=False).manifest.model
+    digest = hashlib.sha256(archive).hexdigest()
+    # The id is the archive's hash: deploying the same bundle again after an interruption
+    # resumes the upload instead of starting over.
+    deploy_id = f"d{digest[:24]}"
+    total = math.ceil(len(archive) / chunk_bytes)
+    sent = 0
+
+    def result(state: str, reply: dict[str, Any] | None, reason: str | None) -> DeployResult:
+        r = reply or {}
+        return DeployResult(
+            deploy_id=deploy_id,
+            device=device,
+            state=state,
+            from_version=r.get("from_version"),
+            to_version=r.get("to_version", model.version),
+            reason=reason if reason is not None else r.get("reason"),
+            archive_bytes=len(archive),
+            chunks=total,
+            chunks_sent=sent,
+            seconds=time.monotonic() - started,
+            inputs_changed=r.get("inputs_changed"),
+        )
+
+    with CommandClient(
+        broker_url, fleet, device, username=username, password=password, ca_file=ca_file
+    ) as client:
+
+        def call(action: str, args: dict[str, Any]) -> tuple[bool, Any, str | None]:
+            for attempt in range(1, attempts + 1):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    reply = client.call(action, args, timeout_s=min(call_timeout_s, left))
+                except RemoteError:
+                    if attempt == attempts or deadline - time.monotonic() <= 0:
+                        raise
+                    continue
+                return reply.ok, reply.result, reply.error
+            raise RemoteError(
+                f"device {device!r} did not finish {action!r} within the deploy's "
+                f"{timeout_s:g} s timeout"
+            )
+
+        ok, begun, error = call(
+            "deploy_begin",
+            {
+                "deploy": deploy_id,
+                "size": len(archive),
+                "sha256": digest,
+                "chunks": total,
+                "chunk_bytes": chunk_bytes,
+                "model": model.name,
+                "model_version": model.version,
+            },
+        )
+        if not ok:
+            return result("failed", None, f"the device refused the deploy: {error}")
+        have = set(begun.get("have", [])) if isinstance(begun, dict) else set()
+        done = len(have)
+        if progress is not None:
+            progress(done, total)
+        for index in range(total):
+            if index in have:
+                continue
+            data = archive[index * chunk_bytes : (index + 1) * chunk_bytes]
+            ok, _, error = call(
+                "deploy_chunk",
+                {
+                    "deploy": deploy_id,
+                    "index": index,
+                    "data": base64.b64encode(data).decode("ascii"),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                },
+            )
+            if not ok:
+                return result("failed", None, f"the device refused chunk {index}: {error}")
+            sent += 1
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        ok, committed, error = call("deploy_commit", {"deploy": deploy_id})
+        if not ok:
+            return result("failed", None, f"the device refused the commit: {error}")
+        state = str(committed.get("state"))
+        while wait_probation and state == "probation" and time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            ok, status, error = call("deploy_status", {"deploy": deploy_id})
+            if not ok:
+                return result("failed", committed, f"deploy_status failed: {error}")
+            committed = {**committed, **status}
+            state = str(status.get("state"))
+        return result(state, committed, None)

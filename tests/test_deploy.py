@@ -1,0 +1,501 @@
+"""Remote deploy end to end: a real Agent serving inferences on a thread, the shared Mosquitto,
+``sdk.deploy`` on the host. A good bundle swaps in with no failed inference and survives a
+restart; a damaged archive, a traversal archive, a bundle that fails its self-test and an
+unsigned bundle (with trusted keys) are refused before the swap; a bundle whose inputs do not
+fit the application rolls back after its first failing inference, with the callers answered by
+the previous model and the rollback visible in telemetry and the retained status."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent import Agent, AgentConfig
+from device_agent.contracts import messages as msg
+from device_agent.contracts.bundle import MANIFEST_NAME
+from device_agent.deploy import deploy_dir, unpack_archive
+from device_agent.errors import BundleError, EdgeshipError
+from sdk.deploy import deploy_bundle, pack_bundle
+from sdk.remote import CommandClient
+from tests.helpers import write_mlp_onnx
+
+BROKER = "mqtt://127.0.0.1:1883"  # the shared Mosquitto: unique fleet ids, connect only
+FEATURES = 16
+LABELS = ["a", "b", "c", "d"]
+
+
+def _bundle(root: Path, name: str, version: str, *, features: int, seed: int) -> Path:
+    from sdk.artifact import read_artifact
+    from sdk.package import package
+
+    model = write_mlp_onnx(root / f"{name}.onnx", features=features, seed=seed)
+    return package(
+        read_artifact(model), root / name, name="mlp", version=version, labels=LABELS
+    ).root
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("deploy-bundles")
+    return {
+        "v1": _bundle(root, "v1", "1", features=FEATURES, seed=0),
+        "v2": _bundle(root, "v2", "2", features=FEATURES, seed=1),
+        # Loads and passes its self-test, but takes 8 features where the application sends 16.
+        "narrow": _bundle(root, "narrow", "3-narrow", features=8, seed=2),
+    }
+
+
+class _Listener:
+    """Every valid message of one fleet, decoded."""
+
+    def __init__(self, fleet: str) -> None:
+        self.messages: list[msg.Message] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(msg.subscription(fleet), qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
+
+        def on_message(c: Any, u: Any, m: Any) -> None:
+            if m.payload:
+                decoded = msg.decode(m.topic, m.payload)
+                with self._lock:
+                    self.messages.append(decoded)
+                    self.raw.append((m.topic, bytes(m.payload)))
+
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", 1883)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def of(self, kind: type) -> list[Any]:
+        with self._lock:
+            return [m for m in self.messages if isinstance(m, kind)]
+
+    def wait_for(self, cond: Any, timeout: float = 20) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = cond()
+            if found:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; got {[type(m).__name__ for m in self.messages]}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class _Traffic:
+    """The application: predict() in a loop on its own thread, every outcome kept."""
+
+    agent: Agent
+    x: np.ndarray = field(
+        default_factory=lambda: np.random.default_rng(0).random((1, FEATURES), dtype=np.float32)
+    )
+    outputs: list[np.ndarray] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.outputs.append(self.agent.predict({"x": self.x}).outputs[0][0].copy())
+            except Exception as exc:  # every failure is a test failure, whatever its type
+                self.failures.append(exc)
+            time.sleep(0.002)
+
+    def wait_count(self, n: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        target = len(self.outputs) + n
+        while len(self.outputs) < target:
+            assert time.monotonic() < deadline, "the application thread stalled"
+            time.sleep(0.01)
+
+
+@contextmanager
+def _device(
+    bundle: Path, state: Path, fleet: str, **config: Any
+) -> Iterator[tuple[Agent, _Traffic]]:
+    cfg = AgentConfig(
+        device_id="pi-d",
+        fleet=fleet,
+        broker_url=BROKER,
+        window_s=0.3,
+        state_dir=state,
+        deploy_probation_inferences=20,
+        **config,
+    )
+    agent = Agent.from_bundle(bundle, cfg).start()
+    traffic = _Traffic(agent)
+    thread = threading.Thread(target=traffic.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_connected(agent)
+        traffic.wait_count(5)
+        yield agent, traffic
+    finally:
+        traffic.stop.set()
+        thread.join(5)
+        agent.close()
+
+
+def wait_connected(agent: Agent, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.stats.get("connected"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _fleet() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _deploy_events(listener: _Listener, state: str) -> list[msg.DeployEvent]:
+    return [
+        t.deploy
+        for t in listener.of(msg.TelemetryMessage)
+        if t.deploy is not None and t.deploy.state == state
+    ]
+
+
+def test_good_bundle_swaps_in_without_a_failed_inference_and_survives_a_restart(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = _fleet()
+    listener = _Listener(fleet)
+    try:
+        with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+            before = traffic.outputs[-1]
+            # Small chunks so the archive travels in several commands.
+            result = deploy_bundle(
+                bundles["v2"], BROKER, fleet, "pi-d", chunk_bytes=1024, timeout_s=60
+            )
+            traffic.wait_count(5)
+            assert result.state == "applied", result
+            assert (result.from_version, result.to_version) == ("1", "2")
+            assert result.chunks > 1 and result.chunks_sent == result.chunks
+            assert result.inputs_changed is False
+            assert agent.bundle.manifest.model.version == "2"
+            assert traffic.failures == []
+            # Inferences ran on both models while the deploy went on: the outputs changed.
+            after = traffic.outputs[-1]
+            assert not np.allclose(before, after)
+            applied = listener.wait_for(lambda: _deploy_events(listener, "applied"))
+            assert (applied[0].from_version, applied[0].to_version) == ("1", "2")
+            listener.wait_for(
+                lambda: [t for t in listener.of(msg.TelemetryMessage) if t.model_version == "2"]
+            )
+            status = listener.wait_for(
+                lambda: [
+                    s
+                    for s in listener.of(msg.StatusMessage)
+                    if s.model_version == "2" and s.deploy and s.deploy.state == "applied"
+                ]
+            )
+            assert status[0].state == "online"
+            pointer = json.loads((deploy_dir(agent.config) / "current.json").read_text())
+            assert pointer["model_version"] == "2"
+        # A restart (same state_dir) runs the deployed bundle, not the one it was given.
+        with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+            assert agent.bundle.manifest.model.version == "2"
+            assert np.allclose(traffic.outputs[-1], after)
+            assert traffic.failures == []
+    finally:
+        listener.close()
+
+
+def test_a_bundle_that_fails_on_the_applications_inputs_rolls_back(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = _fleet()
+    listener = _Listener(fleet)
+    try:
+        with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+            result = deploy_bundle(bundles["narrow"], BROKER, fleet, "pi-d", timeout_s=60)
+            assert result.state == "rolled_back", result
+            assert result.inputs_changed is True
+            assert result.reason is not None and "shape" in result.reason
+            # Every caller got an answer: the failing call was answered by the previous model.
+            traffic.wait_count(20)
+            assert traffic.failures == []
+            assert agent.bundle.manifest.model.version == "1"
+            event = listener.wait_for(lambda: _deploy_events(listener, "rolled_back"))[0]
+            assert (event.from_version, event.to_version) == ("1", "3-narrow")
+            assert event.reason is not None and "shape" in event.reason
+            status = listener.wait_for(
+                lambda: [
+                    s
+                    for s in listener.of(msg.StatusMessage)
+                    if s.deploy and s.deploy.state == "rolled_back"
+                ]
+            )
+            assert status[-1].model_version == "1"
+            # The collector stores these messages, deploy field and all.
+            from sdk.collector.ingest import DeadLetter, TelemetryRecord, ingest
+
+            with listener._lock:
+                raw = list(listener.raw)
+            results = [ingest(topic, payload, time.time()) for topic, payload in raw]
+            assert not [r for r in results if isinstance(r, DeadLetter)]
+            assert any(isinstance(r, TelemetryRecord) and r.model_version == "1" for r in results)
+            # Nothing points at the rolled-back bundle, and it is gone from disk.
+            root = deploy_dir(agent.config)
+            assert not (root / "current.json").exists()
+            listener.wait_for(lambda: not (root / "bundles" / result.deploy_id).exists())
+            # A second, good deploy is accepted afterwards.
+            assert deploy_bundle(bundles["v2"], BROKER, fleet, "pi-d", timeout_s=60).ok
+    finally:
+        listener.close()
+
+
+def _send_archive(
+    client: CommandClient, archive: bytes, deploy_id: str, *, sha256: str | None = None
+) -> msg.CommandReply:
+    """begin + one chunk + commit, by hand; returns the commit's reply."""
+    begin = client.call(
+        "deploy_begin",
+        {
+            "deploy": deploy_id,
+            "size": len(archive),
+            "sha256": sha256 or hashlib.sha256(archive).hexdigest(),
+            "chunks": 1,
+            "chunk_bytes": len(archive),
+        },
+    )
+    assert begin.ok, begin.error
+    chunk = client.call(
+        "deploy_chunk",
+        {
+            "deploy": deploy_id,
+            "index": 0,
+            "data": base64.b64encode(archive).decode(),
+            "sha256": hashlib.sha256(archive).hexdigest(),
+        },
+    )
+    assert chunk.ok, chunk.error
+    # A chunk delivered twice is acknowledged twice and stored once.
+    again = client.call("deploy_chunk", {**chunk_args(archive, deploy_id)})
+    assert again.ok and again.result["received"] == 1
+    return client.call("deploy_commit", {"deploy": deploy_id}, timeout_s=30)
+
+
+def chunk_args(archive: bytes, deploy_id: str) -> dict[str, Any]:
+    return {
+        "deploy": deploy_id,
+        "index": 0,
+        "data": base64.b64encode(archive).decode(),
+        "sha256": hashlib.sha256(archive).hexdigest(),
+    }
+
+
+def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_damaged_or_hostile_archives_and_failing_self_tests_are_refused_before_the_swap(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = _fleet()
+    listener = _Listener(fleet)
+    good = pack_bundle(bundles["v2"])
+    # A bundle whose manifest promises 16 features while its model takes 8: its self-test
+    # inference fails on the device.
+    lying = tmp_path / "lying"
+    shutil.copytree(bundles["narrow"], lying)
+    manifest = json.loads((lying / MANIFEST_NAME).read_text())
+    manifest["io"] = json.loads((bundles["v2"] / MANIFEST_NAME).read_text())["io"]
+    (lying / MANIFEST_NAME).write_text(json.dumps(manifest))
+    try:
+        with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+            with CommandClient(BROKER, fleet, "pi-d") as client:
+                # The archive does not match the SHA-256 announced at begin.
+                damaged = bytearray(good)
+                damaged[len(damaged) // 2] ^= 0xFF
+                reply = _send_archive(
+                    client, bytes(damaged), "bad-hash", sha256=hashlib.sha256(good).hexdigest()
+                )
+                assert reply.ok and reply.result["state"] == "failed"
+                assert "SHA-256" in reply.result["reason"]
+                # A path that climbs out of the staging folder.
+                evil = _tar([(tarfile.TarInfo("../../evil.txt"), b"x")])
+                reply = _send_archive(client, evil, "traversal")
+                assert reply.result["state"] == "failed"
+                assert "not a relative path" in reply.result["reason"]
+                assert not (tmp_path / "evil.txt").exists()
+                # Files verified by hash, but the model cannot run what its manifest declares.
+                reply = _send_archive(client, pack_bundle(lying), "self-test")
+                assert reply.result["state"] == "failed"
+                assert "self-test" in reply.result["reason"]
+                # Commands that make no sense are errors, not crashes.
+                missing = client.call("deploy_commit", {"deploy": "nothing-here"})
+                assert not missing.ok and "deploy_begin" in (missing.error or "")
+            events = listener.wait_for(
+                lambda: [
+                    s.deploy
+                    for s in listener.of(msg.StatusMessage)
+                    if s.deploy and s.deploy.id == "self-test"
+                ]
+            )
+            assert events[0].state == "failed"
+            traffic.wait_count(5)
+            assert traffic.failures == []
+            assert agent.bundle.manifest.model.version == "1"
+            assert not (deploy_dir(agent.config) / "bundles").exists() or not any(
+                (deploy_dir(agent.config) / "bundles").iterdir()
+            )
+    finally:
+        listener.close()
+
+
+def test_an_interrupted_upload_resumes_with_the_chunks_already_sent(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = _fleet()
+    archive = pack_bundle(bundles["v2"])
+    assert pack_bundle(bundles["v2"]) == archive  # the same bundle packs to the same bytes
+    deploy_id = f"d{hashlib.sha256(archive).hexdigest()[:24]}"  # the id deploy_bundle uses
+    size = 512
+    chunks = -(-len(archive) // size)
+    with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, _):
+        with CommandClient(BROKER, fleet, "pi-d") as client:
+            begin = {
+                "deploy": deploy_id,
+                "size": len(archive),
+                "sha256": hashlib.sha256(archive).hexdigest(),
+                "chunks": chunks,
+                "chunk_bytes": size,
+            }
+            assert client.call("deploy_begin", begin).ok
+            for i in range(2):
+                part = archive[i * size : (i + 1) * size]
+                assert client.call(
+                    "deploy_chunk",
+                    {
+                        "deploy": deploy_id,
+                        "index": i,
+                        "data": base64.b64encode(part).decode(),
+                        "sha256": hashlib.sha256(part).hexdigest(),
+                    },
+                ).ok
+            status = client.call("deploy_status", {"deploy": deploy_id}).result
+            assert (status["state"], status["received"]) == ("receiving", 2)
+        # The host starts over with the same bundle and chunk size: 2 chunks are not resent.
+        result = deploy_bundle(bundles["v2"], BROKER, fleet, "pi-d", chunk_bytes=size, timeout_s=60)
+        assert result.ok, result
+        assert result.chunks_sent == chunks - 2
+        assert agent.bundle.manifest.model.version == "2"
+
+
+def test_unpack_refuses_links_and_oversized_archives(tmp_path: Path) -> None:
+    link = tarfile.TarInfo("model.onnx")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    (tmp_path / "a.tar").write_bytes(_tar([(link, None)]))
+    with pytest.raises(BundleError, match="link or special file"):
+        unpack_archive(tmp_path / "a.tar", tmp_path / "a", max_bytes=1 << 20)
+    big = _tar([(tarfile.TarInfo("f"), b"0" * 4096)])
+    (tmp_path / "b.tar").write_bytes(big)
+    with pytest.raises(BundleError, match="more than 1024 bytes"):
+        unpack_archive(tmp_path / "b.tar", tmp_path / "b", max_bytes=1024)
+    twice = _tar([(tarfile.TarInfo("f"), b"1"), (tarfile.TarInfo("./f"), b"2")])
+    (tmp_path / "c.tar").write_bytes(twice)
+    with pytest.raises(BundleError, match="appears twice"):
+        unpack_archive(tmp_path / "c.tar", tmp_path / "c", max_bytes=1024)
+    (tmp_path / "d.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(BundleError, match="not a tar archive"):
+        unpack_archive(tmp_path / "d.tar", tmp_path / "d", max_bytes=1 << 20)
+
+
+def test_with_trusted_keys_only_a_bundle_signed_by_them_is_deployed(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from sdk.signing import generate_signing_key, sign_bundle
+
+    trusted = generate_signing_key(tmp_path / "keys", "fleet")
+    other = generate_signing_key(tmp_path / "keys", "other")
+    assert trusted.public is not None
+    signed_v1 = tmp_path / "v1"
+    shutil.copytree(bundles["v1"], signed_v1)
+    sign_bundle(signed_v1, trusted.private)
+    unsigned = bundles["v2"]
+    wrongly = tmp_path / "v2-other"
+    shutil.copytree(bundles["v2"], wrongly)
+    sign_bundle(wrongly, other.private)
+    good = tmp_path / "v2-fleet"
+    shutil.copytree(bundles["v2"], good)
+    sign_bundle(good, trusted.private)
+    fleet = _fleet()
+    keys = (str(trusted.public),)
+    with _device(signed_v1, tmp_path / "state", fleet, trusted_keys=keys) as (agent, traffic):
+        for bundle in (unsigned, wrongly):
+            result = deploy_bundle(bundle, BROKER, fleet, "pi-d", timeout_s=60)
+            assert result.state == "failed", result
+            assert result.reason is not None and "sign" in result.reason
+            assert agent.bundle.manifest.model.version == "1"
+        result = deploy_bundle(good, BROKER, fleet, "pi-d", timeout_s=60)
+        assert result.ok, result
+        assert agent.bundle.manifest.model.version == "2"
+        assert traffic.failures == []
+
+
+def test_cli_deploy_exit_codes(bundles: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    from sdk.cli import main
+
+    fleet = _fleet()
+    with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, _):
+        base = ["--device", "pi-d", "--broker", BROKER, "--fleet", fleet, "--timeout", "60"]
+        assert main(["deploy", str(bundles["narrow"]), *base]) == 1
+        out = capsys.readouterr()
+        assert "rolled back" in out.out and "reason:" in out.out
+        assert main(["deploy", str(bundles["v2"]), *base, "--json", str(tmp_path / "r.json")]) == 0
+        assert "applied (v1 -> v2)" in capsys.readouterr().out
+        assert json.loads((tmp_path / "r.json").read_text())["state"] == "applied"
+        assert agent.bundle.manifest.model.version == "2"
+    assert main(["deploy", str(tmp_path / "nope"), *base]) == 2
+    assert "bundle directory not found" in capsys.readouterr().err
+    assert main(["deploy", str(bundles["v2"]), *base[:2], "--broker", "http://x"]) == 2
+
+
+def test_probation_inference_errors_of_the_callers_own_making_do_not_roll_back(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = _fleet()
+    with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+        result = deploy_bundle(
+            bundles["v2"], BROKER, fleet, "pi-d", timeout_s=60, wait_probation=False
+        )
+        assert result.state in ("probation", "applied")
+        # Bad input fails on both models: the caller gets the error, the deploy stays.
+        with pytest.raises(EdgeshipError, match="shape"):
+            agent.predict({"x": np.zeros((1, 3), np.float32)})
+        traffic.wait_count(25)
+        assert agent.bundle.manifest.model.version == "2"
+        assert traffic.failures == []
