@@ -328,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the API token itself (visible to other users in ps: prefer --api-token-file)",
     )
     p.add_argument(
+        "--cert-file",
+        help="client certificate for mqtts:// (a broker with use_identity_as_username takes its "
+        "CN as the user name)",
+    )
+    p.add_argument("--key-file", help="the client certificate's private key")
+    p.add_argument(
         "--alerts",
         type=Path,
         help="alert rules, TOML (default: the built-in rules; docs/collector.md)",
@@ -791,6 +797,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         workers=args.workers,
         ca_file=args.ca_file,
         api_token=load_api_token(args.api_token, args.api_token_file),
+        cert_file=args.cert_file,
+        key_file=args.key_file,
     )
     monitor_config, references = _monitor_settings(args)
     monitors: list[Any] = []

@@ -28,10 +28,13 @@ docs/security.md says what the ACL guarantees, from these tests.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,12 +134,10 @@ class Fleet:
         return c
 
 
-@pytest.fixture(scope="module", params=MODES)
-def fleet(
-    request: pytest.FixtureRequest, pki: Pki, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Fleet]:
-    mode: str = request.param
-    work = tmp_path_factory.mktemp(f"broker-{mode}")
+@contextlib.contextmanager
+def tls_broker(mode: str, pki: Pki, work: Path, acl: Path) -> Iterator[Fleet]:
+    """A Mosquitto with a TLS listener, ``acl`` and the ``mode``'s way to log in."""
+    work.mkdir(parents=True, exist_ok=True)
     passwd = work / "passwd"
     passwd.touch(mode=0o600)
     # In the certificate mode the password file holds only a user nobody uses: the CN decides,
@@ -152,13 +153,23 @@ def fleet(
         f"certfile {pki.server.cert}",
         f"keyfile {pki.server.key}",
         "tls_version tlsv1.2",
-        f"acl_file {ACL}",
+        f"acl_file {acl}",
     ]
     if mode == "certificate":
         conf += ["require_certificate true", "use_identity_as_username true"]
     broker = Mosquitto(work, persistence=False, extra_conf="\n".join(conf), password_file=passwd)
     with broker:
         yield Fleet(mode, broker, pki)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def fleet(
+    request: pytest.FixtureRequest, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
+    """The example ACL as it is."""
+    mode: str = request.param
+    with tls_broker(mode, pki, tmp_path_factory.mktemp(f"broker-{mode}"), ACL) as fleet:
+        yield fleet
 
 
 class Client:
@@ -469,3 +480,58 @@ def test_agent_over_mqtts_as_its_device_id(
         assert agent.stats["mqtt"]["refused"] == 0  # the ACL let every message of the agent through
     assert inferences() == len(digits)
     assert {topic.split("/")[2] for topic, _ in collector.received()} == {A}
+
+
+# --- the collector service as the collector user ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_collector_service_over_mqtts_stores_and_commands_with_the_acls_opt_in_line(
+    pki: Pki, digits_bundle: Path, tmp_path: Path, mode: str
+) -> None:
+    """``edgeship collect`` logs in as ``collector`` over TLS (password in the URL, or its
+    client certificate), stores what the agent reports, and with the ACL's commented
+    ``topic write edgeship/+/+/cmd`` line enabled sends the agent a command through its API."""
+    from sdk.collector.service import Collector, CollectorConfig
+
+    text = ACL.read_text()
+    line = "#topic write edgeship/+/+/cmd"
+    assert line in text, "the ACL lost its opt-in line for the collector's commands"
+    acl = tmp_path / "acl"
+    acl.write_text(text.replace(line, line[1:]))
+    token = "api-" + uuid.uuid4().hex
+    with tls_broker(mode, pki, tmp_path / "broker", acl) as fleet:
+        creds = fleet.credentials("collector")
+        url = f"mqtts://localhost:{fleet.broker.port}"
+        if mode == "password":
+            url = f"mqtts://collector:{creds.pop('password')}@localhost:{fleet.broker.port}"
+            creds.pop("username")
+        config = CollectorConfig(
+            url, fleet=FLEET, store_url=f"sqlite:///{tmp_path / 'fleet.db'}", http="127.0.0.1:0",
+            worker="thread", client_id="collector-1", api_token=token, **creds,
+        )  # fmt: skip
+        agent_config = AgentConfig(
+            device_id=A, fleet=FLEET, broker_url=fleet.url, window_s=0.3,
+            state_dir=tmp_path / "state", **fleet.credentials(A),
+        )  # fmt: skip
+        with Collector(config) as collector, Agent.from_bundle(digits_bundle, agent_config):
+            assert wait_for(lambda: collector.stats.connected, 10), collector.health()
+            assert wait_for(lambda: collector.state.device(A) is not None, 15), collector.health()
+            host, port = collector.http_address_bound()
+            request = urllib.request.Request(
+                f"http://{host}:{port}/api/devices/{A}/commands",
+                data=b'{"action": "ping"}',
+                method="POST",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            with urllib.request.urlopen(request, timeout=20) as resp:
+                assert resp.status == 202
+                sent = json.loads(resp.read())
+
+            def state() -> str:
+                url = f"http://{host}:{port}{sent['reply_url']}"
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    return str(json.loads(resp.read())["state"])
+
+            assert wait_for(lambda: state() == "replied", 15), state()
+            assert collector.stats.dead_letters == 0

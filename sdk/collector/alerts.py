@@ -739,7 +739,14 @@ class MqttAlertPublisher:
     QoS 1 messages sent while the connection is down and delivers them on reconnect."""
 
     def __init__(
-        self, broker_url: str, client_id: str, *, ca_file: str | None = None, keepalive_s: int = 30
+        self,
+        broker_url: str,
+        client_id: str,
+        *,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        keepalive_s: int = 30,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -755,7 +762,7 @@ class MqttAlertPublisher:
         if broker.username is not None:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls:
-            self._client.tls_set(ca_certs=ca_file)
+            self._client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
         self._client.reconnect_delay_set(1, 30)
         self._client.connect_async(broker.host, broker.port, keepalive_s)
         self._client.loop_start()

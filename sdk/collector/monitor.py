@@ -172,7 +172,11 @@ class Monitor:
         publisher = None
         if config.publish:
             publisher = MqttAlertPublisher(
-                cfg.broker_url, f"{cfg.session_id[:57]}-alerts", ca_file=cfg.ca_file
+                cfg.broker_url,
+                f"{cfg.session_id[:57]}-alerts",
+                ca_file=cfg.ca_file,
+                cert_file=cfg.cert_file,
+                key_file=cfg.key_file,
             )
             closers.insert(0, publisher.close)
         return cls(

@@ -193,6 +193,9 @@ class CollectorConfig:
     ``stale_windows``: a device is stale when no telemetry arrived for that many of its windows.
     ``worker``: ``process`` (decode and store in ``workers`` child processes, each with its own
     batches and database connection; the default) or ``thread`` (one, in this process).
+    ``ca_file`` verifies an ``mqtts://`` broker against a private CA; ``cert_file`` and
+    ``key_file`` present a client certificate (a broker with ``use_identity_as_username``
+    takes its CN as the user name).
     ``api_token`` enables the API's state-changing routes (sending commands), for requests
     with ``Authorization: Bearer <api_token>``; None leaves the API read-only.
     """
@@ -217,6 +220,8 @@ class CollectorConfig:
     ca_file: str | None = None
     connect_timeout_s: float = 10.0
     api_token: str | None = field(default=None, repr=False)
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
         self.broker  # noqa: B018 - parse now: a bad URL is a ConfigError at construction
@@ -247,6 +252,12 @@ class CollectorConfig:
             raise ConfigError("keepalive_s must be in 5..65535")
         if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
             raise ConfigError("session_expiry_s must be in 0..4294967295")
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError("key_file given without cert_file (the client certificate)")
+        for path, what in ((self.ca_file, "ca_file"), (self.cert_file, "cert_file"),
+                           (self.key_file, "key_file")):  # fmt: skip
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{what} {path}: no such file")
         if self.api_token is not None:
             from sdk.collector.api import check_api_token
 
@@ -707,7 +718,7 @@ class Collector:
         if b.username is not None:
             client.username_pw_set(b.username, b.password)
         if b.tls:
-            client.tls_set(ca_certs=cfg.ca_file)
+            client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
