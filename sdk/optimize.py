@@ -341,9 +341,13 @@ class OptimizeReport:
         return sum(1 for c in self.candidates if c.calibration_cache_hit is False)
 
     def to_dict(self) -> dict[str, Any]:
+        from sdk.report_html import pareto_front
+
         chosen = self.chosen_candidate
+        candidates = [c.to_dict() for c in self.candidates]
         return {
-            "candidates": [c.to_dict() for c in self.candidates],
+            "candidates": candidates,
+            "pareto_front": pareto_front(candidates),
             "skipped": [s.to_dict() for s in self.skipped],
             "chosen": self.chosen,
             "meets_budget": self.meets_budget,

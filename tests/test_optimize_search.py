@@ -148,6 +148,9 @@ def test_second_run_hits_the_calibration_cache_and_variants_stop_early(tmp_path:
     assert len(list((tmp_path / "cache").iterdir())) == first.calibration_cache_misses
     data = second.to_dict()
     assert data["calibration_cache"]["hits"] == second.calibration_cache_hits
+    # The smallest model cannot be dominated (dominating it takes a size at least as small).
+    smallest = min(data["candidates"], key=lambda c: c["size_bytes"])
+    assert smallest["name"] in data["pareto_front"] and set(data["pareto_front"]) <= set(again)
     assert {s["name"] for s in data["skipped"]} >= {"fp16", "ort-static-int8-entropy"}
     assert "calibration cache" in second.summary() and "skipped:" in second.summary()
     assert again["fp32"].reproduce is None
