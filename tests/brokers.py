@@ -475,6 +475,7 @@ def _produce(argv: list[str]) -> int:
     """The stand-in agent: one telemetry window every ``--period`` seconds until SIGTERM."""
     import uuid
 
+    from device_agent.errors import EdgeshipError
     from device_agent.mqtt import BrokerConfig, Publisher
     from device_agent.spool import Spool
     from device_agent.telemetry import WindowAggregator
@@ -489,7 +490,38 @@ def _produce(argv: list[str]) -> int:
     p.add_argument("--backoff-max", type=float, default=2.0)
     p.add_argument("--protocol", default="auto")
     p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument("--keepalive", type=int, default=5)
+    p.add_argument(
+        "--fsize-limit",
+        type=int,
+        help="a full disk: files this process writes stop growing at this many bytes "
+        "(RLIMIT_FSIZE, SIGXFSZ ignored, so writes fail with EFBIG); SIGUSR1 lifts it",
+    )
+    p.add_argument(
+        "--clock-file",
+        help="a wall-clock step: on SIGUSR2, time.time() moves by the seconds in this file",
+    )
     args = p.parse_args(argv)
+    if args.fsize_limit is not None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, hard))
+
+        def lift(*_: Any) -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+
+        signal.signal(signal.SIGUSR1, lift)
+    if args.clock_file is not None:
+        real_time, offset = time.time, [0.0]
+        clock_file = Path(args.clock_file)
+
+        def step(*_: Any) -> None:
+            offset[0] = float(clock_file.read_text())
+
+        signal.signal(signal.SIGUSR2, step)
+        time.time = lambda: real_time() + offset[0]
 
     def emit(event: str, **data: Any) -> None:
         print(json.dumps({"event": event, "t": time.time(), **data}), flush=True)
@@ -520,7 +552,10 @@ def _produce(argv: list[str]) -> int:
 
     publisher = Publisher(
         BrokerConfig.from_url(
-            args.url, protocol=args.protocol, keepalive_s=5, connect_timeout_s=args.connect_timeout
+            args.url,
+            protocol=args.protocol,
+            keepalive_s=args.keepalive,
+            connect_timeout_s=args.connect_timeout,
         ),
         spool,
         fleet=args.fleet,
@@ -548,7 +583,15 @@ def _produce(argv: list[str]) -> int:
             _telemetry_payload, args.device, boot, fields, depth, dropped, since
         )
 
-        seq = publisher.publish("telemetry", payload)
+        try:
+            seq = publisher.publish("telemetry", payload)
+        except EdgeshipError as exc:  # as the agent does: count it, keep going
+            agg.record_error(fields["errors"] + 1)  # the lost window's errors, and itself
+            mark = dropped - since  # these drops were not reported: the next window does
+            emit(
+                "window_failed", error=str(exc), depth=spool.depth(), connected=publisher.connected
+            )
+            continue
         emit(
             "window",
             seq=seq,

@@ -37,9 +37,11 @@ from tests.brokers import (
     producer_process,
     wait_for,
 )
+from tests.faults_report import record
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.faults,
     pytest.mark.skipif(shutil.which(MOSQUITTO) is None, reason="needs mosquitto"),
 ]
 
@@ -169,7 +171,7 @@ def figures(out: Outcome, label: str) -> dict[str, Any]:
             k: out.closed["stats"][k] for k in ("sent", "acked", "reconnects", "connect_attempts")
         },
     }
-    print(f"\n[{label}] " + ", ".join(f"{k}: {v}" for k, v in fig.items()))
+    record(label, **fig)
     return fig
 
 
@@ -239,6 +241,13 @@ def test_full_spool_drops_the_oldest_and_the_next_telemetry_says_how_many(
     print(
         f"dropped {dropped_total}: {len(report.missing)} gaps, wills seen {offline_seqs[:-1]}, "
         f"close's offline status {offline_seqs[-1]}"
+    )
+    record(
+        "spool bound reached: drops",
+        dropped_by_the_spool=dropped_total,
+        gaps=len(report.missing),
+        broker_wills=broker_wills,
+        drops_reported_by_drops_since_last=sum(m.drops_since_last for _, m in telemetry),
     )
     assert len(report.missing) <= dropped_total <= len(report.missing) + broker_wills
     # The oldest went: what survived of the outage is its end, contiguous.
