@@ -28,6 +28,7 @@ from sdk.collector.service import Collector, CollectorConfig
 from sdk.collector.simulate import SimConfig, SimulatedFleet
 from sdk.collector.store import open_store
 from tests.brokers import ROOT, Amqtt, Mosquitto, free_port, wait_for
+from tests.faults_report import record
 from tests.test_collector_ingest import status, telemetry
 from tests.test_collector_store import PG_URL, pg_available, pg_url
 
@@ -370,6 +371,7 @@ def _health(port: int) -> dict[str, Any] | None:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
@@ -402,6 +404,7 @@ def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
         time.sleep(30)  # the fleet keeps publishing; the broker queues for the session
         second = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+        t_restart = time.monotonic()
         assert wait_for(lambda: _health(port) is not None, 30)
         time.sleep(3)
         stop.set()
@@ -412,6 +415,7 @@ def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
         assert wait_for(lambda: stored_exactly(store_url, fleet, published)["missing"] == 0, 60), (
             stored_exactly(store_url, fleet, published)
         )
+        recovery_s = round(time.monotonic() - t_restart, 2)
         after = _collector(port)
     finally:
         stop.set()
@@ -421,6 +425,18 @@ def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
                 p.communicate(timeout=30)
         sim.close(goodbye=False)
     result = stored_exactly(store_url, fleet, published)
+    record(
+        "collector SIGKILL mid-stream, restarted after 30 s",
+        devices=20,
+        sent=total,
+        stored=result["total"],
+        lost=result["missing"],
+        **{"stored twice": result["extra"]},
+        uncommitted_at_kill=before["uncommitted"],
+        redelivered_after_restart=after["redelivered"],
+        duplicates_dropped=after["duplicates"],
+        recovery_s=recovery_s,
+    )
     assert result == {"missing": 0, "extra": 0, "total": total}, result
     # What was in flight at the kill came back from the broker, flagged as re-sent.
     assert after["redelivered"] > 0, after
