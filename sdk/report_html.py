@@ -187,12 +187,13 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
                 + ", ".join(html.escape(str(n)) for n in excluded)
             )
     skipped_rows = "".join(
-        f"<tr><td>{html.escape(str(s.get('name')))}</td><td>{html.escape(str(s.get('reason')))}"
-        "</td></tr>"
+        f"<tr><td>{html.escape(str(s.get('name')))}</td>"
+        f'<td class="why">{html.escape(str(s.get("reason")))}</td></tr>'
         for s in report.get("skipped", [])
     )
     skipped = (
-        f"<table><tr><th>recipe</th><th>why it was not tried</th></tr>{skipped_rows}</table>"
+        f'<table><tr><th>recipe</th><th class="why">why it was not tried</th></tr>'
+        f"{skipped_rows}</table>"
         if skipped_rows
         else "<p>none: every recipe was tried.</p>"
     )
@@ -223,7 +224,7 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
+td:first-child, th:first-child, td.why, th.why {{ text-align: left; }}
 tr.chosen {{ background: #eef6ee; font-weight: 600; }}
 .meets {{ color: #1a7f37; }} .misses, .failed {{ color: #b42318; }}
 svg text {{ font-size: 12px; fill: #333; }} svg .tick {{ font-size: 10px; fill: #666; }}

@@ -45,6 +45,10 @@ def test_optimize_html_report_renders(
     assert "<svg" in page and report["chosen"] in page
     dom = browse(chromium, html.as_uri())
     assert "Latency against quality" in dom and "circle" in dom
+    # The search's own record: skipped recipes with reasons, time and calibration per candidate.
+    assert "Skipped recipes" in dom and "CPU execution provider" in dom  # fp16 on rpi4
+    assert "calibrated" in dom or "cached" in dom
+    assert any(s["name"] == "fp16" for s in report["skipped"])
     shot = tmp_path / "report.png"
     browse(chromium, html.as_uri(), screenshot=shot)
     assert shot.stat().st_size > 10_000
