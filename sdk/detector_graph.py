@@ -357,7 +357,7 @@ def _check_merged(
             raise NotExportable(f"merging the detector changed output {name!r}")
     want = detector.score(feed, expected)
     score = np.asarray(got[-1])
-    if score.shape != want.shape or not np.allclose(score, want, rtol=rtol, atol=0.0):
+    if score.shape != want.shape or not np.allclose(score, want, rtol=rtol, atol=1e-12):
         raise NotExportable(
             f"the detector graph's scores {score.tolist()} differ from numpy's {want.tolist()}"
         )
