@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/run_all.sh [NAME ...]      # NAME: optimize_vs_ort litert_vs_ort
 #                                              #       agent_overhead collector_ingest
-#                                              #       bench_vs_ort_loop (default: all)
+#                                              #       bench_vs_ort_loop optimize_search
+#                                              #       (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-.venv/bin/python}
@@ -21,8 +22,10 @@ declare -A ARGS=(
     # Fewer, shorter pairs than the script's defaults (5 reps x 3 s, 30 s waits for a quiet
     # host), which take 15+ minutes on a busy 2-core host; see docs/benchmarks.md.
     [bench_vs_ort_loop]="--reps 3 --min-seconds 1 --wait-quiet 5 --max-attempts 1"
+    [optimize_search]="--json benchmarks/results/optimize_search.json"
 )
-ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop)
+ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
+    optimize_search)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
