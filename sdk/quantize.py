@@ -678,7 +678,14 @@ def _cache_file(
         sort_keys=True,
     )
     name = hashlib.sha256(key.encode()).hexdigest()[:32]
-    return Path(directory) / f"calibration-{config.method}-{name}.json"
+    path = Path(directory) / f"calibration-{config.method}-{name}.json"
+    if path.is_file():
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            log.warning("calibration cache %s is unreadable: calibrating again", path)
+            path.unlink(missing_ok=True)
+    return path
 
 
 def _op_types_for(config: QuantizeConfig) -> list[str] | None:

@@ -93,6 +93,11 @@ def test_quantize_reuses_cached_calibration_across_per_channel_and_exclusions(
     assert doctored.details["calibration_cache"]["hit"] is True
     wide, normal = _scales(doctored.path), _scales(first.path)
     assert all(wide[k] == pytest.approx(10 * normal[k], rel=0.05) for k in shared)
+    # A cache file cut short (a crash while copying a cache around) is a miss, not an error.
+    files[0].write_text('{"CLS": "TensorsData", "data": {')
+    redone = sdk.quantize(model, cal, out=tmp_path / "f.onnx", calibration_cache=cache)
+    assert redone.details["calibration_cache"]["hit"] is False
+    assert _scales(redone.path) == normal and json.loads(files[0].read_text())
 
 
 def _widen(node: Any) -> Any:
