@@ -328,13 +328,26 @@ class Deployer:
         self.last_event: msg.DeployEvent | None = None
 
     def handlers(self) -> dict[str, Callable[[msg.Command], Any]]:
-        return {
-            "deploy_begin": lambda c: self.begin(c.args),
-            "deploy_chunk": lambda c: self.chunk(c.args),
-            "deploy_commit": lambda c: self.commit(c.args),
-            "deploy_status": lambda c: self.status(c.args),
-            "deploy_abort": lambda c: self.abort(c.args),
+        actions: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+            "deploy_begin": self.begin,
+            "deploy_chunk": self.chunk,
+            "deploy_commit": self.commit,
+            "deploy_status": self.status,
+            "deploy_abort": self.abort,
         }
+
+        def handler(action: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Any:
+            def run(command: msg.Command) -> dict[str, Any]:
+                try:
+                    return action(command.args)
+                except OSError as exc:  # a full or failing disk: the reply says so
+                    raise DeployError(
+                        f"{command.action}: cannot write under {self.root}: {exc}"
+                    ) from exc
+
+            return run
+
+        return {name: handler(action) for name, action in actions.items()}
 
     # --- records and events -------------------------------------------------------------
 
@@ -364,7 +377,8 @@ class Deployer:
             reason=None if reason is None else reason[:1000],
         )
         self.last_event = event
-        self._agent._deploy_event = event
+        with self._agent._window_lock:  # the window being emitted takes it under this lock
+            self._agent._deploy_event = event
         level = logging.WARNING if state in ("rolled_back", "failed") else logging.INFO
         log.log(
             level,
@@ -539,7 +553,7 @@ class Deployer:
                 new = self._open_and_test(bundle)
             finally:
                 shutil.rmtree(upload.dir, ignore_errors=True)
-        except EdgeshipError as exc:
+        except (EdgeshipError, OSError) as exc:
             shutil.rmtree(dest, ignore_errors=True)
             reason = f"refused before the swap: {exc}"
             self._event(

@@ -22,6 +22,7 @@ import math
 import tarfile
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ def deploy_bundle(
     chunk_bytes: int = MAX_CHUNK_BYTES,
     call_timeout_s: float = 30.0,
     attempts: int = 3,
+    window: int = 8,
     progress: Callable[[int, int], None] | None = None,
     username: str | None = None,
     password: str | None = None,
@@ -107,8 +109,9 @@ def deploy_bundle(
     """Send ``bundle`` to ``device`` and wait for the outcome (at most ``timeout_s`` in all).
 
     Chunks the device already has (an interrupted deploy of the same bytes) are not sent
-    again. Each command that gets no answer within ``call_timeout_s`` is sent again, up to
-    ``attempts`` times; the device handles repeats idempotently. ``progress(sent, total)`` is
+    again; up to ``window`` chunks are in flight at once. Each command that gets no answer
+    within ``call_timeout_s`` is sent again, up to ``attempts`` times; the device handles
+    repeats idempotently. ``progress(sent, total)`` is
     called after each chunk. With ``wait_probation`` the result waits for the device's verdict
     on its first inferences, else it returns once the bundle is swapped in (``probation``).
 
@@ -186,9 +189,8 @@ def deploy_bundle(
         done = len(have)
         if progress is not None:
             progress(done, total)
-        for index in range(total):
-            if index in have:
-                continue
+
+        def send(index: int) -> tuple[int, bool, str | None]:
             data = archive[index * chunk_bytes : (index + 1) * chunk_bytes]
             ok, _, error = call(
                 "deploy_chunk",
@@ -199,18 +201,35 @@ def deploy_bundle(
                     "sha256": hashlib.sha256(data).hexdigest(),
                 },
             )
-            if not ok:
-                return result("failed", None, f"the device refused chunk {index}: {error}")
-            sent += 1
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            return index, ok, error
+
+        # Up to `window` chunks in flight: a command's round trip (broker, the device's reply
+        # spool) costs tens of milliseconds, more than the device takes to store a chunk.
+        todo = [i for i in range(total) if i not in have]
+        with ThreadPoolExecutor(max_workers=max(1, window)) as pool:
+            pending = {pool.submit(send, i) for i in todo[:window]}
+            queued = iter(todo[window:])
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index, ok, error = future.result()
+                    if not ok:
+                        for other in pending:
+                            other.cancel()
+                        return result("failed", None, f"the device refused chunk {index}: {error}")
+                    sent += 1
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                    nxt = next(queued, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(send, nxt))
         ok, committed, error = call("deploy_commit", {"deploy": deploy_id})
         if not ok:
             return result("failed", None, f"the device refused the commit: {error}")
         state = str(committed.get("state"))
         while wait_probation and state == "probation" and time.monotonic() < deadline:
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
             ok, status, error = call("deploy_status", {"deploy": deploy_id})
             if not ok:
                 return result("failed", committed, f"deploy_status failed: {error}")

@@ -1,0 +1,208 @@
+"""Remote deploy, measured: how long a bundle takes to reach and swap into a running agent, and
+what the application sees meanwhile.
+
+One agent (in this process) serves ``Agent.predict`` in a loop on its own thread, as an
+application would, while ``sdk.deploy.deploy_bundle`` sends it bundles over MQTT: a good one
+(applied after its probation) and a bad one (inputs of another shape: rolled back after its
+first failing inference), alternating, ``--rounds`` times. Models are MLPs of random weights
+(``--hidden`` sets the size; random weights do not compress, so the archive is about the size
+of the model). Printed per deploy: archive size, chunks, the upload time and rate, the time from
+the last chunk to the device's verdict (verify, unpack, load, self-test, swap, probation), the
+total; and for the application, calls, failed calls, p50 and max latency during the deploy
+against the same figures in the quiet second before it.
+
+    python benchmarks/deploy.py [--broker mqtt://127.0.0.1:1883 | --broker embedded]
+        [--hidden 4096] [--rounds 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from device_agent import Agent, AgentConfig
+from sdk.deploy import deploy_bundle
+
+FEATURES = 64
+
+
+def _mlp(path: Path, features: int, hidden: int, seed: int) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.1, (features, hidden)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (hidden, 10)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _bundle(root: Path, name: str, version: str, features: int, hidden: int, seed: int) -> Path:
+    from sdk.artifact import read_artifact
+    from sdk.package import package
+
+    model = _mlp(root / f"{name}.onnx", features, hidden, seed)
+    return package(read_artifact(model), root / name, name="mlp", version=version).root
+
+
+class _App:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.x = np.random.default_rng(0).random((1, FEATURES), dtype=np.float32)
+        self.calls: list[tuple[float, float, bool]] = []  # (start, latency s, ok)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                self.agent.predict({"x": self.x})
+                ok = True
+            except Exception:
+                ok = False
+            self.calls.append((t0, time.perf_counter() - t0, ok))
+            time.sleep(0.001)
+
+    def window(self, start: float, end: float) -> dict[str, Any]:
+        calls = [c for c in self.calls if start <= c[0] < end]
+        lat = sorted(c[1] * 1000 for c in calls)
+        return {
+            "calls": len(calls),
+            "failed": sum(1 for c in calls if not c[2]),
+            "p50_ms": statistics.median(lat) if lat else None,
+            "max_ms": max(lat) if lat else None,
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    embedded = None
+    broker = args.broker
+    if broker == "embedded":
+        from sdk.broker import EmbeddedBroker
+
+        embedded = EmbeddedBroker().start()
+        broker = embedded.url
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            bundles = {
+                "v1": _bundle(root, "v1", "1", FEATURES, args.hidden, 0),
+                "v2": _bundle(root, "v2", "2", FEATURES, args.hidden, 1),
+                "bad": _bundle(root, "bad", "3-bad", FEATURES // 2, args.hidden, 2),
+            }
+            fleet = f"bench{uuid.uuid4().hex[:8]}"
+            config = AgentConfig(
+                device_id="pi-bench",
+                fleet=fleet,
+                broker_url=broker,
+                window_s=1.0,
+                state_dir=root / "state",
+                deploy_probation_inferences=20,
+            )
+            agent = Agent.from_bundle(bundles["v1"], config).start()
+            app = _App(agent)
+            app.thread.start()
+            try:
+                deadline = time.monotonic() + 30
+                while not agent.stats.get("connected") and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(1.0)
+                order: list[str] = []
+                for _ in range(args.rounds):
+                    order += ["bad", "good"]
+                current = "v1"
+                for kind in order:
+                    target = "bad" if kind == "bad" else ("v2" if current == "v1" else "v1")
+                    marks: list[float] = []
+                    quiet = time.perf_counter()
+                    time.sleep(1.0)
+                    start = time.perf_counter()
+                    result = deploy_bundle(
+                        bundles[target],
+                        broker,
+                        fleet,
+                        "pi-bench",
+                        timeout_s=120,
+                        progress=lambda done, total, marks=marks: marks.append(time.perf_counter()),
+                    )
+                    end = time.perf_counter()
+                    if result.ok:
+                        current = target
+                    upload = (marks[-1] - start) if marks else float("nan")
+                    row = {
+                        "bundle": target,
+                        "state": result.state,
+                        "archive_mib": result.archive_bytes / 2**20,
+                        "chunks": result.chunks,
+                        "upload_s": upload,
+                        "upload_mib_s": result.archive_bytes / 2**20 / upload,
+                        "verdict_s": end - marks[-1],
+                        "total_s": end - start,
+                        "reason": result.reason,
+                        "before": app.window(quiet, start),
+                        "during": app.window(start, end),
+                    }
+                    rows.append(row)
+                    d, b = row["during"], row["before"]
+                    print(
+                        f"{target:>3} -> {result.state:<11} {row['archive_mib']:.2f} MiB in "
+                        f"{row['chunks']} chunks: upload {upload:.2f} s "
+                        f"({row['upload_mib_s']:.2f} MiB/s), verdict +{row['verdict_s']:.2f} s, "
+                        f"total {row['total_s']:.2f} s | app during: {d['calls']} calls, "
+                        f"{d['failed']} failed, p50 {d['p50_ms']:.3f} ms, max {d['max_ms']:.1f}"
+                        f" ms (before: p50 {b['p50_ms']:.3f}, max {b['max_ms']:.1f} ms)",
+                        flush=True,
+                    )
+            finally:
+                app.stop.set()
+                app.thread.join(5)
+                agent.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    failed = sum(r["during"]["failed"] for r in rows)
+    print(f"failed application calls over {len(rows)} deploys: {failed}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"broker": args.broker, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
