@@ -289,7 +289,18 @@ class Agent:
         from device_agent.deploy import deployed_bundle
 
         cfg = config or AgentConfig()
-        bundle = deployed_bundle(cfg) or load_bundle(path, trusted_keys=cfg.trusted_keys)
+        deployed = deployed_bundle(cfg)
+        if deployed is not None:
+            try:
+                opened = deployed.open_model(
+                    model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers
+                )
+                return cls(deployed, opened, cfg)
+            except EdgeshipError as exc:  # e.g. its model key is gone: the given bundle runs
+                log.error(
+                    "the deployed bundle %s cannot run: %s; using %s", deployed.root, exc, path
+                )
+        bundle = load_bundle(path, trusted_keys=cfg.trusted_keys)
         session = bundle.open_model(
             model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers
         )

@@ -222,6 +222,12 @@ def test_good_bundle_swaps_in_without_a_failed_inference_and_survives_a_restart(
             assert agent.bundle.manifest.model.version == "2"
             assert np.allclose(traffic.outputs[-1], after)
             assert traffic.failures == []
+            deployed_model = agent.bundle.model_path
+        # A deployed bundle damaged on disk is not run: the agent starts with the given one.
+        deployed_model.write_bytes(deployed_model.read_bytes()[:-1] + b"x")
+        with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+            assert agent.bundle.manifest.model.version == "1"
+            assert np.allclose(traffic.outputs[-1], before)
     finally:
         listener.close()
 
