@@ -7,6 +7,7 @@
 #   bash benchmarks/run_all.sh [NAME ...]      # NAME: optimize_vs_ort litert_vs_ort
 #                                              #       agent_overhead collector_ingest
 #                                              #       bench_vs_ort_loop optimize_search
+#                                              #       trust_overhead
 #                                              #       (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -23,9 +24,10 @@ declare -A ARGS=(
     # host), which take 15+ minutes on a busy 2-core host; see docs/benchmarks.md.
     [bench_vs_ort_loop]="--reps 3 --min-seconds 1 --wait-quiet 5 --max-attempts 1"
     [optimize_search]="--json benchmarks/results/optimize_search.json"
+    [trust_overhead]=""
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
-    optimize_search)
+    optimize_search trust_overhead)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
