@@ -16,6 +16,7 @@ from device_agent.errors import (
     InputError,
     IntegrityError,
     RuntimeLoadError,
+    SignatureError,
 )
 from device_agent.runtime import ModelSession, open_session
 
@@ -33,6 +34,7 @@ __all__ = [
     "ModelSession",
     "Prediction",
     "RuntimeLoadError",
+    "SignatureError",
     "TensorSpec",
     "__version__",
     "load_bundle",

@@ -7,7 +7,7 @@ message on one line and exits with code 2.
 ::
 
     EdgeshipError (device_agent.errors)
-    ├── ConfigError, InputError, BundleError, IntegrityError, RuntimeLoadError
+    ├── ConfigError, InputError, BundleError, IntegrityError, SignatureError, RuntimeLoadError
     ├── DataError           calibration/eval data missing, unreadable, or not matching the model
     ├── ModelFormatError    a model file is missing, truncated, corrupt or of an unknown format
     ├── ExportError         a PyTorch export failed or diverged from PyTorch
@@ -24,6 +24,7 @@ from device_agent.errors import (
     InputError,
     IntegrityError,
     RuntimeLoadError,
+    SignatureError,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ModelFormatError",
     "QuantizationError",
     "RuntimeLoadError",
+    "SignatureError",
 ]
 
 

@@ -161,6 +161,15 @@ def test_signed_bundle_loads_and_says_who_signed_it(
     assert unchecked.signature.describe() == (
         f"signed by {release}, not verified (no trusted_keys)"
     )
+    # An unreadable signature file changes nothing without trusted keys, and says so.
+    (tiny / SIGNATURE_NAME).write_text("{not json")
+    assert (
+        load_bundle(tiny)
+        .signature.describe()
+        .startswith("signature.json unreadable, not verified (no trusted_keys)")
+    )
+    with pytest.raises(SignatureError, match="is not valid JSON"):
+        load_bundle(tiny, trusted_keys=[_pub(keys, "release")])
 
 
 @pytest.mark.parametrize("name", TINY_FILES)
