@@ -649,11 +649,19 @@ def _cache_file(
     samples (after ``max_calibration_samples``), the method, the operator types whose tensors
     are calibrated, the batch size (ranges are merged per batch) and ONNX Runtime's version.
     Excluded nodes, per-channel weights and the integer types do not change the activation
-    ranges, so the variants that differ only in those share one file.
+    ranges, so the variants that differ only in those share one file. None (no caching) with
+    an ONNX Runtime whose ``quantize_static`` has no ``calibration_cache_path`` (older releases).
     """
     if directory is None or config.mode != "static" or data is None:
         return None
+    import inspect
+
     import onnxruntime
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        log.info("ONNX Runtime %s has no calibration cache: calibrating", onnxruntime.__version__)
+        return None
 
     digest = hashlib.sha256()
     with source.path.open("rb") as fh:
