@@ -348,3 +348,26 @@ def test_the_cli_says_one_line_for_a_bad_token(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert "--api-token-file" in help_text and TOKEN_ENV in help_text
+
+
+def test_concurrent_commands_are_all_sent_once(rig: Rig) -> None:
+    """Requests on parallel HTTP threads publish while PUBACKs of the others come in."""
+    before = len(rig.spy.ids())
+    answers: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+    lock = threading.Lock()
+
+    def post() -> None:
+        answer = call(rig.commands_url(), "POST", {"action": "ping"}, token=TOKEN)
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=post) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 24 and all(a[0] == 202 for a in answers), answers
+    ids = {a[1]["id"] for a in answers}
+    assert len(ids) == 24
+    assert wait_for(lambda: ids <= set(rig.spy.ids()), 15)
+    assert sorted(rig.spy.ids()[before:]) == sorted(ids)

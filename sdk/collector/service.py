@@ -548,6 +548,7 @@ class Collector:
         # Commands sent through the API: PUBACK reason codes by packet id, and the newest
         # commands by id (for GET /api/devices/{device}/commands/{id}).
         self._pubacks: dict[int, int] = {}
+        self._abandoned: set[int] = set()
         self._pub_cond = threading.Condition()
         self._sent: collections.OrderedDict[str, SentCommand] = collections.OrderedDict()
 
@@ -867,6 +868,9 @@ class Collector:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._pub_cond:
+            if mid in self._abandoned:
+                self._abandoned.discard(mid)
+                return
             self._pubacks[mid] = int(rc.value)
             self._pub_cond.notify_all()
 
@@ -883,14 +887,18 @@ class Collector:
         cmd_topic = message_topic(fleet, device, "cmd")
         if client is None or not self.stats.connected:
             raise BrokerError(f"not connected to {self._broker.display()}: command not sent")
-        with self._pub_cond:  # PUBACK handled only after the mid is known
-            info = client.publish(cmd_topic, encode(command), qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise BrokerError(f"cannot publish to {cmd_topic}: {mqtt.error_string(info.rc)}")
-            deadline = time.monotonic() + timeout_s
+        # Not under _pub_cond: paho calls on_publish holding its own message lock, which
+        # publish() takes too. A PUBACK that beats us to the wait below is kept by mid.
+        info = client.publish(cmd_topic, encode(command), qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise BrokerError(f"cannot publish to {cmd_topic}: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + timeout_s
+        with self._pub_cond:
+            self._abandoned.discard(info.mid)  # a mid number reused long after a timeout
             while info.mid not in self._pubacks:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._abandoned.add(info.mid)  # its late PUBACK must not answer another
                     raise BrokerError(
                         f"the broker did not acknowledge the command in {timeout_s:.0f} s"
                     )
