@@ -59,6 +59,12 @@ def load_model_key(path: str | Path) -> bytes:
             f"model key file {file} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
             f"restrict it with: chmod 600 {file}"
         )
+    head = file.read_bytes()[:200]
+    if b"-----BEGIN" in head or head.startswith(b"ssh-"):
+        raise ConfigError(
+            f"{file} is a signing key (PEM/OpenSSH), not a model key; a model key file is one "
+            "line of base64 (make one with: edgeship keys generate --symmetric --out DIR)"
+        )
     try:
         text = file.read_text("ascii").strip()
         key = base64.b64decode(text, validate=True)

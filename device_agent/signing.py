@@ -152,6 +152,12 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
             "keep the key unencrypted on a protected workstation (chmod 600)"
         ) from exc
     except Exception as exc:
+        if b"-----BEGIN" not in data:
+            raise ConfigError(
+                f"{file} is not a PEM or OpenSSH private key (a model key file? those encrypt "
+                "models: edgeship encrypt); sign with the .pem written by 'edgeship keys "
+                "generate'"
+            ) from exc
         raise ConfigError(
             f"private key {file} is not a PEM or OpenSSH private key; give the .pem written "
             "by 'edgeship keys generate'"

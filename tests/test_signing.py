@@ -278,6 +278,10 @@ def test_signing_refuses_a_tampered_bundle_and_an_exposed_key(
         sign_bundle(tiny, exposed)
     with pytest.raises(ConfigError, match="is a PUBLIC key"):
         sign_bundle(tiny, _pub(keys, "other"))
+    with pytest.raises(ConfigError, match="a model key file"):
+        sign_bundle(tiny, keys["fleet"].private)
+    with pytest.raises(ConfigError, match=r"is a signing key .*, not a model key"):
+        encrypt_bundle(tiny, keys["other"].private)
 
 
 def test_trusted_key_files_that_cannot_be_used_are_config_errors(
