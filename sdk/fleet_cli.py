@@ -1,22 +1,26 @@
 """``edgeship fleet status`` and ``edgeship fleet watch``: a running collector's fleet as a table
 in the terminal, read from its JSON API (``/api/devices``, and ``/api/alerts`` when the
-collector runs its monitor). Standard library only, so the command starts fast."""
+collector runs its monitor). ``edgeship fleet command``: send a device a command through the
+collector (``POST /api/devices/{device}/commands``, with the API token) and print its reply.
+Standard library only, so the command starts fast."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from device_agent.errors import ConfigError
 
-__all__ = ["add_fleet_parser", "fetch_fleet", "render_fleet"]
+__all__ = ["add_fleet_parser", "fetch_fleet", "render_fleet", "send_command"]
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:9108"
 
@@ -46,6 +50,34 @@ def add_fleet_parser(sub: Any) -> None:
             q.add_argument("--interval", type=float, default=2.0, help="seconds (default 2)")
             q.add_argument("--count", type=int, default=0, help="stop after N redraws (0: never)")
         q.set_defaults(handler=_cmd_status if name == "status" else _cmd_watch)
+    text = "send a device a command through the collector and print its reply"
+    q = actions.add_parser(
+        "command",
+        help=text,
+        description=text + ". The collector must run with an API token (edgeship collect "
+        "--api-token-file); this command sends it from --token-file or EDGESHIP_API_TOKEN. Exit "
+        "0 when the device answered ok, 1 when it answered an error or did not answer in "
+        "--wait seconds, 2 for bad input or a refused request.",
+    )
+    q.add_argument("device", help="the device id")
+    q.add_argument("action", help="the action, e.g. ping or benchmark")
+    q.add_argument(
+        "--args", default="{}", help="the action's arguments, a JSON object (default {})"
+    )
+    q.add_argument("--fleet", help="the device's fleet (default: the collector's)")
+    q.add_argument(
+        "--collector",
+        default=DEFAULT_COLLECTOR,
+        help=f"the collector's API (default {DEFAULT_COLLECTOR})",
+    )
+    q.add_argument(
+        "--token-file", help="a file holding the collector's API token (else EDGESHIP_API_TOKEN)"
+    )
+    q.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for the reply (default 30)"
+    )
+    q.add_argument("--timeout", type=float, default=15.0, help="HTTP timeout, seconds")
+    q.set_defaults(handler=_cmd_command)
     p.set_defaults(handler=_cmd_help(p))
 
 
@@ -178,6 +210,86 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     out.write(render_fleet(fetch_fleet(args.collector, timeout=args.timeout), fleet=args.fleet))
+    return 0
+
+
+def send_command(
+    collector: str,
+    device: str,
+    action: str,
+    token: str,
+    *,
+    args: Mapping[str, Any] | None = None,
+    fleet: str | None = None,
+    wait_s: float = 30.0,
+    timeout: float = 15.0,
+) -> dict[str, Any]:
+    """POST the command, then poll its reply for up to ``wait_s``; the last
+    ``GET .../commands/{id}`` answer (``state`` replied / pending / expired). Raises
+    ConfigError when the collector refuses the request (the error it gave) or is unreachable."""
+    base = collector.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    body: dict[str, Any] = {"action": action, "args": dict(args or {})}
+    if fleet is not None:
+        body["fleet"] = fleet
+    url = f"{base}/api/devices/{urllib.parse.quote(device, safe='')}/commands"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            sent = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = f"HTTP {exc.code}"
+        raise ConfigError(f"the collector refused the command ({exc.code}): {reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot reach the collector API at {url}: {getattr(exc, 'reason', exc)}"
+        ) from exc
+    deadline = time.monotonic() + wait_s
+    while True:
+        answer: dict[str, Any] = _get(base + sent["reply_url"], timeout)
+        if answer["state"] != "pending" or time.monotonic() >= deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def _cmd_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        command_args = json.loads(args.args)
+    except ValueError as exc:
+        raise ConfigError(f"--args {args.args!r}: not JSON: {exc}") from None
+    if not isinstance(command_args, dict):
+        raise ConfigError(f"--args {args.args!r}: expected a JSON object")
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from None
+    else:
+        token = os.environ.get("EDGESHIP_API_TOKEN", "")
+    if not token:
+        raise ConfigError("no API token: give --token-file FILE or set EDGESHIP_API_TOKEN")
+    answer = send_command(
+        args.collector, args.device, args.action, token, args=command_args, fleet=args.fleet,
+        wait_s=args.wait, timeout=args.timeout,
+    )  # fmt: skip
+    reply = answer.get("reply")
+    if answer["state"] != "replied" or reply is None:
+        out.write(f"{answer['id']}: no reply from {args.device} ({answer['state']})\n")
+        return 1
+    if not reply["ok"]:
+        out.write(f"{answer['id']}: {args.device} failed: {reply['error']}\n")
+        return 1
+    out.write(json.dumps(reply["result"], indent=2) + "\n")
     return 0
 
 

@@ -371,3 +371,36 @@ def test_concurrent_commands_are_all_sent_once(rig: Rig) -> None:
     assert len(ids) == 24
     assert wait_for(lambda: ids <= set(rig.spy.ids()), 15)
     assert sorted(rig.spy.ids()[before:]) == sorted(ids)
+
+
+def test_edgeship_fleet_command_sends_and_prints_the_reply(rig: Rig, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+
+    def fleet_command(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sdk.cli", "fleet", "command", "--collector", rig.api, *args],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+            env={k: v for k, v in os.environ.items() if k != TOKEN_ENV} | env,
+        )  # fmt: skip
+
+    ok = fleet_command(DEVICE, "ping", "--token-file", str(token_file))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout) == {"pong": True, "boot": rig.agent.boot}
+    via_env = fleet_command(DEVICE, "ping", **{TOKEN_ENV: TOKEN})
+    assert via_env.returncode == 0, via_env.stderr
+    failed = fleet_command(DEVICE, "reboot", "--token-file", str(token_file))
+    assert failed.returncode == 1 and "failed: unknown action 'reboot'" in failed.stdout
+
+    before = len(rig.spy.ids())
+    token_file.write_text("wrong-" + TOKEN)
+    refused = fleet_command(DEVICE, "ping", "--token-file", str(token_file))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "refused the command (401): wrong API token" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    missing = fleet_command(DEVICE, "ping")
+    assert missing.returncode == 2 and "no API token" in missing.stderr
+    bad_args = fleet_command(DEVICE, "ping", "--args", "[1]", **{TOKEN_ENV: TOKEN})
+    assert bad_args.returncode == 2 and "expected a JSON object" in bad_args.stderr
+    last = rig.sentinel()
+    assert rig.spy.ids()[before:] == [last]
