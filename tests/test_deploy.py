@@ -505,3 +505,54 @@ def test_probation_inference_errors_of_the_callers_own_making_do_not_roll_back(
         traffic.wait_count(25)
         assert agent.bundle.manifest.model.version == "2"
         assert traffic.failures == []
+
+
+def test_the_digits_cnn_with_its_outlier_detector_deploys_and_keeps_scoring(
+    digits_bundle: Path, digits_splits: Any, tmp_path: Path
+) -> None:
+    """The real model of the demo: a CNN whose bundle carries an outlier detector. A rebuilt
+    version 2 swaps in under traffic; every call before, during and after gets scores."""
+    from sdk.zoo.digits import INPUT_NAME
+
+    v2 = tmp_path / "digits-v2"
+    shutil.copytree(digits_bundle, v2)
+    manifest = json.loads((v2 / MANIFEST_NAME).read_text())
+    manifest["model"]["version"] = "2"  # the manifest is not hashed; no trusted keys here
+    (v2 / MANIFEST_NAME).write_text(json.dumps(manifest))
+    fleet = _fleet()
+    cfg = AgentConfig(
+        device_id="pi-d", fleet=fleet, broker_url=BROKER, window_s=0.3, state_dir=tmp_path / "s"
+    )
+    samples = digits_splits.x_test[:50]
+    results: list[Any] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    with Agent.from_bundle(digits_bundle, cfg) as agent:
+
+        def app() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    results.append(agent.predict({INPUT_NAME: samples[i % 50 : i % 50 + 1]}))
+                except Exception as exc:
+                    failures.append(exc)
+                i += 1
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=app, daemon=True)
+        thread.start()
+        try:
+            assert wait_connected(agent)
+            result = deploy_bundle(v2, BROKER, fleet, "pi-d", timeout_s=60)
+            n = len(results)
+            deadline = time.monotonic() + 20
+            while len(results) < n + 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            thread.join(5)
+        assert result.state == "applied", result
+        assert agent.bundle.manifest.model.version == "2"
+    assert failures == [], failures[:3]
+    assert len(results) > n + 20, (len(results), n)
+    assert all(r.scores is not None and r.labels is not None for r in results)
