@@ -116,13 +116,20 @@ class AgentConfig:
             )
 
 
+# The is_outlier array of a batch of one, shared by every such result (read-only).
+_FLAGGED = np.ones(1, dtype=bool)
+_NOT_FLAGGED = np.zeros(1, dtype=bool)
+_FLAGGED.flags.writeable = _NOT_FLAGGED.flags.writeable = False
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 0.3 us more per call
 class Prediction:
     """The result of one :meth:`Agent.predict` call (a batch of ``n`` samples).
 
     ``scores`` and ``is_outlier`` have one entry per sample (``scores`` is None without a
     detector, and ``is_outlier`` then all False). ``labels`` holds the predicted class label
-    per sample when output 0 is a classifier's (batch, classes) output.
+    per sample when output 0 is a classifier's (batch, classes) output. For a batch of one,
+    ``is_outlier`` is a shared read-only array (copy it to change it).
     """
 
     outputs: list[np.ndarray]
@@ -176,10 +183,9 @@ class LoadedModel:
         self.score_in_graph = graph_output is not None and graph_output in getattr(
             session, "hidden_outputs", ()
         )
+        runner = getattr(session, "runner", None)  # ONNX Runtime: skips a second name check
         self.run: Callable[[Mapping[str, np.ndarray]], list[np.ndarray]] = (
-            session.run_with_hidden  # type: ignore[attr-defined]
-            if self.score_in_graph
-            else session.run
+            session.run if runner is None else runner(hidden=self.score_in_graph)
         )
         # LiteRT interpreters are not safe to call from two threads; ORT sessions are.
         self.run_lock: threading.Lock | None = (
@@ -383,7 +389,7 @@ class Agent:
             # A batch of one, the common case: scalar work, no loop, one small array.
             score = float(scores[0])
             outlier = score > loaded.threshold
-            flags = np.array((outlier,))
+            flags = _FLAGGED if outlier else _NOT_FLAGGED
             if classes is None or labels_of is None:
                 record(latency, None, score, outlier)
                 labels = None

@@ -306,3 +306,21 @@ def test_feed_checker_fast_path_passes_arrays_through_and_falls_back_for_the_res
     ):
         with pytest.raises(InputError, match=re.escape(needle)):
             check(bad)
+
+
+def test_runner_for_checked_feeds_gives_run_s_outputs_and_wraps_errors(tmp_path: Path) -> None:
+    """The agent's direct call into ONNX Runtime: same arrays as run(), edgeship errors."""
+    from device_agent.errors import RuntimeLoadError
+    from device_agent.runtime import OnnxSession
+
+    model = write_mlp_onnx(tmp_path / "mlp.onnx", features=6, classes=3)
+    merged = merge_detector(model, EnergyDetector(), tmp_path / "merged.onnx")
+    session = OnnxSession(merged, threads=1, hidden_outputs=[SCORE_OUTPUT])
+    feed = {"x": np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)}
+    plain, with_score = session.runner(), session.runner(hidden=True)
+    np.testing.assert_array_equal(plain(feed)[0], session.run(feed)[0])
+    *outputs, score = with_score(feed)
+    assert len(plain(feed)) == 1 and len(outputs) == 1
+    _assert_same_scores(score, EnergyDetector().score(feed, outputs))
+    with pytest.raises(RuntimeLoadError, match="failed to run"):
+        plain({"x": np.zeros((4, 5), np.float32)})
