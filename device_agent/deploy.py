@@ -615,13 +615,21 @@ class Deployer:
 
         new = LoadedModel.open(bundle, self._config)
         io = bundle.manifest.io
+        # The same steps as Agent.predict: the checker, the run predict uses (with the score
+        # output when the detector is in the graph), then the score.
         try:
             feed = new.check(sample_inputs(io))
-            outputs = new.session.run(feed)
-            if new.detector is not None:
-                new.detector.score(feed, outputs)
+            outputs = new.run(feed)
+            if new.score_in_graph:
+                scores = outputs.pop()
+            elif new.detector is not None:
+                scores = new.detector.score(feed, outputs)
+            else:
+                scores = np.zeros(1)
         except EdgeshipError as exc:
             raise BundleError(f"the self-test inference failed: {exc}") from exc
+        if not np.isfinite(scores).all():
+            raise BundleError("the self-test gave a non-finite outlier score")
         if len(outputs) != len(io.outputs):
             raise BundleError(
                 f"the self-test gave {len(outputs)} outputs; the manifest lists {len(io.outputs)}"

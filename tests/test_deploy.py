@@ -554,5 +554,5 @@ def test_the_digits_cnn_with_its_outlier_detector_deploys_and_keeps_scoring(
         assert result.state == "applied", result
         assert agent.bundle.manifest.model.version == "2"
     assert failures == [], failures[:3]
-    assert len(results) > n + 20, (len(results), n)
+    assert len(results) >= n + 20, (len(results), n)
     assert all(r.scores is not None and r.labels is not None for r in results)
