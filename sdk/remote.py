@@ -147,7 +147,7 @@ class CommandClient:
             if not done.wait(timeout_s):
                 raise RemoteError(
                     f"device {self.device!r} in fleet {self.fleet!r} did not answer {action!r} "
-                    f"within {timeout_s:g} s (is its agent running and connected?)"
+                    f"within {timeout_s:.3g} s (is its agent running and connected?)"
                 )
         finally:
             with self._lock:
