@@ -29,6 +29,7 @@ from device_agent.contracts.messages import (
     Alert,
     Command,
     CommandReply,
+    DeployEvent,
     Histogram,
     InputSummary,
     LatencySummary,
@@ -266,6 +267,44 @@ def test_failed_reply_and_offline_status_round_trip() -> None:
     assert decode(_topic_for("cmd/reply"), encode(reply)) == reply
     will = StatusMessage(**ENV, state="offline", agent_version="0.1.0")
     assert decode(_topic_for("status"), encode(will)) == will
+
+
+def test_deploy_outcome_round_trips_in_telemetry_and_status() -> None:
+    event = DeployEvent(
+        id="d5c1f0e9a2b3",
+        state="rolled_back",
+        ts=1764201601.5,
+        model="digits",
+        from_version="3",
+        to_version="4",
+        reason="inference failed on the new bundle: input 'image': shape (1, 1, 8, 8) ...",
+    )
+    telemetry = _telemetry(deploy=event)
+    assert decode(_topic_for("telemetry"), encode(telemetry)) == telemetry
+    status = StatusMessage(**ENV, state="online", agent_version="0.1.0", deploy=event)
+    assert decode(_topic_for("status"), encode(status)) == status
+    # Optional: a message without it (an older agent's) decodes with deploy None.
+    data = json.loads(encode(_telemetry()))
+    assert data["deploy"] is None
+    del data["deploy"]
+    assert decode(_topic_for("telemetry"), json.dumps(data).encode()).deploy is None
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"id": "d1", "state": "done", "ts": 1.0}, "deploy.state"),
+        ({"id": "d 1", "state": "applied", "ts": 1.0}, "deploy.id"),
+        ({"id": "d1", "state": "applied"}, "deploy.ts"),
+        ({"id": "d1", "state": "failed", "ts": 1.0, "reason": ""}, "deploy.reason"),
+        ("applied", "deploy"),
+    ],
+)
+def test_a_malformed_deploy_outcome_is_rejected_by_name(value: Any, field: str) -> None:
+    for kind in ("telemetry", "status"):
+        with pytest.raises(ProtocolError) as info:
+            decode(_topic_for(kind), _mutate(kind, ["deploy"], value))
+        assert info.value.field == field, str(info.value)
 
 
 def test_unknown_fields_are_ignored() -> None:
