@@ -67,7 +67,9 @@ class AgentConfig:
     telemetry window. Outlier events are limited to ``outlier_events_per_min`` (a token bucket;
     the next event reports how many were held back). With ``trusted_keys`` (Ed25519 public key
     files) only bundles signed by one of those keys are loaded; ``model_key_file`` holds the
-    AES-256 key of encrypted models (see ``docs/security.md``).
+    AES-256 key of encrypted models (see ``docs/security.md``). A bundle deployed over MQTT
+    (:mod:`device_agent.deploy`) is confirmed by its first ``deploy_probation_inferences``
+    successful inferences (0: at once) and may be at most ``deploy_max_bytes``.
     """
 
     device_id: str = field(default_factory=_default_device_id)
