@@ -41,13 +41,15 @@ FEATURES = 16
 LABELS = ["a", "b", "c", "d"]
 
 
-def _bundle(root: Path, name: str, version: str, *, features: int, seed: int) -> Path:
+def _bundle(
+    root: Path, name: str, version: str, *, features: int, seed: int, labels: list[str] = LABELS
+) -> Path:
     from sdk.artifact import read_artifact
     from sdk.package import package
 
     model = write_mlp_onnx(root / f"{name}.onnx", features=features, seed=seed)
     return package(
-        read_artifact(model), root / name, name="mlp", version=version, labels=LABELS
+        read_artifact(model), root / name, name="mlp", version=version, labels=labels
     ).root
 
 
@@ -59,6 +61,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "v2": _bundle(root, "v2", "2", features=FEATURES, seed=1),
         # Loads and passes its self-test, but takes 8 features where the application sends 16.
         "narrow": _bundle(root, "narrow", "3-narrow", features=8, seed=2),
+        "relabelled": _bundle(
+            root, "relabelled", "4", features=FEATURES, seed=3, labels=["w", "x", "y", "z"]
+        ),
     }
 
 
@@ -556,3 +561,32 @@ def test_the_digits_cnn_with_its_outlier_detector_deploys_and_keeps_scoring(
     assert failures == [], failures[:3]
     assert len(results) >= n + 20, (len(results), n)
     assert all(r.scores is not None and r.labels is not None for r in results)
+
+
+def test_new_class_labels_start_a_new_window(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """A bundle with other class labels: the window open at the swap is closed under the old
+    model, so no telemetry window names one model's predictions with the other's labels."""
+    fleet = _fleet()
+    listener = _Listener(fleet)
+    try:
+        with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+            result = deploy_bundle(bundles["relabelled"], BROKER, fleet, "pi-d", timeout_s=60)
+            assert result.ok, result
+            traffic.wait_count(50)
+            assert traffic.failures == []
+            assert (agent.predict({"x": traffic.x}).labels or [""])[0] in {"w", "x", "y", "z"}
+            listener.wait_for(
+                lambda: [
+                    t
+                    for t in listener.of(msg.TelemetryMessage)
+                    if t.model_version == "4" and t.inferences
+                ]
+            )
+        windows = [t for t in listener.of(msg.TelemetryMessage) if t.inferences]
+        old = [t for t in windows if t.model_version == "1"]
+        new = [t for t in windows if t.model_version == "4"]
+        assert old and new and len(old) + len(new) == len(windows)
+        assert all(set(t.predictions) <= set(LABELS) for t in old)
+        assert all(set(t.predictions) <= {"w", "x", "y", "z"} for t in new)
+    finally:
+        listener.close()
