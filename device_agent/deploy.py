@@ -352,11 +352,13 @@ class Deployer:
     # --- records and events -------------------------------------------------------------
 
     def _record(self, deploy_id: str, **fields: Any) -> dict[str, Any]:
-        rec = self._records.setdefault(deploy_id, {"deploy": deploy_id})
-        rec.update(fields)
-        while len(self._records) > _KEEP_RECORDS:
-            del self._records[next(iter(self._records))]
-        return dict(rec)
+        # Called from the command thread and, for a rollback, from an inference thread.
+        with self._lock:
+            rec = self._records.setdefault(deploy_id, {"deploy": deploy_id})
+            rec.update(fields)
+            while len(self._records) > _KEEP_RECORDS:
+                del self._records[next(iter(self._records))]
+            return dict(rec)
 
     def _event(
         self,
