@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: edgeship-agent run --bundle /opt/edgeship/bundle "
         "--broker mqtt://hub.local:1883 --fleet greenhouse --device-id pi-07",
     )
-    p.add_argument("--bundle", type=Path, help="the bundle directory")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="the bundle directory (a bundle deployed with 'edgeship deploy' and applied takes "
+        "precedence; see docs/agent.md, Remote deploy)",
+    )
     p.add_argument("--config", type=Path, help="agent.toml with any of these settings")
     p.add_argument("--broker", dest="broker_url", help="mqtt://host:1883 or mqtts://host:8883")
     p.add_argument("--device-id", help="this board's id (default: the hostname)")
