@@ -590,3 +590,72 @@ def test_new_class_labels_start_a_new_window(bundles: dict[str, Path], tmp_path:
         assert all(set(t.predictions) <= {"w", "x", "y", "z"} for t in new)
     finally:
         listener.close()
+
+
+def test_edgeship_agent_run_restarts_with_the_deployed_bundle_and_says_so(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The service on the board: deploy into a running ``edgeship-agent run`` (inputs replayed
+    from a file), stop it with SIGTERM, start it again with the same ``--bundle``: it runs the
+    deployed bundle, logs why, and serves it on its HTTP endpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.brokers import free_port
+
+    fleet = _fleet()
+    replay = tmp_path / "inputs.npz"
+    np.savez(replay, x=np.random.default_rng(1).random((32, FEATURES), dtype=np.float32))
+    port = free_port()
+    command = [
+        sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(bundles["v1"]),
+        "--broker", BROKER, "--fleet", fleet, "--device-id", "pi-svc",
+        "--state-dir", str(tmp_path / "state"), "--http", f"127.0.0.1:{port}",
+        "--replay", str(replay), "--replay-rate", "100",
+    ]  # fmt: skip
+    env = {**os.environ, "EDGESHIP_AGENT_DEPLOY_PROBATION_INFERENCES": "10"}
+
+    def health() -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}/v1/health"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return dict(json.loads(response.read()))
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if health().get("connected"):
+                    return proc
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout
+            time.sleep(0.1)
+
+    def stop(proc: subprocess.Popen[str]) -> str:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        return out
+
+    proc = start()
+    try:
+        assert health()["model_version"] == "1"
+        result = deploy_bundle(bundles["v2"], BROKER, fleet, "pi-svc", timeout_s=60)
+        assert result.ok, result
+        assert health()["model_version"] == "2"
+    finally:
+        first_log = stop(proc)
+    assert "deploy d" in first_log and "applied" in first_log
+    proc = start()
+    try:
+        assert health()["model_version"] == "2"
+    finally:
+        second_log = stop(proc)
+    assert f"deployed remotely as {result.deploy_id}" in second_log
+    assert "takes precedence over the configured bundle" in second_log
