@@ -9,7 +9,8 @@ first failing inference), alternating, ``--rounds`` times. Models are MLPs of ra
 of the model). Printed per deploy: archive size, chunks, the upload time and rate, the time from
 the last chunk to the device's verdict (verify, unpack, load, self-test, swap, probation), the
 total; and for the application, calls, failed calls, p50 and max latency during the deploy
-against the same figures in the quiet second before it.
+against the same figures in the quiet second before it. Exits 1 unless every application call
+succeeded and every deploy had its expected outcome.
 
     python benchmarks/deploy.py [--broker mqtt://127.0.0.1:1883 | --broker embedded]
         [--hidden 4096] [--rounds 3] [--json FILE]
@@ -198,10 +199,14 @@ def main() -> int:
         if embedded is not None:
             embedded.stop()
     failed = sum(r["during"]["failed"] for r in rows)
-    print(f"failed application calls over {len(rows)} deploys: {failed}")
+    wrong = [
+        r for r in rows if r["state"] != ("rolled_back" if r["bundle"] == "bad" else "applied")
+    ]
+    print(f"failed application calls over {len(rows)} deploys: {failed} (target 0)")
+    print(f"deploys with the wrong outcome: {len(wrong)} (target 0)")
     if args.json is not None:
         args.json.write_text(json.dumps({"broker": args.broker, "rows": rows}, indent=2) + "\n")
-    return 0
+    return 0 if failed == 0 and not wrong else 1
 
 
 if __name__ == "__main__":
