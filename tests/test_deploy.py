@@ -368,6 +368,34 @@ def test_damaged_or_hostile_archives_and_failing_self_tests_are_refused_before_t
                 # Commands that make no sense are errors, not crashes.
                 missing = client.call("deploy_commit", {"deploy": "nothing-here"})
                 assert not missing.ok and "deploy_begin" in (missing.error or "")
+                huge = client.call(
+                    "deploy_begin",
+                    {
+                        "deploy": "huge",
+                        "size": 2**40,
+                        "sha256": "0" * 64,
+                        "chunks": 2**23,
+                        "chunk_bytes": 2**17,
+                    },
+                )
+                assert not huge.ok and "'size'" in (huge.error or "")
+                small = _tar([(tarfile.TarInfo("f"), b"abc")])
+                assert client.call(
+                    "deploy_begin",
+                    {
+                        "deploy": "garbled",
+                        "size": len(small),
+                        "sha256": hashlib.sha256(small).hexdigest(),
+                        "chunks": 1,
+                        "chunk_bytes": len(small),
+                    },
+                ).ok
+                garbled = client.call(
+                    "deploy_chunk", {**chunk_args(small, "garbled"), "sha256": "1" * 64}
+                )
+                assert not garbled.ok and "damaged in transit" in (garbled.error or "")
+                early = client.call("deploy_commit", {"deploy": "garbled"})
+                assert not early.ok and "1 of 1 chunks missing" in (early.error or "")
             events = listener.wait_for(
                 lambda: [
                     s.deploy
