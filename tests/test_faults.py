@@ -48,6 +48,7 @@ from tests.faults_report import record
 from tests.proxy import TcpProxy
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.faults,
     pytest.mark.skipif(shutil.which(MOSQUITTO) is None, reason="needs mosquitto"),
 ]
@@ -211,8 +212,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     with contextlib.ExitStack() as stack:
         broker = Mosquitto(tmp_path / "broker", extra_conf=BROKER_CONF)
         stack.callback(broker.stop)
-        stack.callback(broker.resume)  # never leave a stopped process behind
         broker.start()
+        stack.callback(broker.resume)  # never leave a stopped process behind
         yield Rig(tmp_path, broker, stack)
 
 
