@@ -7,6 +7,7 @@
   protocol fallback.
 * :class:`Collector`: a plain paho subscriber with a persistent session that records every
   message it receives, and :func:`delivery_report` for duplicates and gaps.
+* :class:`FleetListener`: every message of one fleet, decoded, with waits on what arrived.
 * ``python -m tests.brokers produce ...``: a stand-in for the agent (Spool + Publisher +
   WindowAggregator) that publishes one telemetry window per period and prints one JSON line per
   window, for the outage tests that SIGKILL it.
@@ -40,6 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from device_agent.contracts import messages as msg
+from device_agent.errors import ProtocolError
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -345,6 +347,63 @@ class Collector:
 
     def wait(self, predicate: Callable[[list[Received]], Any], timeout: float) -> bool:
         return wait_for(lambda: predicate(self.snapshot()), timeout)
+
+
+class FleetListener:
+    """Every message of one fleet on a broker (the shared Mosquitto unless told), decoded with
+    the contract's strict decoder as it arrives. What does not decode is kept in ``invalid``
+    (the error's text) rather than taken for a message; ``raw`` keeps (topic, payload) of each
+    decoded one, for feeding the collector's ingest."""
+
+    def __init__(self, fleet: str, host: str = "127.0.0.1", port: int = 1883) -> None:
+        self.messages: list[msg.Message] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self.invalid: list[str] = []
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(msg.subscription(fleet), qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+        assert ready.wait(10), "listener: no SUBACK"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        if not m.payload:
+            return
+        try:
+            decoded = msg.decode(m.topic, m.payload)
+        except ProtocolError as exc:
+            with self._lock:
+                self.invalid.append(str(exc))
+            return
+        with self._lock:
+            self.messages.append(decoded)
+            self.raw.append((m.topic, bytes(m.payload)))
+
+    def of(self, kind: type) -> list[Any]:
+        with self._lock:
+            return [m for m in self.messages if isinstance(m, kind)]
+
+    def raw_snapshot(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return list(self.raw)
+
+    def wait_for(self, cond: Callable[[], Any], timeout: float = 20) -> Any:
+        """Poll ``cond`` until it is truthy and return what it returned; AssertionError naming
+        the kinds received so far if ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = cond()
+            if found:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; got {[type(m).__name__ for m in self.messages]}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
 
 
 @dataclass

@@ -5,75 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import Agent, AgentConfig
 from device_agent.contracts import messages as msg
 from sdk.remote import remote_benchmark
+from tests.brokers import FleetListener
 
 BROKER = "mqtt://127.0.0.1:1883"  # the shared Mosquitto: read and publish only
 
 
-class _Listener:
-    def __init__(self, fleet: str) -> None:
-        self.messages: list[msg.Message] = []
-        self.invalid: list[str] = []
-        self._lock = threading.Lock()
-        ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-
-        def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
-            c.subscribe(msg.subscription(fleet), qos=1)
-
-        def on_subscribe(c: Any, u: Any, mid: Any, rcs: Any, p: Any) -> None:
-            ready.set()
-
-        def on_message(c: Any, u: Any, m: Any) -> None:
-            if not m.payload:
-                return
-            try:
-                decoded = msg.decode(m.topic, m.payload)
-            except msg.ProtocolError as exc:  # type: ignore[attr-defined]
-                self.invalid.append(str(exc))
-                return
-            with self._lock:
-                self.messages.append(decoded)
-
-        self.client.on_connect = on_connect
-        self.client.on_subscribe = on_subscribe
-        self.client.on_message = on_message
-        self.client.connect("127.0.0.1", 1883)
-        self.client.loop_start()
-        assert ready.wait(10)
-
-    def of(self, kind: type) -> list[Any]:
-        with self._lock:
-            return [m for m in self.messages if isinstance(m, kind)]
-
-    def wait_for(self, cond: Any, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out; got {[type(m).__name__ for m in self.messages]}")
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def test_agent_reports_over_mqtt(digits_bundle: Path, digits_splits: Any, tmp_path: Path) -> None:
     fleet = f"t{uuid.uuid4().hex[:10]}"
-    listener = _Listener(fleet)
+    listener = FleetListener(fleet)
     config = AgentConfig(
         device_id="pi-a", fleet=fleet, broker_url=BROKER, window_s=0.5, state_dir=tmp_path / "state"
     )

@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import Agent, AgentConfig
 from device_agent.contracts import messages as msg
@@ -34,6 +32,7 @@ from device_agent.deploy import deploy_dir, unpack_archive
 from device_agent.errors import BundleError, EdgeshipError
 from sdk.deploy import deploy_bundle, pack_bundle
 from sdk.remote import CommandClient
+from tests.brokers import FleetListener
 from tests.helpers import write_mlp_onnx
 
 BROKER = "mqtt://127.0.0.1:1883"  # the shared Mosquitto: unique fleet ids, connect only
@@ -65,48 +64,6 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root, "relabelled", "4", features=FEATURES, seed=3, labels=["w", "x", "y", "z"]
         ),
     }
-
-
-class _Listener:
-    """Every valid message of one fleet, decoded."""
-
-    def __init__(self, fleet: str) -> None:
-        self.messages: list[msg.Message] = []
-        self.raw: list[tuple[str, bytes]] = []
-        self._lock = threading.Lock()
-        ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(msg.subscription(fleet), qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
-
-        def on_message(c: Any, u: Any, m: Any) -> None:
-            if m.payload:
-                decoded = msg.decode(m.topic, m.payload)
-                with self._lock:
-                    self.messages.append(decoded)
-                    self.raw.append((m.topic, bytes(m.payload)))
-
-        self.client.on_message = on_message
-        self.client.connect("127.0.0.1", 1883)
-        self.client.loop_start()
-        assert ready.wait(10)
-
-    def of(self, kind: type) -> list[Any]:
-        with self._lock:
-            return [m for m in self.messages if isinstance(m, kind)]
-
-    def wait_for(self, cond: Any, timeout: float = 20) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = cond()
-            if found:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; got {[type(m).__name__ for m in self.messages]}")
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @dataclass
@@ -177,7 +134,7 @@ def _fleet() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-def _deploy_events(listener: _Listener, state: str) -> list[msg.DeployEvent]:
+def _deploy_events(listener: FleetListener, state: str) -> list[msg.DeployEvent]:
     return [
         t.deploy
         for t in listener.of(msg.TelemetryMessage)
@@ -189,7 +146,7 @@ def test_good_bundle_swaps_in_without_a_failed_inference_and_survives_a_restart(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     fleet = _fleet()
-    listener = _Listener(fleet)
+    listener = FleetListener(fleet)
     try:
         with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
             before = traffic.outputs[-1]
@@ -241,7 +198,7 @@ def test_a_bundle_that_fails_on_the_applications_inputs_rolls_back(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     fleet = _fleet()
-    listener = _Listener(fleet)
+    listener = FleetListener(fleet)
     try:
         with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
             result = deploy_bundle(bundles["narrow"], BROKER, fleet, "pi-d", timeout_s=60)
@@ -266,8 +223,7 @@ def test_a_bundle_that_fails_on_the_applications_inputs_rolls_back(
             # The collector stores these messages, deploy field and all.
             from sdk.collector.ingest import DeadLetter, TelemetryRecord, ingest
 
-            with listener._lock:
-                raw = list(listener.raw)
+            raw = listener.raw_snapshot()
             results = [ingest(topic, payload, time.time()) for topic, payload in raw]
             assert not [r for r in results if isinstance(r, DeadLetter)]
             assert any(isinstance(r, TelemetryRecord) and r.model_version == "1" for r in results)
@@ -335,7 +291,7 @@ def test_damaged_or_hostile_archives_and_failing_self_tests_are_refused_before_t
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     fleet = _fleet()
-    listener = _Listener(fleet)
+    listener = FleetListener(fleet)
     good = pack_bundle(bundles["v2"])
     # A bundle whose manifest promises 16 features while its model takes 8: its self-test
     # inference fails on the device.
@@ -595,7 +551,7 @@ def test_new_class_labels_start_a_new_window(bundles: dict[str, Path], tmp_path:
     """A bundle with other class labels: the window open at the swap is closed under the old
     model, so no telemetry window names one model's predictions with the other's labels."""
     fleet = _fleet()
-    listener = _Listener(fleet)
+    listener = FleetListener(fleet)
     try:
         with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
             result = deploy_bundle(bundles["relabelled"], BROKER, fleet, "pi-d", timeout_s=60)
