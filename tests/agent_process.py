@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
 
 
 def main(argv: list[str]) -> int:
@@ -37,16 +36,9 @@ def main(argv: list[str]) -> int:
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s"
     )
     if args.fsize_limit is not None:
-        import resource
+        from tests.brokers import fill_disk_at
 
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, hard))
-
-        def lift(*_: Any) -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-
-        signal.signal(signal.SIGUSR1, lift)
+        fill_disk_at(args.fsize_limit)
 
     import numpy as np
 

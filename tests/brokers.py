@@ -530,6 +530,22 @@ class Producer:
             t.join(5)
 
 
+def fill_disk_at(limit: int) -> None:
+    """A full disk for this process: files it writes cannot grow past ``limit`` bytes
+    (RLIMIT_FSIZE with SIGXFSZ ignored, so writes fail with EFBIG as they would with ENOSPC);
+    SIGUSR1 lifts the limit (space freed)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+    def lift(*_: Any) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+
+    signal.signal(signal.SIGUSR1, lift)
+
+
 def _produce(argv: list[str]) -> int:
     """The stand-in agent: one telemetry window every ``--period`` seconds until SIGTERM."""
     import uuid
@@ -562,16 +578,7 @@ def _produce(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     if args.fsize_limit is not None:
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, hard))
-
-        def lift(*_: Any) -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-
-        signal.signal(signal.SIGUSR1, lift)
+        fill_disk_at(args.fsize_limit)
     if args.clock_file is not None:
         real_time, offset = time.time, [0.0]
         clock_file = Path(args.clock_file)
