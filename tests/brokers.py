@@ -8,6 +8,7 @@
 * :class:`Collector`: a plain paho subscriber with a persistent session that records every
   message it receives, and :func:`delivery_report` for duplicates and gaps.
 * :class:`FleetListener`: every message of one fleet, decoded, with waits on what arrived.
+* :class:`AckClient`: a paho client recording its PUBACK and SUBACK reason codes (ACL tests).
 * ``python -m tests.brokers produce ...``: a stand-in for the agent (Spool + Publisher +
   WindowAggregator) that publishes one telemetry window per period and prints one JSON line per
   window, for the outage tests that SIGKILL it.
@@ -404,6 +405,37 @@ class FleetListener:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class AckClient:
+    """A paho client, built by the caller (protocol, credentials, TLS), that records the reason
+    codes of its PUBACKs and SUBACKs: what a broker's ACL said to each publish and subscribe."""
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self.acks: dict[int, int] = {}
+        self.subacks: dict[int, list[int]] = {}
+        client.on_publish = lambda c, u, mid, rc, p: self.acks.__setitem__(mid, rc.value)
+        client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.__setitem__(
+            mid, [r.value for r in rcs]
+        )
+
+    def publish(self, topic: str, payload: bytes = b"{}") -> int:
+        """Publish at QoS 1; the PUBACK's reason code (always 0 under MQTT 3.1.1)."""
+        info = self.client.publish(topic, payload, qos=1)
+        assert wait_for(lambda: info.mid in self.acks, 10), f"no PUBACK for {topic}"
+        return self.acks[info.mid]
+
+    def subscribe(self, topic: str) -> int:
+        """Subscribe at QoS 1; the SUBACK's reason code (128 or more: refused)."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None
+        assert wait_for(lambda: mid in self.subacks, 10), f"no SUBACK for {topic}"
+        return self.subacks[mid][0]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 @dataclass

@@ -48,7 +48,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import Agent, AgentConfig
 from device_agent.contracts import messages as msg
-from tests.brokers import Mosquitto, wait_for
+from tests.brokers import AckClient, Mosquitto, wait_for
 from tests.pki import CertificateAuthority, Issued
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,27 +172,25 @@ def fleet(
         yield fleet
 
 
-class Client:
+class Client(AckClient):
     """A paho client that records CONNACK, PUBACK and SUBACK reason codes and messages."""
 
     def __init__(self, protocol: int = mqtt.MQTTv5) -> None:
         self.protocol = protocol
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}", protocol=protocol
+        super().__init__(
+            mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=f"t-{uuid.uuid4().hex[:10]}",
+                protocol=protocol,
+            )
         )
         self.connack: int | None = None
         self.closed = threading.Event()
         self.connected = threading.Event()
-        self.acks: dict[int, int] = {}
-        self.subacks: dict[int, list[int]] = {}
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.closed.set()
-        self.client.on_publish = lambda c, u, mid, rc, p: self.acks.__setitem__(mid, rc.value)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.__setitem__(
-            mid, [r.value for r in rcs]
-        )
         self.client.on_message = self._on_message
 
     def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -209,28 +207,12 @@ class Client:
         assert self.connected.wait(10), "no CONNACK"
         assert self.connack == 0, f"refused: {self.connack}"
 
-    def publish(self, topic: str, payload: bytes = b"{}") -> int:
-        """Publish at QoS 1; the PUBACK's reason code (always 0 under MQTT 3.1.1)."""
-        info = self.client.publish(topic, payload, qos=1)
-        assert wait_for(lambda: info.mid in self.acks, 10), f"no PUBACK for {topic}"
-        return self.acks[info.mid]
-
-    def subscribe(self, topic: str) -> int:
-        _, mid = self.client.subscribe(topic, qos=1)
-        assert mid is not None
-        assert wait_for(lambda: mid in self.subacks, 10), f"no SUBACK for {topic}"
-        return self.subacks[mid][0]
-
     def received(self) -> list[tuple[str, bytes]]:
         with self._lock:
             return list(self.messages)
 
     def wait_payload(self, payload: bytes, timeout: float = 10) -> bool:
         return wait_for(lambda: any(p == payload for _, p in self.received()), timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture

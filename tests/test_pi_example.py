@@ -45,7 +45,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agent import AgentConfig, TensorSpec
 from device_agent.config import RunConfig, load_settings
 from device_agent.contracts import messages as msg
-from tests.brokers import MOSQUITTO, Collector, Mosquitto, delivery_report, port_open, wait_for
+from tests.brokers import (
+    MOSQUITTO,
+    AckClient,
+    Collector,
+    Mosquitto,
+    delivery_report,
+    port_open,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "raspberry_pi"
@@ -234,31 +242,27 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-class _Client:
+class _Client(AckClient):
     """A plain MQTT 5 paho client that records reason codes of PUBACKs and SUBACKs."""
 
     def __init__(
         self, user: str | None, port: int, ca_file: Path | None = None, password: str = ""
     ) -> None:
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"{user}-{uuid.uuid4().hex[:6]}",
-            protocol=mqtt.MQTTv5,
+        super().__init__(
+            mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=f"{user}-{uuid.uuid4().hex[:6]}",
+                protocol=mqtt.MQTTv5,
+            )
         )
         if user is not None:
             self.client.username_pw_set(user, password or f"secret-{user}")
         if ca_file is not None:
             self.client.tls_set(ca_certs=str(ca_file))
-        self.acks: dict[int, int] = {}
-        self.subacks: dict[int, list[int]] = {}
         self.messages: list[mqtt.MQTTMessage] = []
         self.connected = threading.Event()
         self.refused: int | None = None
         self.client.on_connect = self._on_connect
-        self.client.on_publish = lambda c, u, mid, rc, p: self.acks.__setitem__(mid, rc.value)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.__setitem__(
-            mid, [r.value for r in rcs]
-        )
         self.client.on_message = lambda c, u, m: self.messages.append(m)
         self.client.connect("localhost", port, 10)
         self.client.loop_start()
@@ -267,21 +271,6 @@ class _Client:
         if rc.is_failure:
             self.refused = rc.value
         self.connected.set()
-
-    def publish(self, topic: str, payload: bytes = b"{}") -> int:
-        info = self.client.publish(topic, payload, qos=1)
-        assert wait_for(lambda: info.mid in self.acks, 10), f"no PUBACK for {topic}"
-        return self.acks[info.mid]
-
-    def subscribe(self, topic: str) -> int:
-        _, mid = self.client.subscribe(topic, qos=1)
-        assert mid is not None
-        assert wait_for(lambda: mid in self.subacks, 10), f"no SUBACK for {topic}"
-        return self.subacks[mid][0]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_mosquitto_example_tls_passwords_and_acl(tmp_path: Path) -> None:
