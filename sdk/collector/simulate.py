@@ -11,6 +11,11 @@ Every payload is a valid v1 message (one template per device is checked with
 window times and histograms drawn from fixed, valid variants), so the collector must store
 every one of them. :attr:`SimulatedFleet.published` records what the broker acknowledged, per
 device, which is what a test compares the store with.
+
+One process holds at most :data:`MAX_DEVICES_PER_PROCESS` devices: paho-mqtt waits on each
+connection with ``select()``, which cannot watch a file descriptor above 1023 (``FD_SETSIZE``),
+and every device takes three (its socket and the two ends of its loop's wake-up pair). A larger
+fleet is refused before anything connects; run several processes with distinct ``--prefix``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import sys
 import threading
 import time
@@ -40,9 +46,44 @@ from device_agent.contracts.messages import (
     encode,
     topic,
 )
-from sdk.collector.errors import BrokerError
+from device_agent.errors import EdgeshipError
+from sdk.collector.errors import BrokerError, ConfigError
 
-__all__ = ["SimConfig", "SimulatedFleet", "main"]
+__all__ = ["MAX_DEVICES_PER_PROCESS", "SimConfig", "SimulatedFleet", "main"]
+
+FD_SETSIZE = 1024  # select() watches file descriptors 0..1023 only
+FDS_PER_DEVICE = 3  # the MQTT socket and paho's wake-up socket pair (loop_start)
+#: devices one process can hold, leaving 64 descriptors to the interpreter, logs, a broker...
+MAX_DEVICES_PER_PROCESS = (FD_SETSIZE - 64) // FDS_PER_DEVICE
+
+
+def _split_hint(devices: int) -> str:
+    processes = -(-devices // MAX_DEVICES_PER_PROCESS)
+    return (
+        f"run {processes} processes of at most {MAX_DEVICES_PER_PROCESS} devices each, with "
+        "distinct --prefix (e.g. --prefix a --devices 250 and --prefix b --devices 250)"
+    )
+
+
+def _raise_nofile_limit(devices: int) -> None:
+    """Raise the soft RLIMIT_NOFILE (256 on macOS) towards what ``devices`` need, up to
+    FD_SETSIZE: descriptors above it are of no use to select()."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(FD_SETSIZE, 64 + FDS_PER_DEVICE * devices)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _next_fd() -> int:
+    """The descriptor the next socket gets (the lowest free one)."""
+    with socket.socket() as probe:
+        return probe.fileno()
 
 
 @dataclass(frozen=True)
@@ -80,6 +121,14 @@ class SimulatedFleet:
     def __init__(self, config: SimConfig) -> None:
         from sdk.collector.service import parse_broker_url
 
+        if config.devices < 1:
+            raise ConfigError(f"devices must be at least 1, got {config.devices}")
+        if config.devices > MAX_DEVICES_PER_PROCESS:
+            raise ConfigError(
+                f"{config.devices} simulated devices do not fit in one process: paho-mqtt's "
+                f"select() cannot watch file descriptors above {FD_SETSIZE - 1} and each device "
+                f"takes {FDS_PER_DEVICE}; {_split_hint(config.devices)}"
+            )
         self.config = config
         self._broker = parse_broker_url(config.broker_url)
         self._rng = random.Random(config.seed)
@@ -168,8 +217,17 @@ class SimulatedFleet:
     def connect(self, timeout_s: float = 30.0) -> SimulatedFleet:
         """Connect every device (will registered, birth published)."""
         cfg = self.config
+        _raise_nofile_limit(cfg.devices)
         for i in range(cfg.devices):
             name = f"{cfg.prefix}-{i:04d}"
+            if _next_fd() + FDS_PER_DEVICE > FD_SETSIZE:  # descriptors this process holds already
+                self.close(goodbye=False)
+                raise ConfigError(
+                    f"simulated device {name}: its sockets would get file descriptors above "
+                    f"{FD_SETSIZE - 1}, which paho-mqtt's select() cannot watch ({i} devices "
+                    "connected in this process, which holds other descriptors too); run fewer "
+                    "devices per process"
+                )
             client = mqtt.Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=f"{cfg.fleet}-{name}-{uuid.uuid4().hex[:6]}",
@@ -313,28 +371,44 @@ class SimulatedFleet:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m sdk.collector.simulate", description="simulate a fleet of devices"
+        prog="python -m sdk.collector.simulate",
+        description="Simulate a fleet of devices: one MQTT connection each, with a Last Will, "
+        "a birth status and a valid telemetry window every --period seconds.",
+        epilog="example: python -m sdk.collector.simulate --broker mqtt://127.0.0.1:1883 "
+        "--fleet demo --devices 20 --period 1 --duration 60 --report published.json\n"
+        f"one process holds at most {MAX_DEVICES_PER_PROCESS} devices (paho-mqtt's select() "
+        "stops at file descriptor 1023); for more, run several processes with distinct --prefix",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--broker", required=True, help="mqtt://host:port")
-    p.add_argument("--fleet", default="sim")
-    p.add_argument("--devices", type=int, default=10)
-    p.add_argument("--prefix", default="sim")
-    p.add_argument("--period", type=float, default=1.0, help="seconds between windows")
-    p.add_argument("--duration", type=float, default=60.0)
-    p.add_argument("--keepalive", type=int, default=10)
+    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host[:port]")
+    p.add_argument("--fleet", default="sim", help="fleet name in the topics (default sim)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=10,
+        help=f"devices in this process (default 10, at most {MAX_DEVICES_PER_PROCESS})",
+    )
+    p.add_argument("--prefix", default="sim", help="device names PREFIX-0000... (default sim)")
+    p.add_argument("--period", type=float, default=1.0, help="seconds between windows (default 1)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    p.add_argument("--keepalive", type=int, default=10, help="MQTT keepalive, s (default 10)")
     p.add_argument("--report", help="write what the broker acknowledged, as JSON")
     p.add_argument("--no-goodbye", action="store_true", help="exit without the offline status")
     args = p.parse_args(argv)
-    fleet = SimulatedFleet(
-        SimConfig(
-            broker_url=args.broker,
-            fleet=args.fleet,
-            devices=args.devices,
-            prefix=args.prefix,
-            period_s=args.period,
-            keepalive_s=args.keepalive,
-        )
-    ).connect()
+    try:
+        fleet = SimulatedFleet(
+            SimConfig(
+                broker_url=args.broker,
+                fleet=args.fleet,
+                devices=args.devices,
+                prefix=args.prefix,
+                period_s=args.period,
+                keepalive_s=args.keepalive,
+            )
+        ).connect()
+    except EdgeshipError as exc:
+        print(f"simulate: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"event": "connected", "devices": len(fleet.devices)}), flush=True)
     rounds = fleet.run(args.duration)
     acked = fleet.wait_acked(60.0)
