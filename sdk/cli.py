@@ -231,11 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         "self-test, swaps it in without failing an inference, and rolls back to the previous "
         "bundle if one of its first inferences fails. Exit 0 when the bundle is applied, 1 "
         "when the device refused or rolled it back (the reason is printed) or did not "
-        "answer, 2 for bad input. See docs/agent.md, 'Remote deploy'.",
+        "answer, 2 for bad input (the broker unreachable or refusing the credentials included: "
+        "nothing was sent). See docs/agent.md, 'Remote deploy'.",
+        epilog="example: edgeship deploy bundle-v2/ --device pi-07 --fleet greenhouse "
+        "--broker mqtts://operator:PASSWORD@hub.local:8883 --ca-file ca.crt",
     )
     p.add_argument("bundle", type=Path, help="the bundle directory to send")
     p.add_argument("--device", required=True, help="the device id")
-    p.add_argument("--broker", required=True, help="MQTT broker the device's agent is connected to")
+    p.add_argument(
+        "--broker",
+        required=True,
+        help="the broker the device's agent is connected to: mqtt://[user:password@]host[:port] "
+        "or mqtts://... (a user allowed to write the device's cmd topic)",
+    )
     p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
     p.add_argument(
         "--timeout",
@@ -668,7 +676,7 @@ def argv_is_cli() -> bool:
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from sdk.deploy import deploy_bundle
-    from sdk.remote import RemoteError
+    from sdk.remote import BrokerUnavailableError, RemoteError
 
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
@@ -698,6 +706,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             progress=progress,
             ca_file=args.ca_file,
         )
+    except BrokerUnavailableError:
+        raise  # nothing was sent: bad input, exit 2 with one line
     except RemoteError as exc:
         print(f"edgeship: deploy failed: {exc}", file=sys.stderr)
         return EXIT_BUDGET

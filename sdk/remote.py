@@ -17,11 +17,22 @@ from urllib.parse import urlsplit
 from device_agent.contracts import messages as msg
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 
-__all__ = ["CommandClient", "RemoteError", "remote_benchmark", "send_command"]
+__all__ = [
+    "BrokerUnavailableError",
+    "CommandClient",
+    "RemoteError",
+    "remote_benchmark",
+    "send_command",
+]
 
 
 class RemoteError(EdgeshipError):
     """The device did not answer in time, or answered with an error."""
+
+
+class BrokerUnavailableError(RemoteError):
+    """The broker cannot be reached or refused this client (address, credentials, TLS): nothing
+    was sent to the device. The CLI treats it as bad input (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,13 @@ class CommandClient:
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[threading.Event, list[msg.CommandReply]]] = {}
         subscribed = threading.Event()
+        refused: list[str] = []
 
         def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-            if not reason.is_failure:
+            if reason.is_failure:
+                refused.append(str(reason))
+                subscribed.set()
+            else:
                 client.subscribe(reply_topic, qos=1)
 
         def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
@@ -115,12 +130,19 @@ class CommandClient:
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=30)
         except OSError as exc:
-            raise RemoteError(f"cannot reach the broker at {where}: {exc}") from exc
+            raise BrokerUnavailableError(
+                f"cannot reach the broker at {where}: {exc} (check --broker; is it running?)"
+            ) from exc
         client.loop_start()
         self._client = client
-        if not subscribed.wait(10):
+        if not subscribed.wait(10) or refused:
             self.close()
-            raise RemoteError(
+            if refused:
+                raise BrokerUnavailableError(
+                    f"the broker at {where} refused the connection: {refused[0]} (check the "
+                    "user name and password in mqtt://USER:PASSWORD@host, and the broker's ACL)"
+                )
+            raise BrokerUnavailableError(
                 f"the broker at {where} did not accept the subscription to the device's replies"
             )
 

@@ -18,6 +18,12 @@ def add_trust_parsers(sub: Any) -> None:
         description="Make an Ed25519 key pair for signing bundles (the private key stays on this "
         "workstation, the public key goes to the boards' trusted_keys), or an AES-256 key for "
         "encrypting models at rest (--symmetric; it goes to the boards' model_key_file).",
+        epilog="examples:\n"
+        "  edgeship keys generate --out ~/.edgeship/keys --name release-2026\n"
+        "  edgeship keys generate --symmetric --out ~/.edgeship/keys --name greenhouse\n"
+        "  edgeship keys fingerprint ~/.edgeship/keys/release-2026.pub.pem\n"
+        "see docs/security.md, 'Bundle signing and encryption'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = p.add_subparsers(dest="keys_command", metavar="ACTION")
     q = actions.add_parser(
@@ -26,6 +32,7 @@ def add_trust_parsers(sub: Any) -> None:
         description="Write NAME.pem (private, mode 0600) and NAME.pub.pem, or with --symmetric "
         "NAME.key (AES-256, base64, mode 0600), into --out, and print the key's fingerprint. "
         "Refuses to overwrite an existing file.",
+        epilog="example: edgeship keys generate --out ~/.edgeship/keys --name release-2026",
     )
     q.add_argument("--out", type=Path, required=True, help="directory for the key files")
     q.add_argument("--name", help="file name stem (default edgeship-signing / edgeship-model)")
@@ -48,6 +55,9 @@ def add_trust_parsers(sub: Any) -> None:
         "bundle is refused), then sign manifest.json's bytes with --key and write the "
         "signature to BUNDLE/signature.json. Signing again with another key adds a signature "
         "(key rotation); signatures over an older manifest are dropped.",
+        epilog="example: edgeship sign bundle/ --key ~/.edgeship/keys/release-2026.pem\n"
+        "(make a key pair first: edgeship keys generate --out ~/.edgeship/keys)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", type=Path)
     p.add_argument("--key", type=Path, required=True, help="the private key (NAME.pem)")
@@ -59,6 +69,8 @@ def add_trust_parsers(sub: Any) -> None:
         description="Refuse BUNDLE unless it is signed by one of the --trusted-key public keys, "
         "the signature verifies, and every file matches its SHA-256: exactly the check "
         "edgeship-agent makes with trusted_keys configured.",
+        epilog="example: edgeship verify bundle/ --trusted-key "
+        "~/.edgeship/keys/release-2026.pub.pem",
     )
     p.add_argument("bundle", type=Path)
     p.add_argument(
@@ -79,6 +91,11 @@ def add_trust_parsers(sub: Any) -> None:
         "copy (MODEL.enc) and record the key's id and the nonce in the manifest (format "
         "version 2). Boards need the same key as model_key_file; they decrypt in memory only. "
         "The manifest changes, so an existing signature is removed: sign the bundle afterwards.",
+        epilog="example (encrypt, then sign):\n"
+        "  edgeship encrypt bundle/ --key ~/.edgeship/keys/greenhouse.key\n"
+        "  edgeship sign bundle/ --key ~/.edgeship/keys/release-2026.pem\n"
+        "(make a model key first: edgeship keys generate --symmetric --out ~/.edgeship/keys)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", type=Path)
     p.add_argument("--key", type=Path, required=True, help="the model key file (NAME.key)")
