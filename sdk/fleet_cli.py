@@ -58,6 +58,8 @@ def add_fleet_parser(sub: Any) -> None:
         "--api-token-file); this command sends it from --token-file or EDGESHIP_API_TOKEN. Exit "
         "0 when the device answered ok, 1 when it answered an error or did not answer in "
         "--wait seconds, 2 for bad input or a refused request.",
+        epilog="example: edgeship fleet command pi-07 benchmark --args '{\"min_runs\": 200}' "
+        "--token-file /etc/edgeship/api-token --collector http://127.0.0.1:9108",
     )
     q.add_argument("device", help="the device id")
     q.add_argument("action", help="the action, e.g. ping or benchmark")
@@ -251,7 +253,8 @@ def send_command(
         raise ConfigError(f"the collector refused the command ({exc.code}): {reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise ConfigError(
-            f"cannot reach the collector API at {url}: {getattr(exc, 'reason', exc)}"
+            f"cannot reach the collector API at {url}: {getattr(exc, 'reason', exc)} "
+            "(is 'edgeship collect' running, and is --collector its --http address?)"
         ) from exc
     deadline = time.monotonic() + wait_s
     while True:
