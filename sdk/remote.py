@@ -7,6 +7,7 @@ benchmark report, with ``measured_on`` naming the device.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 import uuid
@@ -119,7 +120,12 @@ class CommandClient:
             protocol=mqtt.MQTTv311,
         )
         if self.broker.tls:
-            client.tls_set(ca_certs=ca_file)
+            try:
+                client.tls_set(ca_certs=ca_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(
+                    f"--ca-file {ca_file}: cannot load it as a CA certificate (PEM): {exc}"
+                ) from exc
         user = username or self.broker.username
         if user:
             client.username_pw_set(user, password or self.broker.password)
@@ -130,8 +136,13 @@ class CommandClient:
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=30)
         except OSError as exc:
+            hint = (
+                "give the CA that signed the broker's certificate with --ca-file"
+                if isinstance(exc, ssl.SSLError)
+                else "check --broker; is it running?"
+            )
             raise BrokerUnavailableError(
-                f"cannot reach the broker at {where}: {exc} (check --broker; is it running?)"
+                f"cannot reach the broker at {where}: {exc} ({hint})"
             ) from exc
         client.loop_start()
         self._client = client

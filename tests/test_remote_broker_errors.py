@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.errors import ConfigError
 from sdk.remote import BrokerUnavailableError, CommandClient
 from tests.brokers import Mosquitto, free_port
 
@@ -62,3 +63,19 @@ def test_a_wrong_password_is_refused_at_once_with_what_to_check(
         right = f"mqtt://operator:pw-operator@127.0.0.1:{broker.port}"
         with CommandClient(right, "f", "d1") as client:
             assert client.device == "d1"
+
+
+def test_a_ca_file_that_is_missing_or_not_a_certificate_is_bad_input(
+    tmp_path: Path, digits_bundle: Path
+) -> None:
+    url = f"mqtts://127.0.0.1:{free_port()}"
+    not_a_cert = tmp_path / "key.pem"
+    not_a_cert.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    for ca_file in (tmp_path / "missing.crt", not_a_cert):
+        with pytest.raises(ConfigError, match="cannot load it as a CA certificate"):
+            CommandClient(url, "f", "d1", ca_file=str(ca_file))
+    done = _edgeship(
+        "deploy", str(digits_bundle), "--device", "d1", "--broker", url,
+        "--ca-file", str(tmp_path / "missing.crt"),
+    )  # fmt: skip
+    _one_line_exit_2(done, "--ca-file", "cannot load it as a CA certificate")
