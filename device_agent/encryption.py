@@ -53,17 +53,19 @@ def load_model_key(path: str | Path) -> bytes:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"model key file not found: {file}")
-    mode = file.stat().st_mode
-    if os.name == "posix" and mode & 0o007:
-        raise ConfigError(
-            f"model key file {file} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
-            f"restrict it with: chmod 600 {file}"
-        )
+    # What the file is comes first: a public key (mode 0644) given by mistake must be named as
+    # the wrong kind of key, not sent to chmod first.
     head = file.read_bytes()[:200]
     if b"-----BEGIN" in head or head.startswith(b"ssh-"):
         raise ConfigError(
             f"{file} is a signing key (PEM/OpenSSH), not a model key; a model key file is one "
             "line of base64 (make one with: edgeship keys generate --symmetric --out DIR)"
+        )
+    mode = file.stat().st_mode
+    if os.name == "posix" and mode & 0o007:
+        raise ConfigError(
+            f"model key file {file} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
+            f"restrict it with: chmod 600 {file}"
         )
     try:
         text = file.read_text("ascii").strip()

@@ -282,6 +282,10 @@ def test_signing_refuses_a_tampered_bundle_and_an_exposed_key(
         sign_bundle(tiny, keys["fleet"].private)
     with pytest.raises(ConfigError, match=r"is a signing key .*, not a model key"):
         encrypt_bundle(tiny, keys["other"].private)
+    public = _pub(keys, "other")  # mode 0644: named as the wrong kind of key, not sent to chmod
+    assert public.stat().st_mode & 0o004
+    with pytest.raises(ConfigError, match=r"is a signing key .*, not a model key"):
+        encrypt_bundle(tiny, public)
 
 
 def test_trusted_key_files_that_cannot_be_used_are_config_errors(
