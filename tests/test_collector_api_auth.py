@@ -333,6 +333,20 @@ def test_the_token_comes_from_a_file_the_environment_or_the_option(tmp_path: Pat
         CollectorConfig("mqtt://127.0.0.1", api_token="short")
 
 
+def test_a_token_file_others_can_read_is_accepted_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    for mode, warned in ((0o644, True), (0o640, True), (0o600, False)):
+        path.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sdk.collector"):
+            assert load_api_token(token_file=path, environ={}) == TOKEN
+        lines = [r.getMessage() for r in caplog.records if "chmod 600" in r.getMessage()]
+        assert bool(lines) is warned, (oct(mode), caplog.text)
+
+
 def test_the_cli_says_one_line_for_a_bad_token(tmp_path: Path) -> None:
     env = {**os.environ, TOKEN_ENV: "short"}
     proc = subprocess.run(

@@ -139,8 +139,17 @@ def load_api_token(
         where = f"--api-token-file {token_file}"
         try:
             token = Path(token_file).read_text().strip()
+            mode = Path(token_file).stat().st_mode
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from exc
+        if os.name == "posix" and mode & 0o077:
+            log.warning(
+                "%s is readable by group or others (mode %04o): anyone who reads it can command "
+                "every device; restrict it with: chmod 600 %s",
+                where,
+                mode & 0o777,
+                token_file,
+            )
     elif token is None:
         token = env.get(TOKEN_ENV) or None
         where = TOKEN_ENV
