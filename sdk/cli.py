@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark on this device instead: its agent times its bundle on the board "
         "(needs --broker)",
     )
-    p.add_argument("--broker", help="MQTT broker the device's agent is connected to")
+    p.add_argument(
+        "--broker",
+        help="the broker the device's agent is connected to: mqtt://[user:password@]host[:port] "
+        "or mqtts://...",
+    )
+    p.add_argument("--ca-file", help="CA certificate for mqtts:// (with --device)")
     p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
     p.add_argument("--runs", type=int, default=200, help="minimum timed runs (default 200)")
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds (default 3)")
@@ -553,7 +558,12 @@ def _bench_remote(args: argparse.Namespace, budget: Any) -> int:
     if args.broker is None:
         raise ConfigError("--device needs --broker URL (the broker the device reports to)")
     report = remote_benchmark(
-        args.broker, args.fleet, args.device, min_runs=args.runs, min_seconds=args.seconds
+        args.broker,
+        args.fleet,
+        args.device,
+        min_runs=args.runs,
+        min_seconds=args.seconds,
+        ca_file=args.ca_file,
     )
     lat = report["latency_ms"]
     print(f"{args.device}: {report.get('runtime')} {report.get('runtime_version')}")

@@ -208,13 +208,16 @@ def send_command(
     timeout_s: float = 60.0,
     username: str | None = None,
     password: str | None = None,
+    ca_file: str | None = None,
 ) -> Any:
     """Send ``action`` to ``device`` and return the reply's ``result``.
 
     Raises :class:`RemoteError` when no reply comes within ``timeout_s`` (the device is offline
     or too busy) or when the device reports failure.
     """
-    with CommandClient(broker_url, fleet, device, username=username, password=password) as client:
+    with CommandClient(
+        broker_url, fleet, device, username=username, password=password, ca_file=ca_file
+    ) as client:
         reply = client.call(action, args, timeout_s=timeout_s)
     if not reply.ok:
         raise RemoteError(f"device {device!r} could not {action}: {reply.error}")
@@ -229,6 +232,7 @@ def remote_benchmark(
     min_runs: int = 200,
     min_seconds: float = 3.0,
     timeout_s: float | None = None,
+    ca_file: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark the device's loaded bundle on the device itself; returns the report dict."""
     wait = timeout_s if timeout_s is not None else max(60.0, min_seconds * 4 + 30)
@@ -239,6 +243,7 @@ def remote_benchmark(
         "benchmark",
         {"min_runs": min_runs, "min_seconds": min_seconds},
         timeout_s=wait,
+        ca_file=ca_file,
     )
     if not isinstance(result, dict) or "latency_ms" not in result:
         raise RemoteError(f"device {device!r} answered the benchmark with something else")

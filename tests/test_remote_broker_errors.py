@@ -79,3 +79,7 @@ def test_a_ca_file_that_is_missing_or_not_a_certificate_is_bad_input(
         "--ca-file", str(tmp_path / "missing.crt"),
     )  # fmt: skip
     _one_line_exit_2(done, "--ca-file", "cannot load it as a CA certificate")
+    done = _edgeship(
+        "bench", "--device", "d1", "--broker", url, "--ca-file", str(tmp_path / "missing.crt")
+    )
+    _one_line_exit_2(done, "--ca-file", "cannot load it as a CA certificate")
