@@ -806,7 +806,13 @@ class Publisher:
             return
         if reason_code.is_failure:
             self._connack_reason = reason_code
-            self._connect_failed(f"broker refused the connection: {reason_code}")
+            hint = ""
+            if reason_code.value in (4, 5, 134, 135):  # bad user name or password; not authorized
+                hint = (
+                    " (check username and password, or cert_file and key_file, in agent.toml or "
+                    "EDGESHIP_AGENT_USERNAME / EDGESHIP_AGENT_PASSWORD; retrying)"
+                )
+            self._connect_failed(f"broker refused the connection: {reason_code}{hint}")
             return
         self._connack_reason = reason_code
         protocol = self._attempt_protocol

@@ -575,6 +575,7 @@ def test_tls_and_password(tmp_path: Path, rigs: list[Rig]) -> None:
         assert wait_for(lambda: wrong_ca.pub.stats["connect_attempts"] >= 2, 10)
         assert not wrong_pw.pub.connected and not wrong_ca.pub.connected
         assert "refused" in wrong_pw.pub.stats["last_error"].lower()
+        assert "check username and password" in wrong_pw.pub.stats["last_error"]
         assert "certificate verify failed" in wrong_ca.pub.stats["last_error"]
 
     with pytest.raises(ConfigError, match="TLS files"):
