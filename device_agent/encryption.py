@@ -53,19 +53,19 @@ def load_model_key(path: str | Path) -> bytes:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"model key file not found: {file}")
-    # What the file is comes first: a public key (mode 0644) given by mistake must be named as
-    # the wrong kind of key, not sent to chmod first.
+    # What the file is comes first: a public key or a model file (mode 0644) given by mistake
+    # must be named as the wrong kind of file, not sent to chmod first.
+    size = file.stat().st_size
+    if size > 1024:  # a key is 45 bytes of base64; do not read a model given by mistake
+        raise ConfigError(
+            f"model key file {file} holds {size} bytes, not a model key (one line of base64; "
+            "make one with: edgeship keys generate --symmetric --out DIR)"
+        )
     head = file.read_bytes()[:200]
     if b"-----BEGIN" in head or head.startswith(b"ssh-"):
         raise ConfigError(
             f"{file} is a signing key (PEM/OpenSSH), not a model key; a model key file is one "
             "line of base64 (make one with: edgeship keys generate --symmetric --out DIR)"
-        )
-    mode = file.stat().st_mode
-    if os.name == "posix" and mode & 0o007:
-        raise ConfigError(
-            f"model key file {file} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
-            f"restrict it with: chmod 600 {file}"
         )
     try:
         text = file.read_text("ascii").strip()
@@ -79,6 +79,12 @@ def load_model_key(path: str | Path) -> bytes:
         raise ConfigError(
             f"model key file {file} holds {len(key)} bytes; an AES-256 key is {KEY_BYTES} bytes "
             "(make one with: edgeship keys generate --symmetric --out DIR)"
+        )
+    mode = file.stat().st_mode
+    if os.name == "posix" and mode & 0o007:
+        raise ConfigError(
+            f"model key file {file} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
+            f"restrict it with: chmod 600 {file}"
         )
     return key
 

@@ -78,7 +78,10 @@ def _prepare_out(out_dir: str | Path, names: list[str]) -> Path:
                 f"{out / name} already exists; refusing to overwrite a key (choose another "
                 "--name or --out, or delete it yourself)"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the directory: {exc.strerror}") from exc
     return out
 
 

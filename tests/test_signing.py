@@ -286,6 +286,13 @@ def test_signing_refuses_a_tampered_bundle_and_an_exposed_key(
     assert public.stat().st_mode & 0o004
     with pytest.raises(ConfigError, match=r"is a signing key .*, not a model key"):
         encrypt_bundle(tiny, public)
+    model = tiny / "model.onnx"  # readable by others, and no key: named as what it is
+    with pytest.raises(ConfigError, match=r"bytes, not a model key"):
+        encrypt_bundle(tiny, model)
+    unmade = tmp_path / "not-a-dir" / "keys"
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(ConfigError, match="cannot create the directory"):
+        generate_signing_key(unmade)
 
 
 def test_trusted_key_files_that_cannot_be_used_are_config_errors(
