@@ -287,7 +287,11 @@ def _cmd_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     )  # fmt: skip
     reply = answer.get("reply")
     if answer["state"] != "replied" or reply is None:
-        out.write(f"{answer['id']}: no reply from {args.device} ({answer['state']})\n")
+        out.write(
+            f"{answer['id']}: no reply from {args.device} in {args.wait:g} s "
+            f"({answer['state']}): is its agent running and connected to the collector's "
+            f"broker, in fleet {answer.get('fleet')!r}?\n"
+        )
         return 1
     if not reply["ok"]:
         out.write(f"{answer['id']}: {args.device} failed: {reply['error']}\n")
