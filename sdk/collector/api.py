@@ -512,6 +512,14 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+class _APIServer(ThreadingHTTPServer):
+    # http.server listens with a backlog of 5: a burst of clients (a dashboard's parallel
+    # fetches, scripts sending commands) overflowed it and waited for TCP retransmits or timed
+    # out (100 parallel GETs against a busy accept loop: 34 timeouts at 5, 0 at 128).
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def make_api_server(
     state: FleetState,
     health: Callable[[], dict[str, Any]],
@@ -536,7 +544,7 @@ def make_api_server(
         },
     )
     try:
-        server = ThreadingHTTPServer(address, handler)
+        server = _APIServer(address, handler)
     except OSError as exc:
         raise ConfigError(
             f"cannot serve the collector API on {address[0]}:{address[1]}: {exc.strerror}"
