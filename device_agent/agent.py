@@ -287,17 +287,25 @@ class Agent:
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_bundle(cls, path: str | Path, config: AgentConfig | None = None) -> Agent:
+    def from_bundle(cls, path: str | Path | None, config: AgentConfig | None = None) -> Agent:
         """Verify the bundle at ``path`` (its signature when ``trusted_keys`` are configured,
         every file's SHA-256), load its model (decrypted in memory if encrypted) and detector.
 
         A bundle deployed to this device over MQTT (and kept after its probation) takes
-        precedence over ``path``: see :func:`device_agent.deploy.deployed_bundle`.
+        precedence over ``path``: see :func:`device_agent.deploy.deployed_bundle`. With
+        ``path`` None only the deployed bundle can run: :class:`ConfigError` when there is none
+        or it cannot run.
         """
-        from device_agent.deploy import deployed_bundle
+        from device_agent.deploy import deploy_dir, deployed_bundle
 
         cfg = config or AgentConfig()
-        deployed = deployed_bundle(cfg)
+        try:
+            deployed = deployed_bundle(cfg, fallback=path is not None)
+        except ConfigError as exc:  # only without path: nothing to fall back to
+            raise ConfigError(
+                f"{exc}; pass --bundle DIR (or set bundle in agent.toml) to run another, or "
+                "deploy one again"
+            ) from exc
         if deployed is not None:
             try:
                 opened = deployed.open_model(
@@ -305,9 +313,19 @@ class Agent:
                 )
                 return cls(deployed, opened, cfg)
             except EdgeshipError as exc:  # e.g. its model key is gone: the given bundle runs
+                if path is None:
+                    raise ConfigError(
+                        f"the deployed bundle {deployed.root} cannot run: {exc}; pass --bundle "
+                        "DIR (or set bundle in agent.toml) to run another"
+                    ) from exc
                 log.error(
                     "the deployed bundle %s cannot run: %s; using %s", deployed.root, exc, path
                 )
+        if path is None:
+            raise ConfigError(
+                "no bundle to run: pass --bundle DIR (or set bundle in agent.toml), or deploy "
+                f"one with 'edgeship deploy' (none in {deploy_dir(cfg)})"
+            )
         bundle = load_bundle(path, trusted_keys=cfg.trusted_keys)
         session = bundle.open_model(
             model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers

@@ -3,6 +3,8 @@
 ``edgeship-agent check BUNDLE`` is the first command to run on a new board: it verifies the
 bundle's signature (with trusted keys) and hashes, loads the model with its runtime (decrypting
 it in memory if it is encrypted), runs one inference and prints timings and the environment.
+Without BUNDLE it checks the bundle ``run`` would run (a deployed one, else the setting
+``bundle``). ``edgeship-agent status`` prints the remote deploy state on disk.
 Exit codes: 0 ok, 2 a problem with the bundle, its signature, a key or the runtime.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.errors import EdgeshipError
+from device_agent.errors import ConfigError, EdgeshipError
 
 __all__ = ["build_parser", "main"]
 
@@ -35,20 +37,45 @@ def _meminfo_mb(key: str) -> int | None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from device_agent.benchmark import sample_inputs
     from device_agent.bundle import load_bundle
     from device_agent.config import load_settings
-    from device_agent.runtime import check_feed
+    from device_agent.deploy import deploy_dir, deployed_bundle
 
     # The same trust settings as 'run' (agent.toml, environment), so check refuses what run
     # would refuse; --trusted-key and --model-key win.
     overrides = {
         "trusted_keys": tuple(str(p) for p in args.trusted_key) or None,
         "model_key_file": None if args.model_key is None else str(args.model_key),
+        "state_dir": args.state_dir,
+        "fleet": args.fleet,
+        "device_id": args.device_id,
     }
-    config, _ = load_settings(args.config, os.environ, overrides)
+    config, run_config = load_settings(args.config, os.environ, overrides)
     t0 = time.perf_counter()
-    bundle = load_bundle(args.bundle, trusted_keys=config.trusted_keys)
+    if args.bundle is not None:
+        bundle = load_bundle(args.bundle, trusted_keys=config.trusted_keys)
+    else:
+        # What 'run' without --bundle would run: the deployed bundle, else the configured one.
+        try:
+            deployed = deployed_bundle(config, fallback=False)
+        except EdgeshipError as exc:
+            if run_config.bundle is None:
+                raise
+            print(f"deployed   {exc}")
+            print(f"           'run' falls back to the configured bundle {run_config.bundle}")
+            deployed = None
+            t0 = time.perf_counter()
+        if deployed is not None:
+            print(f"deployed   {deployed.root} is current (it takes precedence over 'bundle')")
+            bundle = deployed
+        elif run_config.bundle is not None:
+            bundle = load_bundle(run_config.bundle, trusted_keys=config.trusted_keys)
+        else:
+            raise ConfigError(
+                "nothing to check: give BUNDLE, set bundle in agent.toml (--config) or "
+                "EDGESHIP_AGENT_BUNDLE, or deploy one with 'edgeship deploy' (none in "
+                f"{deploy_dir(config)})"
+            )
     t_verify = time.perf_counter() - t0
     m = bundle.manifest
     print(
@@ -57,6 +84,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
     print(f"signature  {bundle.signature.describe()}")
     print(f"verified   {len(m.files)} file(s) match their SHA-256 ({t_verify * 1000:.1f} ms)")
+    from device_agent.benchmark import sample_inputs
+    from device_agent.runtime import check_feed
+
     t0 = time.perf_counter()
     session = bundle.open_model(model_key_file=config.model_key_file, threads=args.threads)
     t_load = time.perf_counter() - t0
@@ -107,16 +137,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify a bundle, run one inference, print timings and the environment",
         description="Verify every file of BUNDLE against its SHA-256, load the model, run one "
         "inference on generated inputs and print timings and the environment. Run it first "
-        "on a new board.",
+        "on a new board. Without BUNDLE it checks the bundle 'run' would start with: the one "
+        "a remote deploy made current (found under state_dir by fleet and device id), else the "
+        "setting bundle.",
+        epilog="example: edgeship-agent check --config /etc/edgeship/agent.toml",
     )
-    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "bundle",
+        type=Path,
+        nargs="?",
+        help="the bundle directory (default: the one 'run' would run, as 'run' chooses it: "
+        "the bundle a remote deploy made current on this board, else the setting bundle)",
+    )
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: runtime's)")
     p.add_argument("--runs", type=int, default=20, help="timed runs after the first (default 20)")
     _add_trust_args(p)
     p.add_argument(
-        "--config", type=Path, help="agent.toml whose trusted_keys and model_key_file apply"
+        "--config",
+        type=Path,
+        help="agent.toml whose trusted_keys, model_key_file (and, without BUNDLE, bundle, "
+        "state_dir, fleet, device_id) apply",
     )
+    _add_where_args(p)
     p.set_defaults(handler=_cmd_check)
+
+    p = sub.add_parser(
+        "status",
+        help="print the remote deploy state on disk: current bundle, previous one, uploads",
+        description="Print what remote deploys left under the state directory, without "
+        "verifying anything: the bundle current.json names (the one 'run' starts with), the "
+        "previous one kept beside it, open uploads, and deployed bundles not applied. Whether "
+        "a bundle is on probation is known only to the running agent: ask it with 'edgeship "
+        "fleet command DEVICE deploy_status'.",
+    )
+    p.add_argument("--config", type=Path, help="agent.toml with state_dir, fleet, device_id")
+    _add_where_args(p)
+    p.set_defaults(handler=_cmd_status)
 
     p = sub.add_parser(
         "run",
@@ -132,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bundle",
         type=Path,
         help="the bundle directory (a bundle deployed with 'edgeship deploy' and applied takes "
-        "precedence; see docs/agent.md, Remote deploy)",
+        "precedence, and without --bundle that one runs; see docs/agent.md, Remote deploy)",
     )
     p.add_argument("--config", type=Path, help="agent.toml with any of these settings")
     p.add_argument("--broker", dest="broker_url", help="mqtt://host:1883 or mqtts://host:8883")
@@ -160,6 +216,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_args(p)
     p.set_defaults(handler=_cmd_run)
     return parser
+
+
+def _add_where_args(p: argparse.ArgumentParser) -> None:
+    """Where the deploy state lives: {state_dir}/deploy-{fleet}-{device_id}, as for 'run'."""
+    p.add_argument("--state-dir", type=Path, help="the agent's state_dir (as for 'run')")
+    p.add_argument("--fleet", help="fleet name (as for 'run')")
+    p.add_argument("--device-id", help="this board's id (as for 'run'; default: the hostname)")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from device_agent.config import load_settings
+    from device_agent.deploy import deploy_dir, deploy_state
+
+    overrides = {"state_dir": args.state_dir, "fleet": args.fleet, "device_id": args.device_id}
+    config, run_config = load_settings(args.config, os.environ, overrides)
+    try:
+        state = deploy_state(config)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {deploy_dir(config)}: {exc.strerror or exc} (run it as the agent's "
+            "user, e.g. sudo -u edgeship)"
+        ) from exc
+    print(f"deploys    {state['dir']}")
+    current = state["current"]
+    if "error" in state:
+        print(f"current    {state['error']}; 'run' ignores it")
+    elif current is None:
+        print(f"current    none deployed; 'run' uses the setting bundle ({run_config.bundle})")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(current.get("ts", 0))))
+        print(
+            f"current    {current.get('model')} v{current.get('model_version')}, deploy "
+            f"{current.get('deploy')}, applied {when} ({current.get('bundle')})"
+        )
+        previous = current.get("previous")
+        name = state.get("previous_model")
+        label = f"{name} v{state.get('previous_version')}" if name else "unreadable manifest"
+        print(f"previous   {label} ({previous})")
+    for upload in state["uploads"]:
+        print(
+            f"upload     {upload['deploy']}: {upload['received']} of {upload['chunks']} chunks "
+            "received (resumes when the same bundle is deployed again)"
+        )
+    for name in state["unapplied"]:
+        print(f"unapplied  bundles/{name} (on probation now, or left by a restart during one)")
+    return 0
 
 
 def _add_trust_args(p: argparse.ArgumentParser) -> None:

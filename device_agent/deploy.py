@@ -51,6 +51,7 @@ import numpy as np
 
 from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts import messages as msg
+from device_agent.contracts.bundle import MANIFEST_NAME
 from device_agent.errors import BundleError, ConfigError, EdgeshipError
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ __all__ = [
     "DeployError",
     "Deployer",
     "deploy_dir",
+    "deploy_state",
     "deployed_bundle",
     "unpack_archive",
 ]
@@ -87,40 +89,97 @@ def deploy_dir(config: AgentConfig) -> Path:
     return Path(config.state_dir) / f"deploy-{config.fleet}-{config.device_id}"
 
 
-def deployed_bundle(config: AgentConfig) -> Bundle | None:
+def deployed_bundle(config: AgentConfig, *, fallback: bool = True) -> Bundle | None:
     """The bundle a remote deploy made current on this device, verified; None if there is none.
 
     It takes precedence over the bundle given at start (``--bundle``). A pointer to a bundle
     that no longer verifies (or no longer passes the signature check of ``trusted_keys``) is
-    logged as an error and ignored, so the agent starts with the given bundle instead.
+    logged as an error and ignored, so the agent starts with the given bundle instead; with
+    ``fallback=False`` (no bundle was given) it raises :class:`ConfigError` saying why.
     """
     root = deploy_dir(config)
     pointer = root / CURRENT_NAME
-    if not pointer.is_file():
-        return None
     try:
         data = json.loads(pointer.read_text(encoding="utf-8"))
         rel = PurePosixPath(str(data["bundle"]))
         if rel.is_absolute() or ".." in rel.parts:
             raise ValueError(f"bundle {str(rel)!r} is not inside {root}")
         bundle = load_bundle(root / rel, trusted_keys=config.trusted_keys)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.error("ignoring %s: unreadable (%s); delete it to silence this", pointer, exc)
+    except FileNotFoundError:  # no deploy applied here (an unreadable one is reported below)
         return None
-    except EdgeshipError as exc:
-        log.error("ignoring the deployed bundle in %s: %s", pointer, exc)
+    except (OSError, ValueError, KeyError, TypeError, EdgeshipError) as exc:
+        why = (
+            f"the deployed bundle in {pointer} cannot run: {exc}"
+            if isinstance(exc, EdgeshipError)
+            else f"{pointer} is unreadable ({exc})"
+        )
+        if not fallback:
+            raise ConfigError(why) from exc
+        log.error("ignoring it: %s; delete %s to silence this", why, pointer)
         return None
     m = bundle.manifest.model
+    if fallback:
+        why = f"it takes precedence over the configured bundle: delete {pointer} to go back"
+    else:
+        why = f"no bundle configured; {pointer} names this one"
     log.info(
-        "using %s v%s, deployed remotely as %s (%s); it takes precedence over the configured "
-        "bundle: delete %s to go back to that one",
+        "using %s v%s, deployed remotely as %s (%s); %s",
         m.name,
         m.version,
         data.get("deploy"),
         bundle.root,
-        pointer,
+        why,
     )
     return bundle
+
+
+def deploy_state(config: AgentConfig) -> dict[str, Any]:
+    """What is on disk about remote deploys, read without verifying anything (cheap).
+
+    ``current`` is ``current.json`` (or None), with ``error`` when it cannot be read;
+    ``previous_model``/``previous_version`` come from the previous bundle's manifest;
+    ``uploads`` lists the open uploads (``deploy``, ``received``, ``chunks``); ``unapplied``
+    names the deployed bundles that are neither current nor previous (on probation now, or left
+    by a restart during one). Whether a bundle is on probation is known only to the running
+    agent (``deploy_status``).
+    """
+    root = deploy_dir(config)
+    out: dict[str, Any] = {"dir": str(root), "current": None, "uploads": [], "unapplied": []}
+    pointer = root / CURRENT_NAME
+    if pointer.is_file():
+        try:
+            current = json.loads(pointer.read_text(encoding="utf-8"))
+            if not isinstance(current, dict):
+                raise ValueError("not a JSON object")
+            out["current"] = current
+        except (OSError, ValueError) as exc:
+            out["error"] = f"{pointer} is unreadable ({exc})"
+    current = out["current"] or {}
+    previous = current.get("previous")
+    if isinstance(previous, str):
+        try:
+            manifest = json.loads((Path(previous) / MANIFEST_NAME).read_text(encoding="utf-8"))
+            out["previous_model"] = manifest["model"]["name"]
+            out["previous_version"] = manifest["model"]["version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    staging = root / "staging"
+    if staging.is_dir():
+        for entry in sorted(staging.iterdir()):
+            try:
+                begin = json.loads((entry / "begin.json").read_text(encoding="utf-8"))
+                chunks = int(begin["chunks"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            parts = len(list(entry.glob("*.part")))
+            out["uploads"].append({"deploy": entry.name, "received": parts, "chunks": chunks})
+    keep = {PurePosixPath(str(current.get("bundle", ""))).name}
+    if isinstance(previous, str):
+        keep.add(Path(previous).name)
+    bundles = root / "bundles"
+    if bundles.is_dir():
+        out["unapplied"] = sorted(e.name for e in bundles.iterdir() if e.name not in keep)
+    return out
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -158,9 +158,10 @@ def replay_inputs(path: Path, agent: Agent) -> list[dict[str, np.ndarray]]:
 
 
 def run_service(agent_config: AgentConfig, run: RunConfig) -> int:
-    """Run until SIGTERM/SIGINT (or the end of a finite replay). Returns the exit code."""
-    if run.bundle is None:
-        raise ConfigError("no bundle given: pass --bundle DIR (or set bundle in agent.toml)")
+    """Run until SIGTERM/SIGINT (or the end of a finite replay). Returns the exit code.
+
+    Without ``run.bundle`` the bundle a remote deploy made current runs (ConfigError when there
+    is none, or it no longer verifies)."""
     address = run.http_address()
     agent = Agent.from_bundle(run.bundle, agent_config)
     samples = None if run.replay is None else replay_inputs(run.replay, agent)

@@ -198,12 +198,14 @@ def test_service_http_replay_and_sigterm(
     assert "Traceback" not in err
 
 
-def test_run_without_bundle_is_a_one_line_error() -> None:
+def test_run_without_bundle_is_a_one_line_error(tmp_path: Path) -> None:
+    # --state-dir: no deployed bundle there either
+    argv = ["run", "--http", "off", "--state-dir", str(tmp_path)]
     out = subprocess.run(
-        [sys.executable, "-m", "device_agent.cli", "run", "--http", "off"],
+        [sys.executable, "-m", "device_agent.cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
-    assert "no bundle given" in out.stderr
+    assert "no bundle to run: pass --bundle DIR" in out.stderr

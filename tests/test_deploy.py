@@ -581,7 +581,11 @@ def test_edgeship_agent_run_restarts_with_the_deployed_bundle_and_says_so(
 ) -> None:
     """The service on the board: deploy into a running ``edgeship-agent run`` (inputs replayed
     from a file), stop it with SIGTERM, start it again with the same ``--bundle``: it runs the
-    deployed bundle, logs why, and serves it on its HTTP endpoint."""
+    deployed bundle, logs why, and serves it on its HTTP endpoint. Started without
+    ``--bundle`` (a board provisioned only by remote deploy) it runs the deployed bundle too;
+    ``check`` without BUNDLE checks that one and ``status`` shows it and the previous one.
+    Once the deployed bundle no longer verifies, ``run`` without ``--bundle`` refuses to start
+    with one line, and ``check`` falls back to the configured bundle as ``run`` would."""
     import os
     import signal
     import subprocess
@@ -607,9 +611,9 @@ def test_edgeship_agent_run_restarts_with_the_deployed_bundle_and_says_so(
         with urllib.request.urlopen(url, timeout=5) as response:
             return dict(json.loads(response.read()))
 
-    def start() -> subprocess.Popen[str]:
+    def start(argv: list[str] = command) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         deadline = time.monotonic() + 30
         while True:
@@ -643,3 +647,72 @@ def test_edgeship_agent_run_restarts_with_the_deployed_bundle_and_says_so(
         second_log = stop(proc)
     assert f"deployed remotely as {result.deploy_id}" in second_log
     assert "takes precedence over the configured bundle" in second_log
+    # No --bundle: the board runs what was deployed to it.
+    no_bundle = [a for a in command if a != str(bundles["v1"]) and a != "--bundle"]
+    proc = start(no_bundle)
+    try:
+        assert health()["model_version"] == "2"
+    finally:
+        third_log = stop(proc)
+    assert "no bundle configured" in third_log
+    where = ["--fleet", fleet, "--device-id", "pi-svc", "--state-dir", str(tmp_path / "state")]
+    agent_cli = [sys.executable, "-m", "device_agent.cli"]
+
+    def cli(*argv: str, bundle_env: str | None = None) -> subprocess.CompletedProcess[str]:
+        env2 = dict(env)
+        env2.pop("EDGESHIP_AGENT_BUNDLE", None)
+        if bundle_env is not None:
+            env2["EDGESHIP_AGENT_BUNDLE"] = bundle_env
+        return subprocess.run(
+            [*agent_cli, *argv], env=env2, capture_output=True, text=True, timeout=60
+        )
+
+    checked = cli("check", "--runs", "2", *where)
+    assert checked.returncode == 0, checked.stderr
+    assert "is current (it takes precedence over 'bundle')" in checked.stdout
+    assert ": mlp v2 " in checked.stdout and checked.stdout.rstrip().endswith("ok")
+    status = cli("status", *where)
+    assert status.returncode == 0, status.stderr
+    assert f"mlp v2, deploy {result.deploy_id}, applied" in status.stdout
+    assert f"previous   mlp v1 ({bundles['v1']})" in status.stdout
+    # The deployed bundle damaged on disk: nothing to fall back to without --bundle.
+    deployed_manifest = tmp_path / "state" / f"deploy-{fleet}-pi-svc" / "bundles"
+    model = next(deployed_manifest.glob("*/*.onnx"))
+    model.write_bytes(model.read_bytes()[:-1] + b"x")
+    refused = cli(*no_bundle[3:])
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    (error,) = [line for line in refused.stderr.splitlines() if "edgeship-agent: error" in line]
+    assert error.startswith("edgeship-agent: error: the deployed bundle in ")
+    assert model.name in error and "pass --bundle DIR" in error
+    refused = cli("check", *where)
+    assert refused.returncode == 2 and "pass --bundle" not in refused.stderr, refused.stderr
+    assert refused.stderr.startswith("edgeship-agent: error: the deployed bundle in ")
+    fallback = cli("check", "--runs", "2", *where, bundle_env=str(bundles["v1"]))
+    assert fallback.returncode == 0, fallback.stderr
+    assert "'run' falls back to the configured bundle" in fallback.stdout
+    assert ": mlp v1 " in fallback.stdout
+
+
+def test_edgeship_agent_run_and_check_without_a_bundle_or_a_deploy_say_what_to_do(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh board with neither --bundle nor a deployed bundle: one line, exit 2."""
+    import os
+
+    from device_agent.cli import main
+
+    for key in [k for k in os.environ if k.startswith("EDGESHIP_AGENT_")]:
+        monkeypatch.delenv(key)
+    where = ["--fleet", "f", "--device-id", "d", "--state-dir", str(tmp_path)]
+    assert main(["run", "--http", "off", *where]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "no bundle to run: pass --bundle DIR" in err and "edgeship deploy" in err
+    assert str(tmp_path / "deploy-f-d") in err
+    assert main(["check", *where]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to check: give BUNDLE" in err, err
+    assert main(["status", *where]) == 0
+    out = capsys.readouterr().out
+    assert "current    none deployed; 'run' uses the setting bundle (None)" in out
