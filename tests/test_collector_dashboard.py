@@ -8,6 +8,7 @@ every metric the Grafana dashboard's queries name is exported by /metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from device_agent.contracts.messages import DeployEvent
 from sdk.collector.monitor import Monitor, MonitorConfig
 from sdk.collector.service import Collector, CollectorConfig
 from tests.brokers import ROOT, Mosquitto, wait_for
@@ -60,7 +62,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         pub = Publisher(broker.port, FLEET)
         rng = np.random.default_rng(3)
         try:
-            pub.send(*(status(d, 0) for d in DEVICES))
+            # pi-garage's last remote deploy rolled back: its row carries a badge.
+            rolled_back = DeployEvent(
+                id="dep-garage", state="rolled_back", ts=time.time(), model="digits-cnn",
+                from_version="1", to_version="2", reason="self-test failed",
+            )  # fmt: skip
+            pub.send(*(status(d, 0) for d in DEVICES if d != "pi-garage"))
+            pub.send(dataclasses.replace(status("pi-garage", 0), deploy=rolled_back))
             for i in range(1, 17):
                 wave = 1 + 0.3 * math.sin(i / 2.5)
                 pub.send(
@@ -106,6 +114,9 @@ def test_dashboard_renders_the_fleet_in_a_browser(
     assert "digits-cnn@1" in rows["pi-kitchen"]
     assert "throttled" in rows["pi-porch"] and "outlier_rate" in rows["pi-garage"]
     assert "drift" in rows["pi-shed"] and "psi significant" in rows["pi-shed"]
+    assert 'class="deploy rolled_back"' in rows["pi-garage"] and "rolled back" in rows["pi-garage"]
+    assert "self-test failed" in rows["pi-garage"]  # the reason, in the badge's tooltip
+    assert "digits-cnn@1" in rows["pi-garage"] and "deploy " not in rows["pi-kitchen"]
     assert "5 devices: 4 online, 0 stale, 1 offline" in dom
     shot = tmp_path / "dashboard.png"
     browse(chromium, url + "/", screenshot=shot)

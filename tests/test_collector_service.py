@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from device_agent.contracts.messages import encode, topic
 from sdk.collector.service import Collector, CollectorConfig
 from sdk.collector.simulate import SimConfig, SimulatedFleet
-from sdk.collector.store import open_store
+from sdk.collector.store import SCHEMA_VERSION, open_store
 from tests.brokers import ROOT, Amqtt, Mosquitto, free_port, wait_for
 from tests.faults_report import record
 from tests.test_collector_ingest import status, telemetry
@@ -147,7 +147,10 @@ def test_collects_a_fleet_serves_the_api_and_survives_garbage(
 
         code, health = get(f"{api}/api/health")
         assert code == 200 and health["ok"] and health["collector"]["dead_letters"] == len(garbage)
-        assert health["subscription"] == f"edgeship/{fleet}/#" and health["schema_version"] == 1
+        assert (
+            health["subscription"] == f"edgeship/{fleet}/#"
+            and health["schema_version"] == SCHEMA_VERSION
+        )
         code, devices = get(f"{api}/api/devices")
         assert code == 200 and devices["summary"]["devices"] == 5
         assert devices["summary"]["online"] == 5 and devices["summary"]["latency_ms"]["p95"] > 0

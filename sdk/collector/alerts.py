@@ -20,6 +20,9 @@ collect --alerts alerts.toml``; without a file the defaults below apply)::
                   messages fill transient gaps)
     spool_drops   the device dropped >= threshold messages from its full      warning
                   spool in the last period_s
+    deploy_failed the device's last remote deploy was rolled_back or failed   warning
+                  (one alert per deploy id, its reason in the summary;
+                  resolves when a later deploy of the device is not)
 
 Telemetry rules look only at windows received in the last ``max_age_s`` (300 s): a device that
 stopped sending resolves them, and ``offline``/``stale`` say why.
@@ -27,13 +30,16 @@ stopped sending resolves them, and ``offline``/``stale`` say why.
 **Lifecycle.** One alert per (fleet, device, rule) at a time. A condition that holds for
 ``for_s`` seconds fires an alert with a new ``id``; while it keeps holding nothing is sent again
 (de-duplication; the stored alert's value and summary are updated); when it stops holding the
-alert is resolved under the same ``id``. A rule that cannot be evaluated (too few inferences,
-a drift baseline still being learned) leaves the alert as it is. Both transitions are stored
-(:class:`AlertStore`, SQLite) and published as :class:`~device_agent.contracts.messages.Alert`
-messages on ``edgeship/{fleet}/alerts``, QoS 1, **not retained** (the protocol's rule for the
-topic: a retained message would show one stale alert per fleet to every new subscriber; the
-current set is ``GET /api/alerts``). Firing alerts are read back from the store at start, so a
-restarted collector resolves them instead of raising them again.
+alert is resolved under the same ``id``. ``deploy_failed`` is tied to the deploy: its id is
+derived from the deploy's id, and a later deploy that also fails resolves it and fires a new
+one (so each bad deploy alerts once, a restarted collector included). A rule that cannot be
+evaluated (too few inferences, a drift baseline still being learned) leaves the alert as it is.
+Both transitions are stored (:class:`AlertStore`, SQLite) and published as
+:class:`~device_agent.contracts.messages.Alert` messages on ``edgeship/{fleet}/alerts``, QoS 1,
+**not retained** (the protocol's rule for the topic: a retained message would show one stale
+alert per fleet to every new subscriber; the current set is ``GET /api/alerts``). Firing alerts
+are read back from the store at start, so a restarted collector resolves them instead of
+raising them again.
 
 TOML format (every table and key optional)::
 
@@ -112,6 +118,7 @@ RULES: tuple[str, ...] = (
     "throttled",
     "gaps",
     "spool_drops",
+    "deploy_failed",
 )
 _SEVERITIES = ("info", "warning", "critical")
 _COMMON_KEYS = frozenset({"enabled", "severity", "for_s"})
@@ -125,6 +132,7 @@ _RULE_KEYS: Mapping[str, frozenset[str]] = {
     "throttled": _COMMON_KEYS,
     "gaps": _COMMON_KEYS | {"threshold", "period_s"},
     "spool_drops": _COMMON_KEYS | {"threshold", "period_s"},
+    "deploy_failed": _COMMON_KEYS,
 }
 _SAVE_EVERY_S = 30.0
 _THROTTLE_NOW = (
@@ -165,6 +173,7 @@ _DEFAULT_RULES: Mapping[str, RuleConfig] = {
     "throttled": RuleConfig(severity="warning"),
     "gaps": RuleConfig(severity="info", threshold=1, period_s=300.0, for_s=30.0),
     "spool_drops": RuleConfig(severity="warning", threshold=1, period_s=300.0),
+    "deploy_failed": RuleConfig(severity="warning"),
 }
 
 
@@ -326,11 +335,14 @@ class DeviceView:
 @dataclass(frozen=True)
 class Condition:
     """A rule's verdict: ``active`` (the condition holds), the measured ``value`` and a
-    one-line ``summary`` for a human."""
+    one-line ``summary`` for a human. ``episode``, when set, names what the alert is about
+    (a deploy id): the alert's id is derived from it, and another episode while one fires
+    resolves that alert and fires a new one."""
 
     active: bool
     value: float | None
     summary: str
+    episode: str | None = None
 
 
 def evaluate_rule(
@@ -423,6 +435,17 @@ def evaluate_rule(
             float(view.spool_drops),
             f"{who}: its spool dropped {view.spool_drops} messages in the last {rule.period_s:g} s",
         )
+    if name == "deploy_failed":
+        dep = s.deploy
+        if dep is None:
+            return Condition(False, None, f"{who}: no remote deploy reported")
+        what = f"deploy {dep.id} of {dep.model or 'a model'} {dep.from_version} -> {dep.to_version}"
+        if dep.state in ("rolled_back", "failed"):
+            verb = "rolled back" if dep.state == "rolled_back" else "failed"
+            return Condition(
+                True, None, f"{who}: {what} {verb}: {dep.reason or 'no reason given'}", dep.id
+            )
+        return Condition(False, None, f"{who}: {what} is {dep.state}")
     raise ConfigError(f"unknown rule {name!r}")
 
 
@@ -637,9 +660,7 @@ class AlertEngine:
                     )
                     if cond is None:
                         continue
-                    changed = self._apply(key, rule, cond, current, now)
-                    if changed is not None:
-                        changes.append(changed)
+                    changes.extend(self._apply(key, rule, cond, current, now))
         for record in changes:
             self._send(record, now)
         return changes
@@ -655,12 +676,16 @@ class AlertEngine:
         cond: Condition,
         current: AlertRecord | None,
         now: float,
-    ) -> AlertRecord | None:
+    ) -> list[AlertRecord]:
         if not cond.active:
             self._pending.pop(key, None)
             if current is not None:
-                return self._resolve(key, current, now, cond.summary, cond.value)
-            return None
+                return [self._resolve(key, current, now, cond.summary, cond.value)]
+            return []
+        episode_id = None if cond.episode is None else self._episode_id(key, cond.episode)
+        if current is not None and episode_id is not None and current.id != episode_id:
+            superseded = self._resolve(key, current, now, f"superseded: {cond.summary}")
+            return [superseded, *self._apply(key, rule, cond, None, now)]
         if current is not None:
             if (current.value, current.summary) != (cond.value, cond.summary):
                 # The API shows the newest value at once; the history is written at most every
@@ -670,17 +695,19 @@ class AlertEngine:
                 if now - self._saved.get(key, current.updated_at) >= _SAVE_EVERY_S:
                     self.store.save(updated)
                     self._saved[key] = now
-            return None
+            return []
         since = self._pending.setdefault(key, now)
         if now - since < rule.for_s:
-            return None
+            return []
         self._pending.pop(key, None)
         fleet, device, name = key
-        digest = hashlib.sha256(
-            f"{self.source}/{fleet}/{device}/{name}/{now!r}/{next(self._serial)}".encode()
-        ).hexdigest()[:16]
+        if episode_id is None:
+            digest = hashlib.sha256(
+                f"{self.source}/{fleet}/{device}/{name}/{now!r}/{next(self._serial)}".encode()
+            ).hexdigest()[:16]
+            episode_id = f"{name}-{digest}"
         record = AlertRecord(
-            id=f"{name}-{digest}",
+            id=episode_id,
             fleet=fleet,
             device=device,
             rule=name,
@@ -696,7 +723,14 @@ class AlertEngine:
         self._firing[key] = record
         self.store.save(record)
         log.warning("alert %s firing: %s", record.id, record.summary)
-        return record
+        return [record]
+
+    def _episode_id(self, key: tuple[str, str | None, str], episode: str) -> str:
+        """The alert id of one episode (a deploy): the same in every round and after a
+        restart (whatever the collector's client id), so the episode alerts once."""
+        fleet, device, name = key
+        digest = hashlib.sha256(f"{fleet}/{device}/{name}/{episode}".encode())
+        return f"{name}-{digest.hexdigest()[:16]}"
 
     def _resolve(
         self,

@@ -41,6 +41,7 @@ from device_agent.contracts.messages import (
     SCHEMA_VERSION,
     SCORE_BUCKETS,
     CommandReply,
+    DeployEvent,
     OutlierEvent,
     StatusMessage,
     TelemetryMessage,
@@ -76,7 +77,8 @@ class TelemetryRecord:
 
     Field meanings are those of :class:`~device_agent.contracts.messages.TelemetryMessage`;
     ``max_ms`` is ``latency_ms.max``, ``throttled`` the raw ``get_throttled`` mask and
-    ``received_at`` the collector's clock when the message arrived.
+    ``received_at`` the collector's clock when the message arrived; ``deploy`` the remote
+    deploy that changed state during the window, if any.
     """
 
     kind: ClassVar[Literal["telemetry"]] = "telemetry"
@@ -112,6 +114,7 @@ class TelemetryRecord:
     spool_depth: int
     spool_dropped: int
     drops_since_last: int
+    deploy: DeployEvent | None = None
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -256,6 +259,7 @@ def telemetry_record(fleet: str, m: TelemetryMessage, received_at: float) -> Tel
         spool_depth=m.spool_depth,
         spool_dropped=m.spool_dropped,
         drops_since_last=m.drops_since_last,
+        deploy=m.deploy,
     )
 
 

@@ -18,6 +18,9 @@ series carry ``fleet``, ``device``, ``model`` and ``model_version`` labels (an u
   handles the reset at a restart (``edgeship_collector_start_time_seconds`` shows it).
   ``edgeship_device_missing_messages`` (sequence numbers still missing) is a gauge, not a
   counter: a late message fills its gap and the count goes down.
+  ``edgeship_fleet_deploys_total{fleet, state}`` counts remote deploy outcomes (each device's
+  last deploy reaching ``probation``, ``applied``, ``rolled_back`` or ``failed``) received since
+  this collector started; it has no deploy id or device label, so its series stay few.
 * **Expiry**: a device not heard from for ``expire_after_s`` (default 1 h) has no series any
   more, so a decommissioned device disappears from dashboards instead of showing as down
   forever.
@@ -30,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from device_agent.contracts.messages import LATENCY_BUCKETS_MS
+from device_agent.contracts.messages import DEPLOY_STATES, LATENCY_BUCKETS_MS
 from sdk.collector.alerts import RULES, AlertRecord
 from sdk.collector.drift import DriftResult
 from sdk.collector.ingest import TelemetryRecord
@@ -152,9 +155,11 @@ def render_metrics(
     drift: Sequence[DriftResult] = (),
     alerts: Sequence[AlertRecord] = (),
     expire_after_s: float = 3600.0,
+    deploys: Mapping[tuple[str, str], int] | None = None,
 ) -> str:
     """The exposition text for ``snapshot`` (taken at ``snapshot.at``). Devices last seen more
-    than ``expire_after_s`` before it are left out."""
+    than ``expire_after_s`` before it are left out. ``deploys``: deploy outcomes counted by
+    (fleet, state)."""
     now = snapshot.at
     out = _Exposition()
     _collector(out, stats)
@@ -330,6 +335,17 @@ def render_metrics(
                 "edgeship_device_drift_psi", r.predictions_psi, {**dl, "histogram": "predictions"}
             )
             out.sample("edgeship_device_drift_psi", r.scores_psi, {**dl, "histogram": "scores"})
+
+    deploys = deploys or {}
+    out.family(
+        "edgeship_fleet_deploys_total",
+        "counter",
+        "Remote deploy outcomes received since the collector started, by state.",
+    )
+    for fleet in sorted(set(fleets) | {k[0] for k in deploys}):
+        for state in DEPLOY_STATES:
+            n = deploys.get((fleet, state), 0)
+            out.sample("edgeship_fleet_deploys_total", n, {"fleet": fleet, "state": state})
 
     out.family("edgeship_alerts_firing", "gauge", "Alerts firing now, by fleet, rule and severity.")
     firing: dict[tuple[str, str, str], int] = {}

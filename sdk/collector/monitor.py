@@ -140,6 +140,9 @@ class Monitor:
         self._counters: dict[tuple[str, str], DeviceCounters] = {}
         self._cursor: dict[str, float] = {}
         self._seen: dict[tuple[str, str, str, int], float] = {}
+        # per device, the (deploy id, state) last counted; per (fleet, state), how many
+        self._deploy_seen: dict[tuple[str, str], tuple[str, str]] = {}
+        self._deploy_counts: dict[tuple[str, str], int] = {}
         self._started_at = clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -252,6 +255,7 @@ class Monitor:
             for w in new:
                 self._observe(w)
             views = [self._view(d, now) for d in snap.devices]
+            self._count_deploys(snap.devices)
         self.engine.evaluate(views)
         self._expire(snap.devices, now)
         self.ticks += 1
@@ -297,6 +301,19 @@ class Monitor:
             self._counters[key] = counters
         counters.add(w)
         self.drift.observe(w)
+
+    def _count_deploys(self, devices: Sequence[DeviceState]) -> None:
+        """Count each device's last deploy outcome once per (deploy id, state), if it was
+        received since the monitor started (one already stored before is not counted again)."""
+        for d in devices:
+            dep = d.deploy
+            if dep is None or d.deploy_at is None or d.deploy_at < self._started_at:
+                continue
+            key, seen = (d.fleet, d.device), (dep.id, dep.state)
+            if self._deploy_seen.get(key) != seen:
+                self._deploy_seen[key] = seen
+                k = (d.fleet, dep.state)
+                self._deploy_counts[k] = self._deploy_counts.get(k, 0) + 1
 
     def _view(self, d: DeviceState, now: float) -> DeviceView:
         cfg = self.config.alerts
@@ -353,10 +370,12 @@ class Monitor:
     def metrics_text(self) -> str:
         with self._lock:
             counters = list(self._counters.values())
+            deploys = dict(self._deploy_counts)
         return render_metrics(
             self.state.snapshot(),
             stats=self._stats() if self._stats is not None else None,
             counters=counters,
+            deploys=deploys,
             drift=self.drift.results(),
             alerts=self.engine.firing(),
             expire_after_s=self.config.expire_after_s,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
-from device_agent.contracts.messages import LATENCY_BUCKETS_MS
+from device_agent.contracts.messages import LATENCY_BUCKETS_MS, DeployEvent
 from sdk.collector.ingest import TelemetryRecord
 from sdk.collector.store import BootRange, DeviceRow, EventRow, Store
 
@@ -227,6 +227,8 @@ class DeviceState:
     outlier_rate: float | None
     last_window: TelemetryRecord | None
     spool_drops_recent: int
+    deploy: DeployEvent | None = None
+    deploy_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         w = self.last_window
@@ -261,7 +263,15 @@ class DeviceState:
                 "dropped": None if w is None else w.spool_dropped,
                 "dropped_recent": self.spool_drops_recent,
             },
+            "deploy": deploy_dict(self.deploy, self.deploy_at),
         }
+
+
+def deploy_dict(deploy: DeployEvent | None, received_at: float | None) -> dict[str, Any] | None:
+    """A deploy outcome as the API shows it: the protocol's fields and when it was received."""
+    if deploy is None:
+        return None
+    return {**deploy.to_dict(), "received_at": received_at}
 
 
 def throttled_dict(raw: int | None) -> dict[str, Any] | None:
@@ -296,6 +306,7 @@ def window_dict(w: TelemetryRecord) -> dict[str, Any]:
         "spool_depth": w.spool_depth,
         "spool_dropped": w.spool_dropped,
         "drops_since_last": w.drops_since_last,
+        "deploy": deploy_dict(w.deploy, w.received_at),
     }
 
 
@@ -477,6 +488,8 @@ class FleetState:
             outlier_rate=outliers / inferences if inferences else None,
             last_window=latest,
             spool_drops_recent=sum(w.drops_since_last for w in recent),
+            deploy=row.deploy,
+            deploy_at=row.deploy_at,
         )
 
     def device(

@@ -13,7 +13,7 @@ aggregates in ``boots`` (per boot: seq range and count, from which gaps are coun
 ``devices`` (last status, model, last seen). Aggregates merge commutatively (sums, min/max,
 newest-wins by receive time), so concurrent writers and any arrival order give the same rows.
 
-Tables (schema version 1; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
+Tables (schema version 2; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
 PRECISION and BYTEA)::
 
     schema_version(version PK, applied_at, description)
@@ -23,13 +23,16 @@ PRECISION and BYTEA)::
               model_version, inferences, errors, outliers, p50, p95, p99, max_ms,
               latency_bounds, latency_counts, score_bounds, score_counts, predictions,
               cpu_percent, system_cpu_percent, rss_bytes, mem_available_bytes, temperature_c,
-              throttled, spool_depth, spool_dropped, drops_since_last)
+              throttled, spool_depth, spool_dropped, drops_since_last, deploy)
         index (fleet, device, received_at); histograms as JSON arrays, bounds NULL when they
-        are the protocol's standard LATENCY_BUCKETS_MS / SCORE_BUCKETS
+        are the protocol's standard LATENCY_BUCKETS_MS / SCORE_BUCKETS; deploy the window's
+        remote deploy outcome as JSON (NULL without one)
     boots(fleet, device, boot, min_seq, max_seq, messages, first_received, last_received)
     devices(fleet, device, first_seen, last_seen, messages, duplicates, boot, status,
             status_at, status_seq, agent_version, runtime, host, model, model_version,
-            model_at, last_telemetry_at, window_s)
+            model_at, last_telemetry_at, window_s, deploy, deploy_at)
+        deploy: the newest remote deploy outcome (JSON) from status or telemetry, deploy_at
+        when it was received
     dead_letters(id, received_at, topic, size, field, error, payload)
 
 psycopg is imported only when a PostgreSQL store is opened.
@@ -49,7 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from device_agent.contracts.messages import LATENCY_BUCKETS_MS, SCORE_BUCKETS, StatusMessage
+from device_agent.contracts.messages import (
+    LATENCY_BUCKETS_MS,
+    SCORE_BUCKETS,
+    DeployEvent,
+    StatusMessage,
+)
 from sdk.collector.errors import ConfigError, StoreError
 from sdk.collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord
 
@@ -67,7 +75,7 @@ __all__ = [
     "redact_url",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 # --- what the store returns -----------------------------------------------------------------
@@ -91,7 +99,8 @@ class DeviceRow:
 
     ``status`` is the state of the newest status message by receive time (``online`` or
     ``offline``, the Last Will included; None before any), ``status_at`` when it arrived.
-    ``model``/``model_version`` come from the newest status or telemetry message.
+    ``model``/``model_version`` come from the newest status or telemetry message, ``deploy``
+    (received at ``deploy_at``) from the newest one that carried a remote deploy outcome.
     """
 
     fleet: str
@@ -112,6 +121,8 @@ class DeviceRow:
     model_at: float | None
     last_telemetry_at: float | None
     window_s: float | None
+    deploy: DeployEvent | None = None
+    deploy_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -264,13 +275,13 @@ _TELEMETRY_COLUMNS = (
     "model", "model_version", "inferences", "errors", "outliers", "p50", "p95", "p99", "max_ms",
     "latency_bounds", "latency_counts", "score_bounds", "score_counts", "predictions",
     "cpu_percent", "system_cpu_percent", "rss_bytes", "mem_available_bytes", "temperature_c",
-    "throttled", "spool_depth", "spool_dropped", "drops_since_last",
+    "throttled", "spool_depth", "spool_dropped", "drops_since_last", "deploy",
 )  # fmt: skip
 
 _DEVICE_COLUMNS = (
     "fleet", "device", "first_seen", "last_seen", "messages", "duplicates", "boot", "status",
     "status_at", "status_seq", "agent_version", "runtime", "host", "model", "model_version",
-    "model_at", "last_telemetry_at", "window_s",
+    "model_at", "last_telemetry_at", "window_s", "deploy", "deploy_at",
 )  # fmt: skip
 
 _BOOT_COLUMNS = (
@@ -325,9 +336,18 @@ def _schema_v1(d: _Dialect) -> tuple[str, ...]:
     )
 
 
+def _schema_v2(d: _Dialect) -> tuple[str, ...]:
+    return (
+        "ALTER TABLE telemetry ADD COLUMN deploy TEXT",
+        "ALTER TABLE devices ADD COLUMN deploy TEXT",
+        f"ALTER TABLE devices ADD COLUMN deploy_at {d.real}",
+    )
+
+
 # version -> (description, DDL); applied in order inside one transaction each.
 _MIGRATIONS: dict[int, tuple[str, Callable[[_Dialect], tuple[str, ...]]]] = {
     1: ("messages, telemetry, boots, devices, dead_letters", _schema_v1),
+    2: ("remote deploy outcomes: telemetry.deploy, devices.deploy, devices.deploy_at", _schema_v2),
 }
 
 
@@ -361,7 +381,7 @@ def _newer(col: str, at: str = "status_at", tie: str | None = "status_seq") -> s
 
 _DEVICE_PG_TYPES = (
     "text", "text", "float8", "float8", "int8", "int8", "text", "text", "float8", "int8",
-    "text", "text", "text", "text", "text", "float8", "float8", "float8",
+    "text", "text", "text", "text", "text", "float8", "float8", "float8", "text", "float8",
 )  # fmt: skip
 _BOOT_PG_TYPES = ("text", "text", "text", "int8", "int8", "int8", "float8", "float8")
 
@@ -396,6 +416,7 @@ def _upsert_sql(d: _Dialect, *, arrays: bool = False) -> tuple[str, str]:
         ),
         *(_newer(c, "model_at", None) for c in ("model", "model_version", "model_at")),
         _newer("window_s", "last_telemetry_at", None),
+        *(_newer(c, "deploy_at", None) for c in ("deploy", "deploy_at")),
         coalesced(hi, "last_telemetry_at", "devices"),
     ]
     # SET expressions read the row as it was before the update, so the order above is free.
@@ -454,6 +475,7 @@ def _telemetry_row(r: TelemetryRecord) -> tuple[Any, ...]:
         _jdump(dict(r.predictions)),
         r.cpu_percent, r.system_cpu_percent, r.rss_bytes, r.mem_available_bytes,
         r.temperature_c, r.throttled, r.spool_depth, r.spool_dropped, r.drops_since_last,
+        None if r.deploy is None else _jdump(r.deploy.to_dict()),
     )  # fmt: skip
 
 
@@ -461,7 +483,7 @@ def _telemetry_from_row(row: Sequence[Any]) -> TelemetryRecord:
     (fleet, device, boot, seq, ts, received_at, window_start, window_s, model, model_version,
      inferences, errors, outliers, p50, p95, p99, max_ms, latency_bounds, latency_counts,
      score_bounds, score_counts, predictions, cpu, system_cpu, rss, mem, temperature,
-     throttled, spool_depth, spool_dropped, drops) = row  # fmt: skip
+     throttled, spool_depth, spool_dropped, drops, deploy) = row  # fmt: skip
     return TelemetryRecord(
         fleet=fleet,
         device=device,
@@ -498,7 +520,13 @@ def _telemetry_from_row(row: Sequence[Any]) -> TelemetryRecord:
         spool_depth=int(spool_depth),
         spool_dropped=int(spool_dropped),
         drops_since_last=int(drops),
+        deploy=_deploy(deploy),
     )
+
+
+def _deploy(text: str | None) -> DeployEvent | None:
+    """A deploy outcome stored as JSON (it passed the wire contract when it was received)."""
+    return None if text is None else DeployEvent.from_dict(json.loads(text), "deploy")
 
 
 def _device_from_row(row: Sequence[Any]) -> DeviceRow:
@@ -509,6 +537,7 @@ def _device_from_row(row: Sequence[Any]) -> DeviceRow:
         values[key] = int(values[key])
     if values["status_seq"] is not None:
         values["status_seq"] = int(values["status_seq"])
+    values["deploy"] = _deploy(values["deploy"])
     return DeviceRow(**values)
 
 
@@ -534,6 +563,8 @@ class _DeviceDelta:
     model_at: float | None = None
     last_telemetry_at: float | None = None
     window_s: float | None = None
+    deploy: str | None = None
+    deploy_at: float | None = None
 
     def add(self, r: Record) -> None:
         t = r.received_at
@@ -546,6 +577,7 @@ class _DeviceDelta:
             if self.last_telemetry_at is None or t >= self.last_telemetry_at:
                 self.last_telemetry_at, self.window_s = t, r.window_s
             self._model(r.model, r.model_version, t)
+            self._deploy(r.deploy, t)
         elif isinstance(r.message, StatusMessage):
             m = r.message
             if self.status_at is None or (t, m.seq) > (self.status_at, self.status_seq or 0):
@@ -553,6 +585,11 @@ class _DeviceDelta:
                 self.agent_version, self.runtime = m.agent_version, m.runtime
                 self.host = _jdump(dict(m.host))
             self._model(m.model, m.model_version, t)
+            self._deploy(m.deploy, t)
+
+    def _deploy(self, deploy: DeployEvent | None, t: float) -> None:
+        if deploy is not None and (self.deploy_at is None or t >= self.deploy_at):
+            self.deploy, self.deploy_at = _jdump(deploy.to_dict()), t
 
     def _model(self, model: str | None, version: str | None, t: float) -> None:
         if self.model_at is None or t >= self.model_at:

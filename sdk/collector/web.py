@@ -120,6 +120,17 @@ def _device_href(d: DeviceState) -> str:
     return f"/devices/{urllib.parse.quote(d.device)}{q}"
 
 
+def _deploy_marker(d: DeviceState) -> str:
+    """A badge after the model when the device's last remote deploy was rolled back or
+    failed (the reason in its tooltip); nothing otherwise."""
+    dep = d.deploy
+    if dep is None or dep.state not in ("rolled_back", "failed"):
+        return ""
+    text = "rolled back" if dep.state == "rolled_back" else "deploy failed"
+    tip = f"deploy {dep.id} -> {dep.to_version}: {dep.reason or 'no reason given'}"
+    return f' <span class="deploy {dep.state}" title="{html.escape(tip)}">{text}</span>'
+
+
 def fleet_page(monitor: Monitor) -> str:
     """The fleet dashboard, rendered with the data of now."""
     snap = monitor.state.snapshot()
@@ -141,7 +152,7 @@ def fleet_page(monitor: Monitor) -> str:
             f'<td><a href="{html.escape(_device_href(d))}">{html.escape(d.device)}</a></td>'
             f'<td><span class="state {d.status}" title="{html.escape(d.reason)}">'
             f"{d.status}</span></td>"
-            f"<td>{html.escape(model)}</td>"
+            f"<td>{html.escape(model)}{_deploy_marker(d)}</td>"
             f"<td class=num>{_fmt(d.latency.p95, '.3g')}</td>"
             f"<td class=num>{_fmt(d.outlier_rate, '.1f', 100)}{'%' if d.outlier_rate is not None else ''}</td>"  # noqa: E501
             f"<td class=num>{_fmt(t, '.1f')}</td>"

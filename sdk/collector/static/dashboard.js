@@ -69,6 +69,14 @@
     }
   }
 
+  // A badge after the model when the last remote deploy rolled back or failed (web.py's twin).
+  function deployMarker(dep) {
+    if (!dep || (dep.state !== "rolled_back" && dep.state !== "failed")) return "";
+    const tip = "deploy " + dep.id + " -> " + dep.to_version + ": " + (dep.reason || "no reason given");
+    return el("span", { class: "deploy " + dep.state, title: tip },
+      dep.state === "rolled_back" ? "rolled back" : "deploy failed");
+  }
+
   // --- the fleet page ---
 
   async function refreshFleet() {
@@ -92,7 +100,7 @@
       return el("tr", { "data-device": d.device, "data-fleet": d.fleet },
         el("td", {}, el("a", { href }, d.device)),
         el("td", {}, el("span", { class: "state " + d.status, title: d.reason }, d.status)),
-        el("td", {}, model),
+        el("td", {}, model, " ", deployMarker(d.deploy)),
         el("td", { class: "num" }, num(d.latency_ms.p95, 3)),
         el("td", { class: "num" }, pct(d.outlier_rate)),
         el("td", { class: "num" }, d.temperature_c === null ? "–" : d.temperature_c.toFixed(1)),
