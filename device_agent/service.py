@@ -178,9 +178,10 @@ def run_service(agent_config: AgentConfig, run: RunConfig) -> int:
         m = agent.bundle.manifest.model
         where = agent_config.broker_url or "no broker (telemetry stays local)"
         log.info(
-            "running %s v%s as %s/%s, telemetry to %s",
+            "running %s v%s (%s) as %s/%s, telemetry to %s",
             m.name,
             m.version,
+            agent.bundle.signature.describe(),
             agent_config.fleet,
             agent_config.device_id,
             where,

@@ -277,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job end to end on the bundled digits data",
         description="Train a small CNN on scikit-learn's bundled digits, export it to ONNX, "
-        "optimize it under a Raspberry Pi 4 budget and bundle it with its outlier detector; "
-        "then start an MQTT broker (embedded, unless --broker), the collector with its "
-        "dashboard, and several agents that replay held-out digits mixed with corrupted "
+        "optimize it under a Raspberry Pi 4 budget, bundle it with its outlier detector and "
+        "sign the bundle with an Ed25519 key kept in WORKDIR/keys; then start an MQTT broker "
+        "(embedded, unless --broker), the collector with its dashboard, and several agents "
+        "that only accept that key's signature and replay held-out digits mixed with corrupted "
         "inputs, and report what the fleet saw. Everything is local; nothing is downloaded.",
     )
     p.add_argument("--workdir", type=Path, default=Path("demo-out"), help="default: ./demo-out")
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-running", action="store_true", help="keep the collector serving after the run"
     )
     p.add_argument(
-        "--host-only", action="store_true", help="only train, optimize and bundle (no fleet)"
+        "--host-only", action="store_true", help="only train, optimize, bundle and sign (no fleet)"
     )
     p.set_defaults(handler=_cmd_demo)
 

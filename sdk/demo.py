@@ -1,8 +1,10 @@
 """``edgeship demo``: the host pipeline end to end on scikit-learn's bundled digits.
 
 Train (or reuse) a small CNN, export it to ONNX, write calibration and eval data, optimize under
-a Raspberry Pi budget and bundle the choice. Every artifact lands in the work directory so a
-newcomer can look at each one, and a second run reuses the trained model.
+a Raspberry Pi budget, bundle the choice and sign the bundle with an Ed25519 key kept in the
+work directory (``keys/``); the fleet's agents only accept bundles signed by that key. Every
+artifact lands in the work directory so a newcomer can look at each one, and a second run
+reuses the trained model and the key.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["make_replay", "prepare_digits", "run_fleet_demo", "run_host_demo"]
+__all__ = [
+    "DEMO_KEY_NAME",
+    "demo_signing_key",
+    "make_replay",
+    "prepare_digits",
+    "run_fleet_demo",
+    "run_host_demo",
+]
+
+DEMO_KEY_NAME = "demo-signing"
 
 
 def prepare_digits(workdir: Path, *, seed: int = 0) -> dict[str, Path]:
@@ -64,8 +75,38 @@ def prepare_digits(workdir: Path, *, seed: int = 0) -> dict[str, Path]:
     return {"model": onnx_path, "calibration": cal_path, "eval": eval_path}
 
 
+def demo_signing_key(workdir: Path) -> tuple[Path, Path, str]:
+    """The demo's Ed25519 key pair under ``workdir/keys``: ``(private, public, key id)``.
+
+    Generated on the first run; a later run reuses the private key (and rewrites the public
+    file from it when that is missing or does not match), so the agents' trusted key stays the
+    same across runs.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from device_agent.signing import fingerprint, load_private_key
+    from sdk.signing import generate_signing_key
+
+    keys = workdir / "keys"
+    private = keys / f"{DEMO_KEY_NAME}.pem"
+    public = keys / f"{DEMO_KEY_NAME}.pub.pem"
+    if not private.exists():
+        public.unlink(missing_ok=True)  # a public key without its private key is useless here
+        generated = generate_signing_key(keys, DEMO_KEY_NAME)
+        return generated.private, public, generated.key_id
+    key = load_private_key(private).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if not public.is_file() or public.read_bytes() != pem:
+        public.write_bytes(pem)
+    return private, public, fingerprint(key)
+
+
 def run_host_demo(workdir: Path, *, target: str = "rpi4", budget: str = "") -> int:
-    """Run the host demo; return the CLI exit code (0 when the budget is met)."""
+    """Run the host demo; return the CLI exit code (0 when the budget is met).
+
+    The bundle (``workdir/bundle``) is signed with :func:`demo_signing_key`."""
     from sdk.budget import parse_budget
     from sdk.optimize import OptimizeConfig, optimize
     from sdk.targets import get_target
@@ -89,6 +130,15 @@ def run_host_demo(workdir: Path, *, target: str = "rpi4", budget: str = "") -> i
         progress=True,
     )
     print(report.summary())
+    if (workdir / "bundle" / "manifest.json").is_file():
+        from sdk.signing import sign_bundle
+
+        private, public, _ = demo_signing_key(workdir)
+        _, signed_by = sign_bundle(workdir / "bundle", private)
+        print(
+            f"\nsigned the bundle with Ed25519 key {signed_by}\n  private key {private}\n"
+            f"  public key {public} (the agents' trusted key)"
+        )
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     print(f"\nreport: {report_path}\nnext: edgeship inspect {report.bundle}")
@@ -212,7 +262,7 @@ def run_fleet_demo(
     from sdk.broker import EmbeddedBroker, free_port
 
     workdir = workdir.resolve()
-    print("[1/5] model: train, optimize for the board, bundle", flush=True)
+    print("[1/5] model: train, optimize for the board, bundle, sign", flush=True)
     code = run_host_demo(workdir, target=target, budget=budget)
     bundle = workdir / "bundle"
     if not (bundle / "manifest.json").is_file():
@@ -220,6 +270,7 @@ def run_fleet_demo(
         return 1
     from sdk.zoo.digits import INPUT_NAME, load_digits_splits
 
+    _, public_key, key_id = demo_signing_key(workdir)
     splits = load_digits_splits(0)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     broker = None
@@ -286,7 +337,7 @@ def run_fleet_demo(
 
         print(
             f"[4/5] fleet: {agents} agents replaying held-out digits, 20% of them corrupted "
-            f"({', '.join(CORRUPTIONS)})",
+            f"({', '.join(CORRUPTIONS)}); they only accept bundles signed by {key_id}",
             flush=True,
         )
         truths: dict[str, np.ndarray] = {}
@@ -329,10 +380,13 @@ def run_fleet_demo(
                             "off",
                             "--state-dir",
                             str(home / "state"),
+                            "--trusted-key",
+                            str(public_key),
                             "--replay-log",
                             str(home / "replay.jsonl"),
+                            # info: the start line says whose signature was verified
                             "--log-level",
-                            "warning",
+                            "info",
                         ],
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -407,6 +461,7 @@ def run_fleet_demo(
             "fleet": snapshot,
             "dashboard": f"{api}/",
             "optimize_exit_code": code,
+            "signing_key": key_id,
             "interrupted": interrupted,
         }
         (workdir / "demo-summary.json").write_text(

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.bundle import load_bundle
+from sdk.demo import DEMO_KEY_NAME, demo_signing_key
+
 
 @pytest.mark.slow
 def test_demo_fleet_catches_corrupted_inputs(tmp_path: Path) -> None:
@@ -48,3 +51,19 @@ def test_demo_fleet_catches_corrupted_inputs(tmp_path: Path) -> None:
     assert set(devices) == {"pi-1", "pi-2", "pi-3"}
     assert all(d["status"] == "online" and d["inferences"] > 0 for d in devices.values())
     assert "outliers: caught" in out.stdout and "dashboard" in out.stdout
+    # The bundle is signed by the demo's key, and the agents ran it checked against that key.
+    key_id = summary["signing_key"]
+    assert f"signed the bundle with Ed25519 key {key_id}" in out.stdout
+    bundle = load_bundle(work / "bundle", trusted_keys=[work / "keys" / f"{DEMO_KEY_NAME}.pub.pem"])
+    assert bundle.signature.verified_by == (key_id,)
+    for device in devices:
+        log = (work / "agents" / device / "agent.log").read_text()
+        assert f"signed by {key_id}, verified against trusted_keys" in log, log[-2000:]
+
+
+def test_demo_key_is_reused_on_a_rerun(tmp_path: Path) -> None:
+    private, public, key_id = demo_signing_key(tmp_path)
+    assert private.stat().st_mode & 0o077 == 0
+    public.unlink()  # a lost public file is rewritten from the private key
+    assert demo_signing_key(tmp_path) == (private, public, key_id)
+    assert public.is_file()
