@@ -352,9 +352,16 @@ class Agent:
         old = self._loaded
         if new.labels != old.labels:
             with self._window_lock:
+                lost = False
                 if self._started:
-                    self._emit_window()
+                    try:
+                        self._emit_window()
+                    except EdgeshipError as exc:  # a full disk: the swap must happen anyway
+                        lost = True
+                        log.error("telemetry window not published: %s", exc)
                 self._aggregator = WindowAggregator(labels=new.labels or ())
+                if lost:  # counted in the new model's first window, as _window_loop does
+                    self._aggregator.record_error()
         self._loaded = new
         return old
 
@@ -399,8 +406,9 @@ class Agent:
         except EdgeshipError:
             self._aggregator.record_error()
             raise
-        if loaded.trial is not None:
-            loaded.trial.passed()
+        trial = loaded.trial  # read once: another thread may end the probation meanwhile
+        if trial is not None:
+            trial.passed()
         first = outputs[0]
         labels_of = loaded.labels
         classes = first.argmax(axis=1) if labels_of is not None and first.ndim == 2 else None

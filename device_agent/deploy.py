@@ -194,9 +194,14 @@ def _arg(args: Mapping[str, Any], key: str) -> Any:
 def _arg_id(args: Mapping[str, Any], key: str = "deploy") -> str:
     value = _arg(args, key)
     try:
-        return msg.validate_id(value, key)
+        ident = msg.validate_id(value, key)
     except EdgeshipError as exc:
         raise DeployError(str(exc)) from exc
+    # The id names folders under the deploy root: "." or ".." would name the root itself or
+    # its parent (and rmtree them before any signature is checked).
+    if ident.startswith("."):
+        raise DeployError(f"{key} {ident!r}: an id must not start with '.'")
+    return ident
 
 
 def _arg_int(args: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
@@ -269,6 +274,9 @@ def unpack_archive(
                 if root not in target.parents:
                     raise BundleError(f"archive member {name!r}: outside the bundle")
                 if member.isdir():
+                    files += 1  # folders use inodes too: an archive of folder headers
+                    if files > max_files:
+                        raise BundleError(f"the archive holds more than {max_files} entries")
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 if not member.isreg():
@@ -454,8 +462,15 @@ class Deployer:
 
     # --- actions ------------------------------------------------------------------------
 
+    def _refuse_the_running_bundle(self, deploy_id: str) -> None:
+        """A deploy id names its folder; the running bundle's folder must not be replaced."""
+        dest = self.root / "bundles" / deploy_id
+        if dest.resolve() == self._agent.bundle.root.resolve():
+            raise DeployError(f"deploy {deploy_id} is the bundle running now; nothing to do")
+
     def begin(self, args: Mapping[str, Any]) -> dict[str, Any]:
         deploy_id = _arg_id(args)
+        self._refuse_the_running_bundle(deploy_id)
         size = _arg_int(args, "size", 1, self._config.deploy_max_bytes)
         chunk_bytes = _arg_int(args, "chunk_bytes", 1, MAX_CHUNK_BYTES)
         chunks = _arg_int(args, "chunks", 1, 1 << 31)
@@ -588,6 +603,7 @@ class Deployer:
         done = self._records.get(deploy_id)
         if done is not None and done.get("state") not in (None, "receiving"):
             return dict(done)  # a commit delivered twice gets the same answer
+        self._refuse_the_running_bundle(deploy_id)
         upload = self._current_upload(deploy_id)
         missing = upload.missing()
         if missing:

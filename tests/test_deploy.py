@@ -179,6 +179,12 @@ def test_good_bundle_swaps_in_without_a_failed_inference_and_survives_a_restart(
             assert status[0].state == "online"
             pointer = json.loads((deploy_dir(agent.config) / "current.json").read_text())
             assert pointer["model_version"] == "2"
+            # The same bundle again: its id names the running bundle's folder, which a commit
+            # would replace; refused at begin, and the running bundle stays on disk.
+            again = deploy_bundle(bundles["v2"], BROKER, fleet, "pi-d", timeout_s=60)
+            assert again.state == "failed" and "running now" in (again.reason or ""), again
+            assert agent.bundle.model_path.is_file()
+            assert traffic.failures == []
         # A restart (same state_dir) runs the deployed bundle, not the one it was given.
         with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
             assert agent.bundle.manifest.model.version == "2"
@@ -321,6 +327,13 @@ def test_damaged_or_hostile_archives_and_failing_self_tests_are_refused_before_t
                 reply = _send_archive(client, pack_bundle(lying), "self-test")
                 assert reply.result["state"] == "failed"
                 assert "self-test" in reply.result["reason"]
+                # Ids that would name the deploy folder itself or its parent.
+                for dots in (".", "..", ".hidden"):
+                    for action in ("deploy_begin", "deploy_commit", "deploy_abort"):
+                        refused = client.call(action, {"deploy": dots})
+                        assert not refused.ok and "must not start with '.'" in (
+                            refused.error or ""
+                        ), (action, dots, refused)
                 # Commands that make no sense are errors, not crashes.
                 missing = client.call("deploy_commit", {"deploy": "nothing-here"})
                 assert not missing.ok and "deploy_begin" in (missing.error or "")
@@ -424,6 +437,14 @@ def test_unpack_refuses_links_and_oversized_archives(tmp_path: Path) -> None:
     (tmp_path / "c.tar").write_bytes(twice)
     with pytest.raises(BundleError, match="appears twice"):
         unpack_archive(tmp_path / "c.tar", tmp_path / "c", max_bytes=1024)
+    folders = []
+    for i in range(6):
+        info = tarfile.TarInfo(f"d{i}")
+        info.type = tarfile.DIRTYPE
+        folders.append((info, None))
+    (tmp_path / "e.tar").write_bytes(_tar(folders))
+    with pytest.raises(BundleError, match="more than 5 entries"):  # folders use inodes too
+        unpack_archive(tmp_path / "e.tar", tmp_path / "e", max_bytes=1 << 20, max_files=5)
     (tmp_path / "d.tar").write_bytes(b"not a tar at all" * 64)
     with pytest.raises(BundleError, match="not a tar archive"):
         unpack_archive(tmp_path / "d.tar", tmp_path / "d", max_bytes=1 << 20)
