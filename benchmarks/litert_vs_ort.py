@@ -29,12 +29,9 @@ ran and its int8 versions lost at most 1 accuracy point against fp32; 1 otherwis
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -262,32 +259,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def machine() -> dict[str, Any]:
-    from importlib.metadata import version
+    from benchmarks.machine_facts import machine_facts
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for name in ("onnxruntime", "ai-edge-litert", "ai-edge-quantizer", "litert-torch", "torch"):
-        with contextlib.suppress(Exception):
-            versions[name] = version(name)
-    git = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
+    return machine_facts(
+        ("onnxruntime", "ai-edge-litert", "ai-edge-quantizer", "litert-torch", "torch")
     )
-    return {
-        "commit": git.stdout.strip() or None,
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "os": platform.platform(),
-        "versions": versions,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,9 +49,7 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -642,33 +640,11 @@ def pinned_target(name: str, threads: int) -> Any:
 
 
 def machine() -> dict[str, Any]:
-    from importlib.metadata import version
+    from benchmarks.machine_facts import machine_facts
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    packages = ("onnxruntime", "onnx", "torch", "numpy", "ai-edge-litert", "ai-edge-quantizer")
-    versions = {}
-    for name in packages:
-        with contextlib.suppress(Exception):
-            versions[name] = version(name)
-    git = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
+    return machine_facts(
+        ("onnxruntime", "onnx", "torch", "numpy", "ai-edge-litert", "ai-edge-quantizer")
     )
-    return {
-        "commit": git.stdout.strip() or None,
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "os": platform.platform(),
-        "versions": versions,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
