@@ -407,6 +407,17 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sdk.terminal import guard_stdio
+
+    # Devices, bundles, models and data files put text in what commands print: no control
+    # character in it may reach the terminal (sdk.terminal).
+    with guard_stdio():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from sdk.terminal import printable
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -422,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeshipError as exc:
         if args.debug:  # the traceback, with the foreign error it was converted from
             traceback.print_exception(exc, file=sys.stderr)
-        print(f"edgeship: error: {exc}", file=sys.stderr)
+        print(f"edgeship: error: {printable(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("edgeship: interrupted", file=sys.stderr)
@@ -431,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"edgeship: internal error: {type(exc).__name__}: {exc} "
+            f"edgeship: internal error: {type(exc).__name__}: {printable(exc)} "
             "(rerun with --debug for the traceback, and please report it)",
             file=sys.stderr,
         )
@@ -566,9 +577,15 @@ def _bench_remote(args: argparse.Namespace, budget: Any) -> int:
         min_seconds=args.seconds,
         ca_file=args.ca_file,
     )
+    from sdk.terminal import printable
+
     lat = report["latency_ms"]
-    print(f"{args.device}: {report.get('runtime')} {report.get('runtime_version')}")
-    print(f"measured on {report['measured_on']}")
+    # runtime, its version and measured_on are the device's own text.
+    print(
+        f"{printable(args.device)}: {printable(report.get('runtime'))} "
+        f"{printable(report.get('runtime_version'))}"
+    )
+    print(f"measured on {printable(report['measured_on'])}")
     print(
         f"  latency (ms) over {report['runs']} runs: "
         + "  ".join(f"{k} {lat[k]:.4g}" for k in ("p50", "p90", "p95", "p99", "min", "max"))
@@ -688,6 +705,7 @@ def argv_is_cli() -> bool:
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from sdk.deploy import deploy_bundle
     from sdk.remote import BrokerUnavailableError, RemoteError
+    from sdk.terminal import printable, raw_stream
 
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
@@ -701,7 +719,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         filled = width * done // max(total, 1)
         line = f"sending [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks"
         if tty:
-            print(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+            # "\r" redraws the bar: written on purpose, past the terminal guard.
+            out = raw_stream(sys.stderr)
+            print(f"\r{line}", end="\n" if done == total else "", file=out, flush=True)
         elif done == total or 10 * done // max(total, 1) > shown[0]:  # every 10% in a log
             shown[0] = 10 * done // max(total, 1)
             print(line, file=sys.stderr, flush=True)
@@ -720,16 +740,18 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     except BrokerUnavailableError:
         raise  # nothing was sent: bad input, exit 2 with one line
     except RemoteError as exc:
-        print(f"edgeship: deploy failed: {exc}", file=sys.stderr)
+        print(f"edgeship: deploy failed: {printable(exc)}", file=sys.stderr)
         return EXIT_BUDGET
-    versions = f"v{result.from_version} -> v{result.to_version}"
+    # The versions, the state and the reason come from the device's replies.
+    versions = printable(f"v{result.from_version} -> v{result.to_version}")
+    state = printable(result.state.replace("_", " "))
     print(
-        f"{args.device}: deploy {result.deploy_id} {result.state.replace('_', ' ')} ({versions}); "
+        f"{printable(args.device)}: deploy {printable(result.deploy_id)} {state} ({versions}); "
         f"{result.archive_bytes / 1024:.1f} KiB in {result.chunks} chunks "
         f"({result.chunks_sent} sent) in {result.seconds:.1f} s"
     )
     if result.reason:
-        print(f"  reason: {result.reason}")
+        print(f"  reason: {printable(result.reason)}")
     if result.state == "probation":
         print("  still on probation: it rolls back if one of its first inferences fails")
     if args.json is not None:
@@ -739,28 +761,30 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from device_agent.bundle import load_bundle
+    from sdk.terminal import printable as p
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
     if args.json:
         print(m.to_json(), end="")
         return EXIT_OK
+    # Every string of the manifest is whoever made the bundle's: escaped (sdk.terminal).
     print(
-        f"bundle {bundle.root}  (format v{m.format_version}, verified: all {len(m.files)} "
+        f"bundle {p(bundle.root)}  (format v{m.format_version}, verified: all {len(m.files)} "
         "file hashes match)"
     )
     print(
-        f"model      {m.model.name} v{m.model.version}: {m.model.file} "
-        f"[{m.model.runtime}, {m.model.precision}, {m.model.recipe}]"
+        f"model      {p(m.model.name)} v{p(m.model.version)}: {p(m.model.file)} "
+        f"[{p(m.model.runtime)}, {p(m.model.precision)}, {p(m.model.recipe)}]"
     )
     for t in m.io.inputs:
-        print(f"input      {t.name}: {t.dtype} {list(t.shape)}")
+        print(f"input      {p(t.name)}: {p(t.dtype)} {p(list(t.shape))}")
     for t in m.io.outputs:
         labels = f" labels={list(t.labels)}" if t.labels else ""
-        print(f"output     {t.name}: {t.dtype} {list(t.shape)}{labels}")
+        print(f"output     {p(t.name)}: {p(t.dtype)} {p(list(t.shape))}{p(labels)}")
     if m.detector is not None:
         d = m.detector
-        print(f"detector   {d.kind}: threshold {d.threshold:.4g} (target FPR {d.target_fpr:g})")
+        print(f"detector   {p(d.kind)}: threshold {d.threshold:.4g} (target FPR {d.target_fpr:g})")
     if m.budget:
         print(f"budget     {json.dumps(m.budget)}")
     if m.benchmark:
@@ -771,15 +795,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 + ", ".join(f"{k} {v:.3f} ms" for k, v in lat.items() if isinstance(v, int | float))
             )
         if "measured_on" in m.benchmark:
-            print(f"           measured on {m.benchmark['measured_on']}")
+            print(f"           measured on {p(m.benchmark['measured_on'])}")
     for name, digest in m.files.items():
         size = bundle.path_of(name).stat().st_size
-        print(f"file       {name}  {size / 1024:.1f} KiB  sha256 {digest[:16]}…")
-    print(f"tools      {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
-    print(f"signature  {bundle.signature.describe()}")
+        print(f"file       {p(name)}  {size / 1024:.1f} KiB  sha256 {p(digest[:16])}…")
+    print(f"tools      {p(', '.join(f'{k} {v}' for k, v in m.tools.items()))}")
+    print(f"signature  {p(bundle.signature.describe())}")
     if m.model.encryption is not None:
         enc = m.model.encryption
-        print(f"encrypted  {m.model.file}: {enc.algorithm}, key {enc.key_id}")
+        print(f"encrypted  {p(m.model.file)}: {p(enc.algorithm)}, key {p(enc.key_id)}")
     return EXIT_OK
 
 

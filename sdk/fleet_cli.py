@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from device_agent.errors import ConfigError
+from sdk.terminal import printable, raw_stream
 
 __all__ = ["add_fleet_parser", "fetch_fleet", "render_fleet", "send_command"]
 
@@ -164,24 +165,26 @@ def render_fleet(
             f"@{d['model_version']}" if d.get("model_version") else ""
         )
         rules = firing.get((d["fleet"], d["device"]), [])
+        # Every text cell comes from a device (or the collector's store of what devices sent):
+        # escaped, so that no control character reaches the terminal.
         rows.append(
             [
-                d["device"],
-                *([d["fleet"]] if several else []),
-                d["status"],
-                model,
+                printable(d["device"]),
+                *([printable(d["fleet"])] if several else []),
+                printable(d["status"]),
+                printable(model),
                 _cell(d["latency_ms"]["p95"], ".3g"),
                 _cell(d["outlier_rate"], ".1f", 100, "%"),
                 _cell(d.get("temperature_c"), ".1f"),
                 _ago(now, d.get("last_seen")),
-                ", ".join(rules) if rules else ("-" if alerts is not None else "n/a"),
+                printable(", ".join(rules)) if rules else ("-" if alerts is not None else "n/a"),
             ]
         )
     counts = {
         s: sum(1 for d in devices if d["status"] == s) for s in ("online", "stale", "offline")
     }
     n_firing = sum(len(v) for v in firing.values())
-    title = fleet or data["devices"].get("fleet") or "all fleets"
+    title = printable(fleet or data["devices"].get("fleet") or "all fleets")
     summary = (
         f"{title}: {len(devices)} devices, {counts['online']} online, {counts['stale']} stale, "
         f"{counts['offline']} offline; "
@@ -288,14 +291,19 @@ def _cmd_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     reply = answer.get("reply")
     if answer["state"] != "replied" or reply is None:
         out.write(
-            f"{answer['id']}: no reply from {args.device} in {args.wait:g} s "
-            f"({answer['state']}): is its agent running and connected to the collector's "
-            f"broker, in fleet {answer.get('fleet')!r}?\n"
+            f"{printable(answer['id'])}: no reply from {printable(args.device)} in "
+            f"{args.wait:g} s ({printable(answer['state'])}): is its agent running and "
+            f"connected to the collector's broker, in fleet {answer.get('fleet')!r}?\n"
         )
         return 1
     if not reply["ok"]:
-        out.write(f"{answer['id']}: {args.device} failed: {reply['error']}\n")
+        # The error is the device's own text.
+        out.write(
+            f"{printable(answer['id'])}: {printable(args.device)} failed: "
+            f"{printable(reply['error'])}\n"
+        )
         return 1
+    # json.dumps escapes every control character and all non-ASCII text (ensure_ascii).
     out.write(json.dumps(reply["result"], indent=2) + "\n")
     return 0
 
@@ -304,6 +312,7 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if not args.interval > 0:
         raise ConfigError("--interval must be positive")
+    # The one escape sequence written on purpose: past the guard of a SafeStream.
     clear = "\x1b[H\x1b[2J" if out.isatty() else ""
     shown = 0
     try:
@@ -313,9 +322,11 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
                     fetch_fleet(args.collector, timeout=args.timeout), fleet=args.fleet
                 )
             except ConfigError as exc:  # the collector restarting: keep watching
-                text = f"{exc}\n"
+                text = f"{printable(exc)}\n"
             stamp = time.strftime("%H:%M:%S")
-            out.write(f"{clear}{text}\n{stamp}, every {args.interval:g} s; Ctrl-C to stop\n")
+            if clear:
+                raw_stream(out).write(clear)
+            out.write(f"{text}\n{stamp}, every {args.interval:g} s; Ctrl-C to stop\n")
             out.flush()
             shown += 1
             if args.count and shown >= args.count:

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sdk.terminal import printable
+
 __all__ = ["add_trust_parsers"]
 
 
@@ -141,13 +143,15 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
     bundle, key_id = sign_bundle(args.bundle, args.key)
     m = bundle.manifest
+    # The manifest's names and the other signers' ids are the bundle maker's text.
+    name, version = printable(m.model.name), printable(m.model.version)
     print(
-        f"signed {bundle.root} ({m.model.name} v{m.model.version}, {len(m.files)} file(s) "
-        f"verified) with {key_id}"
+        f"signed {printable(bundle.root)} ({name} v{version}, {len(m.files)} file(s) verified) "
+        f"with {printable(key_id)}"
     )
     others = [s for s in bundle.signature.signers if s != key_id]
     if others:
-        print(f"also signed by {', '.join(others)} (kept: same manifest)")
+        print(f"also signed by {printable(', '.join(others))} (kept: same manifest)")
     return 0
 
 
@@ -156,8 +160,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     bundle = verify_bundle(args.bundle, args.trusted_key)
     m = bundle.manifest
-    print(f"bundle     {bundle.root}: {m.model.name} v{m.model.version}")
-    print(f"signature  {bundle.signature.describe()}")
+    name, version = printable(m.model.name), printable(m.model.version)
+    print(f"bundle     {printable(bundle.root)}: {name} v{version}")
+    print(f"signature  {printable(bundle.signature.describe())}")
     print(f"verified   {len(m.files)} file(s) match their SHA-256")
     print("ok")
     return 0
@@ -169,9 +174,10 @@ def _cmd_encrypt(args: argparse.Namespace) -> int:
     bundle, had_signature = encrypt_bundle(args.bundle, args.key)
     info = bundle.manifest.model.encryption
     assert info is not None
+    model = printable(f"{bundle.root}/{bundle.manifest.model.file}")
     print(
-        f"encrypted {bundle.root}/{bundle.manifest.model.file} ({info.algorithm}, key "
-        f"{info.key_id}); the plain model file was deleted"
+        f"encrypted {model} ({printable(info.algorithm)}, key {printable(info.key_id)}); the "
+        "plain model file was deleted"
     )
     if had_signature:
         print(

@@ -407,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         ).connect()
     except EdgeshipError as exc:
-        print(f"simulate: error: {exc}", file=sys.stderr)
+        from sdk.terminal import printable
+
+        print(f"simulate: error: {printable(exc)}", file=sys.stderr)
         return 2
     print(json.dumps({"event": "connected", "devices": len(fleet.devices)}), flush=True)
     rounds = fleet.run(args.duration)
