@@ -28,6 +28,7 @@ __all__ = [
     "ALGORITHM",
     "KEY_BYTES",
     "MAX_MODEL_BYTES",
+    "decrypt",
     "decrypt_model",
     "encrypt_model",
     "key_id",
@@ -108,15 +109,39 @@ def encrypt_model(plaintext: bytes, key: bytes) -> tuple[bytes, ModelEncryption]
 
 
 def decrypt_model(path: Path, info: ModelEncryption, key_file: str | Path | None) -> bytes:
-    """The plaintext of the encrypted model at ``path``, in memory.
+    """The plaintext of the encrypted model at ``path``, in memory (see :func:`decrypt`)."""
+    _key_for(info, key_file, path.name)  # a missing or wrong key is said before reading
+    return decrypt(path.read_bytes(), info, key_file, path.name)
+
+
+def decrypt(data: bytes, info: ModelEncryption, key_file: str | Path | None, name: str) -> bytes:
+    """The plaintext of the encrypted model ``data`` (the file ``name``), in memory.
 
     Raises :class:`ConfigError` when no key file is configured or it holds another key than
     the one the bundle was encrypted with, and :class:`BundleError` when the tag does not
     verify (the file or the manifest's nonce was altered).
     """
+    key = _key_for(info, key_file, name)
+    from device_agent.signing import require_cryptography
+
+    require_cryptography()
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        return AESGCM(key).decrypt(info.nonce, data, None)
+    except InvalidTag:
+        raise BundleError(
+            f"{name} does not decrypt with key {info.key_id} (authentication tag "
+            "mismatch): the encrypted model or its nonce in the manifest was altered; copy the "
+            "bundle again"
+        ) from None
+
+
+def _key_for(info: ModelEncryption, key_file: str | Path | None, name: str) -> bytes:
     if key_file is None:
         raise ConfigError(
-            f"the bundle's model {path.name} is encrypted (key {info.key_id}); give the agent "
+            f"the bundle's model {name} is encrypted (key {info.key_id}); give the agent "
             "its key with model_key_file in agent.toml, EDGESHIP_AGENT_MODEL_KEY_FILE, or "
             "--model-key FILE"
         )
@@ -127,18 +152,4 @@ def decrypt_model(path: Path, info: ModelEncryption, key_file: str | Path | None
             f"model key file {key_file} holds key {found}, but the bundle's model was "
             f"encrypted with key {info.key_id}; configure that key's file"
         )
-    from device_agent.signing import require_cryptography
-
-    require_cryptography()
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    data = path.read_bytes()
-    try:
-        return AESGCM(key).decrypt(info.nonce, data, None)
-    except InvalidTag:
-        raise BundleError(
-            f"{path.name} does not decrypt with key {info.key_id} (authentication tag "
-            "mismatch): the encrypted model or its nonce in the manifest was altered; copy the "
-            "bundle again"
-        ) from None
+    return key

@@ -30,6 +30,9 @@ __all__ = [
 
 Feed = Mapping[str, np.ndarray]
 
+# Below /dev/null nothing can exist (it is not a folder).
+_NO_FOLDER = "/dev/null/edgeship-models-hold-their-weights"
+
 _ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -248,6 +251,13 @@ class OnnxSession:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if content is not None:
+            # A model given as bytes was verified as bytes; ONNX Runtime would look for any
+            # external data file it names in the current directory. Point it at a folder
+            # that cannot exist (bundle.py refuses such models first; this is the backstop).
+            opts.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", _NO_FOLDER
+            )
         available = ort.get_available_providers()
         chosen = list(providers) if providers else ["CPUExecutionProvider"]
         absent = [p for p in chosen if p not in available]

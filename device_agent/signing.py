@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ SIGNATURE_FORMAT_VERSION = 1
 ALGORITHM = "ed25519"
 
 _SIGN_HINT = "sign it on the workstation with: edgeship sign BUNDLE --key PRIVATE.pem"
+# A signature file holds a few hundred bytes per signature.
+MAX_SIGNATURE_BYTES = 1 << 20
+_ALGORITHM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 def require_cryptography() -> None:
@@ -259,9 +263,18 @@ def read_signatures(root: Path) -> list[Signature] | None:
         return None
     where = f"{root}/{SIGNATURE_NAME}"
     try:
+        size = file.stat().st_size
+        if size > MAX_SIGNATURE_BYTES:
+            raise SignatureError(
+                f"{where} is {size} bytes, over the limit of {MAX_SIGNATURE_BYTES}; it is not "
+                f"a signature file ({_SIGN_HINT} again)"
+            )
         data = json.loads(file.read_bytes())
+    except RecursionError:
+        raise SignatureError(f"{where} is nested too deeply; {_SIGN_HINT} again") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise SignatureError(f"{where} is not valid JSON ({exc}); {_SIGN_HINT} again") from exc
+        why = str(exc).encode("ascii", "backslashreplace").decode("ascii")
+        raise SignatureError(f"{where} is not valid JSON ({why}); {_SIGN_HINT} again") from exc
     if not isinstance(data, dict) or data.get("format") != SIGNATURE_FORMAT:
         raise SignatureError(
             f"{where}: 'format' is not {SIGNATURE_FORMAT!r}; this is not an edgeship signature "
@@ -296,8 +309,10 @@ def read_signatures(root: Path) -> list[Signature] | None:
             isinstance(key_id, str) and key_id.startswith("sha256:") and _is_hex(key_id[7:], 64)
         ):
             raise SignatureError(f"{at}.key_id must be 'sha256:<64 hex digits>', got {key_id!r}")
-        if not isinstance(algorithm, str):
-            raise SignatureError(f"{at}.algorithm must be a string, got {algorithm!r}")
+        if not isinstance(algorithm, str) or not _ALGORITHM_RE.fullmatch(algorithm):
+            raise SignatureError(
+                f"{at}.algorithm must be a name such as {ALGORITHM!r}, got {ascii(algorithm)[:80]}"
+            )
         if not isinstance(digest, str) or not _is_hex(digest, 64):
             raise SignatureError(f"{at}.manifest_sha256 must be 64 lowercase hex digits")
         try:

@@ -24,6 +24,8 @@ from device_agent.contracts.bundle import (
     Manifest,
     ModelInfo,
 )
+from device_agent.errors import BundleError
+from device_agent.signing import SIGNATURE_NAME
 from sdk.artifact import ModelArtifact
 from sdk.budget import Budget
 from sdk.errors import ConfigError
@@ -93,17 +95,30 @@ def package(
 
     model_file = "model.onnx" if model.format == "onnx" else "model.tflite"
     io = _with_labels(model.io, labels)
+    taken = {model_file, MANIFEST_NAME, SIGNATURE_NAME, "reference.json"}
+    if detector is not None:
+        taken.add(detector[0].params_file)
+    clash = sorted(taken & set(extra_files or {}))
+    if clash:
+        raise ConfigError(f"extra_files {clash}: these names belong to the bundle itself")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         det_spec = None
         merged = False
+        source = model.path
+        if model.format == "onnx":
+            # The weights go inside model.onnx: the agent runs only what it verified, and
+            # ONNX Runtime would read an external data file by itself.
+            source = _inline_external_data(model.path, staging / ".inlined.onnx")
         if detector is not None:
             det_spec, det_path = detector
             shutil.copyfile(det_path, staging / det_spec.params_file)
             if detector_in_graph and model.format == "onnx":
-                det_spec, merged = _merge_detector(model.path, det_spec, det_path, staging)
+                det_spec, merged = _merge_detector(source, det_spec, det_path, staging)
         if not merged:
-            shutil.copyfile(model.path, staging / model_file)
+            shutil.copyfile(source, staging / model_file)
+        if source != model.path:
+            source.unlink()
         ref_name = None
         if reference is not None:
             ref_name = "reference.json"
@@ -143,6 +158,35 @@ def package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(out)
+
+
+def _inline_external_data(path: Path, scratch: Path) -> Path:
+    """``path`` itself when the ONNX model holds all its tensors, else ``scratch``: the model
+    with its external data files read in (ConfigError when it cannot be, in one line)."""
+    from device_agent.onnx_scan import external_data_refs
+
+    try:
+        refs = external_data_refs(path.read_bytes(), name=path.name)
+    except BundleError as exc:
+        raise ConfigError(f"cannot package {path}: {exc}") from exc
+    if not refs:
+        return path
+    import onnx
+
+    try:
+        # load_external_data resolves each location next to the model, as ONNX Runtime does.
+        proto = onnx.load(str(path), load_external_data=True)
+        from onnx.external_data_helper import convert_model_from_external_data
+
+        convert_model_from_external_data(proto)
+        onnx.save(proto, str(scratch))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ConfigError(
+            f"cannot package {path}: its tensor {refs[0].tensor!r} is in the external data "
+            f"file {refs[0].location!r}, which cannot be read into the model ({exc}); a bundle's "
+            "ONNX model must hold its weights (the protobuf limit is 2 GiB)"
+        ) from exc
+    return scratch
 
 
 def _merge_detector(

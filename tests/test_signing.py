@@ -683,3 +683,42 @@ def test_optimize_signs_the_bundle_only_when_it_meets_the_budget(
     assert missed.returncode == 1, missed.stderr
     assert "not signed: the bundle misses its budget" in missed.stdout
     assert load_bundle(tmp_path / "b2").signature.describe() == "not signed"
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b" " * (2**20 + 1), "over the limit"),
+        (b'{"format": "edgeship.signature", "x": "\xff"}', "not valid JSON"),
+    ],
+)
+def test_a_signature_file_no_json_reader_should_take_is_refused_in_one_line(
+    tiny: Path, keys: dict[str, GeneratedKey], content: bytes, needle: str, capsys: Any
+) -> None:
+    """Issue 11: signature.json is read before anything is verified; whatever it holds is a
+    SignatureError (with trusted keys) or a listed problem (without), never another exception."""
+    from device_agent.cli import main
+
+    (tiny / SIGNATURE_NAME).write_bytes(content)
+    with pytest.raises(SignatureError, match=needle):
+        load_bundle(tiny, trusted_keys=[_pub(keys, "release")])
+    assert needle in (load_bundle(tiny).signature.problem or "")
+    code = main(["check", str(tiny), "--runs", "1", "--trusted-key", str(_pub(keys, "release"))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_a_signature_algorithm_that_cannot_be_printed_is_refused(
+    tiny: Path, keys: dict[str, GeneratedKey], capsys: Any
+) -> None:
+    from device_agent.cli import main
+
+    data = json.loads((tiny / SIGNATURE_NAME).read_text())
+    data["signatures"][0]["algorithm"] = "ed25519\ud800\n"
+    (tiny / SIGNATURE_NAME).write_text(json.dumps(data))
+    with pytest.raises(SignatureError, match="algorithm must be a name"):
+        load_bundle(tiny, trusted_keys=[_pub(keys, "release")])
+    assert main(["check", str(tiny), "--runs", "1"]) == 0  # no trusted keys: listed, not used
+    out = capsys.readouterr().out
+    assert "signature  signature.json unreadable, not verified" in out

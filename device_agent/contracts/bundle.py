@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,6 +29,8 @@ __all__ = [
     "FORMAT_ID",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "MAX_TENSOR_ELEMENTS",
     "READABLE_FORMAT_VERSION",
     "RESERVED_NAMES",
     "RUNTIMES",
@@ -52,6 +56,29 @@ MANIFEST_NAME = "manifest.json"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, "signature.json"})
 ENCRYPTION_ALGORITHMS = ("aes-256-gcm",)
 GCM_NONCE_BYTES = 12
+
+# Limits the decoder enforces, so that a manifest cannot make a reader run out of memory or
+# write text that the wire (docs/protocol.md) refuses. The model's name and version and the
+# class labels travel in every telemetry message: they obey the messages' limits.
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_NAME_LEN = 128  # model.name, labels: the messages' label limit
+MAX_VERSION_LEN = 64  # model.version: the messages' model_version limit
+MAX_TEXT_LEN = 1024  # any other string field
+MAX_PATH_LEN = 1024
+MAX_FILES = 1000
+MAX_TENSORS = 1024  # inputs, and outputs
+MAX_LABELS = 65536
+MAX_RANK = 32  # numpy's limit on array dimensions (numpy 1.x)
+MAX_DIM = 2**31 - 1
+# The fixed dimensions of one tensor may hold at most this many elements (2**26: 256 MiB of
+# float32), and so may all the inputs together: the agent builds inputs of these shapes for its
+# self-test, and a board has a few GiB at most.
+MAX_TENSOR_ELEMENTS = 2**26
+MAX_NESTING = 64  # JSON depth anywhere in the manifest (free-form blocks included)
+# Control characters (C0, DEL, C1) and lone surrogates: a name or label holding one could not be
+# printed, logged on one line or encoded as UTF-8.
+_BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Runtime = Literal["onnxruntime", "litert"]
 RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "litert")
@@ -90,20 +117,43 @@ class TensorSpec:
         shape_raw = obj.get("shape")
         if not isinstance(shape_raw, list):
             raise BundleError(f"{where}.shape: expected a list, got {type(shape_raw).__name__}")
+        if len(shape_raw) > MAX_RANK:
+            raise BundleError(
+                f"{where}.shape: {len(shape_raw)} dimensions; at most {MAX_RANK} are supported"
+            )
         shape: list[Dim] = []
         for i, d in enumerate(shape_raw):
             if isinstance(d, bool) or not isinstance(d, int | str):
                 raise BundleError(f"{where}.shape[{i}]: expected an int or a name, got {d!r}")
             if isinstance(d, int) and d < 0:
                 raise BundleError(f"{where}.shape[{i}]: negative size {d}")
+            if isinstance(d, int) and d > MAX_DIM:
+                raise BundleError(f"{where}.shape[{i}]: size {d} is over the limit {MAX_DIM}")
+            if isinstance(d, str):
+                _str(d, f"{where}.shape[{i}]")
             shape.append(d)
+        elements = math.prod(d for d in shape if isinstance(d, int))
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise BundleError(
+                f"{where}.shape: {shape_raw} holds {elements} elements, over the limit of "
+                f"{MAX_TENSOR_ELEMENTS} per tensor; no board can hold such a tensor: check "
+                'the shape (use a name such as "batch" for a dynamic dimension)'
+            )
         labels_raw = obj.get("labels")
         labels = None
         if labels_raw is not None:
+            raw = _list(labels_raw, f"{where}.labels")
+            if len(raw) > MAX_LABELS:
+                raise BundleError(f"{where}.labels: {len(raw)} labels; at most {MAX_LABELS}")
             labels = tuple(
-                _str(v, f"{where}.labels[{i}]") for i, v in enumerate(_list(labels_raw, where))
+                _str(v, f"{where}.labels[{i}]", max_len=MAX_NAME_LEN) for i, v in enumerate(raw)
             )
         return cls(name=name, dtype=dtype, shape=tuple(shape), labels=labels)
+
+    @property
+    def fixed_elements(self) -> int:
+        """How many elements the fixed dimensions hold (symbolic ones count as 1)."""
+        return math.prod(d for d in self.shape if isinstance(d, int))
 
     def matches_shape(self, shape: Sequence[int]) -> bool:
         """Whether a concrete shape fits this spec (symbolic dims match any size)."""
@@ -128,18 +178,29 @@ class IOSpec:
     @classmethod
     def from_dict(cls, data: Any, where: str = "io") -> IOSpec:
         obj = _mapping(data, where)
-        inputs = tuple(
-            TensorSpec.from_dict(t, f"{where}.inputs[{i}]")
-            for i, t in enumerate(_list(obj.get("inputs"), f"{where}.inputs"))
-        )
-        outputs = tuple(
-            TensorSpec.from_dict(t, f"{where}.outputs[{i}]")
-            for i, t in enumerate(_list(obj.get("outputs"), f"{where}.outputs"))
-        )
+        specs: dict[str, tuple[TensorSpec, ...]] = {}
+        for side in ("inputs", "outputs"):
+            raw = _list(obj.get(side), f"{where}.{side}")
+            if len(raw) > MAX_TENSORS:
+                raise BundleError(f"{where}.{side}: {len(raw)} tensors; at most {MAX_TENSORS}")
+            specs[side] = tuple(
+                TensorSpec.from_dict(t, f"{where}.{side}[{i}]") for i, t in enumerate(raw)
+            )
+            names = [t.name for t in specs[side]]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise BundleError(f"{where}.{side}: the names {twice} are given more than once")
+        inputs, outputs = specs["inputs"], specs["outputs"]
         if not inputs:
             raise BundleError(f"{where}.inputs: a model needs at least one input")
         if not outputs:
             raise BundleError(f"{where}.outputs: a model needs at least one output")
+        total = sum(t.fixed_elements for t in inputs)
+        if total > MAX_TENSOR_ELEMENTS:
+            raise BundleError(
+                f"{where}.inputs: the inputs hold {total} elements together, over the limit "
+                f"of {MAX_TENSOR_ELEMENTS}; check their shapes"
+            )
         return cls(inputs=inputs, outputs=outputs)
 
     @property
@@ -178,8 +239,8 @@ class ModelEncryption:
                 f"{where}.algorithm: {algorithm!r} is not one of {list(ENCRYPTION_ALGORITHMS)}"
             )
         key_id = _str(obj.get("key_id"), f"{where}.key_id")
-        if not key_id.startswith("sha256:"):
-            raise BundleError(f"{where}.key_id: expected 'sha256:<hex>', got {key_id!r}")
+        if not (key_id.startswith("sha256:") and _is_hex(key_id[7:])):
+            raise BundleError(f"{where}.key_id: expected 'sha256:<64 hex digits>', got {key_id!r}")
         nonce_text = _str(obj.get("nonce"), f"{where}.nonce")
         try:
             nonce = base64.b64decode(nonce_text, validate=True)
@@ -227,8 +288,8 @@ class ModelInfo:
             raise BundleError(f"{where}.runtime: {runtime!r} is not one of {list(RUNTIMES)}")
         encryption = obj.get("encryption")
         return cls(
-            name=_str(obj.get("name"), f"{where}.name"),
-            version=_str(obj.get("version"), f"{where}.version"),
+            name=_str(obj.get("name"), f"{where}.name", max_len=MAX_NAME_LEN),
+            version=_str(obj.get("version"), f"{where}.version", max_len=MAX_VERSION_LEN),
             file=_relpath(obj.get("file"), f"{where}.file"),
             runtime=runtime,
             precision=_str(obj.get("precision"), f"{where}.precision"),
@@ -330,10 +391,22 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise BundleError(
+                f"{MANIFEST_NAME} is {len(text)} bytes, over the limit of {MAX_MANIFEST_BYTES}"
+            )
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as exc:
+            raise BundleError(
+                f"{MANIFEST_NAME} gives the key {exc.key!r} twice in one object; readers would "
+                "disagree on which one counts"
+            ) from None
+        except RecursionError:
+            raise BundleError(f"{MANIFEST_NAME} is nested too deeply to be a manifest") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+            raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {_ascii(exc)}") from exc
+        _check_tree(data)
         return cls.from_dict(data)
 
     @classmethod
@@ -341,18 +414,22 @@ class Manifest:
         obj = _mapping(data, "manifest")
         if obj.get("format") != FORMAT_ID:
             raise BundleError(
-                f"manifest.format: expected {FORMAT_ID!r}, got {obj.get('format')!r}; "
+                f"manifest.format: expected {FORMAT_ID!r}, got {_short(obj.get('format'))}; "
                 "this is not an edgeship bundle"
             )
         version = obj.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise BundleError(f"manifest.format_version: expected an int, got {version!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BundleError(
+                f"manifest.format_version: expected a positive int, got {_short(version)}"
+            )
         if version > READABLE_FORMAT_VERSION:
             raise BundleError(
                 f"manifest.format_version {version} is newer than this agent understands "
                 f"({READABLE_FORMAT_VERSION}); upgrade edgeship on this device"
             )
         files_raw = _mapping(obj.get("files"), "manifest.files")
+        if len(files_raw) > MAX_FILES:
+            raise BundleError(f"manifest.files: {len(files_raw)} files; at most {MAX_FILES}")
         files: dict[str, str] = {}
         for name, digest in files_raw.items():
             _relpath(name, f"manifest.files[{name!r}]")
@@ -362,7 +439,7 @@ class Manifest:
                     "cannot be listed"
                 )
             d = _str(digest, f"manifest.files[{name!r}]")
-            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+            if not _is_hex(d):
                 raise BundleError(f"manifest.files[{name!r}]: not a lowercase SHA-256 hex digest")
             files[name] = d
         model = ModelInfo.from_dict(obj.get("model"))
@@ -415,6 +492,56 @@ class Manifest:
         )
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_tree(data: Any) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_NESTING` or holding a lone surrogate (JSON's
+    ``"\\ud800"`` escape decodes to one) anywhere, free-form blocks included: such text cannot
+    be encoded as UTF-8, so it could not be printed, logged or sent on."""
+    stack: list[tuple[Any, str, int]] = [(data, "manifest", 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise BundleError(f"{where}: nested more than {MAX_NESTING} levels deep")
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise BundleError(f"{where}: a string holds a lone surrogate ({_short(node)})")
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if _SURROGATE.search(key):
+                    raise BundleError(f"{where}: a key holds a lone surrogate ({_short(key)})")
+                stack.append((value, f"{where}.{_short(key, 40)}", depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, ASCII only (safe in any message)."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _ascii(exc: BaseException) -> str:
+    return str(exc).encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _is_hex(text: str, length: int = 64) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
@@ -431,22 +558,40 @@ def _list(value: Any, where: str) -> list[Any]:
     return value
 
 
-def _str(value: Any, where: str, *, allow_empty: bool = False) -> str:
+def _str(value: Any, where: str, *, allow_empty: bool = False, max_len: int = MAX_TEXT_LEN) -> str:
+    """A string field: non-empty (unless ``allow_empty``), at most ``max_len`` characters, and
+    free of control characters and lone surrogates."""
     if not isinstance(value, str) or (not value and not allow_empty):
-        raise BundleError(f"{where}: expected a non-empty string, got {value!r}")
+        raise BundleError(f"{where}: expected a non-empty string, got {_short(value)}")
+    if len(value) > max_len:
+        raise BundleError(f"{where}: {len(value)} characters, longer than {max_len}")
+    bad = _BAD_TEXT.search(value)
+    if bad is not None:
+        raise BundleError(
+            f"{where}: {_short(value)} holds the character {bad.group()!a}; control "
+            "characters and lone surrogates cannot be printed or sent"
+        )
     return value
 
 
 def _float(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BundleError(f"{where}: expected a number, got {value!r}")
-    return float(value)
+        raise BundleError(f"{where}: expected a number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise BundleError(f"{where}: expected a finite number, got {_short(value)}")
+    return number
 
 
 def _relpath(value: Any, where: str) -> str:
     """A file name inside the bundle: relative, no '..', forward slashes."""
-    path = _str(value, where)
+    path = _str(value, where, max_len=MAX_PATH_LEN)
     parts = path.split("/")
     if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
         raise BundleError(f"{where}: {path!r} must be a plain relative path inside the bundle")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise BundleError(f"{where}: a part of {path!r} is longer than 255 bytes")
     return path
