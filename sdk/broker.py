@@ -1,6 +1,9 @@
 """An embedded MQTT broker for demos and laptops: amqtt (pure Python, MQTT 3.1.1) in a child
 process on 127.0.0.1, so ``edgeship demo`` needs no Mosquitto installed.
 
+The broker process gets SIGTERM when the process that started it dies, even of SIGKILL (on
+Linux, when started from the main thread: :mod:`sdk.children`).
+
 It is a real broker, but not one for a fleet: no persistence across restarts, one process,
 MQTT 3.1.1 only (edgeship's clients fall back from MQTT 5 automatically). Production fleets
 use Mosquitto or EMQX (see ``examples/mosquitto/``).
@@ -53,6 +56,8 @@ class EmbeddedBroker:
                 "the embedded broker needs amqtt: pip install 'edgeship[sdk]', or pass "
                 "--broker mqtt://HOST:PORT to use your own broker"
             ) from exc
+        from sdk.children import die_with_parent
+
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "sdk.broker", self.host, str(self.port)],
@@ -60,6 +65,8 @@ class EmbeddedBroker:
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
+            # A broker left behind by a killed parent would hold its port and serve no one.
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

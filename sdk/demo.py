@@ -14,7 +14,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -201,6 +203,8 @@ class DemoError(Exception):
 
 
 def _fleet_table(snapshot: dict[str, Any]) -> str:
+    from sdk.terminal import printable
+
     rows = [
         f"  {'device':<8}{'state':<9}{'model':<16}{'p95 ms':>8}{'inferences':>11}"
         f"{'outlier rate':>13}{'gaps':>6}"
@@ -211,9 +215,11 @@ def _fleet_table(snapshot: dict[str, Any]) -> str:
         rate = d.get("outlier_rate")
         gaps = d.get("gaps", {})
         missing = gaps.get("missing", 0) if isinstance(gaps, dict) else gaps
-        model = f"{d.get('model') or '?'} v{d.get('model_version') or '?'}"
+        # What the agents reported, through the collector: escaped for the terminal.
+        model = printable(f"{d.get('model') or '?'} v{d.get('model_version') or '?'}")
+        device, status = printable(d.get("device", "?")), printable(d.get("status", "?"))
         rows.append(
-            f"  {d.get('device', '?'):<8}{d.get('status', '?'):<9}{model:<16}"
+            f"  {device:<8}{status:<9}{model:<16}"
             f"{'-' if p95 is None else f'{p95:.3f}':>8}{d.get('inferences', 0):>11}"
             f"{'-' if rate is None else f'{rate:.1%}':>13}{missing:>6}"
         )
@@ -240,6 +246,38 @@ def _detection(log_path: Path, corrupt: np.ndarray) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the demo the way Ctrl-C (SIGINT) does: a KeyboardInterrupt, so
+    the same code stops every process the demo started. ``timeout``, ``kill`` and service
+    managers send SIGTERM, a closed terminal SIGHUP; neither reaches the children, which run
+    in sessions of their own. The first one interrupts; later ones are ignored, so that they
+    do not cut the cleanup short (a SIGKILL still ends it, and the children then get SIGTERM
+    from the kernel: :mod:`sdk.children`). Only in the main thread, where Python runs signal
+    handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if caught:
+            return
+        caught.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, interrupt) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_fleet_demo(
     workdir: Path,
     *,
@@ -253,13 +291,44 @@ def run_fleet_demo(
     keep_running: bool = False,
 ) -> int:
     """The whole story: optimize and bundle, then run a fleet of agents that report to a
-    collector through a broker, and show what the fleet saw."""
+    collector through a broker, and show what the fleet saw.
+
+    SIGTERM and SIGHUP stop it as Ctrl-C does, stopping every process it started; those
+    processes also get SIGTERM from the kernel if the demo dies without stopping them (killed
+    outright, on Linux: :mod:`sdk.children`)."""
+    with _stop_signals_interrupt():
+        return _run_fleet_demo(
+            workdir,
+            target=target,
+            budget=budget,
+            duration_s=duration_s,
+            agents=agents,
+            broker_url=broker_url,
+            http=http,
+            rate=rate,
+            keep_running=keep_running,
+        )
+
+
+def _run_fleet_demo(
+    workdir: Path,
+    *,
+    target: str,
+    budget: str,
+    duration_s: float,
+    agents: int,
+    broker_url: str | None,
+    http: str,
+    rate: float,
+    keep_running: bool,
+) -> int:
     import shutil
     import signal
     import subprocess
     import sys
 
     from sdk.broker import EmbeddedBroker, free_port
+    from sdk.children import die_with_parent
 
     workdir = workdir.resolve()
     print("[1/5] model: train, optimize for the board, bundle, sign", flush=True)
@@ -330,6 +399,7 @@ def run_fleet_demo(
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,
+                    preexec_fn=die_with_parent(),
                 ),
             )
         )
@@ -392,6 +462,7 @@ def run_fleet_demo(
                         stderr=subprocess.STDOUT,
                         env=env,
                         start_new_session=True,
+                        preexec_fn=die_with_parent(),
                     ),
                 )
             )
@@ -423,9 +494,10 @@ def run_fleet_demo(
                     f"{s.get('missing', 0)} messages missing",
                     flush=True,
                 )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (named)
             interrupted = True
-            print("\ninterrupted: stopping the fleet", flush=True)
+            by = f" by {exc}" if str(exc) else ""
+            print(f"\ninterrupted{by}: stopping the fleet", flush=True)
         # The snapshot taken while every agent still runs is the fleet table to show.
         with contextlib.suppress(OSError):
             snapshot = _get_json(f"{api}/api/devices")

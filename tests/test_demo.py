@@ -4,10 +4,14 @@ configured (it starts the embedded one)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from device_agent.bundle import load_bundle
@@ -67,3 +71,118 @@ def test_demo_key_is_reused_on_a_rerun(tmp_path: Path) -> None:
     public.unlink()  # a lost public file is rewritten from the private key
     assert demo_signing_key(tmp_path) == (private, public, key_id)
     assert public.is_file()
+
+
+# --- the demo's processes end with it -------------------------------------------------------
+
+
+class _Demo:
+    """``edgeship demo`` in its own process, its output read line by line as it comes."""
+
+    def __init__(self, work: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdk.cli", "demo", "--duration", "600", "--workdir",
+             str(work), "--http", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(10)
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running: not gone, and not a zombie (a reparented one may wait a while for
+    its new parent to reap it; it runs no more code)."""
+    left = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def _fleet_running(demo: _Demo, work: Path, agents: int = 3) -> list[psutil.Process]:
+    """Wait until every agent replays (its log has lines); the demo's descendants then."""
+
+    def replaying() -> bool:
+        logs = [work / "agents" / f"pi-{i}" / "replay.jsonl" for i in range(1, agents + 1)]
+        return "[5/5] running" in demo.output and all(
+            f.is_file() and f.stat().st_size > 0 for f in logs
+        )
+
+    deadline = time.monotonic() + 600
+    while not replaying():
+        assert demo.proc.poll() is None, demo.output[-4000:]
+        assert time.monotonic() < deadline, demo.output[-4000:]
+        time.sleep(0.2)
+    children = psutil.Process(demo.proc.pid).children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in children]
+    # the embedded broker, the collector (and its store worker), three agents
+    assert sum("sdk.broker" in c for c in commands) == 1, commands
+    assert sum("sdk.cli collect" in c for c in commands) == 1, commands
+    assert sum("device_agent.cli run" in c for c in commands) == agents, commands
+    return children
+
+
+def _gone_within(procs: list[psutil.Process], seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while _alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [" ".join(p.cmdline()) for p in _alive(procs)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_demo_stops_its_fleet_on_sigterm_and_its_fleet_dies_with_it_on_sigkill(
+    tmp_path: Path,
+) -> None:
+    """`kill -TERM <demo>` left the broker, the collector and three agents running (replaying
+    at full speed) as orphans: SIGTERM and SIGHUP now stop them as Ctrl-C does; and when the
+    demo is killed outright, the kernel sends each of them SIGTERM (PR_SET_PDEATHSIG)."""
+    work = tmp_path / "demo"
+    started: list[psutil.Process] = []
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # the second run reuses the trained model
+            demo = _Demo(work)
+            try:
+                children = _fleet_running(demo, work)
+                started += children
+                demo.proc.send_signal(sig)
+                code = demo.proc.wait(120)
+                assert _gone_within(children, 5) == [], f"orphans left running after {sig.name}"
+                assert code in (1, 130), demo.output[-4000:]
+                stopping = f"interrupted by {sig.name}: stopping the fleet"
+                assert stopping in demo.output, demo.output[-4000:]
+                assert "Traceback" not in demo.output, demo.output[-4000:]
+            finally:
+                demo.close()
+        # SIGKILL runs no code in the demo at all: the kernel stops its children.
+        demo = _Demo(work)
+        try:
+            children = _fleet_running(demo, work)
+            started += children
+            demo.proc.kill()
+            demo.proc.wait(30)
+            assert _gone_within(children, 60) == [], "orphans left running after SIGKILL"
+        finally:
+            demo.close()
+    finally:
+        for p in _alive(started):  # what a failing run left behind
+            p.kill()
