@@ -40,8 +40,9 @@ examples:
   edgeship inspect bundle/
 
 Data files are .npz archives keyed by the model's input names (numpy.savez); an eval
-file may add a 'labels' array of integer class ids. Exit codes: 0 ok, 1 budget not met,
-2 bad input, 3 internal error. Docs: README.md and docs/ in the repository.
+file may add a 'labels' array of class ids (integers from 0 to classes - 1).
+Exit codes: 0 ok, 1 budget not met, 2 bad input, 3 internal error. Docs: README.md and
+docs/ in the repository.
 """
 
 

@@ -23,7 +23,15 @@ import numpy as np
 from device_agent.contracts.bundle import IOSpec, TensorSpec
 from sdk.errors import DataError
 
-__all__ = ["LABELS_KEY", "DataSource", "Dataset", "load_dataset", "sample_count", "take_samples"]
+__all__ = [
+    "LABELS_KEY",
+    "DataSource",
+    "Dataset",
+    "check_labels",
+    "load_dataset",
+    "sample_count",
+    "take_samples",
+]
 
 LABELS_KEY = "labels"
 
@@ -110,9 +118,41 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
                 f"{what}: 'labels' must be a 1-D array with one label per sample "
                 f"({n}), got shape {labels.shape}"
             )
-        if labels.dtype.kind not in "iu":
-            raise DataError(f"{what}: 'labels' must hold integer class ids, got {labels.dtype}")
+        # The class count is the model output's, known here only when the output is
+        # (batch, classes) with a fixed count; evaluate() checks against the output it scores.
+        check_labels(labels, None, f"{what} ({name})")
     return Dataset(inputs=inputs, labels=labels, name=name)
+
+
+def check_labels(labels: np.ndarray, classes: int | None, where: str) -> None:
+    """Refuse labels that are not class ids in ``[0, classes)`` (``classes`` None: only
+    ``>= 0``) with a :class:`DataError` that starts with ``where`` (the data and its file).
+
+    Labels outside the model's classes match no prediction: both fp32 and every candidate
+    would score 0% on them, and a drop of 0 would pass any quality gate.
+    """
+    if labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{where}: 'labels' must hold integer class ids, got {labels.dtype}"
+            + (f" (values such as {_first(labels)})" if labels.size else "")
+        )
+    if not labels.size:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0 and (classes is None or high < classes):
+        return
+    bad = labels[(labels < 0) | (labels >= (classes if classes is not None else high + 1))]
+    span = f"[0, {classes})" if classes is not None else "[0, classes)"
+    count = f" ({classes} classes: 0 to {classes - 1})" if classes is not None else ""
+    raise DataError(
+        f"{where}: {bad.size} of {labels.size} labels are outside {span}{count}: they range "
+        f"from {low} to {high} (e.g. {_first(bad)}); labels must be class ids of the model's "
+        "output"
+    )
+
+
+def _first(values: np.ndarray, count: int = 5) -> str:
+    return ", ".join(str(v) for v in values.reshape(-1)[:count].tolist())
 
 
 def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:

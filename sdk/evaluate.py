@@ -95,6 +95,7 @@ def evaluate(
     what a board that runs one sample at a time gets.
     """
     from device_agent.runtime import open_session
+    from sdk.data import check_labels
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -130,6 +131,17 @@ def evaluate(
                 f"the data has labels, but the model's output {name!r} has shape {got.shape}; "
                 "top-1 accuracy needs a (samples, classes) output or one score per sample"
             )
+        if labels is not None and start == 0:
+            # Labels outside the output's classes would score 0% for fp32 and every candidate
+            # alike, and a drop of 0 passes any quality gate: refuse them.
+            if kind == "binary":
+                where = (
+                    f"eval data ({data.name}), for the model's output {name!r} of one score "
+                    "per sample (a binary decision: binary labels are 0 and 1)"
+                )
+                check_labels(labels, 2, where)
+            else:
+                check_labels(labels, got.shape[1], f"eval data ({data.name})")
         if kind == "binary":
             scores.append(got.reshape(n).astype(np.float64))
         elif labels is not None:
@@ -162,13 +174,7 @@ def evaluate(
         )
         decided = np.concatenate(scores) > cut
         quality = replace(quality, decision_threshold=cut)
-        if labels is not None:
-            if not np.isin(labels, (0, 1)).all():
-                raise DataError(
-                    f"the model's output {name!r} holds one score per sample (a binary "
-                    f"decision), but the labels hold {sorted(set(labels.tolist()))[:8]}; "
-                    "binary labels are 0 and 1"
-                )
+        if labels is not None:  # checked to be 0 and 1 on the first batch
             correct = int((decided == (labels == 1)).sum())
         if ref_scores:
             agree = int((decided == (np.concatenate(ref_scores) > cut)).sum())

@@ -27,6 +27,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "wrong_shape.npz", x=x[:, :12])
     np.savez(root / "wrong_dtype.npz", x=(x > 0).astype("U1"))
     np.savez(root / "float_labels.npz", x=x, labels=x[:, 0])
+    # The model has 4 classes: labels -1 (10 of 40) and 4 (8 of 40) are none of them.
+    np.savez(root / "negative_labels.npz", x=x, labels=np.arange(40) % 4 - 1)
+    np.savez(root / "big_labels.npz", x=x, labels=np.arange(40) % 5)
     return {p.stem: p for p in root.iterdir()}
 
 
@@ -91,6 +94,35 @@ CASES = [
     (
         lambda f, o: ["optimize", f["mlp"], "--eval", f["float_labels"], "-o", o],
         "integer class ids",
+    ),
+    # Labels outside the model's classes scored 0% for fp32 and int8 alike: a drop of 0 passed.
+    (
+        lambda f, o: [
+            "optimize",
+            f["mlp"],
+            "--eval",
+            f["negative_labels"],
+            "--budget",
+            "drop<=1%",
+            "-o",
+            o,
+        ],
+        "negative_labels.npz): 10 of 40 labels are outside [0, classes)",
+    ),
+    (
+        lambda f, o: [
+            "optimize",
+            f["mlp"],
+            "--eval",
+            f["big_labels"],
+            "--calibration",
+            f["good"],
+            "--budget",
+            "drop<=1%",
+            "-o",
+            o,
+        ],
+        "big_labels.npz): 8 of 40 labels are outside [0, 4) (4 classes: 0 to 3)",
     ),
     (
         lambda f, o: ["optimize", f["mlp"], "--calibration", f["wrong_name"], "-o", o],

@@ -195,3 +195,19 @@ def test_unnamed_dynamic_axes_get_distinct_names(tmp_path: Path) -> None:
     assert io.inputs[1].shape == ("y_dim0", "y_dim1")
     feed = make_inputs(io, shapes={"x": (1, 3, 48, 192), "y": (1, 5)})
     assert feed["x"].shape == (1, 3, 48, 192) and feed["y"].shape == (1, 5)
+
+
+def test_negative_labels_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """No class id is negative, whatever the model (the classes it has are checked when it
+    runs: sdk.evaluate)."""
+    path = tmp_path / "eval.npz"
+    x = np.zeros((6, 1, 8, 8), np.float32)
+    np.savez(path, image=x, labels=np.array([0, 1, -3, 2, -1, 9]))
+    with pytest.raises(DataError) as info:
+        load_dataset(path, IO, what="eval data")
+    message = str(info.value)
+    assert message.startswith(f"eval data ({path}): 2 of 6 labels are outside [0, classes)")
+    assert "range from -3 to 9" in message and "\n" not in message
+    np.savez(path, image=x, labels=np.array([0.0, 1.0, 2.5, 3.0, 4.0, 5.0]))
+    with pytest.raises(DataError, match=r"eval\.npz\): 'labels' must hold integer class ids"):
+        load_dataset(path, IO, what="eval data")

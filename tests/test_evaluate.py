@@ -110,8 +110,34 @@ def test_threshold_can_be_chosen_and_labels_must_be_binary(tmp_path: Path) -> No
     data = load_dataset({"x": X}, io)  # type: ignore[arg-type]
     assert evaluate(fp32, data, threshold=0.9).decision_threshold == 0.9
     three = load_dataset({"x": X, "labels": np.arange(len(X)) % 3}, io)  # type: ignore[arg-type]
-    with pytest.raises(DataError, match="binary labels are 0 and 1"):
+    with pytest.raises(DataError, match=r"binary labels are 0 and 1\): 66 of 200 labels are "):
         evaluate(fp32, three)
+
+
+def test_labels_outside_the_output_classes_are_refused(tmp_path: Path) -> None:
+    """Labels the model has no class for scored 0% for fp32 and for every candidate, so the
+    accuracy drop was 0 and optimize's quality gate passed."""
+    from sdk.data import Dataset
+    from tests.helpers import write_mlp_onnx
+
+    model = write_mlp_onnx(tmp_path / "mlp.onnx", features=4, classes=4)
+    io = _io(model)
+    ok = load_dataset({"x": X, "labels": np.arange(len(X)) % 4}, io)  # type: ignore[arg-type]
+    assert evaluate(model, ok).accuracy is not None
+    too_big = load_dataset({"x": X, "labels": np.arange(len(X)) % 5 + 1}, io)  # type: ignore[arg-type]
+    with pytest.raises(DataError) as info:
+        evaluate(model, too_big, reference=model)
+    assert str(info.value).startswith(
+        "eval data (dict): 80 of 200 labels are outside [0, 4) (4 classes: 0 to 3): they range "
+        "from 1 to 5"
+    )
+    # The Python API's own Dataset, built without load_dataset, is checked as well.
+    direct = Dataset({"x": X}, np.full(len(X), -1), "held-out.npz")
+    with pytest.raises(DataError, match=r"eval data \(held-out\.npz\): 200 of 200 labels"):
+        evaluate(model, direct)
+    floats = Dataset({"x": X}, np.zeros(len(X)), "held-out.npz")
+    with pytest.raises(DataError, match="integer class ids, got float64"):
+        evaluate(model, floats)
 
 
 def test_outputs_without_classes_fall_back_to_cosine(tmp_path: Path) -> None:
