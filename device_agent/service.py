@@ -10,6 +10,10 @@ HTTP API (127.0.0.1 by default; documented in docs/agent.md):
 * ``POST /v1/predict`` with ``{"inputs": {"<input name>": <nested list, batch first>}}`` →
   ``{"outputs": {...}, "scores": [...], "is_outlier": [...], "labels": [...], "latency_ms": x}``
 * ``GET /v1/health`` → model, versions, publisher and spool figures
+
+The server is :class:`device_agent.httpserver.BoundedHTTPServer` with :data:`HTTP_LIMITS`
+(timeouts, 4 workers, 64 connections) and a predict body cap from the model's input spec
+(:func:`predict_body_limit`); binding beyond 127.0.0.1 logs a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import signal
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,34 +32,108 @@ import numpy as np
 
 from device_agent.agent import Agent, AgentConfig
 from device_agent.config import RunConfig
+from device_agent.contracts.bundle import IOSpec, TensorSpec
 from device_agent.errors import ConfigError, EdgeshipError, InputError
+from device_agent.httpserver import (
+    BoundedHTTPServer,
+    HTTPLimits,
+    JSONRequestHandler,
+    RequestError,
+    is_loopback,
+    parse_json,
+)
 
-__all__ = ["MAX_BODY_BYTES", "make_http_server", "replay_inputs", "run_service"]
+__all__ = [
+    "HTTP_LIMITS",
+    "MAX_BODY_BYTES",
+    "make_http_server",
+    "predict_body_limit",
+    "replay_inputs",
+    "run_service",
+]
 
 log = logging.getLogger(__name__)
 
+# The body cap of POST /v1/predict, from the model's input spec (docs/agent.md, "Limits"):
+#   min(MAX_BODY_BYTES, BODY_OVERHEAD + NUMBER_BYTES * sum over inputs of prod(dims))
+# where a symbolic first (batch) dimension counts MAX_BATCH rows and any other symbolic
+# dimension SYMBOLIC_DIM. NUMBER_BYTES is one number as JSON text with its separator and a
+# pretty-printer's indentation ("-1.2345678901234567e-05, " is 25 bytes; json.dumps(indent=4)
+# four levels deep adds 17 more).
 MAX_BODY_BYTES = 16 * 2**20
+BODY_OVERHEAD = 64 * 1024
+NUMBER_BYTES = 48
+MAX_BATCH = 64
+SYMBOLIC_DIM = 1024
+OTHER_BODY_BYTES = 64 * 1024  # any other route (bodies are ignored there)
+HTTP_LIMITS = HTTPLimits(workers=4, max_connections=64, request_timeout_s=10.0)
 
 
-class _Handler(BaseHTTPRequestHandler):
+def predict_body_limit(io: IOSpec) -> int:
+    """The largest ``POST /v1/predict`` body the endpoint reads for a model with ``io``."""
+    elements = 0
+    for spec in io.inputs:
+        count = 1
+        for axis, dim in enumerate(spec.shape):
+            count *= dim if isinstance(dim, int) else MAX_BATCH if axis == 0 else SYMBOLIC_DIM
+        elements += count
+    return min(MAX_BODY_BYTES, BODY_OVERHEAD + NUMBER_BYTES * elements)
+
+
+def _as_input(name: str, value: Any, spec: TensorSpec) -> np.ndarray:
+    """A JSON value as the array the model's input ``spec`` takes: whole numbers are welcome
+    for float inputs (JavaScript writes 1.0 as 1); values beyond the dtype's range are 422."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged lists and the like
+        raise RequestError(f"input {name!r}: cannot be read as an array ({exc})", 422) from None
+    kind = arr.dtype.kind
+    if kind not in "biuf":  # strings, null, objects, integers beyond 64 bits
+        raise RequestError(
+            f"input {name!r}: expected a nested list of numbers ({spec.dtype}, shape "
+            f"{list(spec.shape)})",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    want = np.dtype(spec.dtype)
+    if want.kind == "f" and kind in "iuf" and arr.dtype != want:
+        with np.errstate(over="ignore"):
+            arr = arr.astype(want)
+        if not np.isfinite(arr).all():
+            raise RequestError(
+                f"input {name!r}: a value is beyond {spec.dtype}'s range",
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+            )
+    elif want.kind in "iu" and kind in "iu" and arr.dtype != want:
+        info = np.iinfo(want)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise RequestError(
+                f"input {name!r}: a value is outside {spec.dtype}'s range {info.min}..{info.max}",
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+            )
+        arr = arr.astype(want)
+    return arr
+
+
+def _feed(body: Any, io: IOSpec) -> dict[str, Any]:
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, dict):
+        raise RequestError('expected {"inputs": {"<input name>": <nested list, batch first>}}')
+    specs = {spec.name: spec for spec in io.inputs}
+    # An unknown name stays as it is: the agent's check names what the model takes (422).
+    return {
+        name: value if name not in specs else _as_input(name, value, specs[name])
+        for name, value in inputs.items()
+    }
+
+
+class _Handler(JSONRequestHandler):
     agent: Agent  # set on the subclass made for each server
     server_version = "edgeship-agent"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/health":
             m = self.agent.bundle.manifest.model
-            self._send(
+            self.send_json(
                 HTTPStatus.OK,
                 {
                     "ok": True,
@@ -68,44 +145,32 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
         else:
-            self._send(HTTPStatus.NOT_FOUND, {"error": "unknown path; try POST /v1/predict"})
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": _ROUTES})
 
     def do_POST(self) -> None:
         if self.path.rstrip("/") != "/v1/predict":
-            self._send(HTTPStatus.NOT_FOUND, {"error": "unknown path; try POST /v1/predict"})
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": _ROUTES})
             return
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if not 0 < length <= MAX_BODY_BYTES:
-            self._send(
-                HTTPStatus.BAD_REQUEST,
-                {"error": f"send a JSON body of 1 byte to {MAX_BODY_BYTES} bytes"},
+            body = parse_json(
+                self.body,
+                max_depth=HTTP_LIMITS.max_json_depth,
+                non_finite_status=HTTPStatus.UNPROCESSABLE_ENTITY,
             )
-            return
-        try:
-            body = json.loads(self.rfile.read(length))
-            inputs = body["inputs"]
-            if not isinstance(inputs, dict):
-                raise TypeError("'inputs' must be an object of input name to array")
-            feed = {str(k): np.asarray(v) for k, v in inputs.items()}
-        except (ValueError, KeyError, TypeError) as exc:
-            self._send(
-                HTTPStatus.BAD_REQUEST,
-                {"error": f'expected {{"inputs": {{name: nested list}}}}: {exc}'},
-            )
+            feed = _feed(body, self.agent.bundle.manifest.io)
+        except RequestError as exc:
+            self.send_json(exc.status, {"error": str(exc)})
             return
         try:
             result = self.agent.predict(feed)
         except InputError as exc:
-            self._send(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc)})
+            self.send_json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc)})
             return
         except EdgeshipError as exc:
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+            self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
             return
         names = self.agent.bundle.manifest.io.output_names
-        self._send(
+        self.send_json(  # a non-finite output or score is written as null (dumps_json)
             HTTPStatus.OK,
             {
                 "outputs": {n: o.tolist() for n, o in zip(names, result.outputs, strict=False)},
@@ -117,24 +182,38 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-class _Server(ThreadingHTTPServer):
-    # http.server listens with a backlog of 5: a burst of clients (a dashboard's parallel
-    # fetches, scripts sending commands) overflowed it and waited for TCP retransmits or timed
-    # out (100 parallel GETs against a busy accept loop: 34 timeouts at 5, 0 at 128).
-    request_queue_size = 128
-    daemon_threads = True
+_ROUTES = "unknown path; try POST /v1/predict or GET /v1/health"
 
 
-def make_http_server(agent: Agent, address: tuple[str, int]) -> ThreadingHTTPServer:
-    """A threaded HTTP server bound to ``address`` that serves ``agent``."""
+def make_http_server(
+    agent: Agent, address: tuple[str, int], *, limits: HTTPLimits = HTTP_LIMITS
+) -> BoundedHTTPServer:
+    """An HTTP server bound to ``address`` that serves ``agent`` (not yet serving: call
+    ``serve_forever`` on a thread). Logs a warning for an address beyond this machine."""
     handler = type("AgentHandler", (_Handler,), {"agent": agent})
+
+    def body_limit(method: str, path: str) -> int:
+        if method == "POST" and path.rstrip("/") == "/v1/predict":
+            return predict_body_limit(agent.bundle.manifest.io)
+        return OTHER_BODY_BYTES
+
     try:
-        server = _Server(address, handler)
+        server = BoundedHTTPServer(
+            address, handler, limits=limits, body_limit=body_limit, name="edgeship-http"
+        )
     except OSError as exc:
         raise ConfigError(
-            f"cannot serve HTTP on {address[0]}:{address[1]}: {exc.strerror}"
+            f"cannot serve HTTP on {address[0]}:{address[1]}: {exc.strerror or exc}"
         ) from exc
-    server.daemon_threads = True
+    if not is_loopback(address[0]):
+        log.warning(
+            "the inference endpoint listens on %s, not 127.0.0.1: any machine that reaches "
+            "port %d can run the model and read the agent's health, without a password; bind "
+            "127.0.0.1 (--http 127.0.0.1:%d) unless other machines must use it",
+            address[0] or "every address",
+            server.server_address[1],
+            server.server_address[1],
+        )
     return server
 
 

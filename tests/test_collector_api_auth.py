@@ -32,6 +32,7 @@ from sdk.collector.api import TOKEN_ENV, load_api_token
 from sdk.collector.errors import ConfigError
 from sdk.collector.service import Collector, CollectorConfig, parse_http_address
 from tests.brokers import ROOT, Mosquitto, wait_for
+from tests.rawhttp import exchange, request
 
 FLEET = "f"
 DEVICE = "pi-1"
@@ -416,5 +417,43 @@ def test_edgeship_fleet_command_sends_and_prints_the_reply(rig: Rig, tmp_path: P
     assert missing.returncode == 2 and "no API token" in missing.stderr
     bad_args = fleet_command(DEVICE, "ping", "--args", "[1]", **{TOKEN_ENV: TOKEN})
     assert bad_args.returncode == 2 and "expected a JSON object" in bad_args.stderr
+    last = rig.sentinel()
+    assert rig.spy.ids()[before:] == [last]
+
+
+def test_deep_non_finite_and_oversized_bodies_are_refused_and_publish_nothing(rig: Rig) -> None:
+    """Deeply nested JSON used to drop the connection with no answer (RecursionError in the
+    handler); NaN and duplicate keys were taken as they came. Now each is 400, a body over
+    the cap is 413 before it is sent, and none of them publishes anything."""
+    before = len(rig.spy.ids())
+
+    def deep(n: int) -> bytes:
+        return b'{"action": "ping", "args": {"x": ' + b"[" * n + b"]" * n + b"}}"
+
+    # 100,000 levels take 200 kB: past the 64 KiB cap, refused before reading.
+    status, answer, _ = call(rig.commands_url(), "POST", deep(100_000), token=TOKEN)
+    assert status == 413, answer
+    for body, needle in (
+        (deep(30_000), "nests deeper than"),
+        (b'{"action": "ping", "args": {"x": NaN}}', "NaN"),
+        (b'{"action": "ping", "args": {"x": 1e400}}', "too large"),
+        (b'{"action": "ping", "expires_in_s": Infinity}', "Infinity"),
+        (b'{"action": "ping", "action": "benchmark"}', "appears twice"),
+        (b'{"action": "ping", "args": {"x": "\\udc00"}}', "surrogate"),
+        (b'{"action": "ping", "args": {"x": "a\\u0000b"}}', "NUL"),
+        (b'{"action": "ping"}\xff', "UTF-8"),
+    ):
+        status, answer, _ = call(rig.commands_url(), "POST", body, token=TOKEN)
+        assert status == 400, (body[:60], answer)
+        assert needle in answer["error"], (body[:60], answer)
+    path = f"/api/devices/{DEVICE}/commands"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    port = int(rig.api.rsplit(":", 1)[1])
+    for head, want in (
+        (request("POST", path, headers={**auth, "Content-Length": str(16 * 2**20)}), 413),
+        (request("POST", path, headers=auth), 411),
+    ):
+        [answer] = exchange(port, head, timeout=30)
+        assert answer.status == want, answer
     last = rig.sentinel()
     assert rig.spy.ids()[before:] == [last]

@@ -30,12 +30,17 @@ Without a configured token (``--api-token-file``, ``EDGESHIP_API_TOKEN``) those 
 API binds 127.0.0.1 unless told otherwise; on another address without a token the collector
 logs a warning (anyone who reaches the port reads the fleet's state). The token travels in the
 clear over plain HTTP: beyond the local machine, put a TLS reverse proxy in front.
+
+The server is :class:`device_agent.httpserver.BoundedHTTPServer` with :data:`HTTP_LIMITS`: a
+request must arrive whole within 10 s (408), bodies need a Content-Length of at most
+:data:`MAX_BODY_BYTES` (411 / 413, refused before reading), 8 worker threads, 256 open
+connections, and JSON bodies nested at most 32 deep, finite numbers only, no duplicate keys,
+NUL or lone surrogates (400).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
 import os
@@ -47,16 +52,24 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
 from device_agent.contracts import messages as msg
 from device_agent.errors import EdgeshipError, ProtocolError
+from device_agent.httpserver import (
+    BoundedHTTPServer,
+    HTTPLimits,
+    JSONRequestHandler,
+    RequestError,
+    parse_json,
+)
 from sdk.collector.errors import BrokerError, ConfigError
 from sdk.collector.state import FleetState
 
 __all__ = [
+    "HTTP_LIMITS",
+    "MAX_BODY_BYTES",
     "TOKEN_ENV",
     "Commander",
     "Route",
@@ -69,7 +82,11 @@ __all__ = [
 log = logging.getLogger("sdk.collector.api")
 
 _MAX_SERIES = 10_000
-_MAX_BODY = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024  # any request's body; a command is a few hundred bytes
+# Dashboards poll every 2 s and scripts send commands: more workers and connections than the
+# agent's endpoint, the same timeouts (the limits are described in device_agent.httpserver and
+# docs/collector.md).
+HTTP_LIMITS = HTTPLimits(workers=8, max_connections=256, request_timeout_s=10.0)
 TOKEN_ENV = "EDGESHIP_API_TOKEN"
 _MIN_TOKEN = 16
 _ENABLE = (
@@ -169,7 +186,7 @@ def check_api_token(token: str, where: str = "api_token") -> None:
         )
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONRequestHandler):
     state: FleetState
     health: Callable[[], dict[str, Any]]
     api_token: str | None = None
@@ -180,15 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
     def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(body, default=_jsonable, allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(status, body, headers, default=_jsonable)
 
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
@@ -228,12 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer = route(path, query)
             if answer is not None:
                 status, content_type, body = answer
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_bytes(status, content_type, body)
                 return True
         return False
 
@@ -280,8 +284,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         path = url.path.rstrip("/")
         query = dict(urllib.parse.parse_qsl(url.query))
-        body = self._read_body()
-        if body is None or not self._authorized():
+        # The server took the body only after checking Content-Length against MAX_BODY_BYTES
+        # (411 without one, 413 beyond it: see make_api_server).
+        body = self.body
+        if not self._authorized():
             return
         try:
             if match := _COMMANDS_RE.fullmatch(path):
@@ -298,7 +304,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
 
     def do_PUT(self) -> None:
-        self._read_body()
         self._send(
             HTTPStatus.METHOD_NOT_ALLOWED,
             {"error": f"{self.command} is not supported: reads are GET, commands are POST"},
@@ -306,22 +311,6 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     do_DELETE = do_PATCH = do_PUT
-
-    def _read_body(self) -> bytes | None:
-        """The request body (up to 64 KiB); None after answering 411/413 for a bad length."""
-        raw = self.headers.get("Content-Length")
-        try:
-            length = int(raw) if raw is not None else 0
-        except ValueError:
-            length = -1
-        if length < 0 or length > _MAX_BODY:
-            self.close_connection = True
-            self._send(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.LENGTH_REQUIRED,
-                {"error": f"the body must have a Content-Length of 0..{_MAX_BODY} bytes"},
-            )
-            return None
-        return self.rfile.read(length) if length else b""
 
     def _authorized(self) -> bool:
         """True for a request that carries the API token; else answer 403 (no token configured:
@@ -372,11 +361,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             msg.validate_id(device, "device")
-            request = json.loads(body or b"{}")
-        except ProtocolError as exc:
+            request = parse_json(body or b"{}", max_depth=HTTP_LIMITS.max_json_depth)
+        except (ProtocolError, RequestError) as exc:
             raise _BadRequest(str(exc)) from None
-        except ValueError as exc:
-            raise _BadRequest(f"the body is not JSON: {exc}") from None
         if not isinstance(request, dict):
             raise _BadRequest('the body must be a JSON object, e.g. {"action": "ping"}')
         unknown = sorted(set(request) - {"action", "args", "id", "expires_in_s", "fleet"})
@@ -512,14 +499,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-class _APIServer(ThreadingHTTPServer):
-    # http.server listens with a backlog of 5: a burst of clients (a dashboard's parallel
-    # fetches, scripts sending commands) overflowed it and waited for TCP retransmits or timed
-    # out (100 parallel GETs against a busy accept loop: 34 timeouts at 5, 0 at 128).
-    request_queue_size = 128
-    daemon_threads = True
-
-
 def make_api_server(
     state: FleetState,
     health: Callable[[], dict[str, Any]],
@@ -527,10 +506,12 @@ def make_api_server(
     *,
     api_token: str | None = None,
     commander: Commander | None = None,
-) -> ThreadingHTTPServer:
-    """A threaded HTTP server for the API on ``address`` (not yet serving: call
-    ``serve_forever`` on a thread). ``api_token`` None turns the state-changing routes off;
-    ``commander`` sends the commands. Raises ConfigError if the address cannot be bound."""
+    limits: HTTPLimits = HTTP_LIMITS,
+) -> BoundedHTTPServer:
+    """An HTTP server for the API on ``address`` (not yet serving: call ``serve_forever`` on a
+    thread), with ``limits`` (timeouts, workers, connections) and bodies of at most
+    MAX_BODY_BYTES. ``api_token`` None turns the state-changing routes off; ``commander``
+    sends the commands. Raises ConfigError if the address cannot be bound."""
     if api_token is not None:
         check_api_token(api_token)
     handler = type(
@@ -544,10 +525,14 @@ def make_api_server(
         },
     )
     try:
-        server = _APIServer(address, handler)
+        return BoundedHTTPServer(
+            address,
+            handler,
+            limits=limits,
+            body_limit=lambda method, path: MAX_BODY_BYTES,
+            name="edgeship-http",
+        )
     except OSError as exc:
         raise ConfigError(
-            f"cannot serve the collector API on {address[0]}:{address[1]}: {exc.strerror}"
+            f"cannot serve the collector API on {address[0]}:{address[1]}: {exc.strerror or exc}"
         ) from exc
-    server.daemon_threads = True
-    return server

@@ -1,0 +1,813 @@
+"""One small HTTP/1.1 server with hard limits, for the agent's endpoint and the collector's API.
+
+Standard library only (the agent imports it). What a client cannot do to it:
+
+* **Hold a thread.** One thread (the one that calls :meth:`BoundedHTTPServer.serve_forever`)
+  accepts connections and reads requests with a selector; a request goes to one of
+  ``workers`` handler threads only once its head and its whole body have arrived. Idle and
+  half-sent connections cost a socket and a buffer, never a thread.
+* **Keep a connection open.** A connection must deliver a complete request within
+  ``request_timeout_s`` of being accepted (or of its previous answer, for keep-alive); else it
+  is answered 408 (when it had sent part of one) and closed. A reader that does not take its
+  answer within ``send_timeout_s`` is dropped.
+* **Exhaust sockets.** At most ``max_connections`` are open; a new one closes the oldest that
+  has no request in a worker (an idle keep-alive one first, then the one waiting longest for
+  its request), or is answered 503 when every open connection has a request in progress. When
+  ``accept`` itself fails (no file descriptors left), accepting pauses briefly instead of
+  spinning.
+* **Send a large body.** ``Content-Length`` is required for POST, PUT and PATCH (411;
+  chunked bodies are refused, 411) and is checked against the route's cap (``body_limit``)
+  before any of the body is read (413, then the connection is closed). A head (request line
+  and headers) larger than ``max_head_bytes`` is 431.
+* **Send JSON that costs more than its size.** :func:`parse_json` refuses nesting deeper than
+  ``max_depth`` (checked on the bytes before parsing), NaN / Infinity and numbers that overflow
+  a float, duplicate keys, strings with NUL or lone surrogates, and non-UTF-8 bytes, each with
+  a :class:`RequestError` that says why (400; non-finite numbers carry the status the caller
+  chose). Answers are written with ``allow_nan=False``: a non-finite float goes out as ``null``.
+
+Everything the server answers by itself is JSON, ``{"error": "..."}``, with
+``Connection: close``. Handlers subclass :class:`JSONRequestHandler` and implement
+``do_GET`` / ``do_POST`` ...; a method without one is 405.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.message
+import errno
+import http.client
+import io
+import ipaddress
+import json
+import logging
+import math
+import queue
+import re
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from device_agent.errors import ConfigError, EdgeshipError
+
+__all__ = [
+    "BoundedHTTPServer",
+    "HTTPLimits",
+    "JSONRequestHandler",
+    "RequestError",
+    "dumps_json",
+    "is_loopback",
+    "json_too_deep",
+    "parse_json",
+]
+
+log = logging.getLogger(__name__)
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_VERSION = re.compile(r"HTTP/1\.[01]")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LINGER_S = 2.0  # after an error answer: read and drop what the client still sends, this long
+_ACCEPT_PAUSE_S = 0.1
+_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    """What one server allows. Each limit says what happens past it (see the module doc)."""
+
+    workers: int = 4  # threads that run handlers
+    max_connections: int = 64  # open connections; past it, the oldest waiting one is closed
+    request_timeout_s: float = 10.0  # to send a whole request (or, kept alive, the next one)
+    send_timeout_s: float = 10.0  # for the client to take an answer
+    max_head_bytes: int = 32 * 1024  # request line and headers
+    max_json_depth: int = 32  # nesting of arrays and objects in a JSON body
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_connections", "max_head_bytes", "max_json_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"HTTP limits: {name} must be at least 1")
+        for name in ("request_timeout_s", "send_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"HTTP limits: {name} must be a positive number of seconds")
+        if self.max_connections < self.workers:
+            raise ConfigError("HTTP limits: max_connections must be at least workers")
+
+
+class RequestError(EdgeshipError):
+    """A request the server refuses; ``status`` is the HTTP status it is answered with."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = int(status)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only reaches this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- JSON in and out ---------------------------------------------------------------------------
+
+_QUOTED = re.compile(rb'"[^"]*"')
+_KEEP_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ESCAPED_SURROGATE_OR_NUL = re.compile(rb"\\u(?:[dD][89a-fA-F]|00{2})", re.ASCII)
+
+
+def json_too_deep(body: bytes, max_depth: int) -> bool:
+    """Whether the arrays and objects in ``body`` nest deeper than ``max_depth`` (or their
+    brackets do not balance), found without parsing: a few passes over bytes in C, so a
+    megabyte of ``[`` costs milliseconds and no recursion."""
+    # Escapes first (left to right, as a JSON parser reads them): then every '"' delimits a
+    # string, and the brackets inside strings can be dropped with them.
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = _QUOTED.sub(b"", text).translate(_KEEP_BRACKETS, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not text:
+            return False
+        inner = text.replace(b"[]", b"")
+        if len(inner) == len(text):
+            return True  # unbalanced: no innermost pair left to remove
+        text = inner
+    return bool(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(f"the number {text[:40]} is too large for a float")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NonFinite(f"{name} is not a number JSON allows; send finite numbers")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise RequestError(f"the key {dup!r} appears twice in one object")
+    return out
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _check_strings(value: Any) -> None:
+    """Refuse NUL and lone surrogates in any key or string (they cannot be stored, logged or
+    encoded to UTF-8 downstream). Iterative: the depth is bounded, but not by Python's stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise RequestError("strings must not contain NUL (\\u0000)")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    "strings must not contain lone surrogates (\\ud800-\\udfff unpaired)"
+                ) from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(x for x in item if isinstance(x, str | list | dict))
+
+
+def parse_json(body: bytes, *, max_depth: int, non_finite_status: int = 400) -> Any:
+    """``body`` parsed as strict JSON; raises :class:`RequestError` (400, or
+    ``non_finite_status`` for NaN, Infinity and numbers beyond a float's range)."""
+    if json_too_deep(body, max_depth):
+        raise RequestError(
+            f"the JSON nests deeper than {max_depth} levels (or its brackets do not balance)"
+        )
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        value = json.loads(
+            text,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+            object_pairs_hook=_unique_keys,
+        )
+    except _NonFinite as exc:
+        raise RequestError(str(exc), non_finite_status) from None
+    except RecursionError:  # json_too_deep's bound is far below; kept as a backstop
+        raise RequestError("the JSON nests too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
+        raise RequestError(f"the body is not JSON: {exc}") from None
+    if _ESCAPED_SURROGATE_OR_NUL.search(body):
+        _check_strings(value)
+    return value
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+    """``value`` as JSON bytes; non-finite floats become ``null`` (JSON has no NaN)."""
+    try:
+        return json.dumps(value, allow_nan=False, default=default).encode()
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False, default=default).encode()
+
+
+def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    body = dumps_json({"error": message})
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# --- requests and handlers ---------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    version: str
+    line: str
+    headers: email.message.Message
+    body: bytes
+    close: bool
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """``wfile`` for a handler: writes go straight to the socket (its timeout bounds them)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._sock.sendall(view)
+        self.written += view.nbytes
+        return view.nbytes
+
+
+class JSONRequestHandler(BaseHTTPRequestHandler):
+    """Base of the servers' handlers: one complete request, already read and checked.
+
+    ``rfile`` holds exactly the body; ``headers``, ``command``, ``path`` are set as
+    :class:`~http.server.BaseHTTPRequestHandler` sets them. Subclasses answer with
+    :meth:`send_json` / :meth:`send_bytes`.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "edgeship"
+
+    def __init__(
+        self,
+        request: _Request,
+        sock: socket.socket,
+        client_address: Any,
+        server: BoundedHTTPServer,
+    ) -> None:
+        # Deliberately not BaseRequestHandler.__init__: that reads the request from the socket.
+        self.server = server  # type: ignore[assignment]
+        self.request = sock
+        self.connection = sock
+        self.client_address = client_address
+        self.command = request.method
+        self.path = request.target
+        self.request_version = request.version
+        self.requestline = request.line
+        self.raw_requestline = request.line.encode("latin-1")
+        self.headers = request.headers
+        self.close_connection = request.close
+        self.body = request.body  # the whole body (empty for none); rfile reads the same
+        self.rfile = io.BytesIO(request.body)
+        self.writer = _SocketWriter(sock)
+        self.wfile = self.writer
+
+    def run(self) -> None:
+        handler = getattr(self, "do_" + self.command, None)
+        if handler is None:
+            allowed = sorted(n[3:] for n in dir(self) if n.startswith("do_"))
+            self.close_connection = True
+            self.send_json(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                {"error": f"{self.command[:20]!r} is not supported here; use {', '.join(allowed)}"},
+                {"Allow": ", ".join(allowed)},
+            )
+        else:
+            handler()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s: " + format, self.address_string(), *args)
+
+    def send_bytes(
+        self,
+        status: int,
+        content_type: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_json(
+        self,
+        status: int,
+        body: Any,
+        headers: Mapping[str, str] | None = None,
+        default: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.send_bytes(status, "application/json", dumps_json(body, default), headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self.close_connection = True
+        self.send_json(code, {"error": message or HTTPStatus(code).phrase})
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+class _Conn:
+    __slots__ = ("addr", "buf", "continued", "deadline", "head", "scanned", "sock")
+
+    def __init__(self, sock: socket.socket, addr: Any, deadline: float) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.buf = bytearray()
+        self.scanned = 0  # bytes of buf already searched for the end of the head
+        self.head: tuple[int, int, _Request] | None = None  # (head bytes, body bytes, request)
+        self.continued = False
+        self.deadline = deadline
+
+
+class BoundedHTTPServer:
+    """A threaded HTTP/1.1 server with the limits in :class:`HTTPLimits`.
+
+    ``handler`` is a :class:`JSONRequestHandler` subclass; ``body_limit(method, path)`` is the
+    largest body a route takes, asked before any of it is read. The interface is
+    ``socketserver``'s: ``serve_forever()`` on a thread, ``shutdown()``, ``server_close()``,
+    ``server_address``. Raises OSError when ``address`` cannot be bound.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[JSONRequestHandler],
+        *,
+        limits: HTTPLimits | None = None,
+        body_limit: Callable[[str, str], int] | None = None,
+        name: str = "edgeship-http",
+    ) -> None:
+        self.limits = limits or HTTPLimits()
+        self.RequestHandlerClass = handler
+        self._body_limit = body_limit or (lambda method, path: 64 * 1024)
+        host, port = address
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, sockaddr = infos[0]
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(sockaddr)
+            self.socket.listen(128)
+            self.socket.setblocking(False)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address: tuple[Any, ...] = self.socket.getsockname()
+        self._name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._waiting: OrderedDict[int, _Conn] = OrderedDict()  # by deadline (one timeout)
+        self._lingering: OrderedDict[int, _Conn] = OrderedDict()
+        self._busy: dict[int, _Conn] = {}
+        self._returned: deque[_Conn] = deque()
+        self._jobs: queue.SimpleQueue[tuple[_Conn, _Request] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._closed = False
+        self._accept_paused_until = 0.0
+        self._accept_errors = 0
+        self._workers = [
+            threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
+            for i in range(self.limits.workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # --- public -------------------------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._waiting) + len(self._lingering) + len(self._busy)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and read requests until :meth:`shutdown`."""
+        self._stopped.clear()
+        try:
+            self._selector.register(self.socket, selectors.EVENT_READ, None)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+            while not self._stop.is_set():
+                self._loop_once(poll_interval)
+        finally:
+            for key in list(self._selector.get_map().values()):
+                self._selector.unregister(key.fileobj)
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` and wait for it to return."""
+        self._stop.set()
+        self._wake()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket, every connection, and stop the workers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake()
+        self._stopped.wait(10)
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join(self.limits.send_timeout_s + 1)
+        for conn in [*self._waiting.values(), *self._lingering.values(), *self._busy.values()]:
+            _close(conn.sock)
+        self._waiting.clear()
+        self._lingering.clear()
+        self._busy.clear()
+        self.socket.close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # --- the selector loop --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self._wake_w.send(b"\0")
+
+    def _loop_once(self, poll_interval: float) -> None:
+        now = time.monotonic()
+        timeout = poll_interval
+        for table in (self._waiting, self._lingering):
+            if table:
+                timeout = min(timeout, next(iter(table.values())).deadline - now)
+        if self._accept_paused_until:
+            timeout = min(timeout, self._accept_paused_until - now)
+        events = self._selector.select(max(timeout, 0.0))
+        for key, _ in events:
+            if key.fileobj is self.socket:
+                self._accept()
+            elif key.fileobj is self._wake_r:
+                self._drain_wake()
+            else:
+                conn: _Conn = key.data
+                try:
+                    if conn.sock.fileno() in self._lingering:
+                        self._linger_read(conn)
+                    else:
+                        self._read(conn)
+                except Exception:  # a bug here must not stop the server: drop the connection
+                    log.exception("%s: reading a request failed", self._name)
+                    self._drop(conn)
+        self._expire(time.monotonic())
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        while self._returned:
+            conn = self._returned.popleft()
+            self._busy.pop(conn.sock.fileno(), None)
+            if self._stop.is_set():
+                _close(conn.sock)
+                continue
+            conn.sock.setblocking(False)
+            self._wait(conn)
+            self._advance(conn)  # a pipelined request may be in the buffer already
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRORS:
+                    # No descriptor for a new connection: the listening socket stays readable,
+                    # so pause accepting instead of spinning on it.
+                    self._accept_errors += 1
+                    if self._accept_errors in (1, 10, 100) or self._accept_errors % 1000 == 0:
+                        log.warning("%s: cannot accept connections: %s (%d times)",
+                                    self._name, exc.strerror, self._accept_errors)  # fmt: skip
+                    self._pause_accepting()
+                return
+            sock.setblocking(False)
+            if self.open_connections >= self.limits.max_connections and not self._evict():
+                _send_now(sock, _error_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    f"too busy: {self.limits.max_connections} connections have requests in "
+                    "progress; retry shortly",
+                    {"Retry-After": "1"},
+                ))  # fmt: skip
+                _close(sock)
+                continue
+            conn = _Conn(sock, addr, 0.0)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+            self._wait(conn)
+
+    def _pause_accepting(self) -> None:
+        self._selector.unregister(self.socket)
+        self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE_S
+
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest without a request in a worker, to make
+        room for a new one; False when every open connection is busy."""
+        for table in (self._lingering, self._waiting):
+            if table:
+                _fd, conn = table.popitem(last=False)
+                self._selector.unregister(conn.sock)
+                if table is self._waiting and conn.buf:
+                    _send_now(conn.sock, _error_response(
+                        HTTPStatus.SERVICE_UNAVAILABLE,
+                        "too many open connections: this one was closed before its request "
+                        "was complete; retry",
+                    ))  # fmt: skip
+                _close(conn.sock)
+                return True
+        return False
+
+    def _wait(self, conn: _Conn) -> None:
+        """(Re)start ``conn``'s wait for a complete request."""
+        conn.deadline = time.monotonic() + self.limits.request_timeout_s
+        fd = conn.sock.fileno()
+        self._waiting.pop(fd, None)
+        self._waiting[fd] = conn
+        with contextlib.suppress(KeyError):  # registered already (a new connection)
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _expire(self, now: float) -> None:
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self.socket, selectors.EVENT_READ, None)
+        while self._waiting:
+            conn = next(iter(self._waiting.values()))
+            if conn.deadline > now:
+                break
+            if conn.buf.strip():
+                self._reject(conn, HTTPStatus.REQUEST_TIMEOUT,
+                             f"the request was not complete within "
+                             f"{self.limits.request_timeout_s:g} s")  # fmt: skip
+            else:
+                self._drop(conn)
+        while self._lingering:
+            conn = next(iter(self._lingering.values()))
+            if conn.deadline > now:
+                break
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        self._waiting.pop(fd, None)
+        self._lingering.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        _close(conn.sock)
+
+    def _reject(
+        self, conn: _Conn, status: int, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer ``status`` and close, after a short linger that reads and drops what the
+        client is still sending (closing with unread data would reset the connection and the
+        client could lose the answer)."""
+        _send_now(conn.sock, _error_response(status, message, headers))
+        fd = conn.sock.fileno()
+        self._waiting.pop(fd, None)
+        conn.buf.clear()
+        conn.head = None
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(conn)
+            return
+        conn.deadline = time.monotonic() + _LINGER_S
+        self._lingering[fd] = conn
+
+    def _linger_read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)  # the client went away; half a request has no one to answer
+            return
+        conn.buf += data
+        self._advance(conn)
+
+    def _advance(self, conn: _Conn) -> None:
+        """Parse what ``conn`` has buffered; dispatch a complete request to a worker."""
+        limits = self.limits
+        if conn.head is None:
+            start = len(conn.buf) - len(conn.buf.lstrip(b"\r\n"))
+            if start:  # blank lines before a request are allowed (RFC 9112 2.2)
+                del conn.buf[:start]
+                conn.scanned = 0
+            match = _HEAD_END.search(conn.buf, max(conn.scanned - 3, 0))
+            if match is None:
+                conn.scanned = len(conn.buf)
+                if len(conn.buf) > limits.max_head_bytes:
+                    self._reject(conn, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 f"the request line and headers exceed "
+                                 f"{limits.max_head_bytes} bytes")  # fmt: skip
+                return
+            if match.end() > limits.max_head_bytes:
+                self._reject(conn, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                             f"the request line and headers exceed {limits.max_head_bytes} "
+                             "bytes")  # fmt: skip
+                return
+            try:
+                request, length = self._parse_head(bytes(conn.buf[: match.start()]))
+            except RequestError as exc:
+                self._reject(conn, exc.status, str(exc))
+                return
+            head_end = match.end()
+            conn.head = (head_end, length, request)
+            conn.continued = False
+            if (
+                length
+                and len(conn.buf) < head_end + length
+                and request.version == "HTTP/1.1"
+                and request.headers.get("Expect", "").lower() == "100-continue"
+            ):
+                _send_now(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+                conn.continued = True
+        head_end, length, request = conn.head
+        total = head_end + length
+        if len(conn.buf) < total:
+            return
+        request.body = bytes(conn.buf[head_end:total])
+        del conn.buf[:total]
+        conn.scanned = 0
+        conn.head = None
+        fd = conn.sock.fileno()
+        self._waiting.pop(fd, None)
+        self._selector.unregister(conn.sock)
+        self._busy[fd] = conn
+        self._jobs.put((conn, request))
+
+    def _parse_head(self, raw: bytes) -> tuple[_Request, int]:
+        first, _, rest = raw.partition(b"\n")
+        line = first.rstrip(b"\r").decode("latin-1")
+        words = line.split()
+        if len(words) != 3 or not _VERSION.fullmatch(words[2]):
+            raise RequestError(f"bad request line {line[:80]!r}: expected 'METHOD /path HTTP/1.1'")
+        method, target, version = words
+        if not method.isascii() or not method.isalpha() or not target.isprintable():
+            raise RequestError(f"bad request line {line[:80]!r}")
+        try:
+            headers = http.client.parse_headers(io.BytesIO(rest + b"\r\n\r\n"))
+        except http.client.HTTPException as exc:
+            raise RequestError(
+                f"bad headers: {exc}", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            ) from None
+        if headers.get("Transfer-Encoding") is not None:
+            raise RequestError(
+                "chunked and other transfer encodings are not supported: send Content-Length",
+                HTTPStatus.LENGTH_REQUIRED,
+            )
+        values = {v.strip() for v in headers.get_all("Content-Length") or ()}
+        if len(values) > 1:
+            raise RequestError(f"conflicting Content-Length headers {sorted(values)[:4]}")
+        length = 0
+        if values:
+            raw_length = values.pop()
+            if not raw_length.isascii() or not raw_length.isdigit() or len(raw_length) > 18:
+                raise RequestError(f"Content-Length {raw_length[:40]!r} is not a byte count")
+            length = int(raw_length)
+        elif method in _BODY_METHODS:
+            raise RequestError(
+                f"{method} needs a Content-Length header", HTTPStatus.LENGTH_REQUIRED
+            )
+        cap = self._body_limit(method, target.partition("?")[0])
+        if length > cap:
+            raise RequestError(
+                f"a body of {length} bytes is larger than this route takes ({cap} bytes)",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
+        connection = headers.get("Connection", "").lower()
+        close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+        return _Request(method, target, version, line, headers, b"", close), length
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, request = job
+            keep = False
+            try:
+                keep = self._handle(conn, request)
+            except Exception:  # a bug in a handler: the server goes on
+                log.exception("%s: %s %s failed", self._name, request.method, request.target[:200])
+            if keep and not self._stop.is_set():
+                self._returned.append(conn)
+                self._wake()
+            else:
+                self._busy.pop(conn.sock.fileno(), None)
+                _close(conn.sock)
+
+    def _handle(self, conn: _Conn, request: _Request) -> bool:
+        sock = conn.sock
+        sock.settimeout(self.limits.send_timeout_s)
+        handler = self.RequestHandlerClass(request, sock, conn.addr, self)
+        try:
+            handler.run()
+        except OSError:  # the client went away or did not read its answer in time
+            return False
+        except Exception:
+            if handler.writer.written == 0:
+                handler.close_connection = True
+                handler._headers_buffer = []  # type: ignore[attr-defined]
+                handler.send_json(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    {"error": "the server failed on this request; see its log"},
+                )
+            raise
+        if handler.writer.written == 0:  # a handler that answered nothing: say so, close
+            log.error("%s: %s %s got no answer", self._name, request.method, request.target[:200])
+            return False
+        return not handler.close_connection
+
+
+def _send_now(sock: socket.socket, data: bytes) -> None:
+    """Best effort on a non-blocking socket: small answers fit an empty send buffer."""
+    with contextlib.suppress(OSError):
+        sock.send(data)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
