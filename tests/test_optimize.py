@@ -76,8 +76,12 @@ def test_optimize_meets_budget_and_never_picks_slower_than_fp32(
     assert "meets every budget line" in out.stdout
 
 
+# Which failing line is furthest off depends on the machine's speed; both limits make p95 and
+# size fail everywhere. With 0.1 us size was furthest here, p95 on a Xeon with AVX-512 VNNI
+# (fp32 +46057% against +28049%); 0.00001 us puts p95 furthest on any machine.
+@pytest.mark.parametrize("p95_limit", ["0.1us", "0.00001us"])
 def test_impossible_budget_writes_best_effort_and_exits_1(
-    digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path
+    digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path, p95_limit: str
 ) -> None:
     report_path = tmp_path / "report.json"
     out = _cli(
@@ -88,7 +92,7 @@ def test_impossible_budget_writes_best_effort_and_exits_1(
         "--eval",
         str(digits_npz["eval"]),
         "--budget",
-        "p95<=0.1us,size<=1KB,drop<=1%",
+        f"p95<={p95_limit},size<=1KB,drop<=1%",
         "-o",
         str(tmp_path / "bundle"),
         "--json",
@@ -99,16 +103,26 @@ def test_impossible_budget_writes_best_effort_and_exits_1(
     report = json.loads(report_path.read_text())
     assert report["meets_budget"] is False
     assert all(not c["meets_budget"] for c in report["candidates"])
-    # Every failing line is named with its distance, in the report and on the terminal.
+    # Every candidate that was made reports every line with its verdict. No model of this CNN
+    # is 1 KB and none runs in 0.1 us: both lines fail on any machine. Which candidate is the
+    # best effort follows from which line is furthest off: not asserted.
+    by = {c["name"]: c for c in report["candidates"]}
+    for c in report["candidates"]:
+        if c["error"] is None:
+            verdicts = {line["name"]: line["passed"] for line in c["budget"]}
+            assert verdicts.keys() == {"p95", "size", "drop"}, c["budget"]
+            assert verdicts["p95"] is False and verdicts["size"] is False, c["budget"]
+    assert {line["name"]: line["passed"] for line in by["fp32"]["budget"]}["drop"] is True
+    # The failing lines are named with their distance, in the report and on the terminal.
     violations = report["violations"]
     assert any(v.startswith("p95") and "over by" in v for v in violations)
     assert any(v.startswith("size") and "over by" in v for v in violations)
-    assert not any(v.startswith("drop") for v in violations)
     assert "NO candidate meets the budget" in out.stdout and "over by" in out.stdout
-    # The best effort is the smallest file here: size is the line furthest off.
-    by = {c["name"]: c for c in report["candidates"]}
-    assert by[report["chosen"]]["size_bytes"] < by["fp32"]["size_bytes"]
-    load_bundle(tmp_path / "bundle")  # written and verifiable all the same
+    # The best effort is one of the candidates that were made, and it is bundled.
+    chosen = by[report["chosen"]]
+    assert chosen["error"] is None and Path(chosen["path"]).is_file()
+    bundle = load_bundle(tmp_path / "bundle")  # written and verifiable all the same
+    assert bundle.manifest.model.recipe == chosen["recipe"]
 
 
 # --- the choice rule, with measurements supplied by the test -------------------------------
