@@ -96,6 +96,45 @@ def test_the_guard_escapes_what_is_printed_and_lets_deliberate_sequences_through
     assert err == "to stderr \\x1b[2J\n"
 
 
+_ANY_TEXT = st.text(st.characters(blacklist_categories=()), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"device": _ANY_TEXT, "model": _ANY_TEXT, "version": _ANY_TEXT, "rule": _ANY_TEXT}
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    _ANY_TEXT,
+)
+def test_fleet_table_of_any_device_strings_has_no_control_and_one_line_per_device(
+    devices: list[dict[str, str]], fleet: str
+) -> None:
+    """Whatever text the collector's API hands back (control characters, NUL, lone
+    surrogates, newlines, bidi overrides in any field), the table has one line per device
+    and nothing in it drives the terminal."""
+    from sdk.fleet_cli import render_fleet
+
+    rows = [
+        {
+            "device": d["device"], "fleet": fleet if i % 2 else "other", "status": d["rule"],
+            "model": d["model"], "model_version": d["version"], "latency_ms": {"p95": 1.5},
+            "outlier_rate": 0.01, "temperature_c": None, "last_seen": 0.0,
+        }
+        for i, d in enumerate(devices)
+    ]  # fmt: skip
+    alerts = [{"fleet": r["fleet"], "device": r["device"], "rule": d["rule"]}
+              for r, d in zip(rows, devices, strict=True)]  # fmt: skip
+    data = {"devices": {"devices": rows, "fleet": fleet}, "alerts": {"firing": alerts}}
+    text = render_fleet(data, now=10.0)
+    assert _controls(text) == []
+    text.encode("utf-8")
+    assert len(text.splitlines()) == 3 + len(devices)  # summary, blank, header, the rows
+
+
 # --- end to end: a hostile device, a real collector, `edgeship fleet` ------------------------
 
 
