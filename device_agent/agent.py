@@ -11,6 +11,10 @@ Use it from your own application on the board::
 The predict path is kept short: validate, run, score, count. Everything that touches the disk
 or the network (telemetry windows, outlier events, command replies) runs on background threads
 that take their work from a queue, so a slow SD card or a missing broker never slows inference.
+Each unit of that work (a command, an outlier event, a telemetry window) fails alone: a command
+is answered ``ok: false`` with the reason, a lost window is counted in the next one, and the
+thread goes on; :meth:`Agent.health` names a thread that died anyway. A command id runs at most
+once (:data:`REPLY_CACHE_IDS`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +47,47 @@ from device_agent.runtime import FeedChecker, ModelSession
 from device_agent.sysinfo import SysInfo
 from device_agent.telemetry import WindowAggregator
 
-__all__ = ["Agent", "AgentConfig", "LoadedModel", "Prediction"]
+__all__ = [
+    "REPLY_CACHE_BYTES",
+    "REPLY_CACHE_IDS",
+    "Agent",
+    "AgentConfig",
+    "LoadedModel",
+    "Prediction",
+]
 
 log = logging.getLogger(__name__)
+
+# At most once per command id (docs/protocol.md): the replies of the last REPLY_CACHE_IDS
+# command ids, and at most REPLY_CACHE_BYTES of them (encoded), are kept in memory for this
+# boot; a command whose id is among them gets that reply again instead of running again.
+REPLY_CACHE_IDS = 1024
+REPLY_CACHE_BYTES = 4 * 2**20
+
+# What a unit of background work (a command, an event, a window) never swallows: the process
+# is being stopped. Everything else, MemoryError and RecursionError included, fails that unit
+# only, and the worker thread goes on with the next one.
+_FATAL = (KeyboardInterrupt, SystemExit)
+
+
+def _wire_text(text: str, limit: int = 1000) -> str:
+    """``text`` made safe for any message and log line: lone surrogates and non-printable
+    characters (NUL, newlines, ...) escaped, at most ``limit`` characters."""
+    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if not out.isprintable():
+        out = "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in out
+        )
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    """One safe line for an exception: its message, else its type's name."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not fail the error path too
+        text = ""
+    return _wire_text(text or type(exc).__name__)
 
 
 def _default_device_id() -> str:
@@ -241,6 +284,18 @@ class _TokenBucket:
         return False
 
 
+@dataclass
+class _Reply:
+    """The reply to one command id: ``ok`` None while the command runs; ``repeats`` counts the
+    deliveries of the same id that arrived meanwhile (each is answered once it is done)."""
+
+    ok: bool | None = None
+    result: Any = None
+    error: str | None = None
+    size: int = 0
+    repeats: int = 0
+
+
 class Agent:
     """Inference with outlier scores and telemetry for one bundle. Thread-safe.
 
@@ -269,6 +324,13 @@ class Agent:
         self._window_lock = threading.Lock()
         self._deploy_event: msg.DeployEvent | None = None  # for the next telemetry window
         self._threads: list[threading.Thread] = []
+        self._workers: dict[str, threading.Thread] = {}
+        self._worker_deaths: dict[str, str] = {}
+        # Units of background work that failed (each logged; the thread went on).
+        self._unit_errors = {"commands": 0, "events": 0, "windows": 0, "replies": 0}
+        self._replies: OrderedDict[str, _Reply] = OrderedDict()
+        self._replies_bytes = 0
+        self._replies_lock = threading.Lock()
         self._publisher: Any = None
         self._spool: Any = None
         self._drops_mark = 0
@@ -356,9 +418,12 @@ class Agent:
                 if self._started:
                     try:
                         self._emit_window()
-                    except EdgeshipError as exc:  # a full disk: the swap must happen anyway
+                    except _FATAL:
+                        raise
+                    except BaseException as exc:  # a full disk: the swap must happen anyway
                         lost = True
-                        log.error("telemetry window not published: %s", exc)
+                        self._unit_errors["windows"] += 1
+                        log.error("telemetry window not published: %s", _describe(exc))
                 self._aggregator = WindowAggregator(labels=new.labels or ())
                 if lost:  # counted in the new model's first window, as _window_loop does
                     self._aggregator.record_error()
@@ -487,10 +552,32 @@ class Agent:
         if cfg.broker_url is not None:
             self._start_mqtt()
         for name, target in (("telemetry", self._window_loop), ("events", self._event_loop)):
-            t = threading.Thread(target=target, name=f"edgeship-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._spawn(name, target)
         return self
+
+    def _spawn(self, name: str, loop: Callable[[], None]) -> None:
+        """Run ``loop`` on a daemon thread whose death is recorded for :meth:`health`."""
+
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as exc:
+                self._worker_deaths[name] = f"{type(exc).__name__}: {_describe(exc)}"
+                log.critical(
+                    "the agent's %s worker died (%s); %s stop until the agent is restarted",
+                    name,
+                    self._worker_deaths[name],
+                    _WORKER_DUTIES.get(name, "its duties"),
+                )
+                raise
+            if not self._stop.is_set():
+                self._worker_deaths[name] = "returned before the agent was closed"
+                log.critical("the agent's %s worker stopped unexpectedly", name)
+
+        t = threading.Thread(target=run, name=f"edgeship-{name}", daemon=True)
+        self._workers[name] = t
+        self._threads.append(t)
+        t.start()
 
     def _start_mqtt(self) -> None:
         from device_agent.mqtt import BrokerConfig, Publisher
@@ -535,8 +622,14 @@ class Agent:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=max(1.0, flush_timeout_s))
-        with self._window_lock:
-            self._emit_window()
+        try:
+            with self._window_lock:
+                self._emit_window()
+        except _FATAL:
+            raise
+        except BaseException as exc:  # close must still flush and close the spool
+            self._unit_errors["windows"] += 1
+            log.error("the last telemetry window was not published: %s", _describe(exc))
         self._drain_events()
         if self._publisher is not None:
             self._publisher.close(flush_timeout_s=flush_timeout_s)
@@ -554,13 +647,43 @@ class Agent:
     ) -> None:
         self.close()
 
+    def health(self) -> dict[str, Any]:
+        """Whether the agent still does all its work: ``ok`` is false once it is closed or a
+        worker thread has died (``dead_workers`` names each, with why). ``workers`` gives each
+        thread's state (``running``, ``stopped`` after close, ``dead``, ``not started``);
+        ``worker_errors`` counts units of work that failed and were skipped (a command answered
+        ``ok: false`` by an unexpected exception, an event, a window, a reply not spooled)."""
+        workers: dict[str, str] = {}
+        for name in ("telemetry", "events"):
+            t = self._workers.get(name)
+            if t is None:
+                workers[name] = "not started"
+            elif t.is_alive():
+                workers[name] = "running"
+            else:
+                workers[name] = "dead" if name in self._worker_deaths else "stopped"
+        deaths = dict(self._worker_deaths)
+        if self._publisher is not None:
+            for name, (state, why) in self._publisher.workers().items():
+                workers[name] = state
+                if state == "dead":
+                    deaths[name] = why or "stopped unexpectedly"
+        dead = {name: deaths.get(name, "stopped") for name, s in workers.items() if s == "dead"}
+        return {
+            "ok": not dead and not self._closed,
+            "workers": workers,
+            "dead_workers": dead,
+            "worker_errors": dict(self._unit_errors),
+        }
+
     @property
     def stats(self) -> dict[str, Any]:
-        """Publisher and spool figures, for ``/health`` and tests."""
+        """Publisher and spool figures and :meth:`health`, for ``/v1/health`` and tests."""
         out: dict[str, Any] = {
             "boot": self.boot,
             "suppressed_outlier_events": self._suppressed,
             "last_window": self.last_window,
+            **self.health(),
         }
         if self._publisher is not None:
             out["mqtt"] = dict(self._publisher.stats)
@@ -574,17 +697,39 @@ class Agent:
 
     def _window_loop(self) -> None:
         while not self._stop.wait(self.config.window_s):
-            try:
-                with self._window_lock:
-                    self._emit_window()
-            except EdgeshipError as exc:  # a full disk, a bad field: count, log, keep going
-                self._aggregator.record_error()
-                log.error("telemetry window not published: %s", exc)
+            self._window_once()
+
+    def _window_once(self) -> None:
+        """One telemetry window; a window that cannot be built or published (a full disk, a
+        field that does not encode, a bug) is counted as an error in the next one."""
+        try:
+            with self._window_lock:
+                self._emit_window()
+        except _FATAL:
+            raise
+        except BaseException as exc:
+            self._unit_errors["windows"] += 1
+            self._aggregator.record_error()
+            if isinstance(exc, EdgeshipError):
+                log.error("telemetry window not published: %s", _describe(exc))
+            else:
+                log.exception("telemetry window not published: %s", _describe(exc))
 
     def _emit_window(self) -> None:
+        """Close the window and publish it (the caller holds ``_window_lock``). If it cannot be
+        published, its errors and the deploy event it carried go to the next window."""
         fields = self._aggregator.close_window(self._clock())
-        model = self._loaded.model
         deploy, self._deploy_event = self._deploy_event, None
+        try:
+            self._publish_window(fields, deploy)
+        except BaseException:
+            self._aggregator.record_error(fields["errors"])
+            if self._deploy_event is None:
+                self._deploy_event = deploy
+            raise
+
+    def _publish_window(self, fields: Any, deploy: msg.DeployEvent | None) -> None:
+        model = self._loaded.model
         host = self._sys.sample()
         self.last_window = {
             "window_start": fields["window_start"],
@@ -611,7 +756,7 @@ class Agent:
         # lock, so it must not call back into the spool. The depth excludes this message.
         depth = spool.depth()
 
-        def payload(seq: int) -> bytes:
+        def telemetry(seq: int, event: msg.DeployEvent | None) -> bytes:
             return msg.encode(
                 msg.TelemetryMessage(
                     device=self.config.device_id,
@@ -630,16 +775,18 @@ class Agent:
                     spool_depth=depth,
                     spool_dropped=dropped,
                     drops_since_last=since,
-                    deploy=deploy,
+                    deploy=event,
                 )
             )
 
+        def payload(seq: int) -> bytes:
+            return _without_bad_deploy(lambda event: telemetry(seq, event), deploy, "telemetry")
+
         try:
             self._publisher.publish("telemetry", payload)
-        except EdgeshipError:
-            # The window is lost (a full disk): its own errors and the drops it was to report
-            # carry over to the next window; _window_loop adds one error for this window.
-            self._aggregator.record_error(fields["errors"])
+        except BaseException:
+            # The window is lost (a full disk): the drops it was to report carry over to the
+            # next window (so do its errors, see _emit_window); _window_once adds one error.
             self._drops_mark -= since
             raise
 
@@ -650,6 +797,7 @@ class Agent:
             except queue.Empty:
                 continue
             self._handle_event(kind, item)
+            del item  # a finished command's arguments (a deploy chunk) are not kept alive
 
     def _drain_events(self) -> None:
         while True:
@@ -660,6 +808,9 @@ class Agent:
             self._handle_event(kind, item)
 
     def _handle_event(self, kind: str, item: Any) -> None:
+        """One unit of the events thread's work. Whatever it raises (MemoryError included,
+        KeyboardInterrupt and SystemExit excepted) fails this unit only: it is counted and
+        logged, and the thread goes on with the next one."""
         try:
             if kind == "outlier":
                 self._publish_outlier(*item)
@@ -667,8 +818,14 @@ class Agent:
                 self._run_command(item)
             elif kind == "call":
                 item()
-        except EdgeshipError as exc:
-            log.error("%s not handled: %s", kind, exc)
+        except _FATAL:
+            raise
+        except BaseException as exc:
+            self._unit_errors["commands" if kind == "command" else "events"] += 1
+            if isinstance(exc, EdgeshipError):
+                log.error("%s not handled: %s", kind, _describe(exc))
+            else:
+                log.exception("%s not handled: %s", kind, _describe(exc))
 
     def _publish_outlier(
         self,
@@ -682,6 +839,24 @@ class Agent:
         if self._publisher is None:
             return
         suppressed, self._suppressed = self._suppressed, 0
+        try:
+            self._publish_outlier_event(score, label, sample, ts, model, threshold, suppressed)
+        except BaseException:
+            # This event is lost: the next one reports it as held back, with the others.
+            self._suppressed += suppressed + 1
+            raise
+
+    def _publish_outlier_event(
+        self,
+        score: float,
+        label: str | None,
+        sample: np.ndarray,
+        ts: float,
+        model: ModelInfo,
+        threshold: float,
+        suppressed: int,
+    ) -> None:
+        assert self._publisher is not None
         summary = msg.InputSummary.of(sample, sample=self.config.input_sample_values)
 
         def payload(seq: int) -> bytes:
@@ -709,34 +884,41 @@ class Agent:
             self._publisher.publish("status", lambda seq: self._status_payload(seq, "online"))
 
     def _run_soon(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on the events thread (disk and network work off the caller's thread)."""
+        """Run ``work`` on the events thread (disk and network work off the caller's thread).
+        Where it runs at once instead, a failure is contained the same way."""
         if not self._started or self._closed:
-            work()
+            self._handle_event("call", work)
             return
         try:
             self._events.put_nowait(("call", work))
         except queue.Full:
             log.error("the agent's work queue is full; running deploy work inline")
-            work()
+            self._handle_event("call", work)
 
     def _status_payload(self, seq: int, state: str) -> bytes:
         loaded = self._loaded
         session = loaded.session
-        return msg.encode(
-            msg.StatusMessage(
-                device=self.config.device_id,
-                boot=self.boot,
-                seq=seq,
-                ts=self._clock(),
-                state="online" if state == "online" else "offline",
-                agent_version=AGENT_VERSION,
-                model=loaded.model.name,
-                model_version=loaded.model.version,
-                runtime=f"{session.runtime} {session.runtime_version}",
-                host=self._sys.host_facts(),
-                deploy=self.deployer.last_event,
+
+        def status(event: msg.DeployEvent | None) -> bytes:
+            return msg.encode(
+                msg.StatusMessage(
+                    device=self.config.device_id,
+                    boot=self.boot,
+                    seq=seq,
+                    ts=self._clock(),
+                    state="online" if state == "online" else "offline",
+                    agent_version=AGENT_VERSION,
+                    model=loaded.model.name,
+                    model_version=loaded.model.version,
+                    runtime=f"{session.runtime} {session.runtime_version}",
+                    host=self._sys.host_facts(),
+                    deploy=event,
+                )
             )
-        )
+
+        # The birth and the will are built from this too: a deploy event that does not encode
+        # must not keep the device from ever saying it is online.
+        return _without_bad_deploy(status, self.deployer.last_event, "status")
 
     # --- commands -------------------------------------------------------------------------
 
@@ -745,49 +927,206 @@ class Agent:
             self._events.put_nowait(("command", command))
         except queue.Full:
             log.error("command %s dropped: the agent's work queue is full", command.id)
-
-    def _run_command(self, command: msg.Command) -> None:
-        now = self._clock()
-        handler = self.command_handlers.get(command.action)
-        ok, result, error = False, None, None
-        if command.expires is not None and command.expires < now:
-            error = f"command expired {now - command.expires:.0f} s before it arrived"
-        elif handler is None:
-            error = f"unknown action {command.action!r}; known: {sorted(self.command_handlers)}"
-        else:
-            try:
-                result, ok = handler(command), True
-            except EdgeshipError as exc:
-                error = str(exc)
-        assert self._publisher is not None
-
-        def payload(seq: int) -> bytes:
-            return msg.encode(
-                msg.CommandReply(
-                    device=self.config.device_id,
-                    boot=self.boot,
-                    seq=seq,
-                    ts=self._clock(),
-                    id=command.id,
-                    ok=ok,
-                    result=result if ok else None,
-                    error=None if ok else (error or "failed"),
-                )
+            self._send_reply(
+                command.id,
+                _Reply(
+                    ok=False,
+                    error=f"not run: the agent's work queue is full ({self._events.qsize()} "
+                    "waiting); send it again later",
+                ),
             )
 
-        self._publisher.reply(payload)
+    def _run_command(self, command: msg.Command) -> None:
+        """Run one command and reply, at most once per id: a delivery of an id whose reply is
+        kept (:data:`REPLY_CACHE_IDS`) gets that reply again without running anything, and one
+        that arrives while the same id runs is answered when it is done."""
+        key = command.id
+        with self._replies_lock:
+            entry = self._replies.get(key)
+            fresh = entry is None
+            if entry is None:
+                entry = self._replies[key] = _Reply()
+            else:
+                self._replies.move_to_end(key)
+                if entry.ok is None:
+                    entry.repeats += 1
+                    log.info("command %s arrived again while it runs; answered when done", key)
+                    return
+        if not fresh:
+            log.info("command %s arrived again; sending its reply again, not running it", key)
+            self._send_reply(key, entry)
+            return
+        ok, result, error = self._execute(command)
+        ok, result, error, size = self._checked_reply(command, ok, result, error)
+        with self._replies_lock:
+            entry.ok, entry.result, entry.error, entry.size = ok, result, error, size
+            sends, entry.repeats = 1 + entry.repeats, 0
+            if self._replies.get(key) is entry:
+                self._replies_bytes += size
+            self._evict_replies()
+        for _ in range(sends):
+            self._send_reply(key, entry)
+
+    def _execute(self, command: msg.Command) -> tuple[bool, Any, str | None]:
+        """Run ``command``'s handler: (ok, result, error). Never raises but to stop the
+        process: any failure of the handler is this command's ``ok: false``."""
+        action = _wire_text(str(command.action), 64)
+        try:
+            now = self._clock()
+            handler = self.command_handlers.get(command.action)
+            if command.expires is not None and command.expires < now:
+                return (
+                    False,
+                    None,
+                    f"command expired {now - command.expires:.0f} s before it arrived",
+                )
+            if handler is None:
+                known = sorted(self.command_handlers)
+                return False, None, f"unknown action {action!r}; known: {known}"
+            return True, handler(command), None
+        except _FATAL:
+            raise
+        except EdgeshipError as exc:
+            return False, None, _describe(exc)
+        except MemoryError as exc:
+            self._unit_errors["commands"] += 1
+            log.exception("command %s (%s) ran out of memory", command.id, action)
+            return (
+                False,
+                None,
+                f"{action}: out of memory ({_describe(exc)}); the agent keeps running",
+            )
+        except BaseException as exc:
+            self._unit_errors["commands"] += 1
+            log.exception("command %s (%s) failed unexpectedly", command.id, action)
+            return (
+                False,
+                None,
+                f"{action} failed inside the agent: {type(exc).__name__}: {_describe(exc)} "
+                "(a bug; the agent keeps running)",
+            )
+
+    def _reply_payload(
+        self, command_id: str, seq: int, ok: bool, result: Any, error: str | None
+    ) -> bytes:
+        return msg.encode(
+            msg.CommandReply(
+                device=self.config.device_id,
+                boot=self.boot,
+                seq=seq,
+                ts=self._clock(),
+                id=command_id,
+                ok=ok,
+                result=result if ok else None,
+                error=None if ok else (error or "failed"),
+            )
+        )
+
+    def _checked_reply(
+        self, command: msg.Command, ok: bool, result: Any, error: str | None
+    ) -> tuple[bool, Any, str | None, int]:
+        """The reply as it will be sent, and its size: as given if it encodes, else
+        ``ok: false`` saying why (a result that is not JSON or too large, a bad string)."""
+        if not ok:
+            error = _wire_text(error or "failed")
+        try:
+            return ok, result, error, len(self._reply_payload(command.id, 0, ok, result, error))
+        except _FATAL:
+            raise
+        except BaseException as exc:
+            action = _wire_text(str(command.action), 64)
+            why = _describe(exc)
+            log.error("command %s (%s): the reply does not encode: %s", command.id, action, why)
+            error = (
+                f"{action} ran, but its result cannot be sent: {why}"
+                if ok
+                else f"{action} failed, and its reason cannot be sent: {why}"
+            )
+        try:
+            return False, None, error, len(self._reply_payload(command.id, 0, False, None, error))
+        except _FATAL:
+            raise
+        except BaseException:
+            return False, None, "the reply could not be encoded", 256
+
+    def _evict_replies(self) -> None:
+        """Forget the oldest finished replies beyond the cache's bounds (under its lock)."""
+        replies = self._replies
+        while len(replies) > REPLY_CACHE_IDS or self._replies_bytes > REPLY_CACHE_BYTES:
+            for key, entry in replies.items():
+                if entry.ok is not None:
+                    del replies[key]
+                    self._replies_bytes -= entry.size
+                    break
+            else:
+                return
+
+    def _send_reply(self, command_id: str, reply: _Reply) -> None:
+        """Spool ``reply`` on ``cmd/reply``; a reply that cannot be spooled is counted and
+        logged (a repeat of the command sends it again)."""
+        publisher = self._publisher
+        if publisher is None:
+            log.warning("command %s: no broker configured to reply to", command_id)
+            return
+        ok = bool(reply.ok)
+
+        def payload(seq: int) -> bytes:
+            try:
+                return self._reply_payload(command_id, seq, ok, reply.result, reply.error)
+            except _FATAL:
+                raise
+            except BaseException:
+                return self._reply_payload(
+                    command_id, seq, False, None, "the reply could not be encoded"
+                )
+
+        try:
+            publisher.reply(payload)
+        except _FATAL:
+            raise
+        except BaseException as exc:
+            self._unit_errors["replies"] += 1
+            log.error("the reply to command %s was not sent: %s", command_id, _describe(exc))
 
     def _cmd_benchmark(self, command: msg.Command) -> dict[str, Any]:
-        from device_agent.benchmark import run_benchmark
+        from device_agent.benchmark import BenchmarkArgs, run_benchmark
 
-        args = command.args
+        if not isinstance(command.args, Mapping):
+            raise ConfigError("benchmark: args must be an object")
+        args = BenchmarkArgs.parse(command.args)
         loaded = self._loaded
         return run_benchmark(
             loaded.session,
             loaded.io,
-            min_runs=int(args.get("min_runs", 200)),
-            min_seconds=float(args.get("min_seconds", 3.0)),
-            warmup_runs=int(args.get("warmup_runs", 10)),
+            min_runs=args.min_runs,
+            min_seconds=args.min_seconds,
+            warmup_runs=args.warmup_runs,
+            max_seconds=args.max_seconds,
             lock=loaded.run_lock,
             model_path=loaded.bundle.model_path,
         )
+
+
+_WORKER_DUTIES = {
+    "telemetry": "telemetry windows",
+    "events": "commands, outlier events and deploy work",
+}
+
+
+def _without_bad_deploy(
+    build: Callable[[msg.DeployEvent | None], bytes], event: msg.DeployEvent | None, what: str
+) -> bytes:
+    """``build(event)``, or ``build(None)`` when the deploy event is what does not encode: the
+    message still goes out, without a deploy field that no subscriber could read."""
+    try:
+        return build(event)
+    except _FATAL:
+        raise
+    except BaseException as exc:
+        if event is None:
+            raise
+        payload = build(None)
+        log.error(
+            "%s sent without its deploy event, which does not encode: %s", what, _describe(exc)
+        )
+        return payload

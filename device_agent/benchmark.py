@@ -8,6 +8,7 @@ figure can be set side by side.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import threading
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -24,19 +25,133 @@ from device_agent.contracts.bundle import IOSpec
 from device_agent.errors import ConfigError
 from device_agent.runtime import ModelSession, check_feed
 
-__all__ = ["Timing", "latency_summary_ms", "run_benchmark", "sample_inputs", "time_runs"]
+__all__ = [
+    "MAX_RUNS",
+    "MAX_SECONDS",
+    "MAX_WARMUP_RUNS",
+    "BenchmarkArgs",
+    "Timing",
+    "latency_summary_ms",
+    "run_benchmark",
+    "sample_inputs",
+    "time_runs",
+]
 
 Progress = Callable[[int, float], None]
+
+# The limits of a benchmark the agent runs on request (the ``benchmark`` command): every loop
+# count is bounded, and ``max_seconds`` bounds the wall time of the whole benchmark (first run,
+# warm-up and timed runs), whatever the model's speed. Documented in docs/agent.md.
+MAX_RUNS = 100_000
+MAX_WARMUP_RUNS = 10_000
+MAX_SECONDS = 600.0
+
+
+def _count(value: Any, name: str, lo: int, hi: int) -> int:
+    # bool is an int subclass, and 1e9 or "10" are not counts: only a JSON integer is.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"benchmark argument {name!r}: expected an integer in [{lo}, {hi}], got {_kind(value)}"
+        )
+    if not lo <= value <= hi:
+        # str() of a huge int is slow (and refused past 4300 digits): name its size instead.
+        shown = str(value) if abs(value) < 10**12 else f"an integer of {value.bit_length()} bits"
+        raise ConfigError(f"benchmark argument {name!r}: {shown} is outside [{lo}, {hi}]")
+    return value
+
+
+def _seconds(value: Any, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(
+            f"benchmark argument {name!r}: expected a number of seconds in "
+            f"{'(' if lo_open else '['}{lo:g}, {hi:g}], got {_kind(value)}"
+        )
+    # A huge JSON integer would overflow float(); anything that large is out of range anyway.
+    seconds = float(value) if isinstance(value, float) or abs(value) < 2**53 else math.inf
+    if not math.isfinite(seconds) or seconds < lo or seconds > hi or (lo_open and seconds <= lo):
+        shown = f"{seconds:g}" if math.isfinite(seconds) else "a non-finite or huge number"
+        raise ConfigError(
+            f"benchmark argument {name!r}: {shown} is outside "
+            f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        )
+    return seconds
+
+
+def _kind(value: Any) -> str:
+    """A short description of a wrong value, never the value in full (it may be huge)."""
+    if isinstance(value, str):
+        text = value[:20].encode("ascii", "backslashreplace").decode("ascii")
+        return f"the string {text!r}{'...' if len(value) > 20 else ''}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else ("true" if value else "false")
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class BenchmarkArgs:
+    """The arguments of the agent's ``benchmark`` command, validated.
+
+    ``min_runs`` (int, 1 to :data:`MAX_RUNS`, default 200) and ``min_seconds`` (number, 0 to
+    :data:`MAX_SECONDS`, default 3) are both reached unless ``max_seconds`` (number, above 0 up
+    to :data:`MAX_SECONDS`, default :data:`MAX_SECONDS`) runs out first: it bounds the whole
+    benchmark's wall time. ``warmup_runs`` (int, 0 to :data:`MAX_WARMUP_RUNS`, default 10).
+    """
+
+    min_runs: int = 200
+    min_seconds: float = 3.0
+    warmup_runs: int = 10
+    max_seconds: float = MAX_SECONDS
+
+    KEYS: ClassVar[tuple[str, ...]] = ("min_runs", "min_seconds", "warmup_runs", "max_seconds")
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> BenchmarkArgs:
+        """Validate a command's ``args``; ConfigError naming the argument and its range."""
+        unknown = sorted(str(k) for k in args if k not in cls.KEYS)
+        if unknown:
+            names = ", ".join(repr(n[:40]) for n in unknown[:5])
+            raise ConfigError(f"benchmark: unknown argument {names}; known: {', '.join(cls.KEYS)}")
+        d = cls()
+        out = cls(
+            min_runs=_count(args.get("min_runs", d.min_runs), "min_runs", 1, MAX_RUNS),
+            min_seconds=_seconds(
+                args.get("min_seconds", d.min_seconds), "min_seconds", 0.0, MAX_SECONDS
+            ),
+            warmup_runs=_count(
+                args.get("warmup_runs", d.warmup_runs), "warmup_runs", 0, MAX_WARMUP_RUNS
+            ),
+            max_seconds=_seconds(
+                args.get("max_seconds", d.max_seconds),
+                "max_seconds",
+                0.0,
+                MAX_SECONDS,
+                lo_open=True,
+            ),
+        )
+        if out.min_seconds > out.max_seconds:
+            raise ConfigError(
+                f"benchmark: min_seconds ({out.min_seconds:g}) is more than max_seconds "
+                f"({out.max_seconds:g})"
+            )
+        return out
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Raw timings in nanoseconds: the first run, the warm-up runs, then the timed runs."""
+    """Raw timings in nanoseconds: the first run, the warm-up runs, then the timed runs.
+    ``capped``: ``max_seconds`` ran out before the warm-up or the minimum runs were done."""
 
     first_ns: int
     warmup_ns: list[int]
     latencies_ns: list[int]
     duration_ns: int
+    capped: bool = False
 
 
 def time_runs(
@@ -47,17 +162,33 @@ def time_runs(
     min_seconds: float,
     progress: Progress | None = None,
     progress_every_s: float = 0.25,
+    max_seconds: float | None = None,
 ) -> Timing:
     """Call ``run_once`` once, ``warmup_runs`` times, then until both ``min_runs`` calls and
-    ``min_seconds`` have passed, timing each call alone with ``perf_counter_ns``."""
-    if min_runs < 1 or min_seconds < 0 or warmup_runs < 0:
-        raise ConfigError("min_runs must be >= 1, min_seconds and warmup_runs >= 0")
+    ``min_seconds`` have passed, timing each call alone with ``perf_counter_ns``.
+
+    ``max_seconds`` bounds the wall time of all of it: once it has passed, the warm-up and the
+    timed runs stop (after at least one timed run), and :attr:`Timing.capped` is set.
+    """
+    if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
+        raise ConfigError(f"min_runs must be an integer >= 1, got {min_runs!r}")
+    if isinstance(warmup_runs, bool) or not isinstance(warmup_runs, int) or warmup_runs < 0:
+        raise ConfigError(f"warmup_runs must be an integer >= 0, got {warmup_runs!r}")
+    if not math.isfinite(min_seconds) or min_seconds < 0:
+        raise ConfigError(f"min_seconds must be a finite number >= 0, got {min_seconds!r}")
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise ConfigError(f"max_seconds must be a finite number > 0, got {max_seconds!r}")
     pc = time.perf_counter_ns
-    t0 = pc()
+    t0 = begin = pc()
+    end = None if max_seconds is None else begin + int(max_seconds * 1e9)
+    capped = False
     run_once()
     first = pc() - t0
     warmup: list[int] = []
     for _ in range(warmup_runs):
+        if end is not None and pc() >= end:
+            capped = True
+            break
         t0 = pc()
         run_once()
         warmup.append(pc() - t0)
@@ -74,10 +205,13 @@ def time_runs(
         record(t1 - t0)
         if len(latencies) >= min_runs and t1 - start >= min_ns:
             break
+        if end is not None and t1 >= end:
+            capped = True
+            break
         if progress is not None and t1 >= next_report:
             next_report = t1 + every_ns
             progress(len(latencies), (t1 - start) / 1e9)
-    return Timing(first, warmup, latencies, pc() - start)
+    return Timing(first, warmup, latencies, pc() - start, capped)
 
 
 def latency_summary_ms(latencies_ns: Any) -> dict[str, float]:
@@ -144,18 +278,28 @@ def run_benchmark(
     min_runs: int = 200,
     min_seconds: float = 3.0,
     warmup_runs: int = 10,
+    max_seconds: float = MAX_SECONDS,
     inputs: Mapping[str, np.ndarray] | None = None,
     lock: threading.Lock | None = None,
     model_path: Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark an already-loaded session where it runs (on the board, for the agent).
 
-    The result uses the key names of ``edgeship bench``'s JSON report, with ``measured_on``
-    saying it was measured on this device. Memory is the agent process's, which also holds
-    the agent itself, so there is no runtime-only baseline here.
+    The arguments are checked as :class:`BenchmarkArgs` checks a command's (ConfigError naming
+    the argument and its range). The result uses the key names of ``edgeship bench``'s JSON
+    report, with ``measured_on`` saying it was measured on this device, and ``capped`` true when
+    ``max_seconds`` stopped it before ``warmup_runs``, ``min_runs`` or ``min_seconds`` were
+    reached. Memory is the agent process's, which also holds the agent itself, so there is no
+    runtime-only baseline here.
     """
-    if min_runs > 100_000 or min_seconds > 600:
-        raise ConfigError("a remote benchmark is limited to 100000 runs and 600 s")
+    checked = BenchmarkArgs.parse(
+        {
+            "min_runs": min_runs,
+            "min_seconds": min_seconds,
+            "warmup_runs": warmup_runs,
+            "max_seconds": max_seconds,
+        }
+    )
     feed = check_feed(io, inputs if inputs is not None else sample_inputs(io))
     guard = lock if lock is not None else nullcontext()
 
@@ -163,12 +307,19 @@ def run_benchmark(
         with guard:
             return session.run(feed)
 
-    timing = time_runs(once, warmup_runs=warmup_runs, min_runs=min_runs, min_seconds=min_seconds)
+    timing = time_runs(
+        once,
+        warmup_runs=checked.warmup_runs,
+        min_runs=checked.min_runs,
+        min_seconds=checked.min_seconds,
+        max_seconds=checked.max_seconds,
+    )
     latency = latency_summary_ms(timing.latencies_ns)
-    total_s = sum(timing.latencies_ns) / 1e9
+    # At least the clock's 1 ns: a reply cannot carry inf (it must be valid JSON).
+    total_s = max(1, sum(timing.latencies_ns)) / 1e9
     batch = int(next(iter(feed.values())).shape[0]) if feed else 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    per_s = len(timing.latencies_ns) / total_s if total_s > 0 else float("inf")
+    per_s = len(timing.latencies_ns) / total_s
     return {
         "schema": "edgeship.bench/1",
         "model": None if model_path is None else str(model_path),
@@ -181,12 +332,14 @@ def run_benchmark(
         "input_shapes": {k: list(v.shape) for k, v in feed.items()},
         "inputs_generated": inputs is None,
         "first_inference_ms": timing.first_ns / 1e6,
-        "warmup_runs": warmup_runs,
+        "warmup_runs": len(timing.warmup_ns),
         "warmup_mean_ms": (sum(timing.warmup_ns) / len(timing.warmup_ns) / 1e6)
         if timing.warmup_ns
         else None,
         "runs": len(timing.latencies_ns),
         "duration_s": timing.duration_ns / 1e9,
+        "max_seconds": checked.max_seconds,
+        "capped": timing.capped,
         "latency_ms": latency,
         "inferences_per_s": per_s,
         "samples_per_s": per_s * batch,

@@ -393,6 +393,7 @@ class Publisher:
         self._closed = False
         self._net_thread: threading.Thread | None = None
         self._cmd_thread: threading.Thread | None = None
+        self._deaths: dict[str, str] = {}  # thread name -> why it died
         self._commands: queue.Queue[Command | None] = queue.Queue(maxsize=_COMMAND_QUEUE)
 
         # Owned by the network thread.
@@ -444,11 +445,50 @@ class Publisher:
         self._recover_will_file()
         if self._on_command is not None:
             self._cmd_thread = threading.Thread(
-                target=self._command_loop, name="edgeship-mqtt-commands", daemon=True
+                target=self._watched("mqtt-commands", self._command_loop),
+                name="edgeship-mqtt-commands",
+                daemon=True,
             )
             self._cmd_thread.start()
-        self._net_thread = threading.Thread(target=self._run, name="edgeship-mqtt", daemon=True)
+        self._net_thread = threading.Thread(
+            target=self._watched("mqtt-network", self._run), name="edgeship-mqtt", daemon=True
+        )
         self._net_thread.start()
+
+    def workers(self) -> dict[str, tuple[str, str | None]]:
+        """Each background thread's state: ``running``, ``stopped`` (after close), ``dead``
+        (with why) or ``not started``."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for name, thread in (
+            ("mqtt-network", self._net_thread),
+            ("mqtt-commands", self._cmd_thread),
+        ):
+            if thread is None:
+                if name == "mqtt-network" or self._on_command is not None:
+                    out[name] = ("not started", None)
+            elif thread.is_alive():
+                out[name] = ("running", None)
+            elif name in self._deaths:
+                out[name] = ("dead", self._deaths[name])
+            else:
+                out[name] = ("stopped", None)
+        return out
+
+    def _watched(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
+        """``loop`` with its death recorded for :meth:`workers` and logged."""
+
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as exc:
+                self._deaths[name] = f"{type(exc).__name__}: {exc}"[:500]
+                log.critical("mqtt: the %s thread died: %s", name, self._deaths[name])
+                raise
+            if not self._closed:
+                self._deaths[name] = "returned before close()"
+                log.critical("mqtt: the %s thread stopped before close()", name)
+
+        return run
 
     def publish(self, kind: str, make_payload: Callable[[int], bytes]) -> int:
         """Spool a message of ``kind`` built by ``make_payload(seq)`` and return its seq.
@@ -913,6 +953,13 @@ class Publisher:
             self._count("invalid_commands")
             log.warning("mqtt: ignored a malformed command (%s): %s", exc.field, exc)
             return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # the decoder's bug must not drop the connection (the
+            # broker would deliver the same command again after the reconnect, forever)
+            self._count("invalid_commands")
+            log.exception("mqtt: ignored a command that failed to decode: %r", exc)
+            return
         if not isinstance(msg, Command):  # decode() checks the kind against the topic
             self._count("invalid_commands")
             log.warning("mqtt: ignored a %s message on the command topic", type(msg).__name__)
@@ -937,7 +984,9 @@ class Publisher:
                 return
             try:
                 handler(cmd)
-            except Exception:  # the agent's handler: count and log, keep serving commands
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # the agent's handler: count and log, keep serving commands
                 self._count("command_errors")
                 log.exception("mqtt: the handler of command %s (%s) failed", cmd.id, cmd.action)
 
