@@ -95,9 +95,7 @@ def _cmd_help(p: argparse.ArgumentParser) -> Any:
 def fetch_fleet(collector: str, *, timeout: float = 5.0) -> dict[str, Any]:
     """``{"devices": <GET /api/devices>, "alerts": <GET /api/alerts> or None}``; raises
     ConfigError when the collector cannot be reached or does not answer JSON."""
-    base = collector.rstrip("/")
-    if "://" not in base:
-        base = "http://" + base
+    base = _base_url(collector)
     devices = _get(base + "/api/devices", timeout)
     try:
         alerts = _get(base + "/api/alerts?state=firing&limit=1", timeout)
@@ -108,6 +106,25 @@ def fetch_fleet(collector: str, *, timeout: float = 5.0) -> dict[str, Any]:
 
 class _NotFound(ConfigError):
     pass
+
+
+def _base_url(collector: str) -> str:
+    """``--collector`` as an http(s) base URL; ConfigError for anything urllib would refuse
+    with a foreign error (control characters or spaces, another scheme, no host)."""
+    base = collector.strip().rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    parts = urllib.parse.urlsplit(base)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or any(c.isspace() or not c.isprintable() for c in base)
+    ):
+        raise ConfigError(
+            f"--collector '{printable(collector)}': expected the collector API's address, "
+            f"such as {DEFAULT_COLLECTOR} or 127.0.0.1:9108"
+        )
+    return base
 
 
 def _get(url: str, timeout: float) -> Any:
@@ -232,9 +249,7 @@ def send_command(
     """POST the command, then poll its reply for up to ``wait_s``; the last
     ``GET .../commands/{id}`` answer (``state`` replied / pending / expired). Raises
     ConfigError when the collector refuses the request (the error it gave) or is unreachable."""
-    base = collector.rstrip("/")
-    if "://" not in base:
-        base = "http://" + base
+    base = _base_url(collector)
     body: dict[str, Any] = {"action": action, "args": dict(args or {})}
     if fleet is not None:
         body["fleet"] = fleet
@@ -312,6 +327,7 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if not args.interval > 0:
         raise ConfigError("--interval must be positive")
+    _base_url(args.collector)  # a bad address is bad input, not a collector restarting
     # The one escape sequence written on purpose: past the guard of a SafeStream.
     clear = "\x1b[H\x1b[2J" if out.isatty() else ""
     shown = 0

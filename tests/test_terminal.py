@@ -265,6 +265,12 @@ def test_error_messages_quoting_input_are_escaped(tmp_path: Path) -> None:
     err = done.stderr.decode("utf-8")
     assert _controls(err) == [] and "\\x1b]0;pwned\\x07\\x1b[2J" in err
     assert err.count("\n") == 1
+    # A collector address urllib refuses (control characters) was an internal error, exit 3.
+    for action in (["status"], ["watch", "--count", "1"]):
+        done = _edgeship("fleet", *action, "--collector", f"http://127.0.0.1:9/{TITLE}")
+        err = done.stderr.decode("utf-8")
+        assert done.returncode == 2 and _controls(err) == [] and err.count("\n") == 1, err
+        assert err.startswith("edgeship: error: --collector 'http://127.0.0.1:9/\\x1b]0;pwned")
 
 
 def test_inspect_of_a_hostile_manifest_prints_no_control(tmp_path: Path) -> None:
