@@ -133,15 +133,15 @@ class _Handler(JSONRequestHandler):
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/health":
             m = self.agent.bundle.manifest.model
+            stats = self.agent.stats  # "ok" is false once a worker thread died (Agent.health)
             self.send_json(
-                HTTPStatus.OK,
+                HTTPStatus.OK if stats["ok"] else HTTPStatus.SERVICE_UNAVAILABLE,
                 {
-                    "ok": True,
                     "model": m.name,
                     "model_version": m.version,
                     "runtime": f"{self.agent.session.runtime} {self.agent.session.runtime_version}",
                     "inputs": [t.to_dict() for t in self.agent.bundle.manifest.io.inputs],
-                    **self.agent.stats,
+                    **stats,
                 },
             )
         else:

@@ -378,11 +378,10 @@ def test_health_names_a_dead_worker(device: Device, caplog: pytest.LogCaptureFix
         assert health["workers"]["telemetry"] == "running"
         assert health["dead_workers"] == {"events": "SystemExit: stopped by the test"}
         assert "the agent's events worker died (SystemExit: stopped by the test)" in caplog.text
-        try:
-            with urllib.request.urlopen(url, timeout=10) as answer:
-                body = json.loads(answer.read())
-        except urllib.error.HTTPError as err:  # 503 where the endpoint maps ok to the status
-            body = json.loads(err.read())
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(url, timeout=10)
+        assert answered.value.code == 503
+        body = json.loads(answered.value.read())
         assert body["ok"] is False and body["dead_workers"] == health["dead_workers"]
     finally:
         server.shutdown()
