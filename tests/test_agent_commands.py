@@ -29,7 +29,7 @@ import pytest
 import device_agent.agent as agent_module
 from device_agent.benchmark import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, BenchmarkArgs, time_runs
 from device_agent.contracts import messages as msg
-from device_agent.errors import ConfigError
+from device_agent.errors import ConfigError, InputError
 from tests.agent_device import Device, running_device
 from tests.brokers import Mosquitto
 from tests.helpers import write_mlp_onnx
@@ -291,6 +291,36 @@ def test_a_deploy_event_that_does_not_encode_kills_neither_thread(device: Device
     device.telemetry_after(t)
     device.telemetry_after(time.time())
     assert device.listener.invalid == []
+    assert_serving(device)
+
+
+def test_a_window_that_cannot_be_built_is_an_error_in_the_next_one(device: Device) -> None:
+    """On 4044b2d anything but an EdgeshipError while building a window (here the host sample
+    raises) ended the telemetry thread: no window after it."""
+    agent = device.agent
+    real_sample = agent._sys.sample
+    calls = []
+
+    def failing_once() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("sensor gone")
+        return real_sample()
+
+    agent._sys.sample = failing_once  # type: ignore[method-assign]
+    agent.predict(_x())
+    with pytest.raises(InputError):
+        agent.predict({"x": np.zeros((1, 3), np.float32)})  # one inference error, counted
+
+    def errors() -> int:
+        return sum(t.errors for t in device.listener.of(msg.TelemetryMessage))
+
+    # The lost window's own inference error, and one error for the window itself, in the
+    # windows that follow (whichever window the inference error fell in).
+    device.listener.wait_for(lambda: errors() >= 2)
+    device.telemetry_after(time.time())
+    assert errors() == 2
+    assert len(calls) > 1 and agent.health()["worker_errors"]["windows"] == 1
     assert_serving(device)
 
 
