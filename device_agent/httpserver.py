@@ -75,6 +75,7 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINGER_S = 2.0  # after an error answer: read and drop what the client still sends, this long
 _ACCEPT_PAUSE_S = 0.1
 _ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_KEEP, _LINGER, _CLOSE = "keep", "linger", "close"  # what a worker does with a connection
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,7 @@ class BoundedHTTPServer:
         self._waiting: OrderedDict[int, _Conn] = OrderedDict()  # by deadline (one timeout)
         self._lingering: OrderedDict[int, _Conn] = OrderedDict()
         self._busy: dict[int, _Conn] = {}
-        self._returned: deque[_Conn] = deque()
+        self._returned: deque[tuple[_Conn, str]] = deque()  # from workers: keep or linger
         self._jobs: queue.SimpleQueue[tuple[_Conn, _Request] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._stopped = threading.Event()
@@ -526,14 +527,18 @@ class BoundedHTTPServer:
         except OSError:
             pass
         while self._returned:
-            conn = self._returned.popleft()
+            conn, what = self._returned.popleft()
             self._busy.pop(conn.sock.fileno(), None)
             if self._stop.is_set():
                 _close(conn.sock)
                 continue
             conn.sock.setblocking(False)
-            self._wait(conn)
-            self._advance(conn)  # a pipelined request may be in the buffer already
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            if what == _LINGER:
+                self._linger(conn)
+            else:
+                self._wait(conn)
+                self._advance(conn)  # a pipelined request may be in the buffer already
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -592,8 +597,6 @@ class BoundedHTTPServer:
         fd = conn.sock.fileno()
         self._waiting.pop(fd, None)
         self._waiting[fd] = conn
-        with contextlib.suppress(KeyError):  # registered already (a new connection)
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
 
     def _expire(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
@@ -630,8 +633,13 @@ class BoundedHTTPServer:
         client is still sending (closing with unread data would reset the connection and the
         client could lose the answer)."""
         _send_now(conn.sock, _error_response(status, message, headers))
+        self._waiting.pop(conn.sock.fileno(), None)
+        self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        """Close ``conn`` gracefully: stop sending, then read and drop what the client still
+        sends until it closes or _LINGER_S pass."""
         fd = conn.sock.fileno()
-        self._waiting.pop(fd, None)
         conn.buf.clear()
         conn.head = None
         try:
@@ -660,7 +668,13 @@ class BoundedHTTPServer:
         except OSError:
             data = b""
         if not data:
-            self._drop(conn)  # the client went away; half a request has no one to answer
+            if conn.buf.strip():  # the client stopped sending (or left) halfway: say so
+                _send_now(conn.sock, _error_response(
+                    HTTPStatus.BAD_REQUEST,
+                    "the connection ended before the request was complete (head, or as many "
+                    "body bytes as Content-Length said)",
+                ))  # fmt: skip
+            self._drop(conn)
             return
         conn.buf += data
         self._advance(conn)
@@ -767,26 +781,29 @@ class BoundedHTTPServer:
             if job is None:
                 return
             conn, request = job
-            keep = False
+            what = _CLOSE
             try:
-                keep = self._handle(conn, request)
+                what = self._handle(conn, request)
             except Exception:  # a bug in a handler: the server goes on
                 log.exception("%s: %s %s failed", self._name, request.method, request.target[:200])
-            if keep and not self._stop.is_set():
-                self._returned.append(conn)
+                what = _LINGER
+            if what != _CLOSE and not self._stop.is_set():
+                self._returned.append((conn, what))
                 self._wake()
             else:
                 self._busy.pop(conn.sock.fileno(), None)
                 _close(conn.sock)
 
-    def _handle(self, conn: _Conn, request: _Request) -> bool:
+    def _handle(self, conn: _Conn, request: _Request) -> str:
+        """Run the handler; _KEEP the connection for the next request, _LINGER (answered,
+        close gracefully) or _CLOSE (the client is gone)."""
         sock = conn.sock
         sock.settimeout(self.limits.send_timeout_s)
         handler = self.RequestHandlerClass(request, sock, conn.addr, self)
         try:
             handler.run()
         except OSError:  # the client went away or did not read its answer in time
-            return False
+            return _CLOSE
         except Exception:
             if handler.writer.written == 0:
                 handler.close_connection = True
@@ -798,8 +815,8 @@ class BoundedHTTPServer:
             raise
         if handler.writer.written == 0:  # a handler that answered nothing: say so, close
             log.error("%s: %s %s got no answer", self._name, request.method, request.target[:200])
-            return False
-        return not handler.close_connection
+            return _LINGER
+        return _LINGER if handler.close_connection else _KEEP
 
 
 def _send_now(sock: socket.socket, data: bytes) -> None:
