@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -457,3 +458,27 @@ def test_deep_non_finite_and_oversized_bodies_are_refused_and_publish_nothing(ri
         assert answer.status == want, answer
     last = rig.sentinel()
     assert rig.spy.ids()[before:] == [last]
+
+
+def test_half_sent_and_idle_connections_hold_no_thread_and_reads_still_answer(rig: Rig) -> None:
+    """The API used ThreadingHTTPServer too: a thread per connection, no timeout. Now 300
+    connections (half of them half-sent requests, past the 256-connection cap) hold no thread,
+    reads and commands are still answered, and a refused command publishes nothing."""
+    before_ids = len(rig.spy.ids())
+    port = int(rig.api.rsplit(":", 1)[1])
+    assert call(f"{rig.api}/api/health")[0] == 200
+    threads = threading.active_count()
+    socks = []
+    try:
+        for i in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            socks.append(sock)
+            if i % 2:
+                sock.sendall(b"POST /api/devices/pi-1/commands HTTP/1.1\r\nContent-Length: 99\r\n")
+        assert threading.active_count() <= threads, (threads, threading.active_count())
+        assert call(f"{rig.api}/api/health")[0] == 200
+        last = rig.sentinel()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert rig.spy.ids()[before_ids:] == [last]

@@ -32,10 +32,10 @@ logs a warning (anyone who reaches the port reads the fleet's state). The token 
 clear over plain HTTP: beyond the local machine, put a TLS reverse proxy in front.
 
 The server is :class:`device_agent.httpserver.BoundedHTTPServer` with :data:`HTTP_LIMITS`: a
-request must arrive whole within 10 s (408), bodies need a Content-Length of at most
-:data:`MAX_BODY_BYTES` (411 / 413, refused before reading), 8 worker threads, 256 open
-connections, and JSON bodies nested at most 32 deep, finite numbers only, no duplicate keys,
-NUL or lone surrogates (400).
+request must arrive whole within 10 s (408) and its answer be taken within 60 s, bodies need a
+Content-Length of at most :data:`MAX_BODY_BYTES` (411 / 413, refused before reading), 8 worker
+threads, 256 open connections, and JSON bodies nested at most 32 deep, finite numbers only, no
+duplicate keys, NUL or lone surrogates (400).
 """
 
 from __future__ import annotations
@@ -84,9 +84,12 @@ log = logging.getLogger("sdk.collector.api")
 _MAX_SERIES = 10_000
 MAX_BODY_BYTES = 64 * 1024  # any request's body; a command is a few hundred bytes
 # Dashboards poll every 2 s and scripts send commands: more workers and connections than the
-# agent's endpoint, the same timeouts (the limits are described in device_agent.httpserver and
+# agent's endpoint; a minute to take an answer, since a device's series (up to 10,000 windows,
+# megabytes) may cross a slow link (the limits are described in device_agent.httpserver and
 # docs/collector.md).
-HTTP_LIMITS = HTTPLimits(workers=8, max_connections=256, request_timeout_s=10.0)
+HTTP_LIMITS = HTTPLimits(
+    workers=8, max_connections=256, request_timeout_s=10.0, send_timeout_s=60.0
+)
 TOKEN_ENV = "EDGESHIP_API_TOKEN"
 _MIN_TOKEN = 16
 _ENABLE = (
