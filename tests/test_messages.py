@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -525,21 +526,62 @@ def _docs_example() -> str:
     return match.group(1)
 
 
-def _read_line_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
-    """Lines the process printed until one matches ``pattern``."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
+class _LineReader:
+    """The lines a process prints, read by a thread as they come.
+
+    A thread blocked in ``readline()`` sees every line; ``select()`` on the pipe (what this
+    was) does not see lines a previous ``readline()`` already pulled into the text wrapper's
+    buffer, so when two lines arrived together the second waited there unseen until the
+    timeout (the docs example failed that way on a loaded machine, and printed everything
+    when run by hand)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def until(self, pattern: str, timeout: float) -> list[str]:
+        """Lines printed until one matches ``pattern`` (that one included)."""
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no line matching {pattern!r} within {timeout} s; got {lines}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"the process ended before {pattern!r}; got {lines}")
+            lines.append(line)
             if re.search(pattern, line):
                 return lines
-    raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got {lines}")
+
+    def rest(self, timeout: float) -> list[str]:
+        """Every line until the process closes its output."""
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while (line := self._lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            lines.append(line)
+        return lines
+
+
+def test_the_line_reader_sees_lines_that_arrive_together() -> None:
+    code = "import sys, time; print('first'); print('second'); sys.stdout.flush(); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        reader = _LineReader(proc.stdout)
+        assert reader.until("first", 10) == ["first"]
+        # Already in the reader's buffer with "first": select() would never report it.
+        assert reader.until("second", 5) == ["second"]
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_docs_subscriber_example_reads_a_fleet(tmp_path: Path) -> None:
@@ -573,16 +615,17 @@ def test_docs_subscriber_example_reads_a_fleet(tmp_path: Path) -> None:
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=env,
     )  # fmt: skip
+    reader = _LineReader(proc.stdout)
     try:
         # The retained status reaches the subscriber whenever it subscribes.
         pub.publish(status_topic, status, qos=1, retain=True).wait_for_publish(5)
-        lines = _read_line_until(proc, r"subscribed to", 30)
+        lines = reader.until(r"subscribed to", 30)
         for n in (seq + 1, seq + 1, seq + 4):  # a duplicate, then two numbers skipped
             pub.publish(telemetry_topic, encode(_telemetry(seq=n)), qos=1).wait_for_publish(5)
-        lines += _read_line_until(proc, rf"telemetry seq={seq + 4}:", 30)
+        lines += reader.until(rf"telemetry seq={seq + 4}:", 30)
         proc.send_signal(signal.SIGINT)  # the example stops on Ctrl-C and prints its summary
-        rest, _ = proc.communicate(timeout=30)
-        lines += rest.splitlines()
+        proc.wait(timeout=30)
+        lines += reader.rest(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
