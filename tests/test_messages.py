@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -441,6 +442,171 @@ def test_encode_refuses_what_decode_would_reject() -> None:
         encode(huge)
     assert info.value.field == "payload"
     assert issubclass(ProtocolError, EdgeshipError)
+
+
+# --- strings: no lone surrogate, no NUL, anywhere (issue 11, findings 1 and 3) ----------------
+
+
+def _assert_safe(err: ProtocolError) -> None:
+    """An error about unsafe text is itself safe text: storable, printable."""
+    for text in (str(err), err.field):
+        text.encode("utf-8")  # no lone surrogate
+        assert "\x00" not in text
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "field"),
+    [
+        ("telemetry", ["model"], "digits\ud800", "model"),
+        ("telemetry", ["model"], "dig\x00its", "model"),
+        ("telemetry", ["model_version"], "\udfff", "model_version"),
+        ("telemetry", ["predictions", "3\ud800"], 1, "predictions"),
+        ("telemetry", ["extra"], ["ok", "\udc80"], "extra[1]"),
+        ("telemetry", ["latency_ms", "k\x00"], 1, "latency_ms"),
+        ("status", ["agent_version"], "0.1\udc00", "agent_version"),
+        ("status", ["host", "model"], "Pi\x00", "host.model"),
+        ("status", ["host", "k\ud800"], 1, "host"),
+        ("outliers", ["prediction"], "\ud800", "prediction"),
+        ("cmd", ["args", "path"], "/tmp/\x00", "args.path"),
+        ("cmd", ["args", "k\udc80"], 1, "args"),
+        ("cmd", ["args", "list"], [1, ["\ud834"]], "args.list[1][0]"),
+        ("cmd/reply", ["result", "nested"], {"deep": "\ud800"}, "result.nested.deep"),
+        ("cmd/reply", ["error"], "oops\x00", "error"),
+        ("alerts", ["summary"], "s\x00", "summary"),
+        ("telemetry", ["k\ud800"], "v", "payload"),
+    ],
+)
+def test_decode_refuses_lone_surrogates_and_nul_in_any_string_or_key(
+    kind: str, path: list[Any], value: Any, field: str
+) -> None:
+    payload = _mutate(kind, path, value)  # json.dumps writes them as \u escapes
+    with pytest.raises(ProtocolError) as info:
+        decode(_topic_for(kind), payload)
+    assert info.value.field == field, str(info.value)
+    _assert_safe(info.value)
+    assert "surrogate" in str(info.value) or "NUL" in str(info.value)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return {"deep": value}
+
+
+def test_the_issues_payload_is_refused_with_safe_text() -> None:
+    payload = b'{"\\ud800":1,"\\ud800":2}'  # the mosquitto_pub -m of issue 11, finding 1
+    with pytest.raises(ProtocolError) as info:
+        decode("edgeship/farm/bad/telemetry", payload)
+    assert info.value.field == "payload" and "\\ud800" in str(info.value)
+    _assert_safe(info.value)
+
+
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (_telemetry(model="digits\ud800"), "model"),
+        (_telemetry(predictions={"3\udc00": 70, "7": 50}), "predictions"),
+        (dataclasses.replace(_samples()["status"], agent_version="0.1\x00"), "agent_version"),  # type: ignore[type-var]
+        (dataclasses.replace(_samples()["status"], host={"k": "v\ud800"}), "host.k"),  # type: ignore[type-var]
+        (Command(id="c", action="x", ts=0.0, args={"k": "\ud800"}), "args.k"),
+        (Command(id="c", action="x", ts=0.0, args={"\udc00": 1}), "args"),
+        (Command(id="c", action="x", ts=0.0, args={"x": float("inf")}), None),
+        (Command(id="c", action="x", ts=0.0, args={"x": np.float32(1.5)}), "payload"),
+        (Command(id="c", action="x", ts=0.0, args={"x": object()}), None),
+        (Command(id="c", action="x", ts=0.0, args=_nested(5000)), None),
+        (dataclasses.replace(_samples()["alerts"], summary="s\x00"), "summary"),  # type: ignore[type-var]
+        (CommandReply(**ENV, id="c-1", ok=False, error="\ud800"), "error"),
+        (CommandReply(**ENV, id="c-1", ok=True, result=[float("nan")]), None),
+    ],
+)
+def test_encode_raises_protocol_error_for_what_it_cannot_encode(
+    msg: Message, field: str | None
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        encode(msg)
+    if field is not None:
+        assert info.value.field == field, str(info.value)
+    _assert_safe(info.value)
+
+
+_ENCODED_FOR_WILD = {kind: encode(msg) for kind, msg in _samples().items()}
+_BAD_CHAR = st.characters(categories=["Cs"]) | st.just("\x00")
+_WILD_TEXT = st.text(alphabet=st.characters() | _BAD_CHAR, max_size=12)
+_UNSAFE_TEXT = st.builds(lambda a, c, b: a + c + b, _WILD_TEXT, _BAD_CHAR, _WILD_TEXT)
+_WILD_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _WILD_TEXT,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(_WILD_TEXT, children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_STRING_FIELDS = {
+    "telemetry": ("model", "model_version"),
+    "status": ("agent_version", "model", "runtime"),
+    "outliers": ("prediction", "model"),
+    "cmd/reply": ("error",),
+    "alerts": ("summary", "rule"),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(_STRING_FIELDS)), st.data())
+def test_encode_only_raises_protocol_error_and_what_it_encodes_decodes_equal(
+    kind: str, data: st.DataObject
+) -> None:
+    """Any text (lone surrogates and NUL included) or float in a message's fields, any JSON in
+    a command's args: encode either refuses it with ProtocolError or writes a payload that
+    decodes to the same message."""
+    sample = _samples()[kind]
+    name = data.draw(st.sampled_from(_STRING_FIELDS[kind]))
+    text = data.draw(_WILD_TEXT | _UNSAFE_TEXT)
+    changes: dict[str, Any] = {name: text}
+    if kind == "cmd/reply":
+        changes["ok"] = False
+    msg = dataclasses.replace(sample, **changes)  # type: ignore[type-var]
+    for candidate in (
+        msg,
+        Command(id="c-1", action="x", ts=1.0, args={"a": data.draw(_WILD_JSON)}),
+    ):
+        try:
+            payload = encode(candidate)
+        except ProtocolError as exc:
+            _assert_safe(exc)
+            continue
+        assert decode(_topic_for(candidate.KIND), payload) == candidate
+    unsafe = dataclasses.replace(sample, **{**changes, name: data.draw(_UNSAFE_TEXT)})  # type: ignore[type-var]
+    with pytest.raises(ProtocolError):
+        encode(unsafe)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(_ENCODED_FOR_WILD)), st.data())
+def test_decode_wild_strings_only_raises_protocol_error_with_safe_text(
+    kind: str, data: st.DataObject
+) -> None:
+    """Keys and values with lone surrogates and NUL spliced anywhere into a valid message:
+    decode refuses them with a ProtocolError whose text is safe, or returns a message whose
+    every string is safe (so encode takes it back)."""
+    obj = json.loads(_ENCODED_FOR_WILD[kind])
+    node = obj
+    while isinstance(node, dict) and node and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(node)))
+        if not isinstance(node[key], dict):
+            break
+        node = node[key]
+    if data.draw(st.booleans()):
+        node[data.draw(_WILD_TEXT | _UNSAFE_TEXT)] = data.draw(_WILD_JSON)
+    else:
+        key = data.draw(st.sampled_from(sorted(node) or ["x"]))
+        node[key] = data.draw(_WILD_JSON | _UNSAFE_TEXT)
+    payload = json.dumps(obj).encode()  # ensure_ascii: surrogates and NUL as \u escapes
+    try:
+        msg = decode(_topic_for(kind), payload)
+    except ProtocolError as exc:
+        _assert_safe(exc)
+        return
+    assert decode(_topic_for(kind), encode(msg)) == msg
 
 
 # --- property tests: decode raises ProtocolError and nothing else -----------------------------

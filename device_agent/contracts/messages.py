@@ -9,7 +9,15 @@ This module owns everything a device and a subscriber must agree on to talk over
 * :func:`encode` (compact UTF-8 JSON) and :func:`decode`, which validates strictly and raises
   :class:`~device_agent.errors.ProtocolError` naming the offending field for anything it does not
   accept: oversized payloads, non-JSON, a wrong or newer schema version, wrong types, NaN or
-  infinities, unknown kinds, a payload whose kind or device disagrees with its topic.
+  infinities, unknown kinds, a payload whose kind or device disagrees with its topic, a string
+  (object keys included) holding a lone surrogate or a NUL, nesting deeper than
+  :data:`MAX_DEPTH` (unknown fields included).
+
+Every string of a message, anywhere in it, must be text any store, log or terminal can take: no
+lone surrogate (U+D800..U+DFFF, which UTF-8 cannot encode; JSON can spell one as ``"\\ud800"``)
+and no NUL (U+0000, which PostgreSQL text and C strings cannot hold). :func:`decode` refuses
+such a message and :func:`encode` will not produce one; :func:`safe_text` escapes both, for
+error messages and dead letters that must quote what was refused.
 
 Every message a device publishes carries the envelope ``device``, ``boot``, ``seq``, ``ts``:
 ``seq`` is a per-device sequence number that survives restarts (owned by
@@ -36,6 +44,7 @@ __all__ = [
     "DEVICE_KINDS",
     "KINDS",
     "LATENCY_BUCKETS_MS",
+    "MAX_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "MAX_SEQ",
     "QOS",
@@ -61,8 +70,10 @@ __all__ = [
     "encode",
     "message_topic",
     "parse_topic",
+    "safe_text",
     "shared_subscription",
     "subscription",
+    "text_problem",
     "topic",
     "validate_id",
 ]
@@ -73,6 +84,10 @@ TOPIC_ROOT = "edgeship"
 # Large enough for any telemetry window or command, small enough that a hostile or buggy
 # publisher cannot make a Pi-class collector or agent parse megabytes of JSON.
 MAX_PAYLOAD_BYTES = 256 * 1024
+
+# How deep objects and arrays may nest in a message (the envelope is level 1). Deeper payloads
+# are refused by every decoder alike, instead of wherever one runs out of stack.
+MAX_DEPTH = 64
 
 # Sequence numbers stay below 2**53 so that JavaScript subscribers (IEEE doubles) read them
 # exactly; at 1000 messages a second that lasts 285,000 years.
@@ -138,6 +153,7 @@ _MAX_HOST_FACTS = 64
 _MAX_SAMPLE = 64
 _MAX_TEXT = 4096
 _MAX_BUCKETS = 256
+_MAX_WHERE = 200  # characters of a field path in an error
 
 JSONScalar: TypeAlias = str | int | float | bool | None
 StatusState: TypeAlias = Literal["online", "offline"]
@@ -145,6 +161,31 @@ DeployState: TypeAlias = Literal["probation", "applied", "rolled_back", "failed"
 DEPLOY_STATES: tuple[DeployState, ...] = ("probation", "applied", "rolled_back", "failed")
 Severity: TypeAlias = Literal["info", "warning", "critical"]
 AlertState: TypeAlias = Literal["firing", "resolved"]
+
+
+# Characters no string of a message may hold: NUL and the surrogate code points (a lone
+# surrogate cannot be encoded as UTF-8; Python's JSON decoder yields one for "\ud800").
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(value: str) -> str | None:
+    """What makes ``value`` unfit for the wire (a lone surrogate, a NUL), or None if nothing."""
+    match = _BAD_TEXT.search(value)
+    if match is None:
+        return None
+    char = match.group()
+    what = "a NUL (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+    return f"holds {what} at character {match.start()}; strings must be valid Unicode without NUL"
+
+
+def safe_text(value: str) -> str:
+    """``value`` with every lone surrogate and NUL written as a backslash escape (``\\ud800``,
+    ``\\x00``), so that it can be stored, logged or printed; other text is returned as is."""
+    if _BAD_TEXT.search(value) is None:
+        return value
+    return _BAD_TEXT.sub(
+        lambda m: "\\x00" if m.group() == "\x00" else f"\\u{ord(m.group()):04x}", value
+    )
 
 
 # --- topics ---------------------------------------------------------------------------------
@@ -248,6 +289,11 @@ def shared_subscription(group: str, pattern: str) -> str:
 
 
 def _fail(where: str, problem: str) -> ProtocolError:
+    # ``where`` may hold keys of the message: escaped, so the error itself is safe text, and
+    # shortened, so a hostile key cannot make every log line and dead letter huge.
+    where, problem = safe_text(where), safe_text(problem)
+    if len(where) > _MAX_WHERE:
+        where = where[: _MAX_WHERE - 3] + "..."
     return ProtocolError(f"{where}: {problem}", field=where)
 
 
@@ -311,6 +357,9 @@ def _str(value: Any, where: str, *, max_len: int = _MAX_TEXT) -> str:
         raise _fail(where, f"expected a non-empty string, got {_jtype(value)} {_short(value)}")
     if len(value) > max_len:
         raise _fail(where, f"string of {len(value)} characters is longer than {max_len}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise _fail(where, problem)
     return value
 
 
@@ -355,15 +404,23 @@ def _join(where: str, key: str) -> str:
 
 
 def _check_json_value(value: Any, where: str, depth: int = 0) -> None:
-    """Free-form JSON (command args and results) must itself be encodable: no NaN, no inf."""
+    """Free-form JSON (command args and results) must itself be encodable: no NaN, no inf, no
+    string (key or value) with a lone surrogate or a NUL."""
     if depth > 32:
         raise _fail(where, "nested more than 32 levels deep")
     if isinstance(value, float) and not math.isfinite(value):
         raise _fail(where, f"{value} is not a finite number")
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise _fail(where, problem)
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise _fail(where, f"object key {_short(k)} is not a string")
+            problem = text_problem(k)
+            if problem is not None:
+                raise _fail(where, f"the key {_short(k)} {problem}")
             _check_json_value(v, f"{where}.{k}", depth + 1)
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
@@ -714,8 +771,12 @@ class StatusMessage:
         host: dict[str, JSONScalar] = {}
         for key, value in host_raw.items():
             _str(key, "host", max_len=_MAX_LABEL_LEN)
-            if isinstance(value, str) and len(value) > _MAX_TEXT:
-                raise _fail(f"host.{key}", f"longer than {_MAX_TEXT} characters")
+            if isinstance(value, str):
+                if len(value) > _MAX_TEXT:
+                    raise _fail(f"host.{key}", f"longer than {_MAX_TEXT} characters")
+                problem = text_problem(value)
+                if problem is not None:
+                    raise _fail(f"host.{key}", problem)
             if isinstance(value, float):
                 _float(value, f"host.{key}")
             elif value is not None and not isinstance(value, str | int | bool):
@@ -1071,17 +1132,27 @@ def message_topic(fleet: str, msg: Message) -> str:
 def encode(msg: Message) -> bytes:
     """Compact UTF-8 JSON for ``msg``, validated by the same rules :func:`decode` applies.
 
-    Raises ProtocolError naming the field if ``msg`` would be rejected by a subscriber (NaN,
-    an id with a wildcard, counts that do not add up, a payload over the size limit).
+    Raises ProtocolError (and nothing else) naming the field if ``msg`` would be rejected by a
+    subscriber or cannot be written at all (NaN, an id with a wildcard, counts that do not add
+    up, a string with a lone surrogate or a NUL, a value JSON has no form for, a payload over
+    the size limit).
     """
-    data = msg.to_dict()
+    try:
+        data = msg.to_dict()
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise _fail("payload", f"not encodable: {type(exc).__name__}: {exc}") from exc
+    _check_texts(data)
     try:
         # A round trip through the JSON model catches tuples vs lists, NaN and non-str keys.
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"payload: not encodable as JSON: {exc}", field="payload") from exc
-    type(msg).from_dict(json.loads(text))
-    payload = text.encode("utf-8")
+        parsed = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _fail("payload", f"not encodable as JSON: {exc}") from exc
+    type(msg).from_dict(parsed)
+    try:
+        payload = text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # _check_texts rules this out; kept as the last guard
+        raise _fail("payload", f"not encodable as UTF-8: {exc}") from exc
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError(
             f"payload: {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
@@ -1115,6 +1186,7 @@ def decode(topic_name: str, payload: bytes | bytearray | memoryview) -> Message:
         raise
     except (ValueError, RecursionError) as exc:
         raise _fail("payload", f"not valid JSON: {exc}") from exc
+    _check_texts(data)
     obj = _obj(data, "payload")
     version = _require(obj, "v", "")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -1149,6 +1221,39 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise ProtocolError(f"{key}: the key appears twice", field=key)
+                problem = text_problem(key)
+                if problem is not None:
+                    raise _fail("payload", f"the key {_short(key)} {problem}")
+                raise _fail(key, "the key appears twice")
             seen.add(key)
     return out
+
+
+def _check_texts(value: Any, where: str = "") -> None:
+    """Refuse a lone surrogate or a NUL in any string of ``value``, object keys included, and
+    nesting deeper than :data:`MAX_DEPTH`, naming where. Iterative, so the limit is the
+    contract's, not the interpreter's recursion limit (which a caller may have raised)."""
+    # (value, where it is, depth, the top-level field it is under: what a depth error names)
+    stack: list[tuple[Any, str, int, str]] = [(value, where, 1, where or "payload")]
+    while stack:
+        node, at, depth, top = stack.pop()
+        if isinstance(node, str):
+            problem = text_problem(node)
+            if problem is not None:
+                raise _fail(at or "payload", problem)
+            continue
+        if depth > MAX_DEPTH:
+            raise _fail(top, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, Mapping):
+            for key, item in node.items():
+                if isinstance(key, str):
+                    problem = text_problem(key)
+                    if problem is not None:  # named by where it sits: the key is not a field
+                        raise _fail(at or "payload", f"the key {_short(key)} {problem}")
+                if isinstance(item, str | Mapping | list | tuple):
+                    path = _join(at, str(key))
+                    stack.append((item, path, depth + 1, path if depth == 1 else top))
+        elif isinstance(node, list | tuple):
+            for i, item in enumerate(node):
+                if isinstance(item, str | Mapping | list | tuple):
+                    stack.append((item, f"{at or 'payload'}[{i}]", depth + 1, top))
