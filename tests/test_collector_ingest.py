@@ -4,6 +4,8 @@ letter, never an exception; the telemetry fast path agrees with the reference de
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -191,6 +193,47 @@ def test_a_decoder_bug_becomes_a_dead_letter_not_a_crash() -> None:
         assert isinstance(ingest(t(kind), huge, NOW), DeadLetter)
 
 
+def _safe(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "field"),
+    [
+        # The fast path (orjson) accepted a NUL; the reference decoder accepted both.
+        ("telemetry", encode(telemetry(model="digits")).replace(b"digits", b"dig\\u0000its"),
+         "model"),
+        ("telemetry", encode(telemetry(model="digits")).replace(b"digits", b"\\ud800"), "model"),
+        ("telemetry", encode(telemetry()).replace(b'"cat":60', b'"c\\u0000t":60'),
+         "predictions"),
+        ("telemetry", encode(telemetry()).replace(b'"v":1', b'"v":1,"x":["\\udfff"]'), "x[0]"),
+        ("status", encode(status()).replace(b'"0.1.0"', b'"0.1\\udc00"'), "agent_version"),
+        ("outliers", encode(outlier()).replace(b'"v":1', b'"v":1,"\\u0000":1'), "payload"),
+        ("telemetry", b'{"\\ud800":1,"\\ud800":2}', "payload"),  # issue 11, finding 1
+    ],
+)  # fmt: skip
+def test_nul_and_lone_surrogates_are_dead_letters_with_safe_text(
+    kind: str, payload: bytes, field: str
+) -> None:
+    dead = _dead(t(kind), payload)
+    assert dead.field == field, dead
+    assert _safe(dead.field) and _safe(dead.error) and _safe(dead.topic)
+    assert dead.payload == payload  # the bytes are kept as they came
+    digest = hashlib.sha256(t(kind).encode() + b"\x00" + payload).hexdigest()
+    assert dead.digest == digest
+
+
+def test_a_topic_that_is_not_valid_text_is_escaped_in_its_dead_letter() -> None:
+    for name in ("edgeship/farm/pi-\ud800/telemetry", "edgeship/farm/pi\x00/status"):
+        dead = ingest(name, b"{}", NOW)
+        assert isinstance(dead, DeadLetter) and dead.field == "topic.device", dead
+        assert _safe(dead.topic) and _safe(dead.error) and dead.topic.startswith("edgeship/farm/pi")
+
+
 # --- the fast path agrees with the reference decoder --------------------------------------------
 
 
@@ -237,16 +280,20 @@ def test_the_fast_path_takes_ordinary_windows() -> None:
         assert _fast(payload) == telemetry_record(FLEET, msg, NOW)
 
 
+# Text with lone surrogates and NUL too (json.dumps writes them as \u escapes).
+_TEXT_CHARS = st.characters() | st.characters(categories=["Cs"]) | st.just("\x00")
 _SCALARS = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=8),
+    st.text(_TEXT_CHARS, max_size=8),
 )
 _VALUES = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(_TEXT_CHARS, max_size=5), inner)
+    ),
     max_leaves=6,
 )
 
@@ -329,8 +376,12 @@ def test_duplicate_keys_anywhere_go_to_the_reference_decoder() -> None:
 _TOPICS = st.one_of(
     st.sampled_from([t(k) for k in ("status", "telemetry", "outliers", "cmd", "cmd/reply")]),
     st.just(t("alerts", None)),
-    st.text(max_size=40),
-    st.builds("edgeship/{}/{}/telemetry".format, st.text(max_size=10), st.text(max_size=10)),
+    st.text(_TEXT_CHARS, max_size=40),
+    st.builds(
+        "edgeship/{}/{}/telemetry".format,
+        st.text(_TEXT_CHARS, max_size=10),
+        st.text(_TEXT_CHARS, max_size=10),
+    ),
 )
 _PAYLOADS = st.one_of(
     st.binary(max_size=200),
@@ -350,6 +401,9 @@ def test_random_input_never_raises(topic_name: str, payload: bytes) -> None:
     if isinstance(out, DeadLetter):
         assert out.field and out.error and "\n" not in out.field
         assert len(out.payload) <= DEAD_LETTER_MAX_BYTES
+        assert _safe(out.topic) and _safe(out.field) and _safe(out.error), out
+    elif isinstance(out, TelemetryRecord | EventRecord):  # whatever is kept is safe text
+        assert _safe(json.dumps(dataclasses.asdict(out), ensure_ascii=False, default=str))
 
 
 def test_fast_path_is_faster_than_the_reference() -> None:

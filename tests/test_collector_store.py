@@ -7,6 +7,7 @@ postgresql://postgres@127.0.0.1:5432/test).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ import pytest
 
 from device_agent.contracts.messages import encode, topic
 from sdk.collector.errors import ConfigError, StoreError
-from sdk.collector.ingest import EventRecord, Record, TelemetryRecord, ingest
+from sdk.collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord, ingest
 from sdk.collector.state import (
     FleetState,
     StateConfig,
@@ -32,6 +33,7 @@ from sdk.collector.store import (
     BootRange,
     DeviceRow,
     PostgresStore,
+    RecordError,
     SqliteStore,
     open_store,
     redact_url,
@@ -153,13 +155,57 @@ def test_device_row_takes_the_newest_status_by_receive_time(store: Any) -> None:
 def test_boot_ranges_and_dead_letters(store: Any) -> None:
     store.insert_batch([rec(telemetry(seq=s)) for s in (1, 2, 5)])
     bad = ingest(topic(FLEET, DEVICE, "telemetry"), b"{oops", NOW)
-    store.insert_batch([], [bad, bad])  # type: ignore[list-item]
+    other = ingest(topic(FLEET, DEVICE, "telemetry"), b"{oops!", NOW + 1)
+    # The same message twice (a redelivery) is one dead letter; another message is another.
+    first = store.insert_batch([], [bad, bad])  # type: ignore[list-item]
+    assert (first.dead_letters, first.dead_letter_duplicates) == (1, 1)
+    again = store.insert_batch([], [other, bad])  # type: ignore[list-item]
+    assert (again.dead_letters, again.dead_letter_duplicates) == (1, 1)
     (r,) = store.boot_ranges(FLEET, DEVICE)
     assert (r.min_seq, r.max_seq, r.messages) == (1, 5, 3)
     assert count_gaps([r]).missing == 2
     assert store.dead_letter_counts() == {"payload": 2}
     newest = store.dead_letters(1)
-    assert len(newest) == 1 and newest[0].payload == b"{oops" and newest[0].field == "payload"
+    assert len(newest) == 1 and newest[0].payload == b"{oops!" and newest[0].field == "payload"
+
+
+def test_a_value_the_database_refuses_is_a_record_error_and_nothing_of_the_batch_is_kept(
+    store: Any,
+) -> None:
+    """Text it cannot encode, an integer over 64 bits, a NUL in PostgreSQL text: the store
+    refuses the batch as a RecordError (the collector then splits it), not with a foreign
+    exception, and keeps nothing of it; the next batch goes in."""
+    good = rec(telemetry(seq=1))
+    bad_values: list[Any] = [
+        dataclasses.replace(good, seq=2, model="digits\ud800"),  # type: ignore[type-var]
+        dataclasses.replace(good, seq=2**64),  # type: ignore[type-var]
+    ]
+    if isinstance(store, PostgresStore):
+        bad_values.append(dataclasses.replace(good, seq=3, model="dig\x00its"))  # type: ignore[type-var]
+    for bad in bad_values:
+        with pytest.raises(RecordError):
+            store.insert_batch([good, bad])
+        assert store.count_messages(FLEET) == {}
+    assert store.insert_batch([good]).new == 1
+
+
+def test_dead_letters_hold_safe_text_and_are_kept_once_per_message(store: Any) -> None:
+    """A dead letter is what a store must never refuse: its text is escaped, its payload kept
+    as bytes; the same message again (a redelivery) is not stored twice."""
+    raw = DeadLetter(
+        "edgeship/f/\ud800/telemetry", NOW, 4, "k\x00", "bad \udc00", b"\x00\xff\xed\xa0"
+    )
+    first = store.insert_batch([], [raw, raw])
+    again = store.insert_batch([], [dataclasses.replace(raw, received_at=NOW + 1)])
+    assert (first.dead_letters, first.dead_letter_duplicates) == (1, 1)
+    assert (again.dead_letters, again.dead_letter_duplicates) == (0, 1)
+    (row,) = store.dead_letters()
+    assert (row.topic, row.field, row.error) == (
+        "edgeship/f/\\ud800/telemetry",
+        "k\\x00",
+        "bad \\udc00",
+    )
+    assert row.payload == raw.payload and row.size == 4
 
 
 def test_postgres_writers_racing_on_the_same_messages_store_each_once() -> None:

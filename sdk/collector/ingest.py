@@ -10,7 +10,9 @@
 * :class:`Ignored`: valid traffic the collector does not store (``cmd`` requests, ``alerts``,
   a cleared retained ``status``);
 * :class:`DeadLetter`: anything the wire contract rejects (unknown topic, non-JSON, wrong
-  schema version, wrong types, oversized payload...), with the offending field and message.
+  schema version, wrong types, oversized payload, a string with a lone surrogate or a NUL...),
+  with the offending field and message. Its text (topic, field, error) is made safe to store
+  and print (:func:`~device_agent.contracts.messages.safe_text`); the payload is kept as bytes.
 
 Validation is :func:`device_agent.contracts.messages.decode`, the reference decoder, with one
 exception made for speed: telemetry is the bulk of a fleet's traffic and the reference decoder
@@ -26,6 +28,7 @@ accepts too and turns into the identical record.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import operator
@@ -48,6 +51,7 @@ from device_agent.contracts.messages import (
     TopicParts,
     decode,
     parse_topic,
+    safe_text,
 )
 from device_agent.errors import ProtocolError
 
@@ -60,6 +64,7 @@ __all__ = [
     "IngestResult",
     "Record",
     "TelemetryRecord",
+    "dead_letter",
     "ingest",
     "telemetry_record",
 ]
@@ -145,7 +150,12 @@ class EventRecord:
 class DeadLetter:
     """A message the wire contract rejects. ``field`` names the offending part (``topic``,
     ``payload``, ``v``, ``latency_ms.counts``...), ``error`` says what is wrong; ``payload``
-    holds at most :data:`DEAD_LETTER_MAX_BYTES` of it and ``size`` its real length."""
+    holds at most :data:`DEAD_LETTER_MAX_BYTES` of it and ``size`` its real length.
+
+    ``digest`` (SHA-256 of the topic and the whole payload) identifies the message: the broker
+    redelivers what a collector did not acknowledge, and the store keeps one dead letter per
+    digest. Use :func:`dead_letter` to make one (it escapes the text and computes the digest).
+    """
 
     topic: str
     received_at: float
@@ -153,6 +163,7 @@ class DeadLetter:
     field: str
     error: str
     payload: bytes
+    digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,15 +274,24 @@ def telemetry_record(fleet: str, m: TelemetryMessage, received_at: float) -> Tel
     )
 
 
-def _dead(topic: str, data: bytes, received_at: float, field: str, error: str) -> DeadLetter:
+def dead_letter(topic: str, data: bytes, received_at: float, field: str, error: str) -> DeadLetter:
+    """The dead letter of ``data`` received on ``topic``: text escaped (no lone surrogate, no
+    NUL reaches a store or a log), payload cut to :data:`DEAD_LETTER_MAX_BYTES`, digest of the
+    whole message."""
+    topic = safe_text(topic)
+    digest = hashlib.sha256(topic.encode("utf-8") + b"\x00" + data).hexdigest()
     return DeadLetter(
         topic=topic,
         received_at=received_at,
         size=len(data),
-        field=field,
-        error=error,
+        field=safe_text(field),
+        error=safe_text(error),
         payload=data[:DEAD_LETTER_MAX_BYTES],
+        digest=digest,
     )
+
+
+_dead = dead_letter
 
 
 # --- the telemetry fast path ----------------------------------------------------------------
@@ -352,6 +372,11 @@ def _fast_telemetry(
     fleet: str, device: str, data: bytes, received_at: float
 ) -> TelemetryRecord | None:
     if not 0 < len(data) <= MAX_PAYLOAD_BYTES:
+        return None
+    # A \u escape is the only way JSON text spells a NUL or a lone surrogate (which the
+    # reference decoder refuses); encode() writes none for ordinary text, so a payload with
+    # one is rare and is left to the reference decoder.
+    if b"\\u" in data:
         return None
     try:
         obj = _loads(data)

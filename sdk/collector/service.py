@@ -12,6 +12,15 @@ Data path, and why it is shaped this way::
   with ``manual_ack=True`` and the committer acknowledges a batch only after the transaction that
   stored it, so the broker redelivers everything un-acknowledged to the persistent session when
   the collector comes back (a store error likewise leaves the batch un-acked, and it is retried).
+* **No message can hold a batch.** A batch the store refuses for a value in it
+  (:class:`~sdk.collector.store.RecordError`, or any error that is not the database's state) is
+  split in halves, and the halves again, until the refused record is alone: it is kept as a dead
+  letter (``field="store"``) and every other message of the batch is stored once. Only a store
+  that cannot write at all (down, locked, full) makes a batch wait and be retried whole; while
+  one does, or a worker is down, ``/api/health`` says ``ok: false`` with the reason. Before
+  this, one bad message pinned its committer thread in an endless retry, and with as many bad
+  batches as committers (``workers``, 2 by default) nothing more was stored; its un-acknowledged
+  deliveries also came back first after a restart, so the restart was poisoned again.
 * **A persistent session.** A fixed client id, MQTT v5 ``clean_start=False`` with a session
   expiry (3.1.1: ``clean_session=False``): the broker queues what arrives while the collector is
   down. MQTT v5 is tried first, then 3.1.1 if the broker refuses the protocol version.
@@ -64,6 +73,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from device_agent.contracts.messages import (
     Command,
     encode,
+    safe_text,
     shared_subscription,
     subscription,
     validate_id,
@@ -72,9 +82,9 @@ from device_agent.contracts.messages import topic as message_topic
 from device_agent.errors import ProtocolError
 from sdk.collector.api import SentCommand
 from sdk.collector.errors import BrokerError, CollectorError, ConfigError, StoreError
-from sdk.collector.ingest import DeadLetter, Ignored, Record, ingest
+from sdk.collector.ingest import DeadLetter, Ignored, Record, dead_letter, ingest
 from sdk.collector.state import FleetState, StateConfig
-from sdk.collector.store import InsertResult, Store, open_store, redact_url
+from sdk.collector.store import InsertResult, RecordError, Store, open_store, redact_url
 
 __all__ = [
     "BatchOutcome",
@@ -297,40 +307,104 @@ class CollectorConfig:
 @dataclass(frozen=True)
 class BatchOutcome:
     """What happened to one batch: the store's counts, plus what ingest set aside.
-    ``dead_samples`` holds (topic, field, error) of up to 20 dead letters, for the log."""
+    ``dead_samples`` holds (topic, field, error) of up to 20 dead letters, for the log.
+    ``splits``: how many smaller batches were tried because the store refused one (0 when the
+    batch went in whole); ``refused``: records the store refused alone, now dead letters."""
 
     stored: InsertResult
     ignored: int
     dead_by_field: dict[str, int]
     dead_samples: tuple[tuple[str, str, str], ...]
     ignored_by_reason: dict[str, int] = field(default_factory=dict)
+    splits: int = 0
+    refused: int = 0
+
+
+# One delivery and what ingest made of it: the delivery is kept to dead-letter the record.
+_Entry = tuple[Delivery, Record | DeadLetter]
 
 
 def process_batch(
-    store: Store, deliveries: list[Delivery], fleet: str | None = None
+    store: Store,
+    deliveries: list[Delivery],
+    fleet: str | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> BatchOutcome:
-    """Validate every delivery and store the batch in one transaction (raises StoreError)."""
-    records: list[Record] = []
-    dead: list[DeadLetter] = []
+    """Validate every delivery and store the batch in one transaction.
+
+    If the store refuses the batch for a value in it (:class:`RecordError`, or an error that
+    is not a :class:`StoreError`), the batch is split until the refused record is alone; that
+    one becomes a dead letter (``field="store"``), everything else is stored once. ``note``
+    hears, once, that a batch is being split and why. Raises StoreError when the store cannot
+    write at all: then nothing of the batch is acknowledged and it is tried again whole.
+    """
+    entries: list[_Entry] = []
     ignored: dict[str, int] = {}
-    for topic, payload, received_at in deliveries:
-        result = ingest(topic, payload, received_at, fleet=fleet)
-        if isinstance(result, DeadLetter):
-            dead.append(result)
-        elif isinstance(result, Ignored):
+    for delivery in deliveries:
+        result = ingest(*delivery, fleet=fleet)
+        if isinstance(result, Ignored):
             ignored[result.reason] = ignored.get(result.reason, 0) + 1
         else:
-            records.append(result)
-    stored = store.insert_batch(records, dead)
+            entries.append((delivery, result))
+    splitter = _Splitter(store, note)
+    stored, dead = splitter.store(entries)
     by_field: dict[str, int] = {}
     for d in dead:
         by_field[d.field] = by_field.get(d.field, 0) + 1
     samples = tuple((d.topic, d.field, d.error) for d in dead[:20])
-    return BatchOutcome(stored, sum(ignored.values()), by_field, samples, ignored)
+    return BatchOutcome(
+        stored, sum(ignored.values()), by_field, samples, ignored, splitter.splits,
+        splitter.refused,
+    )  # fmt: skip
+
+
+class _Splitter:
+    """Stores entries in one transaction, or splits them (see :func:`process_batch`)."""
+
+    def __init__(self, store: Store, note: Callable[[str], None] | None) -> None:
+        self._store = store
+        self._note = note
+        self.splits = 0
+        self.refused = 0
+
+    def store(self, entries: list[_Entry]) -> tuple[InsertResult, list[DeadLetter]]:
+        """(what the store did, the dead letters stored or already there)."""
+        records = [e for _, e in entries if not isinstance(e, DeadLetter)]
+        dead = [e for _, e in entries if isinstance(e, DeadLetter)]
+        try:
+            return self._store.insert_batch(records, dead), dead
+        except RecordError as exc:
+            error = str(exc)
+        except StoreError:
+            raise
+        except Exception as exc:  # an error tied to a record, not to the database's state
+            error = safe_text(f"{type(exc).__name__}: {exc}")
+        if len(entries) == 1:
+            (topic, payload, received_at), _ = entries[0]
+            refused = dead_letter(
+                topic, payload, received_at, "store", f"the store refused it: {error}"
+            )
+            self.refused += 1
+            return self._store.insert_batch([], [refused]), [refused]
+        if self.splits == 0 and self._note is not None:
+            self._note(f"the store refused a batch of {len(entries)} messages ({error}); "
+                       "splitting it to find the refused one")  # fmt: skip
+        self.splits += 2
+        half = len(entries) // 2
+        first, first_dead = self.store(entries[:half])
+        second, second_dead = self.store(entries[half:])
+        return first + second, first_dead + second_dead
 
 
 class _Sink(Protocol):
-    def process(self, deliveries: list[Delivery]) -> BatchOutcome: ...
+    def process(self, deliveries: list[Delivery], note: Callable[[str], None]) -> BatchOutcome:
+        """Ingest and store one batch; ``note`` hears what the collector's health must show
+        while the call lasts (a batch being split)."""
+        ...
+
+    def exit_code(self) -> int | None:
+        """The worker's exit status if it has exited, else None."""
+        ...
 
     def close(self) -> None: ...
 
@@ -340,8 +414,11 @@ class _InlineSink:
         self._store = open_store(store_url, migrate=False)
         self._fleet = fleet
 
-    def process(self, deliveries: list[Delivery]) -> BatchOutcome:
-        return process_batch(self._store, deliveries, self._fleet)
+    def process(self, deliveries: list[Delivery], note: Callable[[str], None]) -> BatchOutcome:
+        return process_batch(self._store, deliveries, self._fleet, note)
+
+    def exit_code(self) -> int | None:
+        return None
 
     def close(self) -> None:
         self._store.close()
@@ -366,7 +443,10 @@ def _worker_main(conn: Any, store_url: str, fleet: str | None) -> None:
             if deliveries is None:
                 break
             try:
-                conn.send(("ok", process_batch(store, deliveries, fleet)))
+                outcome = process_batch(
+                    store, deliveries, fleet, lambda text: conn.send(("note", text))
+                )
+                conn.send(("ok", outcome))
             except StoreError as exc:
                 conn.send(("store", str(exc)))
             except Exception:
@@ -417,18 +497,24 @@ class _ProcessSink:
                 f"collector worker process exited (code {self._proc.poll()})"
             ) from exc
 
-    def process(self, deliveries: list[Delivery]) -> BatchOutcome:
+    def process(self, deliveries: list[Delivery], note: Callable[[str], None]) -> BatchOutcome:
         try:
             self._conn.send(deliveries)
         except OSError as exc:
             raise CollectorError("collector worker process is gone") from exc
         kind, detail = self._receive()
+        while kind == "note":
+            note(str(detail))
+            kind, detail = self._receive()
         if kind == "ok":
             outcome: BatchOutcome = detail
             return outcome
         if kind == "store":
             raise StoreError(str(detail))
         raise CollectorError(f"collector worker failed:\n{detail}")
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -544,6 +630,8 @@ class Collector:
         }
         self._dead_by_field: dict[str, int] = {}
         self._ignored_by_reason: dict[str, int] = {}
+        # committer index -> (since, why) while its batch cannot be committed; guarded by _lock
+        self._trouble: dict[int, tuple[float, str]] = {}
         self._lock = threading.Lock()
         # Commands sent through the API: PUBACK reason codes by packet id, and the newest
         # commands by id (for GET /api/devices/{device}/commands/{id}).
@@ -675,11 +763,15 @@ class Collector:
         )
 
     def health(self) -> dict[str, Any]:
-        """What ``/api/health`` returns (``ok`` False while disconnected or failing)."""
+        """What ``/api/health`` returns: ``ok`` is False, and ``problems`` says why, while the
+        collector is disconnected, stopping or stopped by a failure, while a batch cannot be
+        committed (the store cannot write it, its worker failed, or it is being split because
+        the store refused a message in it) and while a worker process is down."""
         stats = self.stats
-        ok = stats.connected and self._failed is None and not self._stopping.is_set()
+        problems = self.problems(stats)
         return {
-            "ok": ok,
+            "ok": not problems,
+            "problems": problems,
             "broker": self._broker.display(),
             "client_id": self.config.session_id,
             "subscription": self.config.topic_filter,
@@ -688,6 +780,29 @@ class Collector:
             "collector": stats.to_dict(),
             "failure": None if self._failed is None else str(self._failed),
         }
+
+    def problems(self, stats: CollectorStats | None = None) -> list[str]:
+        """Why the collector is not healthy now, one line each; empty when it is."""
+        stats = stats or self.stats
+        out: list[str] = []
+        if self._failed is not None:
+            out.append(f"stopped by a failure: {_brief(self._failed)}")
+        elif self._stopping.is_set():
+            out.append("stopping")
+        if not stats.connected:
+            out.append(f"not connected to the broker {self._broker.display()}")
+        now = self._clock()
+        with self._lock:
+            trouble = sorted(self._trouble.items())
+        for index, (since, why) in trouble:
+            out.append(f"committer {index}: {why} (for {max(0.0, now - since):.0f} s)")
+        for index, sink in enumerate(list(self._sinks)):
+            code = None if sink is None else sink.exit_code()
+            if code is not None:
+                out.append(
+                    f"worker {index} exited with code {code}; a new one starts with the next batch"
+                )
+        return out
 
     def _fail(self, exc: BaseException) -> None:
         log.error("collector stopping: %s", exc)
@@ -972,9 +1087,17 @@ class Collector:
                     break
                 except StoreError as exc:
                     self._note_error(str(exc), store=True)
+                    self._set_trouble(
+                        index, f"a batch of {len(batch)} messages is not stored (retried every "
+                        f"{backoff:g} s or more): {_brief(exc)}",
+                    )  # fmt: skip
                     log.error("batch of %d not stored (will retry): %s", len(batch), exc)
                 except CollectorError as exc:
                     self._note_error(str(exc))
+                    self._set_trouble(
+                        index, f"worker failed on a batch of {len(batch)} messages, starting a "
+                        f"new one: {_brief(exc)}",
+                    )  # fmt: skip
                     log.error("%s; starting a new worker", exc)
                     self._restart_sink(index)
                 except Exception as exc:  # a bug: stop rather than ack what was not stored
@@ -985,12 +1108,22 @@ class Collector:
                 backoff = min(backoff * 2, 30.0)
             self._ack(batch)
             self._account(len(batch), outcome, batch[0].received_at)
+            self._set_trouble(index, None)
 
     def _process(self, index: int, deliveries: list[Delivery]) -> BatchOutcome:
         sink = self._sinks[index]
         if sink is None:
             sink = self._sinks[index] = self._make_sink()
-        return sink.process(deliveries)
+        return sink.process(deliveries, lambda text: self._set_trouble(index, text))
+
+    def _set_trouble(self, index: int, why: str | None) -> None:
+        """Record why committer ``index`` cannot commit its batch now (None: it committed)."""
+        with self._lock:
+            if why is None:
+                self._trouble.pop(index, None)
+            else:
+                since = self._trouble.get(index, (self._clock(), ""))[0]
+                self._trouble[index] = (since, why)
 
     def _restart_sink(self, index: int) -> None:
         sink, self._sinks[index] = self._sinks[index], None
@@ -1035,6 +1168,12 @@ class Collector:
                 self._dead_by_field[name] = self._dead_by_field.get(name, 0) + count
             for reason, count in outcome.ignored_by_reason.items():
                 self._ignored_by_reason[reason] = self._ignored_by_reason.get(reason, 0) + count
+        if outcome.splits:
+            log.warning(
+                "the store refused a batch of %d messages: split into %d smaller ones; %d "
+                "message(s) it refused alone kept as dead letters (field 'store'), the rest "
+                "stored", n, outcome.splits, outcome.refused,
+            )  # fmt: skip
         for topic, fld, error in outcome.dead_samples:
             self._dead_log.warning("dead letter on %r (%s): %s", topic[:200], fld, error[:300])
         hidden = stored.dead_letters - len(outcome.dead_samples)
@@ -1048,6 +1187,14 @@ class Collector:
             self._counters["last_error"] = message
             if store:
                 self._counters["store_errors"] += 1
+
+
+def _brief(exc: BaseException) -> str:
+    """The last line of an error's message (a worker's traceback ends with the error itself),
+    escaped and at most 300 characters, for ``/api/health``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = safe_text(lines[-1] if lines else type(exc).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _abandon(client: mqtt.Client) -> None:

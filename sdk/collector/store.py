@@ -13,7 +13,13 @@ aggregates in ``boots`` (per boot: seq range and count, from which gaps are coun
 ``devices`` (last status, model, last seen). Aggregates merge commutatively (sums, min/max,
 newest-wins by receive time), so concurrent writers and any arrival order give the same rows.
 
-Tables (schema version 2; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
+A batch the database refuses for what it holds (a value it cannot store: text it cannot encode,
+a number out of range, a constraint an operator added) raises :class:`RecordError`; the collector
+then splits the batch until the refused record is alone (``sdk.collector.service``). Every other
+failure (the database down, locked, out of space) is a plain :class:`StoreError`, and the whole
+batch is tried again later.
+
+Tables (schema version 3; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
 PRECISION and BYTEA)::
 
     schema_version(version PK, applied_at, description)
@@ -33,13 +39,16 @@ PRECISION and BYTEA)::
             model_at, last_telemetry_at, window_s, deploy, deploy_at)
         deploy: the newest remote deploy outcome (JSON) from status or telemetry, deploy_at
         when it was received
-    dead_letters(id, received_at, topic, size, field, error, payload)
+    dead_letters(id, received_at, topic, size, field, error, payload, digest)
+        digest: SHA-256 of the topic and the whole payload, unique: a message the broker
+        redelivers (not acknowledged before a crash) is kept once; NULL for rows of version 2
 
 psycopg is imported only when a PostgreSQL store is opened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import sys
@@ -57,6 +66,7 @@ from device_agent.contracts.messages import (
     SCORE_BUCKETS,
     DeployEvent,
     StatusMessage,
+    safe_text,
 )
 from sdk.collector.errors import ConfigError, StoreError
 from sdk.collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord
@@ -69,13 +79,20 @@ __all__ = [
     "EventRow",
     "InsertResult",
     "PostgresStore",
+    "RecordError",
     "SqliteStore",
     "Store",
     "open_store",
     "redact_url",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+class RecordError(StoreError):
+    """The store refused a batch for a value one of its records holds, not for its own state:
+    trying the same batch again cannot succeed. The collector splits the batch until the
+    refused record is alone and keeps that one as a dead letter (``field="store"``)."""
 
 
 # --- what the store returns -----------------------------------------------------------------
@@ -84,13 +101,29 @@ SCHEMA_VERSION = 2
 @dataclass(frozen=True)
 class InsertResult:
     """What one :meth:`Store.insert_batch` did. ``duplicates`` are records whose key was
-    already stored (or appeared twice in the batch); ``new_by_kind`` counts the new ones."""
+    already stored (or appeared twice in the batch); ``new_by_kind`` counts the new ones.
+    ``dead_letters`` counts the dead letters stored, ``dead_letter_duplicates`` those already
+    stored (same digest: a redelivery) and so not stored again."""
 
     received: int
     new: int
     duplicates: int
     dead_letters: int
     new_by_kind: Mapping[str, int] = field(default_factory=dict)
+    dead_letter_duplicates: int = 0
+
+    def __add__(self, other: InsertResult) -> InsertResult:
+        by_kind = dict(self.new_by_kind)
+        for kind, n in other.new_by_kind.items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+        return InsertResult(
+            self.received + other.received,
+            self.new + other.new,
+            self.duplicates + other.duplicates,
+            self.dead_letters + other.dead_letters,
+            by_kind,
+            self.dead_letter_duplicates + other.dead_letter_duplicates,
+        )
 
 
 @dataclass(frozen=True)
@@ -344,10 +377,18 @@ def _schema_v2(d: _Dialect) -> tuple[str, ...]:
     )
 
 
+def _schema_v3(d: _Dialect) -> tuple[str, ...]:
+    return (
+        "ALTER TABLE dead_letters ADD COLUMN digest TEXT",
+        "CREATE UNIQUE INDEX dead_letters_by_digest ON dead_letters (digest)",
+    )
+
+
 # version -> (description, DDL); applied in order inside one transaction each.
 _MIGRATIONS: dict[int, tuple[str, Callable[[_Dialect], tuple[str, ...]]]] = {
     1: ("messages, telemetry, boots, devices, dead_letters", _schema_v1),
     2: ("remote deploy outcomes: telemetry.deploy, devices.deploy, devices.deploy_at", _schema_v2),
+    3: ("dead letters kept once per message: dead_letters.digest", _schema_v3),
 }
 
 
@@ -646,15 +687,36 @@ def _aggregate(
     return boot_rows, device_rows
 
 
-def _dead_row(d: DeadLetter) -> tuple[Any, ...]:
-    return (d.received_at, d.topic, d.size, d.field, d.error, d.payload)
+def _dead_rows(dead_letters: Sequence[DeadLetter]) -> list[tuple[Any, ...]]:
+    """Rows for ``dead_letters``, one per digest. The text is escaped once more here (it is
+    when ingest makes a dead letter): a dead letter must never be what a store refuses."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for d in dead_letters:
+        digest = d.digest or _digest(d)
+        if digest not in rows:
+            rows[digest] = (
+                d.received_at, safe_text(d.topic), d.size, safe_text(d.field),
+                safe_text(d.error), bytes(d.payload), digest,
+            )  # fmt: skip
+    return list(rows.values())
 
 
-def _result(received: int, new: Sequence[Record], dead: int) -> InsertResult:
+def _digest(d: DeadLetter) -> str:
+    # A dead letter made without ingest.dead_letter(): its digest from what it holds.
+    data = safe_text(d.topic).encode("utf-8") + b"\x00" + bytes(d.payload)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _result(
+    received: int, new: Sequence[Record], dead: int, dead_new: int | None = None
+) -> InsertResult:
     by_kind: dict[str, int] = {}
     for r in new:
         by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
-    return InsertResult(received, len(new), received - len(new), dead, by_kind)
+    stored_dead = dead if dead_new is None else dead_new
+    return InsertResult(
+        received, len(new), received - len(new), stored_dead, by_kind, dead - stored_dead
+    )
 
 
 _MESSAGE_COLUMNS = "fleet, device, boot, seq, kind, ts, received_at, body"
@@ -663,8 +725,13 @@ _MESSAGE_INSERT = (
     "ON CONFLICT DO NOTHING"
 )
 _DEAD_INSERT = (
-    "INSERT INTO dead_letters (received_at, topic, size, field, error, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO dead_letters (received_at, topic, size, field, error, payload, digest) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_DEAD_INSERT_PG = (
+    "INSERT INTO dead_letters (received_at, topic, size, field, error, payload, digest) "
+    "SELECT * FROM unnest(%s::float8[], %s::text[], %s::int8[], %s::text[], %s::text[], "
+    "%s::bytea[], %s::text[]) ON CONFLICT DO NOTHING RETURNING id"
 )
 _TELEMETRY_INSERT = (
     f"INSERT INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) "
@@ -809,6 +876,14 @@ def _fleet_filter(fleet: str | None, prefix: str = "") -> tuple[str, list[Any]]:
 # --- SQLite ---------------------------------------------------------------------------------
 
 
+# Errors that come from a value in the batch (text SQLite cannot encode, an integer over 64
+# bits, a type it cannot bind, a constraint), not from the database's state.
+_SQLITE_RECORD_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError,
+    UnicodeError, OverflowError, ValueError,
+)  # fmt: skip
+
+
 class SqliteStore(_Reader):
     """A SQLite file in WAL mode: one writer at a time, readers alongside it.
 
@@ -892,6 +967,7 @@ class SqliteStore(_Reader):
         self, records: Sequence[Record], dead_letters: Sequence[DeadLetter] = ()
     ) -> InsertResult:
         ordered, deltas = _plan(records)
+        dead_new = 0
         try:
             with self._transaction() as conn:
                 new, dups = self._insert_messages(conn, ordered)
@@ -903,10 +979,16 @@ class SqliteStore(_Reader):
                 conn.executemany(self._upsert_boots, boot_rows)
                 conn.executemany(self._upsert_devices, device_rows)
                 if dead_letters:
-                    conn.executemany(_DEAD_INSERT, [_dead_row(d) for d in dead_letters])
+                    before = conn.total_changes
+                    conn.executemany(_DEAD_INSERT, _dead_rows(dead_letters))
+                    dead_new = conn.total_changes - before
+        except _SQLITE_RECORD_ERRORS as exc:
+            raise RecordError(
+                f"SQLite store {self.path}: refused a value in the batch: {_one_line(exc)}"
+            ) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: batch not stored: {exc}") from exc
-        return _result(len(records), new, len(dead_letters))
+        return _result(len(records), new, len(dead_letters), dead_new)
 
     def _insert_messages(
         self, conn: sqlite3.Connection, ordered: Sequence[Record]
@@ -1078,6 +1160,14 @@ class PostgresStore(_Reader):
                     return action()
                 except StoreError:
                     raise
+                except (psycopg.DataError, psycopg.IntegrityError, *_VALUE_ERRORS) as exc:
+                    # A value the database refuses: the same batch fails again, whole.
+                    if self._conn is not None and not self._conn.closed:
+                        self._conn.rollback()
+                    raise RecordError(
+                        f"PostgreSQL store {self._display}: {what}: refused a value: "
+                        f"{_one_line(exc)}"
+                    ) from exc
                 except retryable as exc:
                     self._conn.rollback()
                     if attempt == self._retries:
@@ -1109,6 +1199,7 @@ class PostgresStore(_Reader):
     ) -> InsertResult:
         ordered, base_deltas = _plan(records)
         outcome: list[Record] = []
+        dead_new = [0]  # dead letters stored (not already there), set by run()
 
         def run() -> None:
             deltas = {k: _DeviceDelta(v.fleet, v.device, duplicates=v.duplicates)
@@ -1140,11 +1231,12 @@ class PostgresStore(_Reader):
                 if device_rows:
                     cur.execute(self._upsert_devices, _columns(device_rows))
                 if dead_letters:
-                    cur.executemany(_pg(_DEAD_INSERT), [_dead_row(d) for d in dead_letters])
+                    cur.execute(_DEAD_INSERT_PG, _columns(_dead_rows(dead_letters)))
+                    dead_new[:] = [len(cur.fetchall())]
             outcome[:] = new
 
         self._with_retry(run, "batch insert")
-        return _result(len(records), outcome, len(dead_letters))
+        return _result(len(records), outcome, len(dead_letters), dead_new[0])
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         def run() -> list[tuple[Any, ...]]:
@@ -1177,7 +1269,11 @@ class PostgresStore(_Reader):
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    return safe_text(" ".join(str(exc).split()))
+
+
+# Python-side errors while binding a batch's values (psycopg adapts them before sending).
+_VALUE_ERRORS: tuple[type[Exception], ...] = (UnicodeError, OverflowError, ValueError)
 
 
 _TELEMETRY_COPY = f"COPY telemetry ({', '.join(_TELEMETRY_COLUMNS)}) FROM STDIN"
