@@ -26,7 +26,7 @@ from sdk.collector.service import Collector, CollectorConfig
 from sdk.collector.state import FleetState
 from sdk.collector.store import _SQLITE, SCHEMA_VERSION, _schema_v1, open_store
 from tests.brokers import wait_for
-from tests.collector_helpers import FLEET, Fleet, status, store_messages, window
+from tests.collector_helpers import FLEET, FakeClock, Fleet, status, store_messages, window
 from tests.test_collector_store import PG_URL, pg_available, pg_url
 
 BROKER = "mqtt://127.0.0.1:1883"  # the shared Mosquitto: unique fleet ids, connect only
@@ -97,6 +97,43 @@ def test_the_newest_deploy_outcome_is_kept_per_device_and_survives_a_reopen(
         listed = {d["device"]: d for d in state.snapshot().to_dict()["devices"]}
         assert listed["pi-a"]["deploy"]["id"] == "dep-2" and listed["pi-b"]["deploy"] is None
         assert detail.to_dict()["series"][0]["deploy"]["state"] == "rolled_back"
+    finally:
+        s.close()
+
+
+def test_the_device_list_and_the_device_page_read_one_snapshot(tmp_path: Path) -> None:
+    """/api/devices and /api/devices/{id} showed one device two ways (the page read the store
+    at once, the list reused a snapshot up to 0.2 s old, or 1 s for another collector's
+    commits): the page had the rolled-back deploy while the list said none. Both now come from
+    one snapshot, so they agree at every instant and show a commit together."""
+    rng = np.random.default_rng(0)
+    clock = FakeClock(T0)
+    s = open_store(f"sqlite:///{tmp_path}/fleet.db")
+    try:
+        store_messages(s, FLEET, [status("pi-d", 0, ts=T0)], T0)
+        state = FleetState(s, fleet=FLEET, clock=clock)
+
+        def views() -> tuple[dict[str, Any], dict[str, Any]]:
+            detail = state.device("pi-d")
+            assert detail is not None
+            page = {k: v for k, v in detail.to_dict().items() if k not in ("series", "events")}
+            listed = {d["device"]: d for d in state.snapshot().to_dict()["devices"]}["pi-d"]
+            return page, listed
+
+        assert views()[1]["deploy"] is None
+        # A commit right after the list was read (the collector invalidates after each one).
+        bad = deploy("rolled_back", "dep-1", "input 'x': expected shape (1, 8)")
+        m = with_deploy(window("pi-d", 1, rng=rng, ts=T0), bad)
+        store_messages(s, FLEET, [m], T0 + 0.05)
+        state.invalidate()
+        clock.advance(0.05)
+        page, listed = views()
+        assert page == listed
+        clock.advance(0.3)  # the next refresh shows it in both
+        page, listed = views()
+        assert page == listed and listed["deploy"]["state"] == "rolled_back"
+        detail = state.device("pi-d")
+        assert detail is not None and [w.seq for w in detail.series] == [1]
     finally:
         s.close()
 

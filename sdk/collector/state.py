@@ -495,28 +495,43 @@ class FleetState:
     def device(
         self, device: str, *, fleet: str | None = None, series: int = 120, events: int = 20
     ) -> DeviceDetail | None:
-        """One device (read now, not cached) with its newest ``series`` telemetry windows and
-        ``events`` status/outlier/reply messages; None if the store has no such device.
-        Raises LookupError when ``fleet`` is None and several fleets have that device id."""
+        """One device as the fleet snapshot shows it, with its newest ``series`` telemetry
+        windows and ``events`` status/outlier/reply messages; None if the snapshot has no such
+        device. Raises LookupError when ``fleet`` is None and several fleets have that id.
+
+        The state is the snapshot's (the one :meth:`snapshot` returns now, so ``/api/devices``
+        and ``/api/devices/{id}`` never disagree about a device), and the windows and events are
+        those the snapshot had seen (received no later than its newest telemetry and message):
+        a commit that lands between the two reads shows in both views at the next refresh, not
+        in one view first.
+        """
         fleet = fleet or self.fleet
-        rows = [r for r in self.store.devices(fleet) if r.device == device]
-        if not rows:
+        snap = self.snapshot()
+        matches = [
+            d for d in snap.devices if d.device == device and (fleet is None or d.fleet == fleet)
+        ]
+        if not matches:
             return None
-        if len(rows) > 1:
+        if len(matches) > 1:
             raise LookupError(
-                f"device {device!r} exists in fleets {[r.fleet for r in rows]}; name one"
+                f"device {device!r} exists in fleets {[d.fleet for d in matches]}; name one"
             )
-        row = rows[0]
-        now = self.clock()
+        state = matches[0]
         store = self.store
-        windows = store.telemetry(row.fleet, row.device, limit=max(1, series))
-        recent = store.telemetry(row.fleet, row.device, since=now - self.config.lookback_s)
-        state = self._device(
-            row, now, recent, windows[-1] if windows else None,
-            store.boot_ranges(row.fleet, row.device),
-        )  # fmt: skip
-        return DeviceDetail(
-            state=state,
-            series=tuple(windows[-series:]) if series > 0 else (),
-            events=tuple(store.events(row.fleet, row.device, limit=events)),
-        )
+        windows: list[TelemetryRecord] = []
+        if series > 0 and state.last_telemetry_at is not None:
+            seen = state.last_telemetry_at
+            windows = [
+                w
+                for w in store.telemetry(state.fleet, state.device, limit=series)
+                if w.received_at <= seen
+            ]
+        shown_events: list[EventRow] = []
+        if events > 0 and state.last_seen is not None:
+            last_seen = state.last_seen
+            shown_events = [
+                e
+                for e in store.events(state.fleet, state.device, limit=events)
+                if e.received_at <= last_seen
+            ]
+        return DeviceDetail(state=state, series=tuple(windows), events=tuple(shown_events))
