@@ -17,7 +17,8 @@ Standard library only (the agent imports it). What a client cannot do to it:
   spinning.
 * **Send a large body.** ``Content-Length`` is required for POST, PUT and PATCH (411;
   chunked bodies are refused, 411) and is checked against the route's cap (``body_limit``)
-  before any of the body is read (413, then the connection is closed). A head (request line
+  before any of the body is read (413, then the connection is closed); the bodies of all
+  connections together may not pass ``max_buffered_bytes`` (503, retry). A head (request line
   and headers) larger than ``max_head_bytes`` is 431.
 * **Send JSON that costs more than its size.** :func:`parse_json` refuses nesting deeper than
   ``max_depth`` (checked on the bytes before parsing), NaN / Infinity and numbers that overflow
@@ -88,9 +89,13 @@ class HTTPLimits:
     send_timeout_s: float = 10.0  # for the client to take an answer
     max_head_bytes: int = 32 * 1024  # request line and headers
     max_json_depth: int = 32  # nesting of arrays and objects in a JSON body
+    # Bodies being received or handled, all connections together (each route caps its own):
+    # a request whose Content-Length would pass it is 503, retry shortly.
+    max_buffered_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_connections", "max_head_bytes", "max_json_depth"):
+        for name in ("workers", "max_connections", "max_head_bytes", "max_json_depth",
+                     "max_buffered_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"HTTP limits: {name} must be at least 1")
         for name in ("request_timeout_s", "send_timeout_s"):
@@ -160,8 +165,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise RequestError(f"the key {dup!r} appears twice in one object")
+        for key, _ in pairs:
+            if key in seen:
+                raise RequestError(f"the key {key!r} appears twice in one object")
+            seen.add(key)
     return out
 
 
@@ -264,6 +271,7 @@ class _Request:
     headers: email.message.Message
     body: bytes
     close: bool
+    reserved: int = 0  # bytes of max_buffered_bytes this request holds until it is handled
 
 
 class _SocketWriter(io.BufferedIOBase):
@@ -370,7 +378,7 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
 
 
 class _Conn:
-    __slots__ = ("addr", "buf", "continued", "deadline", "head", "scanned", "sock")
+    __slots__ = ("addr", "buf", "deadline", "head", "scanned", "sock")
 
     def __init__(self, sock: socket.socket, addr: Any, deadline: float) -> None:
         self.sock = sock
@@ -378,7 +386,6 @@ class _Conn:
         self.buf = bytearray()
         self.scanned = 0  # bytes of buf already searched for the end of the head
         self.head: tuple[int, int, _Request] | None = None  # (head bytes, body bytes, request)
-        self.continued = False
         self.deadline = deadline
 
 
@@ -434,6 +441,8 @@ class BoundedHTTPServer:
         self._closed = False
         self._accept_paused_until = 0.0
         self._accept_errors = 0
+        self._buffered = 0  # of limits.max_buffered_bytes, reserved by Content-Length
+        self._buffered_lock = threading.Lock()  # the selector thread reserves, workers release
         self._workers = [
             threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
             for i in range(self.limits.workers)
@@ -580,6 +589,7 @@ class BoundedHTTPServer:
         for table in (self._lingering, self._waiting):
             if table:
                 _fd, conn = table.popitem(last=False)
+                self._forget_head(conn)
                 self._selector.unregister(conn.sock)
                 if table is self._waiting and conn.buf:
                     _send_now(conn.sock, _error_response(
@@ -618,7 +628,19 @@ class BoundedHTTPServer:
                 break
             self._drop(conn)
 
+    def _forget_head(self, conn: _Conn) -> None:
+        """Release what ``conn``'s parsed head reserved (its request will not be handled)."""
+        if conn.head is not None:
+            self._release(conn.head[1])
+            conn.head = None
+
+    def _release(self, length: int) -> None:
+        if length:
+            with self._buffered_lock:
+                self._buffered -= length
+
     def _drop(self, conn: _Conn) -> None:
+        self._forget_head(conn)
         fd = conn.sock.fileno()
         self._waiting.pop(fd, None)
         self._lingering.pop(fd, None)
@@ -641,7 +663,7 @@ class BoundedHTTPServer:
         sends until it closes or _LINGER_S pass."""
         fd = conn.sock.fileno()
         conn.buf.clear()
-        conn.head = None
+        self._forget_head(conn)
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -705,9 +727,19 @@ class BoundedHTTPServer:
             except RequestError as exc:
                 self._reject(conn, exc.status, str(exc))
                 return
+            if length:
+                with self._buffered_lock:
+                    busy = self._buffered + length > limits.max_buffered_bytes
+                    if not busy:
+                        self._buffered += length
+                if busy:
+                    self._reject(conn, HTTPStatus.SERVICE_UNAVAILABLE,
+                                 "too busy: other requests' bodies fill this server's "
+                                 f"{limits.max_buffered_bytes} bytes; retry shortly",
+                                 {"Retry-After": "1"})  # fmt: skip
+                    return
             head_end = match.end()
             conn.head = (head_end, length, request)
-            conn.continued = False
             if (
                 length
                 and len(conn.buf) < head_end + length
@@ -715,12 +747,12 @@ class BoundedHTTPServer:
                 and request.headers.get("Expect", "").lower() == "100-continue"
             ):
                 _send_now(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-                conn.continued = True
         head_end, length, request = conn.head
         total = head_end + length
         if len(conn.buf) < total:
             return
         request.body = bytes(conn.buf[head_end:total])
+        request.reserved = length  # released by the worker once it handled the request
         del conn.buf[:total]
         conn.scanned = 0
         conn.head = None
@@ -787,6 +819,8 @@ class BoundedHTTPServer:
             except Exception:  # a bug in a handler: the server goes on
                 log.exception("%s: %s %s failed", self._name, request.method, request.target[:200])
                 what = _LINGER
+            finally:
+                self._release(request.reserved)
             if what != _CLOSE and not self._stop.is_set():
                 self._returned.append((conn, what))
                 self._wake()

@@ -339,6 +339,33 @@ def test_beyond_the_connection_cap_the_oldest_waiting_one_makes_room(agent: Agen
         _stop(server, thread)
 
 
+def test_bodies_of_all_connections_together_are_bounded(agent: Agent, digits_splits: Any) -> None:
+    """Each connection's body is capped, and so is their sum (max_buffered_bytes): many slow
+    senders of large bodies cannot add up. Past it: 503, and what was reserved comes back."""
+    body = predict_body(digits_splits.x_test[:1].tolist())
+    body += b" " * (1200 - len(body))
+    limits = HTTPLimits(workers=2, max_connections=8, max_buffered_bytes=2000)
+    server, thread = _serve(agent, limits=limits)
+    port = int(server.server_address[1])
+    expect = {"Content-Length": str(len(body)), "Expect": "100-continue"}
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as first:
+            first.sendall(request("POST", "/v1/predict", headers=expect))
+            # "100 Continue": the head was read, and its 1200 bytes reserved.
+            assert first.recv(64).startswith(b"HTTP/1.1 100 Continue")
+            [busy] = exchange(port, request("POST", "/v1/predict", body), timeout=30)
+            assert busy.status == 503 and busy.headers["retry-after"] == "1", busy
+            assert "retry" in busy.json()["error"]
+            first.sendall(body)
+            [answer] = read_responses(first)
+            assert answer.status == 200, answer
+        for _ in range(3):  # released after each: one at a time always fits
+            [answer] = exchange(port, request("POST", "/v1/predict", body), timeout=30)
+            assert answer.status == 200, answer
+    finally:
+        _stop(server, thread)
+
+
 def test_many_half_sent_and_idle_connections_to_the_service(
     digits_bundle: Path, digits_splits: Any, tmp_path: Path
 ) -> None:
