@@ -286,14 +286,16 @@ class _TokenBucket:
 
 @dataclass
 class _Reply:
-    """The reply to one command id: ``ok`` None while the command runs; ``repeats`` counts the
-    deliveries of the same id that arrived meanwhile (each is answered once it is done)."""
+    """The reply to one command id: ``ok`` None while the command waits in the queue or runs
+    (``started`` once it runs); ``repeats`` counts the deliveries of the same id that arrived
+    meanwhile (each is answered once it is done)."""
 
     ok: bool | None = None
     result: Any = None
     error: str | None = None
     size: int = 0
     repeats: int = 0
+    started: bool = False
 
 
 class Agent:
@@ -609,6 +611,7 @@ class Agent:
             birth=lambda seq: self._status_payload(seq, "online"),
             will=lambda seq: self._status_payload(seq, "offline"),
             on_command=self._on_command,
+            on_command_overflow=self._on_command_overflow,
         )
         self._publisher.start()
 
@@ -923,38 +926,83 @@ class Agent:
     # --- commands -------------------------------------------------------------------------
 
     def _on_command(self, command: msg.Command) -> None:
+        """Queue ``command`` for the events thread (called on the MQTT command worker). An id
+        that is queued, running or answered already is not queued again (:meth:`_repeat`)."""
+        key = command.id
+        with self._replies_lock:
+            known, again = self._repeat(key)
+            if not known:
+                # Known from now on: a repeat that arrives while this one waits is not queued.
+                self._replies[key] = _Reply()
+        if known:
+            if again is not None:
+                self._send_reply(key, again)
+            return
         try:
             self._events.put_nowait(("command", command))
         except queue.Full:
-            log.error("command %s dropped: the agent's work queue is full", command.id)
-            self._send_reply(
-                command.id,
-                _Reply(
-                    ok=False,
-                    error=f"not run: the agent's work queue is full ({self._events.qsize()} "
-                    "waiting); send it again later",
-                ),
-            )
+            repeats = 0
+            with self._replies_lock:
+                entry = self._replies.get(key)
+                if entry is not None and entry.ok is None and not entry.started:
+                    del self._replies[key]  # never ran: the same id may be sent again
+                    repeats = entry.repeats
+            for _ in range(1 + repeats):
+                self._refuse_command(
+                    command, f"the agent's work queue is full ({self._events.qsize()} waiting)"
+                )
+
+    def _on_command_overflow(self, command: msg.Command) -> None:
+        """A command the MQTT layer has no room for (called on its network thread, so it must
+        not block): a repeat of a known id is answered as any repeat is, others are refused."""
+        with self._replies_lock:
+            known, again = self._repeat(command.id)
+        if again is not None:
+            self._send_reply(command.id, again)
+        if not known:
+            self._refuse_command(command, "too many commands wait for the agent")
+
+    def _repeat(self, key: str) -> tuple[bool, _Reply | None]:
+        """Whether ``key`` is a known id (called under ``_replies_lock``), and the reply to send
+        again when it is done. A repeat of one that waits or runs is counted instead: it is
+        answered when that one is done."""
+        entry = self._replies.get(key)
+        if entry is None:
+            return False, None
+        self._replies.move_to_end(key)
+        if entry.ok is None:
+            entry.repeats += 1
+            log.info("command %s arrived again before it was done; answered when done", key)
+            return True, None
+        log.info("command %s arrived again; sending its reply again, not running it", key)
+        return True, entry
+
+    def _refuse_command(self, command: msg.Command, why: str) -> None:
+        """Answer ``command`` ``ok: false`` without running it (and without keeping the reply:
+        the same id sent again later runs)."""
+        log.error("command %s dropped: %s", command.id, why)
+        self._send_reply(command.id, _Reply(ok=False, error=f"not run: {why}; send it again later"))
 
     def _run_command(self, command: msg.Command) -> None:
         """Run one command and reply, at most once per id: a delivery of an id whose reply is
         kept (:data:`REPLY_CACHE_IDS`) gets that reply again without running anything, and one
-        that arrives while the same id runs is answered when it is done."""
+        that arrives while the same id waits or runs is answered when it is done."""
         key = command.id
         with self._replies_lock:
-            entry = self._replies.get(key)
-            fresh = entry is None
-            if entry is None:
+            entry: _Reply | None = self._replies.get(key)
+            again = None
+            if entry is None:  # not queued by _on_command (an id forgotten meanwhile)
                 entry = self._replies[key] = _Reply()
+            elif entry.started or entry.ok is not None:
+                _, again = self._repeat(key)
+                entry = None
             else:
                 self._replies.move_to_end(key)
-                if entry.ok is None:
-                    entry.repeats += 1
-                    log.info("command %s arrived again while it runs; answered when done", key)
-                    return
-        if not fresh:
-            log.info("command %s arrived again; sending its reply again, not running it", key)
-            self._send_reply(key, entry)
+            if entry is not None:
+                entry.started = True
+        if entry is None:
+            if again is not None:
+                self._send_reply(key, again)
             return
         ok, result, error = self._execute(command)
         ok, result, error, size = self._checked_reply(command, ok, result, error)

@@ -320,7 +320,9 @@ class Publisher:
 
     ``birth(seq)``/``will(seq)`` build the ``online``/``offline``
     :class:`~device_agent.contracts.messages.StatusMessage` payload for a sequence number.
-    ``on_command`` runs on a worker thread, one command at a time. ``clock`` (monotonic
+    ``on_command`` runs on a worker thread, one command at a time; a command that arrives while
+    that thread's queue is full is counted and handed to ``on_command_overflow`` (on the network
+    thread: it must not block) to be answered, unless the same id already waits. ``clock`` (monotonic
     seconds) and ``rng`` (the backoff's jitter) are injectable for tests.
 
     The publisher does not close the spool; the caller closes it after :meth:`close`.
@@ -337,6 +339,7 @@ class Publisher:
         birth: Callable[[int], bytes],
         will: Callable[[int], bytes],
         on_command: Callable[[Command], None] | None = None,
+        on_command_overflow: Callable[[Command], None] | None = None,
         max_inflight: int = 20,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
@@ -356,6 +359,7 @@ class Publisher:
         self.config = config
         self._spool = spool
         self._birth, self._will_builder, self._on_command = birth, will, on_command
+        self._on_command_overflow = on_command_overflow
         self._max_inflight = max_inflight
         self._backoff = Backoff(backoff_min_s, backoff_max_s, rng)
         self._clock = clock
@@ -971,6 +975,17 @@ class Publisher:
             log.error(
                 "mqtt: command %s dropped: %d commands are already waiting", msg.id, _COMMAND_QUEUE
             )
+            with self._commands.mutex:  # a repeat of a waiting id: that one's reply answers it
+                waiting = any(c is not None and c.id == msg.id for c in self._commands.queue)
+            overflow = self._on_command_overflow
+            if overflow is not None and not waiting:
+                try:
+                    overflow(msg)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException:  # must not drop the connection either (see above)
+                    self._count("command_errors")
+                    log.exception("mqtt: the overflow handler of command %s failed", msg.id)
             return
         self._count("commands")
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,12 @@ import numpy as np
 import pytest
 
 import device_agent.agent as agent_module
+import device_agent.mqtt as mqtt_module
+from device_agent import Agent, AgentConfig
 from device_agent.benchmark import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, BenchmarkArgs, time_runs
 from device_agent.contracts import messages as msg
 from device_agent.errors import ConfigError, InputError
-from tests.agent_device import Device, running_device
+from tests.agent_device import Device, running_device, wait_until_serving
 from tests.brokers import Mosquitto
 from tests.helpers import write_mlp_onnx
 
@@ -378,6 +382,95 @@ def test_the_reply_cache_is_bounded(device: Device, monkeypatch: pytest.MonkeyPa
     device.wait_replies("bound-0", 2)
     assert runs == [f"bound-{i}" for i in range(6)] + ["bound-0"]
     assert len(agent._replies) <= 4
+
+
+def test_a_command_flood_is_answered_and_a_waiting_id_is_not_refused(
+    mlp_bundle: Path, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both queues full (the MQTT layer's and the agent's, shrunk here to 2 and 3): a new id is
+    answered ``not run`` at once, and runs when sent again; a repeat of an id that waits in
+    either queue is not refused (it runs once, later, and that answers it). On 4044b2d a
+    command the MQTT queue had no room for got no reply at all, and a repeat of an id waiting
+    in the agent's queue was answered ``not run`` although it ran later."""
+    monkeypatch.setattr(mqtt_module, "_COMMAND_QUEUE", 2)
+    cfg = AgentConfig(
+        device_id="pi-f",
+        fleet=f"t{uuid.uuid4().hex[:10]}",
+        broker_url=broker.url,
+        window_s=0.3,
+        state_dir=tmp_path / "state",
+    )
+    agent = Agent.from_bundle(mlp_bundle, cfg)
+    agent._events = queue.Queue(maxsize=3)
+    # A slow MQTT command worker (a slow disk under the spool): it waits on "stuck".
+    worker_free, events_free, worker_stuck = threading.Event(), threading.Event(), threading.Event()
+    handed = agent._on_command
+
+    def slow_worker(command: msg.Command) -> None:
+        if command.id == "stuck":
+            worker_stuck.set()
+            assert worker_free.wait(30)
+        handed(command)
+
+    agent._on_command = slow_worker  # type: ignore[method-assign]
+    runs: list[str] = []
+
+    def hold(command: msg.Command) -> str:
+        runs.append(command.id)
+        assert events_free.wait(30)
+        return command.id
+
+    agent.command_handlers["hold"] = hold
+    agent.command_handlers["note"] = lambda command: runs.append(command.id) or command.id
+    agent.start()
+    device = Device(agent, broker)
+    try:
+        wait_until_serving(device)
+
+        def refused(command_id: str) -> None:
+            (reply,) = device.wait_replies(command_id, 1, timeout=10)
+            assert not reply.ok and reply.error.startswith("not run:"), reply
+
+        # The agent's queue: "h" runs and holds the events thread, "a0", "a1", "a3" wait.
+        device.send("hold", id="h")
+        device.listener.wait_for(lambda: runs == ["h"])
+        for command_id in ("a0", "a1", "a3"):
+            device.send("note", id=command_id)
+        device.listener.wait_for(lambda: agent._events.full())
+        device.send("note", id="a0")  # waits already: answered when it has run
+        device.send("note", id="a2")
+        refused("a2")
+        # The MQTT layer's queue: "stuck" holds its worker, "m0" and "m1" wait.
+        publisher = agent._publisher
+        device.send("note", id="stuck")
+        device.listener.wait_for(worker_stuck.is_set)
+        device.send("note", id="m0")
+        device.send("note", id="m1")
+        device.listener.wait_for(lambda: publisher._commands.full())
+        device.send("note", id="m2")
+        refused("m2")
+        device.send("note", id="m0")  # waits already: not refused
+        device.listener.wait_for(lambda: publisher.stats["dropped_commands"] == 2)
+        events_free.set()
+        device.wait_replies("a3", 1)
+        worker_free.set()  # the agent's queue is empty: "stuck", "m0" and "m1" fit in it
+        for command_id in ("h", "a1", "a3", "stuck", "m0", "m1"):
+            (reply,) = device.wait_replies(command_id, 1)
+            assert reply.ok and reply.result == command_id
+        device.send("note", id="a2")  # refused, never ran: runs now
+        device.send("note", id="m2")
+        assert [r.ok for r in device.wait_replies("a0", 2)] == [True, True]
+        assert [r.ok for r in device.wait_replies("a2", 2)] == [False, True]
+        assert [r.ok for r in device.wait_replies("m2", 2)] == [False, True]
+        assert sorted(runs) == sorted(["h", "a0", "a1", "a2", "a3", "stuck", "m0", "m1", "m2"])
+        time.sleep(0.5)  # no late, extra reply to anything
+        assert len(device.replies("a0")) == 2 and len(device.replies("m0")) == 1
+        assert_serving(device)
+    finally:
+        worker_free.set()
+        events_free.set()
+        agent.close()
+        device.close()
 
 
 # --- health -----------------------------------------------------------------------------------
