@@ -5,7 +5,8 @@ bundle's signature (with trusted keys) and hashes, loads the model with its runt
 it in memory if it is encrypted), runs one inference and prints timings and the environment.
 Without BUNDLE it checks the bundle ``run`` would run (a deployed one, else the setting
 ``bundle``). ``edgeship-agent status`` prints the remote deploy state on disk.
-Exit codes: 0 ok, 2 a problem with the bundle, its signature, a key or the runtime.
+Exit codes: 0 ok, 2 a problem with the bundle, its signature, a key or the runtime (one line
+on stderr), 3 an internal error (a bug: rerun with ``--debug`` for the traceback).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from device_agent.errors import ConfigError, EdgeshipError
+from device_agent.errors import BundleError, ConfigError, EdgeshipError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 
 __all__ = ["build_parser", "main"]
 
@@ -36,10 +42,40 @@ def _meminfo_mb(key: str) -> int | None:
     return None
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:300]
+
+
+@contextmanager
+def _bundle_step(what: str, where: object) -> Iterator[None]:
+    """Any failure of ``what`` on the bundle at ``where`` as a :class:`BundleError`: a bundle
+    that makes a library raise something else (a MemoryError for a shape too large, an
+    unreadable file) is bad input, exit 2 with one line, not a traceback."""
+    try:
+        yield
+    except EdgeshipError:
+        raise
+    except MemoryError as exc:
+        raise BundleError(
+            f"{where}: {what} needs more memory than this device has ({_first_line(exc)}); "
+            "check the shapes in io of manifest.json, or use a smaller model"
+        ) from exc
+    except Exception as exc:
+        raise BundleError(
+            f"{where}: {what} failed ({_first_line(exc)}); the bundle is damaged or was not "
+            "made by edgeship: package it again on the workstation"
+        ) from exc
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from device_agent.bundle import load_bundle
     from device_agent.config import load_settings
     from device_agent.deploy import deploy_dir, deployed_bundle
+
+    if args.runs < 1:
+        raise ConfigError(f"--runs must be at least 1, got {args.runs}")
 
     # The same trust settings as 'run' (agent.toml, environment), so check refuses what run
     # would refuse; --trusted-key and --model-key win.
@@ -53,11 +89,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     config, run_config = load_settings(args.config, os.environ, overrides)
     t0 = time.perf_counter()
     if args.bundle is not None:
-        bundle = load_bundle(args.bundle, trusted_keys=config.trusted_keys)
+        with _bundle_step("loading the bundle", args.bundle):
+            bundle = load_bundle(args.bundle, trusted_keys=config.trusted_keys)
     else:
         # What 'run' without --bundle would run: the deployed bundle, else the configured one.
         try:
-            deployed = deployed_bundle(config, fallback=False)
+            with _bundle_step("loading the deployed bundle", deploy_dir(config)):
+                deployed = deployed_bundle(config, fallback=False)
         except EdgeshipError as exc:
             if run_config.bundle is None:
                 raise
@@ -69,7 +107,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"deployed   {deployed.root} is current (it takes precedence over 'bundle')")
             bundle = deployed
         elif run_config.bundle is not None:
-            bundle = load_bundle(run_config.bundle, trusted_keys=config.trusted_keys)
+            with _bundle_step("loading the bundle", run_config.bundle):
+                bundle = load_bundle(run_config.bundle, trusted_keys=config.trusted_keys)
         else:
             raise ConfigError(
                 "nothing to check: give BUNDLE, set bundle in agent.toml (--config) or "
@@ -88,7 +127,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from device_agent.runtime import check_feed
 
     t0 = time.perf_counter()
-    session = bundle.open_model(model_key_file=config.model_key_file, threads=args.threads)
+    with _bundle_step("opening the model", bundle.root):
+        session = bundle.open_model(model_key_file=config.model_key_file, threads=args.threads)
     t_load = time.perf_counter() - t0
     if m.model.encryption is not None:
         print(
@@ -99,15 +139,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"runtime    {session.runtime} {session.runtime_version} "
         f"(session created in {t_load * 1000:.1f} ms)"
     )
-    feed = check_feed(m.io, sample_inputs(m.io))
-    t0 = time.perf_counter()
-    outputs = session.run(feed)
-    t_first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.runs):
+    with _bundle_step("one inference on generated inputs", bundle.root):
+        feed = check_feed(m.io, sample_inputs(m.io))
         t0 = time.perf_counter()
-        session.run(feed)
-        times.append(time.perf_counter() - t0)
+        outputs = session.run(feed)
+        t_first = time.perf_counter() - t0
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            session.run(feed)
+            times.append(time.perf_counter() - t0)
     shapes = ", ".join(
         f"{o.name} {tuple(a.shape)}" for o, a in zip(m.io.outputs, outputs, strict=False)
     )
@@ -130,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeship-agent",
         description="edgeship's device agent: runs a verified model bundle on the board.",
         epilog="example: edgeship-agent check /opt/edgeship/bundle",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an internal error"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
@@ -329,10 +373,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = handler(args)
         return code
     except EdgeshipError as exc:
-        print(f"edgeship-agent: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"edgeship-agent: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.debug or args.command == "run":  # a service's log keeps the traceback
+            traceback.print_exception(exc, file=sys.stderr)
+        print(
+            f"edgeship-agent: internal error: {_first_line(exc)} (rerun with --debug for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, printable whatever it quotes (control characters and lone
+    surrogates escaped)."""
+    return "".join(
+        c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else ascii(c)[1:-1] for c in text
+    )
 
 
 if __name__ == "__main__":

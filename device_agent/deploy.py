@@ -5,14 +5,20 @@ The host (``edgeship deploy``, :mod:`sdk.deploy`) packs a bundle directory into 
 and sends it with five actions, each answered on ``cmd/reply`` (docs/agent.md, "Remote deploy"):
 
 * ``deploy_begin`` ``{deploy, size, sha256, chunks, chunk_bytes, model?, model_version?}``:
-  opens (or resumes) an upload; the reply lists the chunks already ``have``.
-* ``deploy_chunk`` ``{deploy, index, data, sha256}``: one base64 chunk of at most
-  :data:`MAX_CHUNK_BYTES`, checked against its own SHA-256 and written to the staging folder.
-  A chunk delivered twice (QoS 1) is written once and acknowledged twice.
+  opens (or resumes) an upload; the reply lists the chunks already ``have``. Chunks are
+  :data:`MIN_CHUNK_BYTES` to :data:`MAX_CHUNK_BYTES` (a deploy in one chunk may be smaller),
+  at most :data:`MAX_CHUNKS` of them: the bookkeeping of an upload is a bitmap of at most
+  2 KiB, whatever the arguments say.
+* ``deploy_chunk`` ``{deploy, index, data, sha256}``: one base64 chunk, checked against its
+  own SHA-256 and written to the staging folder. A chunk delivered twice (QoS 1) is written
+  once and acknowledged twice.
 * ``deploy_commit`` ``{deploy}``: joins the chunks, checks the archive's size and SHA-256,
   unpacks it safely, verifies the bundle as a bundle loaded at start is verified (every file's
-  hash, and the signature when ``trusted_keys`` are configured), opens it, runs a self-test
-  inference, and swaps it in. The reply says ``probation``, ``applied`` or ``failed``.
+  hash, no file the manifest does not list, and the signature when ``trusted_keys`` are
+  configured), opens it, runs a self-test inference, and swaps it in. The reply says
+  ``probation``, ``applied`` or ``failed``; anything that goes wrong before the swap (any
+  exception, MemoryError included) is ``failed`` with the reason, and the unpacked folder is
+  deleted.
 * ``deploy_status`` ``{deploy?}`` and ``deploy_abort`` ``{deploy}``.
 
 After the swap the new bundle is on probation for ``deploy_probation_inferences`` successful
@@ -58,8 +64,10 @@ if TYPE_CHECKING:
     from device_agent.agent import Agent, AgentConfig, LoadedModel, Prediction
 
 __all__ = [
+    "MAX_CHUNKS",
     "MAX_CHUNK_BYTES",
     "MAX_FILES",
+    "MIN_CHUNK_BYTES",
     "DeployError",
     "Deployer",
     "deploy_dir",
@@ -73,7 +81,16 @@ log = logging.getLogger(__name__)
 # 128 KiB of raw data is about 171 KiB of base64: a chunk command stays well under the
 # protocol's 256 KiB payload limit.
 MAX_CHUNK_BYTES = 128 * 1024
+# Smaller chunks only multiply commands and files; a deploy in one chunk may be smaller.
+MIN_CHUNK_BYTES = 512
+# The begin reply lists the chunks already received: 16384 numbers fit in one reply, and
+# 16384 chunks of 128 KiB carry 2 GiB.
+MAX_CHUNKS = 16384
 MAX_FILES = 1000
+# What a model name and version may be on the wire (DeployEvent, telemetry).
+_MAX_MODEL_LEN = 128
+_MAX_VERSION_LEN = 64
+_BAD_TEXT = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff]")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _KEEP_RECORDS = 32
 CURRENT_NAME = "current.json"
@@ -196,7 +213,7 @@ def _arg_id(args: Mapping[str, Any], key: str = "deploy") -> str:
     try:
         ident = msg.validate_id(value, key)
     except EdgeshipError as exc:
-        raise DeployError(str(exc)) from exc
+        raise DeployError(_printable(str(exc), 300)) from exc
     # The id names folders under the deploy root: "." or ".." would name the root itself or
     # its parent (and rmtree them before any signature is checked).
     if ident.startswith("."):
@@ -207,7 +224,9 @@ def _arg_id(args: Mapping[str, Any], key: str = "deploy") -> str:
 def _arg_int(args: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
     value = _arg(args, key)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise DeployError(f"argument {key!r}: expected an integer in [{lo}, {hi}], got {value!r}")
+        raise DeployError(
+            f"argument {key!r}: expected an integer in [{lo}, {hi}], got {ascii(value)[:80]}"
+        )
     return value
 
 
@@ -218,13 +237,36 @@ def _arg_sha(args: Mapping[str, Any], key: str = "sha256") -> str:
     return value
 
 
-def _opt_text(args: Mapping[str, Any], key: str) -> str | None:
+def _opt_text(args: Mapping[str, Any], key: str, max_len: int) -> str | None:
+    """An optional label: 1 to ``max_len`` characters, no control character or lone surrogate
+    (it is logged and sent in telemetry, which must be able to encode it)."""
     value = args.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not 0 < len(value) <= 64:
-        raise DeployError(f"argument {key!r}: expected a string of 1 to 64 characters")
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise DeployError(f"argument {key!r}: expected a string of 1 to {max_len} characters")
+    if _BAD_TEXT.search(value):
+        raise DeployError(
+            f"argument {key!r}: {ascii(value)[:80]} holds a control character or a lone surrogate"
+        )
     return value
+
+
+def _printable(text: str, limit: int = 1000) -> str:
+    """``text`` cut to ``limit`` characters with control characters and lone surrogates
+    escaped: a reason that quotes a file name or an exception must still encode."""
+    if _BAD_TEXT.search(text):
+        text = _BAD_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line: an EdgeshipError's message, else its type and first line."""
+    if isinstance(exc, EdgeshipError):
+        return str(exc)
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    kind = type(exc).__name__
+    return f"{kind}: {lines[0]}" if lines else kind
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -266,6 +308,11 @@ def unpack_archive(
                 parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
                 if name.startswith("/") or "\\" in name or ".." in parts:
                     raise BundleError(f"archive member {name!r}: not a relative path inside it")
+                if _BAD_TEXT.search(name):
+                    raise BundleError(
+                        f"archive member {name!r}: a control character or a byte that is not "
+                        "UTF-8 in its name; no bundle file has such a name"
+                    )
                 if not parts:
                     if member.isdir():
                         continue  # the archive's own "./"
@@ -318,7 +365,24 @@ class _Upload:
     model: str | None
     model_version: str | None
     dir: Path
-    have: set[int] = field(default_factory=set)
+    # One bit per chunk (at most MAX_CHUNKS / 8 bytes) and their count: the bookkeeping does
+    # not grow with what a sender claims.
+    bits: bytearray = field(default_factory=bytearray)
+    received: int = 0
+
+    def __post_init__(self) -> None:
+        self.bits = bytearray((self.chunks + 7) // 8)
+
+    def has(self, index: int) -> bool:
+        return bool(self.bits[index >> 3] & (1 << (index & 7)))
+
+    def add(self, index: int) -> None:
+        if not self.has(index):
+            self.bits[index >> 3] |= 1 << (index & 7)
+            self.received += 1
+
+    def have(self) -> list[int]:
+        return [i for i in range(self.chunks) if self.has(i)]
 
     def params(self) -> dict[str, Any]:
         return {
@@ -339,8 +403,14 @@ class _Upload:
             return self.chunk_bytes
         return self.size - self.chunk_bytes * (self.chunks - 1)
 
-    def missing(self) -> list[int]:
-        return [i for i in range(self.chunks) if i not in self.have]
+    def first_missing(self, n: int) -> list[int]:
+        out: list[int] = []
+        for i in range(self.chunks):
+            if not self.has(i):
+                out.append(i)
+                if len(out) == n:
+                    break
+        return out
 
 
 class _Trial:
@@ -406,10 +476,22 @@ class Deployer:
         def handler(action: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Any:
             def run(command: msg.Command) -> dict[str, Any]:
                 try:
+                    if not isinstance(command.args, Mapping):
+                        raise DeployError(f"{command.action}: args must be an object")
                     return action(command.args)
+                except EdgeshipError:
+                    raise
                 except OSError as exc:  # a full or failing disk: the reply says so
                     raise DeployError(
-                        f"{command.action}: cannot write under {self.root}: {exc}"
+                        _printable(f"{command.action}: cannot write under {self.root}: {exc}")
+                    ) from exc
+                except Exception as exc:  # a bug here must not cost the agent its commands
+                    log.exception("deploy: %s failed", command.action)
+                    raise DeployError(
+                        _printable(
+                            f"{command.action} failed: {_describe(exc)} (an error in the "
+                            "agent; its log has the details)"
+                        )
                     ) from exc
 
             return run
@@ -443,7 +525,7 @@ class Deployer:
             from_version=from_version,
             to_version=to_version,
             model=model,
-            reason=None if reason is None else reason[:1000],
+            reason=None if reason is None else _printable(reason),
         )
         self.last_event = event
         with self._agent._window_lock:  # the window being emitted takes it under this lock
@@ -473,13 +555,25 @@ class Deployer:
         self._refuse_the_running_bundle(deploy_id)
         size = _arg_int(args, "size", 1, self._config.deploy_max_bytes)
         chunk_bytes = _arg_int(args, "chunk_bytes", 1, MAX_CHUNK_BYTES)
-        chunks = _arg_int(args, "chunks", 1, 1 << 31)
-        if chunks != -(-size // chunk_bytes):
+        if chunk_bytes < min(MIN_CHUNK_BYTES, size):
+            raise DeployError(
+                f"argument 'chunk_bytes': {chunk_bytes} bytes is below the minimum of "
+                f"{MIN_CHUNK_BYTES} (only a deploy sent in one chunk may be smaller)"
+            )
+        needed = -(-size // chunk_bytes)
+        if needed > MAX_CHUNKS:
+            raise DeployError(
+                f"{size} bytes in chunks of {chunk_bytes} bytes is {needed} chunks, over the "
+                f"limit of {MAX_CHUNKS}; send chunks of at least {-(-size // MAX_CHUNKS)} bytes"
+            )
+        chunks = _arg_int(args, "chunks", 1, MAX_CHUNKS)
+        if chunks != needed:
             raise DeployError(
                 f"{chunks} chunks of {chunk_bytes} bytes cannot hold {size} bytes exactly"
             )
         sha = _arg_sha(args)
-        model, model_version = _opt_text(args, "model"), _opt_text(args, "model_version")
+        model = _opt_text(args, "model", _MAX_MODEL_LEN)
+        model_version = _opt_text(args, "model_version", _MAX_VERSION_LEN)
         params: dict[str, Any] = {
             "deploy": deploy_id,
             "size": size,
@@ -524,12 +618,10 @@ class Deployer:
             except (OSError, ValueError, AttributeError):
                 resumed = False
         if resumed:
-            upload.have = {
-                i
-                for i in range(chunks)
-                if upload.chunk_path(i).is_file()
-                and upload.chunk_path(i).stat().st_size == upload.chunk_len(i)
-            }
+            for i in range(chunks):
+                part = upload.chunk_path(i)
+                if part.is_file() and part.stat().st_size == upload.chunk_len(i):
+                    upload.add(i)
         else:
             shutil.rmtree(staging, ignore_errors=True)
             self._clear_staging()
@@ -550,7 +642,7 @@ class Deployer:
             "resuming" if resumed else "receiving",
             size,
             chunks,
-            len(upload.have),
+            upload.received,
         )
         return self._receiving(upload)
 
@@ -559,7 +651,7 @@ class Deployer:
             "deploy": upload.id,
             "state": "receiving",
             "chunks": upload.chunks,
-            "have": sorted(upload.have),
+            "have": upload.have(),
         }
 
     def _current_upload(self, deploy_id: str) -> _Upload:
@@ -586,15 +678,15 @@ class Deployer:
         if hashlib.sha256(data).hexdigest() != sha:
             raise DeployError(f"chunk {index}: does not match its SHA-256 (damaged in transit)")
         path = upload.chunk_path(index)
-        if index not in upload.have:
+        if not upload.has(index):
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
-            upload.have.add(index)
+            upload.add(index)
         return {
             "deploy": upload.id,
             "index": index,
-            "received": len(upload.have),
+            "received": upload.received,
             "chunks": upload.chunks,
         }
 
@@ -605,11 +697,10 @@ class Deployer:
             return dict(done)  # a commit delivered twice gets the same answer
         self._refuse_the_running_bundle(deploy_id)
         upload = self._current_upload(deploy_id)
-        missing = upload.missing()
-        if missing:
+        if upload.received < upload.chunks:
             raise DeployError(
-                f"deploy {deploy_id}: {len(missing)} of {upload.chunks} chunks missing "
-                f"(first: {missing[:10]}); send them and commit again"
+                f"deploy {deploy_id}: {upload.chunks - upload.received} of {upload.chunks} "
+                f"chunks missing (first: {upload.first_missing(10)}); send them and commit again"
             )
         current = self._agent._loaded
         from_version = current.model.version
@@ -630,9 +721,11 @@ class Deployer:
                 new = self._open_and_test(bundle)
             finally:
                 shutil.rmtree(upload.dir, ignore_errors=True)
-        except (EdgeshipError, OSError) as exc:
+        except Exception as exc:  # MemoryError included: whatever it is, nothing was swapped
             shutil.rmtree(dest, ignore_errors=True)
-            reason = f"refused before the swap: {exc}"
+            if not isinstance(exc, EdgeshipError | OSError):
+                log.warning("deploy %s: refused on %r", deploy_id, exc, exc_info=exc)
+            reason = _printable(f"refused before the swap: {_describe(exc)}")
             self._event(
                 deploy_id, "failed", from_version, upload.model_version, upload.model, reason
             )
@@ -703,8 +796,8 @@ class Deployer:
                 scores = new.detector.score(feed, outputs)
             else:
                 scores = np.zeros(1)
-        except EdgeshipError as exc:
-            raise BundleError(f"the self-test inference failed: {exc}") from exc
+        except Exception as exc:  # MemoryError, a detector's numpy error...: all a refusal
+            raise BundleError(f"the self-test inference failed: {_describe(exc)}") from exc
         if not np.isfinite(scores).all():
             raise BundleError("the self-test gave a non-finite outlier score")
         if len(outputs) != len(io.outputs):
@@ -734,7 +827,7 @@ class Deployer:
         out = {**base, **rec}
         upload, trial = self._upload, self._trial
         if upload is not None and upload.id == deploy_id:
-            out.update(received=len(upload.have), chunks=upload.chunks)
+            out.update(received=upload.received, chunks=upload.chunks)
         if trial is not None and trial.id == deploy_id:
             out["probation_left"] = max(0, trial.left)
         return out

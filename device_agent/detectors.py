@@ -535,8 +535,10 @@ def load_params(path: str | Path) -> tuple[str, Params]:
             params = {k: npz[k] for k in npz.files}
     except FileNotFoundError as exc:
         raise BundleError(f"detector parameters not found: {p}") from exc
-    except (OSError, ValueError, EOFError) as exc:
-        raise BundleError(f"cannot read detector parameters {p.name}: {exc}") from exc
+    except Exception as exc:  # OSError, ValueError, zipfile.BadZipFile, MemoryError...: a bad file
+        raise BundleError(
+            f"cannot read detector parameters {p.name}: {type(exc).__name__}: {exc}"
+        ) from exc
     kind = _str_param(params, "kind") if "kind" in params else ""
     params.pop("kind", None)
     return kind, params

@@ -29,7 +29,7 @@ from typing import Any
 
 from device_agent.bundle import load_bundle
 from device_agent.contracts.bundle import MANIFEST_NAME
-from device_agent.deploy import MAX_CHUNK_BYTES
+from device_agent.deploy import MAX_CHUNK_BYTES, MAX_CHUNKS, MIN_CHUNK_BYTES
 from device_agent.errors import ConfigError
 from sdk.remote import CommandClient, RemoteError
 
@@ -119,8 +119,10 @@ def deploy_bundle(
     :class:`RemoteError` when the device does not answer; a device that refuses or rolls back
     the bundle is a result, not an exception.
     """
-    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ConfigError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {chunk_bytes}"
+        )
     if timeout_s <= 0 or call_timeout_s <= 0 or attempts < 1:
         raise ConfigError("timeout_s and call_timeout_s must be positive and attempts >= 1")
     started = time.monotonic()
@@ -132,6 +134,12 @@ def deploy_bundle(
     # resumes the upload instead of starting over.
     deploy_id = f"d{digest[:24]}"
     total = math.ceil(len(archive) / chunk_bytes)
+    if total > MAX_CHUNKS:
+        raise ConfigError(
+            f"the packed bundle is {len(archive)} bytes: {total} chunks of {chunk_bytes} bytes, "
+            f"over the device's limit of {MAX_CHUNKS}; use chunk_bytes of at least "
+            f"{math.ceil(len(archive) / MAX_CHUNKS)} (at most {MAX_CHUNK_BYTES})"
+        )
     sent = 0
 
     def result(state: str, reply: dict[str, Any] | None, reason: str | None) -> DeployResult:

@@ -737,3 +737,145 @@ def test_edgeship_agent_run_and_check_without_a_bundle_or_a_deploy_say_what_to_d
     assert main(["status", *where]) == 0
     out = capsys.readouterr().out
     assert "current    none deployed; 'run' uses the setting bundle (None)" in out
+
+
+# --- issue 11: deploy arguments, self-tests and bookkeeping -------------------------------------
+
+
+def _call(agent: Agent, action: str, args: dict[str, Any]) -> Any:
+    """A deploy handler called as the agent's command loop calls it."""
+    command = msg.Command(id=uuid.uuid4().hex[:12], action=action, ts=time.time(), args=args)
+    return agent.command_handlers[action](command)
+
+
+def test_deploy_bookkeeping_is_bounded_whatever_begin_claims(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Finding 4: ``chunk_bytes: 1`` with an 8 MiB ``size`` made commit build a list of 8 Mi
+    missing chunk numbers (RSS 82 -> 411 MB) before any signature check. Chunks are now at
+    least MIN_CHUNK_BYTES (a one-chunk deploy excepted), at most MAX_CHUNKS, and an upload's
+    bookkeeping is a bitmap: the largest one costs kilobytes."""
+    import tracemalloc
+
+    from device_agent.deploy import MAX_CHUNKS, MIN_CHUNK_BYTES, DeployError
+
+    size = 8 * 2**20
+    cfg = AgentConfig(device_id="pi-m", state_dir=tmp_path / "state")
+    with Agent.from_bundle(bundles["v1"], cfg) as agent:
+        begin = {"deploy": "tiny-chunks", "size": size, "sha256": "0" * 64}
+        with pytest.raises(DeployError, match=f"below the minimum of {MIN_CHUNK_BYTES}"):
+            _call(agent, "deploy_begin", {**begin, "chunks": size, "chunk_bytes": 1})
+        with pytest.raises(DeployError, match=f"over the limit of {MAX_CHUNKS}"):
+            _call(agent, "deploy_begin", {**begin, "size": size + 1, "chunks": MAX_CHUNKS + 1,
+                                          "chunk_bytes": MIN_CHUNK_BYTES})  # fmt: skip
+        # The most chunks a deploy may have: begin, status and a premature commit stay small.
+        tracemalloc.start()
+        try:
+            args = {**begin, "chunks": MAX_CHUNKS, "chunk_bytes": MIN_CHUNK_BYTES}
+            assert _call(agent, "deploy_begin", args)["have"] == []
+            assert _call(agent, "deploy_status", {"deploy": "tiny-chunks"})["received"] == 0
+            with pytest.raises(DeployError, match=f"{MAX_CHUNKS} of {MAX_CHUNKS} chunks missing"):
+                _call(agent, "deploy_commit", {"deploy": "tiny-chunks"})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, peak
+        # A small archive still goes in one chunk of its own size.
+        one = _tar([(tarfile.TarInfo("f"), b"abc")])[:300]
+        args = {"deploy": "one", "size": 300, "sha256": hashlib.sha256(one).hexdigest()}
+        assert _call(agent, "deploy_begin", {**args, "chunks": 1, "chunk_bytes": 300})
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"model": "\ud800"}, "'model'"),
+        ({"model": "mlp\x00"}, "'model'"),
+        ({"model_version": "1\n2"}, "'model_version'"),
+        ({"model_version": "v" * 65}, "'model_version'"),
+        ({"model": ["mlp"]}, "'model'"),
+        ({"size": "1024"}, "'size'"),
+        ({"size": float("nan")}, "'size'"),
+        ({"chunks": 10**30}, "'chunks'"),
+        ({"chunk_bytes": True}, "'chunk_bytes'"),
+        ({"sha256": None}, "'sha256'"),
+        ({"deploy": "\ud800"}, "deploy"),
+        ({"deploy": {"a": 1}}, "deploy"),
+    ],
+)
+def test_every_deploy_begin_argument_is_checked_at_the_door(
+    bundles: dict[str, Path], tmp_path: Path, args: dict[str, Any], needle: str
+) -> None:
+    """Finding 3: ``"model": "\\ud800"`` was accepted and, once a commit failed, its deploy
+    event could not be encoded: the events and telemetry threads died. Every argument is now
+    checked for type, range and encodability before anything is written."""
+    from device_agent.deploy import DeployError
+
+    good = {"deploy": "d1", "size": 2048, "sha256": "0" * 64, "chunks": 4, "chunk_bytes": 512}
+    cfg = AgentConfig(device_id="pi-m", state_dir=tmp_path / "state")
+    with Agent.from_bundle(bundles["v1"], cfg) as agent:
+        with pytest.raises(DeployError) as info:
+            _call(agent, "deploy_begin", {**good, **args})
+        assert needle in str(info.value)
+        str(info.value).encode("utf-8")
+        assert not (deploy_dir(agent.config) / "staging").exists()
+        assert _call(agent, "deploy_begin", good)["state"] == "receiving"
+
+
+def _tar_dir(root: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    """Every file under ``root`` as a tar, unverified (pack_bundle refuses bad bundles)."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        entries.append((tarfile.TarInfo(path.relative_to(root).as_posix()), path.read_bytes()))
+    for name, data in (extra or {}).items():
+        entries.append((tarfile.TarInfo(name), data))
+    return _tar(entries)
+
+
+def test_a_self_test_that_raises_anything_is_a_refusal_and_the_agent_keeps_answering(
+    bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 3 (deploy side) and finding 2 (the unpacker): a manifest whose input shape is
+    [1, 10**12] made the self-test raise MemoryError, which killed the command thread and left
+    the unpacked folder behind; now the manifest is refused at load. A self-test that raises
+    anything else (a MemoryError injected into its input generator) is a refusal with the
+    reason too, and an archive with a file the manifest does not list is refused by name. Each
+    time the folder is removed and the next deploy is applied."""
+    huge = tmp_path / "huge"
+    shutil.copytree(bundles["v2"], huge)
+    manifest = json.loads((huge / MANIFEST_NAME).read_text())
+    manifest["io"]["inputs"][0]["shape"] = [1, 10**12]
+    (huge / MANIFEST_NAME).write_text(json.dumps(manifest))
+    fleet = _fleet()
+    with _device(bundles["v1"], tmp_path / "state", fleet) as (agent, traffic):
+        bundles_dir = deploy_dir(agent.config) / "bundles"
+        with CommandClient(BROKER, fleet, "pi-d") as client:
+            assert not client.call("deploy_commit", {"deploy": "x"}, timeout_s=10).ok
+            reply = _send_archive(client, _tar_dir(huge), "huge-shape")
+            assert reply.ok and reply.result["state"] == "failed", reply
+            assert "io.inputs[0].shape" in reply.result["reason"]
+            assert not (bundles_dir / "huge-shape").exists()
+            unlisted = _tar_dir(bundles["v2"], {"w.bin": b"weights the manifest does not list"})
+            reply = _send_archive(client, unlisted, "unlisted")
+            assert reply.result["state"] == "failed", reply
+            assert "'w.bin'" in reply.result["reason"] and "not listed" in reply.result["reason"]
+            assert not (bundles_dir / "unlisted").exists()
+            import device_agent.benchmark as benchmark
+
+            def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+                raise MemoryError("Unable to allocate 3.64 TiB")
+
+            monkeypatch.setattr(benchmark, "sample_inputs", out_of_memory)
+            reply = _send_archive(client, pack_bundle(bundles["v2"]), "oom")
+            assert reply.result["state"] == "failed", reply
+            assert "self-test" in reply.result["reason"]
+            assert "MemoryError: Unable to allocate" in reply.result["reason"]
+            assert not (bundles_dir / "oom").exists()
+            monkeypatch.undo()
+            status = client.call("deploy_status", {"deploy": "oom"}, timeout_s=10)
+            assert status.ok and status.result["state"] == "failed"
+        result = deploy_bundle(bundles["v2"], BROKER, fleet, "pi-d", timeout_s=60)
+        assert result.ok, result
+        assert agent.bundle.manifest.model.version == "2"
+        traffic.wait_count(5)
+        assert traffic.failures == []
