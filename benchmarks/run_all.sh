@@ -7,7 +7,7 @@
 #   bash benchmarks/run_all.sh [NAME ...]      # NAME: optimize_vs_ort litert_vs_ort
 #                                              #       agent_overhead collector_ingest
 #                                              #       bench_vs_ort_loop optimize_search
-#                                              #       trust_overhead deploy
+#                                              #       trust_overhead deploy ingest_fast_path
 #                                              #       (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -25,10 +25,11 @@ declare -A ARGS=(
     [bench_vs_ort_loop]="--reps 3 --min-seconds 1 --wait-quiet 5 --max-attempts 1"
     [optimize_search]="--json benchmarks/results/optimize_search.json"
     [trust_overhead]=""
+    [ingest_fast_path]=""
     [deploy]="--rounds 2 --hidden 32768 --json benchmarks/results/deploy_mosquitto.json"
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
-    optimize_search trust_overhead deploy)
+    optimize_search trust_overhead deploy ingest_fast_path)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
