@@ -1152,6 +1152,7 @@ class Agent:
             max_seconds=args.max_seconds,
             lock=loaded.run_lock,
             model_path=loaded.bundle.model_path,
+            stop=self._stop,
         )
 
 

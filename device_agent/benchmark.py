@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from device_agent.contracts.bundle import IOSpec
-from device_agent.errors import ConfigError
+from device_agent.errors import ConfigError, EdgeshipError
 from device_agent.runtime import ModelSession, check_feed
 
 __all__ = [
@@ -145,13 +145,15 @@ class BenchmarkArgs:
 @dataclass(frozen=True)
 class Timing:
     """Raw timings in nanoseconds: the first run, the warm-up runs, then the timed runs.
-    ``capped``: ``max_seconds`` ran out before the warm-up or the minimum runs were done."""
+    ``capped``: ``max_seconds`` ran out before the warm-up or the minimum runs were done.
+    ``stopped``: ``stop`` said so before they were done."""
 
     first_ns: int
     warmup_ns: list[int]
     latencies_ns: list[int]
     duration_ns: int
     capped: bool = False
+    stopped: bool = False
 
 
 def time_runs(
@@ -163,12 +165,15 @@ def time_runs(
     progress: Progress | None = None,
     progress_every_s: float = 0.25,
     max_seconds: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Timing:
     """Call ``run_once`` once, ``warmup_runs`` times, then until both ``min_runs`` calls and
     ``min_seconds`` have passed, timing each call alone with ``perf_counter_ns``.
 
     ``max_seconds`` bounds the wall time of all of it: once it has passed, the warm-up and the
-    timed runs stop (after at least one timed run), and :attr:`Timing.capped` is set.
+    timed runs stop (after at least one timed run), and :attr:`Timing.capped` is set. ``stop``
+    is asked before each run after the first: once it returns true the runs end the same way
+    and :attr:`Timing.stopped` is set (the agent is shutting down).
     """
     if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
         raise ConfigError(f"min_runs must be an integer >= 1, got {min_runs!r}")
@@ -181,13 +186,16 @@ def time_runs(
     pc = time.perf_counter_ns
     t0 = begin = pc()
     end = None if max_seconds is None else begin + int(max_seconds * 1e9)
-    capped = False
+    capped = stopped = False
     run_once()
     first = pc() - t0
     warmup: list[int] = []
     for _ in range(warmup_runs):
         if end is not None and pc() >= end:
             capped = True
+            break
+        if stop is not None and stop():
+            stopped = True
             break
         t0 = pc()
         run_once()
@@ -198,7 +206,7 @@ def time_runs(
     record = latencies.append
     next_report = 0
     start = pc()
-    while True:
+    while not stopped:
         t0 = pc()
         run_once()
         t1 = pc()
@@ -208,10 +216,13 @@ def time_runs(
         if end is not None and t1 >= end:
             capped = True
             break
+        if stop is not None and stop():
+            stopped = True
+            break
         if progress is not None and t1 >= next_report:
             next_report = t1 + every_ns
             progress(len(latencies), (t1 - start) / 1e9)
-    return Timing(first, warmup, latencies, pc() - start, capped)
+    return Timing(first, warmup, latencies, pc() - start, capped, stopped)
 
 
 def latency_summary_ms(latencies_ns: Any) -> dict[str, float]:
@@ -282,6 +293,7 @@ def run_benchmark(
     inputs: Mapping[str, np.ndarray] | None = None,
     lock: threading.Lock | None = None,
     model_path: Path | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Benchmark an already-loaded session where it runs (on the board, for the agent).
 
@@ -291,6 +303,10 @@ def run_benchmark(
     ``max_seconds`` stopped it before ``warmup_runs``, ``min_runs`` or ``min_seconds`` were
     reached. Memory is the agent process's, which also holds the agent itself, so there is no
     runtime-only baseline here.
+
+    ``stop`` (the agent's stop event) ends it between two runs: EdgeshipError, so the command
+    is answered at once and a process being stopped does not wait for, or abort in the middle
+    of, a benchmark that may last :data:`MAX_SECONDS`.
     """
     checked = BenchmarkArgs.parse(
         {
@@ -313,7 +329,13 @@ def run_benchmark(
         min_runs=checked.min_runs,
         min_seconds=checked.min_seconds,
         max_seconds=checked.max_seconds,
+        stop=None if stop is None else stop.is_set,
     )
+    if timing.stopped:
+        raise EdgeshipError(
+            f"benchmark stopped after {len(timing.latencies_ns)} timed run(s): the agent is "
+            "shutting down; send it again once it is back"
+        )
     latency = latency_summary_ms(timing.latencies_ns)
     # At least the clock's 1 ns: a reply cannot carry inf (it must be valid JSON).
     total_s = max(1, sum(timing.latencies_ns)) / 1e9

@@ -17,6 +17,9 @@ import hashlib
 import json
 import logging
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -26,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 import device_agent.agent as agent_module
 import device_agent.mqtt as mqtt_module
@@ -35,7 +40,7 @@ from device_agent.benchmark import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, Bench
 from device_agent.contracts import messages as msg
 from device_agent.errors import ConfigError, InputError
 from tests.agent_device import Device, running_device, wait_until_serving
-from tests.brokers import Mosquitto
+from tests.brokers import FleetListener, Mosquitto, wait_for
 from tests.helpers import write_mlp_onnx
 
 FEATURES = 16
@@ -153,6 +158,65 @@ def test_max_seconds_bounds_the_whole_benchmark() -> None:
     assert timing.capped
     assert len(timing.warmup_ns) + len(timing.latencies_ns) < 20
     assert len(timing.latencies_ns) >= 1  # a summary needs one timed run
+
+
+def test_sigterm_during_a_long_benchmark_answers_it_and_exits_cleanly(
+    mlp_bundle: Path, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """``edgeship-agent run`` stopped while a 60 s benchmark runs: the benchmark ends between two
+    runs, is answered ``ok: false`` saying why, and the process exits 0 at once. On the code
+    before this test the events thread went on benchmarking after close() gave up waiting for
+    it, the reply was lost, and ONNX Runtime aborted in the interpreter's shutdown (exit 134,
+    'terminate called without an active exception')."""
+    fleet = f"t{uuid.uuid4().hex[:10]}"
+    argv = ["run", "--bundle", str(mlp_bundle), "--broker", broker.url, "--fleet", fleet]
+    argv += ["--device-id", "pi-s", "--http", "off", "--state-dir", str(tmp_path / "state")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_agent.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener = FleetListener(fleet, port=broker.port)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2)
+    sender.connect("127.0.0.1", broker.port)
+    sender.loop_start()
+    cmd_topic = msg.topic(fleet, "pi-s", "cmd")
+
+    def send(command_id: str, action: str, args: dict[str, Any]) -> None:
+        command = msg.Command(id=command_id, action=action, ts=time.time(), args=args)
+        sender.publish(cmd_topic, msg.encode(command), qos=1).wait_for_publish(10)
+
+    def replies(command_id: str) -> list[msg.CommandReply]:
+        return [r for r in listener.of(msg.CommandReply) if r.id == command_id]
+
+    try:
+        listener.wait_for(lambda: listener.of(msg.StatusMessage), 60)
+        pings = iter(range(1000))
+
+        def answers_a_ping() -> bool:
+            command_id = f"p{next(pings)}"
+            send(command_id, "ping", {})
+            return wait_for(lambda: replies(command_id), 1)
+
+        assert wait_for(answers_a_ping, 60)  # serving: subscribed to its commands
+        send("long", "benchmark", {"min_runs": 1, "min_seconds": 60, "max_seconds": 60})
+        time.sleep(1.0)  # taken at once by the idle events thread
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=50)
+        assert time.monotonic() - started < 50  # not after the benchmark's 60 s
+        assert proc.returncode == 0, err
+        (reply,) = listener.wait_for(lambda: replies("long"), 10)
+        assert not reply.ok and "the agent is shutting down" in reply.error, reply
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        sender.disconnect()
+        sender.loop_stop()
+        listener.client.disconnect()
+        listener.client.loop_stop()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
