@@ -89,8 +89,8 @@ class HTTPLimits:
     send_timeout_s: float = 10.0  # for the client to take an answer
     max_head_bytes: int = 32 * 1024  # request line and headers
     max_json_depth: int = 32  # nesting of arrays and objects in a JSON body
-    # Bodies being received or handled, all connections together (each route caps its own):
-    # a request whose Content-Length would pass it is 503, retry shortly.
+    # Bodies being received or waiting for a worker, all connections together (each route caps
+    # its own; bodies in the workers are bounded by their number): past it 503, retry shortly.
     max_buffered_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
@@ -271,7 +271,7 @@ class _Request:
     headers: email.message.Message
     body: bytes
     close: bool
-    reserved: int = 0  # bytes of max_buffered_bytes this request holds until it is handled
+    reserved: int = 0  # bytes of max_buffered_bytes this request holds until a worker takes it
 
 
 class _SocketWriter(io.BufferedIOBase):
@@ -752,7 +752,7 @@ class BoundedHTTPServer:
         if len(conn.buf) < total:
             return
         request.body = bytes(conn.buf[head_end:total])
-        request.reserved = length  # released by the worker once it handled the request
+        request.reserved = length  # released when a worker takes the request
         del conn.buf[:total]
         conn.scanned = 0
         conn.head = None
@@ -813,14 +813,14 @@ class BoundedHTTPServer:
             if job is None:
                 return
             conn, request = job
+            # Bodies being handled are bounded by the workers; the budget is for those waiting.
+            self._release(request.reserved)
             what = _CLOSE
             try:
                 what = self._handle(conn, request)
             except Exception:  # a bug in a handler: the server goes on
                 log.exception("%s: %s %s failed", self._name, request.method, request.target[:200])
                 what = _LINGER
-            finally:
-                self._release(request.reserved)
             if what != _CLOSE and not self._stop.is_set():
                 self._returned.append((conn, what))
                 self._wake()
