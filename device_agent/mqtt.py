@@ -322,8 +322,8 @@ class Publisher:
     :class:`~device_agent.contracts.messages.StatusMessage` payload for a sequence number.
     ``on_command`` runs on a worker thread, one command at a time; a command that arrives while
     that thread's queue is full is counted and handed to ``on_command_overflow`` (on the network
-    thread: it must not block) to be answered, unless the same id already waits. ``clock`` (monotonic
-    seconds) and ``rng`` (the backoff's jitter) are injectable for tests.
+    thread: it must not block) to be answered, unless the same id already waits. ``clock``
+    (monotonic seconds) and ``rng`` (the backoff's jitter) are injectable for tests.
 
     The publisher does not close the spool; the caller closes it after :meth:`close`.
     """
