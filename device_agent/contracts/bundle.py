@@ -68,7 +68,7 @@ MAX_PATH_LEN = 1024
 MAX_FILES = 1000
 MAX_TENSORS = 1024  # inputs, and outputs
 MAX_LABELS = 65536
-MAX_RANK = 32  # numpy's limit on array dimensions (numpy 1.x)
+MAX_RANK = 16  # the outlier events' input summaries carry at most 16 dimensions
 MAX_DIM = 2**31 - 1
 # The fixed dimensions of one tensor may hold at most this many elements (2**26: 256 MiB of
 # float32), and so may all the inputs together: the agent builds inputs of these shapes for its
