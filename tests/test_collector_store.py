@@ -315,3 +315,42 @@ def test_fleet_state_with_an_injected_clock(store: Any) -> None:
     detail = state.device(DEVICE)
     assert detail is not None and len(detail.series) == 1 and detail.events[0].kind == "status"
     assert state.device("nobody") is None
+
+
+def test_a_refused_value_on_a_link_that_breaks_is_retried_not_split() -> None:
+    """The database refuses a value (a data exception) and the link breaks before the
+    rollback: the rollback's error must end as a StoreError (the whole batch waits and is
+    retried), never escape raw, which the collector would take for the batch's fault and
+    split, dead-lettering what it could not store at that moment."""
+    if not pg_available():
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    import psycopg
+
+    from sdk.collector.service import process_batch
+    from tests.poison import good_windows, refuse_in_store, refused_by_store
+
+    url = pg_url()
+    s: Any = open_store(url)
+    try:
+        refuse_in_store(url)
+        good = good_windows(FLEET, 2, 2)
+        batch = [(t, p, NOW) for t, p in [good[0], refused_by_store(FLEET, 1), *good[1:]]]
+        conn = s._conn
+        real_rollback = conn.rollback
+
+        def broken_rollback() -> None:
+            conn.rollback = real_rollback
+            conn.close()  # the link is gone: what a dropped connection gives a rollback
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        conn.rollback = broken_rollback
+        with pytest.raises(StoreError) as caught:
+            process_batch(s, batch, FLEET)
+        assert not isinstance(caught.value, RecordError), caught.value
+        assert s.dead_letters() == []
+        # The retry (the link back) splits the batch: the refused one alone is a dead letter.
+        outcome = process_batch(s, batch, FLEET)
+        assert outcome.refused == 1 and outcome.stored.new == 4
+        assert [d.field for d in s.dead_letters()] == ["store"]
+    finally:
+        s.close()

@@ -496,3 +496,85 @@ def test_10000_good_and_1000_fuzzed_bad_through_mosquitto(
         dead_by_field=dict(sorted(by_field.items())),
     )
     record(f"poison pill, {kind}, {'SIGKILL mid-run' if kill else 'undisturbed'}", **figures)
+
+
+# --- a store that does not answer, a sender that picks field names -----------------------------
+
+
+def test_a_store_that_never_answers_is_a_health_problem_and_nothing_is_lost(
+    broker: Mosquitto,
+) -> None:
+    """A PostgreSQL link that goes silent (here a proxy that forwards nothing and answers
+    nothing) gives no error: the batch's query waits for as long as the kernel keeps the
+    connection. /api/health must say so instead of ok, and once the link breaks for real the
+    batch is retried and stored once, not split or dead-lettered."""
+    if not pg_available():
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    from tests.proxy import TcpProxy
+
+    rng = np.random.default_rng(0)
+    with TcpProxy(5432) as proxy:
+        url = pg_url().replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}", 1)
+        assert f":{proxy.port}/" in url, url
+        config = _config(broker, url, workers=1)
+        pub = _publisher(broker.port)
+        _probe(pub)
+        try:
+            with Collector(config) as c:
+                c.commit_stall_s = 1.0
+                _subscribed(c)
+                assert c.problems() == []
+                proxy.blackhole()
+                _acked(_publish(pub, [(topic(FLEET, "pi", "telemetry"),
+                                       encode(window("pi", 0, rng=rng)))]))  # fmt: skip
+                stalled = wait_for(
+                    lambda: any("the store does not answer" in p for p in c.problems()), 20
+                )
+                assert stalled, c.health()
+                assert c.stats.uncommitted == 1 and not c.health()["ok"]
+                proxy.cut()  # the link breaks for real: an error at last, and a retry
+                time.sleep(0.2)
+                proxy.heal()
+                assert wait_for(lambda: c.stats.stored == 2, 60), c.health()
+                assert wait_for(lambda: c.problems() == [], 10), c.health()
+            assert _stored(url) == {"pi": 1}
+            assert _dead_rows(url) == []
+        finally:
+            pub.disconnect()
+            pub.loop_stop()
+
+
+def test_dead_letter_field_names_a_sender_picks_are_counted_in_bounded_space(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A key given twice names the dead letter's field: a sender that uses a new key in each
+    message must not grow the collector's counters (and /metrics, /api/dead-letters) without
+    bound; past the limit the rest are counted as "(other)"."""
+    from sdk.collector.service import MAX_DEAD_FIELDS, OTHER_DEAD_FIELD
+    from sdk.collector.store import DEAD_LETTER_FIELDS
+
+    n = MAX_DEAD_FIELDS + 50
+    db = tmp_path / "fleet.db"
+    config = _config(broker, f"sqlite:///{db}", workers=1)
+    pub = _publisher(broker.port)
+    _probe(pub)
+    bad = [(topic(FLEET, "bad", "telemetry"), b'{"k%d":1,"k%d":2}' % (i, i)) for i in range(n)]
+    try:
+        with Collector(config) as c:
+            _subscribed(c)
+            _acked(_publish(pub, bad))
+            assert wait_for(lambda: c.stats.dead_letters == n, 30), c.health()
+            by_field = c.stats.dead_by_field
+            assert len(by_field) == MAX_DEAD_FIELDS + 1, len(by_field)
+            assert by_field[OTHER_DEAD_FIELD] == n - MAX_DEAD_FIELDS
+            assert sum(by_field.values()) == n
+        s = open_store(f"sqlite:///{db}")
+        try:
+            counts = s.dead_letter_counts()
+        finally:
+            s.close()
+        assert len(counts) == DEAD_LETTER_FIELDS + 1
+        assert sum(counts.values()) == n and counts["(other)"] == n - DEAD_LETTER_FIELDS
+    finally:
+        pub.disconnect()
+        pub.loop_stop()

@@ -102,6 +102,16 @@ log = logging.getLogger("sdk.collector")
 
 Delivery = tuple[str, bytes, float]  # (topic, payload, received_at): what the worker gets
 
+# A store call (one batch: insert, or the splits of a refused one) that lasts this long is a
+# problem in /api/health: a database link that went silent (a partition, a dropped route) gives
+# no error for as long as the kernel keeps retransmitting, and the batch waits all that time.
+COMMIT_STALL_S = 60.0
+
+# dead_by_field counts at most this many field names; the rest are counted as OTHER_DEAD_FIELD
+# (a field can be a key of the message, which its sender picks).
+MAX_DEAD_FIELDS = 100
+OTHER_DEAD_FIELD = "(other)"
+
 # paho's Properties.__init__ is unannotated; a typed name keeps strict mypy checking the call.
 _new_properties: Callable[[int], Properties] = Properties
 
@@ -606,6 +616,7 @@ class Collector:
         self._client: mqtt.Client | None = None
         self._sinks: list[_Sink | None] = []
         self._reader: Store | None = None
+        self._schema_version: int | None = None
         self._state: FleetState | None = None
         self._http: Any = None
         self._threads: list[threading.Thread] = []
@@ -632,6 +643,11 @@ class Collector:
         self._ignored_by_reason: dict[str, int] = {}
         # committer index -> (since, why) while its batch cannot be committed; guarded by _lock
         self._trouble: dict[int, tuple[float, str]] = {}
+        # committer index -> (since, messages) while a store call is in progress; guarded by
+        # _lock. A call that does not return (a PostgreSQL link that went silent: no error ever
+        # comes) is a problem once it has lasted commit_stall_s.
+        self._committing: dict[int, tuple[float, int]] = {}
+        self.commit_stall_s = COMMIT_STALL_S
         self._lock = threading.Lock()
         # Commands sent through the API: PUBACK reason codes by packet id, and the newest
         # commands by id (for GET /api/devices/{device}/commands/{id}).
@@ -656,6 +672,8 @@ class Collector:
         cfg = self.config
         reader = open_store(cfg.store_url)  # creates or migrates the schema: fail fast here
         self._reader = reader
+        # Read once: /api/health must answer without the database (down, or a silent link).
+        self._schema_version = reader.schema_version()
         self._state = FleetState(
             reader, fleet=cfg.fleet, config=cfg.state_config, clock=self._clock
         )
@@ -776,7 +794,7 @@ class Collector:
             "client_id": self.config.session_id,
             "subscription": self.config.topic_filter,
             "store": self._reader.url if self._reader is not None else None,
-            "schema_version": self._reader.schema_version() if self._reader is not None else None,
+            "schema_version": self._schema_version,
             "collector": stats.to_dict(),
             "failure": None if self._failed is None else str(self._failed),
         }
@@ -794,8 +812,15 @@ class Collector:
         now = self._clock()
         with self._lock:
             trouble = sorted(self._trouble.items())
+            committing = sorted(self._committing.items())
         for index, (since, why) in trouble:
             out.append(f"committer {index}: {why} (for {max(0.0, now - since):.0f} s)")
+        for index, (since, n) in committing:
+            if now - since >= self.commit_stall_s and index not in dict(trouble):
+                out.append(
+                    f"committer {index}: a batch of {n} messages has been committing for "
+                    f"{now - since:.0f} s; the store does not answer"
+                )
         for index, sink in enumerate(list(self._sinks)):
             code = None if sink is None else sink.exit_code()
             if code is not None:
@@ -1082,7 +1107,13 @@ class Collector:
             deliveries = [p[:3] for p in batch]
             while True:
                 try:
-                    outcome = self._process(index, deliveries)
+                    with self._lock:
+                        self._committing[index] = (self._clock(), len(deliveries))
+                    try:
+                        outcome = self._process(index, deliveries)
+                    finally:
+                        with self._lock:
+                            self._committing.pop(index, None)
                     backoff = 0.5
                     break
                 except StoreError as exc:
@@ -1165,6 +1196,10 @@ class Collector:
             c["batches"] += 1
             c["last_commit_at"] = self._clock()
             for name, count in outcome.dead_by_field.items():
+                # A field can name a key of the message (a key given twice, a bad label): the
+                # sender picks it, so past MAX_DEAD_FIELDS names the rest count as one.
+                if name not in self._dead_by_field and len(self._dead_by_field) >= MAX_DEAD_FIELDS:
+                    name = OTHER_DEAD_FIELD
                 self._dead_by_field[name] = self._dead_by_field.get(name, 0) + count
             for reason, count in outcome.ignored_by_reason.items():
                 self._ignored_by_reason[reason] = self._ignored_by_reason.get(reason, 0) + count

@@ -88,6 +88,9 @@ __all__ = [
 
 SCHEMA_VERSION = 3
 
+# Store.dead_letter_counts names at most this many fields (the rest: "(other)").
+DEAD_LETTER_FIELDS = 100
+
 
 class RecordError(StoreError):
     """The store refused a batch for a value one of its records holds, not for its own state:
@@ -863,8 +866,19 @@ class _Reader:
         ]
 
     def dead_letter_counts(self) -> dict[str, int]:
-        rows = self._query("SELECT field, COUNT(*) FROM dead_letters GROUP BY field")
-        return {str(f): int(n) for f, n in rows}
+        # A field can be a key of the message, which its sender picks: the most frequent
+        # DEAD_LETTER_FIELDS fields, and the others together under "(other)".
+        rows = self._query(
+            "SELECT field, COUNT(*) AS n FROM dead_letters GROUP BY field "
+            "ORDER BY n DESC, field LIMIT ?",
+            [DEAD_LETTER_FIELDS],
+        )
+        counts = {str(f): int(n) for f, n in rows}
+        if len(counts) == DEAD_LETTER_FIELDS:
+            total = int(self._query("SELECT COUNT(*) FROM dead_letters")[0][0])
+            if total > sum(counts.values()):
+                counts["(other)"] = total - sum(counts.values())
+        return counts
 
 
 def _fleet_filter(fleet: str | None, prefix: str = "") -> tuple[str, list[Any]]:
@@ -1080,6 +1094,15 @@ def _migrate(execute: Callable[..., Any], dialect: _Dialect, where: str) -> None
 # --- PostgreSQL -----------------------------------------------------------------------------
 
 
+# TCP settings for the connection, unless the URL sets them: a link that goes silent (a
+# partition, a dropped route, a server host gone) ends in an error after about a minute, and
+# the batch is retried, instead of a query that waits as long as the kernel retransmits.
+_PG_LINK_DEFAULTS = {
+    "keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+    "keepalives_count": "3", "tcp_user_timeout": "60000",
+}  # fmt: skip
+
+
 class PostgresStore(_Reader):
     """PostgreSQL, for several collectors sharing a fleet (``psycopg`` 3, imported here).
 
@@ -1113,7 +1136,9 @@ class PostgresStore(_Reader):
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
-            conn = psycopg.connect(self._conninfo, autocommit=False, connect_timeout=10)
+            given = psycopg.conninfo.conninfo_to_dict(self._conninfo)
+            link = {k: v for k, v in _PG_LINK_DEFAULTS.items() if k not in given}
+            conn = psycopg.connect(self._conninfo, autocommit=False, connect_timeout=10, **link)
             if self.schema is not None:
                 with conn.transaction():
                     # Serialized: two collectors starting together both run this.
@@ -1161,15 +1186,19 @@ class PostgresStore(_Reader):
                 except StoreError:
                     raise
                 except (psycopg.DataError, psycopg.IntegrityError, *_VALUE_ERRORS) as exc:
-                    # A value the database refuses: the same batch fails again, whole.
-                    if self._conn is not None and not self._conn.closed:
-                        self._conn.rollback()
+                    # A value the database refuses: the same batch fails again, whole. Unless
+                    # the link broke too (the rollback fails): then it is the database's state.
+                    if not self._rollback_quietly():
+                        raise StoreError(
+                            f"PostgreSQL store {self._display}: {what} failed: {_one_line(exc)}"
+                            " (and the connection was lost)"
+                        ) from exc
                     raise RecordError(
                         f"PostgreSQL store {self._display}: {what}: refused a value: "
                         f"{_one_line(exc)}"
                     ) from exc
                 except retryable as exc:
-                    self._conn.rollback()
+                    self._rollback_quietly()
                     if attempt == self._retries:
                         raise StoreError(f"PostgreSQL {what} failed: {_one_line(exc)}") from exc
                     time.sleep(0.05 * (attempt + 1))
@@ -1181,12 +1210,24 @@ class PostgresStore(_Reader):
                         ) from exc
                     time.sleep(0.5 * (attempt + 1))
                 except psycopg.Error as exc:
-                    if self._conn is not None and not self._conn.closed:
-                        self._conn.rollback()
+                    self._rollback_quietly()
                     raise StoreError(
                         f"PostgreSQL store {self._display}: {what} failed: {_one_line(exc)}"
                     ) from exc
         raise AssertionError("unreachable")
+
+    def _rollback_quietly(self) -> bool:
+        """Roll back the failed transaction; False (and the connection closed, so the next
+        call reconnects) when that fails too: the rollback's own error must not escape as
+        if it were the batch's (a caller splits a batch on errors that are not StoreError)."""
+        if self._conn is None or self._conn.closed:
+            return False
+        try:
+            self._conn.rollback()
+        except self._psycopg.Error:
+            self._close_quietly()
+            return False
+        return True
 
     def _close_quietly(self) -> None:
         conn, self._conn = self._conn, None
