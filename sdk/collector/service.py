@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ipaddress
 import logging
 import os
 import re
@@ -80,6 +79,7 @@ from device_agent.contracts.messages import (
 )
 from device_agent.contracts.messages import topic as message_topic
 from device_agent.errors import ProtocolError
+from device_agent.httpserver import is_loopback
 from sdk.collector.api import SentCommand
 from sdk.collector.errors import BrokerError, CollectorError, ConfigError, StoreError
 from sdk.collector.ingest import DeadLetter, Ignored, Record, dead_letter, ingest
@@ -187,15 +187,6 @@ def parse_http_address(value: str | None) -> tuple[str, int] | None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"--http {value!r}: port {port} is not in 0..65535")
     return host, port
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _default_client_id(fleet: str | None) -> str:
@@ -697,7 +688,7 @@ class Collector:
             t.start()
             self._threads.append(t)
             log.info("JSON API on http://%s:%d/api/health", *self.http_address_bound())
-            if not _is_loopback(address[0]) and cfg.api_token is None:
+            if not is_loopback(address[0]) and cfg.api_token is None:
                 log.warning(
                     "the JSON API listens on %s without an API token: whoever reaches it reads "
                     "the fleet's state (commands stay disabled); bind 127.0.0.1 or set "
