@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeship-installed
 # torch is pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-LINTED := sdk device_agent tests benchmarks scripts
+LINTED := sdk device_agent collector tests benchmarks scripts
 
 .PHONY: setup demo test lint typecheck pytest clean
 

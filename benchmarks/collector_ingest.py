@@ -48,9 +48,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E40
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from sdk.collector.service import Collector, CollectorConfig  # noqa: E402
-from sdk.collector.simulate import SimConfig, SimulatedFleet  # noqa: E402
-from sdk.collector.store import open_store  # noqa: E402
+from collector.service import Collector, CollectorConfig  # noqa: E402
+from collector.simulate import SimConfig, SimulatedFleet  # noqa: E402
+from collector.store import open_store  # noqa: E402
 
 EXAMPLE_CONF = ROOT / "examples" / "mosquitto" / "collector.conf"
 RECEIVE_MAXIMUM = 10_000
@@ -310,7 +310,7 @@ def loss_run(
     try:
         t0 = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "sdk.collector.simulate", "--broker", broker.url,
+            [sys.executable, "-m", "collector.simulate", "--broker", broker.url,
              "--fleet", fleet, "--devices", str(devices), "--prefix", "pi",
              "--period", str(period), "--duration", str(duration), "--report", str(report)],
             cwd=ROOT, capture_output=True, text=True, timeout=duration + 300,

@@ -1,6 +1,6 @@
 """The collector's telemetry fast path next to the reference decoder, per message.
 
-``sdk.collector.ingest`` parses ordinary telemetry windows with a flat fast path and hands
+``collector.ingest`` parses ordinary telemetry windows with a flat fast path and hands
 anything unusual to ``device_agent.contracts.messages.decode`` (the reference). The tests prove
 the two agree on every input; this script measures what the fast path saves, side by side in
 one run (best of ``--reps`` rounds of ``--n`` calls each, the two interleaved):
@@ -18,6 +18,7 @@ import argparse
 import time
 from collections.abc import Callable
 
+from collector import ingest as ingest_module
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
     SCORE_BUCKETS,
@@ -29,7 +30,6 @@ from device_agent.contracts.messages import (
     encode,
     topic,
 )
-from sdk.collector import ingest as ingest_module
 
 NOW = 1_790_000_000.0
 

@@ -828,8 +828,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from sdk.collector.api import load_api_token
-    from sdk.collector.service import Collector, CollectorConfig, run_collector
+    from collector.api import load_api_token
+    from collector.service import Collector, CollectorConfig, run_collector
 
     config = CollectorConfig(
         broker_url=args.broker,
@@ -863,7 +863,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
             flush=True,
         )
         if monitor_config is not None:
-            from sdk.collector.monitor import Monitor
+            from collector.monitor import Monitor
 
             monitors.append(Monitor.for_collector(c, monitor_config, references=references).start())
 
@@ -885,9 +885,9 @@ def _monitor_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     bad alerts file or reference is exit code 2; (None, None) with --no-monitor."""
     if args.no_monitor:
         return None, None
-    from sdk.collector.alerts import load_alerts_config
-    from sdk.collector.drift import ReferenceSet
-    from sdk.collector.monitor import MonitorConfig
+    from collector.alerts import load_alerts_config
+    from collector.drift import ReferenceSet
+    from collector.monitor import MonitorConfig
 
     config = MonitorConfig(
         alerts=load_alerts_config(args.alerts),

@@ -14,7 +14,7 @@ summarizes what the collector later compares the fleet's telemetry with:
 :func:`write_reference` writes it as ``reference.json`` (format ``edgeship.reference``, version
 1; documented in ``docs/collector.md``), which ``sdk.package(..., reference=path)`` copies into
 the bundle and records as the manifest's ``reference_file``. :class:`ReferenceStats` reads and
-validates the file; the collector uses it (:mod:`sdk.collector.drift`). numpy and the runtime
+validates the file; the collector uses it (:mod:`collector.drift`). numpy and the runtime
 are imported when statistics are computed, not when a file is read.
 """
 

@@ -28,8 +28,8 @@ from device_agent.contracts.messages import (
 )
 
 if TYPE_CHECKING:
+    from collector.monitor import MonitorConfig
     from device_agent.contracts.messages import Alert
-    from sdk.collector.monitor import MonitorConfig
 
 LABELS = tuple(str(i) for i in range(10))
 UNIFORM = tuple([0.1] * 10)
@@ -141,7 +141,7 @@ def status(
 
 def store_messages(store: Any, fleet: str, messages: Sequence[Any], received_at: float) -> None:
     """Store ``messages`` through the collector's real ingest path."""
-    from sdk.collector.ingest import DeadLetter, Ignored, ingest
+    from collector.ingest import DeadLetter, Ignored, ingest
 
     records = []
     for m in messages:
@@ -227,9 +227,9 @@ class Fleet:
     published alerts."""
 
     def __init__(self, tmp: Path, config: MonitorConfig | None = None, **kw: Any) -> None:
-        from sdk.collector.monitor import Monitor, MonitorConfig
-        from sdk.collector.state import FleetState, StateConfig
-        from sdk.collector.store import open_store
+        from collector.monitor import Monitor, MonitorConfig
+        from collector.state import FleetState, StateConfig
+        from collector.store import open_store
 
         self.clock = FakeClock()
         self.store = open_store(f"sqlite:///{tmp}/fleet.db")

@@ -89,7 +89,7 @@ def refuse_in_store(store_url: str) -> None:
                 "BEGIN SELECT RAISE(ABORT, 'this store refuses that model'); END"
             )
         return
-    from sdk.collector.store import PostgresStore
+    from collector.store import PostgresStore
 
     store = PostgresStore(store_url)
     try:
@@ -113,7 +113,7 @@ def refuse_in_store(store_url: str) -> None:
 
 
 def dead_letter_digest(topic_name: str, payload: bytes) -> str:
-    """The digest :func:`sdk.collector.ingest.dead_letter` gives this message."""
+    """The digest :func:`collector.ingest.dead_letter` gives this message."""
     return hashlib.sha256(safe_text(topic_name).encode("utf-8") + b"\x00" + payload).hexdigest()
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from collector.alerts import RULES, AlertsConfig, load_alerts_config
+from collector.drift import Reference, ReferenceSet
+from collector.monitor import Monitor, MonitorConfig, default_alerts_db
 from device_agent.errors import ConfigError
-from sdk.collector.alerts import RULES, AlertsConfig, load_alerts_config
-from sdk.collector.drift import Reference, ReferenceSet
-from sdk.collector.monitor import Monitor, MonitorConfig, default_alerts_db
 from sdk.reference import ReferenceStats
 from tests.collector_helpers import (
     LABELS,

@@ -26,12 +26,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from collector.api import TOKEN_ENV, load_api_token
+from collector.errors import ConfigError
+from collector.service import Collector, CollectorConfig, parse_http_address
 from device_agent import Agent, AgentConfig
 from device_agent.contracts import messages as msg
 from sdk.cli import build_parser
-from sdk.collector.api import TOKEN_ENV, load_api_token
-from sdk.collector.errors import ConfigError
-from sdk.collector.service import Collector, CollectorConfig, parse_http_address
 from tests.brokers import ROOT, Mosquitto, wait_for
 from tests.rawhttp import exchange, request
 
@@ -304,7 +304,7 @@ def test_a_non_loopback_bind_without_a_token_warns(
 ) -> None:
     for token, warned in ((None, True), (TOKEN, False)):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sdk.collector"):
+        with caplog.at_level(logging.WARNING, logger="collector"):
             config = CollectorConfig(
                 rig.broker.url, fleet=FLEET, store_url=f"sqlite:///{tmp_path / 'w.db'}",
                 http="0.0.0.0:0", worker="thread", client_id=f"w-{uuid.uuid4().hex[:6]}",
@@ -343,7 +343,7 @@ def test_a_token_file_others_can_read_is_accepted_with_a_warning(
     for mode, warned in ((0o644, True), (0o640, True), (0o600, False)):
         path.chmod(mode)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sdk.collector"):
+        with caplog.at_level(logging.WARNING, logger="collector"):
             assert load_api_token(token_file=path, environ={}) == TOKEN
         lines = [r.getMessage() for r in caplog.records if "chmod 600" in r.getMessage()]
         assert bool(lines) is warned, (oct(mode), caplog.text)

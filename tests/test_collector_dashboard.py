@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from collector.monitor import Monitor, MonitorConfig
+from collector.service import Collector, CollectorConfig
 from device_agent.contracts.messages import DeployEvent
-from sdk.collector.monitor import Monitor, MonitorConfig
-from sdk.collector.service import Collector, CollectorConfig
 from tests.brokers import ROOT, Mosquitto, wait_for
 from tests.browser import browse, keep
 from tests.collector_helpers import UNIFORM, Publisher, status, window

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from collector.monitor import Monitor, MonitorConfig
+from collector.service import Collector, CollectorConfig
+from collector.state import FleetState
+from collector.store import _SQLITE, SCHEMA_VERSION, _schema_v1, open_store
 from device_agent.contracts.messages import DeployEvent
-from sdk.collector.monitor import Monitor, MonitorConfig
-from sdk.collector.service import Collector, CollectorConfig
-from sdk.collector.state import FleetState
-from sdk.collector.store import _SQLITE, SCHEMA_VERSION, _schema_v1, open_store
 from tests.brokers import wait_for
 from tests.collector_helpers import FLEET, FakeClock, Fleet, status, store_messages, window
 from tests.test_collector_store import PG_URL, pg_available, pg_url
@@ -220,7 +220,7 @@ def test_a_rolled_back_or_failed_deploy_alerts_once_per_deploy_with_its_reason(
 
 
 def test_the_deploy_failed_rule_can_be_switched_off(tmp_path: Path) -> None:
-    from sdk.collector.alerts import AlertsConfig
+    from collector.alerts import AlertsConfig
 
     cfg = MonitorConfig(
         alerts=AlertsConfig.from_dict({"rules": {"deploy_failed": {"enabled": False}}}),

@@ -8,16 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from device_agent.contracts.messages import encode, topic
-from device_agent.errors import ConfigError
-from sdk.collector.drift import (
+from collector.drift import (
     DriftConfig,
     DriftMonitor,
     Reference,
     ReferenceSet,
     psi,
 )
-from sdk.collector.ingest import TelemetryRecord, ingest
+from collector.ingest import TelemetryRecord, ingest
+from device_agent.contracts.messages import encode, topic
+from device_agent.errors import ConfigError
 from sdk.reference import ReferenceStats
 from tests.collector_helpers import LABELS, UNIFORM, gamma_score_counts, reference_doc, window
 

@@ -1,4 +1,4 @@
-"""sdk.collector.ingest: every (topic, payload) becomes a record, an ignored message or a dead
+"""collector.ingest: every (topic, payload) becomes a record, an ignored message or a dead
 letter, never an exception; the telemetry fast path agrees with the reference decoder."""
 
 from __future__ import annotations
@@ -14,6 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collector import ingest as ingest_module
+from collector.ingest import (
+    DEAD_LETTER_MAX_BYTES,
+    DeadLetter,
+    EventRecord,
+    Ignored,
+    TelemetryRecord,
+    ingest,
+    telemetry_record,
+)
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
     MAX_PAYLOAD_BYTES,
@@ -33,16 +43,6 @@ from device_agent.contracts.messages import (
     topic,
 )
 from device_agent.errors import ProtocolError
-from sdk.collector import ingest as ingest_module
-from sdk.collector.ingest import (
-    DEAD_LETTER_MAX_BYTES,
-    DeadLetter,
-    EventRecord,
-    Ignored,
-    TelemetryRecord,
-    ingest,
-    telemetry_record,
-)
 
 FLEET = "greenhouse"
 DEVICE = "pi-07"

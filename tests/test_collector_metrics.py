@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdk.collector.metrics import escape_label
-from sdk.collector.monitor import MonitorConfig
+from collector.metrics import escape_label
+from collector.monitor import MonitorConfig
 from tests.collector_helpers import Fleet
 
 MODEL = 'odd"model\\name'
@@ -96,6 +96,6 @@ def test_alerts_firing_gauge(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [0.0, 1.5, 1e-5, 123456789.0])
 def test_values_round_trip(value: float, tmp_path: Path) -> None:
-    from sdk.collector.metrics import _format_value
+    from collector.metrics import _format_value
 
     assert float(_format_value(value)) == value

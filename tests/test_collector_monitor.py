@@ -17,9 +17,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from collector.monitor import Monitor, MonitorConfig
+from collector.service import Collector, CollectorConfig
 from device_agent.contracts.messages import Alert, decode, subscription
-from sdk.collector.monitor import Monitor, MonitorConfig
-from sdk.collector.service import Collector, CollectorConfig
 from tests.brokers import Mosquitto, wait_for
 from tests.collector_helpers import (
     LABELS,

@@ -23,10 +23,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from collector.service import Collector, CollectorConfig
+from collector.simulate import SimConfig, SimulatedFleet
+from collector.store import SCHEMA_VERSION, open_store
 from device_agent.contracts.messages import encode, topic
-from sdk.collector.service import Collector, CollectorConfig
-from sdk.collector.simulate import SimConfig, SimulatedFleet
-from sdk.collector.store import SCHEMA_VERSION, open_store
 from tests.brokers import ROOT, Amqtt, Mosquitto, free_port, wait_for
 from tests.faults_report import record
 from tests.test_collector_ingest import status, telemetry
@@ -455,7 +455,7 @@ def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
 def test_a_failed_start_stops_what_it_started(tmp_path: Path) -> None:
     import socket
 
-    from sdk.collector.errors import ConfigError
+    from collector.errors import ConfigError
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""sdk.collector.store on real SQLite and PostgreSQL, and the pure parts of sdk.collector.state.
+"""collector.store on real SQLite and PostgreSQL, and the pure parts of collector.state.
 
 PostgreSQL tests use a schema of their own (``?schema=test_<random>``), dropped afterwards;
 they are skipped when no server answers on EDGESHIP_TEST_POSTGRES (default
@@ -18,17 +18,16 @@ from typing import Any
 
 import pytest
 
-from device_agent.contracts.messages import encode, topic
-from sdk.collector.errors import ConfigError, StoreError
-from sdk.collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord, ingest
-from sdk.collector.state import (
+from collector.errors import ConfigError, StoreError
+from collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord, ingest
+from collector.state import (
     FleetState,
     StateConfig,
     count_gaps,
     device_status,
     histogram_quantile,
 )
-from sdk.collector.store import (
+from collector.store import (
     SCHEMA_VERSION,
     BootRange,
     DeviceRow,
@@ -38,6 +37,7 @@ from sdk.collector.store import (
     open_store,
     redact_url,
 )
+from device_agent.contracts.messages import encode, topic
 from tests.test_collector_ingest import DEVICE, FLEET, NOW, outlier, status, telemetry
 
 PG_URL = os.environ.get("EDGESHIP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -326,7 +326,7 @@ def test_a_refused_value_on_a_link_that_breaks_is_retried_not_split() -> None:
         pytest.skip(f"no PostgreSQL at {PG_URL}")
     import psycopg
 
-    from sdk.collector.service import process_batch
+    from collector.service import process_batch
     from tests.poison import good_windows, refuse_in_store, refused_by_store
 
     url = pg_url()

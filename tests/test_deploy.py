@@ -227,7 +227,7 @@ def test_a_bundle_that_fails_on_the_applications_inputs_rolls_back(
             )
             assert status[-1].model_version == "1"
             # The collector stores these messages, deploy field and all.
-            from sdk.collector.ingest import DeadLetter, TelemetryRecord, ingest
+            from collector.ingest import DeadLetter, TelemetryRecord, ingest
 
             raw = listener.raw_snapshot()
             results = [ingest(topic, payload, time.time()) for topic, payload in raw]

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from sdk.collector.service import Collector, CollectorConfig
+from collector.service import Collector, CollectorConfig
 from tests.brokers import (
     MOSQUITTO,
     ROOT,
@@ -621,7 +621,7 @@ def test_500_devices_for_2_minutes(tmp_path: Path) -> None:
         sims = []
         for part in range(SIM_PROCESSES):
             sim = subprocess.Popen(
-                [sys.executable, "-m", "sdk.collector.simulate", "--broker", broker.url,
+                [sys.executable, "-m", "collector.simulate", "--broker", broker.url,
                  "--fleet", fleet, "--devices", str(DEVICES // SIM_PROCESSES),
                  "--prefix", f"sim{part}", "--period", str(SIM_PERIOD_S),
                  "--duration", str(DURATION_S), "--keepalive", "30",

@@ -1,5 +1,5 @@
 """Property test at the boundary where MQTT topics and payloads enter the collector: the decoder,
-ingest and the store (``sdk.collector.service.process_batch``, what each worker runs per batch),
+ingest and the store (``collector.service.process_batch``, what each worker runs per batch),
 on SQLite and PostgreSQL.
 
 Good telemetry windows are interleaved with generated bad messages (tests/poison.py: lone
@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collector.service import process_batch
+from collector.store import open_store
 from device_agent.contracts.messages import encode, topic
-from sdk.collector.service import process_batch
-from sdk.collector.store import open_store
 from tests.collector_helpers import window
 from tests.poison import (
     BAD_KINDS,
@@ -133,7 +133,7 @@ def _max_dead_letter_id(store: Any) -> int:
 def test_the_fuzz_traffic_is_what_it_claims(tmp_path: Path) -> None:
     """The generator's bad messages are refused by the reference decoder (so the property
     above tests the collector, not the generator), and its good ones accepted."""
-    from sdk.collector.ingest import DeadLetter, TelemetryRecord, ingest
+    from collector.ingest import DeadLetter, TelemetryRecord, ingest
 
     rnd = random.Random(0)
     for nonce in range(400):

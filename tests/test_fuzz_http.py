@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from collector.service import Collector, CollectorConfig
 from device_agent import Agent, AgentConfig
 from device_agent.httpserver import HTTPLimits
 from device_agent.service import make_http_server
-from sdk.collector.service import Collector, CollectorConfig
 from tests.brokers import Mosquitto, wait_for
 from tests.rawhttp import Response, parse_responses, request
 from tests.test_collector_api_auth import Spy

@@ -474,7 +474,7 @@ def test_collector_service_over_mqtts_stores_and_commands_with_the_acls_opt_in_l
     """``edgeship collect`` logs in as ``collector`` over TLS (password in the URL, or its
     client certificate), stores what the agent reports, and with the ACL's commented
     ``topic write edgeship/+/+/cmd`` line enabled sends the agent a command through its API."""
-    from sdk.collector.service import Collector, CollectorConfig
+    from collector.service import Collector, CollectorConfig
 
     text = ACL.read_text()
     line = "#topic write edgeship/+/+/cmd"

@@ -38,9 +38,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from collector.service import Collector, CollectorConfig
+from collector.store import open_store
 from device_agent.contracts.messages import encode, topic
-from sdk.collector.service import Collector, CollectorConfig
-from sdk.collector.store import open_store
 from tests.brokers import ROOT, Mosquitto, free_port, wait_for
 from tests.collector_helpers import status, window
 from tests.faults_report import record
@@ -225,7 +225,7 @@ def test_a_batch_the_store_refuses_is_split_and_everything_else_stored_once(
     pub = _publisher(broker.port)
     _probe(pub)
     try:
-        with caplog.at_level("WARNING", logger="sdk.collector"), Collector(config) as c:
+        with caplog.at_level("WARNING", logger="collector"), Collector(config) as c:
             _subscribed(c)
             _acked(_publish(pub, traffic))
             # (At least once: a redelivery would be a duplicate, dropped by the store.)
@@ -550,8 +550,8 @@ def test_dead_letter_field_names_a_sender_picks_are_counted_in_bounded_space(
     """A key given twice names the dead letter's field: a sender that uses a new key in each
     message must not grow the collector's counters (and /metrics, /api/dead-letters) without
     bound; past the limit the rest are counted as "(other)"."""
-    from sdk.collector.service import MAX_DEAD_FIELDS, OTHER_DEAD_FIELD
-    from sdk.collector.store import DEAD_LETTER_FIELDS
+    from collector.service import MAX_DEAD_FIELDS, OTHER_DEAD_FIELD
+    from collector.store import DEAD_LETTER_FIELDS
 
     n = MAX_DEAD_FIELDS + 50
     db = tmp_path / "fleet.db"

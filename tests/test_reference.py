@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from collector.drift import load_reference_spec
 from device_agent.agent import Agent
 from device_agent.contracts.messages import SCORE_BUCKETS
 from device_agent.errors import ConfigError
 from device_agent.telemetry import WindowAggregator
 from sdk.artifact import read_artifact
-from sdk.collector.drift import load_reference_spec
 from sdk.detect import fit_detector
 from sdk.package import package
 from sdk.reference import (

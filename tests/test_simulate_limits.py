@@ -1,5 +1,5 @@
 """The simulated fleet's per-process limit: paho-mqtt's select() cannot watch a file descriptor
-above 1023, so sdk.collector.simulate refuses a fleet that would need one, with a line saying
+above 1023, so collector.simulate refuses a fleet that would need one, with a line saying
 to run several processes, instead of failing inside paho's network threads."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sdk.collector.errors import ConfigError
-from sdk.collector.simulate import (
+from collector.errors import ConfigError
+from collector.simulate import (
     FD_SETSIZE,
     FDS_PER_DEVICE,
     MAX_DEVICES_PER_PROCESS,
@@ -29,7 +29,7 @@ UNREACHABLE = "mqtt://127.0.0.1:1"  # the refusals below come before any connect
 
 def _simulate(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sdk.collector.simulate", *args],
+        [sys.executable, "-m", "collector.simulate", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

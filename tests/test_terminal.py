@@ -195,7 +195,7 @@ class HostileDevice:
 
 @pytest.fixture(scope="module")
 def collector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from sdk.collector.service import Collector, CollectorConfig
+    from collector.service import Collector, CollectorConfig
 
     tmp = tmp_path_factory.mktemp("terminal")
     with Mosquitto(tmp / "mosquitto", persistence=False) as broker:

@@ -16,7 +16,7 @@ Routes (all GET; documented with examples in ``docs/collector.md``):
 * ``/api/devices/{device}/commands/{id}``: a command sent through this API and the device's
   reply (from the store), ``state`` pending / replied / expired.
 
-Other parts of the collector add routes with :func:`mount` (:mod:`sdk.collector.monitor`:
+Other parts of the collector add routes with :func:`mount` (:mod:`collector.monitor`:
 ``/metrics``, ``/api/alerts``, ``/api/drift`` and the dashboard at ``/``).
 
 State-changing routes (POST) need the API token, ``Authorization: Bearer <token>``:
@@ -55,6 +55,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
+from collector.errors import BrokerError, ConfigError
+from collector.state import FleetState
 from device_agent.contracts import messages as msg
 from device_agent.errors import EdgeshipError, ProtocolError
 from device_agent.httpserver import (
@@ -64,8 +66,6 @@ from device_agent.httpserver import (
     RequestError,
     parse_json,
 )
-from sdk.collector.errors import BrokerError, ConfigError
-from sdk.collector.state import FleetState
 
 __all__ = [
     "HTTP_LIMITS",
@@ -79,7 +79,7 @@ __all__ = [
     "mount",
 ]
 
-log = logging.getLogger("sdk.collector.api")
+log = logging.getLogger("collector.api")
 
 _MAX_SERIES = 10_000
 MAX_BODY_BYTES = 64 * 1024  # any request's body; a command is a few hundred bytes
@@ -132,7 +132,7 @@ class SentCommand:
 
 
 class Commander(Protocol):
-    """What the API needs to send commands (:class:`sdk.collector.service.Collector`)."""
+    """What the API needs to send commands (:class:`collector.service.Collector`)."""
 
     def send_command(self, fleet: str, device: str, command: msg.Command) -> SentCommand:
         """Publish ``command`` at QoS 1 and wait for the broker's PUBACK; raises BrokerError

@@ -15,7 +15,7 @@ newest-wins by receive time), so concurrent writers and any arrival order give t
 
 A batch the database refuses for what it holds (a value it cannot store: text it cannot encode,
 a number out of range, a constraint an operator added) raises :class:`RecordError`; the collector
-then splits the batch until the refused record is alone (``sdk.collector.service``). Every other
+then splits the batch until the refused record is alone (``collector.service``). Every other
 failure (the database down, locked, out of space) is a plain :class:`StoreError`, and the whole
 batch is tried again later.
 
@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from collector.errors import ConfigError, StoreError
+from collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
     SCORE_BUCKETS,
@@ -68,8 +70,6 @@ from device_agent.contracts.messages import (
     StatusMessage,
     safe_text,
 )
-from sdk.collector.errors import ConfigError, StoreError
-from sdk.collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord
 
 __all__ = [
     "SCHEMA_VERSION",

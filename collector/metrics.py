@@ -33,14 +33,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from collector.alerts import RULES, AlertRecord
+from collector.drift import DriftResult
+from collector.ingest import TelemetryRecord
+from collector.state import FleetSnapshot
 from device_agent.contracts.messages import DEPLOY_STATES, LATENCY_BUCKETS_MS
-from sdk.collector.alerts import RULES, AlertRecord
-from sdk.collector.drift import DriftResult
-from sdk.collector.ingest import TelemetryRecord
-from sdk.collector.state import FleetSnapshot
 
 if TYPE_CHECKING:
-    from sdk.collector.service import CollectorStats
+    from collector.service import CollectorStats
 
 __all__ = ["CONTENT_TYPE", "DeviceCounters", "escape_label", "render_metrics"]
 

@@ -13,7 +13,7 @@ Data path, and why it is shaped this way::
   stored it, so the broker redelivers everything un-acknowledged to the persistent session when
   the collector comes back (a store error likewise leaves the batch un-acked, and it is retried).
 * **No message can hold a batch.** A batch the store refuses for a value in it
-  (:class:`~sdk.collector.store.RecordError`, or any error that is not the database's state) is
+  (:class:`~collector.store.RecordError`, or any error that is not the database's state) is
   split in halves, and the halves again, until the refused record is alone: it is kept as a dead
   letter (``field="store"``) and every other message of the batch is stored once. Only a store
   that cannot write at all (down, locked, full) makes a batch wait and be retried whole; while
@@ -37,7 +37,7 @@ Data path, and why it is shaped this way::
 * **Duplicates** are dropped by the store (unique key + ON CONFLICT DO NOTHING), never by this
   process, so several collectors sharing a fleet through ``$share/{group}/...`` stay correct.
 
-The HTTP JSON API (:mod:`sdk.collector.api`) and the fleet state (:mod:`sdk.collector.state`)
+The HTTP JSON API (:mod:`collector.api`) and the fleet state (:mod:`collector.state`)
 run in this process and read the store through their own connection.
 """
 
@@ -69,6 +69,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from collector.api import SentCommand
+from collector.errors import BrokerError, CollectorError, ConfigError, StoreError
+from collector.ingest import DeadLetter, Ignored, Record, dead_letter, ingest
+from collector.state import FleetState, StateConfig
+from collector.store import InsertResult, RecordError, Store, open_store, redact_url
 from device_agent.contracts.messages import (
     Command,
     encode,
@@ -80,11 +85,6 @@ from device_agent.contracts.messages import (
 from device_agent.contracts.messages import topic as message_topic
 from device_agent.errors import ProtocolError
 from device_agent.httpserver import is_loopback
-from sdk.collector.api import SentCommand
-from sdk.collector.errors import BrokerError, CollectorError, ConfigError, StoreError
-from sdk.collector.ingest import DeadLetter, Ignored, Record, dead_letter, ingest
-from sdk.collector.state import FleetState, StateConfig
-from sdk.collector.store import InsertResult, RecordError, Store, open_store, redact_url
 
 __all__ = [
     "BatchOutcome",
@@ -98,7 +98,7 @@ __all__ = [
     "run_collector",
 ]
 
-log = logging.getLogger("sdk.collector")
+log = logging.getLogger("collector")
 
 Delivery = tuple[str, bytes, float]  # (topic, payload, received_at): what the worker gets
 
@@ -270,7 +270,7 @@ class CollectorConfig:
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{what} {path}: no such file")
         if self.api_token is not None:
-            from sdk.collector.api import check_api_token
+            from collector.api import check_api_token
 
             check_api_token(self.api_token)
 
@@ -459,7 +459,7 @@ def _worker_main(conn: Any, store_url: str, fleet: str | None) -> None:
 
 
 class _ProcessSink:
-    """The worker as ``python -m sdk.collector.service --worker``: a plain child process (not
+    """The worker as ``python -m collector.service --worker``: a plain child process (not
     multiprocessing's spawn, which would re-import the caller's ``__main__``), talking over a
     socketpair with multiprocessing's framing. Closing our end, or dying, stops it."""
 
@@ -470,7 +470,7 @@ class _ProcessSink:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "sdk.collector.service", "--worker",
+                [sys.executable, "-m", "collector.service", "--worker",
                  str(theirs.fileno()), store_url, fleet or ""],
                 pass_fds=(theirs.fileno(),),
                 env=env,
@@ -679,7 +679,7 @@ class Collector:
             self._threads.append(committer)
         address = cfg.http_address
         if address is not None:
-            from sdk.collector.api import make_api_server
+            from collector.api import make_api_server
 
             self._http = make_api_server(
                 self._state, self.health, address, api_token=cfg.api_token, commander=self
@@ -1312,7 +1312,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         # Through the package, not __main__: the outcomes' classes must pickle under their
         # real module name for the parent to read them.
-        from sdk.collector import service
+        from collector import service
 
         sys.exit(service._worker_entry(sys.argv[2:]))
-    sys.exit("usage: python -m sdk.collector.service --worker FD STORE_URL FLEET (internal)")
+    sys.exit("usage: python -m collector.service --worker FD STORE_URL FLEET (internal)")

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from collector.ingest import TelemetryRecord
+from collector.store import BootRange, DeviceRow, EventRow, Store
 from device_agent.contracts.messages import LATENCY_BUCKETS_MS, DeployEvent
-from sdk.collector.ingest import TelemetryRecord
-from sdk.collector.store import BootRange, DeviceRow, EventRow, Store
 
 __all__ = [
     "DeviceDetail",

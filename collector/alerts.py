@@ -12,7 +12,7 @@ collect --alerts alerts.toml``; without a file the defaults below apply)::
     outlier_rate  outliers / inferences of the newest `windows` windows       warning
                   > threshold (per-model `models` table)
     drift         PSI of predictions or outlier scores >= drift.significant;  warning
-                  resolves below drift.moderate (see sdk.collector.drift)
+                  resolves below drift.moderate (see collector.drift)
     throttled     the newest window reports under-voltage, a frequency cap,   warning
                   throttling or the soft temperature limit right now
     gaps          sequence numbers went missing in the last period_s          info
@@ -58,7 +58,7 @@ TOML format (every table and key optional)::
     [rules.gaps]
     enabled = false
 
-    [drift]                        # sdk.collector.drift.DriftConfig
+    [drift]                        # collector.drift.DriftConfig
     windows = 3
     min_samples = 300
 """
@@ -79,12 +79,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, cast
 
+from collector.drift import DriftConfig, DriftResult, Reference
+from collector.errors import ConfigError, StoreError
+from collector.ingest import TelemetryRecord
+from collector.state import DeviceState, summarize_latency
 from device_agent.contracts.messages import Alert, encode, message_topic
 from device_agent.errors import ProtocolError
-from sdk.collector.drift import DriftConfig, DriftResult, Reference
-from sdk.collector.errors import ConfigError, StoreError
-from sdk.collector.ingest import TelemetryRecord
-from sdk.collector.state import DeviceState, summarize_latency
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -106,7 +106,7 @@ __all__ = [
     "source_id",
 ]
 
-log = logging.getLogger("sdk.collector.alerts")
+log = logging.getLogger("collector.alerts")
 
 Severity: TypeAlias = Literal["info", "warning", "critical"]
 RULES: tuple[str, ...] = (
@@ -519,7 +519,7 @@ _ALERT_COLUMNS = (
 
 class AlertStore:
     """Alert history in SQLite (``path``, or ``":memory:"``): one row per alert id, updated
-    from firing to resolved. Thread-safe. The collector's main store (``sdk.collector.store``)
+    from firing to resolved. Thread-safe. The collector's main store (``collector.store``)
     keeps what devices sent; this one keeps what the collector concluded."""
 
     def __init__(self, path: str | Path = ":memory:") -> None:
@@ -785,7 +785,7 @@ class MqttAlertPublisher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-        from sdk.collector.service import parse_broker_url
+        from collector.service import parse_broker_url
 
         broker = parse_broker_url(broker_url)
         self._client = mqtt.Client(

@@ -1,6 +1,6 @@
 """The collector's web pages and the monitor's HTTP routes, mounted on the JSON API's server.
 
-Routes (GET), on top of :mod:`sdk.collector.api`'s ``/api/...``:
+Routes (GET), on top of :mod:`collector.api`'s ``/api/...``:
 
 * ``/``: the fleet dashboard: one row per device (state, model and version, p95 latency,
   outlier rate, temperature, drift PSI, firing alerts), firing alerts above it. The page is
@@ -10,7 +10,7 @@ Routes (GET), on top of :mod:`sdk.collector.api`'s ``/api/...``:
 * ``/devices/{device}`` (``?fleet=``): one device: its facts, latency (p50, p95, max) and outlier
   rate per telemetry window drawn as inline SVG from ``/api/devices/{device}``'s series, its
   alerts and newest events.
-* ``/metrics``: Prometheus text exposition (:mod:`sdk.collector.metrics`).
+* ``/metrics``: Prometheus text exposition (:mod:`collector.metrics`).
 * ``/api/alerts`` (``?state=firing|resolved``, ``?limit=N``): firing alerts and the history.
 * ``/api/drift``: drift settings, registered references and each device's verdict.
 * ``/static/dashboard.js``, ``/static/dashboard.css``.
@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdk.collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sdk.collector.state import DeviceState
+from collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from collector.state import DeviceState
 
 if TYPE_CHECKING:
-    from sdk.collector.monitor import Monitor
+    from collector.monitor import Monitor
 
 __all__ = ["Response", "Route", "make_routes"]
 

@@ -1,6 +1,6 @@
 """The collector's watcher: drift, alerts and Prometheus metrics over what the collector stores.
 
-A :class:`Monitor` runs beside a :class:`~sdk.collector.service.Collector` (same process, its
+A :class:`Monitor` runs beside a :class:`~collector.service.Collector` (same process, its
 own thread and its own store connection) and never touches the ingest path::
 
     store ──(new telemetry windows, every interval_s)──► DriftMonitor, per-device counters
@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_agent.errors import EdgeshipError
-from sdk.collector.alerts import (
+from collector.alerts import (
     RULES,
     AlertEngine,
     AlertsConfig,
@@ -37,19 +36,20 @@ from sdk.collector.alerts import (
     MqttAlertPublisher,
     Publish,
 )
-from sdk.collector.drift import DriftMonitor, ReferenceSet
-from sdk.collector.errors import ConfigError
-from sdk.collector.ingest import TelemetryRecord
-from sdk.collector.metrics import DeviceCounters, render_metrics
-from sdk.collector.state import DeviceState, FleetState
-from sdk.collector.store import Store
+from collector.drift import DriftMonitor, ReferenceSet
+from collector.errors import ConfigError
+from collector.ingest import TelemetryRecord
+from collector.metrics import DeviceCounters, render_metrics
+from collector.state import DeviceState, FleetState
+from collector.store import Store
+from device_agent.errors import EdgeshipError
 
 if TYPE_CHECKING:
-    from sdk.collector.service import Collector, CollectorStats
+    from collector.service import Collector, CollectorStats
 
 __all__ = ["Monitor", "MonitorConfig", "default_alerts_db"]
 
-log = logging.getLogger("sdk.collector.monitor")
+log = logging.getLogger("collector.monitor")
 
 _RECENT_WINDOWS = 64
 
@@ -57,7 +57,7 @@ _RECENT_WINDOWS = 64
 @dataclass(frozen=True)
 class MonitorConfig:
     """``alerts``: the rules (``load_alerts_config``); ``references``: ``--reference`` specs
-    (see :func:`sdk.collector.drift.load_reference_spec`); ``alerts_db``: the alert history's
+    (see :func:`collector.drift.load_reference_spec`); ``alerts_db``: the alert history's
     SQLite file (None: next to a SQLite store, in memory otherwise); ``interval_s``: how often
     new telemetry is read and rules evaluated; ``expire_after_s``: a device silent that long
     has no metrics any more; ``publish``: send alerts over MQTT."""
@@ -161,7 +161,7 @@ class Monitor:
         """A monitor for a started collector: its own store connection, alerts published to
         the collector's broker under the client id ``{collector id}-alerts``. ``references``
         (already loaded) replaces ``config.references``."""
-        from sdk.collector.store import open_store
+        from collector.store import open_store
 
         cfg = collector.config
         if references is None:
@@ -197,8 +197,8 @@ class Monitor:
 
     def start(self) -> Monitor:
         """Mount the routes on the collector's API and start the thread."""
-        from sdk.collector.api import mount
-        from sdk.collector.web import make_routes
+        from collector.api import mount
+        from collector.web import make_routes
 
         mount(self.state, make_routes(self))
         self._thread = threading.Thread(target=self._run, name="edgeship-monitor", daemon=True)

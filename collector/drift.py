@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from collector.errors import ConfigError
+from collector.ingest import TelemetryRecord
 from device_agent.contracts.messages import SCORE_BUCKETS
-from sdk.collector.errors import ConfigError
-from sdk.collector.ingest import TelemetryRecord
 from sdk.reference import REFERENCE_NAME, ReferenceStats, load_reference
 
 __all__ = [

@@ -3,7 +3,7 @@ birth message, and valid telemetry windows with per-device sequence numbers.
 
 For benchmarks, tests and demos of the collector without boards::
 
-    python -m sdk.collector.simulate --broker mqtt://localhost --fleet demo --devices 20 \\
+    python -m collector.simulate --broker mqtt://localhost --fleet demo --devices 20 \\
         --period 1 --duration 60 --report published.json
 
 Every payload is a valid v1 message (one template per device is checked with
@@ -35,6 +35,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from collector.errors import BrokerError, ConfigError
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
     SCORE_BUCKETS,
@@ -47,7 +48,6 @@ from device_agent.contracts.messages import (
     topic,
 )
 from device_agent.errors import EdgeshipError
-from sdk.collector.errors import BrokerError, ConfigError
 
 __all__ = ["MAX_DEVICES_PER_PROCESS", "SimConfig", "SimulatedFleet", "main"]
 
@@ -119,7 +119,7 @@ class SimulatedFleet:
     """``connect()``, then ``publish_round()`` per window (or ``run()``), then ``close()``."""
 
     def __init__(self, config: SimConfig) -> None:
-        from sdk.collector.service import parse_broker_url
+        from collector.service import parse_broker_url
 
         if config.devices < 1:
             raise ConfigError(f"devices must be at least 1, got {config.devices}")
@@ -371,10 +371,10 @@ class SimulatedFleet:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m sdk.collector.simulate",
+        prog="python -m collector.simulate",
         description="Simulate a fleet of devices: one MQTT connection each, with a Last Will, "
         "a birth status and a valid telemetry window every --period seconds.",
-        epilog="example: python -m sdk.collector.simulate --broker mqtt://127.0.0.1:1883 "
+        epilog="example: python -m collector.simulate --broker mqtt://127.0.0.1:1883 "
         "--fleet demo --devices 20 --period 1 --duration 60 --report published.json\n"
         f"one process holds at most {MAX_DEVICES_PER_PROCESS} devices (paho-mqtt's select() "
         "stops at file descriptor 1023); for more, run several processes with distinct --prefix",
