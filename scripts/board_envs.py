@@ -34,7 +34,7 @@ so a second run costs a few hash computations. A missing prerequisite raises
 
 Command line (run it with the repository's ``.venv/bin/python``)::
 
-    python scripts/board_envs.py setup [agent] [tflite] [pi]   # default: all three
+    python scripts/board_envs.py setup [agent] [tflite] [pi] [promtool]   # default: all
     python scripts/board_envs.py pi-python                     # print the emulated-Pi prefix
     python scripts/board_envs.py pi -- -m device_agent.cli check BUNDLE
 """
@@ -94,6 +94,7 @@ DEBIAN_SOURCES = (
 )
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 QEMU_PACKAGE = "qemu-user-static"
+PROMETHEUS_PACKAGE = "prometheus"
 # python3.11-minimal and libpython3.11-stdlib with the libraries their extension modules link
 # (the agent needs ssl, ctypes, hashlib, lzma/bz2/zlib, json, sqlite3 is there for a spool).
 PI_PACKAGES = (
@@ -522,6 +523,37 @@ def qemu_aarch64() -> Path:
     return target / "root" / "usr" / "bin" / "qemu-aarch64-static"
 
 
+def promtool() -> Path:
+    """Prometheus's ``promtool`` from Debian bookworm's ``prometheus`` package, unpacked under
+    .cache/: the tests lint the collector's ``/metrics`` with it (``promtool check metrics``)."""
+    if shutil.which("promtool") is not None:
+        return Path(str(shutil.which("promtool")))
+    key = _digest("promtool-v1", PROMETHEUS_PACKAGE)
+
+    def build(target: Path) -> None:
+        debs = _apt_download([f"{PROMETHEUS_PACKAGE}:amd64"], target / "debs")
+        unpack = target / "root"
+        unpack.mkdir()
+        for deb in debs:
+            _run(
+                [
+                    "sh",
+                    "-c",
+                    'dpkg-deb --fsys-tarfile "$0" | tar -x -C "$1" "$2"',
+                    deb,
+                    unpack,
+                    "./usr/bin/promtool",
+                ],
+                what=f"unpacking promtool from {deb.name}",
+            )
+            deb.unlink()  # the server is not needed, only its linter
+        if not (unpack / "usr/bin/promtool").is_file():
+            raise SetupError(f"{PROMETHEUS_PACKAGE} did not contain usr/bin/promtool")
+
+    target = _cached(CACHE / "promtool", key, build, what="promtool")
+    return target / "root" / "usr" / "bin" / "promtool"
+
+
 def pi_root() -> Path:
     """An arm64 sysroot with Debian bookworm's Python 3.11 and the libraries it links."""
     key = _digest("pi-root-v1", *PI_PACKAGES)
@@ -767,6 +799,7 @@ _SETUPS: dict[str, Callable[[], object]] = {
     "agent": agent_venv,
     "tflite": tflite_venv,
     "pi": pi_env,
+    "promtool": promtool,
 }
 
 
@@ -784,7 +817,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="build (or check) the cached environments")
-    setup.add_argument("envs", nargs="*", metavar="ENV", help="agent, tflite, pi (default: all)")
+    setup.add_argument(
+        "envs", nargs="*", metavar="ENV", help="agent, tflite, pi, promtool (default: all)"
+    )
     pi_prefix = sub.add_parser("pi-python", help="print the emulated-Pi Python command prefix")
     pi_prefix.add_argument("--method", choices=["mount", "sysroot"], default=None)
     run = sub.add_parser("pi", help="run the emulated Pi's Python with the given arguments")
