@@ -20,7 +20,6 @@ fleet is refused before anything connects; run several processes with distinct `
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import socket
@@ -47,7 +46,6 @@ from device_agent.contracts.messages import (
     encode,
     topic,
 )
-from device_agent.errors import EdgeshipError
 
 __all__ = ["MAX_DEVICES_PER_PROCESS", "SimConfig", "SimulatedFleet", "main"]
 
@@ -370,63 +368,11 @@ class SimulatedFleet:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m collector.simulate",
-        description="Simulate a fleet of devices: one MQTT connection each, with a Last Will, "
-        "a birth status and a valid telemetry window every --period seconds.",
-        epilog="example: python -m collector.simulate --broker mqtt://127.0.0.1:1883 "
-        "--fleet demo --devices 20 --period 1 --duration 60 --report published.json\n"
-        f"one process holds at most {MAX_DEVICES_PER_PROCESS} devices (paho-mqtt's select() "
-        "stops at file descriptor 1023); for more, run several processes with distinct --prefix",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host[:port]")
-    p.add_argument("--fleet", default="sim", help="fleet name in the topics (default sim)")
-    p.add_argument(
-        "--devices",
-        type=int,
-        default=10,
-        help=f"devices in this process (default 10, at most {MAX_DEVICES_PER_PROCESS})",
-    )
-    p.add_argument("--prefix", default="sim", help="device names PREFIX-0000... (default sim)")
-    p.add_argument("--period", type=float, default=1.0, help="seconds between windows (default 1)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
-    p.add_argument("--keepalive", type=int, default=10, help="MQTT keepalive, s (default 10)")
-    p.add_argument("--report", help="write what the broker acknowledged, as JSON")
-    p.add_argument("--no-goodbye", action="store_true", help="exit without the offline status")
-    args = p.parse_args(argv)
-    try:
-        fleet = SimulatedFleet(
-            SimConfig(
-                broker_url=args.broker,
-                fleet=args.fleet,
-                devices=args.devices,
-                prefix=args.prefix,
-                period_s=args.period,
-                keepalive_s=args.keepalive,
-            )
-        ).connect()
-    except EdgeshipError as exc:
-        from sdk.terminal import printable
+    """``python -m collector.simulate``; the command line lives with the collector's others
+    (:func:`collector.cli.simulate_main`), so this module stays a library."""
+    from collector.cli import simulate_main
 
-        print(f"simulate: error: {printable(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps({"event": "connected", "devices": len(fleet.devices)}), flush=True)
-    rounds = fleet.run(args.duration)
-    acked = fleet.wait_acked(60.0)
-    fleet.close(goodbye=not args.no_goodbye)
-    published = fleet.published
-    summary = {
-        "event": "done",
-        "rounds": rounds,
-        "acked_all": acked,
-        "messages": sum(len(v["seqs"]) for v in published.values()),
-    }
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump({**summary, "devices": published}, f)
-    print(json.dumps(summary), flush=True)
-    return 0 if acked else 1
+    return simulate_main(argv)
 
 
 if __name__ == "__main__":

@@ -299,82 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_demo)
 
+    from collector.cli import COLLECT_DESCRIPTION, add_collect_arguments
+
     p = sub.add_parser(
         "collect",
         help="subscribe to a fleet's MQTT topics, store its history, serve its state",
-        description="Run the fleet collector until SIGTERM or Ctrl-C: validate every message "
-        "(invalid ones go to a dead-letter table), store telemetry, outlier events and status "
-        "changes without duplicates, and serve a JSON API: reads are open (on 127.0.0.1 unless "
-        "--http names another address); sending commands needs the API token "
-        "(--api-token-file, or EDGESHIP_API_TOKEN). See docs/collector.md.",
+        description=COLLECT_DESCRIPTION,
     )
-    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host[:port] or mqtts://")
-    p.add_argument("--fleet", help="the fleet to collect (default: every fleet)")
-    p.add_argument(
-        "--store",
-        default="sqlite:///fleet.db",
-        help="sqlite:///path.db (default: sqlite:///fleet.db) or postgresql://user@host/db",
-    )
-    p.add_argument(
-        "--http", default="127.0.0.1:9108", help="JSON API address (default 127.0.0.1:9108; off)"
-    )
-    p.add_argument("--group", help="MQTT v5 shared-subscription group, to split a fleet's load")
-    p.add_argument("--client-id", help="the broker session's name (keep it across restarts)")
-    p.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
-    p.add_argument(
-        "--stale-windows",
-        type=float,
-        default=3.0,
-        help="telemetry windows without a message before a device is stale (default 3)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="decode/store processes (default 2)")
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
-    p.add_argument(
-        "--api-token-file",
-        type=Path,
-        metavar="FILE",
-        help="a file holding the API token that POST requests (commands to devices) must send "
-        "as 'Authorization: Bearer TOKEN'; without a token (this, --api-token or "
-        "EDGESHIP_API_TOKEN) the API is read-only",
-    )
-    p.add_argument(
-        "--api-token",
-        metavar="TOKEN",
-        help="the API token itself (visible to other users in ps: prefer --api-token-file)",
-    )
-    p.add_argument(
-        "--cert-file",
-        help="client certificate for mqtts:// (a broker with use_identity_as_username takes its "
-        "CN as the user name)",
-    )
-    p.add_argument("--key-file", help="the client certificate's private key")
-    p.add_argument(
-        "--alerts",
-        type=Path,
-        help="alert rules, TOML (default: the built-in rules; docs/collector.md)",
-    )
-    p.add_argument(
-        "--reference",
-        action="append",
-        default=[],
-        metavar="[NAME[@VERSION]=]PATH",
-        help="reference statistics for drift: a bundle directory, or NAME[@VERSION]=reference.json "
-        "(repeatable; without one, a device is compared with its own first windows)",
-    )
-    p.add_argument(
-        "--alerts-db", help="the alert history's SQLite file (default: beside a SQLite store)"
-    )
-    p.add_argument(
-        "--metrics-expire",
-        type=float,
-        default=3600.0,
-        help="seconds after which a silent device's series leave /metrics (default 3600)",
-    )
-    p.add_argument(
-        "--no-monitor",
-        action="store_true",
-        help="only collect and serve the JSON API: no alerts, drift, /metrics or dashboard",
-    )
+    add_collect_arguments(p)
     p.set_defaults(handler=_cmd_collect)
 
     from sdk.fleet_cli import add_fleet_parser
@@ -828,74 +760,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from collector.api import load_api_token
-    from collector.service import Collector, CollectorConfig, run_collector
+    from collector.cli import run_collect
 
-    config = CollectorConfig(
-        broker_url=args.broker,
-        fleet=args.fleet,
-        store_url=args.store,
-        http=args.http,
-        client_id=args.client_id,
-        share_group=args.group,
-        protocol=args.protocol,
-        stale_windows=args.stale_windows,
-        workers=args.workers,
-        ca_file=args.ca_file,
-        api_token=load_api_token(args.api_token, args.api_token_file),
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-    )
-    monitor_config, references = _monitor_settings(args)
-    monitors: list[Any] = []
-
-    def started(c: Collector) -> None:
-        api = "off"
-        if config.http_address is not None:
-            host, port = c.http_address_bound()
-            api = f"http://{host}:{port}/api/health"
-            api += " (commands: token set)" if config.api_token else " (read-only: no API token)"
-            if monitor_config is not None:
-                api += f", dashboard http://{host}:{port}/, metrics http://{host}:{port}/metrics"
-        print(
-            f"collecting {config.topic_filter} from {config.broker.display()} as "
-            f"{config.session_id} into {c.state.store.url}; API {api}",
-            flush=True,
-        )
-        if monitor_config is not None:
-            from collector.monitor import Monitor
-
-            monitors.append(Monitor.for_collector(c, monitor_config, references=references).start())
-
-    try:
-        stats = run_collector(config, on_started=started)
-    finally:
-        for monitor in monitors:
-            monitor.stop()
-    print(
-        f"stopped: {stats.received} received, {stats.stored} stored, {stats.duplicates} "
-        f"duplicates, {stats.dead_letters} dead letters",
-        flush=True,
-    )
-    return EXIT_OK
-
-
-def _monitor_settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(MonitorConfig, ReferenceSet) from ``collect``'s options, read before connecting so a
-    bad alerts file or reference is exit code 2; (None, None) with --no-monitor."""
-    if args.no_monitor:
-        return None, None
-    from collector.alerts import load_alerts_config
-    from collector.drift import ReferenceSet
-    from collector.monitor import MonitorConfig
-
-    config = MonitorConfig(
-        alerts=load_alerts_config(args.alerts),
-        references=tuple(args.reference),
-        alerts_db=args.alerts_db,
-        expire_after_s=args.metrics_expire,
-    )
-    return config, ReferenceSet.from_specs(config.references)
+    return run_collect(args)
 
 
 def _parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
