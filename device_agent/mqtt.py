@@ -71,7 +71,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -79,6 +78,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from device_agent.contracts.broker import BrokerUrl, redact
 from device_agent.contracts.messages import QOS, RETAIN, Command, decode, topic, validate_id
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 from device_agent.spool import Spool
@@ -92,7 +92,6 @@ PublishedKind = Literal["status", "telemetry", "outliers", "cmd/reply"]
 # What a device may publish; "cmd" flows the other way and "alerts" belong to collectors.
 PUBLISHED_KINDS: tuple[PublishedKind, ...] = ("status", "telemetry", "outliers", "cmd/reply")
 
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # MQTT 5 reason code 0x84 (paho also maps a 3.1.1-style CONNACK return code 1 to it).
 _UNSUPPORTED_PROTOCOL = 0x84
 # A connection that lasted this long resets the backoff; shorter ones (a broker that accepts
@@ -111,8 +110,9 @@ _new_properties: Callable[[int], Properties] = Properties
 class BrokerConfig:
     """Where and how the agent connects. Construction validates and raises ConfigError.
 
-    ``url`` is ``mqtt://host[:port]`` (plain TCP, port 1883) or ``mqtts://host[:port]`` (TLS,
-    port 8883); credentials may also be given in it (``mqtt://user:pass@host``). With TLS the
+    ``url`` follows :mod:`device_agent.contracts.broker`'s grammar: ``mqtt://host[:port]``
+    (plain TCP, port 1883) or ``mqtts://host[:port]`` (TLS, port 8883); credentials may also be
+    given in it (``mqtt://user:pass@host``). With TLS the
     broker certificate is verified against ``ca_file`` (the system's CAs when None);
     ``cert_file``/``key_file`` present a client certificate; ``tls_insecure`` skips the
     hostname check (not the chain check), as ``mosquitto_pub --insecure`` does.
@@ -143,18 +143,18 @@ class BrokerConfig:
     tls: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        host, port, tls, user, password = _parse_url(self.url)
-        if user is not None:
+        parsed = BrokerUrl.parse(self.url)
+        if parsed.username is not None:
             if self.username is not None or self.password is not None:
                 raise ConfigError(
-                    f"broker url {_redact(self.url)}: credentials are given both in the URL "
+                    f"broker URL {redact(self.url)}: credentials are given both in the URL "
                     "and as username/password; keep one"
                 )
-            object.__setattr__(self, "username", user)
-            object.__setattr__(self, "password", password)
-        object.__setattr__(self, "host", host)
-        object.__setattr__(self, "port", port)
-        object.__setattr__(self, "tls", tls)
+            object.__setattr__(self, "username", parsed.username)
+            object.__setattr__(self, "password", parsed.password)
+        object.__setattr__(self, "host", parsed.host)
+        object.__setattr__(self, "port", parsed.port)
+        object.__setattr__(self, "tls", parsed.tls)
         self._validate()
 
     def _validate(self) -> None:
@@ -194,7 +194,7 @@ class BrokerConfig:
                 given.append("tls_insecure")
             if given:
                 raise ConfigError(
-                    f"broker url {_redact(self.url)}: {', '.join(given)} given for a plain "
+                    f"broker URL {redact(self.url)}: {', '.join(given)} given for a plain "
                     "mqtt:// connection; use mqtts:// for TLS"
                 )
         if self.key_file is not None and self.cert_file is None:
@@ -225,46 +225,6 @@ class BrokerConfig:
             raise ConfigError(f"mqtt TLS files: cannot load them: {exc}") from exc
         ctx.check_hostname = not self.tls_insecure
         return ctx
-
-
-def _parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
-    if not isinstance(url, str) or not url.strip():
-        raise ConfigError("broker url: empty; expected mqtt://host[:port] or mqtts://host[:port]")
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"broker url {_redact(url)}: {exc}") from exc
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        hint = " (missing mqtt://?)" if "://" not in url else ""
-        raise ConfigError(
-            f"broker url {_redact(url)}: scheme {parts.scheme!r} is not mqtt or mqtts{hint}"
-        )
-    if not parts.hostname:
-        raise ConfigError(f"broker url {_redact(url)}: no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(
-            f"broker url {_redact(url)}: unexpected path, query or fragment; "
-            "expected mqtt://host[:port]"
-        )
-    if port == 0:
-        raise ConfigError(f"broker url {_redact(url)}: port 0 is not a port")
-    user = None if parts.username is None else unquote(parts.username)
-    password = None if parts.password is None else unquote(parts.password)
-    return parts.hostname, port or _DEFAULT_PORTS[scheme], scheme == "mqtts", user, password
-
-
-def _redact(url: str) -> str:
-    """The URL without a password, for error messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return repr(url)
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return repr(parts._replace(netloc=netloc).geturl())
-    except ValueError:
-        return "(unparsable url)"
 
 
 class Backoff:

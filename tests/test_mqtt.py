@@ -268,11 +268,10 @@ def test_protocol_311_connects_to_mosquitto_directly(
     ("url", "kw", "match"),
     [
         ("", {}, "empty"),
-        ("127.0.0.1:1883", {}, "missing mqtt://"),
-        ("tcp://broker:1883", {}, "scheme 'tcp' is not mqtt or mqtts"),
+        ("http://broker:1883", {}, "scheme 'http' is not mqtt or mqtts"),
         ("mqtt://", {}, "no host"),
         ("mqtt://broker:99999", {}, "out of range"),
-        ("mqtt://broker:port", {}, "broker url"),
+        ("mqtt://broker:port", {}, "port 'port' is not a number"),
         ("mqtt://broker:0", {}, "port 0"),
         ("mqtt://broker/fleet", {}, "unexpected path"),
         ("mqtt://broker?x=1", {}, "unexpected path"),
