@@ -13,6 +13,8 @@ Modules, each owning one stage (see ``docs/collector.md``):
 * :mod:`~collector.api`: the JSON API on ``http.server`` (reads open; sending commands
   needs the API token).
 * :mod:`~collector.simulate`: a fleet of simulated devices, for benchmarks, tests, demos.
+* :mod:`~collector.program`: the composition root: builds the collector (subscriber, store,
+  HTTP API) and its monitor from one config, and runs them until a signal.
 * :mod:`~collector.cli`: the command line, ``edgeship-collector`` (the same options as
   ``edgeship collect``, which calls it) and ``python -m collector.simulate``.
 

@@ -123,7 +123,8 @@ def run_collect(args: argparse.Namespace) -> int:
     """Run the collector with ``collect``'s options until SIGTERM or Ctrl-C; 0 when it stopped.
     Bad input raises an :class:`EdgeshipError` (the caller prints it and exits 2)."""
     from collector.api import load_api_token
-    from collector.service import Collector, CollectorConfig, run_collector
+    from collector.program import ProgramConfig, run_program
+    from collector.service import CollectorConfig
 
     config = CollectorConfig(
         broker_url=args.broker,
@@ -141,31 +142,10 @@ def run_collect(args: argparse.Namespace) -> int:
         key_file=args.key_file,
     )
     monitor_config, references = _monitor_settings(args)
-    monitors: list[Any] = []
-
-    def started(c: Collector) -> None:
-        api = "off"
-        if config.http_address is not None:
-            host, port = c.http_address_bound()
-            api = f"http://{host}:{port}/api/health"
-            api += " (commands: token set)" if config.api_token else " (read-only: no API token)"
-            if monitor_config is not None:
-                api += f", dashboard http://{host}:{port}/, metrics http://{host}:{port}/metrics"
-        print(
-            f"collecting {config.topic_filter} from {config.broker.display()} as "
-            f"{config.session_id} into {c.state.store.url}; API {api}",
-            flush=True,
-        )
-        if monitor_config is not None:
-            from collector.monitor import Monitor
-
-            monitors.append(Monitor.for_collector(c, monitor_config, references=references).start())
-
-    try:
-        stats = run_collector(config, on_started=started)
-    finally:
-        for monitor in monitors:
-            monitor.stop()
+    stats = run_program(
+        ProgramConfig(config, monitor=monitor_config, references=references),
+        on_started=lambda program: print(program.describe(), flush=True),
+    )
     print(
         f"stopped: {stats.received} received, {stats.stored} stored, {stats.duplicates} "
         f"duplicates, {stats.dead_letters} dead letters",

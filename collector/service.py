@@ -60,7 +60,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal, NamedTuple, Protocol
 
 import paho.mqtt.client as mqtt
@@ -1277,35 +1276,13 @@ def run_collector(
 ) -> CollectorStats:
     """Run until SIGTERM/SIGINT (or ``stop`` is set, or a fatal error); returns the counters.
 
-    Raises the fatal error (a CollectorError) if one stopped the collector.
+    Raises the fatal error (a CollectorError) if one stopped the collector. The collector alone,
+    without a monitor: :func:`collector.program.run_program` runs the whole program.
     """
-    stop_event = stop or threading.Event()
-    collector = Collector(config)
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
+    from collector.program import ProgramConfig, run_program
 
-        def handle(signum: int, frame: FrameType | None) -> None:
-            stop_event.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handle)
-    try:
-        collector.start()
-        if on_started is not None:
-            on_started(collector)
-        while not stop_event.wait(0.2):
-            if collector.wait(0):
-                break
-    finally:
-        collector.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    if collector.failure is not None:
-        failure = collector.failure
-        if isinstance(failure, CollectorError):
-            raise failure
-        raise CollectorError(f"collector failed: {type(failure).__name__}: {failure}") from failure
-    return collector.stats
+    started = None if on_started is None else (lambda program: on_started(program.collector))
+    return run_program(ProgramConfig(config), stop=stop, on_started=started)
 
 
 if __name__ == "__main__":
