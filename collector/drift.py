@@ -47,7 +47,7 @@ from typing import Any, Literal, TypeAlias
 from collector.errors import ConfigError
 from collector.ingest import TelemetryRecord
 from device_agent.contracts.messages import SCORE_BUCKETS
-from sdk.reference import REFERENCE_NAME, ReferenceStats, load_reference
+from device_agent.contracts.reference import REFERENCE_NAME, ReferenceStats, load_reference
 
 __all__ = [
     "EPSILON",

@@ -145,3 +145,16 @@ def test_fixed_batch_model_is_padded_not_truncated(mlp: dict[str, Any], tmp_path
     dynamic = reference_stats(mlp["model"], None, {"x": data}, LABELS)
     assert doc["samples"] == 398 and sum(doc["prediction_counts"].values()) == 398
     assert doc["prediction_counts"] == dynamic["prediction_counts"]
+
+
+def test_the_format_is_the_contract_modules_and_sdk_re_exports_it(tmp_path: Path) -> None:
+    """The collector reads reference.json through device_agent.contracts.reference (standard
+    library only); sdk.reference writes it and keeps the names it had."""
+    import sdk.reference
+    from device_agent.contracts import reference as contract
+
+    for name in contract.__all__:
+        assert getattr(sdk.reference, name) is getattr(contract, name), name
+    doc = ReferenceStats(samples=2, predictions={"a": 1.0}, prediction_counts={"a": 2}).to_dict()
+    path = write_reference(tmp_path / contract.REFERENCE_NAME, doc)
+    assert contract.load_reference(path).prediction_counts == {"a": 2}

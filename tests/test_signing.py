@@ -722,3 +722,22 @@ def test_a_signature_algorithm_that_cannot_be_printed_is_refused(
     assert main(["check", str(tiny), "--runs", "1"]) == 0  # no trusted keys: listed, not used
     out = capsys.readouterr().out
     assert "signature  signature.json unreadable, not verified" in out
+
+
+def test_the_signature_format_is_the_contract_modules(tmp_path: Path) -> None:
+    """signature.json is read and written by device_agent.contracts.signature (standard library
+    only); device_agent.signing re-exports its names for the code that signs and checks."""
+    import device_agent.signing
+    from device_agent.contracts import signature as contract
+
+    for name in contract.__all__:
+        assert getattr(device_agent.signing, name) is getattr(contract, name), name
+    entry = contract.Signature(
+        key_id="sha256:" + "ab" * 32,
+        algorithm=contract.ALGORITHM,
+        signature=b"\x01" * 64,
+        manifest_sha256="cd" * 32,
+    )
+    contract.write_signatures(tmp_path, [entry])
+    assert contract.read_signatures(tmp_path) == [entry]
+    assert contract.read_signatures(tmp_path / "none") is None
