@@ -1,4 +1,9 @@
-"""Wire contracts shared by the board and the host: the bundle manifest and MQTT messages.
+"""The wire between edgeship's three programs (SDK, agent, collector), importable alone.
 
-They live on the constrained side (the agent) and the SDK imports them, never the reverse.
+One module per format: ``bundle`` (the manifest), ``signature`` (``signature.json``),
+``reference`` (``reference.json``), ``messages`` (MQTT topics and messages), ``commands``
+(commands as types) and ``broker`` (the broker URL). They live on the constrained side (the
+agent) and the SDK and the collector import them, never the reverse. Each loads only the
+standard library, the exception tree (:mod:`device_agent.errors`) and other contracts, never an
+agent module (``tests/test_imports.py``).
 """
