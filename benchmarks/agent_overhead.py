@@ -83,8 +83,8 @@ SIDE_BY_SIDE = textwrap.dedent(
     calls = {"bare": lambda: session.run(None, feed)}
     for variant, agent in agents.items():
         calls[variant] = (lambda a: lambda: a.predict(feed))(agent)
-    assert agents["agent"]._loaded.score_in_graph
-    assert not agents["agent_numpy"]._loaded.score_in_graph
+    assert agents["agent"].slot.loaded.score_in_graph
+    assert not agents["agent_numpy"].slot.loaded.score_in_graph
     names = list(calls)
     times = {n: [] for n in names}
     for n in names:  # warm-up
@@ -113,7 +113,7 @@ SIDE_BY_SIDE = textwrap.dedent(
             ts.append(clock() - t0)
         return p50(ts)
 
-    graph, numpy_ = agents["agent"]._loaded, agents["agent_numpy"]._loaded
+    graph, numpy_ = agents["agent"].slot.loaded, agents["agent_numpy"].slot.loaded
     checked = graph.check(feed)
     names_out = [o.name for o in session.get_outputs()]
     outs = numpy_.run(checked)
@@ -124,7 +124,9 @@ SIDE_BY_SIDE = textwrap.dedent(
         "bare_core_run_us": hot(lambda: session._sess.run(names_out, feed, None)),
         "run_with_score_us": hot(lambda: graph.run(checked)),
         "numpy_score_us": hot(lambda: numpy_.detector.score(checked, outs)),
-        "telemetry_record_us": hot(lambda: agents["agent"]._aggregator.record(2e-5, 3, 1.0, False)),
+        "telemetry_record_us": hot(
+            lambda: agents["agent"].slot.aggregator.record(2e-5, 3, 1.0, False)
+        ),
     }
     time.sleep(1.2)  # let a telemetry window go out, so the check below means something
     acked = {}

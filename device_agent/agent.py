@@ -20,30 +20,33 @@ once (:data:`REPLY_CACHE_IDS`).
 from __future__ import annotations
 
 import logging
-import math
-import os
 import queue
-import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from time import perf_counter
 from types import TracebackType
 from typing import Any
 
-import numpy as np
-
 from device_agent._version import __version__ as AGENT_VERSION
-from device_agent.bundle import Bundle, load_bundle
+from device_agent.agent_config import AgentConfig
+from device_agent.bundle import Bundle
+from device_agent.command_runner import (
+    FATAL,
+    REPLY_CACHE_BYTES,
+    REPLY_CACHE_IDS,
+    CommandRunner,
+    describe,
+)
 from device_agent.contracts import messages as msg
-from device_agent.contracts.bundle import IOSpec, ModelInfo
-from device_agent.detectors import ThresholdedDetector, load_detector
-from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
-from device_agent.runtime import FeedChecker, ModelSession
+from device_agent.contracts.commands import Action, PingReply
+from device_agent.deploy import Deployer
+from device_agent.deploy_files import bundle_to_run
+from device_agent.errors import ConfigError, EdgeshipError
+from device_agent.outlier_events import OutlierEvents
+from device_agent.runtime import ModelSession
+from device_agent.slot import LoadedModel, ModelSlot, Prediction
 from device_agent.sysinfo import SysInfo
 from device_agent.telemetry import WindowAggregator
 
@@ -57,245 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# At most once per command id (docs/protocol.md): the replies of the last REPLY_CACHE_IDS
-# command ids, and at most REPLY_CACHE_BYTES of them (encoded), are kept in memory for this
-# boot; a command whose id is among them gets that reply again instead of running again.
-REPLY_CACHE_IDS = 1024
-REPLY_CACHE_BYTES = 4 * 2**20
-
-# What a unit of background work (a command, an event, a window) never swallows: the process
-# is being stopped. Everything else, MemoryError and RecursionError included, fails that unit
-# only, and the worker thread goes on with the next one.
-_FATAL = (KeyboardInterrupt, SystemExit)
-
-
-def _wire_text(text: str, limit: int = 1000) -> str:
-    """``text`` made safe for any message and log line: lone surrogates and non-printable
-    characters (NUL, newlines, ...) escaped, at most ``limit`` characters."""
-    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if not out.isprintable():
-        out = "".join(
-            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in out
-        )
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-def _describe(exc: BaseException) -> str:
-    """One safe line for an exception: its message, else its type's name."""
-    try:
-        text = str(exc)
-    except Exception:  # a broken __str__ must not fail the error path too
-        text = ""
-    return _wire_text(text or type(exc).__name__)
-
-
-def _default_device_id() -> str:
-    name = socket.gethostname().split(".")[0] or "device"
-    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64]
-    return cleaned or "device"
-
-
-def _default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
-    return Path(base) / "edgeship"
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """How the agent runs. Every field can also come from ``agent.toml`` or the environment
-    (see :mod:`device_agent.config`).
-
-    ``broker_url`` None runs without MQTT (inference and scoring only). ``window_s`` is the
-    telemetry window. Outlier events are limited to ``outlier_events_per_min`` (a token bucket;
-    the next event reports how many were held back). With ``trusted_keys`` (Ed25519 public key
-    files) only bundles signed by one of those keys are loaded; ``model_key_file`` holds the
-    AES-256 key of encrypted models (see ``docs/security.md``). A bundle deployed over MQTT
-    (:mod:`device_agent.deploy`) is confirmed by its first ``deploy_probation_inferences``
-    successful inferences (0: at once) and may be at most ``deploy_max_bytes``.
-    """
-
-    device_id: str = field(default_factory=_default_device_id)
-    fleet: str = "default"
-    broker_url: str | None = None
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    mqtt_protocol: str = "auto"
-    state_dir: Path | str = field(default_factory=_default_state_dir)
-    spool_max_bytes: int = 32 * 2**20
-    window_s: float = 10.0
-    threads: int | None = None
-    providers: tuple[str, ...] | None = None
-    outlier_events_per_min: float = 60.0
-    input_sample_values: int = 0
-    sysinfo_root: str = "/"
-    trusted_keys: tuple[str, ...] = ()
-    model_key_file: str | None = None
-    deploy_probation_inferences: int = 20
-    deploy_max_bytes: int = 256 * 2**20
-
-    def __post_init__(self) -> None:
-        # Accept a str for convenience; the field is always a Path afterwards.
-        object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
-        for value, what in ((self.device_id, "device_id"), (self.fleet, "fleet")):
-            try:
-                msg.validate_id(value, what)
-            except ProtocolError as exc:
-                raise ConfigError(str(exc)) from exc
-        if self.window_s <= 0:
-            raise ConfigError(f"window_s must be positive, got {self.window_s}")
-        if self.spool_max_bytes < 64 * 1024:
-            raise ConfigError(
-                f"spool_max_bytes must be at least 64 KiB, got {self.spool_max_bytes}"
-            )
-        if self.outlier_events_per_min < 0:
-            raise ConfigError("outlier_events_per_min must not be negative")
-        if self.deploy_probation_inferences < 0:
-            raise ConfigError("deploy_probation_inferences must not be negative")
-        if self.deploy_max_bytes < 1024:
-            raise ConfigError(
-                f"deploy_max_bytes must be at least 1 KiB, got {self.deploy_max_bytes}"
-            )
-
-
-# The is_outlier array of a batch of one, shared by every such result (read-only).
-_FLAGGED = np.ones(1, dtype=bool)
-_NOT_FLAGGED = np.zeros(1, dtype=bool)
-_FLAGGED.flags.writeable = _NOT_FLAGGED.flags.writeable = False
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 0.3 us more per call
-class Prediction:
-    """The result of one :meth:`Agent.predict` call (a batch of ``n`` samples).
-
-    ``scores`` and ``is_outlier`` have one entry per sample (``scores`` is None without a
-    detector, and ``is_outlier`` then all False). ``labels`` holds the predicted class label
-    per sample when output 0 is a classifier's (batch, classes) output. For a batch of one,
-    ``is_outlier`` is a shared read-only array (copy it to change it).
-    """
-
-    outputs: list[np.ndarray]
-    scores: np.ndarray | None
-    is_outlier: np.ndarray
-    labels: list[str] | None
-    latency_s: float
-
-    @property
-    def score(self) -> float | None:
-        """The first sample's score (the common batch-of-one case)."""
-        return None if self.scores is None else float(self.scores[0])
-
-
-class LoadedModel:
-    """One verified bundle ready to run: its session, input checker, detector and labels.
-
-    :meth:`Agent.predict` reads the agent's current ``LoadedModel`` once per call, so a remote
-    deploy swaps models by replacing that one reference: calls in flight finish on the model
-    they started with, and no call ever sees the new session with the old detector. ``trial``
-    is set while a newly deployed bundle is on probation (see :mod:`device_agent.deploy`).
-    """
-
-    __slots__ = (
-        "bundle",
-        "check",
-        "detector",
-        "labels",
-        "run",
-        "run_lock",
-        "score_in_graph",
-        "session",
-        "threshold",
-        "trial",
-    )
-
-    def __init__(self, bundle: Bundle, session: ModelSession) -> None:
-        self.bundle = bundle
-        self.session = session
-        m = bundle.manifest
-        self.check = FeedChecker(m.io)
-        self.labels = _classifier_labels(m.io)
-        self.detector: ThresholdedDetector | None = None
-        if m.detector is not None:
-            det = load_detector(m.detector, bundle.path_of(m.detector.params_file))
-            self.detector = ThresholdedDetector(det, m.detector.threshold)
-        self.threshold = math.inf if self.detector is None else self.detector.threshold
-        # A bundle whose model computes the detector's score itself (detector.graph_output):
-        # one run gives the outputs and, last, the score; numpy scoring is the fallback.
-        graph_output = None if m.detector is None else m.detector.graph_output
-        self.score_in_graph = graph_output is not None and graph_output in getattr(
-            session, "hidden_outputs", ()
-        )
-        runner = getattr(session, "runner", None)  # ONNX Runtime: skips a second name check
-        self.run: Callable[[Mapping[str, np.ndarray]], list[np.ndarray]] = (
-            session.run if runner is None else runner(hidden=self.score_in_graph)
-        )
-        # LiteRT interpreters are not safe to call from two threads; ORT sessions are.
-        self.run_lock: threading.Lock | None = (
-            threading.Lock() if session.runtime == "litert" else None
-        )
-        self.trial: Any = None
-
-    @classmethod
-    def open(cls, bundle: Bundle, config: AgentConfig) -> LoadedModel:
-        """Open ``bundle``'s model with the runtime its manifest names."""
-        session = bundle.open_model(
-            model_key_file=config.model_key_file,
-            threads=config.threads,
-            providers=config.providers,
-        )
-        return cls(bundle, session)
-
-    @property
-    def io(self) -> IOSpec:
-        return self.bundle.manifest.io
-
-    @property
-    def model(self) -> ModelInfo:
-        return self.bundle.manifest.model
-
-
-def _classifier_labels(io: IOSpec) -> tuple[str, ...] | None:
-    out = io.outputs[0]
-    if len(out.shape) != 2 or not isinstance(out.shape[1], int) or out.shape[1] < 2:
-        return None
-    if out.labels is not None and len(out.labels) == out.shape[1]:
-        return tuple(out.labels)
-    return tuple(str(i) for i in range(out.shape[1]))
-
-
-class _TokenBucket:
-    def __init__(self, per_min: float, clock: Callable[[], float]) -> None:
-        self._rate = per_min / 60.0
-        self._cap = max(1.0, per_min / 6.0)  # bursts of up to 10 s worth
-        self._tokens = self._cap
-        self._clock = clock
-        self._last = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._cap, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
-@dataclass
-class _Reply:
-    """The reply to one command id: ``ok`` None while the command waits in the queue or runs
-    (``started`` once it runs); ``repeats`` counts the deliveries of the same id that arrived
-    meanwhile (each is answered once it is done)."""
-
-    ok: bool | None = None
-    result: Any = None
-    error: str | None = None
-    size: int = 0
-    repeats: int = 0
-    started: bool = False
 
 
 class Agent:
@@ -316,12 +80,10 @@ class Agent:
         self.config = config
         self.boot = uuid.uuid4().hex[:16]
         self._clock = clock
-        self._loaded = LoadedModel(bundle, session)
-        self._aggregator = WindowAggregator(labels=self._loaded.labels or ())
+        self.slot = ModelSlot(LoadedModel(bundle, session))
+        self.slot.on_relabel = self._relabel
         self._sys = SysInfo(config.sysinfo_root)
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
-        self._bucket = _TokenBucket(config.outlier_events_per_min, time.monotonic)
-        self._suppressed = 0
         self._stop = threading.Event()
         self._window_lock = threading.Lock()
         self._deploy_event: msg.DeployEvent | None = None  # for the next telemetry window
@@ -330,9 +92,6 @@ class Agent:
         self._worker_deaths: dict[str, str] = {}
         # Units of background work that failed (each logged; the thread went on).
         self._unit_errors = {"commands": 0, "events": 0, "windows": 0, "replies": 0}
-        self._replies: OrderedDict[str, _Reply] = OrderedDict()
-        self._replies_bytes = 0
-        self._replies_lock = threading.Lock()
         self._publisher: Any = None
         self._spool: Any = None
         self._drops_mark = 0
@@ -340,12 +99,28 @@ class Agent:
         self._closed = False
         self.last_window: dict[str, Any] | None = None
         self.command_handlers: dict[str, Callable[[msg.Command], Any]] = {
-            "ping": lambda cmd: {"pong": True, "boot": self.boot},
-            "benchmark": self._cmd_benchmark,
+            Action.PING.value: self._cmd_ping,
+            Action.BENCHMARK.value: self._cmd_benchmark,
         }
-        from device_agent.deploy import Deployer
-
-        self.deployer = Deployer(self)
+        self.commands = CommandRunner(
+            device=config.device_id,
+            boot=self.boot,
+            clock=clock,
+            handlers=self.command_handlers,
+            enqueue=self._enqueue_command,
+            errors=self._unit_errors,
+        )
+        self.outliers = OutlierEvents(
+            device=config.device_id,
+            boot=self.boot,
+            per_min=config.outlier_events_per_min,
+            sample_values=config.input_sample_values,
+            clock=clock,
+            put=lambda item: self._events.put_nowait(item),
+        )
+        self.deployer = Deployer(
+            config, self.slot, run_soon=self._run_soon, announce=self._announce_deploy
+        )
         self.command_handlers.update(self.deployer.handlers())
 
     # --- construction ---------------------------------------------------------------------
@@ -360,77 +135,37 @@ class Agent:
         ``path`` None only the deployed bundle can run: :class:`ConfigError` when there is none
         or it cannot run.
         """
-        from device_agent.deploy import deploy_dir, deployed_bundle
-
         cfg = config or AgentConfig()
-        try:
-            deployed = deployed_bundle(cfg, fallback=path is not None)
-        except ConfigError as exc:  # only without path: nothing to fall back to
-            raise ConfigError(
-                f"{exc}; pass --bundle DIR (or set bundle in agent.toml) to run another, or "
-                "deploy one again"
-            ) from exc
-        if deployed is not None:
-            try:
-                opened = deployed.open_model(
-                    model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers
-                )
-                return cls(deployed, opened, cfg)
-            except EdgeshipError as exc:  # e.g. its model key is gone: the given bundle runs
-                if path is None:
-                    raise ConfigError(
-                        f"the deployed bundle {deployed.root} cannot run: {exc}; pass --bundle "
-                        "DIR (or set bundle in agent.toml) to run another"
-                    ) from exc
-                log.error(
-                    "the deployed bundle %s cannot run: %s; using %s", deployed.root, exc, path
-                )
-        if path is None:
-            raise ConfigError(
-                "no bundle to run: pass --bundle DIR (or set bundle in agent.toml), or deploy "
-                f"one with 'edgeship deploy' (none in {deploy_dir(cfg)})"
-            )
-        bundle = load_bundle(path, trusted_keys=cfg.trusted_keys)
-        session = bundle.open_model(
-            model_key_file=cfg.model_key_file, threads=cfg.threads, providers=cfg.providers
-        )
-        return cls(bundle, session, cfg)
+        return bundle_to_run(path, cfg, lambda bundle, session: cls(bundle, session, cfg))
 
     @property
     def bundle(self) -> Bundle:
         """The bundle running now (it changes when a remote deploy swaps one in)."""
-        return self._loaded.bundle
+        return self.slot.loaded.bundle
 
     @property
     def session(self) -> ModelSession:
         """The runtime session of :attr:`bundle`."""
-        return self._loaded.session
+        return self.slot.loaded.session
 
-    def _swap_model(self, new: LoadedModel) -> LoadedModel:
-        """Make ``new`` the model every following :meth:`predict` uses; return the old one.
-
-        One reference assignment: calls in flight finish on the model they started with. When
-        the classes' labels differ, the window is closed first so no window names one model's
-        predictions with the other's labels.
-        """
-        old = self._loaded
-        if new.labels != old.labels:
-            with self._window_lock:
-                lost = False
-                if self._started:
-                    try:
-                        self._emit_window()
-                    except _FATAL:
-                        raise
-                    except BaseException as exc:  # a full disk: the swap must happen anyway
-                        lost = True
-                        self._unit_errors["windows"] += 1
-                        log.error("telemetry window not published: %s", _describe(exc))
-                self._aggregator = WindowAggregator(labels=new.labels or ())
-                if lost:  # counted in the new model's first window, as _window_loop does
-                    self._aggregator.record_error()
-        self._loaded = new
-        return old
+    def _relabel(self, new: LoadedModel) -> None:
+        """Before the slot swaps in a model with other class labels: close the window (so no
+        window names one model's predictions with the other's labels) and start one with the
+        new labels. A window that cannot be published does not stop the swap."""
+        with self._window_lock:
+            lost = False
+            if self._started:
+                try:
+                    self._emit_window()
+                except FATAL:
+                    raise
+                except BaseException as exc:  # a full disk: the swap must happen anyway
+                    lost = True
+                    self._unit_errors["windows"] += 1
+                    log.error("telemetry window not published: %s", describe(exc))
+            self.slot.aggregator = WindowAggregator(labels=new.labels or ())
+            if lost:  # counted in the new model's first window, as _window_loop does
+                self.slot.aggregator.record_error()
 
     # --- inference ------------------------------------------------------------------------
 
@@ -442,106 +177,7 @@ class Agent:
         """
         if self._closed:
             raise EdgeshipError("the agent is closed")
-        loaded = self._loaded
-        try:
-            return self._predict_on(loaded, inputs)
-        except EdgeshipError as exc:
-            if loaded.trial is None:
-                raise
-            # A deployed bundle on probation failed: the deployer answers with the previous
-            # model when it can, and rolls back if that one succeeds where the new one failed.
-            return self.deployer.trial_failed(loaded, inputs, exc)
-
-    def _predict_on(self, loaded: LoadedModel, inputs: Mapping[str, Any]) -> Prediction:
-        # The hot path: every line here costs on each call (about 0.1 us per attribute or
-        # numpy scalar operation), so the common case avoids loops, copies and numpy calls.
-        try:
-            feed = loaded.check(inputs)
-            start = perf_counter()
-            if loaded.run_lock is None:
-                outputs = loaded.run(feed)
-            else:
-                with loaded.run_lock:
-                    outputs = loaded.run(feed)
-            if loaded.score_in_graph:
-                scores: np.ndarray | None = outputs.pop()
-            elif loaded.detector is None:
-                scores = None
-            else:
-                scores = loaded.detector.score(feed, outputs)
-            latency = perf_counter() - start
-        except EdgeshipError:
-            self._aggregator.record_error()
-            raise
-        trial = loaded.trial  # read once: another thread may end the probation meanwhile
-        if trial is not None:
-            trial.passed()
-        first = outputs[0]
-        labels_of = loaded.labels
-        classes = first.argmax(axis=1) if labels_of is not None and first.ndim == 2 else None
-        record = self._aggregator.record
-        if scores is not None and scores.shape[0] == 1:
-            # A batch of one, the common case: scalar work, no loop, one small array.
-            score = float(scores[0])
-            outlier = score > loaded.threshold
-            flags = _FLAGGED if outlier else _NOT_FLAGGED
-            if classes is None or labels_of is None:
-                record(latency, None, score, outlier)
-                labels = None
-            else:
-                cls = int(classes[0])
-                record(latency, cls, score, outlier)
-                labels = [labels_of[cls]]
-        else:
-            if scores is None:
-                flags = np.zeros(first.shape[0] if first.ndim else 1, dtype=bool)
-            else:
-                flags = scores > loaded.threshold
-            outlier = bool(flags.any())
-            class_list = None if classes is None else classes.tolist()
-            score_list = None if scores is None else scores.tolist()
-            for i, flag in enumerate(flags.tolist()):
-                record(
-                    latency,
-                    None if class_list is None else class_list[i],
-                    None if score_list is None else score_list[i],
-                    flag,
-                )
-            labels = (
-                None
-                if class_list is None or labels_of is None
-                else [labels_of[c] for c in class_list]
-            )
-        if outlier and self._started:
-            self._queue_outliers(loaded, feed, scores, flags, classes)
-        return Prediction(outputs, scores, flags, labels, latency)
-
-    def _queue_outliers(
-        self,
-        loaded: LoadedModel,
-        feed: Mapping[str, np.ndarray],
-        scores: np.ndarray | None,
-        flags: np.ndarray,
-        classes: np.ndarray | None,
-    ) -> None:
-        assert scores is not None and loaded.detector is not None
-        first_input = loaded.io.inputs[0].name
-        labels_of = loaded.labels
-        model = loaded.model
-        threshold = loaded.detector.threshold
-        for i in np.flatnonzero(flags):
-            if not self._bucket.take():
-                self._suppressed += 1
-                continue
-            label = None
-            if classes is not None and labels_of is not None:
-                label = labels_of[int(classes[i])]
-            sample = feed[first_input][i].copy()
-            item = (float(scores[i]), label, sample, self._clock(), model, threshold)
-            try:
-                self._events.put_nowait(("outlier", item))
-            except queue.Full:
-                self._suppressed += 1
+        return self.slot.predict(inputs)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -550,6 +186,7 @@ class Agent:
         if self._started:
             return self
         self._started = True
+        self.slot.on_outliers = self.outliers.queue
         cfg = self.config
         if cfg.broker_url is not None:
             self._start_mqtt()
@@ -564,7 +201,7 @@ class Agent:
             try:
                 loop()
             except BaseException as exc:
-                self._worker_deaths[name] = f"{type(exc).__name__}: {_describe(exc)}"
+                self._worker_deaths[name] = f"{type(exc).__name__}: {describe(exc)}"
                 log.critical(
                     "the agent's %s worker died (%s); %s stop until the agent is restarted",
                     name,
@@ -613,6 +250,7 @@ class Agent:
             on_command=self._on_command,
             on_command_overflow=self._on_command_overflow,
         )
+        self.commands.publisher = self.outliers.publisher = self._publisher
         self._publisher.start()
 
     def close(self, flush_timeout_s: float = 5.0) -> None:
@@ -628,11 +266,11 @@ class Agent:
         try:
             with self._window_lock:
                 self._emit_window()
-        except _FATAL:
+        except FATAL:
             raise
         except BaseException as exc:  # close must still flush and close the spool
             self._unit_errors["windows"] += 1
-            log.error("the last telemetry window was not published: %s", _describe(exc))
+            log.error("the last telemetry window was not published: %s", describe(exc))
         self._drain_events()
         if self._publisher is not None:
             self._publisher.close(flush_timeout_s=flush_timeout_s)
@@ -684,7 +322,7 @@ class Agent:
         """Publisher and spool figures and :meth:`health`, for ``/v1/health`` and tests."""
         out: dict[str, Any] = {
             "boot": self.boot,
-            "suppressed_outlier_events": self._suppressed,
+            "suppressed_outlier_events": self.outliers.suppressed,
             "last_window": self.last_window,
             **self.health(),
         }
@@ -708,31 +346,31 @@ class Agent:
         try:
             with self._window_lock:
                 self._emit_window()
-        except _FATAL:
+        except FATAL:
             raise
         except BaseException as exc:
             self._unit_errors["windows"] += 1
-            self._aggregator.record_error()
+            self.slot.aggregator.record_error()
             if isinstance(exc, EdgeshipError):
-                log.error("telemetry window not published: %s", _describe(exc))
+                log.error("telemetry window not published: %s", describe(exc))
             else:
-                log.exception("telemetry window not published: %s", _describe(exc))
+                log.exception("telemetry window not published: %s", describe(exc))
 
     def _emit_window(self) -> None:
         """Close the window and publish it (the caller holds ``_window_lock``). If it cannot be
         published, its errors and the deploy event it carried go to the next window."""
-        fields = self._aggregator.close_window(self._clock())
+        fields = self.slot.aggregator.close_window(self._clock())
         deploy, self._deploy_event = self._deploy_event, None
         try:
             self._publish_window(fields, deploy)
         except BaseException:
-            self._aggregator.record_error(fields["errors"])
+            self.slot.aggregator.record_error(fields["errors"])
             if self._deploy_event is None:
                 self._deploy_event = deploy
             raise
 
     def _publish_window(self, fields: Any, deploy: msg.DeployEvent | None) -> None:
-        model = self._loaded.model
+        model = self.slot.loaded.model
         host = self._sys.sample()
         self.last_window = {
             "window_start": fields["window_start"],
@@ -816,70 +454,26 @@ class Agent:
         logged, and the thread goes on with the next one."""
         try:
             if kind == "outlier":
-                self._publish_outlier(*item)
+                self.outliers.publish(*item)
             elif kind == "command":
-                self._run_command(item)
+                self.commands.run(item)
             elif kind == "call":
                 item()
-        except _FATAL:
+        except FATAL:
             raise
         except BaseException as exc:
             self._unit_errors["commands" if kind == "command" else "events"] += 1
             if isinstance(exc, EdgeshipError):
-                log.error("%s not handled: %s", kind, _describe(exc))
+                log.error("%s not handled: %s", kind, describe(exc))
             else:
-                log.exception("%s not handled: %s", kind, _describe(exc))
+                log.exception("%s not handled: %s", kind, describe(exc))
 
-    def _publish_outlier(
-        self,
-        score: float,
-        label: str | None,
-        sample: np.ndarray,
-        ts: float,
-        model: ModelInfo,
-        threshold: float,
-    ) -> None:
-        if self._publisher is None:
-            return
-        suppressed, self._suppressed = self._suppressed, 0
-        try:
-            self._publish_outlier_event(score, label, sample, ts, model, threshold, suppressed)
-        except BaseException:
-            # This event is lost: the next one reports it as held back, with the others.
-            self._suppressed += suppressed + 1
-            raise
-
-    def _publish_outlier_event(
-        self,
-        score: float,
-        label: str | None,
-        sample: np.ndarray,
-        ts: float,
-        model: ModelInfo,
-        threshold: float,
-        suppressed: int,
-    ) -> None:
-        assert self._publisher is not None
-        summary = msg.InputSummary.of(sample, sample=self.config.input_sample_values)
-
-        def payload(seq: int) -> bytes:
-            return msg.encode(
-                msg.OutlierEvent(
-                    device=self.config.device_id,
-                    boot=self.boot,
-                    seq=seq,
-                    ts=ts,
-                    score=score,
-                    threshold=threshold,
-                    prediction=label,
-                    input=summary,
-                    model=model.name,
-                    model_version=model.version,
-                    suppressed=suppressed,
-                )
-            )
-
-        self._publisher.publish("outliers", payload)
+    def _announce_deploy(self, event: msg.DeployEvent) -> None:
+        """A deploy changed state: the next telemetry window carries ``event``, and a new
+        retained status names the model that runs now."""
+        with self._window_lock:  # the window being emitted takes it under this lock
+            self._deploy_event = event
+        self._run_soon(self._publish_status)
 
     def _publish_status(self) -> None:
         """Publish the retained ``online`` status again (the model changed)."""
@@ -899,7 +493,7 @@ class Agent:
             self._handle_event("call", work)
 
     def _status_payload(self, seq: int, state: str) -> bytes:
-        loaded = self._loaded
+        loaded = self.slot.loaded
         session = loaded.session
 
         def status(event: msg.DeployEvent | None) -> bytes:
@@ -926,215 +520,23 @@ class Agent:
     # --- commands -------------------------------------------------------------------------
 
     def _on_command(self, command: msg.Command) -> None:
-        """Queue ``command`` for the events thread (called on the MQTT command worker). An id
-        that is queued, running or answered already is not queued again (:meth:`_repeat`)."""
-        key = command.id
-        with self._replies_lock:
-            known, again = self._repeat(key)
-            if not known:
-                # Known from now on: a repeat that arrives while this one waits is not queued.
-                self._replies[key] = _Reply()
-        if known:
-            if again is not None:
-                self._send_reply(key, again)
-            return
+        """A command from the MQTT layer (on its command worker): see :class:`CommandRunner`."""
+        self.commands.on_command(command)
+
+    def _on_command_overflow(self, command: msg.Command) -> None:
+        """A command the MQTT layer has no room for (on its network thread; must not block)."""
+        self.commands.on_overflow(command)
+
+    def _enqueue_command(self, command: msg.Command) -> str | None:
+        """Hand ``command`` to the events thread; None, or why not (the queue is full)."""
         try:
             self._events.put_nowait(("command", command))
         except queue.Full:
-            repeats = 0
-            with self._replies_lock:
-                entry = self._replies.get(key)
-                if entry is not None and entry.ok is None and not entry.started:
-                    del self._replies[key]  # never ran: the same id may be sent again
-                    repeats = entry.repeats
-            for _ in range(1 + repeats):
-                self._refuse_command(
-                    command, f"the agent's work queue is full ({self._events.qsize()} waiting)"
-                )
+            return f"the agent's work queue is full ({self._events.qsize()} waiting)"
+        return None
 
-    def _on_command_overflow(self, command: msg.Command) -> None:
-        """A command the MQTT layer has no room for (called on its network thread, so it must
-        not block): a repeat of a known id is answered as any repeat is, others are refused."""
-        with self._replies_lock:
-            known, again = self._repeat(command.id)
-        if again is not None:
-            self._send_reply(command.id, again)
-        if not known:
-            self._refuse_command(command, "too many commands wait for the agent")
-
-    def _repeat(self, key: str) -> tuple[bool, _Reply | None]:
-        """Whether ``key`` is a known id (called under ``_replies_lock``), and the reply to send
-        again when it is done. A repeat of one that waits or runs is counted instead: it is
-        answered when that one is done."""
-        entry = self._replies.get(key)
-        if entry is None:
-            return False, None
-        self._replies.move_to_end(key)
-        if entry.ok is None:
-            entry.repeats += 1
-            log.info("command %s arrived again before it was done; answered when done", key)
-            return True, None
-        log.info("command %s arrived again; sending its reply again, not running it", key)
-        return True, entry
-
-    def _refuse_command(self, command: msg.Command, why: str) -> None:
-        """Answer ``command`` ``ok: false`` without running it (and without keeping the reply:
-        the same id sent again later runs)."""
-        log.error("command %s dropped: %s", command.id, why)
-        self._send_reply(command.id, _Reply(ok=False, error=f"not run: {why}; send it again later"))
-
-    def _run_command(self, command: msg.Command) -> None:
-        """Run one command and reply, at most once per id: a delivery of an id whose reply is
-        kept (:data:`REPLY_CACHE_IDS`) gets that reply again without running anything, and one
-        that arrives while the same id waits or runs is answered when it is done."""
-        key = command.id
-        with self._replies_lock:
-            entry: _Reply | None = self._replies.get(key)
-            again = None
-            if entry is None:  # not queued by _on_command (an id forgotten meanwhile)
-                entry = self._replies[key] = _Reply()
-            elif entry.started or entry.ok is not None:
-                _, again = self._repeat(key)
-                entry = None
-            else:
-                self._replies.move_to_end(key)
-            if entry is not None:
-                entry.started = True
-        if entry is None:
-            if again is not None:
-                self._send_reply(key, again)
-            return
-        ok, result, error = self._execute(command)
-        ok, result, error, size = self._checked_reply(command, ok, result, error)
-        with self._replies_lock:
-            entry.ok, entry.result, entry.error, entry.size = ok, result, error, size
-            sends, entry.repeats = 1 + entry.repeats, 0
-            if self._replies.get(key) is entry:
-                self._replies_bytes += size
-            self._evict_replies()
-        for _ in range(sends):
-            self._send_reply(key, entry)
-
-    def _execute(self, command: msg.Command) -> tuple[bool, Any, str | None]:
-        """Run ``command``'s handler: (ok, result, error). Never raises but to stop the
-        process: any failure of the handler is this command's ``ok: false``."""
-        action = _wire_text(str(command.action), 64)
-        try:
-            now = self._clock()
-            handler = self.command_handlers.get(command.action)
-            if command.expires is not None and command.expires < now:
-                return (
-                    False,
-                    None,
-                    f"command expired {now - command.expires:.0f} s before it arrived",
-                )
-            if handler is None:
-                known = sorted(self.command_handlers)
-                return False, None, f"unknown action {action!r}; known: {known}"
-            return True, handler(command), None
-        except _FATAL:
-            raise
-        except EdgeshipError as exc:
-            return False, None, _describe(exc)
-        except MemoryError as exc:
-            self._unit_errors["commands"] += 1
-            log.exception("command %s (%s) ran out of memory", command.id, action)
-            return (
-                False,
-                None,
-                f"{action}: out of memory ({_describe(exc)}); the agent keeps running",
-            )
-        except BaseException as exc:
-            self._unit_errors["commands"] += 1
-            log.exception("command %s (%s) failed unexpectedly", command.id, action)
-            return (
-                False,
-                None,
-                f"{action} failed inside the agent: {type(exc).__name__}: {_describe(exc)} "
-                "(a bug; the agent keeps running)",
-            )
-
-    def _reply_payload(
-        self, command_id: str, seq: int, ok: bool, result: Any, error: str | None
-    ) -> bytes:
-        return msg.encode(
-            msg.CommandReply(
-                device=self.config.device_id,
-                boot=self.boot,
-                seq=seq,
-                ts=self._clock(),
-                id=command_id,
-                ok=ok,
-                result=result if ok else None,
-                error=None if ok else (error or "failed"),
-            )
-        )
-
-    def _checked_reply(
-        self, command: msg.Command, ok: bool, result: Any, error: str | None
-    ) -> tuple[bool, Any, str | None, int]:
-        """The reply as it will be sent, and its size: as given if it encodes, else
-        ``ok: false`` saying why (a result that is not JSON or too large, a bad string)."""
-        if not ok:
-            error = _wire_text(error or "failed")
-        try:
-            return ok, result, error, len(self._reply_payload(command.id, 0, ok, result, error))
-        except _FATAL:
-            raise
-        except BaseException as exc:
-            action = _wire_text(str(command.action), 64)
-            why = _describe(exc)
-            log.error("command %s (%s): the reply does not encode: %s", command.id, action, why)
-            error = (
-                f"{action} ran, but its result cannot be sent: {why}"
-                if ok
-                else f"{action} failed, and its reason cannot be sent: {why}"
-            )
-        try:
-            return False, None, error, len(self._reply_payload(command.id, 0, False, None, error))
-        except _FATAL:
-            raise
-        except BaseException:
-            return False, None, "the reply could not be encoded", 256
-
-    def _evict_replies(self) -> None:
-        """Forget the oldest finished replies beyond the cache's bounds (under its lock)."""
-        replies = self._replies
-        while len(replies) > REPLY_CACHE_IDS or self._replies_bytes > REPLY_CACHE_BYTES:
-            for key, entry in replies.items():
-                if entry.ok is not None:
-                    del replies[key]
-                    self._replies_bytes -= entry.size
-                    break
-            else:
-                return
-
-    def _send_reply(self, command_id: str, reply: _Reply) -> None:
-        """Spool ``reply`` on ``cmd/reply``; a reply that cannot be spooled is counted and
-        logged (a repeat of the command sends it again)."""
-        publisher = self._publisher
-        if publisher is None:
-            log.warning("command %s: no broker configured to reply to", command_id)
-            return
-        ok = bool(reply.ok)
-
-        def payload(seq: int) -> bytes:
-            try:
-                return self._reply_payload(command_id, seq, ok, reply.result, reply.error)
-            except _FATAL:
-                raise
-            except BaseException:
-                return self._reply_payload(
-                    command_id, seq, False, None, "the reply could not be encoded"
-                )
-
-        try:
-            publisher.reply(payload)
-        except _FATAL:
-            raise
-        except BaseException as exc:
-            self._unit_errors["replies"] += 1
-            log.error("the reply to command %s was not sent: %s", command_id, _describe(exc))
+    def _cmd_ping(self, command: msg.Command) -> PingReply:
+        return {"pong": True, "boot": self.boot}
 
     def _cmd_benchmark(self, command: msg.Command) -> dict[str, Any]:
         from device_agent.benchmark import BenchmarkArgs, run_benchmark
@@ -1142,7 +544,7 @@ class Agent:
         if not isinstance(command.args, Mapping):
             raise ConfigError("benchmark: args must be an object")
         args = BenchmarkArgs.parse(command.args)
-        loaded = self._loaded
+        loaded = self.slot.loaded
         return run_benchmark(
             loaded.session,
             loaded.io,
@@ -1169,13 +571,13 @@ def _without_bad_deploy(
     message still goes out, without a deploy field that no subscriber could read."""
     try:
         return build(event)
-    except _FATAL:
+    except FATAL:
         raise
     except BaseException as exc:
         if event is None:
             raise
         payload = build(None)
         log.error(
-            "%s sent without its deploy event, which does not encode: %s", what, _describe(exc)
+            "%s sent without its deploy event, which does not encode: %s", what, describe(exc)
         )
         return payload

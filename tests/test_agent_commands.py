@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-import device_agent.agent as agent_module
+import device_agent.command_runner as command_runner_module
 import device_agent.mqtt as mqtt_module
 from device_agent import Agent, AgentConfig
 from device_agent.benchmark import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, BenchmarkArgs, time_runs
@@ -433,7 +433,7 @@ def test_each_command_id_runs_at_most_once(device: Device) -> None:
 
 def test_the_reply_cache_is_bounded(device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the last REPLY_CACHE_IDS ids are kept: an id older than that runs again."""
-    monkeypatch.setattr(agent_module, "REPLY_CACHE_IDS", 4)
+    monkeypatch.setattr(command_runner_module, "REPLY_CACHE_IDS", 4)
     agent = device.agent
     runs: list[str] = []
     agent.command_handlers["count"] = lambda command: runs.append(command.id) or len(runs)
@@ -445,7 +445,7 @@ def test_the_reply_cache_is_bounded(device: Device, monkeypatch: pytest.MonkeyPa
     device.send("count", id="bound-0")  # forgotten: runs again
     device.wait_replies("bound-0", 2)
     assert runs == [f"bound-{i}" for i in range(6)] + ["bound-0"]
-    assert len(agent._replies) <= 4
+    assert len(agent.commands) <= 4
 
 
 def test_a_command_flood_is_answered_and_a_waiting_id_is_not_refused(

@@ -207,7 +207,7 @@ def test_bundle_names_the_score_output_and_the_agent_hides_it(
     feed = _digits_inputs(digits_splits)
     config = AgentConfig(device_id="graph", state_dir=tmp_path / "state")
     with Agent.from_bundle(graph, config) as a, Agent.from_bundle(numpy_, config) as b:
-        assert a._loaded.score_in_graph and not b._loaded.score_in_graph
+        assert a.slot.loaded.score_in_graph and not b.slot.loaded.score_in_graph
         batch_a, batch_b = a.predict(feed), b.predict(feed)
         assert len(batch_a.outputs) == len(batch_b.outputs) == 1
         np.testing.assert_array_equal(batch_a.outputs[0], batch_b.outputs[0])
@@ -264,7 +264,7 @@ def test_a_detector_without_graph_form_keeps_numpy_scoring(tmp_path: Path) -> No
     assert shipped is not None and shipped.graph_output is None
     assert "already holds" in shipped.options["graph_output_skipped"]
     with Agent.from_bundle(bundle.root, AgentConfig(state_dir=tmp_path / "s")) as agent:
-        assert not agent._loaded.score_in_graph
+        assert not agent.slot.loaded.score_in_graph
         result = agent.predict({"x": cal["x"][:4]})
         det: Detector = load_detector(shipped, bundle.path_of(shipped.params_file))
         want = det.score({"x": cal["x"][:4]}, _run(tmp_path / "merged.onnx", {"x": cal["x"][:4]}))

@@ -1,0 +1,316 @@
+"""The commands an operator sends a device on ``cmd``, as types: action names, arguments with
+their limits and validation, and the results a device answers with on ``cmd/reply``.
+
+One definition for both ends: the agent parses a command's ``args`` with these types
+(:mod:`device_agent.deploy`), and the host builds them with the same types (:mod:`sdk.deploy`,
+:mod:`sdk.remote`), so a name or a limit cannot drift between sender and receiver. The envelope
+(``id``, ``action``, ``args``, ``expires``) is :class:`device_agent.contracts.messages.Command`;
+this module fills its ``action`` and ``args``. Standard library only: a third-party sender
+imports it without the agent.
+
+``deploy_*`` send a bundle in chunks and swap it in (docs/agent.md, "Remote deploy"):
+
+* ``deploy_begin`` (:class:`DeployBegin`): opens (or resumes) an upload; the reply
+  (:class:`ReceivingReply`) lists the chunks already ``have``. Chunks are
+  :data:`MIN_CHUNK_BYTES` to :data:`MAX_CHUNK_BYTES` (a deploy in one chunk may be smaller), at
+  most :data:`MAX_CHUNKS` of them: the bookkeeping of an upload is a bitmap of at most 2 KiB,
+  whatever the arguments say.
+* ``deploy_chunk`` (:class:`DeployChunk`): one base64 chunk, checked against its own SHA-256.
+  A chunk delivered twice (QoS 1) is written once and acknowledged twice (:class:`ChunkReply`).
+* ``deploy_commit`` (:class:`DeployRef`): joins, verifies, self-tests and swaps in the bundle;
+  the reply (:class:`DeployRecord`) says ``probation``, ``applied`` or ``failed``.
+* ``deploy_status`` (:class:`DeployRef`, ``deploy`` optional) and ``deploy_abort``
+  (:class:`DeployRef`).
+
+``ping`` takes no arguments and answers :class:`PingReply`; ``benchmark`` takes
+``min_runs``/``min_seconds``/``warmup_runs``/``max_seconds``
+(``device_agent.benchmark.BenchmarkArgs`` validates them on the device).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypedDict
+
+from device_agent.contracts.messages import validate_id
+from device_agent.errors import ConfigError, EdgeshipError
+
+__all__ = [
+    "MAX_CHUNKS",
+    "MAX_CHUNK_BYTES",
+    "MAX_MODEL_LEN",
+    "MAX_VERSION_LEN",
+    "MIN_CHUNK_BYTES",
+    "Action",
+    "ChunkReply",
+    "DeployBegin",
+    "DeployChunk",
+    "DeployError",
+    "DeployRecord",
+    "DeployRef",
+    "PingReply",
+    "ReceivingReply",
+    "printable",
+]
+
+# 128 KiB of raw data is about 171 KiB of base64: a chunk command stays well under the
+# protocol's 256 KiB payload limit.
+MAX_CHUNK_BYTES = 128 * 1024
+# Smaller chunks only multiply commands and files; a deploy in one chunk may be smaller.
+MIN_CHUNK_BYTES = 512
+# The begin reply lists the chunks already received: 16384 numbers fit in one reply, and
+# 16384 chunks of 128 KiB carry 2 GiB.
+MAX_CHUNKS = 16384
+# What a model name and version may be on the wire (DeployEvent, telemetry).
+MAX_MODEL_LEN = 128
+MAX_VERSION_LEN = 64
+
+_BAD_TEXT = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff]")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class Action(str, Enum):
+    """The actions the edgeship agent knows. A ``str``: ``Action.PING == "ping"``; use
+    ``.value`` where the plain string is wanted (a dict key shown in a message)."""
+
+    PING = "ping"
+    BENCHMARK = "benchmark"
+    DEPLOY_BEGIN = "deploy_begin"
+    DEPLOY_CHUNK = "deploy_chunk"
+    DEPLOY_COMMIT = "deploy_commit"
+    DEPLOY_STATUS = "deploy_status"
+    DEPLOY_ABORT = "deploy_abort"
+
+
+class DeployError(ConfigError):
+    """A deploy command that cannot be done as asked (unknown upload, missing chunks, a bad
+    argument, another deploy on probation)."""
+
+
+def printable(text: str, limit: int = 1000) -> str:
+    """``text`` cut to ``limit`` characters with control characters and lone surrogates
+    escaped: a reason that quotes a file name or an exception must still encode."""
+    if _BAD_TEXT.search(text):
+        text = _BAD_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def has_bad_text(text: str) -> bool:
+    """Whether ``text`` holds a control character or a lone surrogate (a name no bundle file
+    has, a label telemetry cannot encode)."""
+    return _BAD_TEXT.search(text) is not None
+
+
+# --- argument checks: each raises DeployError naming the argument ----------------------------
+
+
+def _arg(args: Mapping[str, Any], key: str) -> Any:
+    if key not in args:
+        raise DeployError(f"argument {key!r} is missing")
+    return args[key]
+
+
+def deploy_id(value: Any, key: str = "deploy") -> str:
+    """A deploy id: a valid id (docs/protocol.md) that does not start with ``.``."""
+    try:
+        ident = validate_id(value, key)
+    except EdgeshipError as exc:
+        raise DeployError(printable(str(exc), 300)) from exc
+    # The id names folders under the deploy root: "." or ".." would name the root itself or
+    # its parent (and rmtree them before any signature is checked).
+    if ident.startswith("."):
+        raise DeployError(f"{key} {ident!r}: an id must not start with '.'")
+    return ident
+
+
+def _int(args: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    value = _arg(args, key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise DeployError(
+            f"argument {key!r}: expected an integer in [{lo}, {hi}], got {ascii(value)[:80]}"
+        )
+    return value
+
+
+def _sha(args: Mapping[str, Any], key: str = "sha256") -> str:
+    value = _arg(args, key)
+    if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
+        raise DeployError(f"argument {key!r}: expected a lowercase hex SHA-256")
+    return value
+
+
+def _opt_text(args: Mapping[str, Any], key: str, max_len: int) -> str | None:
+    """An optional label: 1 to ``max_len`` characters, no control character or lone surrogate
+    (it is logged and sent in telemetry, which must be able to encode it)."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise DeployError(f"argument {key!r}: expected a string of 1 to {max_len} characters")
+    if _BAD_TEXT.search(value):
+        raise DeployError(
+            f"argument {key!r}: {ascii(value)[:80]} holds a control character or a lone surrogate"
+        )
+    return value
+
+
+def _without_none(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+# --- arguments -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployBegin:
+    """``deploy_begin``'s arguments: the upload's id, the archive's ``size`` and ``sha256``,
+    its chunking, and the bundle's ``model`` and ``model_version`` (labels, optional)."""
+
+    deploy: str
+    size: int
+    sha256: str
+    chunks: int
+    chunk_bytes: int
+    model: str | None = None
+    model_version: str | None = None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], *, max_bytes: int) -> DeployBegin:
+        """Validate ``args``; ``max_bytes`` is the device's ``deploy_max_bytes``."""
+        ident = DeployRef.id_of(args)
+        size = _int(args, "size", 1, max_bytes)
+        chunk_bytes = _int(args, "chunk_bytes", 1, MAX_CHUNK_BYTES)
+        if chunk_bytes < min(MIN_CHUNK_BYTES, size):
+            raise DeployError(
+                f"argument 'chunk_bytes': {chunk_bytes} bytes is below the minimum of "
+                f"{MIN_CHUNK_BYTES} (only a deploy sent in one chunk may be smaller)"
+            )
+        needed = -(-size // chunk_bytes)
+        if needed > MAX_CHUNKS:
+            raise DeployError(
+                f"{size} bytes in chunks of {chunk_bytes} bytes is {needed} chunks, over the "
+                f"limit of {MAX_CHUNKS}; send chunks of at least {-(-size // MAX_CHUNKS)} bytes"
+            )
+        chunks = _int(args, "chunks", 1, MAX_CHUNKS)
+        if chunks != needed:
+            raise DeployError(
+                f"{chunks} chunks of {chunk_bytes} bytes cannot hold {size} bytes exactly"
+            )
+        return cls(
+            deploy=ident,
+            size=size,
+            sha256=_sha(args),
+            chunks=chunks,
+            chunk_bytes=chunk_bytes,
+            model=_opt_text(args, "model", MAX_MODEL_LEN),
+            model_version=_opt_text(args, "model_version", MAX_VERSION_LEN),
+        )
+
+    def to_args(self) -> dict[str, Any]:
+        """The ``args`` object on the wire (``model``/``model_version`` left out when None)."""
+        return _without_none(self.__dict__)
+
+    def params(self) -> dict[str, Any]:
+        """Every field, None included: what the device keeps in ``begin.json``."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DeployChunk:
+    """``deploy_chunk``'s arguments: chunk ``index`` of upload ``deploy``, its bytes as base64
+    ``data`` and their ``sha256``."""
+
+    deploy: str
+    index: int
+    data: str
+    sha256: str
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], *, chunks_of: Callable[[str], int]) -> DeployChunk:
+        """Validate ``args``; ``chunks_of(deploy)`` is the number of chunks of the upload the
+        id names (it raises when there is none), which bounds ``index``."""
+        ident = DeployRef.id_of(args)
+        index = _int(args, "index", 0, chunks_of(ident) - 1)
+        sha = _sha(args)
+        data = _arg(args, "data")
+        if not isinstance(data, str):
+            raise DeployError("argument 'data': expected a base64 string")
+        return cls(deploy=ident, index=index, data=data, sha256=sha)
+
+    def to_args(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DeployRef:
+    """The arguments of ``deploy_commit``, ``deploy_abort`` and ``deploy_status``: the deploy
+    they are about (``deploy_status`` without one asks about the latest)."""
+
+    deploy: str | None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], *, required: bool = True) -> DeployRef:
+        if not required and args.get("deploy") is None:
+            return cls(None)
+        return cls(cls.id_of(args))
+
+    @staticmethod
+    def id_of(args: Mapping[str, Any]) -> str:
+        """The ``deploy`` argument of ``args``, validated (it is required)."""
+        return deploy_id(_arg(args, "deploy"))
+
+    def to_args(self) -> dict[str, Any]:
+        return _without_none(self.__dict__)
+
+
+# --- replies (the ``result`` of an ``ok`` reply) --------------------------------------------
+
+
+class PingReply(TypedDict):
+    """``ping``: the device is there, and which boot of its agent answers."""
+
+    pong: bool
+    boot: str
+
+
+class ReceivingReply(TypedDict):
+    """``deploy_begin``: the upload is open; ``have`` lists the chunks the device has."""
+
+    deploy: str
+    state: str
+    chunks: int
+    have: list[int]
+
+
+class ChunkReply(TypedDict):
+    """``deploy_chunk``: the chunk is stored; ``received`` of ``chunks`` are."""
+
+    deploy: str
+    index: int
+    received: int
+    chunks: int
+
+
+class DeployRecord(TypedDict, total=False):
+    """What a device knows about one deploy: ``deploy_commit``'s and ``deploy_abort``'s result,
+    and ``deploy_status``'s with the running ``model``/``model_version`` added (and, while they
+    apply, ``received``/``chunks`` of an upload and ``probation_left``). ``state`` is
+    ``receiving``, ``probation``, ``applied``, ``rolled_back``, ``failed`` or ``aborted``
+    (None from ``deploy_status`` when the device has no deploy to report)."""
+
+    deploy: str | None
+    state: str | None
+    from_version: str | None
+    to_version: str | None
+    model: str | None
+    model_version: str | None
+    reason: str | None
+    error: str | None
+    inputs_changed: bool
+    probation: int
+    probation_left: int
+    received: int
+    chunks: int
