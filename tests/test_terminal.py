@@ -116,7 +116,7 @@ def test_fleet_table_of_any_device_strings_has_no_control_and_one_line_per_devic
     """Whatever text the collector's API hands back (control characters, NUL, lone
     surrogates, newlines, bidi overrides in any field), the table has one line per device
     and nothing in it drives the terminal."""
-    from sdk.fleet_cli import render_fleet
+    from sdk.cli.fleet import render_fleet
 
     rows = [
         {

@@ -21,13 +21,14 @@ from typing import Any, TextIO
 from device_agent.errors import ConfigError
 from sdk.terminal import printable, raw_stream
 
-__all__ = ["add_fleet_parser", "fetch_fleet", "render_fleet", "send_command"]
+__all__ = ["fetch_fleet", "register", "render_fleet", "send_command"]
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:9108"
 
 
-def add_fleet_parser(sub: Any) -> None:
-    """Add ``fleet status`` and ``fleet watch`` to the ``edgeship`` subcommands."""
+def register(sub: Any) -> None:
+    """Add ``fleet status``, ``fleet watch`` and ``fleet command`` to the ``edgeship``
+    subcommands."""
     p = sub.add_parser(
         "fleet",
         help="the fleet as a running collector sees it (status, watch)",

@@ -1,0 +1,119 @@
+"""``edgeship deploy``: send a bundle to a device's agent over MQTT (``sdk.deploy``), with a
+progress bar, and report what the device answered."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+from sdk.cli.common import EXIT_BUDGET, EXIT_OK, write_json
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Any) -> None:
+    """Add ``deploy`` to the ``edgeship`` subparsers."""
+    p = sub.add_parser(
+        "deploy",
+        help="send a bundle to a device over MQTT; it swaps in after checks, or rolls back",
+        description="Send a bundle to a device's agent over MQTT in chunks. The device "
+        "verifies it (hashes, and the signature when it has trusted keys), loads it, runs a "
+        "self-test, swaps it in without failing an inference, and rolls back to the previous "
+        "bundle if one of its first inferences fails. Exit 0 when the bundle is applied, 1 "
+        "when the device refused or rolled it back (the reason is printed) or did not "
+        "answer, 2 for bad input (the broker unreachable or refusing the credentials included: "
+        "nothing was sent). See docs/agent.md, 'Remote deploy'.",
+        epilog="example: edgeship deploy bundle-v2/ --device pi-07 --fleet greenhouse "
+        "--broker mqtts://operator:PASSWORD@hub.local:8883 --ca-file ca.crt",
+    )
+    p.add_argument("bundle", type=Path, help="the bundle directory to send")
+    p.add_argument("--device", required=True, help="the device id")
+    p.add_argument(
+        "--broker",
+        required=True,
+        help="the broker the device's agent is connected to: mqtt://[user:password@]host[:port] "
+        "or mqtts://... (a user allowed to write the device's cmd topic)",
+    )
+    p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the whole deploy, probation included (default 300)",
+    )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the bundle is swapped in, without waiting for its probation",
+    )
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.set_defaults(handler=run)
+
+
+def _progress_printer() -> Callable[[int, int], None]:
+    """A bar redrawn in place on a terminal; in a log, one line every 10% of the chunks."""
+    from sdk.terminal import raw_stream
+
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        line = f"sending [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks"
+        if tty:
+            # "\r" redraws the bar: written on purpose, past the terminal guard.
+            out = raw_stream(sys.stderr)
+            print(f"\r{line}", end="\n" if done == total else "", file=out, flush=True)
+        elif done == total or 10 * done // max(total, 1) > shown[0]:  # every 10% in a log
+            shown[0] = 10 * done // max(total, 1)
+            print(line, file=sys.stderr, flush=True)
+
+    return progress
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdk.deploy import deploy_bundle
+    from sdk.remote import BrokerUnavailableError, RemoteError
+    from sdk.terminal import printable
+
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
+    if not args.bundle.is_dir():
+        raise ConfigError(f"bundle directory not found: {args.bundle}")
+    try:
+        result = deploy_bundle(
+            args.bundle,
+            args.broker,
+            args.fleet,
+            args.device,
+            timeout_s=args.timeout,
+            wait_probation=not args.no_wait,
+            progress=_progress_printer(),
+            ca_file=args.ca_file,
+        )
+    except BrokerUnavailableError:
+        raise  # nothing was sent: bad input, exit 2 with one line
+    except RemoteError as exc:
+        print(f"edgeship: deploy failed: {printable(exc)}", file=sys.stderr)
+        return EXIT_BUDGET
+    # The versions, the state and the reason come from the device's replies.
+    versions = printable(f"v{result.from_version} -> v{result.to_version}")
+    state = printable(result.state.replace("_", " "))
+    print(
+        f"{printable(args.device)}: deploy {printable(result.deploy_id)} {state} ({versions}); "
+        f"{result.archive_bytes / 1024:.1f} KiB in {result.chunks} chunks "
+        f"({result.chunks_sent} sent) in {result.seconds:.1f} s"
+    )
+    if result.reason:
+        print(f"  reason: {printable(result.reason)}")
+    if result.state == "probation":
+        print("  still on probation: it rolls back if one of its first inferences fails")
+    if args.json is not None:
+        write_json(args.json, result.to_dict())
+    return EXIT_OK if result.ok or (args.no_wait and result.state == "probation") else EXIT_BUDGET

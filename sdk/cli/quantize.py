@@ -1,0 +1,112 @@
+"""``edgeship quantize``: int8-quantize an ONNX model with ONNX Runtime (``sdk.quantize``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+from sdk.cli.common import EXIT_OK, require_file
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Any) -> None:
+    """Add ``quantize`` to the ``edgeship`` subparsers."""
+    p = sub.add_parser(
+        "quantize",
+        help="int8-quantize an ONNX model with ONNX Runtime",
+        description="Quantize an ONNX model to int8. Static mode (the default) calibrates "
+        "activation ranges on --calibration data and writes a QDQ model with per-channel "
+        "weights; dynamic mode needs no data and quantizes weights ahead and activations at "
+        "run time (best for transformers and LSTMs).",
+    )
+    p.add_argument("model", type=Path, help="the fp32 .onnx file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the int8 .onnx")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help=".npz of representative inputs (static mode: calibrates; both modes: the check "
+        "of the int8 model against fp32 runs on it, else on generated random inputs)",
+    )
+    p.add_argument("--mode", choices=["static", "dynamic"], default="static")
+    p.add_argument(
+        "--method",
+        choices=["minmax", "entropy", "percentile"],
+        default="minmax",
+        help="static calibration method (default: minmax)",
+    )
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one scale per weight tensor, not per channel"
+    )
+    p.add_argument("--exclude", default="", help="comma-separated node names to keep in float")
+    p.add_argument(
+        "--op-types",
+        default=None,
+        help="comma-separated operator types to quantize (default: "
+        + ",".join(_default_op_types())
+        + "); 'all' for every type ONNX Runtime can quantize",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdk.quantize import QuantizeConfig, quantize
+
+    excluded = tuple(n.strip() for n in args.exclude.split(",") if n.strip())
+    op_types: tuple[str, ...] | None = _default_op_types()
+    if args.op_types is not None:
+        named = tuple(n.strip() for n in args.op_types.split(",") if n.strip())
+        if not named:
+            raise ConfigError("--op-types: give operator types such as Conv,MatMul, or 'all'")
+        op_types = None if named == ("all",) else named
+    config = QuantizeConfig(
+        mode=args.mode,
+        method=args.method,
+        per_channel=not args.per_tensor,
+        exclude_nodes=excluded,
+        op_types=op_types,
+    )
+    require_file(args.model, "model")
+    if args.calibration is not None:
+        require_file(args.calibration, "calibration data")
+    art = quantize(args.model, args.calibration, out=args.output, config=config)
+    src = args.model.stat().st_size
+    print(
+        f"wrote {art.path} ({art.recipe}): {art.size_bytes / 1024:.1f} KiB, "
+        f"{art.size_bytes / src:.2f}x the input's {src / 1024:.1f} KiB"
+    )
+    for note in art.details.get("fallbacks", []):
+        print(f"  note: {note}")
+    print(_check_line(art.details.get("check") or {}))
+    return EXIT_OK
+
+
+def _default_op_types() -> tuple[str, ...]:
+    from sdk.quantize import DEFAULT_OP_TYPES
+
+    return DEFAULT_OP_TYPES
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    """The quantized model's check against fp32, as one line (quantize() logs the warning)."""
+    from sdk.quantize import CHECK_MIN_COSINE
+
+    cos, err = check.get("cosine_min"), check.get("max_abs_error")
+    figures = (
+        f"worst-sample cosine {'n/a' if cos is None else f'{cos:.5g}'}, "
+        f"max |error| {'n/a' if err is None else f'{err:.4g}'}"
+    )
+    if check.get("inputs") != "calibration":
+        return (
+            f"check vs fp32 on {check.get('samples', '?')} generated random inputs: {figures} "
+            "(random inputs show the model runs, not its accuracy; pass --calibration for a "
+            "real check)"
+        )
+    verdict = ""
+    if cos is not None:
+        verdict = (
+            " (ok)" if cos >= CHECK_MIN_COSINE else f" (BELOW {CHECK_MIN_COSINE}: see warning)"
+        )
+    return f"check vs fp32 on {check.get('samples', '?')} calibration samples: {figures}{verdict}"
