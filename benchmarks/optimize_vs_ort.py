@@ -12,7 +12,7 @@ For each model, with the same calibration and eval data:
   the weight-carrying operators; and every operator type), measures each and keeps the
   fastest within budget, fp32 unless an int8 model is confirmed faster in alternating
   re-runs. Its outlier detector is off (it does not change the model);
-* on the hard case only, **edgeship accuracy-aware**: ``sdk.sensitivity
+* on the hard case only, **edgeship accuracy-aware**: ``sdk.quantize.accuracy_aware
   .accuracy_aware_quantize`` (max drop 1 point), which optimize does not try: it shows what the
   library does where optimize falls back to fp32;
 * on MiniLM only, **edgeship dynamic (not chosen)**: optimize's own dynamic int8 candidate,
@@ -73,7 +73,7 @@ ORT_DYNAMIC = "ort dynamic (defaults)"
 EDGESHIP = "edgeship optimize"
 AWARE = "edgeship accuracy-aware"
 VARIANTS = (FP32, ORT_STATIC, ORT_DYNAMIC, EDGESHIP)
-# The hard case also gets sdk.sensitivity's accuracy-aware static int8, which optimize does
+# The hard case also gets sdk.quantize's accuracy-aware static int8, which optimize does
 # not try (yet): it shows what the library can do where optimize falls back to fp32.
 AWARE_MODELS = ("digits-outliers",)
 # Candidates edgeship made but did not choose, measured here like the others: on MiniLM its
@@ -299,9 +299,9 @@ def plain_ort(case: Case, work: Path, variant: Variant) -> None:
 
 
 def accuracy_aware(case: Case, work: Path, variant: Variant) -> None:
-    """``sdk.sensitivity.accuracy_aware_quantize`` with the same drop limit as the budget."""
+    """``sdk.quantize.accuracy_aware_quantize`` with the same drop limit as the budget."""
     from device_agent.errors import EdgeshipError
-    from sdk.sensitivity import accuracy_aware_quantize
+    from sdk.quantize.accuracy_aware import accuracy_aware_quantize
 
     started = time.perf_counter()
     try:

@@ -16,7 +16,8 @@ from device_agent.bundle import load_bundle
 from device_agent.contracts.bundle import IOSpec, TensorSpec
 from sdk.artifact import ModelArtifact
 from sdk.budget import BudgetLine
-from sdk.optimize import Candidate, _choose
+from sdk.optimize import Candidate
+from sdk.optimize.search import _choose
 
 FAST = ["--runs", "30", "--seconds", "0.3"]
 

@@ -571,7 +571,8 @@ def _fed_by_dequantize(path: Path) -> set[str]:
 def test_default_op_types_leave_elementwise_math_in_float(tmp_path: Path) -> None:
     """Quantizing every type ORT can (Mul, Add, Sqrt, ReduceMean, ...) broke magika and
     silero-vad and hurt PaddleOCR rec; the default quantizes the weight-bearing ops only."""
-    from sdk.quantize import DEFAULT_OP_TYPES, _op_types_for
+    from sdk.quantize import DEFAULT_OP_TYPES
+    from sdk.quantize.config import op_types_for as _op_types_for
 
     source = read_artifact(_layer_norm_mlp(tmp_path / "ln.onnx"))
     x = {"x": np.random.default_rng(2).standard_normal((200, 32)).astype(np.float32)}
@@ -636,7 +637,7 @@ def test_a_failing_bias_adjustment_is_retried_without_it(
     """Should a bias still trip ORT's adjustment, quantization retries without it (a fallback)."""
     import importlib
 
-    module = importlib.import_module("sdk.quantize")  # sdk.quantize is also the function
+    module = importlib.import_module("sdk.quantize.ort")  # sdk.quantize is also the function
     monkeypatch.setattr(module, "_flatten_gemm_bias", lambda model: None)
     source = _matmul_add_2d_bias(tmp_path / "gemm.onnx")
     int8 = quantize(source, {"x": _f32(64, 8)}, out=tmp_path / "q.onnx")
@@ -703,7 +704,7 @@ def test_compute_inside_if_branches_is_named(mode: str, tmp_path: Path) -> None:
 def test_quantized_nodes_in_subgraphs_are_counted(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
-    from sdk.quantize import _count_quantized_nodes
+    from sdk.quantize.ort_check import count_quantized_nodes as _count_quantized_nodes
 
     then = helper.make_graph(
         [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
@@ -793,7 +794,7 @@ def test_a_one_value_output_is_checked_across_samples() -> None:
     """silero-vad's speech probability is (N, 1): a per-sample cosine of one positive value is
     always 1, so the check compares the column across samples instead."""
     from device_agent.contracts.bundle import IOSpec, TensorSpec
-    from sdk.quantize import _compare
+    from sdk.quantize.ort_check import _compare
 
     io = IOSpec((TensorSpec("x", "float32", ("N", 4)),), (TensorSpec("p", "float32", ("N", 1)),))
     fp32 = np.array([[0.9], [0.1], [0.8], [0.2]], np.float32)
@@ -806,7 +807,7 @@ def test_a_one_value_output_is_checked_across_samples() -> None:
 def test_a_bad_check_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from sdk.quantize import _warn_on_check
+    from sdk.quantize.ort_check import warn_on_check as _warn_on_check
 
     caplog.set_level(logging.WARNING, logger="sdk.quantize")
     _warn_on_check({"inputs": "calibration", "cosine_min": 0.027}, QuantizeConfig())
@@ -825,7 +826,7 @@ def test_ort_output_is_kept_off_the_terminal(
     import logging
     import os
 
-    from sdk.quantize import _quiet
+    from sdk.quantize.ort_log import quiet as _quiet
 
     caplog.set_level(logging.INFO, logger="sdk.quantize")
     with _quiet():

@@ -24,7 +24,7 @@ import sdk
 from device_agent.runtime import ModelSession, litert_interpreter_class, open_session
 from sdk.artifact import ModelArtifact
 from sdk.errors import ConfigError, DataError, ModelFormatError
-from sdk.litert_quant import RECIPES, quantize_tflite
+from sdk.quantize.litert import RECIPES, quantize_tflite
 from sdk.zoo.digits import INPUT_NAME, OUTPUT_NAME
 
 pytestmark = [

@@ -13,7 +13,8 @@ import pytest
 import sdk
 from sdk.errors import ConfigError
 from sdk.quantize import QuantizeConfig
-from sdk.sensitivity import accuracy_aware_quantize, rank_tensors
+from sdk.quantize.accuracy_aware import accuracy_aware_quantize
+from sdk.quantize.ranking import rank_tensors
 from tests.helpers import write_mlp_onnx
 
 

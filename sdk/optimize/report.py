@@ -1,0 +1,244 @@
+"""What a search found: each candidate's model, quality, benchmark and budget verdict
+(:class:`Candidate`), the recipes it did not try (:class:`SkippedRecipe`), and the whole
+report with the choice (:class:`OptimizeReport`: ``to_dict`` is the report JSON, ``summary``
+the table the CLI prints)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdk.artifact import ModelArtifact
+from sdk.bench import BenchReport
+from sdk.budget import Budget, BudgetLine
+from sdk.evaluate import Quality
+from sdk.targets import TargetProfile
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass
+class Candidate:
+    """One recipe's outcome: its model, quality, benchmark and budget verdict, or its error."""
+
+    name: str
+    artifact: ModelArtifact | None = None
+    quality: Quality | None = None
+    accuracy_drop: float | None = None
+    drop_basis: str | None = None
+    bench: BenchReport | None = None
+    budget_lines: list[BudgetLine] = field(default_factory=list)
+    error: str | None = None
+    confirm_p95_ms: list[float] = field(default_factory=list)
+    elapsed_s: float | None = None
+    reproduce: str | None = None
+
+    @property
+    def meets_budget(self) -> bool:
+        return self.error is None and all(line.passed for line in self.budget_lines)
+
+    @property
+    def p95_ms(self) -> float:
+        if self.confirm_p95_ms:
+            return statistics.median(self.confirm_p95_ms)
+        return float("inf") if self.bench is None else self.bench.latency_ms["p95"]
+
+    @property
+    def violations(self) -> list[str]:
+        if self.error is not None:
+            return [f"candidate failed: {self.error}"]
+        return [line.describe() for line in self.budget_lines if not line.passed]
+
+    @property
+    def calibration_cache_hit(self) -> bool | None:
+        """Whether its static calibration came from the cache (None: no cached calibration)."""
+        cache = None if self.artifact is None else self.artifact.details.get("calibration_cache")
+        return None if not cache else bool(cache.get("hit"))
+
+    def excess(self) -> float:
+        """Sum of relative excess over the failing lines (0 when all pass)."""
+        if self.error is not None:
+            return float("inf")
+        total = 0.0
+        for line in self.budget_lines:
+            if line.measured is None:
+                total += 1e6
+            elif not line.passed:
+                total += (line.measured - line.limit) / max(line.limit, 1e-9)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "path": None if self.artifact is None else str(self.artifact.path),
+            "recipe": None if self.artifact is None else self.artifact.recipe,
+            "precision": None if self.artifact is None else self.artifact.precision,
+            "size_bytes": None if self.artifact is None else self.artifact.size_bytes,
+            "error": self.error,
+            "meets_budget": self.meets_budget,
+            "violations": self.violations,
+            "budget": [line.to_dict() for line in self.budget_lines],
+            "accuracy_drop": self.accuracy_drop,
+            "drop_basis": self.drop_basis,
+            "elapsed_s": self.elapsed_s,
+            "calibration_cache_hit": self.calibration_cache_hit,
+            "reproduce": self.reproduce,
+        }
+        if self.artifact is not None:
+            excluded = self.artifact.details.get("excluded_nodes")
+            out["excluded_nodes"] = list(excluded) if excluded else []
+        if self.quality is not None:
+            q = self.quality.to_dict()
+            out["quality"] = q
+            out["accuracy"] = q.get("accuracy")
+            out["agreement"] = q.get("agreement")
+        if self.bench is not None:
+            b = self.bench.to_dict()
+            out["latency_ms"] = b["latency_ms"]
+            out["peak_rss_mb"] = b["peak_rss_mb"]
+            out["rss_increase_mb"] = b["rss_increase_mb"]
+            out["benchmark"] = b
+        if self.confirm_p95_ms:
+            out["confirm_p95_ms"] = self.confirm_p95_ms
+        if self.artifact is not None and self.artifact.details:
+            out["details"] = dict(self.artifact.details)
+        return out
+
+
+@dataclass(frozen=True)
+class SkippedRecipe:
+    """A recipe the search did not try, and why (early stopping, the time limit, no data)."""
+
+    name: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "reason": self.reason}
+
+
+@dataclass
+class OptimizeReport:
+    """The whole search: every candidate, the choice and why, and where the bundle is."""
+
+    candidates: list[Candidate]
+    chosen: str
+    meets_budget: bool
+    bundle: Path
+    target: TargetProfile
+    budget: Budget
+    notes: list[str] = field(default_factory=list)
+    quality_gate: str = ""
+    skipped: list[SkippedRecipe] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    time_limit_s: float | None = None
+    calibration_cache: Path | None = None
+
+    @property
+    def chosen_candidate(self) -> Candidate:
+        return next(c for c in self.candidates if c.name == self.chosen)
+
+    @property
+    def calibration_cache_hits(self) -> int:
+        return sum(1 for c in self.candidates if c.calibration_cache_hit)
+
+    @property
+    def calibration_cache_misses(self) -> int:
+        return sum(1 for c in self.candidates if c.calibration_cache_hit is False)
+
+    def to_dict(self) -> dict[str, Any]:
+        from sdk.report_html import pareto_front
+
+        chosen = self.chosen_candidate
+        candidates = [c.to_dict() for c in self.candidates]
+        return {
+            "candidates": candidates,
+            "pareto_front": pareto_front(candidates),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "chosen": self.chosen,
+            "meets_budget": self.meets_budget,
+            "bundle": str(self.bundle),
+            "target": {
+                "name": self.target.name,
+                "description": self.target.description,
+                "cores": self.target.cores,
+                "memory_mb": self.target.memory_mb,
+            },
+            "measured_on": None if chosen.bench is None else chosen.bench.measured_on,
+            "budget": self.budget.to_dict(),
+            "budget_text": self.budget.describe(),
+            "violations": chosen.violations,
+            "quality_gate": self.quality_gate,
+            "elapsed_s": self.elapsed_s,
+            "time_limit_s": self.time_limit_s,
+            "calibration_cache": {
+                "dir": None if self.calibration_cache is None else str(self.calibration_cache),
+                "hits": self.calibration_cache_hits,
+                "misses": self.calibration_cache_misses,
+            },
+            "notes": self.notes,
+        }
+
+    def summary(self) -> str:
+        width = max(26, *(len(c.name) + 2 for c in self.candidates))
+        rows = [
+            f"{'candidate':<{width}}{'size KiB':>9}{'p50 ms':>9}{'p95 ms':>9}{'rss+ MB':>9}"
+            f"{'quality':>11}{'drop pts':>9}{'time s':>8}  budget"
+        ]
+        for c in self.candidates:
+            if c.error is not None:
+                rows.append(f" {c.name:<{width - 1}}  failed: {c.error}")
+                continue
+            size = c.artifact.size_bytes / 1024 if c.artifact else float("nan")
+            lat = c.bench.latency_ms if c.bench else {}
+            rss = c.bench.rss_increase_mb if c.bench else float("nan")
+            q = c.quality
+            qual = "-"
+            if q is not None and q.accuracy is not None:
+                qual = f"{q.accuracy:.2%}"
+            elif q is not None and q.agreement is not None:
+                qual = f"{q.agreement:.2%}agr"
+            elif q is not None and q.cosine_mean is not None:
+                qual = f"{q.cosine_mean:.4f}cos"
+            elif c.drop_basis == "reference":
+                qual = "ref"
+            drop = "-" if c.accuracy_drop is None else f"{c.accuracy_drop * 100:.2f}"
+            spent = float("nan") if c.elapsed_s is None else c.elapsed_s
+            verdict = "ok" if c.meets_budget else "MISS"
+            mark = "*" if c.name == self.chosen else " "
+            rows.append(
+                f"{mark}{c.name:<{width - 1}}{size:>9.1f}{lat.get('p50', float('nan')):>9.3f}"
+                f"{lat.get('p95', float('nan')):>9.3f}{rss:>9.1f}{qual:>11}{drop:>9}"
+                f"{spent:>8.1f}  {verdict}"
+            )
+            excluded = c.artifact.details.get("excluded_nodes") if c.artifact else None
+            if excluded:
+                rows.append(f"  {'':<{width - 2}}kept in float: {', '.join(excluded)}")
+        rows.extend(f" {s.name:<{width - 1}}  skipped: {s.reason}" for s in self.skipped)
+        chosen = self.chosen_candidate
+        head = (
+            f"target {self.target.name} ({self.target.description}); budget "
+            f"{self.budget.describe()}"
+        )
+        if chosen.bench is not None:
+            head += f"\nlatencies measured on {chosen.bench.measured_on}"
+        if self.quality_gate:
+            head += f"\nquality gate: {self.quality_gate}"
+        tail = [f"chosen: {self.chosen} -> bundle {self.bundle}"]
+        if self.meets_budget:
+            tail.append("meets every budget line")
+        else:
+            tail.append("NO candidate meets the budget; bundled the best effort. Off by:")
+            tail.extend(f"  - {v}" for v in chosen.violations)
+        limit = "" if self.time_limit_s is None else f" (time limit {self.time_limit_s:g} s)"
+        cache = ""
+        if self.calibration_cache is not None:
+            cache = (
+                f"; calibration cache: {self.calibration_cache_hits} hit(s), "
+                f"{self.calibration_cache_misses} miss(es)"
+            )
+        tail.append(f"search took {self.elapsed_s:.1f} s{limit}{cache}")
+        tail.extend(f"note: {n}" for n in self.notes)
+        return "\n".join([head, *rows, *tail])

@@ -1,0 +1,40 @@
+"""The ``fp32`` stage: the model as given, always measured, the baseline every drop is
+measured from."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from sdk.artifact import ModelArtifact
+from sdk.optimize.report import SkippedRecipe
+from sdk.optimize.stages.base import Recipe, SearchContext
+
+__all__ = ["FP32", "Fp32Recipe", "Fp32Stage"]
+
+FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class Fp32Recipe(Recipe):
+    """The fp32 model copied into the candidates directory."""
+
+    baseline: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return FP32
+
+    def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
+        shutil.copyfile(ctx.fp32.path, path)
+        return ModelArtifact(path=path, format="onnx", io=ctx.fp32.io, recipe=FP32)
+
+
+class Fp32Stage:
+    name = FP32
+
+    def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        return [Fp32Recipe()]

@@ -1,0 +1,145 @@
+"""ONNX Runtime static int8 (QDQ, calibrated on the calibration data), as three registered
+stages because the search tries them at three points (module docstring of
+:mod:`sdk.optimize.search`):
+
+* ``ort-static``: ``ort-static-int8-<method>``, the first calibration method of
+  :attr:`~sdk.optimize.OptimizeConfig.static_methods`, per-channel weights, the default
+  operator types (:data:`sdk.quantize.DEFAULT_OP_TYPES`);
+* ``ort-static-all-ops``: ``ort-static-int8-<method>-all-ops``, every operator type ORT can
+  quantize, when the model has operators that would add;
+* ``ort-static-variants``: the other calibration methods and per-tensor weight scales
+  (``-per-tensor``). They quantize the same operators as the first, so they are no smaller and
+  no faster: they are only tried when it failed on quality or could not be made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdk.artifact import ModelArtifact
+from sdk.optimize.report import Candidate, SkippedRecipe
+from sdk.optimize.stages.base import Recipe, SearchContext
+from sdk.quantize import DEFAULT_OP_TYPES, QuantizeConfig, quantize
+
+__all__ = [
+    "ALL_OPS_SUFFIX",
+    "PER_TENSOR_SUFFIX",
+    "STATIC_PREFIX",
+    "AllOpsStage",
+    "CalibrationVariantRecipe",
+    "CalibrationVariantsStage",
+    "StaticRecipe",
+    "StaticStage",
+    "base_name",
+]
+
+STATIC_PREFIX = "ort-static-int8"
+ALL_OPS_SUFFIX = "-all-ops"
+PER_TENSOR_SUFFIX = "-per-tensor"
+
+
+def base_name(ctx: SearchContext) -> str | None:
+    """The first static candidate's name, or None when static int8 is not tried at all."""
+    if ctx.calibration is None or not ctx.config.static_methods:
+        return None
+    return f"{STATIC_PREFIX}-{ctx.config.static_methods[0]}"
+
+
+@dataclass(frozen=True)
+class StaticRecipe(Recipe):
+    """Static int8 of the fp32 model with ``config``."""
+
+    label: str
+    config: QuantizeConfig
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
+        return quantize(
+            ctx.fp32,
+            ctx.require_calibration(),
+            out=path,
+            config=self.config,
+            calibration_cache=ctx.calibration_cache,
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationVariantRecipe(StaticRecipe):
+    """A calibration variant of the first static candidate ``base``: tried only while that one
+    failed on quality (the ``drop`` line) or could not be made."""
+
+    base: str
+
+    def skip_reason(self, ctx: SearchContext, done: Sequence[Candidate]) -> str | None:
+        base = next((c for c in done if c.name == self.base), None)
+        if base is None or base.error is not None:
+            return None
+        if base.meets_budget:
+            return (
+                f"calibration variant of {base.name}, which already meets every budget line: "
+                "it quantizes the same operators, so it can be neither smaller nor faster"
+            )
+        missed = [line.name for line in base.budget_lines if not line.passed]
+        if "drop" not in missed:
+            return (
+                f"calibration variant of {base.name}, which misses only {', '.join(missed)}: "
+                "a variant with the same operators quantized cannot meet those lines"
+            )
+        return None
+
+
+class StaticStage:
+    name = "ort-static"
+
+    def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        base = base_name(ctx)
+        if base is None:
+            return []
+        return [StaticRecipe(base, QuantizeConfig(method=ctx.config.static_methods[0]))]
+
+
+class AllOpsStage:
+    name = "ort-static-all-ops"
+
+    def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        base = base_name(ctx)
+        if base is None or not ctx.config.try_all_ops or not more_ops_to_quantize(ctx.fp32):
+            return []
+        config = QuantizeConfig(method=ctx.config.static_methods[0], op_types=None)
+        return [StaticRecipe(f"{base}{ALL_OPS_SUFFIX}", config)]
+
+
+class CalibrationVariantsStage:
+    name = "ort-static-variants"
+
+    def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        base = base_name(ctx)
+        if base is None:
+            return []
+        first, *others = ctx.config.static_methods
+        plan: list[Recipe | SkippedRecipe] = [
+            CalibrationVariantRecipe(
+                f"{STATIC_PREFIX}-{method}", QuantizeConfig(method=method), base
+            )
+            for method in others
+        ]
+        if ctx.config.per_tensor_variant:
+            config = QuantizeConfig(method=first, per_channel=False)
+            plan.append(CalibrationVariantRecipe(f"{base}{PER_TENSOR_SUFFIX}", config, base))
+        return plan
+
+
+def more_ops_to_quantize(model: ModelArtifact) -> bool:
+    """Whether quantizing every type ORT can would touch operators the default types leave."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    present = {n.op_type for n in graph.node}
+    broader = (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(DEFAULT_OP_TYPES)
+    return bool(present & broader)

@@ -1,0 +1,327 @@
+"""After quantizing: what was quantized, and whether the runtime the board uses loads and runs the
+result with outputs close to fp32's (the check in ``details["check"]``). A node the runtime
+refuses is named here, so quantize can keep it in float and try again."""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from device_agent.errors import RuntimeLoadError
+from sdk.artifact import ModelArtifact
+from sdk.data import Dataset, sample_count
+from sdk.errors import DataError, QuantizationError
+from sdk.quantize.ort_log import (
+    native_stderr_to_log,
+    strip_prefix,
+)
+
+if TYPE_CHECKING:
+    from device_agent.contracts.bundle import IOSpec, TensorSpec
+    from device_agent.runtime import ModelSession
+from sdk.quantize.config import CHECK_MIN_COSINE, CHECK_SAMPLES, QuantizeConfig, has_fixed_batch
+
+# The logger docs/quantization.md names, shared by the ONNX Runtime quantization modules.
+log = logging.getLogger("sdk.quantize")
+
+
+_QUANT_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+     "ConvInteger", "DynamicQuantizeMatMul", "QLinearConv", "QLinearMatMul", "QGemm",
+     "QAttention", "DynamicQuantizeLSTM", "QLinearAdd", "QLinearMul"}
+)  # fmt: skip
+
+
+# Operators that hold a model's weights: where its compute is.
+_WEIGHT_OPS = frozenset(
+    {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "RNN",
+     "EmbedLayerNormalization"}
+)  # fmt: skip
+
+
+def _walk(graph: Any, inside: bool = False) -> Iterator[tuple[Any, bool]]:
+    """Every node of ``graph`` and of its subgraphs (If branches, Loop and Scan bodies), with
+    whether it is inside a subgraph."""
+    for node in graph.node:
+        yield node, inside
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField("g") else []
+            for sub in [*subgraphs, *attr.graphs]:
+                yield from _walk(sub, True)
+
+
+def count_quantized_nodes(model: Path) -> int:
+    """Nodes that quantize, dequantize or compute in integers, in subgraphs too."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return sum(1 for n, _ in _walk(graph) if n.op_type in _QUANT_OPS)
+
+
+def _op_counts(graph: Any, *, inside: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node, nested in _walk(graph):
+        if nested == inside:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _op_summary(counts: dict[str, int]) -> str:
+    types = sorted(counts)
+    return ", ".join(types[:12]) + (", ..." if len(types) > 12 else "")
+
+
+def nothing_quantized(prepared: Path, config: QuantizeConfig, excluded: list[str]) -> str:
+    """Why ORT quantized nothing, and what to do about it."""
+    import onnx
+
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    top = _op_counts(graph, inside=False)
+    nested = _op_counts(graph, inside=True)
+    compute = {op: n for op, n in nested.items() if op in _WEIGHT_OPS and op not in top}
+    head = "quantization: ONNX Runtime quantized nothing in this model" + (
+        f" after excluding {excluded}" if excluded else ""
+    )
+    if compute:
+        holders = sorted({op for op in top if op in ("If", "Loop", "Scan")}) or ["control-flow"]
+        found = ", ".join(f"{n} {op}" for op, n in sorted(compute.items()))
+        return (
+            f"{head}: its compute ({found}) is inside the subgraphs of {'/'.join(holders)} "
+            f"nodes, which ONNX Runtime's quantizer leaves in float (the top-level graph holds "
+            f"only {_op_summary(top)}). Quantize a version of the model without control flow: "
+            "export it with the input the If tests fixed so that one branch is inlined, or "
+            "fold the If on a constant condition (e.g. onnxsim with that input given)"
+        )
+    wanted = "every type ORT can" if config.op_types is None else ", ".join(config.op_types)
+    hint = (
+        "" if config.op_types is None else "; try op_types=None (CLI: --op-types all) to allow more"
+    )
+    return (
+        f"{head} (its operators: {_op_summary(top)}; quantized types: {wanted}); ORT quantizes "
+        f"float32 tensors only, so the int8 model would be the fp32 one{hint}"
+    )
+
+
+def raised_in(exc: BaseException, function: str) -> bool:
+    return any(frame.name == function for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def failed_step(exc: BaseException, mode: str) -> str:
+    """Name the quantizer's step from where the exception was raised."""
+    files = [Path(frame.filename).name for frame in traceback.extract_tb(exc.__traceback__)]
+    if "calibrate.py" in files:
+        return "calibration"
+    if mode == "dynamic":
+        return "dynamic quantization"
+    return "static quantization (inserting QDQ nodes)"
+
+
+class RuntimeRefusal(Exception):
+    """ONNX Runtime could not load or run a quantized model (internal: retried or converted)."""
+
+    def __init__(self, step: str, message: str, node: str | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.message = message
+        self.node = node
+
+
+def verify(
+    candidate: Path, source: ModelArtifact, data: Dataset | None, batch: int
+) -> tuple[IOSpec, dict[str, Any]]:
+    """Load and run the quantized model next to the fp32 one; return its I/O and a summary."""
+    from device_agent.runtime import open_session
+
+    try:
+        session = open_session(candidate)
+    except RuntimeLoadError as exc:
+        raise RuntimeRefusal(
+            "loading the quantized model", strip_prefix(str(exc)), node_in_message(str(exc))
+        ) from exc
+    try:
+        reference = open_session(source.path)
+    except RuntimeLoadError as exc:
+        raise QuantizationError(f"checking the quantized model: the fp32 model: {exc}") from exc
+    feed, kind, expected = _check_inputs(reference, data, batch)
+    try:
+        outputs = session.run(feed)
+    except RuntimeLoadError as exc:
+        raise RuntimeRefusal(
+            "running the quantized model", strip_prefix(str(exc)), node_in_message(str(exc))
+        ) from exc
+    return session.io, _compare(session.io, outputs, expected, kind, sample_count(feed))
+
+
+def _check_inputs(
+    reference: ModelSession, data: Dataset | None, batch: int
+) -> tuple[dict[str, np.ndarray], str, list[np.ndarray]]:
+    """Inputs for the check and the fp32 outputs on them: calibration samples when there are
+    any, else generated inputs the fp32 model accepts."""
+    fixed = has_fixed_batch(reference.io)
+    if data is not None and (not fixed or len(data) >= batch):
+        count = batch if fixed else min(len(data), CHECK_SAMPLES)
+        feed = dict(data.head(count).inputs)
+        try:
+            return feed, "calibration", reference.run(feed)
+        except RuntimeLoadError as exc:
+            raise DataError(f"calibration data: the fp32 model cannot run on it: {exc}") from exc
+    errors = []
+    for size in (8, 32, 1, 224):
+        feed = _generated_feed(reference.io.inputs, size)
+        try:
+            # A size the model refuses makes ORT log an error line of its own: keep it quiet.
+            with native_stderr_to_log():
+                return feed, "generated", reference.run(feed)
+        except RuntimeLoadError as exc:
+            errors.append(str(exc))
+    raise QuantizationError(
+        "checking the quantized model: could not generate inputs the fp32 model accepts "
+        f"({errors[0]}); pass calibration data so the check can use real inputs"
+    )
+
+
+def _generated_feed(specs: Sequence[TensorSpec], free_size: int) -> dict[str, np.ndarray]:
+    """Inputs matching ``specs``: batch 2 on a dynamic first axis, ``free_size`` on other
+    dynamic axes; ones for integer inputs (a valid token id, index and mask everywhere)."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in specs:
+        shape = tuple(
+            d if isinstance(d, int) else (2 if axis == 0 else free_size)
+            for axis, d in enumerate(spec.shape)
+        )
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[spec.name] = np.ones(shape, dtype=dtype)
+        else:
+            feed[spec.name] = np.ones(shape, dtype=dtype)
+    return feed
+
+
+def _compare(
+    io_spec: IOSpec, got: list[np.ndarray], expected: list[np.ndarray], kind: str, samples: int
+) -> dict[str, Any]:
+    """The check's figures: the worst per-sample cosine over the outputs, the largest error.
+
+    An output with one value per sample is compared as one vector across the samples: a
+    per-sample cosine of a single value is only its sign, and would hide a broken model.
+    """
+    from sdk.evaluate import cosine_rows, max_abs_difference
+
+    summary: dict[str, Any] = {"inputs": kind, "samples": samples}
+    if kind == "generated":
+        summary["note"] = (
+            "generated random inputs: shows the int8 model runs, not how accurate it is; "
+            "pass calibration data for a real check"
+        )
+    worst_cos: float | None = None
+    worst_abs = 0.0
+    for spec, q, f in zip(io_spec.outputs, got, expected, strict=False):
+        q = np.asarray(q)
+        f = np.asarray(f)
+        if q.dtype.kind != "f" or q.shape != f.shape:
+            continue
+        if not np.isfinite(q).all() and np.isfinite(f).all():
+            raise QuantizationError(
+                f"checking the quantized model: output {spec.name!r} holds NaN or infinity where "
+                "the fp32 model's does not; try another calibration method or dynamic mode"
+            )
+        if q.size:
+            per_sample = q.ndim >= 1 and q.size > len(q)
+            if per_sample:
+                cos = float(cosine_rows(q, f).min())
+            else:
+                cos = float(cosine_rows(q.reshape(1, -1), f.reshape(1, -1))[0])
+            worst_cos = cos if worst_cos is None else min(worst_cos, cos)
+        worst_abs = max(worst_abs, max_abs_difference(q, f))
+    summary["cosine_min"] = worst_cos
+    summary["max_abs_error"] = worst_abs
+    return summary
+
+
+def warn_on_check(check: dict[str, Any], config: QuantizeConfig) -> None:
+    cos = check.get("cosine_min")
+    if check.get("inputs") != "calibration" or cos is None or cos >= CHECK_MIN_COSINE:
+        return
+    if config.op_types is None:
+        hint = "quantize only the default op_types"
+    elif config.mode == "dynamic":
+        hint = "exclude sensitive nodes, or use static mode"
+    else:
+        hint = "exclude sensitive nodes, or try another calibration method"
+    log.warning(
+        "the int8 model's outputs differ from fp32's on calibration data: worst-sample cosine "
+        "%.4g (below %.2f); %s",
+        cos,
+        CHECK_MIN_COSINE,
+        hint,
+    )
+
+
+_NODE_PATTERNS = (
+    re.compile(r"node with name '([^']+)'"),
+    re.compile(r"[Nn]ode\. Name:'([^']+)'"),
+    re.compile(r"In Node, \(\"([^\"]+)\""),
+    re.compile(r"Node \(([^)]+)\)"),
+    re.compile(r"node ([^\s,:]+) of type"),
+)
+
+
+def node_in_message(message: str, model: Path | None = None) -> str | None:
+    """The node an ORT error message names, if any.
+
+    With ``model``, quoted names in the message are also matched against the model's node and
+    tensor names (a tensor stands for the node that produces it).
+    """
+    for pattern in _NODE_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    if model is None:
+        return None
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # the model is only read to improve the message
+        return None
+    producers = {o: n.name for n in proto.graph.node for o in n.output}
+    names = {n.name for n in proto.graph.node}
+    for quoted in re.findall(r"['\"]([^'\"]+)['\"]", message):
+        if quoted in names:
+            return str(quoted)
+        producer = producers.get(quoted)
+        if producer:
+            return str(producer)
+    return None
+
+
+def nodes_behind(failed: str, prepared: Path) -> list[str]:
+    """The nodes of the model being quantized that produced quantized node ``failed``.
+
+    ORT names quantized nodes after their source (``conv`` -> ``conv_quant``) and QDQ nodes
+    after their tensor (``x_DequantizeLinear``): the longest source node name that prefixes the
+    failed name wins, else the nodes that consume the tensor a Q/DQ node wraps.
+    """
+    import onnx
+
+    source = onnx.load(str(prepared), load_external_data=False)
+    names = [n.name for n in source.graph.node if n.name]
+    if failed in names:
+        return [failed]
+    prefixed = [n for n in names if failed.startswith(n)]
+    if prefixed:
+        return [max(prefixed, key=len)]
+    for suffix in ("_DequantizeLinear", "_QuantizeLinear"):
+        if suffix in failed:
+            tensor = failed.split(suffix)[0]
+            return [n.name for n in source.graph.node if n.name and tensor in n.input]
+    return []
