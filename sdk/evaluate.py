@@ -95,7 +95,6 @@ def evaluate(
     what a board that runs one sample at a time gets.
     """
     from device_agent.runtime import open_session
-    from sdk.data import check_labels
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -132,16 +131,7 @@ def evaluate(
                 "top-1 accuracy needs a (samples, classes) output or one score per sample"
             )
         if labels is not None and start == 0:
-            # Labels outside the output's classes would score 0% for fp32 and every candidate
-            # alike, and a drop of 0 passes any quality gate: refuse them.
-            if kind == "binary":
-                where = (
-                    f"eval data ({data.name}), for the model's output {name!r} of one score "
-                    "per sample (a binary decision: binary labels are 0 and 1)"
-                )
-                check_labels(labels, 2, where)
-            else:
-                check_labels(labels, got.shape[1], f"eval data ({data.name})")
+            _check_eval_labels(labels, kind, got, data.name, name)
         if kind == "binary":
             scores.append(got.reshape(n).astype(np.float64))
         elif labels is not None:
@@ -168,16 +158,8 @@ def evaluate(
     quality = Quality(samples=total)
     cut = None
     if kind == "binary":
-        cut = _decision_threshold(
-            np.concatenate(ref_scores or scores) if (ref_scores or scores) else np.zeros(0),
-            threshold,
-        )
-        decided = np.concatenate(scores) > cut
+        cut, correct, agree = _binary_decisions(scores, ref_scores, labels, threshold)
         quality = replace(quality, decision_threshold=cut)
-        if labels is not None:  # checked to be 0 and 1 on the first batch
-            correct = int((decided == (labels == 1)).sum())
-        if ref_scores:
-            agree = int((decided == (np.concatenate(ref_scores) > cut)).sum())
     if labels is not None:
         quality = replace(quality, accuracy=correct / total)
     if ref_session is not None:
@@ -191,6 +173,39 @@ def evaluate(
             mean_abs_error=abs_sum / abs_count if abs_count else None,
         )
     return quality
+
+
+def _check_eval_labels(
+    labels: np.ndarray, kind: str, got: np.ndarray, data_name: str, output: str
+) -> None:
+    """Labels outside the output's classes would score 0% for fp32 and every candidate alike,
+    and a drop of 0 passes any quality gate: refuse them."""
+    from sdk.data import check_labels
+
+    if kind == "binary":
+        where = (
+            f"eval data ({data_name}), for the model's output {output!r} of one score "
+            "per sample (a binary decision: binary labels are 0 and 1)"
+        )
+        check_labels(labels, 2, where)
+    else:
+        check_labels(labels, got.shape[1], f"eval data ({data_name})")
+
+
+def _binary_decisions(
+    scores: list[np.ndarray],
+    ref_scores: list[np.ndarray],
+    labels: np.ndarray | None,
+    threshold: float | None,
+) -> tuple[float, int, int]:
+    """A one-score-per-sample output thresholded: the cut, the decisions matching the labels
+    (checked to be 0 and 1 on the first batch) and those matching the reference's."""
+    pooled = ref_scores or scores
+    cut = _decision_threshold(np.concatenate(pooled) if pooled else np.zeros(0), threshold)
+    decided = np.concatenate(scores) > cut
+    correct = 0 if labels is None else int((decided == (labels == 1)).sum())
+    agree = int((decided == (np.concatenate(ref_scores) > cut)).sum()) if ref_scores else 0
+    return cut, correct, agree
 
 
 def accuracy_drop(candidate: Quality, baseline: Quality) -> float:

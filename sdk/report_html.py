@@ -148,55 +148,10 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
     candidates: list[Mapping[str, Any]] = list(report.get("candidates", []))
     chosen = str(report.get("chosen", ""))
     front = pareto_front(candidates)
-    rows = []
-    for c in candidates:
-        lat = c.get("latency_ms") or {}
-        q = _quality(c)
-        verdict = (
-            "failed" if c.get("error") else ("meets budget" if c.get("meets_budget") else "misses")
-        )
-        cls = "chosen" if c["name"] == chosen else ""
-        drop = c.get("accuracy_drop")
-        rows.append(
-            f'<tr class="{cls}"><td>{html.escape(c["name"])}{" ★" if c["name"] == chosen else ""}'
-            f"{' (Pareto)' if c['name'] in front else ''}</td>"
-            f"<td>{_fmt((c.get('size_bytes') or 0) / 1024, 5)}</td>"
-            f"<td>{_fmt(lat.get('p50'))}</td><td>{_fmt(lat.get('p95'))}</td>"
-            f"<td>{_fmt(c.get('rss_increase_mb'), 3)}</td><td>{_fmt(q)}</td>"
-            f"<td>{_fmt(None if drop is None else drop * 100, 3)}</td>"
-            f"<td>{_fmt(c.get('elapsed_s'), 3)}</td><td>{_cache_cell(c)}</td>"
-            f'<td class="{verdict.split()[0]}">{verdict}</td>'
-            f"<td>{'<br>'.join(html.escape(v) for v in c.get('violations', []))}</td></tr>"
-        )
-    budget_rows = []
-    chosen_c = next((c for c in candidates if c["name"] == chosen), None)
-    for line in (chosen_c or {}).get("budget", []):
-        budget_rows.append(
-            f"<tr><td>{html.escape(line['name'])}</td><td>{_fmt(line.get('measured'))}</td>"
-            f"<td>{_fmt(line.get('limit'))} {html.escape(line.get('unit', ''))}</td>"
-            f'<td class="{"meets" if line.get("passed") else "misses"}">'
-            f"{'ok' if line.get('passed') else 'over'}</td></tr>"
-        )
-    notes = [html.escape(str(n)) for n in report.get("notes", [])]
-    for c in candidates:
-        details = c.get("details") or {}
-        excluded = details.get("excluded_nodes") if isinstance(details, Mapping) else None
-        if excluded:
-            notes.append(
-                f"{html.escape(c['name'])}: kept in float: "
-                + ", ".join(html.escape(str(n)) for n in excluded)
-            )
-    skipped_rows = "".join(
-        f"<tr><td>{html.escape(str(s.get('name')))}</td>"
-        f'<td class="why">{html.escape(str(s.get("reason")))}</td></tr>'
-        for s in report.get("skipped", [])
-    )
-    skipped = (
-        f'<table><tr><th>recipe</th><th class="why">why it was not tried</th></tr>'
-        f"{skipped_rows}</table>"
-        if skipped_rows
-        else "<p>none: every recipe was tried.</p>"
-    )
+    rows = _candidate_rows(candidates, chosen, front)
+    budget_rows = _budget_rows(candidates, chosen)
+    notes = _notes(report, candidates)
+    skipped = _skipped_table(report)
     search = _search_line(report)
     target = report.get("target") or {}
     verdict = (
@@ -205,17 +160,7 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
         else "NO candidate meets the budget: the best effort was bundled"
     )
     reproduce = html.escape(command) if command else "edgeship optimize … (see the report JSON)"
-    per_candidate = "".join(
-        f"<li>{html.escape(str(c['name']))}: <code>{html.escape(str(c['reproduce']))}</code></li>"
-        for c in candidates
-        if c.get("reproduce")
-    )
-    each = (
-        "<p>Each int8 candidate on its own, from the ONNX model it was quantized from:</p>"
-        f"<ul>{per_candidate}</ul>"
-        if per_candidate
-        else ""
-    )
+    each = _reproduce_each(candidates)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>edgeship optimize: {html.escape(chosen)} for {html.escape(str(target.get("name", "")))}
@@ -261,6 +206,90 @@ front (no other candidate is at least as good on latency, memory, size and quali
 {each}
 </body></html>
 """
+
+
+def _candidate_rows(
+    candidates: list[Mapping[str, Any]], chosen: str, front: list[str]
+) -> list[str]:
+    """One table row per candidate, the chosen one marked."""
+    rows = []
+    for c in candidates:
+        lat = c.get("latency_ms") or {}
+        q = _quality(c)
+        verdict = (
+            "failed" if c.get("error") else ("meets budget" if c.get("meets_budget") else "misses")
+        )
+        cls = "chosen" if c["name"] == chosen else ""
+        drop = c.get("accuracy_drop")
+        rows.append(
+            f'<tr class="{cls}"><td>{html.escape(c["name"])}{" ★" if c["name"] == chosen else ""}'
+            f"{' (Pareto)' if c['name'] in front else ''}</td>"
+            f"<td>{_fmt((c.get('size_bytes') or 0) / 1024, 5)}</td>"
+            f"<td>{_fmt(lat.get('p50'))}</td><td>{_fmt(lat.get('p95'))}</td>"
+            f"<td>{_fmt(c.get('rss_increase_mb'), 3)}</td><td>{_fmt(q)}</td>"
+            f"<td>{_fmt(None if drop is None else drop * 100, 3)}</td>"
+            f"<td>{_fmt(c.get('elapsed_s'), 3)}</td><td>{_cache_cell(c)}</td>"
+            f'<td class="{verdict.split()[0]}">{verdict}</td>'
+            f"<td>{'<br>'.join(html.escape(v) for v in c.get('violations', []))}</td></tr>"
+        )
+    return rows
+
+
+def _budget_rows(candidates: list[Mapping[str, Any]], chosen: str) -> list[str]:
+    """The chosen candidate's budget lines, one row each."""
+    budget_rows = []
+    chosen_c = next((c for c in candidates if c["name"] == chosen), None)
+    for line in (chosen_c or {}).get("budget", []):
+        budget_rows.append(
+            f"<tr><td>{html.escape(line['name'])}</td><td>{_fmt(line.get('measured'))}</td>"
+            f"<td>{_fmt(line.get('limit'))} {html.escape(line.get('unit', ''))}</td>"
+            f'<td class="{"meets" if line.get("passed") else "misses"}">'
+            f"{'ok' if line.get('passed') else 'over'}</td></tr>"
+        )
+    return budget_rows
+
+
+def _notes(report: Mapping[str, Any], candidates: list[Mapping[str, Any]]) -> list[str]:
+    """The report's notes, then each candidate's nodes kept in float (escaped HTML)."""
+    notes = [html.escape(str(n)) for n in report.get("notes", [])]
+    for c in candidates:
+        details = c.get("details") or {}
+        excluded = details.get("excluded_nodes") if isinstance(details, Mapping) else None
+        if excluded:
+            notes.append(
+                f"{html.escape(c['name'])}: kept in float: "
+                + ", ".join(html.escape(str(n)) for n in excluded)
+            )
+    return notes
+
+
+def _skipped_table(report: Mapping[str, Any]) -> str:
+    skipped_rows = "".join(
+        f"<tr><td>{html.escape(str(s.get('name')))}</td>"
+        f'<td class="why">{html.escape(str(s.get("reason")))}</td></tr>'
+        for s in report.get("skipped", [])
+    )
+    return (
+        f'<table><tr><th>recipe</th><th class="why">why it was not tried</th></tr>'
+        f"{skipped_rows}</table>"
+        if skipped_rows
+        else "<p>none: every recipe was tried.</p>"
+    )
+
+
+def _reproduce_each(candidates: list[Mapping[str, Any]]) -> str:
+    """The command that makes each int8 candidate again, as a list (empty: none)."""
+    per_candidate = "".join(
+        f"<li>{html.escape(str(c['name']))}: <code>{html.escape(str(c['reproduce']))}</code></li>"
+        for c in candidates
+        if c.get("reproduce")
+    )
+    return (
+        "<p>Each int8 candidate on its own, from the ONNX model it was quantized from:</p>"
+        f"<ul>{per_candidate}</ul>"
+        if per_candidate
+        else ""
+    )
 
 
 def _cache_cell(c: Mapping[str, Any]) -> str:
