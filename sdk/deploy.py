@@ -2,7 +2,8 @@
 
 ``edgeship deploy bundle/ --device pi-07 --broker mqtt://hub:1883`` calls
 :func:`deploy_bundle`. The device's side (staging, verification, the atomic swap, probation
-and rollback) is :mod:`device_agent.deploy`; the actions are documented in docs/agent.md.
+and rollback) is :mod:`device_agent.deploy`; the actions and their arguments are the types
+of :mod:`device_agent.contracts.commands`, documented in docs/agent.md.
 
 ::
 
@@ -29,7 +30,15 @@ from typing import Any
 
 from device_agent.bundle import load_bundle
 from device_agent.contracts.bundle import MANIFEST_NAME
-from device_agent.deploy import MAX_CHUNK_BYTES, MAX_CHUNKS, MIN_CHUNK_BYTES
+from device_agent.contracts.commands import (
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS,
+    MIN_CHUNK_BYTES,
+    Action,
+    DeployBegin,
+    DeployChunk,
+    DeployRef,
+)
 from device_agent.errors import ConfigError
 from sdk.remote import CommandClient, RemoteError
 
@@ -89,6 +98,148 @@ def pack_bundle(path: str | Path) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class _Upload:
+    """One deploy on its way: the archive, its id and chunking, and what was sent."""
+
+    archive: bytes
+    deploy_id: str
+    digest: str
+    chunk_bytes: int
+    total: int
+    device: str
+    model: str
+    to_version: str
+    started: float
+    sent: int = 0
+
+    def chunk(self, index: int) -> DeployChunk:
+        data = self.archive[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+        return DeployChunk(
+            deploy=self.deploy_id,
+            index=index,
+            data=base64.b64encode(data).decode("ascii"),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    def result(self, state: str, reply: dict[str, Any] | None, reason: str | None) -> DeployResult:
+        r = reply or {}
+        return DeployResult(
+            deploy_id=self.deploy_id,
+            device=self.device,
+            state=state,
+            from_version=r.get("from_version"),
+            to_version=r.get("to_version", self.to_version),
+            reason=reason if reason is not None else r.get("reason"),
+            archive_bytes=len(self.archive),
+            chunks=self.total,
+            chunks_sent=self.sent,
+            seconds=time.monotonic() - self.started,
+            inputs_changed=r.get("inputs_changed"),
+        )
+
+
+_Call = Callable[[Action, dict[str, Any]], tuple[bool, Any, str | None]]
+
+
+def _caller(
+    client: CommandClient,
+    device: str,
+    deadline: float,
+    timeout_s: float,
+    call_timeout_s: float,
+    attempts: int,
+) -> _Call:
+    """``call(action, args)``: the device's (ok, result, error), each command sent again when
+    it gets no answer within ``call_timeout_s`` (the device handles repeats idempotently), up
+    to ``attempts`` times and within the deploy's deadline; RemoteError when it never answers."""
+
+    def call(action: Action, args: dict[str, Any]) -> tuple[bool, Any, str | None]:
+        for attempt in range(1, attempts + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                reply = client.call(action, args, timeout_s=min(call_timeout_s, left))
+            except RemoteError:
+                if attempt == attempts or deadline - time.monotonic() <= 0:
+                    raise
+                continue
+            return reply.ok, reply.result, reply.error
+        raise RemoteError(
+            f"device {device!r} did not finish {action.value!r} within the deploy's "
+            f"{timeout_s:g} s timeout"
+        )
+
+    return call
+
+
+def _send_chunks(
+    call: _Call,
+    upload: _Upload,
+    todo: list[int],
+    done: int,
+    window: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, str] | None:
+    """Send the chunks ``todo``, up to ``window`` in flight: a command's round trip (broker,
+    the device's reply spool) costs tens of milliseconds, more than the device takes to store
+    a chunk. None when all were stored, else the first refused chunk and why."""
+
+    def send(index: int) -> tuple[int, bool, str | None]:
+        ok, _, error = call(Action.DEPLOY_CHUNK, upload.chunk(index).to_args())
+        return index, ok, error
+
+    with ThreadPoolExecutor(max_workers=max(1, window)) as pool:
+        pending = {pool.submit(send, i) for i in todo[:window]}
+        queued = iter(todo[window:])
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index, ok, error = future.result()
+                if not ok:
+                    for other in pending:
+                        other.cancel()
+                    return index, str(error)
+                upload.sent += 1
+                done += 1
+                if progress is not None:
+                    progress(done, upload.total)
+                nxt = next(queued, None)
+                if nxt is not None:
+                    pending.add(pool.submit(send, nxt))
+    return None
+
+
+def _pack(bundle: str | Path, device: str, chunk_bytes: int) -> _Upload:
+    """Pack ``bundle`` and plan its chunks; ConfigError when they are more than a device
+    takes."""
+    started = time.monotonic()
+    archive = pack_bundle(bundle)
+    model = load_bundle(bundle, verify=False).manifest.model
+    digest = hashlib.sha256(archive).hexdigest()
+    total = math.ceil(len(archive) / chunk_bytes)
+    if total > MAX_CHUNKS:
+        raise ConfigError(
+            f"the packed bundle is {len(archive)} bytes: {total} chunks of {chunk_bytes} bytes, "
+            f"over the device's limit of {MAX_CHUNKS}; use chunk_bytes of at least "
+            f"{math.ceil(len(archive) / MAX_CHUNKS)} (at most {MAX_CHUNK_BYTES})"
+        )
+    # The id is the archive's hash: deploying the same bundle again after an interruption
+    # resumes the upload instead of starting over.
+    return _Upload(
+        archive=archive,
+        deploy_id=f"d{digest[:24]}",
+        digest=digest,
+        chunk_bytes=chunk_bytes,
+        total=total,
+        device=device,
+        model=model.name,
+        to_version=model.version,
+        started=started,
+    )
+
+
 def deploy_bundle(
     bundle: str | Path,
     broker_url: str,
@@ -125,122 +276,42 @@ def deploy_bundle(
         )
     if timeout_s <= 0 or call_timeout_s <= 0 or attempts < 1:
         raise ConfigError("timeout_s and call_timeout_s must be positive and attempts >= 1")
-    started = time.monotonic()
-    deadline = started + timeout_s
-    archive = pack_bundle(bundle)
-    model = load_bundle(bundle, verify=False).manifest.model
-    digest = hashlib.sha256(archive).hexdigest()
-    # The id is the archive's hash: deploying the same bundle again after an interruption
-    # resumes the upload instead of starting over.
-    deploy_id = f"d{digest[:24]}"
-    total = math.ceil(len(archive) / chunk_bytes)
-    if total > MAX_CHUNKS:
-        raise ConfigError(
-            f"the packed bundle is {len(archive)} bytes: {total} chunks of {chunk_bytes} bytes, "
-            f"over the device's limit of {MAX_CHUNKS}; use chunk_bytes of at least "
-            f"{math.ceil(len(archive) / MAX_CHUNKS)} (at most {MAX_CHUNK_BYTES})"
-        )
-    sent = 0
-
-    def result(state: str, reply: dict[str, Any] | None, reason: str | None) -> DeployResult:
-        r = reply or {}
-        return DeployResult(
-            deploy_id=deploy_id,
-            device=device,
-            state=state,
-            from_version=r.get("from_version"),
-            to_version=r.get("to_version", model.version),
-            reason=reason if reason is not None else r.get("reason"),
-            archive_bytes=len(archive),
-            chunks=total,
-            chunks_sent=sent,
-            seconds=time.monotonic() - started,
-            inputs_changed=r.get("inputs_changed"),
-        )
-
+    upload = _pack(bundle, device, chunk_bytes)
+    deadline = upload.started + timeout_s
     with CommandClient(
         broker_url, fleet, device, username=username, password=password, ca_file=ca_file
     ) as client:
-
-        def call(action: str, args: dict[str, Any]) -> tuple[bool, Any, str | None]:
-            for attempt in range(1, attempts + 1):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    reply = client.call(action, args, timeout_s=min(call_timeout_s, left))
-                except RemoteError:
-                    if attempt == attempts or deadline - time.monotonic() <= 0:
-                        raise
-                    continue
-                return reply.ok, reply.result, reply.error
-            raise RemoteError(
-                f"device {device!r} did not finish {action!r} within the deploy's "
-                f"{timeout_s:g} s timeout"
-            )
-
-        ok, begun, error = call(
-            "deploy_begin",
-            {
-                "deploy": deploy_id,
-                "size": len(archive),
-                "sha256": digest,
-                "chunks": total,
-                "chunk_bytes": chunk_bytes,
-                "model": model.name,
-                "model_version": model.version,
-            },
+        call = _caller(client, device, deadline, timeout_s, call_timeout_s, attempts)
+        begin = DeployBegin(
+            deploy=upload.deploy_id,
+            size=len(upload.archive),
+            sha256=upload.digest,
+            chunks=upload.total,
+            chunk_bytes=chunk_bytes,
+            model=upload.model,
+            model_version=upload.to_version,
         )
+        ok, begun, error = call(Action.DEPLOY_BEGIN, begin.to_args())
         if not ok:
-            return result("failed", None, f"the device refused the deploy: {error}")
+            return upload.result("failed", None, f"the device refused the deploy: {error}")
         have = set(begun.get("have", [])) if isinstance(begun, dict) else set()
-        done = len(have)
         if progress is not None:
-            progress(done, total)
-
-        def send(index: int) -> tuple[int, bool, str | None]:
-            data = archive[index * chunk_bytes : (index + 1) * chunk_bytes]
-            ok, _, error = call(
-                "deploy_chunk",
-                {
-                    "deploy": deploy_id,
-                    "index": index,
-                    "data": base64.b64encode(data).decode("ascii"),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                },
-            )
-            return index, ok, error
-
-        # Up to `window` chunks in flight: a command's round trip (broker, the device's reply
-        # spool) costs tens of milliseconds, more than the device takes to store a chunk.
-        todo = [i for i in range(total) if i not in have]
-        with ThreadPoolExecutor(max_workers=max(1, window)) as pool:
-            pending = {pool.submit(send, i) for i in todo[:window]}
-            queued = iter(todo[window:])
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    index, ok, error = future.result()
-                    if not ok:
-                        for other in pending:
-                            other.cancel()
-                        return result("failed", None, f"the device refused chunk {index}: {error}")
-                    sent += 1
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                    nxt = next(queued, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(send, nxt))
-        ok, committed, error = call("deploy_commit", {"deploy": deploy_id})
+            progress(len(have), upload.total)
+        todo = [i for i in range(upload.total) if i not in have]
+        refused = _send_chunks(call, upload, todo, len(have), window, progress)
+        if refused is not None:
+            index, error = refused
+            return upload.result("failed", None, f"the device refused chunk {index}: {error}")
+        ref = DeployRef(upload.deploy_id).to_args()
+        ok, committed, error = call(Action.DEPLOY_COMMIT, ref)
         if not ok:
-            return result("failed", None, f"the device refused the commit: {error}")
+            return upload.result("failed", None, f"the device refused the commit: {error}")
         state = str(committed.get("state"))
         while wait_probation and state == "probation" and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-            ok, status, error = call("deploy_status", {"deploy": deploy_id})
+            ok, status, error = call(Action.DEPLOY_STATUS, ref)
             if not ok:
-                return result("failed", committed, f"deploy_status failed: {error}")
+                return upload.result("failed", committed, f"deploy_status failed: {error}")
             committed = {**committed, **status}
             state = str(status.get("state"))
-        return result(state, committed, None)
+        return upload.result(state, committed, None)

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from device_agent.contracts import messages as msg
+from device_agent.contracts.commands import Action
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 
 __all__ = [
@@ -158,15 +159,17 @@ class CommandClient:
             )
 
     def call(
-        self, action: str, args: dict[str, Any] | None = None, *, timeout_s: float = 60.0
+        self, action: Action | str, args: dict[str, Any] | None = None, *, timeout_s: float = 60.0
     ) -> msg.CommandReply:
-        """Send ``action`` and return the device's reply (``ok`` true or false).
+        """Send ``action`` (an :class:`Action`, or the name of one an agent of another version
+        knows) and return the device's reply (``ok`` true or false).
 
         Raises :class:`RemoteError` when no reply comes within ``timeout_s``.
         """
+        name = action.value if isinstance(action, Action) else action
         command = msg.Command(
             id=uuid.uuid4().hex[:16],
-            action=action,
+            action=name,
             ts=time.time(),
             args=args or {},
             expires=time.time() + timeout_s,
@@ -179,7 +182,7 @@ class CommandClient:
             self._client.publish(self._cmd_topic, msg.encode(command), qos=1)
             if not done.wait(timeout_s):
                 raise RemoteError(
-                    f"device {self.device!r} in fleet {self.fleet!r} did not answer {action!r} "
+                    f"device {self.device!r} in fleet {self.fleet!r} did not answer {name!r} "
                     f"within {timeout_s:.3g} s (is its agent running and connected?)"
                 )
         finally:
@@ -202,7 +205,7 @@ def send_command(
     broker_url: str,
     fleet: str,
     device: str,
-    action: str,
+    action: Action | str,
     args: dict[str, Any] | None = None,
     *,
     timeout_s: float = 60.0,
@@ -220,7 +223,8 @@ def send_command(
     ) as client:
         reply = client.call(action, args, timeout_s=timeout_s)
     if not reply.ok:
-        raise RemoteError(f"device {device!r} could not {action}: {reply.error}")
+        name = action.value if isinstance(action, Action) else action
+        raise RemoteError(f"device {device!r} could not {name}: {reply.error}")
     return reply.result
 
 
@@ -240,7 +244,7 @@ def remote_benchmark(
         broker_url,
         fleet,
         device,
-        "benchmark",
+        Action.BENCHMARK,
         {"min_runs": min_runs, "min_seconds": min_seconds},
         timeout_s=wait,
         ca_file=ca_file,

@@ -879,3 +879,77 @@ def test_a_self_test_that_raises_anything_is_a_refusal_and_the_agent_keeps_answe
         assert agent.bundle.manifest.model.version == "2"
         traffic.wait_count(5)
         assert traffic.failures == []
+
+
+# --- the commands' types and their documentation --------------------------------------------
+
+
+def test_docs_describe_every_deploy_argument_and_result_field() -> None:
+    """docs/agent.md's table of deploy actions names every argument and result field of the
+    types in device_agent.contracts.commands, in the row of the action that uses it, and
+    protocol.md lists every action."""
+    import dataclasses
+    import re
+
+    from device_agent.contracts import commands as cmds
+
+    repo = Path(__file__).resolve().parent.parent
+    agent_md = (repo / "docs" / "agent.md").read_text()
+    rows = {
+        m.group(1): m.group(0) for m in re.finditer(r"^\| `(deploy_[a-z]+)` \|.*$", agent_md, re.M)
+    }
+    A = cmds.Action
+    uses: dict[A, tuple[type, ...]] = {
+        A.DEPLOY_BEGIN: (cmds.DeployBegin, cmds.ReceivingReply),
+        A.DEPLOY_CHUNK: (cmds.DeployChunk, cmds.ChunkReply),
+        A.DEPLOY_COMMIT: (cmds.DeployRef,),
+        A.DEPLOY_STATUS: (cmds.DeployRef, cmds.DeployRecord),
+        A.DEPLOY_ABORT: (cmds.DeployRef,),
+    }
+    # deploy_status answers "the commit's fields plus ...": its row and the commit's together.
+    rows["deploy_status"] += rows["deploy_commit"]
+    for action, types in uses.items():
+        row = rows[action.value]
+        for kind in types:
+            names = (
+                [f.name for f in dataclasses.fields(kind)]
+                if dataclasses.is_dataclass(kind)
+                else list(kind.__annotations__)
+            )
+            for name in names:
+                assert re.search(rf"\b{name}\b", row), f"{action.value}: {name!r} not in docs"
+    protocol_md = (repo / "docs" / "protocol.md").read_text()
+    for action in A:
+        assert f"`{action.value}`" in protocol_md, action
+
+
+def test_the_host_sends_the_deploy_arguments_the_device_parses() -> None:
+    """The args the host builds parse back to the same values on the device, in the order
+    they had before they were types (the wire is byte-for-byte the same)."""
+    from device_agent.contracts import commands as cmds
+
+    begin = cmds.DeployBegin("d1", 1000, "a" * 64, 2, 512, "mlp", "2")
+    args = begin.to_args()
+    assert list(args) == [
+        "deploy",
+        "size",
+        "sha256",
+        "chunks",
+        "chunk_bytes",
+        "model",
+        "model_version",
+    ]
+    assert cmds.DeployBegin.parse(args, max_bytes=10_000) == begin
+    chunk = cmds.DeployChunk("d1", 1, base64.b64encode(b"x").decode(), "b" * 64)
+    assert list(chunk.to_args()) == ["deploy", "index", "data", "sha256"]
+    assert cmds.DeployChunk.parse(chunk.to_args(), chunks_of=lambda _: 2) == chunk
+    assert cmds.DeployRef("d1").to_args() == {"deploy": "d1"}
+    assert cmds.DeployRef.parse({}, required=False) == cmds.DeployRef(None)
+    with pytest.raises(cmds.DeployError, match="'deploy' is missing"):
+        cmds.DeployRef.parse({})
+    with pytest.raises(cmds.DeployError, match="must not start with"):
+        cmds.DeployRef.parse({"deploy": ".."})
+    with pytest.raises(
+        cmds.DeployError, match=r"argument 'index': expected an integer in \[0, 1\]"
+    ):
+        cmds.DeployChunk.parse({**chunk.to_args(), "index": 2}, chunks_of=lambda _: 2)
