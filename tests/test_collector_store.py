@@ -326,7 +326,7 @@ def test_a_refused_value_on_a_link_that_breaks_is_retried_not_split() -> None:
         pytest.skip(f"no PostgreSQL at {PG_URL}")
     import psycopg
 
-    from collector.service import process_batch
+    from collector.worker import process_batch
     from tests.poison import good_windows, refuse_in_store, refused_by_store
 
     url = pg_url()

@@ -1,5 +1,5 @@
 """Property test at the boundary where MQTT topics and payloads enter the collector: the decoder,
-ingest and the store (``collector.service.process_batch``, what each worker runs per batch),
+ingest and the store (``collector.worker.process_batch``, what each worker runs per batch),
 on SQLite and PostgreSQL.
 
 Good telemetry windows are interleaved with generated bad messages (tests/poison.py: lone
@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.service import process_batch
 from collector.store import open_store
+from collector.worker import process_batch
 from device_agent.contracts.messages import encode, topic
 from tests.collector_helpers import window
 from tests.poison import (

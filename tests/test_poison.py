@@ -291,9 +291,9 @@ def test_health_is_not_ok_while_a_batch_cannot_be_committed_or_a_worker_is_down(
             code, body = health()
             assert code == 200 and body["problems"] == [], body
             # A worker that dies (here: SIGKILL) is reported until the next batch replaces it.
-            sink: Any = c._sinks[0]
-            os.kill(sink._proc.pid, signal.SIGKILL)
-            sink._proc.wait(10)
+            sink: Any = c.pipeline.sink(0)
+            os.kill(sink.pid, signal.SIGKILL)
+            assert wait_for(lambda: sink.exit_code() is not None, 10)
             code, body = health()
             assert code == 503 and any("worker 0 exited" in p for p in body["problems"]), body
             send(2)
@@ -550,7 +550,7 @@ def test_dead_letter_field_names_a_sender_picks_are_counted_in_bounded_space(
     """A key given twice names the dead letter's field: a sender that uses a new key in each
     message must not grow the collector's counters (and /metrics, /api/dead-letters) without
     bound; past the limit the rest are counted as "(other)"."""
-    from collector.service import MAX_DEAD_FIELDS, OTHER_DEAD_FIELD
+    from collector.pipeline import MAX_DEAD_FIELDS, OTHER_DEAD_FIELD
     from collector.store import DEAD_LETTER_FIELDS
 
     n = MAX_DEAD_FIELDS + 50
