@@ -1,4 +1,5 @@
-"""``edgeship demo``: the main job end to end on the bundled digits (``sdk.demo``)."""
+"""``edgeship demo``: the main job end to end on the bundled digits (``sdk.demo`` for the
+model and its bundle, ``sdk.demo_fleet`` for the fleet that runs it)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdk.demo import run_fleet_demo, run_host_demo
+    from sdk.demo import run_host_demo
+    from sdk.demo_fleet import run_fleet_demo
 
     if args.host_only:
         return run_host_demo(args.workdir, target=args.target, budget=args.budget)
