@@ -1,11 +1,17 @@
-"""Prometheus text exposition (format 0.0.4) of the collector and its fleet, for ``GET /metrics``.
+"""Prometheus metrics of the collector and its fleet, for ``GET /metrics``, through
+``prometheus_client``.
 
-Written by hand (no client library): :func:`render_metrics` turns a fleet snapshot, the
-collector's counters, per-device accumulators (:class:`DeviceCounters`), drift verdicts and
-firing alerts into the text format. Names start with ``edgeship_`` and use base units
-(``_seconds``, ``_bytes``, ``_celsius``, ``_ratio``; counters end in ``_total``). Per-device
-series carry ``fleet``, ``device``, ``model`` and ``model_version`` labels (an unknown model is
-``""``).
+:class:`FleetMetrics` is a custom collector in the library's sense (``collect()`` yields metric
+families): it reads a :class:`MetricsView` (the fleet snapshot, the collector's counters,
+per-device accumulators, drift verdicts, firing alerts) when Prometheus scrapes, so nothing is
+kept twice and a scrape always shows the store's state of that moment. :func:`make_registry`
+registers it in a registry of its own (never the process-wide default, which would add the
+library's process and GC series and collide between two collectors in one process), and
+:func:`exposition` writes the text format (0.0.4) with the library's own writer.
+
+Names start with ``edgeship_`` and use base units (``_seconds``, ``_bytes``, ``_celsius``,
+``_ratio``; counters end in ``_total``). Per-device series carry ``fleet``, ``device``, ``model``
+and ``model_version`` labels (an unknown model is ``""``).
 
 * **Latency** is a real histogram, ``edgeship_device_inference_latency_seconds``: the
   protocol's fixed millisecond buckets become ``le`` bounds in seconds, counts are cumulative
@@ -28,26 +34,43 @@ series carry ``fleet``, ``device``, ``model`` and ``model_version`` labels (an u
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from collector.alerts import RULES, AlertRecord
-from collector.drift import DriftResult
-from collector.ingest import TelemetryRecord
-from collector.state import FleetSnapshot
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.utils import floatToGoString
+
 from device_agent.contracts.messages import DEPLOY_STATES, LATENCY_BUCKETS_MS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: this module reads a view, whoever builds it
+    from collector.alerts import AlertRecord
+    from collector.drift import DriftResult
+    from collector.ingest import TelemetryRecord
     from collector.service import CollectorStats
+    from collector.state import DeviceState, FleetSnapshot
 
-__all__ = ["CONTENT_TYPE", "DeviceCounters", "escape_label", "render_metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "DeviceCounters",
+    "FleetMetrics",
+    "MetricsView",
+    "exposition",
+    "make_registry",
+]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The classic text format: what every Prometheus and promtool reads.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _BOUNDS_MS = tuple(LATENCY_BUCKETS_MS)
 _STATES = ("online", "offline", "stale", "unknown")
-_SEVERITIES = ("info", "warning", "critical")
+_DEVICE_LABELS = ("fleet", "device", "model", "model_version")
 
 
 @dataclass
@@ -92,357 +115,298 @@ def _midpoints_s() -> tuple[float, ...]:
 
 
 _MIDPOINTS_S = _midpoints_s()
+_LE = tuple(
+    [str(floatToGoString(b / 1000.0)) for b in _BOUNDS_MS]  # type: ignore[no-untyped-call]
+    + ["+Inf"]
+)
 
 
-def escape_label(value: str) -> str:
-    """A label value escaped for the text format (backslash, double quote, newline)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@dataclass(frozen=True)
+class MetricsView:
+    """What one scrape shows, read at scrape time. ``stats`` None leaves the collector's own
+    series out; ``deploys`` counts deploy outcomes by (fleet, state); ``rules`` names every
+    alert rule (each gets a series per fleet); devices last seen more than ``expire_after_s``
+    before ``snapshot.at`` are left out."""
+
+    snapshot: FleetSnapshot
+    stats: CollectorStats | None = None
+    counters: Sequence[DeviceCounters] = ()
+    drift: Sequence[DriftResult] = ()
+    alerts: Sequence[AlertRecord] = ()
+    rules: Sequence[str] = ()
+    deploys: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    expire_after_s: float = 3600.0
+    monitor_errors: int | None = None
+    alerts_published: int | None = None
 
 
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
+class FleetMetrics:
+    """A ``prometheus_client`` collector: every scrape calls ``read`` and turns its view into
+    metric families (nothing is cached between scrapes)."""
+
+    def __init__(self, read: Callable[[], MetricsView]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        """No names up front: the families depend on the fleet, and registering must not
+        read the store."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._read()
+        if view.stats is not None:
+            yield from _collector_families(view.stats)
+        yield from _fleet_families(view)
+        if view.monitor_errors is not None:
+            yield CounterMetricFamily(
+                "edgeship_collector_monitor_errors",
+                "Monitor rounds that failed (see the log).",
+                value=view.monitor_errors,
+            )
+        if view.alerts_published is not None:
+            yield CounterMetricFamily(
+                "edgeship_collector_alerts_published",
+                "Alert messages published over MQTT.",
+                value=view.alerts_published,
+            )
 
 
-_LE = (*(_format_value(b / 1000.0) for b in _BOUNDS_MS), "+Inf")
+def make_registry(read: Callable[[], MetricsView]) -> CollectorRegistry:
+    """A registry of its own holding one :class:`FleetMetrics` over ``read``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetMetrics(read))
+    return registry
 
 
-class _Exposition:
-    """Families in the order they are declared, each with its HELP, TYPE and samples."""
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry's samples in the text format (:data:`CONTENT_TYPE`)."""
+    return generate_latest(registry)
+
+
+# --- families -----------------------------------------------------------------------------------
+
+
+def _collector_families(stats: CollectorStats) -> Iterator[Metric]:
+    counters = (
+        ("edgeship_collector_messages_received",
+         "Deliveries received from the broker (duplicates and dead letters included).",
+         stats.received),
+        ("edgeship_collector_messages_stored", "New messages stored.", stats.stored),
+        ("edgeship_collector_duplicates",
+         "Deliveries dropped as duplicates by (device, boot, seq).", stats.duplicates),
+        ("edgeship_collector_dead_letters",
+         "Messages the wire contract rejected (kept in the dead_letters table).",
+         stats.dead_letters),
+        ("edgeship_collector_ignored",
+         "Valid messages not stored (commands, alerts, cleared retained status).", stats.ignored),
+        ("edgeship_collector_batches", "Batches committed to the store.", stats.batches),
+        ("edgeship_collector_store_errors",
+         "Batches the store failed to commit (retried).", stats.store_errors),
+        ("edgeship_collector_redelivered",
+         "Deliveries the broker flagged as re-sent (after a reconnect or a crash).",
+         stats.redelivered),
+        ("edgeship_collector_connects", "Successful connections to the broker.", stats.connects),
+    )  # fmt: skip
+    for name, help_text, value in counters:
+        yield CounterMetricFamily(name, help_text, value=value)
+    by_field = CounterMetricFamily(
+        "edgeship_collector_dead_letters_by_field",
+        "Dead letters by the field the wire contract rejected.",
+        labels=("field",),
+    )
+    for fld, count in sorted(stats.dead_by_field.items()):
+        by_field.add_metric((fld,), count)
+    yield by_field
+    gauges = (
+        ("edgeship_collector_connected", "1 while connected to the broker.",
+         1 if stats.connected else 0),
+        ("edgeship_collector_pending_messages",
+         "Received messages waiting for the next commit.", stats.pending),
+        ("edgeship_collector_uncommitted_messages",
+         "Received messages not committed (so not acknowledged) yet.", stats.uncommitted),
+        ("edgeship_collector_start_time_seconds",
+         "When this collector process started (unix seconds).", stats.started_at),
+        ("edgeship_collector_last_commit_timestamp_seconds",
+         "When the last batch was committed (unix seconds).", stats.last_commit_at),
+    )  # fmt: skip
+    for name, help_text, gauge in gauges:
+        family = GaugeMetricFamily(name, help_text)
+        if gauge is not None:
+            family.add_metric((), gauge)
+        yield family
+
+
+# Per-device families: (name, kind, help); counters are named without ``_total`` (the library
+# adds it, as the text format wants).
+_DEVICE_FAMILIES = (
+    ("edgeship_device_up", "gauge",
+     "1 if the device is online (status online, telemetry fresh), else 0."),
+    ("edgeship_device_stale", "gauge",
+     "1 if the device sent no telemetry for its stale_windows, else 0."),
+    ("edgeship_device_last_seen_timestamp_seconds", "gauge",
+     "When the collector last received anything from the device (unix seconds)."),
+    ("edgeship_device_messages", "counter",
+     "Messages stored for the device (duplicates not counted)."),
+    ("edgeship_device_duplicates", "counter",
+     "Duplicate deliveries of the device's messages that the store dropped."),
+    ("edgeship_device_missing_messages", "gauge",
+     "Sequence numbers missing between the first and newest stored (late ones lower it)."),
+    ("edgeship_device_inferences", "counter",
+     "Inferences reported in telemetry received since the collector started."),
+    ("edgeship_device_inference_errors", "counter",
+     "Failed inferences reported in telemetry received since the collector started."),
+    ("edgeship_device_outliers", "counter",
+     "Inputs flagged as outliers, from telemetry received since the collector started."),
+    ("edgeship_device_latency_p95_seconds", "gauge",
+     "p95 inference latency over the collector's lookback (from summed histograms)."),
+    ("edgeship_device_outlier_ratio", "gauge",
+     "Outliers / inferences over the collector's lookback."),
+    ("edgeship_device_temperature_celsius", "gauge",
+     "SoC temperature in the newest telemetry window."),
+    ("edgeship_device_throttled", "gauge",
+     "1 if the board is under-volted, capped, throttled or soft-limited now."),
+    ("edgeship_device_resident_memory_bytes", "gauge",
+     "The agent's resident memory in the newest window."),
+    ("edgeship_device_memory_available_bytes", "gauge",
+     "The board's MemAvailable in the newest window."),
+    ("edgeship_device_spool_depth_messages", "gauge", "Messages waiting in the device's spool."),
+    ("edgeship_device_spool_dropped", "counter",
+     "Messages the device dropped from its full spool over its life."),
+)  # fmt: skip
+
+
+class _DeviceFamilies:
+    """The per-device families of one scrape, by name; values None are left out."""
 
     def __init__(self) -> None:
-        self._families: dict[str, tuple[str, str, list[str]]] = {}
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self._families.setdefault(name, (kind, help_text, []))
-
-    def sample(
-        self,
-        family: str,
-        value: float | None,
-        labels: Mapping[str, str] | None = None,
-        *,
-        suffix: str = "",
-    ) -> None:
-        if value is None:
-            return
-        label_text = ""
-        if labels:
-            label_text = "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
-        self._families[family][2].append(
-            f"{family}{suffix}{label_text} {_format_value(float(value))}"
+        self.by_name: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for name, kind, help_text in _DEVICE_FAMILIES:
+            cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            self.by_name[name] = cls(name, help_text, labels=_DEVICE_LABELS)
+        self.latency = HistogramMetricFamily(
+            "edgeship_device_inference_latency_seconds",
+            "Inference latency, fixed buckets (_sum estimated from the bucket midpoints).",
+            labels=_DEVICE_LABELS,
+        )
+        self.drift = GaugeMetricFamily(
+            "edgeship_device_drift_psi",
+            "PSI of recent predictions or outlier scores vs the reference or first windows.",
+            labels=(*_DEVICE_LABELS, "basis", "histogram"),
         )
 
-    def text(self) -> str:
-        lines: list[str] = []
-        for name, (kind, help_text, samples) in self._families.items():
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(samples)
-        return "\n".join(lines) + "\n"
+    def add(self, name: str, labels: Sequence[str], value: float | None) -> None:
+        if value is not None:
+            self.by_name[name].add_metric(labels, value)
+
+    def families(self) -> Iterator[Metric]:
+        """In the order the hand-written exposition had: histogram after the counters."""
+        for name, family in self.by_name.items():
+            yield family
+            if name == "edgeship_device_outliers":
+                yield self.latency
+        yield self.drift
 
 
-def render_metrics(
-    snapshot: FleetSnapshot,
-    *,
-    stats: CollectorStats | None = None,
-    counters: Iterable[DeviceCounters] = (),
-    drift: Sequence[DriftResult] = (),
-    alerts: Sequence[AlertRecord] = (),
-    expire_after_s: float = 3600.0,
-    deploys: Mapping[tuple[str, str], int] | None = None,
-) -> str:
-    """The exposition text for ``snapshot`` (taken at ``snapshot.at``). Devices last seen more
-    than ``expire_after_s`` before it are left out. ``deploys``: deploy outcomes counted by
-    (fleet, state)."""
+def _add_device(
+    out: _DeviceFamilies,
+    d: DeviceState,
+    c: DeviceCounters | None,
+    r: DriftResult | None,
+) -> None:
+    labels = (d.fleet, d.device, d.model or "", d.model_version or "")
+    out.add("edgeship_device_up", labels, 1 if d.status == "online" else 0)
+    out.add("edgeship_device_stale", labels, 1 if d.status == "stale" else 0)
+    out.add("edgeship_device_last_seen_timestamp_seconds", labels, d.last_seen)
+    out.add("edgeship_device_messages", labels, d.messages)
+    out.add("edgeship_device_duplicates", labels, d.duplicates)
+    out.add("edgeship_device_missing_messages", labels, d.gaps.missing)
+    if c is not None:  # the counters' own model: the one their windows came from
+        clabels = (d.fleet, d.device, c.model or "", c.model_version or "")
+        out.add("edgeship_device_inferences", clabels, c.inferences)
+        out.add("edgeship_device_inference_errors", clabels, c.errors)
+        out.add("edgeship_device_outliers", clabels, c.outliers)
+        cumulative, buckets = 0, []
+        for le, count in zip(_LE, c.latency_counts, strict=True):
+            cumulative += count
+            buckets.append((le, float(cumulative)))
+        out.latency.add_metric(clabels, buckets, c.latency_sum_s)
+    if d.latency.p95 is not None:
+        out.add("edgeship_device_latency_p95_seconds", labels, d.latency.p95 / 1000.0)
+    out.add("edgeship_device_outlier_ratio", labels, d.outlier_rate)
+    w = d.last_window
+    if w is not None:
+        out.add("edgeship_device_temperature_celsius", labels, w.temperature_c)
+        if w.throttled is not None:
+            out.add("edgeship_device_throttled", labels, 1 if w.throttled & 0xF else 0)
+        out.add("edgeship_device_resident_memory_bytes", labels, w.rss_bytes)
+        out.add("edgeship_device_memory_available_bytes", labels, w.mem_available_bytes)
+        out.add("edgeship_device_spool_depth_messages", labels, w.spool_depth)
+        out.add("edgeship_device_spool_dropped", labels, w.spool_dropped)
+    if r is not None and r.basis is not None:
+        dl = (d.fleet, d.device, r.model or "", r.model_version or "", r.basis)
+        for histogram, psi in (("predictions", r.predictions_psi), ("scores", r.scores_psi)):
+            if psi is not None:
+                out.drift.add_metric((*dl, histogram), psi)
+
+
+def _fleet_families(view: MetricsView) -> Iterator[Metric]:
+    snapshot = view.snapshot
     now = snapshot.at
-    out = _Exposition()
-    _collector(out, stats)
-
     live = [
         d
         for d in snapshot.devices
-        if d.last_seen is not None and now - d.last_seen <= expire_after_s
+        if d.last_seen is not None and now - d.last_seen <= view.expire_after_s
     ]
-    by_key = {(c.fleet, c.device): c for c in counters}
-    drift_by_key = {(r.fleet, r.device): r for r in drift}
-
-    out.family(
-        "edgeship_fleet_devices", "gauge", "Devices by state (online, offline, stale, unknown)."
-    )
     fleets = sorted({d.fleet for d in live})
+    devices = GaugeMetricFamily(
+        "edgeship_fleet_devices",
+        "Devices by state (online, offline, stale, unknown).",
+        labels=("fleet", "state"),
+    )
     for fleet in fleets:
         for state in _STATES:
             n = sum(1 for d in live if d.fleet == fleet and d.status == state)
-            out.sample("edgeship_fleet_devices", n, {"fleet": fleet, "state": state})
+            devices.add_metric((fleet, state), n)
+    yield devices
 
-    families = (
-        (
-            "edgeship_device_up",
-            "gauge",
-            "1 if the device is online (status online, telemetry fresh), else 0.",
-        ),
-        (
-            "edgeship_device_stale",
-            "gauge",
-            "1 if the device sent no telemetry for its stale_windows, else 0.",
-        ),
-        (
-            "edgeship_device_last_seen_timestamp_seconds",
-            "gauge",
-            "When the collector last received anything from the device (unix seconds).",
-        ),
-        (
-            "edgeship_device_messages_total",
-            "counter",
-            "Messages stored for the device (duplicates not counted).",
-        ),
-        (
-            "edgeship_device_duplicates_total",
-            "counter",
-            "Duplicate deliveries of the device's messages that the store dropped.",
-        ),
-        (
-            "edgeship_device_missing_messages",
-            "gauge",
-            "Sequence numbers missing between the first and newest stored (late ones lower it).",
-        ),
-        (
-            "edgeship_device_inferences_total",
-            "counter",
-            "Inferences reported in telemetry received since the collector started.",
-        ),
-        (
-            "edgeship_device_inference_errors_total",
-            "counter",
-            "Failed inferences reported in telemetry received since the collector started.",
-        ),
-        (
-            "edgeship_device_outliers_total",
-            "counter",
-            "Inputs flagged as outliers, from telemetry received since the collector started.",
-        ),
-        (
-            "edgeship_device_inference_latency_seconds",
-            "histogram",
-            "Inference latency, fixed buckets (_sum estimated from the bucket midpoints).",
-        ),
-        (
-            "edgeship_device_latency_p95_seconds",
-            "gauge",
-            "p95 inference latency over the collector's lookback (from summed histograms).",
-        ),
-        (
-            "edgeship_device_outlier_ratio",
-            "gauge",
-            "Outliers / inferences over the collector's lookback.",
-        ),
-        (
-            "edgeship_device_temperature_celsius",
-            "gauge",
-            "SoC temperature in the newest telemetry window.",
-        ),
-        (
-            "edgeship_device_throttled",
-            "gauge",
-            "1 if the board is under-volted, capped, throttled or soft-limited now.",
-        ),
-        (
-            "edgeship_device_resident_memory_bytes",
-            "gauge",
-            "The agent's resident memory in the newest window.",
-        ),
-        (
-            "edgeship_device_memory_available_bytes",
-            "gauge",
-            "The board's MemAvailable in the newest window.",
-        ),
-        (
-            "edgeship_device_spool_depth_messages",
-            "gauge",
-            "Messages waiting in the device's spool.",
-        ),
-        (
-            "edgeship_device_spool_dropped_total",
-            "counter",
-            "Messages the device dropped from its full spool over its life.",
-        ),
-        (
-            "edgeship_device_drift_psi",
-            "gauge",
-            "PSI of recent predictions or outlier scores vs the reference or first windows.",
-        ),
-    )
-    for name, kind, help_text in families:
-        out.family(name, kind, help_text)
-
+    per_device = _DeviceFamilies()
+    counters = {(c.fleet, c.device): c for c in view.counters}
+    drift = {(r.fleet, r.device): r for r in view.drift}
     for d in live:
-        labels = {
-            "fleet": d.fleet,
-            "device": d.device,
-            "model": d.model or "",
-            "model_version": d.model_version or "",
-        }
-        out.sample("edgeship_device_up", 1 if d.status == "online" else 0, labels)
-        out.sample("edgeship_device_stale", 1 if d.status == "stale" else 0, labels)
-        out.sample("edgeship_device_last_seen_timestamp_seconds", d.last_seen, labels)
-        out.sample("edgeship_device_messages_total", d.messages, labels)
-        out.sample("edgeship_device_duplicates_total", d.duplicates, labels)
-        out.sample("edgeship_device_missing_messages", d.gaps.missing, labels)
-        c = by_key.get((d.fleet, d.device))
-        if c is not None:
-            clabels = {
-                **labels,
-                "model": c.model or "",
-                "model_version": c.model_version or "",
-            }
-            out.sample("edgeship_device_inferences_total", c.inferences, clabels)
-            out.sample("edgeship_device_inference_errors_total", c.errors, clabels)
-            out.sample("edgeship_device_outliers_total", c.outliers, clabels)
-            name = "edgeship_device_inference_latency_seconds"
-            cumulative = 0
-            for le, count in zip(_LE, c.latency_counts, strict=True):
-                cumulative += count
-                out.sample(name, cumulative, {**clabels, "le": le}, suffix="_bucket")
-            out.sample(name, c.latency_sum_s, clabels, suffix="_sum")
-            out.sample(name, cumulative, clabels, suffix="_count")
-        if d.latency.p95 is not None:
-            out.sample("edgeship_device_latency_p95_seconds", d.latency.p95 / 1000.0, labels)
-        out.sample("edgeship_device_outlier_ratio", d.outlier_rate, labels)
-        w = d.last_window
-        if w is not None:
-            out.sample("edgeship_device_temperature_celsius", w.temperature_c, labels)
-            if w.throttled is not None:
-                out.sample("edgeship_device_throttled", 1 if w.throttled & 0xF else 0, labels)
-            out.sample("edgeship_device_resident_memory_bytes", w.rss_bytes, labels)
-            out.sample("edgeship_device_memory_available_bytes", w.mem_available_bytes, labels)
-            out.sample("edgeship_device_spool_depth_messages", w.spool_depth, labels)
-            out.sample("edgeship_device_spool_dropped_total", w.spool_dropped, labels)
-        r = drift_by_key.get((d.fleet, d.device))
-        if r is not None and r.basis is not None:
-            dl = {
-                **labels,
-                "model": r.model or "",
-                "model_version": r.model_version or "",
-                "basis": r.basis,
-            }
-            out.sample(
-                "edgeship_device_drift_psi", r.predictions_psi, {**dl, "histogram": "predictions"}
-            )
-            out.sample("edgeship_device_drift_psi", r.scores_psi, {**dl, "histogram": "scores"})
+        key = (d.fleet, d.device)
+        _add_device(per_device, d, counters.get(key), drift.get(key))
+    yield from per_device.families()
 
-    deploys = deploys or {}
-    out.family(
-        "edgeship_fleet_deploys_total",
-        "counter",
+    deploys = CounterMetricFamily(
+        "edgeship_fleet_deploys",
         "Remote deploy outcomes received since the collector started, by state.",
+        labels=("fleet", "state"),
     )
-    for fleet in sorted(set(fleets) | {k[0] for k in deploys}):
+    for fleet in sorted(set(fleets) | {k[0] for k in view.deploys}):
         for state in DEPLOY_STATES:
-            n = deploys.get((fleet, state), 0)
-            out.sample("edgeship_fleet_deploys_total", n, {"fleet": fleet, "state": state})
+            deploys.add_metric((fleet, state), view.deploys.get((fleet, state), 0))
+    yield deploys
+    yield _alerts_family(fleets, view.rules, view.alerts)
 
-    out.family("edgeship_alerts_firing", "gauge", "Alerts firing now, by fleet, rule and severity.")
+
+def _alerts_family(
+    fleets: Sequence[str], rules: Sequence[str], alerts: Sequence[AlertRecord]
+) -> Metric:
+    """Every rule has a series per fleet (``severity="none"`` at 0 when not firing), so a
+    panel can sum them."""
+    family = GaugeMetricFamily(
+        "edgeship_alerts_firing",
+        "Alerts firing now, by fleet, rule and severity.",
+        labels=("fleet", "rule", "severity"),
+    )
     firing: dict[tuple[str, str, str], int] = {}
     for a in alerts:
         if a.state == "firing":
             k = (a.fleet, a.rule, a.severity)
             firing[k] = firing.get(k, 0) + 1
     for fleet in sorted(set(fleets) | {k[0] for k in firing}):
-        for rule in RULES:
+        for rule in rules:
             severities = {k[2] for k in firing if k[:2] == (fleet, rule)} or {"none"}
             for sev in sorted(severities):
-                n = firing.get((fleet, rule, sev), 0)
-                out.sample(
-                    "edgeship_alerts_firing", n, {"fleet": fleet, "rule": rule, "severity": sev}
-                )
-    return out.text()
-
-
-def _collector(out: _Exposition, stats: CollectorStats | None) -> None:
-    if stats is None:
-        return
-    counters = (
-        (
-            "edgeship_collector_messages_received_total",
-            "Deliveries received from the broker (duplicates and dead letters included).",
-            stats.received,
-        ),
-        ("edgeship_collector_messages_stored_total", "New messages stored.", stats.stored),
-        (
-            "edgeship_collector_duplicates_total",
-            "Deliveries dropped as duplicates by (device, boot, seq).",
-            stats.duplicates,
-        ),
-        (
-            "edgeship_collector_dead_letters_total",
-            "Messages the wire contract rejected (kept in the dead_letters table).",
-            stats.dead_letters,
-        ),
-        (
-            "edgeship_collector_ignored_total",
-            "Valid messages not stored (commands, alerts, cleared retained status).",
-            stats.ignored,
-        ),
-        ("edgeship_collector_batches_total", "Batches committed to the store.", stats.batches),
-        (
-            "edgeship_collector_store_errors_total",
-            "Batches the store failed to commit (retried).",
-            stats.store_errors,
-        ),
-        (
-            "edgeship_collector_redelivered_total",
-            "Deliveries the broker flagged as re-sent (after a reconnect or a crash).",
-            stats.redelivered,
-        ),
-        (
-            "edgeship_collector_connects_total",
-            "Successful connections to the broker.",
-            stats.connects,
-        ),
-    )
-    for name, help_text, value in counters:
-        out.family(name, "counter", help_text)
-        out.sample(name, value)
-    out.family(
-        "edgeship_collector_dead_letters_by_field_total",
-        "counter",
-        "Dead letters by the field the wire contract rejected.",
-    )
-    for fld, count in sorted(stats.dead_by_field.items()):
-        out.sample("edgeship_collector_dead_letters_by_field_total", count, {"field": fld})
-    gauges = (
-        (
-            "edgeship_collector_connected",
-            "1 while connected to the broker.",
-            1 if stats.connected else 0,
-        ),
-        (
-            "edgeship_collector_pending_messages",
-            "Received messages waiting for the next commit.",
-            stats.pending,
-        ),
-        (
-            "edgeship_collector_uncommitted_messages",
-            "Received messages not committed (so not acknowledged) yet.",
-            stats.uncommitted,
-        ),
-        (
-            "edgeship_collector_start_time_seconds",
-            "When this collector process started (unix seconds).",
-            stats.started_at,
-        ),
-        (
-            "edgeship_collector_last_commit_timestamp_seconds",
-            "When the last batch was committed (unix seconds).",
-            stats.last_commit_at,
-        ),
-    )
-    for name, help_text, gauge in gauges:
-        out.family(name, "gauge", help_text)
-        out.sample(name, gauge)
+                family.add_metric((fleet, rule, sev), firing.get((fleet, rule, sev), 0))
+    return family

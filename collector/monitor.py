@@ -6,7 +6,7 @@ own thread and its own store connection) and never touches the ingest path::
     store ──(new telemetry windows, every interval_s)──► DriftMonitor, per-device counters
     FleetState.snapshot() ─────────────────────────────► AlertEngine ──► AlertStore, MQTT alerts
                                                           │
-    GET /metrics, /api/alerts, /api/drift, /, /devices/x ◄┘  (mounted on the collector's API)
+    GET /metrics, /api/alerts, /api/drift, /, /devices/x ◄┘  (served by collector.app)
 
 Every ``interval_s`` (1 s) it reads the telemetry windows committed since the last read (by
 receive time, re-reading the last ``slack_s`` seconds so a batch committed late is not missed,
@@ -14,6 +14,11 @@ de-duplicated by ``(fleet, device, boot, seq)``) and evaluates every rule on eve
 an alert follows the window that triggers it by about a second, and ``offline`` / ``stale``
 are noticed without any new message. At start it reads the last ``max_age_s`` (300 s) of
 telemetry, so rules that look at recent windows work at once.
+
+The monitor knows nothing of HTTP: :func:`collector.app.create_app` takes it (as a
+:class:`collector.web.MonitorView`) and serves its routes. A monitor made with
+:meth:`Monitor.for_collector` hands itself to the collector's HTTP server on :meth:`start`
+(``attach_monitor``) and takes itself back on :meth:`stop`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from collector.alerts import (
     RULES,
@@ -39,7 +44,7 @@ from collector.alerts import (
 from collector.drift import DriftMonitor, ReferenceSet
 from collector.errors import ConfigError
 from collector.ingest import TelemetryRecord
-from collector.metrics import DeviceCounters, render_metrics
+from collector.metrics import DeviceCounters, MetricsView, exposition, make_registry
 from collector.state import DeviceState, FleetState
 from collector.store import Store
 from device_agent.errors import EdgeshipError
@@ -47,7 +52,7 @@ from device_agent.errors import EdgeshipError
 if TYPE_CHECKING:
     from collector.service import Collector, CollectorStats
 
-__all__ = ["Monitor", "MonitorConfig", "default_alerts_db"]
+__all__ = ["Monitor", "MonitorConfig", "MonitorHost", "default_alerts_db"]
 
 log = logging.getLogger("collector.monitor")
 
@@ -92,6 +97,14 @@ def default_alerts_db(store_url: str) -> str:
     return str(p.with_name(p.stem + ".alerts.db"))
 
 
+class MonitorHost(Protocol):
+    """Where a started monitor is served (:class:`collector.http_server.ApiServer`)."""
+
+    def attach_monitor(self, monitor: Monitor | None) -> None:
+        """Serve ``monitor``'s routes from now on (None: stop serving them)."""
+        ...
+
+
 @dataclass
 class _Track:
     """What the monitor keeps per device between ticks."""
@@ -120,6 +133,7 @@ class Monitor:
         source: str = "collector",
         clock: Callable[[], float] = time.time,
         close: Sequence[Callable[[], None]] = (),
+        host: MonitorHost | None = None,
     ) -> None:
         self.state = state
         self.store = store
@@ -135,6 +149,8 @@ class Monitor:
         self._stats = stats
         self._clock = clock
         self._close = list(close)
+        self._host = host
+        self.registry = make_registry(self.metrics_view)
         self._lock = threading.Lock()
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._counters: dict[tuple[str, str], DeviceCounters] = {}
@@ -191,21 +207,22 @@ class Monitor:
             stats=lambda: collector.stats,
             source=cfg.session_id,
             close=closers,
+            host=collector.http_server,
         )
 
     # --- lifecycle ---
 
     def start(self) -> Monitor:
-        """Mount the routes on the collector's API and start the thread."""
-        from collector.api import mount
-        from collector.web import make_routes
-
-        mount(self.state, make_routes(self))
+        """Start the thread, and be served by the host's HTTP API (if it has one)."""
+        if self._host is not None:
+            self._host.attach_monitor(self)
         self._thread = threading.Thread(target=self._run, name="edgeship-monitor", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        if self._host is not None:  # its routes read the stores closed below
+            self._host.attach_monitor(None)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30.0)
@@ -367,19 +384,27 @@ class Monitor:
             track = self._tracks.get((fleet, device))
             return 0 if track is None else track.seen
 
-    def metrics_text(self) -> str:
+    def metrics_view(self) -> MetricsView:
+        """What ``/metrics`` shows now (read by :attr:`registry` at every scrape)."""
         with self._lock:
             counters = list(self._counters.values())
             deploys = dict(self._deploy_counts)
-        return render_metrics(
+        return MetricsView(
             self.state.snapshot(),
             stats=self._stats() if self._stats is not None else None,
             counters=counters,
             deploys=deploys,
             drift=self.drift.results(),
             alerts=self.engine.firing(),
+            rules=tuple(RULES),
             expire_after_s=self.config.expire_after_s,
-        ) + _monitor_metrics(self)
+            monitor_errors=self.errors,
+            alerts_published=self.engine.published,
+        )
+
+    def metrics_text(self) -> str:
+        """The Prometheus text exposition of :attr:`registry`."""
+        return exposition(self.registry).decode()
 
     def alerts_dict(self, *, state: str | None = None, limit: int = 100) -> dict[str, Any]:
         firing = [a.to_dict() for a in self.engine.firing()]
@@ -418,15 +443,3 @@ class Monitor:
             "firing": len(self.engine.firing()),
             "alerts_db": self.alert_store.path,
         }
-
-
-def _monitor_metrics(monitor: Monitor) -> str:
-    lines = [
-        "# HELP edgeship_collector_monitor_errors_total Monitor rounds that failed (see the log).",
-        "# TYPE edgeship_collector_monitor_errors_total counter",
-        f"edgeship_collector_monitor_errors_total {monitor.errors}",
-        "# HELP edgeship_collector_alerts_published_total Alert messages published over MQTT.",
-        "# TYPE edgeship_collector_alerts_published_total counter",
-        f"edgeship_collector_alerts_published_total {monitor.engine.published}",
-    ]
-    return "\n".join(lines) + "\n"

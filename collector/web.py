@@ -1,6 +1,6 @@
-"""The collector's web pages and the monitor's HTTP routes, mounted on the JSON API's server.
+"""The collector's web pages and the monitor's HTTP routes (a FastAPI router over a monitor).
 
-Routes (GET), on top of :mod:`collector.api`'s ``/api/...``:
+Routes (GET), beside :mod:`collector.api`'s ``/api/...``, served when the app has a monitor:
 
 * ``/``: the fleet dashboard: one row per device (state, model and version, p95 latency,
   outlier rate, temperature, drift PSI, firing alerts), firing alerts above it. The page is
@@ -10,12 +10,12 @@ Routes (GET), on top of :mod:`collector.api`'s ``/api/...``:
 * ``/devices/{device}`` (``?fleet=``): one device: its facts, latency (p50, p95, max) and outlier
   rate per telemetry window drawn as inline SVG from ``/api/devices/{device}``'s series, its
   alerts and newest events.
-* ``/metrics``: Prometheus text exposition (:mod:`collector.metrics`).
+* ``/metrics``: Prometheus text exposition (:mod:`collector.metrics`, the monitor's registry).
 * ``/api/alerts`` (``?state=firing|resolved``, ``?limit=N``): firing alerts and the history.
 * ``/api/drift``: drift settings, registered references and each device's verdict.
 * ``/static/dashboard.js``, ``/static/dashboard.css``.
 
-A route returns ``(status, content type, body)``, or None when the path is not its own.
+This module imports the monitor's type only; the monitor imports nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -24,65 +24,72 @@ import html
 import json
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, Response
+
+from collector.api import ApiError, json_response
 from collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from collector.metrics import exposition
 from collector.state import DeviceState
 
 if TYPE_CHECKING:
     from collector.monitor import Monitor
 
-__all__ = ["Response", "Route", "make_routes"]
-
-Response = tuple[int, str, bytes]
-Route = Callable[[str, Mapping[str, str]], Response | None]
+__all__ = ["device_page", "fleet_page", "monitor_router"]
 
 _STATIC = Path(__file__).with_name("static")
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-_HTML = "text/html; charset=utf-8"
-_JSON = "application/json"
 
 
-def make_routes(monitor: Monitor) -> Route:
+def monitor_router(monitor: Monitor) -> APIRouter:
     """The routes above, reading ``monitor`` (and its collector's fleet state)."""
+    router = APIRouter(tags=["dashboard"])
 
-    def route(path: str, query: Mapping[str, str]) -> Response | None:
-        if path in ("", "/", "/index.html"):
-            return 200, _HTML, fleet_page(monitor).encode()
-        if path.startswith("/devices/"):
-            device = urllib.parse.unquote(path[len("/devices/") :]).strip("/")
-            status, body = device_page(monitor, device, query.get("fleet"))
-            return status, _HTML, body.encode()
-        if path == "/metrics":
-            return 200, METRICS_CONTENT_TYPE, monitor.metrics_text().encode()
-        if path.rstrip("/") == "/api/alerts":
-            state = query.get("state")
-            if state not in (None, "firing", "resolved"):
-                return _json(400, {"error": f"?state={state!r}: expected firing or resolved"})
-            try:
-                limit = int(query.get("limit", "100"))
-            except ValueError:
-                return _json(400, {"error": "?limit: expected an integer"})
-            if not 1 <= limit <= 10_000:
-                return _json(400, {"error": "?limit: expected 1..10000"})
-            return _json(200, monitor.alerts_dict(state=state, limit=limit))
-        if path.rstrip("/") == "/api/drift":
-            return _json(200, monitor.drift_dict())
-        if path.startswith("/static/"):
-            name = path[len("/static/") :]
-            file = _STATIC / name
-            if "/" in name or file.suffix not in _STATIC_TYPES or not file.is_file():
-                return None
-            return 200, _STATIC_TYPES[file.suffix], file.read_bytes()
-        return None
+    @router.get("/", response_class=HTMLResponse, summary="The fleet dashboard")
+    def fleet() -> HTMLResponse:
+        return HTMLResponse(fleet_page(monitor))
 
-    return route
+    @router.get("/index.html", response_class=HTMLResponse, summary="The fleet dashboard")
+    def index() -> HTMLResponse:
+        return HTMLResponse(fleet_page(monitor))
 
+    @router.get("/devices/{device:path}", response_class=HTMLResponse, summary="One device")
+    def device(device: str, fleet: str | None = None) -> HTMLResponse:
+        status, body = device_page(monitor, device.strip("/"), fleet)
+        return HTMLResponse(body, status_code=status)
 
-def _json(status: int, body: Any) -> Response:
-    return status, _JSON, json.dumps(body, allow_nan=False, default=str).encode()
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics of the collector and its fleet",
+        response_class=Response,
+        responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}},
+    )
+    def metrics() -> Response:
+        return Response(exposition(monitor.registry), media_type=METRICS_CONTENT_TYPE)
+
+    @router.get("/api/alerts", tags=["api"], summary="Firing alerts and the alert history")
+    def alerts(
+        state: Literal["firing", "resolved"] | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> Response:
+        return json_response(200, monitor.alerts_dict(state=state, limit=limit))
+
+    @router.get("/api/drift", tags=["api"], summary="Drift settings, references and verdicts")
+    def drift() -> Response:
+        return json_response(200, monitor.drift_dict())
+
+    @router.get("/static/{name}", summary="The dashboard's script and style sheet")
+    def static(name: str) -> Response:
+        file = _STATIC / name
+        if file.suffix not in _STATIC_TYPES or not file.is_file():
+            raise ApiError(404, f"no route /static/{name}")
+        return Response(file.read_bytes(), media_type=_STATIC_TYPES[file.suffix])
+
+    return router
 
 
 # --- pages ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,9 @@ def call(
     *,
     token: str | None = None,
     authorization: str | None = None,
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, JSON body, headers) of one request; 4xx/5xx are answers, not exceptions."""
+) -> tuple[int, dict[str, Any], Message]:
+    """(status, JSON body, headers) of one request; 4xx/5xx are answers, not exceptions.
+    Header names are case-insensitive (RFC 9110), as the server may write them in lower case."""
     data = (
         None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     )
@@ -61,9 +63,9 @@ def call(
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=20) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
+            return resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, json.loads(exc.read()), exc.headers
 
 
 class Spy:
@@ -369,7 +371,7 @@ def test_the_cli_says_one_line_for_a_bad_token(tmp_path: Path) -> None:
 def test_concurrent_commands_are_all_sent_once(rig: Rig) -> None:
     """Requests on parallel HTTP threads publish while PUBACKs of the others come in."""
     before = len(rig.spy.ids())
-    answers: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+    answers: list[tuple[int, dict[str, Any], Message]] = []
     lock = threading.Lock()
 
     def post() -> None:

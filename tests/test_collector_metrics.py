@@ -1,18 +1,27 @@
 """/metrics: the exposition parses, the histogram is Prometheus-shaped, label values are
-escaped, device series expire, counters count what the collector received since it started."""
+escaped, device series expire, counters count what the collector received since it started, and
+a real collector's scrape passes Prometheus's own linter (``promtool check metrics``)."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import shutil
+import subprocess
+import urllib.request
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.metrics import escape_label
-from collector.monitor import MonitorConfig
-from tests.collector_helpers import Fleet
+from collector.metrics import CONTENT_TYPE
+from collector.monitor import Monitor, MonitorConfig
+from collector.service import Collector, CollectorConfig
+from tests.brokers import Mosquitto, wait_for
+from tests.collector_helpers import FLEET, Fleet, Publisher, status, window
 
 MODEL = 'odd"model\\name'
 
@@ -72,10 +81,6 @@ def test_exposition_histogram_counters_and_expiry(tmp_path: Path) -> None:
         f.close()
 
 
-def test_escape_label() -> None:
-    assert escape_label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
-
-
 def test_alerts_firing_gauge(tmp_path: Path) -> None:
     f = Fleet(tmp_path)
     try:
@@ -94,8 +99,84 @@ def test_alerts_firing_gauge(tmp_path: Path) -> None:
         f.close()
 
 
-@pytest.mark.parametrize("value", [0.0, 1.5, 1e-5, 123456789.0])
+@pytest.mark.parametrize("value", [0.0, 1.5, 1e-5, 123456789.0, -12.25])
 def test_values_round_trip(value: float, tmp_path: Path) -> None:
-    from collector.metrics import _format_value
+    """A gauge's value comes back exact through the library's writer and parser."""
+    f = Fleet(tmp_path, MonitorConfig(alerts_db=":memory:"))
+    try:
+        f.online("pi-1")
+        f.telemetry("pi-1", temperature=value)
+        f.tick(1)
+        fams = families(f.monitor.metrics_text())
+        [sample] = fams["edgeship_device_temperature_celsius"].samples  # type: ignore[attr-defined]
+        assert sample.value == value
+    finally:
+        f.close()
 
-    assert float(_format_value(value)) == value
+
+def test_the_registry_is_the_monitors_own(tmp_path: Path) -> None:
+    """Two monitors in one process do not collide, and the library's default registry (which
+    a host application may expose) holds none of the fleet's series."""
+    a, b = Fleet(tmp_path / "a"), Fleet(tmp_path / "b")
+    try:
+        a.online("pi-a")
+        a.telemetry("pi-a")
+        a.tick(1)
+        b.tick(1)
+        assert a.monitor.registry is not b.monitor.registry
+        assert "pi-a" in a.monitor.metrics_text() and "pi-a" not in b.monitor.metrics_text()
+        assert not [m for m in REGISTRY.collect() if m.name.startswith("edgeship_")]
+    finally:
+        a.close()
+        b.close()
+
+
+def _promtool() -> str:
+    """Debian's promtool (apt-get install prometheus); the test skips only where it is absent."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install -y prometheus)")
+    return path
+
+
+def test_a_real_scrape_passes_promtool(tmp_path: Path) -> None:
+    """A collector and its monitor over a real Mosquitto, two devices, a firing alert and a
+    dead letter: ``GET /metrics`` parses and ``promtool check metrics`` finds nothing."""
+    promtool = _promtool()
+    (tmp_path / "broker").mkdir()
+    with Mosquitto(tmp_path / "broker", persistence=False) as broker:
+        config = CollectorConfig(
+            broker.url, fleet=FLEET, store_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+            http="127.0.0.1:0", client_id=f"m-{uuid.uuid4().hex[:8]}", worker="thread",
+            batch_interval_s=0.02,
+        )  # fmt: skip
+        rng = np.random.default_rng(1)
+        with Collector(config) as collector:
+            monitor = Monitor.for_collector(collector, MonitorConfig(interval_s=0.05)).start()
+            pub = Publisher(broker.port, FLEET)
+            try:
+                pub.send(status("pi-1", 0), status("pi-2", 0))
+                pub.send(*(window(d, i, rng=rng) for i in (1, 2, 3) for d in ("pi-1", "pi-2")))
+                pub.send(status("pi-2", 4, "offline"))  # fires the offline alert
+                pub.client.publish(
+                    f"edgeship/{FLEET}/pi-1/telemetry", b"{", qos=1
+                ).wait_for_publish(5)
+                assert wait_for(lambda: monitor.windows_seen(FLEET, "pi-2") == 3, 15)
+                assert wait_for(lambda: monitor.engine.firing(), 15)
+                assert wait_for(lambda: collector.stats.dead_letters == 1, 15)
+                host, port = collector.http_address_bound()
+                with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+                    assert r.headers["Content-Type"] == CONTENT_TYPE
+                    text = r.read().decode()
+            finally:
+                pub.close()
+                monitor.stop()
+    fams = families(text)
+    assert fams["edgeship_collector_dead_letters"].samples[0].value == 1  # type: ignore[attr-defined]
+    assert {s.labels["device"] for s in fams["edgeship_device_up"].samples} == {"pi-1", "pi-2"}  # type: ignore[attr-defined]
+    firing = {s.labels["rule"]: s.value for s in fams["edgeship_alerts_firing"].samples}  # type: ignore[attr-defined]
+    assert firing["offline"] == 1
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr

@@ -27,11 +27,10 @@ PACKAGES = ("sdk", "device_agent", "collector")
 KNOWN_CYCLES: set[frozenset[str]] = {
     # collector.simulate's main is built by collector.cli, which runs the simulator.
     frozenset({"collector.cli", "collector.simulate"}),
-    # The collector's composition: service <-> program/monitor/alerts/metrics.
+    # The collector's composition: service <-> program/monitor/alerts.
     frozenset(
         {
             "collector.alerts",
-            "collector.metrics",
             "collector.monitor",
             "collector.program",
             "collector.service",
