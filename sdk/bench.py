@@ -1,10 +1,11 @@
 """Benchmarking: latency, throughput and memory of one model under a target profile.
 
-This module owns the benchmark's configuration, its inputs, the worker process's lifecycle
-and the report. Each model runs in its own fresh process (:mod:`sdk.bench_worker`), pinned
-to the target's thread count and CPUs, so one model's memory and thread pools cannot affect
-another's figures and the process's RSS belongs to that model and its runtime alone. The
-worker times ``device_agent.runtime``'s sessions, the code the board runs.
+This module owns the benchmark's configuration, the worker process's lifecycle and the
+report; the generated inputs (below) are :mod:`sdk.bench_inputs`'s. Each model runs in its own
+fresh process (:mod:`sdk.bench_worker`), pinned to the target's thread count and CPUs, so one
+model's memory and thread pools cannot affect another's figures and the process's RSS belongs
+to that model and its runtime alone. The worker times ``device_agent.runtime``'s sessions, the
+code the board runs.
 
 Latencies are measured on the machine running the benchmark and labelled as such
 (``measured_on``); a profile's ``latency_scale`` gives a separate, labelled estimate for the
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,9 +40,9 @@ from typing import IO, Any
 import numpy as np
 
 from device_agent.benchmark import latency_summary_ms
-from device_agent.contracts.bundle import IOSpec, TensorSpec
 from device_agent.runtime import check_feed
 from sdk.artifact import ModelArtifact, read_artifact
+from sdk.bench_inputs import make_inputs
 from sdk.budget import Budget, BudgetLine, check_budget
 from sdk.errors import BenchmarkError, ConfigError, ModelFormatError
 from sdk.targets import TargetProfile, get_target
@@ -50,24 +50,7 @@ from sdk.targets import TargetProfile, get_target
 __all__ = ["BenchConfig", "BenchReport", "benchmark", "make_inputs"]
 
 REPORT_SCHEMA = "edgeship.bench/1"
-SEQUENCE_DEFAULT = 128
-INT_INPUT_HIGH = 100
 _MIB = 2**20
-_SEQUENCE_WORDS = frozenset(
-    {
-        "seq",
-        "seqlen",
-        "sequence",
-        "len",
-        "length",
-        "token",
-        "tokens",
-        "time",
-        "timesteps",
-        "step",
-        "steps",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -344,110 +327,6 @@ def benchmark(
     return report
 
 
-def make_inputs(
-    io: IOSpec,
-    *,
-    batch_size: int = 1,
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Random inputs that fit ``io`` (see the module docstring for values and shapes)."""
-    given = dict(shapes or {})
-    unknown = sorted(set(given) - set(io.input_names))
-    if unknown:
-        raise ConfigError(
-            f"shapes names inputs {unknown} the model does not have; its inputs "
-            f"are {list(io.input_names)}"
-        )
-    bound: dict[str, int] = {}
-    for spec in io.inputs:
-        if spec.name in given:
-            _bind_given(spec, tuple(given[spec.name]), bound)
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for spec in io.inputs:
-        shape = (
-            tuple(given[spec.name])
-            if spec.name in given
-            else _resolve_shape(spec, batch_size, bound)
-        )
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            out[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            out[spec.name] = rng.integers(0, INT_INPUT_HIGH, size=shape).astype(dtype)
-        elif dtype.kind == "b":
-            out[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            raise ConfigError(
-                f"input {spec.name!r}: cannot generate {spec.dtype} values; pass inputs= explicitly"
-            )
-    return out
-
-
-def _bind_given(spec: TensorSpec, shape: tuple[int, ...], bound: dict[str, int]) -> None:
-    if len(shape) != len(spec.shape):
-        raise ConfigError(
-            f"shapes[{spec.name!r}] = {shape} has rank {len(shape)}, but the model's "
-            f"input has shape {_fmt_spec_shape(spec)}"
-        )
-    for dim, size in zip(spec.shape, shape, strict=True):
-        if isinstance(dim, int) and dim != size:
-            raise ConfigError(
-                f"shapes[{spec.name!r}] = {shape} does not fit the model's fixed "
-                f"shape {_fmt_spec_shape(spec)}"
-            )
-        if isinstance(dim, str) and bound.setdefault(dim, size) != size:
-            raise ConfigError(f"shapes give dimension {dim!r} two sizes, {bound[dim]} and {size}")
-
-
-def _resolve_shape(spec: TensorSpec, batch_size: int, bound: Mapping[str, int]) -> tuple[int, ...]:
-    shape: list[int] = []
-    for axis, dim in enumerate(spec.shape):
-        if isinstance(dim, int):
-            shape.append(dim)
-        elif dim in bound:
-            shape.append(bound[dim])
-        elif axis == 0:
-            shape.append(batch_size)
-        elif _is_sequence_dim(dim, spec.name, axis):
-            shape.append(SEQUENCE_DEFAULT)
-        else:
-            example = tuple(1 if isinstance(d, str) else d for d in spec.shape)
-            raise ConfigError(
-                f"input {spec.name!r} has shape {_fmt_spec_shape(spec)}: cannot choose a size "
-                f"for dimension {dim!r} (axis {axis}); give it with "
-                f"BenchConfig(shapes={{{spec.name!r}: {example}}}) with real sizes"
-            )
-    return tuple(shape)
-
-
-def _is_sequence_dim(dim: str, input_name: str, axis: int) -> bool:
-    """Whether a dimension's own name reads as a sequence length (``seq_len``, ``num_tokens``).
-    Placeholders the runtime invents for unnamed axes (``dim2``, ``<input>_dim2``) do not,
-    even when the input's name would."""
-    if dim in (f"dim{axis}", f"{input_name}_dim{axis}"):
-        return False
-    return any(word in _SEQUENCE_WORDS for word in re.split(r"[^a-z0-9]+", dim.lower()))
-
-
-def _fmt_spec_shape(spec: TensorSpec) -> str:
-    return "(" + ", ".join(str(d) for d in spec.shape) + ")"
-
-
-def _resolve(model: ModelArtifact | str | Path) -> ModelArtifact:
-    if isinstance(model, ModelArtifact):
-        if not model.path.is_file():
-            raise ModelFormatError(f"model file not found: {model.path}")
-        if model.format == "torchscript":
-            raise ModelFormatError(
-                f"{model.path.name}: TorchScript files cannot be benchmarked; "
-                "export the model to ONNX or TFLite"
-            )
-        return model
-    return read_artifact(model)
-
-
 def _write_request(
     work: Path,
     artifact: ModelArtifact,
@@ -704,3 +583,16 @@ def _fmt_mb(value: float | None) -> str:
 
 def _tuple_or_none(value: Any) -> tuple[int, ...] | None:
     return None if value is None else tuple(int(v) for v in value)
+
+
+def _resolve(model: ModelArtifact | str | Path) -> ModelArtifact:
+    if isinstance(model, ModelArtifact):
+        if not model.path.is_file():
+            raise ModelFormatError(f"model file not found: {model.path}")
+        if model.format == "torchscript":
+            raise ModelFormatError(
+                f"{model.path.name}: TorchScript files cannot be benchmarked; "
+                "export the model to ONNX or TFLite"
+            )
+        return model
+    return read_artifact(model)

@@ -103,6 +103,47 @@ def run(request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         run_once(feed)
         warmup_ns.append(pc() - t0)
 
+    latencies, duration_ns, stopped_by_ci = _timed_runs(run_once, feed, request, emit)
+
+    np.save(request["latencies_out"], np.asarray(latencies, dtype=np.int64))
+    hwm_after = _peak_rss()
+    peak_rss = max(v for v in (hwm_before, hwm_after, baseline_rss) if v is not None)
+    # After a successful reset the high-water mark covers only load + inference.
+    peak_since_baseline = hwm_after if hwm_reset else peak_rss
+    task_cpus, os_threads = _thread_affinity()
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "runtime": session.runtime,
+        "runtime_version": session.runtime_version,
+        "threads": threads,
+        "affinity": affinity,
+        "affinity_observed": task_cpus,
+        "os_threads": os_threads,
+        "host": host,
+        "input_shapes": {k: list(v.shape) for k, v in feed.items()},
+        "init_ns": init_ns,
+        "first_ns": first_ns,
+        "warmup_ns": warmup_ns,
+        "runs": len(latencies),
+        "duration_ns": duration_ns,
+        "stopped_by_ci": stopped_by_ci,
+        "baseline_rss_bytes": baseline_rss,
+        "rss_after_init_bytes": rss_after_init,
+        "peak_rss_bytes": peak_rss,
+        "peak_since_baseline_bytes": peak_since_baseline,
+        "peak_reset": hwm_reset,
+        "modules": sorted(sys.modules),
+    }
+
+
+def _timed_runs(
+    run_once: Callable[[Any], Any], feed: Any, request: dict[str, Any], emit: Emit
+) -> tuple[list[int], int, bool]:
+    """The timed loop: at least ``min_runs`` runs, until ``min_seconds`` have passed or the p95's
+    confidence interval is within ``ci_stop``. Returns each run's ns, the loop's ns and whether
+    the interval stopped it."""
+    progress = bool(request.get("progress"))
+    pc = time.perf_counter_ns
     min_runs = int(request["min_runs"])
     min_ns = int(float(request["min_seconds"]) * 1e9)
     ci_stop = request.get("ci_stop")
@@ -136,36 +177,7 @@ def run(request: dict[str, Any], emit: Emit) -> dict[str, Any]:
                 }
             )
     duration_ns = pc() - start
-
-    np.save(request["latencies_out"], np.asarray(latencies, dtype=np.int64))
-    hwm_after = _peak_rss()
-    peak_rss = max(v for v in (hwm_before, hwm_after, baseline_rss) if v is not None)
-    # After a successful reset the high-water mark covers only load + inference.
-    peak_since_baseline = hwm_after if hwm_reset else peak_rss
-    task_cpus, os_threads = _thread_affinity()
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "runtime": session.runtime,
-        "runtime_version": session.runtime_version,
-        "threads": threads,
-        "affinity": affinity,
-        "affinity_observed": task_cpus,
-        "os_threads": os_threads,
-        "host": host,
-        "input_shapes": {k: list(v.shape) for k, v in feed.items()},
-        "init_ns": init_ns,
-        "first_ns": first_ns,
-        "warmup_ns": warmup_ns,
-        "runs": len(latencies),
-        "duration_ns": duration_ns,
-        "stopped_by_ci": stopped_by_ci,
-        "baseline_rss_bytes": baseline_rss,
-        "rss_after_init_bytes": rss_after_init,
-        "peak_rss_bytes": peak_rss,
-        "peak_since_baseline_bytes": peak_since_baseline,
-        "peak_reset": hwm_reset,
-        "modules": sorted(sys.modules),
-    }
+    return latencies, duration_ns, stopped_by_ci
 
 
 def p95_ci_relative(latencies: list[int]) -> float:

@@ -18,12 +18,9 @@ as ``details["dynamic_batch"] = False``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +31,8 @@ from device_agent.contracts.bundle import IOSpec, TensorSpec
 from device_agent.errors import EdgeshipError
 from sdk.artifact import ModelArtifact, ModelFormat
 from sdk.errors import ConfigError, ExportError
+from sdk.export_common import at_least_two, one_line, other_batch
+from sdk.export_tflite import export_tflite, set_tflite_output_batch
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +43,6 @@ log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
 
-_LITERT_PROGRESS = "LITERT_TORCH_SHOW_PROGRESS"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's exporter colours its messages
 
 _SUFFIX: dict[str, str] = {"onnx": ".onnx", "tflite": ".tflite", "torchscript": ".pt"}
 
@@ -139,7 +136,7 @@ def _export_and_verify(
     if to == "onnx":
         _export_onnx(model, inputs, out, in_names, out_names, dynamic_batch, opset)
     elif to == "tflite":
-        dynamic_batch = _export_tflite(model, inputs, out, in_names, out_names, dynamic_batch)
+        dynamic_batch = export_tflite(model, inputs, out, in_names, out_names, dynamic_batch)
     else:
         _export_torchscript(model, inputs, out)
 
@@ -158,7 +155,7 @@ def _export_and_verify(
             max_diff = max(max_diff, other_diff)
             io = _mark_batch_outputs(io, actual, other_outputs)
             if to == "tflite":
-                _set_tflite_output_batch(out, io)
+                set_tflite_output_batch(out, io)
     except ExportError as exc:
         if not model.training:
             raise
@@ -228,7 +225,7 @@ def _verify_other_batch(
     """Run a batch size other than the example's, so a batch baked in at export is caught."""
     if any(t.dim() == 0 for t in inputs):
         return 0.0, []
-    other = _other_batch(inputs)
+    other = other_batch(inputs)
     reference = _reference_outputs(model, other)
     if to == "torchscript":
         actual = _run_torchscript(out, other)
@@ -240,15 +237,6 @@ def _verify_other_batch(
         reference, actual, atol=atol, rtol=rtol, what=f"{to} export at batch size {n}"
     )
     return diff, actual
-
-
-def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The inputs at another batch size: the first sample alone, or the sample twice."""
-    import torch
-
-    if inputs[0].shape[0] > 1:
-        return tuple(t[:1] for t in inputs)
-    return tuple(torch.cat([t, t]) for t in inputs)
 
 
 def _mark_batch_outputs(io: IOSpec, first: list[np.ndarray], second: list[np.ndarray]) -> IOSpec:
@@ -265,14 +253,6 @@ def _mark_batch_outputs(io: IOSpec, first: list[np.ndarray], second: list[np.nda
             spec = replace(spec, shape=("batch", *spec.shape[1:]))
         outputs.append(spec)
     return replace(io, outputs=tuple(outputs))
-
-
-def _at_least_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """torch.export specialises a size-1 axis to the constant 1, so a batch of one cannot be
-    traced as dynamic; a batch of one is traced as two copies instead."""
-    if all(t.dim() for t in inputs) and inputs[0].shape[0] == 1:
-        return _other_batch(inputs)
-    return inputs
 
 
 def _as_tensor_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -309,7 +289,7 @@ def _reference_outputs(
         with torch.no_grad():
             result = model(*inputs)
     except Exception as exc:
-        raise ExportError(f"the model fails on the example inputs: {_one_line(exc)}") from exc
+        raise ExportError(f"the model fails on the example inputs: {one_line(exc)}") from exc
     return [t.detach().cpu().numpy() for t in _flatten_outputs(result)]
 
 
@@ -358,14 +338,14 @@ def _export_onnx(
             )
     except Exception as legacy_exc:
         log.info(
-            "TorchScript-based ONNX export failed (%s); trying torch.export", _one_line(legacy_exc)
+            "TorchScript-based ONNX export failed (%s); trying torch.export", one_line(legacy_exc)
         )
         try:
             _export_onnx_dynamo(model, inputs, out, in_names, out_names, dynamic_batch, opset)
         except Exception as exc:
             raise ExportError(
-                f"ONNX export of {type(model).__name__} failed: {_one_line(legacy_exc)} "
-                f"(torch.export-based exporter: {_one_line(exc)})"
+                f"ONNX export of {type(model).__name__} failed: {one_line(legacy_exc)} "
+                f"(torch.export-based exporter: {one_line(exc)})"
             ) from exc
     from sdk.errors import ModelFormatError
     from sdk.onnx_tools import check_onnx_file
@@ -391,7 +371,7 @@ def _export_onnx_dynamo(
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() else {} for t in inputs)
-        inputs = _at_least_two(inputs)
+        inputs = at_least_two(inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -409,139 +389,6 @@ def _export_onnx_dynamo(
     program.save(str(out), external_data=False)
 
 
-def _export_tflite(
-    model: torch.nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    out: Path,
-    in_names: list[str],
-    out_names: list[str],
-    dynamic_batch: bool,
-) -> bool:
-    """Convert with litert-torch and name the signature's tensors; return whether the batch
-    dimension stayed dynamic."""
-    import torch
-
-    try:
-        import litert_torch
-    except ImportError as exc:
-        raise ExportError(
-            "TFLite export needs litert-torch; install it with: "
-            "pip install 'edgeship[tflite-export]'"
-        ) from exc
-
-    converted = None
-    dynamic = False
-    with _quiet_litert():
-        if dynamic_batch:
-            batch = torch.export.Dim("batch")
-            shapes = tuple({0: batch} if t.dim() else {} for t in inputs)
-            try:
-                converted = litert_torch.convert(
-                    model, _at_least_two(inputs), dynamic_shapes=shapes
-                )
-                dynamic = True
-            except Exception as exc:
-                # litert-torch cannot lower a symbolic batch through some ops (flatten/reshape
-                # in 0.10), so such models get the example's fixed batch size instead.
-                log.warning(
-                    "TFLite export with a dynamic batch failed (%s); exporting with the fixed "
-                    "batch size %d of the example inputs",
-                    _one_line(exc),
-                    inputs[0].shape[0] if inputs[0].dim() else 1,
-                )
-        try:
-            if converted is None:
-                converted = litert_torch.convert(model, inputs)
-            converted.export(str(out))
-        except Exception as exc:
-            raise ExportError(
-                f"TFLite export of {type(model).__name__} failed: {_one_line(exc)}"
-            ) from exc
-    _rename_tflite_signature(out, in_names, out_names)
-    return dynamic
-
-
-@contextlib.contextmanager
-def _quiet_litert() -> Iterator[None]:
-    """litert-torch prints a progress tree to the terminal unless told not to."""
-    old = os.environ.get(_LITERT_PROGRESS)
-    os.environ[_LITERT_PROGRESS] = "y" if log.isEnabledFor(logging.DEBUG) else "n"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(_LITERT_PROGRESS, None)
-        else:
-            os.environ[_LITERT_PROGRESS] = old
-
-
-def _rename_tflite_signature(path: Path, in_names: list[str], out_names: list[str]) -> None:
-    """Give the signature's inputs and outputs, and their tensors, the caller's names.
-
-    litert-torch names positional inputs ``args_0, args_1, ...`` and outputs ``output_0, ...``
-    (tensors ``serving_default_args_0`` and ``serving_default_output_0_output``); after this the
-    signature and the tensors are both called ``image``/``logits``/..., so every runtime and the
-    quantizer see the same names as the ONNX export.
-    """
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model(str(path))
-    sigs = model.signatureDefs or []
-    if len(sigs) != 1:
-        raise ExportError(f"the TFLite export has {len(sigs)} signatures; expected exactly one")
-    sig = sigs[0]
-    subgraph = model.subgraphs[sig.subgraphIndex]
-    for kind, entries, names in (
-        ("args", sig.inputs, in_names),
-        ("output", sig.outputs, out_names),
-    ):
-        wanted = {f"{kind}_{i}": name for i, name in enumerate(names)}
-        found = sorted(_text(e.name) for e in entries)
-        if found != sorted(wanted):
-            raise ExportError(
-                f"the TFLite export's signature names {found} are not the expected {sorted(wanted)}"
-            )
-        for entry in entries:
-            name = wanted[_text(entry.name)]
-            entry.name = name.encode()
-            subgraph.tensors[entry.tensorIndex].name = name.encode()
-    flatbuffer_utils.write_model(model, str(path))
-
-
-def _set_tflite_output_batch(path: Path, io: IOSpec) -> None:
-    """Record the dynamic batch axis in the file's output shape signatures too.
-
-    litert-torch writes outputs with the traced example's fixed shape, so a later reader
-    (``read_artifact``, the agent) would otherwise see a fixed batch on the outputs.
-    """
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    batched = {o.name for o in io.outputs if o.shape and o.shape[0] == "batch"}
-    if not batched:
-        return
-    model = flatbuffer_utils.read_model(str(path))
-    sig = model.signatureDefs[0]
-    subgraph = model.subgraphs[sig.subgraphIndex]
-    for entry in sig.outputs:
-        if _text(entry.name) in batched:
-            tensor = subgraph.tensors[entry.tensorIndex]
-            dims = [
-                int(d)
-                for d in (
-                    tensor.shapeSignature
-                    if tensor.shapeSignature is not None and len(tensor.shapeSignature)
-                    else tensor.shape
-                )
-            ]
-            dims[0] = -1
-            tensor.shapeSignature = np.array(dims, dtype=np.int32)
-    flatbuffer_utils.write_model(model, str(path))
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _export_torchscript(
     model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: Path
 ) -> None:
@@ -554,7 +401,7 @@ def _export_torchscript(
             torch.jit.save(traced, str(out))
     except Exception as exc:
         raise ExportError(
-            f"TorchScript export of {type(model).__name__} failed: {_one_line(exc)}"
+            f"TorchScript export of {type(model).__name__} failed: {one_line(exc)}"
         ) from exc
 
 
@@ -575,7 +422,7 @@ def _run_torchscript(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.nd
         with torch.no_grad():
             result = loaded(*inputs)
     except Exception as exc:
-        raise ExportError(f"the TorchScript export cannot be run: {_one_line(exc)}") from exc
+        raise ExportError(f"the TorchScript export cannot be run: {one_line(exc)}") from exc
     return [t.detach().cpu().numpy() for t in _flatten_outputs(result)]
 
 
@@ -609,11 +456,3 @@ def _io_from_arrays(
         inputs=tuple(spec(n, a, dynamic_batch) for n, a in zip(in_names, inputs, strict=True)),
         outputs=tuple(spec(n, a, False) for n, a in zip(out_names, outputs, strict=True)),
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc)).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    first = lines[0] if lines else ""
-    name = type(exc).__name__
-    return f"{name}: {first[:300]}" if first else name

@@ -29,6 +29,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sdk.errors import ConfigError
+from sdk.prune_layers import (
+    channels_by_module,
+    detach_masked,
+    effective_tensors,
+    example_tuple,
+    module_of,
+    out_channels,
+    output_shapes,
+    parameter_names,
+    prunable_types,
+    weighted_layers,
+)
 from sdk.training import (
     TrainData,
     TrainHistory,
@@ -211,7 +223,7 @@ def prune_structured(
         raise ConfigError(f"importance {importance!r} is not one of {list(_IMPORTANCES)}")
     if round_to is not None and round_to < 1:
         raise ConfigError(f"round_to must be at least 1, got {round_to}")
-    inputs = _example_tuple(example_inputs)
+    inputs = example_tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
     was_training = target.training
     target.eval()
@@ -219,11 +231,11 @@ def prune_structured(
     ignored = (
         [classifier_head(target, inputs)]
         if ignored_layers is None
-        else [_module(target, layer, model) for layer in ignored_layers]
+        else [module_of(target, layer, model) for layer in ignored_layers]
     )
     before = model_stats(target, inputs)
-    shapes_before = _output_shapes(target, inputs)
-    channels_before = _channels(target, ignored)
+    shapes_before = output_shapes(target, inputs)
+    channels_before = out_channels(target, ignored)
     scorers: dict[str, Callable[[], Any]] = {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
         "l2": lambda: tp.importance.MagnitudeImportance(p=2),
@@ -246,14 +258,14 @@ def prune_structured(
             f"structured pruning of {type(model).__name__} failed: {exc}; pass ignored_layers "
             "for layers it cannot follow"
         ) from exc
-    shapes_after = _output_shapes(target, inputs)
+    shapes_after = output_shapes(target, inputs)
     if shapes_after != shapes_before:
         raise ConfigError(
             f"pruning changed the model's output shapes {shapes_before} -> {shapes_after}; "
             "add the layers that produce the outputs to ignored_layers"
         )
     after = model_stats(target, inputs)
-    channels_after = {names[m]: c for m, c in _channels_by_module(target, ignored).items()}
+    channels_after = {names[m]: c for m, c in channels_by_module(target, ignored).items()}
     target.train(was_training)
     return PruneResult(
         model=target,
@@ -296,7 +308,7 @@ def prune_unstructured(
     if scope not in ("global", "layer"):
         raise ConfigError(f"scope must be 'global' or 'layer', got {scope!r}")
     target = model if inplace else copy.deepcopy(model)
-    chosen = _weighted_layers(target, layers)
+    chosen = weighted_layers(target, layers)
     if scope == "global":
         prune.global_unstructured(
             [(m, "weight") for _, m in chosen], pruning_method=prune.L1Unstructured, amount=amount
@@ -306,7 +318,7 @@ def prune_unstructured(
             prune.global_unstructured(
                 [(module, "weight")], pruning_method=prune.L1Unstructured, amount=amount
             )
-    _detach_masked(target)
+    detach_masked(target)
     zeros = total = 0
     for _, module in chosen:
         weight = module.weight  # weight_orig * weight_mask, recomputed by the mask's hook
@@ -368,7 +380,7 @@ def fine_tune(
         history = _fine_tune(
             model, data, epochs, lr, batch_size, seed, weight_decay, eval_data, progress
         )
-    _detach_masked(model)
+    detach_masked(model)
     return history
 
 
@@ -418,8 +430,8 @@ def model_stats(
     import torch
     import torch_pruning as tp
 
-    inputs = _example_tuple(example_inputs)
-    _detach_masked(model)
+    inputs = example_tuple(example_inputs)
+    detach_masked(model)
     was_training = model.training
     model.eval()
     try:
@@ -431,9 +443,9 @@ def model_stats(
         model.train(was_training)
     # state_dict() holds the masked weights as ``weight_orig`` + ``weight_mask`` while masks
     # are attached; the effective weights are what the model computes with.
-    tensors = _effective_tensors(model)
-    params = sum(t.numel() for name, t in tensors if name in _param_names(model))
-    nonzero = sum(int((t != 0).sum()) for name, t in tensors if name in _param_names(model))
+    tensors = effective_tensors(model)
+    params = sum(t.numel() for name, t in tensors if name in parameter_names(model))
+    nonzero = sum(int((t != 0).sum()) for name, t in tensors if name in parameter_names(model))
     raw = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for _, t in tensors)
     return ModelStats(
         params=params,
@@ -455,11 +467,11 @@ def classifier_head(
     handles = [
         m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
         for m in model.modules()
-        if isinstance(m, _prunable_types())
+        if isinstance(m, prunable_types())
     ]
     try:
         with torch.no_grad():
-            model(*_example_tuple(example_inputs))
+            model(*example_tuple(example_inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -472,131 +484,3 @@ def classifier_head(
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def _prunable_types() -> tuple[type[torch.nn.Module], ...]:
-    from torch import nn
-
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    import torch
-
-    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(items, Sequence) or not items:
-        raise ConfigError("example_inputs must be a tensor or a non-empty tuple of tensors")
-    for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise ConfigError(f"example_inputs[{i}] is a {type(item).__name__}, not a torch.Tensor")
-    return tuple(items)
-
-
-def _module(
-    target: torch.nn.Module, layer: torch.nn.Module | str, original: torch.nn.Module
-) -> torch.nn.Module:
-    """``layer`` (a name, or a module of ``original``) as a module of ``target`` (a copy)."""
-    modules: dict[str, torch.nn.Module] = dict(target.named_modules())
-    if isinstance(layer, str):
-        if layer not in modules:
-            raise ConfigError(
-                f"ignored_layers: the model has no module named {layer!r} (names look like "
-                f"{[n for n in modules if n][:6]})"
-            )
-        return modules[layer]
-    for name, module in original.named_modules():
-        if module is layer:
-            return modules[name]
-    raise ConfigError(f"ignored_layers: {type(layer).__name__} is not a module of the model")
-
-
-def _channels_by_module(
-    model: torch.nn.Module, ignored: Sequence[torch.nn.Module]
-) -> dict[torch.nn.Module, int]:
-    from torch import nn
-
-    out: dict[torch.nn.Module, int] = {}
-    for module in model.modules():
-        if module in ignored:
-            continue
-        if isinstance(module, nn.Linear):
-            out[module] = module.out_features
-        elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            out[module] = module.out_channels
-    return out
-
-
-def _channels(model: torch.nn.Module, ignored: Sequence[torch.nn.Module]) -> dict[str, int]:
-    names = {m: n for n, m in model.named_modules()}
-    return {names[m]: c for m, c in _channels_by_module(model, ignored).items()}
-
-
-def _output_shapes(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
-    import torch
-
-    with torch.no_grad():
-        result = model(*inputs)
-    items = result if isinstance(result, tuple | list) else [result]
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in items]
-
-
-def _weighted_layers(
-    model: torch.nn.Module, layers: Sequence[str] | None
-) -> list[tuple[str, torch.nn.Module]]:
-    modules = dict(model.named_modules())
-    if layers is not None:
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            raise ConfigError(f"layers: the model has no module named {missing[0]!r}")
-        chosen = [(n, modules[n]) for n in layers]
-    else:
-        chosen = [(n, m) for n, m in modules.items() if isinstance(m, _prunable_types())]
-    bad = [n for n, m in chosen if not isinstance(m, _prunable_types())]
-    if bad:
-        raise ConfigError(f"layers: {bad[0]!r} is not a convolution or linear layer")
-    if not chosen:
-        raise ConfigError(f"{type(model).__name__} has no convolution or linear layer to prune")
-    return chosen
-
-
-def _detach_masked(model: torch.nn.Module) -> None:
-    """Recompute masked weights (``weight_orig * weight_mask``) outside autograd.
-
-    The pruning hook stores the masked weight as a plain tensor attribute; after a forward
-    pass with gradients it is a non-leaf tensor, which ``copy.deepcopy`` refuses. The hook
-    recomputes it before every forward pass, so a detached copy changes nothing else.
-    """
-    import torch
-
-    with torch.no_grad():
-        for module in model.modules():
-            for name, mask in list(module.named_buffers(recurse=False)):
-                base = name[: -len("_mask")]
-                orig = getattr(module, f"{base}_orig", None)
-                if name.endswith("_mask") and isinstance(orig, torch.Tensor):
-                    setattr(module, base, (orig * mask).detach())
-
-
-def _param_names(model: torch.nn.Module) -> set[str]:
-    """Names of the effective parameters (``weight`` for a masked ``weight_orig``)."""
-    return {n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()}
-
-
-def _effective_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The model's parameters and buffers as it computes with them (masks applied)."""
-    out: list[tuple[str, torch.Tensor]] = []
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        masked = {n[: -len("_mask")] for n, _ in module.named_buffers(recurse=False)}
-        masked = {n for n in masked if hasattr(module, f"{n}_orig")}
-        for name, param in module.named_parameters(recurse=False):
-            if name.endswith("_orig") and name[: -len("_orig")] in masked:
-                base = name[: -len("_orig")]
-                out.append((dot + base, getattr(module, base)))
-            else:
-                out.append((dot + name, param))
-        for name, buffer in module.named_buffers(recurse=False):
-            if name.endswith("_mask") and name[: -len("_mask")] in masked:
-                continue
-            out.append((dot + name, buffer))
-    return out

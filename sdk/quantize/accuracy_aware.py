@@ -35,7 +35,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,14 +195,7 @@ def accuracy_aware_quantize(
     drop. Returns it and the :class:`SensitivityReport`.
     """
     config = config or QuantizeConfig()
-    if config.mode != "static":
-        raise ConfigError("accuracy-aware quantization searches static int8; got mode='dynamic'")
-    if not 0.0 <= max_drop < 1.0:
-        raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop}")
-    if max_excluded < 0:
-        raise ConfigError(f"max_excluded must be >= 0, got {max_excluded}")
-    if ranking_samples < 1:
-        raise ConfigError(f"ranking_samples must be at least 1, got {ranking_samples}")
+    _check_settings(config, max_drop, max_excluded, ranking_samples)
     source = (
         fp32_artifact if isinstance(fp32_artifact, ModelArtifact) else read_artifact(fp32_artifact)
     )
@@ -217,61 +210,14 @@ def accuracy_aware_quantize(
     base = tuple(config.exclude_nodes)
     notes: list[str] = []
 
-    chosen_nodes: list[str] = []  # excluded so far, beyond the config's own
-    steps: list[ExclusionStep] = []
-    artifacts: list[ModelArtifact | None] = []
     with tempfile.TemporaryDirectory(prefix="edgeship-aaq-") as tmp_dir:
         tmp = Path(tmp_dir)
         cache_dir = tmp / "calibration" if calibration_cache is None else Path(calibration_cache)
-
-        def attempt(
-            index: int, added: tuple[str, ...], because: str | None
-        ) -> tuple[ExclusionStep, ModelArtifact | None]:
-            excluded = (*base, *chosen_nodes, *added)
-            try:
-                art = quantize(
-                    source,
-                    cal_data,
-                    out=tmp / f"step-{index}.onnx",
-                    config=replace(config, exclude_nodes=excluded),
-                    calibration_cache=cache_dir,
-                )
-            except QuantizationError as exc:
-                return ExclusionStep(excluded, added, because, None, None, str(exc)), None
-            quality = evaluate(art, eval_data, reference=source)
-            drop = accuracy_drop(quality, fp32_quality)
-            log.info("accuracy-aware int8 step %d: excluded %s, drop %.4f", index, excluded, drop)
-            return ExclusionStep(excluded, added, because, quality, drop), art
-
-        step, art = attempt(0, (), None)
-        if art is None:
-            raise QuantizationError(f"plain static int8 failed: {step.error}")
-        steps.append(step)
-        artifacts.append(art)
-        tensors: list[TensorSensitivity] = []
-        if step.drop is not None and step.drop > max_drop:
-            tensors = rank_tensors(art, cal_data.head(ranking_samples), source, notes=notes)
-            for sensitivity in tensors:
-                added = tuple(n for n in sensitivity.nodes if n not in (*base, *chosen_nodes))
-                if not added:
-                    continue
-                if len(chosen_nodes) + len(added) > max_excluded:
-                    notes.append(
-                        f"stopped before {sensitivity.tensor}: excluding {list(added)} would "
-                        f"exceed max_excluded={max_excluded}"
-                    )
-                    break
-                step, art = attempt(len(steps), added, sensitivity.tensor)
-                steps.append(step)
-                artifacts.append(art)
-                if art is None:
-                    notes.append(f"excluding {list(added)} failed ({step.error}); skipped")
-                    continue
-                chosen_nodes.extend(added)
-                if step.drop is not None and step.drop <= max_drop:
-                    break
+        search = _Steps(source, cal_data, eval_data, fp32_quality, config, base, tmp, cache_dir)
+        tensors = search.run(max_drop, max_excluded, ranking_samples, notes)
+        steps = search.steps
         chosen = _choose(steps, max_drop)
-        result = artifacts[chosen]
+        result = search.artifacts[chosen]
         if result is None:  # _choose only picks steps that produced a model
             raise QuantizationError("accuracy-aware quantization produced no model")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +252,90 @@ def accuracy_aware_quantize(
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _check_settings(
+    config: QuantizeConfig, max_drop: float, max_excluded: int, ranking_samples: int
+) -> None:
+    if config.mode != "static":
+        raise ConfigError("accuracy-aware quantization searches static int8; got mode='dynamic'")
+    if not 0.0 <= max_drop < 1.0:
+        raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop}")
+    if max_excluded < 0:
+        raise ConfigError(f"max_excluded must be >= 0, got {max_excluded}")
+    if ranking_samples < 1:
+        raise ConfigError(f"ranking_samples must be at least 1, got {ranking_samples}")
+
+
+@dataclass
+class _Steps:
+    """The exclusion steps of one search: plain static int8 first, then one step per ranked
+    tensor whose nodes are added to the excluded ones, each quantized and measured."""
+
+    source: ModelArtifact
+    cal_data: Dataset
+    eval_data: Dataset
+    fp32_quality: Quality
+    config: QuantizeConfig
+    base: tuple[str, ...]  # the config's own exclusions, always kept
+    tmp: Path
+    cache_dir: Path
+    chosen_nodes: list[str] = field(default_factory=list)  # excluded so far, beyond ``base``
+    steps: list[ExclusionStep] = field(default_factory=list)
+    artifacts: list[ModelArtifact | None] = field(default_factory=list)
+
+    def attempt(
+        self, index: int, added: tuple[str, ...], because: str | None
+    ) -> tuple[ExclusionStep, ModelArtifact | None]:
+        excluded = (*self.base, *self.chosen_nodes, *added)
+        try:
+            art = quantize(
+                self.source,
+                self.cal_data,
+                out=self.tmp / f"step-{index}.onnx",
+                config=replace(self.config, exclude_nodes=excluded),
+                calibration_cache=self.cache_dir,
+            )
+        except QuantizationError as exc:
+            return ExclusionStep(excluded, added, because, None, None, str(exc)), None
+        quality = evaluate(art, self.eval_data, reference=self.source)
+        drop = accuracy_drop(quality, self.fp32_quality)
+        log.info("accuracy-aware int8 step %d: excluded %s, drop %.4f", index, excluded, drop)
+        return ExclusionStep(excluded, added, because, quality, drop), art
+
+    def run(
+        self, max_drop: float, max_excluded: int, ranking_samples: int, notes: list[str]
+    ) -> list[TensorSensitivity]:
+        """Plain static int8, then exclusions in ranked order until the drop fits or
+        ``max_excluded`` nodes are excluded; returns the ranking (empty when plain fits)."""
+        step, art = self.attempt(0, (), None)
+        if art is None:
+            raise QuantizationError(f"plain static int8 failed: {step.error}")
+        self.steps.append(step)
+        self.artifacts.append(art)
+        if step.drop is None or step.drop <= max_drop:
+            return []
+        tensors = rank_tensors(art, self.cal_data.head(ranking_samples), self.source, notes=notes)
+        for sensitivity in tensors:
+            added = tuple(n for n in sensitivity.nodes if n not in (*self.base, *self.chosen_nodes))
+            if not added:
+                continue
+            if len(self.chosen_nodes) + len(added) > max_excluded:
+                notes.append(
+                    f"stopped before {sensitivity.tensor}: excluding {list(added)} would "
+                    f"exceed max_excluded={max_excluded}"
+                )
+                break
+            step, art = self.attempt(len(self.steps), added, sensitivity.tensor)
+            self.steps.append(step)
+            self.artifacts.append(art)
+            if art is None:
+                notes.append(f"excluding {list(added)} failed ({step.error}); skipped")
+                continue
+            self.chosen_nodes.extend(added)
+            if step.drop is not None and step.drop <= max_drop:
+                break
+        return tensors
 
 
 def _rank_nodes(

@@ -38,133 +38,159 @@ def rank_tensors(
     :class:`~sdk.quantize.QuantizeConfig` ``exclude_nodes`` accepts, and its weights are the
     reference for weight errors.
     """
-    from onnx import numpy_helper
-
     q_path = quantized.path if isinstance(quantized, ModelArtifact) else Path(quantized)
     f_path = fp32.path if isinstance(fp32, ModelArtifact) else Path(fp32)
-    model = load(q_path)
     reference = load(f_path)
-    fp32_nodes = [n.name for n in reference.graph.node if n.name]
-    fp32_weights = {i.name: numpy_helper.to_array(i) for i in reference.graph.initializer}
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    unmapped: set[str] = set()
+    graph = _QdqGraph(load(q_path).graph, [n.name for n in reference.graph.node if n.name])
     unranked: list[str] = []
+    activations = graph.activations(reference, unranked)
+    results = _activation_errors(reference, activations, calibration, batch_size)
+    results += graph.weight_errors(reference)
+    if unranked and notes is not None:
+        notes.append(f"quantized tensors {unranked} have no fp32 counterpart and were not ranked")
+    if graph.unmapped and notes is not None:
+        notes.append(
+            f"quantized nodes {sorted(graph.unmapped)} have no counterpart in the fp32 model "
+            "(renamed by pre-processing) and cannot be excluded by name"
+        )
+    return sorted(results, key=lambda t: (-t.error, t.tensor))
 
-    def fp32_names(nodes: Sequence[onnx.NodeProto]) -> tuple[str, ...]:
+
+class _QdqGraph:
+    """A QDQ model's graph, indexed: initializers, producers, consumers, and the fp32 model's
+    node names its nodes map to (those it cannot map are collected in ``unmapped``)."""
+
+    def __init__(self, graph: onnx.GraphProto, fp32_nodes: list[str]) -> None:
+        self.graph = graph
+        self.fp32_nodes = fp32_nodes
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producers = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.unmapped: set[str] = set()
+
+    def fp32_names(self, nodes: Sequence[onnx.NodeProto]) -> tuple[str, ...]:
         out: list[str] = []
         for node in nodes:
-            name = _fp32_name(node.name, fp32_nodes)
+            name = _fp32_name(node.name, self.fp32_nodes)
             if name is None:
-                unmapped.add(node.name)
+                self.unmapped.add(node.name)
             elif name not in out:
                 out.append(name)
         return tuple(out)
 
-    def ops_after(tensor: str) -> list[onnx.NodeProto]:
+    def ops_after(self, tensor: str) -> list[onnx.NodeProto]:
         """The compute nodes reading the dequantized ``tensor`` (through its DQ nodes)."""
         found: list[onnx.NodeProto] = []
-        for node in consumers.get(tensor, []):
+        for node in self.consumers.get(tensor, []):
             if node.op_type in _QDQ:
                 for out in node.output:
-                    found.extend(ops_after(out))
+                    found.extend(self.ops_after(out))
             else:
                 found.append(node)
         return found
 
-    # Activations: x -> QuantizeLinear(scale, zero point) -> DequantizeLinear. The error is
-    # measured on the fp32 model's own values of x, quantized with the int8 model's scale:
-    # the quantized model's x may differ (the quantizer drops a ReLU whose clamp the uint8
-    # range performs, and upstream layers add their own errors).
-    fp32_tensors = {o for n in reference.graph.node for o in n.output}
-    fp32_tensors |= {i.name for i in reference.graph.input}
-    activations: list[_ActivationQuant] = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
-            continue
-        dqs = [n for n in consumers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
-        # The quantized tensor under its fp32 name: the Q input, else the DQ output (an
-        # output quantized at the end of the graph keeps its name after the DequantizeLinear).
-        names = [node.input[0], *(d.output[0] for d in dqs)]
-        fp32_name = next((n for n in names if n in fp32_tensors), None)
-        if fp32_name is None or len(node.input) < 2 or node.input[1] not in inits:
-            unranked.append(node.input[0])
-            continue
-        producer = producers.get(node.input[0])
-        touching = [producer] if producer is not None and producer.op_type not in _QDQ else []
-        touching += ops_after(node.output[0])
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        zero = (
-            numpy_helper.to_array(inits[node.input[2]])
-            if len(node.input) > 2 and node.input[2] in inits
-            else np.zeros((), np.uint8)
-        )
-        info = np.iinfo(zero.dtype) if zero.dtype.kind in "iu" else np.iinfo(np.uint8)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        activations.append(
-            _ActivationQuant(
-                fp32_name,
-                scale,
-                zero.astype(np.float64),
-                float(info.min),
-                float(info.max),
-                axis,
-                fp32_names(touching),
-            )
-        )
+    def activations(
+        self, reference: onnx.ModelProto, unranked: list[str]
+    ) -> list[_ActivationQuant]:
+        """How each activation is quantized, under its fp32 name (``unranked``: those with none).
 
-    results = _activation_errors(reference, activations, calibration, batch_size)
+        Activations: x -> QuantizeLinear(scale, zero point) -> DequantizeLinear. The error is
+        measured on the fp32 model's own values of x, quantized with the int8 model's scale:
+        the quantized model's x may differ (the quantizer drops a ReLU whose clamp the uint8
+        range performs, and upstream layers add their own errors).
+        """
+        from onnx import numpy_helper
 
-    # Weights: int8 initializer -> DequantizeLinear; compare with the fp32 model's weight.
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
-            continue
-        stored = numpy_helper.to_array(inits[node.input[0]])
-        if stored.dtype not in (np.int8, np.uint8) or stored.ndim < 2:
-            continue  # int32 biases and scalars carry no useful sensitivity
-        original_name = node.input[0].removesuffix("_quantized")
-        original = fp32_weights.get(original_name)
-        if original is None or original.shape != stored.shape:
-            continue
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        zero = (
-            numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-            if len(node.input) > 2 and node.input[2] in inits
-            else np.zeros_like(scale)
-        )
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * stored.ndim
-            shape[axis] = scale.size
-            scale, zero = scale.reshape(shape), zero.reshape(shape)
-        else:
-            axis = 0
-        dequantized = (stored.astype(np.float64) - zero) * scale
-        err, sq = _channel_sums(dequantized, original.astype(np.float64), axis)
-        mean, worst = _channel_error(err, sq, per_channel=scale.size > 1)
-        results.append(
-            TensorSensitivity(
-                original_name,
-                "weight",
-                mean,
-                worst,
-                len(err),
-                fp32_names(ops_after(node.output[0])),
+        graph, inits = self.graph, self.inits
+        consumers, producers = self.consumers, self.producers
+        fp32_names, ops_after = self.fp32_names, self.ops_after
+        fp32_tensors = {o for n in reference.graph.node for o in n.output}
+        fp32_tensors |= {i.name for i in reference.graph.input}
+        activations: list[_ActivationQuant] = []
+        for node in graph.node:
+            if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+                continue
+            dqs = [n for n in consumers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
+            # The quantized tensor under its fp32 name: the Q input, else the DQ output (an
+            # output quantized at the end of the graph keeps its name after the DequantizeLinear).
+            names = [node.input[0], *(d.output[0] for d in dqs)]
+            fp32_name = next((n for n in names if n in fp32_tensors), None)
+            if fp32_name is None or len(node.input) < 2 or node.input[1] not in inits:
+                unranked.append(node.input[0])
+                continue
+            producer = producers.get(node.input[0])
+            touching = [producer] if producer is not None and producer.op_type not in _QDQ else []
+            touching += ops_after(node.output[0])
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            zero = (
+                numpy_helper.to_array(inits[node.input[2]])
+                if len(node.input) > 2 and node.input[2] in inits
+                else np.zeros((), np.uint8)
             )
-        )
-    if unranked and notes is not None:
-        notes.append(f"quantized tensors {unranked} have no fp32 counterpart and were not ranked")
-    if unmapped and notes is not None:
-        notes.append(
-            f"quantized nodes {sorted(unmapped)} have no counterpart in the fp32 model "
-            "(renamed by pre-processing) and cannot be excluded by name"
-        )
-    return sorted(results, key=lambda t: (-t.error, t.tensor))
+            info = np.iinfo(zero.dtype) if zero.dtype.kind in "iu" else np.iinfo(np.uint8)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            activations.append(
+                _ActivationQuant(
+                    fp32_name,
+                    scale,
+                    zero.astype(np.float64),
+                    float(info.min),
+                    float(info.max),
+                    axis,
+                    fp32_names(touching),
+                )
+            )
+        return activations
+
+    def weight_errors(self, reference: onnx.ModelProto) -> list[TensorSensitivity]:
+        """Each int8 weight against the fp32 model's, per output channel."""
+        from onnx import numpy_helper
+
+        graph, inits = self.graph, self.inits
+        fp32_names, ops_after = self.fp32_names, self.ops_after
+        fp32_weights = {i.name: numpy_helper.to_array(i) for i in reference.graph.initializer}
+        results: list[TensorSensitivity] = []
+        # Weights: int8 initializer -> DequantizeLinear; compare with the fp32 model's weight.
+        for node in graph.node:
+            if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+                continue
+            stored = numpy_helper.to_array(inits[node.input[0]])
+            if stored.dtype not in (np.int8, np.uint8) or stored.ndim < 2:
+                continue  # int32 biases and scalars carry no useful sensitivity
+            original_name = node.input[0].removesuffix("_quantized")
+            original = fp32_weights.get(original_name)
+            if original is None or original.shape != stored.shape:
+                continue
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            zero = (
+                numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+                if len(node.input) > 2 and node.input[2] in inits
+                else np.zeros_like(scale)
+            )
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1 and scale.size > 1:
+                shape = [1] * stored.ndim
+                shape[axis] = scale.size
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            else:
+                axis = 0
+            dequantized = (stored.astype(np.float64) - zero) * scale
+            err, sq = _channel_sums(dequantized, original.astype(np.float64), axis)
+            mean, worst = _channel_error(err, sq, per_channel=scale.size > 1)
+            results.append(
+                TensorSensitivity(
+                    original_name,
+                    "weight",
+                    mean,
+                    worst,
+                    len(err),
+                    fp32_names(ops_after(node.output[0])),
+                )
+            )
+        return results
 
 
 @dataclass(frozen=True)
