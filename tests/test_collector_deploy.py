@@ -23,7 +23,9 @@ import pytest
 from collector.monitor import Monitor, MonitorConfig
 from collector.service import Collector, CollectorConfig
 from collector.state import FleetState
-from collector.store import _SQLITE, SCHEMA_VERSION, _schema_v1, open_store
+from collector.store import SCHEMA_VERSION, open_store
+from collector.store.schema import SQLITE as _SQLITE
+from collector.store.schema import schema_v1 as _schema_v1
 from device_agent.contracts.messages import DeployEvent
 from tests.brokers import wait_for
 from tests.collector_helpers import FLEET, FakeClock, Fleet, status, store_messages, window
