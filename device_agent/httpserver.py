@@ -20,26 +20,22 @@ Standard library only (the agent imports it). What a client cannot do to it:
   before any of the body is read (413, then the connection is closed); the bodies of all
   connections together may not pass ``max_buffered_bytes`` (503, retry). A head (request line
   and headers) larger than ``max_head_bytes`` is 431.
-* **Send JSON that costs more than its size.** :func:`parse_json` refuses nesting deeper than
-  ``max_depth`` (checked on the bytes before parsing), NaN / Infinity and numbers that overflow
-  a float, duplicate keys, strings with NUL or lone surrogates, and non-UTF-8 bytes, each with
-  a :class:`RequestError` that says why (400; non-finite numbers carry the status the caller
-  chose). Answers are written with ``allow_nan=False``: a non-finite float goes out as ``null``.
+* **Send JSON that costs more than its size.** :func:`parse_json` (:mod:`device_agent.httpjson`,
+  re-exported here) refuses deep nesting, non-finite numbers, duplicate keys, NUL, lone
+  surrogates and non-UTF-8 with a :class:`RequestError` that says why.
 
-Everything the server answers by itself is JSON, ``{"error": "..."}``, with
-``Connection: close``. Handlers subclass :class:`JSONRequestHandler` and implement
-``do_GET`` / ``do_POST`` ...; a method without one is 405.
+Everything the server answers by itself is JSON, ``{"error": "..."}``, with ``Connection:
+close``. Handlers subclass :class:`JSONRequestHandler` (:mod:`device_agent.httphandler`) and
+implement ``do_GET`` / ``do_POST`` ...; a method without one is 405.
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.message
 import errno
 import http.client
 import io
 import ipaddress
-import json
 import logging
 import math
 import queue
@@ -52,10 +48,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from device_agent.errors import ConfigError, EdgeshipError
+from device_agent.errors import ConfigError
+from device_agent.httphandler import JSONRequestHandler, Request, error_response
+from device_agent.httpjson import RequestError, dumps_json, json_too_deep, parse_json
 
 __all__ = [
     "BoundedHTTPServer",
@@ -106,14 +103,6 @@ class HTTPLimits:
             raise ConfigError("HTTP limits: max_connections must be at least workers")
 
 
-class RequestError(EdgeshipError):
-    """A request the server refuses; ``status`` is the HTTP status it is answered with."""
-
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
-        super().__init__(message)
-        self.status = int(status)
-
-
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) only reaches this machine."""
     if host == "localhost":
@@ -122,256 +111,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-# --- JSON in and out ---------------------------------------------------------------------------
-
-_QUOTED = re.compile(rb'"[^"]*"')
-_KEEP_BRACKETS = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_ESCAPED_SURROGATE_OR_NUL = re.compile(rb"\\u(?:[dD][89a-fA-F]|00{2})", re.ASCII)
-
-
-def json_too_deep(body: bytes, max_depth: int) -> bool:
-    """Whether the arrays and objects in ``body`` nest deeper than ``max_depth`` (or their
-    brackets do not balance), found without parsing: a few passes over bytes in C, so a
-    megabyte of ``[`` costs milliseconds and no recursion."""
-    # Escapes first (left to right, as a JSON parser reads them): then every '"' delimits a
-    # string, and the brackets inside strings can be dropped with them.
-    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    text = _QUOTED.sub(b"", text).translate(_KEEP_BRACKETS, _NOT_BRACKETS)
-    for _ in range(max_depth):
-        if not text:
-            return False
-        inner = text.replace(b"[]", b"")
-        if len(inner) == len(text):
-            return True  # unbalanced: no innermost pair left to remove
-        text = inner
-    return bool(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NonFinite(f"the number {text[:40]} is too large for a float")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise _NonFinite(f"{name} is not a number JSON allows; send finite numbers")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise RequestError(f"the key {key!r} appears twice in one object")
-            seen.add(key)
-    return out
-
-
-class _NonFinite(ValueError):
-    pass
-
-
-def _check_strings(value: Any) -> None:
-    """Refuse NUL and lone surrogates in any key or string (they cannot be stored, logged or
-    encoded to UTF-8 downstream). Iterative: the depth is bounded, but not by Python's stack."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise RequestError("strings must not contain NUL (\\u0000)")
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError(
-                    "strings must not contain lone surrogates (\\ud800-\\udfff unpaired)"
-                ) from None
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(x for x in item if isinstance(x, str | list | dict))
-
-
-def parse_json(body: bytes, *, max_depth: int, non_finite_status: int = 400) -> Any:
-    """``body`` parsed as strict JSON; raises :class:`RequestError` (400, or
-    ``non_finite_status`` for NaN, Infinity and numbers beyond a float's range)."""
-    if json_too_deep(body, max_depth):
-        raise RequestError(
-            f"the JSON nests deeper than {max_depth} levels (or its brackets do not balance)"
-        )
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        value = json.loads(
-            text,
-            parse_float=_finite_float,
-            parse_constant=_no_constant,
-            object_pairs_hook=_unique_keys,
-        )
-    except _NonFinite as exc:
-        raise RequestError(str(exc), non_finite_status) from None
-    except RecursionError:  # json_too_deep's bound is far below; kept as a backstop
-        raise RequestError("the JSON nests too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
-        raise RequestError(f"the body is not JSON: {exc}") from None
-    if _ESCAPED_SURROGATE_OR_NUL.search(body):
-        _check_strings(value)
-    return value
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def dumps_json(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
-    """``value`` as JSON bytes; non-finite floats become ``null`` (JSON has no NaN)."""
-    try:
-        return json.dumps(value, allow_nan=False, default=default).encode()
-    except ValueError:
-        return json.dumps(_finite(value), allow_nan=False, default=default).encode()
-
-
-def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> bytes:
-    phrase = HTTPStatus(status).phrase
-    body = dumps_json({"error": message})
-    lines = [
-        f"HTTP/1.1 {status} {phrase}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-# --- requests and handlers ---------------------------------------------------------------------
-
-
-@dataclass
-class _Request:
-    method: str
-    target: str
-    version: str
-    line: str
-    headers: email.message.Message
-    body: bytes
-    close: bool
-    reserved: int = 0  # bytes of max_buffered_bytes this request holds until a worker takes it
-
-
-class _SocketWriter(io.BufferedIOBase):
-    """``wfile`` for a handler: writes go straight to the socket (its timeout bounds them)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.written = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._sock.sendall(view)
-        self.written += view.nbytes
-        return view.nbytes
-
-
-class JSONRequestHandler(BaseHTTPRequestHandler):
-    """Base of the servers' handlers: one complete request, already read and checked.
-
-    ``rfile`` holds exactly the body; ``headers``, ``command``, ``path`` are set as
-    :class:`~http.server.BaseHTTPRequestHandler` sets them. Subclasses answer with
-    :meth:`send_json` / :meth:`send_bytes`.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = "edgeship"
-
-    def __init__(
-        self,
-        request: _Request,
-        sock: socket.socket,
-        client_address: Any,
-        server: BoundedHTTPServer,
-    ) -> None:
-        # Deliberately not BaseRequestHandler.__init__: that reads the request from the socket.
-        self.server = server  # type: ignore[assignment]
-        self.request = sock
-        self.connection = sock
-        self.client_address = client_address
-        self.command = request.method
-        self.path = request.target
-        self.request_version = request.version
-        self.requestline = request.line
-        self.raw_requestline = request.line.encode("latin-1")
-        self.headers = request.headers
-        self.close_connection = request.close
-        self.body = request.body  # the whole body (empty for none); rfile reads the same
-        self.rfile = io.BytesIO(request.body)
-        self.writer = _SocketWriter(sock)
-        self.wfile = self.writer
-
-    def run(self) -> None:
-        handler = getattr(self, "do_" + self.command, None)
-        if handler is None:
-            allowed = sorted(n[3:] for n in dir(self) if n.startswith("do_"))
-            self.close_connection = True
-            self.send_json(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                {"error": f"{self.command[:20]!r} is not supported here; use {', '.join(allowed)}"},
-                {"Allow": ", ".join(allowed)},
-            )
-        else:
-            handler()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s: " + format, self.address_string(), *args)
-
-    def send_bytes(
-        self,
-        status: int,
-        content_type: str,
-        data: bytes,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_json(
-        self,
-        status: int,
-        body: Any,
-        headers: Mapping[str, str] | None = None,
-        default: Callable[[Any], Any] | None = None,
-    ) -> None:
-        self.send_bytes(status, "application/json", dumps_json(body, default), headers)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        self.close_connection = True
-        self.send_json(code, {"error": message or HTTPStatus(code).phrase})
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -385,7 +124,7 @@ class _Conn:
         self.addr = addr
         self.buf = bytearray()
         self.scanned = 0  # bytes of buf already searched for the end of the head
-        self.head: tuple[int, int, _Request] | None = None  # (head bytes, body bytes, request)
+        self.head: tuple[int, int, Request] | None = None  # (head bytes, body bytes, request)
         self.deadline = deadline
 
 
@@ -434,7 +173,7 @@ class BoundedHTTPServer:
         self._lingering: OrderedDict[int, _Conn] = OrderedDict()
         self._busy: dict[int, _Conn] = {}
         self._returned: deque[tuple[_Conn, str]] = deque()  # from workers: keep or linger
-        self._jobs: queue.SimpleQueue[tuple[_Conn, _Request] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[_Conn, Request] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -567,7 +306,7 @@ class BoundedHTTPServer:
                 return
             sock.setblocking(False)
             if self.open_connections >= self.limits.max_connections and not self._evict():
-                _send_now(sock, _error_response(
+                _send_now(sock, error_response(
                     HTTPStatus.SERVICE_UNAVAILABLE,
                     f"too busy: {self.limits.max_connections} connections have requests in "
                     "progress; retry shortly",
@@ -592,7 +331,7 @@ class BoundedHTTPServer:
                 self._forget_head(conn)
                 self._selector.unregister(conn.sock)
                 if table is self._waiting and conn.buf:
-                    _send_now(conn.sock, _error_response(
+                    _send_now(conn.sock, error_response(
                         HTTPStatus.SERVICE_UNAVAILABLE,
                         "too many open connections: this one was closed before its request "
                         "was complete; retry",
@@ -654,7 +393,7 @@ class BoundedHTTPServer:
         """Answer ``status`` and close, after a short linger that reads and drops what the
         client is still sending (closing with unread data would reset the connection and the
         client could lose the answer)."""
-        _send_now(conn.sock, _error_response(status, message, headers))
+        _send_now(conn.sock, error_response(status, message, headers))
         self._waiting.pop(conn.sock.fileno(), None)
         self._linger(conn)
 
@@ -691,7 +430,7 @@ class BoundedHTTPServer:
             data = b""
         if not data:
             if conn.buf.strip():  # the client stopped sending (or left) halfway: say so
-                _send_now(conn.sock, _error_response(
+                _send_now(conn.sock, error_response(
                     HTTPStatus.BAD_REQUEST,
                     "the connection ended before the request was complete (head, or as many "
                     "body bytes as Content-Length said)",
@@ -762,7 +501,7 @@ class BoundedHTTPServer:
         self._busy[fd] = conn
         self._jobs.put((conn, request))
 
-    def _parse_head(self, raw: bytes) -> tuple[_Request, int]:
+    def _parse_head(self, raw: bytes) -> tuple[Request, int]:
         first, _, rest = raw.partition(b"\n")
         line = first.rstrip(b"\r").decode("latin-1")
         words = line.split()
@@ -803,7 +542,7 @@ class BoundedHTTPServer:
             )
         connection = headers.get("Connection", "").lower()
         close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-        return _Request(method, target, version, line, headers, b"", close), length
+        return Request(method, target, version, line, headers, b"", close), length
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -828,7 +567,7 @@ class BoundedHTTPServer:
                 self._busy.pop(conn.sock.fileno(), None)
                 _close(conn.sock)
 
-    def _handle(self, conn: _Conn, request: _Request) -> str:
+    def _handle(self, conn: _Conn, request: Request) -> str:
         """Run the handler; _KEEP the connection for the next request, _LINGER (answered,
         close gracefully) or _CLOSE (the client is gone)."""
         sock = conn.sock
