@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import ingest as ingest_module
+from collector.fast_telemetry import fast_telemetry
 from collector.ingest import (
     DEAD_LETTER_MAX_BYTES,
     DeadLetter,
@@ -249,7 +249,7 @@ def _reference(topic_name: str, payload: bytes) -> TelemetryRecord | None:
 
 
 def _fast(payload: bytes) -> TelemetryRecord | None:
-    return ingest_module._fast_telemetry(FLEET, DEVICE, payload, NOW)
+    return fast_telemetry(FLEET, DEVICE, payload, NOW)
 
 
 def _check_agreement(payload: bytes) -> None:
