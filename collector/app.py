@@ -9,6 +9,8 @@ is at ``/openapi.json`` and its pages at ``/docs``.
 In front of the routes, :class:`RequestGuard` (plain ASGI, so it runs before any body is read)
 keeps the rules the API had on the standard library's server:
 
+* headers past 100 or :data:`MAX_HEADER_BYTES` (16 KiB) in all are 431;
+* a request line naming another HTTP version than 1.0 or 1.1 is 400;
 * methods other than GET and POST are 405 with ``Allow: GET, POST``;
 * a body needs a ``Content-Length`` (411; chunked bodies are 411 too) of at most
   :data:`collector.api.MAX_BODY_BYTES` (413), refused before any of it is read;
@@ -48,11 +50,13 @@ from device_agent.errors import EdgeshipError
 if TYPE_CHECKING:
     from collector.monitor import Monitor
 
-__all__ = ["RequestGuard", "create_app"]
+__all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "RequestGuard", "create_app"]
 
 log = logging.getLogger("collector.api")
 
 _ALLOWED = ("GET", "POST")
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100  # as http.client and the old server
 _GET_ROUTES = "try /api/health, /api/devices, /api/devices/{id}, /api/dead-letters"
 
 
@@ -62,6 +66,7 @@ def create_app(
     monitor: Monitor | None = None,
     api_token: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> FastAPI:
     """The app serving ``collector`` (and ``monitor``'s routes when given). ``api_token`` None
     turns the state-changing routes off (403). Raises ConfigError for a token too weak."""
@@ -82,7 +87,12 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(EdgeshipError, _edgeship_error)
-    app.add_middleware(RequestGuard, api_token=api_token, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        api_token=api_token,
+        max_body_bytes=max_body_bytes,
+        max_header_bytes=max_header_bytes,
+    )
     return app
 
 
@@ -90,10 +100,18 @@ class RequestGuard:
     """Methods, body framing and size, the API token and trailing slashes, checked on the
     request's head before anything else runs (see the module's docstring)."""
 
-    def __init__(self, app: ASGIApp, *, api_token: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_token: str | None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+    ) -> None:
         self.app = app
         self.api_token = api_token
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,13 +128,27 @@ class RequestGuard:
 
     def _refusal(self, scope: Scope) -> Response | None:
         method = scope["method"]
+        version = scope.get("http_version", "1.1")
+        if version not in ("1.0", "1.1"):  # h11 parses "HTTP/2.0" as if it were 1.1
+            return json_response(400, {"error": f"HTTP/{version}: this server speaks HTTP/1.1"})
+        if method == "HEAD":  # an answer to HEAD has no body (h11 drops it): say so honestly
+            return Response(status_code=405, headers={"Allow": "GET, POST"})
         if method not in _ALLOWED:
             return json_response(
                 405,
                 {"error": f"{method} is not supported: reads are GET, commands are POST"},
                 {"Allow": "GET, POST"},
             )
-        headers = _headers(scope["headers"])
+        raw = scope["headers"]
+        size = sum(len(k) + len(v) + 4 for k, v in raw)
+        if size > self.max_header_bytes or len(raw) > MAX_HEADERS:
+            # h11 bounds only a head that arrives in pieces; one sent whole is counted here
+            return json_response(
+                431,
+                {"error": f"the request's headers are too large ({len(raw)} headers, {size} "
+                          f"bytes; at most {MAX_HEADERS}, {self.max_header_bytes} bytes)"},
+            )  # fmt: skip
+        headers = _headers(raw)
         if "transfer-encoding" in headers:
             return json_response(
                 411,

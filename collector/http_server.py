@@ -17,7 +17,8 @@ Limits (:class:`HttpSettings`, defaults as the standard-library server had them)
   connection's start or the previous answer (uvicorn has no such limit; a slow header or body
   sender would hold its connection forever). Past it: 408 and the connection is closed, or a
   quiet close if nothing was sent; uvicorn's ``timeout_keep_alive`` is the same bound.
-* ``max_header_bytes`` (16 KiB): h11's limit on a request's head (400 past it).
+* ``max_header_bytes`` (16 KiB): a request's head (431 past it, whether h11 saw it arrive
+  in pieces or the app's guard whole); at most 100 headers.
 * A client that closes its sending side after its request (``shutdown(SHUT_WR)``) still gets
   the answer; uvicorn would drop it. A request cut short that way is 400.
 * ``tls_cert_file`` / ``tls_key_file``: serve HTTPS (uvicorn's ``ssl_certfile`` /
@@ -58,6 +59,7 @@ __all__ = ["ApiServer", "HttpSettings"]
 log = logging.getLogger("collector.http")
 
 _WHOLE = (h11.DONE, h11.MUST_CLOSE)  # their states once a request arrived whole
+_LINGER_S = 2.0  # after an error answer: read and drop what the client still sends, this long
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,15 @@ class _BoundedH11(H11Protocol):
         self._opened = time.monotonic()
         self._received = False  # any byte of the current request
         self._eof = False
+        self._lingering = False
         self._timer: asyncio.TimerHandle | None = None
         self._arm()
         if len(self.connections) > self.settings.max_connections:
             self._make_room()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # after an error answer: read and dropped
         self._received = True
         super().data_received(data)
         if self.conn.their_state in _WHOLE:
@@ -122,8 +127,23 @@ class _BoundedH11(H11Protocol):
     def eof_received(self) -> bool:  # type: ignore[override]
         """The client sent all it will: answer what it asked, then close."""
         self._eof = True
+        if self._lingering:
+            self.transport.close()
+            return False
         self._settle_eof()
         return True  # keep the transport open for the answer
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request (bad framing, no Host header, a head past the limit):
+        400 as JSON with a length, like every other answer, instead of uvicorn's plain text
+        delimited by the close."""
+        limit = self.settings.max_header_bytes
+        if len(self.conn.trailing_data[0]) > limit:  # what h11 refused: a head past its limit
+            self._refuse(431, f"the request's head is over {limit} bytes")
+        else:
+            self._refuse(
+                400, "not a valid HTTP/1.1 request (its framing, or a missing Host header)"
+            )
 
     # --- helpers ---
 
@@ -134,8 +154,10 @@ class _BoundedH11(H11Protocol):
         """Not being answered: idle, or its request not whole yet."""
         if self.transport.is_closing():
             return False
-        return self._answered() or (
-            self.conn.their_state not in _WHOLE and not self.cycle.response_started
+        return (
+            self._lingering
+            or self._answered()
+            or (self.conn.their_state not in _WHOLE and not self.cycle.response_started)
         )
 
     def _settle_eof(self) -> None:
@@ -173,11 +195,14 @@ class _BoundedH11(H11Protocol):
         waiting = [c for c in self.connections if isinstance(c, _BoundedH11) and c._waiting()]
         others = [c for c in waiting if c is not self]
         if others:
-            oldest = min(others, key=lambda c: c._opened)
-            if oldest._received:
+            # Lingering ones first: they were answered already.
+            oldest = min(others, key=lambda c: (not c._lingering, c._opened))
+            if oldest._received and not oldest._lingering:
                 oldest._refuse(503, "too many open connections; retry")
-            else:
-                oldest.transport.close()
+            oldest.transport.close()
+            # Counted out now, not when the loop gets to connection_lost: limit_concurrency
+            # reads this set for the request that may follow at once.
+            self.connections.discard(oldest)
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` with ``{"error": message}`` and close, whatever the app was doing
@@ -193,7 +218,19 @@ class _BoundedH11(H11Protocol):
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode("latin-1") + body)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close our side after an error answer, but read and drop what the client still sends
+        for a while: closing with unread data makes the kernel send a reset, which can destroy
+        the answer before the client has read it (a client still sending a large head)."""
+        self._disarm()
+        if self._lingering or self._eof or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self.loop.call_later(_LINGER_S, self.transport.close)
 
 
 class _CurrentApp:
@@ -262,13 +299,23 @@ class ApiServer:
         from collector.app import create_app
 
         def factory(monitor: Monitor | None) -> ASGIApp:
-            return create_app(collector, monitor=monitor, api_token=api_token)
+            return create_app(
+                collector,
+                monitor=monitor,
+                api_token=api_token,
+                max_header_bytes=settings.max_header_bytes,
+            )
 
         return cls(factory, address, settings)
 
     @property
     def scheme(self) -> str:
         return "https" if self.settings.tls_cert_file else "http"
+
+    @property
+    def app(self) -> ASGIApp:
+        """The app served now (its routes are what the OpenAPI document must list)."""
+        return self._app.app
 
     def attach_monitor(self, monitor: Monitor | None) -> None:
         """Serve the app made with ``monitor`` from the next request on (None: without)."""

@@ -5,7 +5,9 @@ windows; an unshifted device over >= 100 windows raises none (both counted and p
 from __future__ import annotations
 
 import json
+import re
 import threading
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -207,3 +209,65 @@ def test_edgeship_collect_runs_the_monitor(broker: Mosquitto, tmp_path: Path) ->
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"dashboard http://127.0.0.1:{port}/" in out and "stopped:" in out
+
+
+def _served(app: Any) -> tuple[set[tuple[str, str]], set[str]]:
+    """((path, method) of every API route, paths of the other routes) of a FastAPI app; a
+    ``{name:path}`` parameter is written ``{name}``, as OpenAPI writes it."""
+    from fastapi.routing import APIRoute
+
+    api, other = set(), set()
+    routes = list(app.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # FastAPI >= 0.13x keeps routers
+        if included is not None:
+            routes.extend(included.routes)
+            continue
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
+        if isinstance(route, APIRoute):
+            api |= {(path, m) for m in route.methods}
+        else:
+            other.add(path)
+    return api, other
+
+
+def test_the_openapi_document_lists_every_route_the_app_serves(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """With and without the monitor: every route served is in /openapi.json (method by
+    method), nothing else is, /docs is the Swagger page, and the monitor's routes come and go
+    with it (the app is rebuilt from what it serves, not patched)."""
+    collector, monitor = start_collector(broker, tmp_path)
+    base = f"http://{':'.join(map(str, collector.http_address_bound()))}"
+    stopped = False
+    server = collector.http_server
+    assert server is not None
+    try:
+        seen: dict[bool, set[tuple[str, str]]] = {}
+        for with_monitor in (True, False):
+            if not with_monitor:
+                monitor.stop()
+                stopped = True
+            api, other = _served(server.app)
+            doc = get(base + "/openapi.json")
+            documented = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
+            assert documented == api, documented ^ api
+            assert other == {"/openapi.json", "/docs", "/docs/oauth2-redirect"}, other
+            seen[with_monitor] = documented
+        assert {p for p, _ in seen[True] - seen[False]} == {
+            "/", "/index.html", "/devices/{device}", "/metrics", "/api/alerts", "/api/drift",
+            "/static/{name}",
+        }  # fmt: skip
+        assert ("/api/devices/{device}/commands", "POST") in seen[False]
+        with urllib.request.urlopen(base + "/docs", timeout=10) as resp:
+            assert resp.status == 200 and b"swagger" in resp.read().lower()
+        try:
+            urllib.request.urlopen(base + "/metrics", timeout=10)
+            raise AssertionError("/metrics is served without a monitor")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+    finally:
+        if not stopped:
+            monitor.stop()
+        collector.stop()

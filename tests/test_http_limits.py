@@ -8,6 +8,7 @@ duration: waits are generous backstops, the assertions are about what the server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -450,3 +451,188 @@ def test_the_endpoint_binds_loopback_and_warns_beyond_it(
             server.server_close()
         lines = [r.getMessage() for r in caplog.records if "not 127.0.0.1" in r.getMessage()]
         assert bool(lines) is warned, caplog.text
+
+
+# --- the collector's API: uvicorn with the same limits -----------------------------------------
+#
+# The collector's API left BoundedHTTPServer for uvicorn (issue 12); these tests hold it to the
+# limits the old server had. A real collector (Mosquitto, SQLite) with its API off, and an
+# ApiServer over it with short limits, so that a timeout takes half a second.
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from collector.service import Collector, CollectorConfig
+    from tests.brokers import Mosquitto, wait_for
+
+    tmp = tmp_path_factory.mktemp("collector-http")
+    with Mosquitto(tmp / "broker", persistence=False) as broker:
+        config = CollectorConfig(
+            broker.url, fleet="lab", store_url=f"sqlite:///{tmp / 'fleet.db'}", http=None,
+            client_id=f"limits-{os.getpid()}", worker="thread",
+        )  # fmt: skip
+        with Collector(config) as c:
+            assert wait_for(lambda: c.stats.connected, 10), c.health()
+            yield c
+
+
+API_TOKEN = "limits-" + "k" * 20
+TOKEN = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@contextlib.contextmanager
+def api_server(collector: Any, **settings: Any) -> Iterator[int]:
+    """The collector's API on a free port with ``settings`` (HttpSettings); yields the port."""
+    from collector.http_server import ApiServer, HttpSettings
+
+    server = ApiServer.for_collector(
+        collector, ("127.0.0.1", 0), api_token=API_TOKEN,
+        settings=HttpSettings(**settings),
+    ).start()  # fmt: skip
+    try:
+        yield server.server_address[1]
+    finally:
+        server.stop()
+
+
+def api_health(port: int, scheme: str = "http", context: Any = None) -> int:
+    url = f"{scheme}://127.0.0.1:{port}/api/health"
+    with urllib.request.urlopen(url, timeout=30, context=context) as resp:
+        json.loads(resp.read())
+        return int(resp.status)
+
+
+def test_collector_a_slow_sender_is_408_within_the_bound_and_others_are_served(
+    collector: Any,
+) -> None:
+    """uvicorn alone never times out a request that is still arriving (a slow header or body
+    sender holds its connection for ever); the API's protocol gives it request_timeout_s from
+    the connection's start, however it trickles, then 408 and a close. Meanwhile other
+    clients are answered."""
+    with api_server(collector, request_timeout_s=1.0) as port:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=30) as head,
+            socket.create_connection(("127.0.0.1", port), timeout=30) as body,
+            socket.create_connection(("127.0.0.1", port), timeout=30) as idle,
+        ):
+            started = time.monotonic()
+            head.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            body.sendall(
+                request(
+                    "POST", "/api/devices/d/commands", headers={**TOKEN, "Content-Length": "100"}
+                )
+            )
+            for _ in range(4):  # bytes keep coming, the deadline does not move
+                head.sendall(b"a")
+                body.sendall(b" ")
+                assert api_health(port) == 200  # the server goes on serving others
+                time.sleep(0.1)
+            for sock in (head, body):
+                closed, answer = closed_by_server(sock)
+                assert closed and answer.startswith(b"HTTP/1.1 408 "), answer
+                assert b"did not arrive whole within 1 s" in answer
+            closed, answer = closed_by_server(idle)
+            assert closed and answer == b""  # nothing asked, nothing answered
+            # Generous backstop (a loaded CI machine); the bound is 1 s, not 5.
+            assert time.monotonic() - started < 5
+        assert api_health(port) == 200
+
+
+def test_collector_past_the_connection_cap_the_oldest_waiting_one_makes_room(
+    collector: Any,
+) -> None:
+    with api_server(collector, max_connections=4, request_timeout_s=60) as port:
+
+        def connect() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+        idle = [connect() for _ in range(4)]
+        half = connect()  # the 5th: idle[0] is closed to make room
+        half.sendall(b"GET /api/health HTTP/1.1\r\n")
+        time.sleep(0.2)  # let the server take it in before the next ones push it out
+        more = [connect() for _ in range(4)]  # close idle[1:], then the half-sent one
+        for sock in idle:
+            assert closed_by_server(sock) == (True, b"")
+        closed, answer = closed_by_server(half)  # it had sent part of a request: told why
+        assert closed and answer.startswith(b"HTTP/1.1 503 "), answer
+        assert api_health(port) == 200  # closes more[0]
+        assert closed_by_server(more[0]) == (True, b"")
+        for sock in [*idle, half, *more]:
+            sock.close()
+
+
+def test_collector_half_closed_clients_get_their_answer(collector: Any) -> None:
+    """A client that shuts its sending side after the request (as the fuzzers do) is answered;
+    uvicorn alone closes on that EOF and the answer is lost. A request cut short is 400."""
+    with api_server(collector) as port:
+        for data, want in (
+            (request("GET", "/api/health"), [200]),
+            (request("GET", "/api/health") + request("GET", "/nothing"), [200, 404]),
+            (request("POST", "/api/devices/d/commands",
+                     headers={**TOKEN, "Content-Length": "50"}) + b"{", [400]),
+            (b"GET /api/health HTTP/1.1\r\nHost: x\r\n", [400]),  # its head never ended
+            (b"", []),
+        ):  # fmt: skip
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                answers = read_responses(sock, expect=3)
+            assert [a.status for a in answers] == want, (data[:60], answers)
+            for answer in answers:
+                assert answer.json()
+
+
+def test_collector_framing_errors_are_4xx_with_json(collector: Any) -> None:
+    """The old server's answers to bad framing, now from h11 (400) and the app's guard (405,
+    411, 431), with a JSON reason and a Content-Length like every other answer. New: an
+    HTTP/1.1 request without a Host header is 400 (RFC 9112; h11 enforces it)."""
+    token = TOKEN
+    cases = [
+        (request("POST", "/api/devices/d/commands", headers=token), 411),
+        (request("POST", "/api/devices/d/commands",
+                 headers={**token, "Transfer-Encoding": "chunked"}) + b"2\r\n{}\r\n0\r\n\r\n", 411),
+        (b"POST /api/devices/d/commands HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+         b"Content-Length: 3\r\n\r\n{}", 400),
+        (b"POST /api/devices/d/commands HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"GET /api/health HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+        (b"\x00\x01\x02 / HTTP/1.1\r\n\r\n", 400),
+        (b"GET /api/health HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 needs a Host header
+        (request("BREW", "/api/health"), 405),
+        (request("GET", "/api/health", headers={"X": "a" * 40_000}), 431),
+        (b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 200 + b"\r\n", 431),
+        (request("GET", "/nothing"), 404),
+    ]  # fmt: skip
+    with api_server(collector) as port:
+        for data, want in cases:
+            answers = exchange(port, data, timeout=30)
+            assert [a.status for a in answers] == [want], (data[:60], answers)
+            assert answers[0].json()["error"]
+        assert api_health(port) == 200
+
+
+def test_collector_api_over_tls(collector: Any, tmp_path: Path) -> None:
+    """tls_cert_file / tls_key_file serve HTTPS (the token no longer crosses in the clear);
+    an unreadable certificate is a ConfigError at start, not a dead thread."""
+    import ssl
+
+    from collector.errors import ConfigError
+    from collector.http_server import ApiServer, HttpSettings
+    from tests.pki import CertificateAuthority
+
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    server = ca.issue_server("collector")
+    with api_server(
+        collector, tls_cert_file=str(server.cert), tls_key_file=str(server.key)
+    ) as port:
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        assert api_health(port, "https", context) == 200
+        with pytest.raises(OSError):  # plain HTTP is not spoken there (no answer, or a reset)
+            api_health(port)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="TLS"):
+        ApiServer.for_collector(
+            collector,
+            ("127.0.0.1", 0),
+            settings=HttpSettings(tls_cert_file=str(bad), tls_key_file=str(bad)),
+        )
