@@ -10,8 +10,10 @@ Modules, each owning one stage (see ``docs/collector.md``):
   gaps, derived from the store with an injectable clock.
 * :mod:`~collector.service`: the MQTT loop (persistent QoS 1 session, manual acks after
   commit, batching, reconnect, v5 with a 3.1.1 fallback, shared subscriptions).
-* :mod:`~collector.api`: the JSON API on ``http.server`` (reads open; sending commands
-  needs the API token).
+* :mod:`~collector.api`: the JSON API's routes (reads open; sending commands needs the API
+  token); :mod:`~collector.web` the dashboard's; :mod:`~collector.app` builds the FastAPI app
+  from them, :mod:`~collector.http_server` serves it with uvicorn; :mod:`~collector.metrics`
+  is ``/metrics`` (a ``prometheus_client`` collector).
 * :mod:`~collector.simulate`: a fleet of simulated devices, for benchmarks, tests, demos.
 * :mod:`~collector.program`: the composition root: builds the collector (subscriber, store,
   HTTP API) and its monitor from one config, and runs them until a signal.

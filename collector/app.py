@@ -9,7 +9,7 @@ is at ``/openapi.json`` and its pages at ``/docs``.
 In front of the routes, :class:`RequestGuard` (plain ASGI, so it runs before any body is read)
 keeps the rules the API had on the standard library's server:
 
-* headers past 100 or :data:`MAX_HEADER_BYTES` (16 KiB) in all are 431;
+* headers past 100 or :data:`MAX_HEADER_BYTES` (32 KiB) in all are 431;
 * a request line naming another HTTP version than 1.0 or 1.1 is 400;
 * methods other than GET and POST are 405 with ``Allow: GET, POST``;
 * a body needs a ``Content-Length`` (411; chunked bodies are 411 too) of at most
@@ -55,7 +55,7 @@ __all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "RequestGuard", "create_app"]
 log = logging.getLogger("collector.api")
 
 _ALLOWED = ("GET", "POST")
-MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100  # as http.client and the old server
 _GET_ROUTES = "try /api/health, /api/devices, /api/devices/{id}, /api/dead-letters"
 

@@ -17,7 +17,7 @@ Limits (:class:`HttpSettings`, defaults as the standard-library server had them)
   connection's start or the previous answer (uvicorn has no such limit; a slow header or body
   sender would hold its connection forever). Past it: 408 and the connection is closed, or a
   quiet close if nothing was sent; uvicorn's ``timeout_keep_alive`` is the same bound.
-* ``max_header_bytes`` (16 KiB): a request's head (431 past it, whether h11 saw it arrive
+* ``max_header_bytes`` (32 KiB): a request's head (431 past it, whether h11 saw it arrive
   in pieces or the app's guard whole); at most 100 headers.
 * A client that closes its sending side after its request (``shutdown(SHUT_WR)``) still gets
   the answer; uvicorn would drop it. A request cut short that way is 400.
@@ -69,7 +69,7 @@ class HttpSettings:
     workers: int = 8
     max_connections: int = 256
     request_timeout_s: float = 10.0
-    max_header_bytes: int = 16 * 1024
+    max_header_bytes: int = 32 * 1024
     shutdown_timeout_s: float = 5.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
