@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from device_agent.contracts.bundle import IOSpec
+from device_agent.contracts.commands import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, BenchmarkArgs
 from device_agent.errors import ConfigError, EdgeshipError
 from device_agent.runtime import ModelSession, check_feed
 
@@ -38,108 +39,6 @@ __all__ = [
 ]
 
 Progress = Callable[[int, float], None]
-
-# The limits of a benchmark the agent runs on request (the ``benchmark`` command): every loop
-# count is bounded, and ``max_seconds`` bounds the wall time of the whole benchmark (first run,
-# warm-up and timed runs), whatever the model's speed. Documented in docs/agent.md.
-MAX_RUNS = 100_000
-MAX_WARMUP_RUNS = 10_000
-MAX_SECONDS = 600.0
-
-
-def _count(value: Any, name: str, lo: int, hi: int) -> int:
-    # bool is an int subclass, and 1e9 or "10" are not counts: only a JSON integer is.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f"benchmark argument {name!r}: expected an integer in [{lo}, {hi}], got {_kind(value)}"
-        )
-    if not lo <= value <= hi:
-        # str() of a huge int is slow (and refused past 4300 digits): name its size instead.
-        shown = str(value) if abs(value) < 10**12 else f"an integer of {value.bit_length()} bits"
-        raise ConfigError(f"benchmark argument {name!r}: {shown} is outside [{lo}, {hi}]")
-    return value
-
-
-def _seconds(value: Any, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(
-            f"benchmark argument {name!r}: expected a number of seconds in "
-            f"{'(' if lo_open else '['}{lo:g}, {hi:g}], got {_kind(value)}"
-        )
-    # A huge JSON integer would overflow float(); anything that large is out of range anyway.
-    seconds = float(value) if isinstance(value, float) or abs(value) < 2**53 else math.inf
-    if not math.isfinite(seconds) or seconds < lo or seconds > hi or (lo_open and seconds <= lo):
-        shown = f"{seconds:g}" if math.isfinite(seconds) else "a non-finite or huge number"
-        raise ConfigError(
-            f"benchmark argument {name!r}: {shown} is outside "
-            f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        )
-    return seconds
-
-
-def _kind(value: Any) -> str:
-    """A short description of a wrong value, never the value in full (it may be huge)."""
-    if isinstance(value, str):
-        text = value[:20].encode("ascii", "backslashreplace").decode("ascii")
-        return f"the string {text!r}{'...' if len(value) > 20 else ''}"
-    if isinstance(value, float):
-        return f"the number {value!r}"
-    if value is None or isinstance(value, bool):
-        return "null" if value is None else ("true" if value else "false")
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return type(value).__name__
-
-
-@dataclass(frozen=True)
-class BenchmarkArgs:
-    """The arguments of the agent's ``benchmark`` command, validated.
-
-    ``min_runs`` (int, 1 to :data:`MAX_RUNS`, default 200) and ``min_seconds`` (number, 0 to
-    :data:`MAX_SECONDS`, default 3) are both reached unless ``max_seconds`` (number, above 0 up
-    to :data:`MAX_SECONDS`, default :data:`MAX_SECONDS`) runs out first: it bounds the whole
-    benchmark's wall time. ``warmup_runs`` (int, 0 to :data:`MAX_WARMUP_RUNS`, default 10).
-    """
-
-    min_runs: int = 200
-    min_seconds: float = 3.0
-    warmup_runs: int = 10
-    max_seconds: float = MAX_SECONDS
-
-    KEYS: ClassVar[tuple[str, ...]] = ("min_runs", "min_seconds", "warmup_runs", "max_seconds")
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> BenchmarkArgs:
-        """Validate a command's ``args``; ConfigError naming the argument and its range."""
-        unknown = sorted(str(k) for k in args if k not in cls.KEYS)
-        if unknown:
-            names = ", ".join(repr(n[:40]) for n in unknown[:5])
-            raise ConfigError(f"benchmark: unknown argument {names}; known: {', '.join(cls.KEYS)}")
-        d = cls()
-        out = cls(
-            min_runs=_count(args.get("min_runs", d.min_runs), "min_runs", 1, MAX_RUNS),
-            min_seconds=_seconds(
-                args.get("min_seconds", d.min_seconds), "min_seconds", 0.0, MAX_SECONDS
-            ),
-            warmup_runs=_count(
-                args.get("warmup_runs", d.warmup_runs), "warmup_runs", 0, MAX_WARMUP_RUNS
-            ),
-            max_seconds=_seconds(
-                args.get("max_seconds", d.max_seconds),
-                "max_seconds",
-                0.0,
-                MAX_SECONDS,
-                lo_open=True,
-            ),
-        )
-        if out.min_seconds > out.max_seconds:
-            raise ConfigError(
-                f"benchmark: min_seconds ({out.min_seconds:g}) is more than max_seconds "
-                f"({out.max_seconds:g})"
-            )
-        return out
 
 
 @dataclass(frozen=True)

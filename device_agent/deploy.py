@@ -494,7 +494,7 @@ class Deployer:
         if previous is None:
             raise exc
         try:
-            result = self._slot.predict_on(previous, inputs)
+            result = self._slot.predict(inputs, previous)
         except EdgeshipError:
             raise exc from None  # both models refuse it: the input is at fault, not the deploy
         self._rollback(trial, f"inference failed on the new bundle: {exc}")

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from device_agent.contracts import messages as msg
-from device_agent.contracts.commands import Action
+from device_agent.contracts.commands import Action, BenchmarkArgs
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 
 __all__ = [
@@ -245,7 +245,7 @@ def remote_benchmark(
         fleet,
         device,
         Action.BENCHMARK,
-        {"min_runs": min_runs, "min_seconds": min_seconds},
+        BenchmarkArgs(min_runs=min_runs, min_seconds=min_seconds).to_args(),
         timeout_s=wait,
         ca_file=ca_file,
     )

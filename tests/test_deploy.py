@@ -918,6 +918,8 @@ def test_docs_describe_every_deploy_argument_and_result_field() -> None:
             )
             for name in names:
                 assert re.search(rf"\b{name}\b", row), f"{action.value}: {name!r} not in docs"
+    for key in cmds.BenchmarkArgs.KEYS:
+        assert f"| `{key}` |" in agent_md, f"benchmark argument {key!r} not in docs/agent.md"
     protocol_md = (repo / "docs" / "protocol.md").read_text()
     for action in A:
         assert f"`{action.value}`" in protocol_md, action
@@ -953,3 +955,10 @@ def test_the_host_sends_the_deploy_arguments_the_device_parses() -> None:
         cmds.DeployError, match=r"argument 'index': expected an integer in \[0, 1\]"
     ):
         cmds.DeployChunk.parse({**chunk.to_args(), "index": 2}, chunks_of=lambda _: 2)
+    # benchmark: what `edgeship bench --device` sends, and the other fields only when set.
+    assert cmds.BenchmarkArgs(min_runs=5, min_seconds=1).to_args() == {
+        "min_runs": 5,
+        "min_seconds": 1,
+    }
+    again = cmds.BenchmarkArgs.parse(cmds.BenchmarkArgs(warmup_runs=0, max_seconds=9).to_args())
+    assert again == cmds.BenchmarkArgs(warmup_runs=0, max_seconds=9)
