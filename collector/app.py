@@ -40,11 +40,10 @@ from collector.api import (
     MAX_BODY_BYTES,
     ApiError,
     CollectorView,
-    api_router,
     check_api_token,
     check_bearer,
-    json_response,
 )
+from collector.api_routes import api_router, json_response
 from device_agent.errors import EdgeshipError
 
 if TYPE_CHECKING:

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
-from collector.api import ApiError, json_response
+from collector.api import ApiError
+from collector.api_routes import json_response
 from collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from collector.metrics import exposition
 from collector.state import DeviceState
