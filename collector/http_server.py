@@ -124,6 +124,16 @@ class _BoundedH11(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """The server is stopping: a lingering connection has had its answer, close it now."""
+        if self._lingering:
+            self.transport.close()
+            return
+        try:
+            super().shutdown()
+        except h11.LocalProtocolError:  # h11 in a state that cannot say goodbye (a raw answer)
+            self.transport.close()
+
     def eof_received(self) -> bool:  # type: ignore[override]
         """The client sent all it will: answer what it asked, then close."""
         self._eof = True
