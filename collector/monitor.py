@@ -15,8 +15,8 @@ an alert follows the window that triggers it by about a second, and ``offline`` 
 are noticed without any new message. At start it reads the last ``max_age_s`` (300 s) of
 telemetry, so rules that look at recent windows work at once.
 
-The monitor knows nothing of HTTP: :func:`collector.app.create_app` takes it (as a
-:class:`collector.web.MonitorView`) and serves its routes. A monitor made with
+The monitor knows nothing of HTTP: :func:`collector.app.create_app` takes it and serves
+its routes (:mod:`collector.web`). A monitor made with
 :meth:`Monitor.for_collector` hands itself to the collector's HTTP server on :meth:`start`
 (``attach_monitor``) and takes itself back on :meth:`stop`.
 """
