@@ -3,17 +3,21 @@
 Modules, each owning one stage (see ``docs/collector.md``):
 
 * :mod:`~collector.ingest`: ``(topic, payload, received_at)`` -> record or dead letter;
-  pure, no I/O.
+  pure, no I/O. Its results are :mod:`~collector.records`; telemetry takes
+  :mod:`~collector.fast_telemetry` first.
 * :mod:`~collector.store`: the :class:`~collector.store.Store` protocol, SQLite and
   PostgreSQL implementations, schema versions, batch inserts deduplicated by the store.
 * :mod:`~collector.state`: online / offline / stale, latency percentiles, outlier rate,
   gaps, derived from the store with an injectable clock.
-* :mod:`~collector.service`: the MQTT loop (persistent QoS 1 session, manual acks after
-  commit, batching, reconnect, v5 with a 3.1.1 fallback, shared subscriptions).
-* :mod:`~collector.api`: the JSON API's routes (reads open; sending commands needs the API
-  token); :mod:`~collector.web` the dashboard's; :mod:`~collector.app` builds the FastAPI app
-  from them, :mod:`~collector.http_server` serves it with uvicorn; :mod:`~collector.metrics`
-  is ``/metrics`` (a ``prometheus_client`` collector).
+* :mod:`~collector.service`: :class:`Collector`, composed of :mod:`~collector.session` (the
+  persistent MQTT session: v5 with a 3.1.1 fallback, shared subscriptions, acks per
+  connection), :mod:`~collector.pipeline` (batching, manual acks after commit) with its
+  :mod:`~collector.worker` processes, and :mod:`~collector.commands`; configured by
+  :mod:`~collector.config`.
+* :mod:`~collector.api`: the JSON API (reads open; sending commands needs the API token).
+* :mod:`~collector.alerts` (with :mod:`~collector.alert_config`,
+  :mod:`~collector.alert_rules`, :mod:`~collector.alert_history`) and :mod:`~collector.drift`:
+  what the monitor evaluates.
 * :mod:`~collector.simulate`: a fleet of simulated devices, for benchmarks, tests, demos.
 * :mod:`~collector.program`: the composition root: builds the collector (subscriber, store,
   HTTP API) and its monitor from one config, and runs them until a signal.

@@ -83,6 +83,7 @@ from collector.alert_config import (
 )
 from collector.alert_history import AlertRecord, AlertStore
 from collector.alert_rules import Condition, DeviceView, evaluate_rule
+from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.messages import Alert, encode, message_topic
 
 __all__ = [
@@ -289,9 +290,7 @@ class MqttAlertPublisher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-        from collector.service import parse_broker_url
-
-        broker = parse_broker_url(broker_url)
+        broker = BrokerUrl.parse(broker_url)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id[:64],

@@ -8,60 +8,16 @@ from __future__ import annotations
 import os
 import re
 import socket
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
 from collector.errors import ConfigError
 from collector.state import StateConfig
-from collector.store import redact_url
+from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.messages import shared_subscription, subscription, validate_id
 from device_agent.errors import ProtocolError
 
-__all__ = ["BrokerAddress", "CollectorConfig", "parse_broker_url", "parse_http_address"]
-
-
-# --- configuration --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the broker is: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``."""
-
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    def display(self) -> str:
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://host[:1883]``, ``mqtts://host[:8883]``, with optional ``user:password@``;
-    a bare ``host[:port]`` means ``mqtt://``. Raises ConfigError."""
-    text = url.strip()
-    if "://" not in text:
-        text = "mqtt://" + text
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {redact_url(url)!r}: {exc}") from exc
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"broker URL {redact_url(url)!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ConfigError(f"broker URL {redact_url(url)!r} has no host")
-    tls = parts.scheme in ("mqtts", "ssl")
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port or (8883 if tls else 1883),
-        tls=tls,
-        username=urllib.parse.unquote(parts.username) if parts.username else None,
-        password=urllib.parse.unquote(parts.password) if parts.password else None,
-    )
+__all__ = ["CollectorConfig", "parse_http_address"]
 
 
 def parse_http_address(value: str | None) -> tuple[str, int] | None:
@@ -105,7 +61,7 @@ class CollectorConfig:
     with ``Authorization: Bearer <api_token>``; None leaves the API read-only.
     """
 
-    broker_url: str
+    broker_url: str = field(repr=False)  # it may hold the password: `broker` shows it safely
     fleet: str | None = None
     store_url: str = "sqlite:///fleet.db"
     http: str | None = "127.0.0.1:9108"
@@ -169,8 +125,10 @@ class CollectorConfig:
             check_api_token(self.api_token)
 
     @property
-    def broker(self) -> BrokerAddress:
-        return parse_broker_url(self.broker_url)
+    def broker(self) -> BrokerUrl:
+        """The parsed ``broker_url`` (:mod:`device_agent.contracts.broker`: the grammar and
+        the errors every edgeship program shares, the password never shown)."""
+        return BrokerUrl.parse(self.broker_url)
 
     @property
     def http_address(self) -> tuple[str, int] | None:

@@ -59,7 +59,7 @@ import paho.mqtt.client as mqtt
 
 from collector.api import SentCommand
 from collector.commands import Commander
-from collector.config import BrokerAddress, CollectorConfig, parse_broker_url, parse_http_address
+from collector.config import CollectorConfig, parse_http_address
 from collector.errors import CollectorError
 from collector.pipeline import CommitPipeline, Pending, brief
 from collector.session import MqttSession
@@ -74,11 +74,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchOutcome",
-    "BrokerAddress",
     "Collector",
     "CollectorConfig",
     "CollectorStats",
-    "parse_broker_url",
     "parse_http_address",
     "process_batch",
     "run_collector",

@@ -35,6 +35,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from collector.errors import BrokerError, ConfigError
+from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
     SCORE_BUCKETS,
@@ -117,8 +118,6 @@ class SimulatedFleet:
     """``connect()``, then ``publish_round()`` per window (or ``run()``), then ``close()``."""
 
     def __init__(self, config: SimConfig) -> None:
-        from collector.service import parse_broker_url
-
         if config.devices < 1:
             raise ConfigError(f"devices must be at least 1, got {config.devices}")
         if config.devices > MAX_DEVICES_PER_PROCESS:
@@ -128,7 +127,7 @@ class SimulatedFleet:
                 f"takes {FDS_PER_DEVICE}; {_split_hint(config.devices)}"
             )
         self.config = config
-        self._broker = parse_broker_url(config.broker_url)
+        self._broker = BrokerUrl.parse(config.broker_url)
         self._rng = random.Random(config.seed)
         self._variants = [self._variant() for _ in range(16)]
         self._devices: list[_Device] = []

@@ -375,6 +375,30 @@ def _health(port: int) -> dict[str, Any] | None:
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.parametrize(
+    ("url", "part"),
+    [
+        ("ftp://u:hunter2@host", "scheme 'ftp'"),
+        ("mqtt://u:hunter2@host:99999", "port 99999"),
+        ("mqtt://u:hunter2@:1883", "no host"),
+        ("mqtt://u:hunter2@host/path", "path"),
+    ],
+)
+def test_a_bad_broker_url_is_a_config_error_naming_the_part_never_the_password(
+    url: str, part: str
+) -> None:
+    """The collector reads --broker with the one grammar every program shares
+    (device_agent.contracts.broker): the error names what is wrong, not the password."""
+    from collector.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        CollectorConfig(url, http=None)
+    assert part in str(info.value) and "hunter2" not in str(info.value), info.value
+    good = CollectorConfig("mqtts://u:hunter2@Host.example", http=None)
+    assert good.broker.display() == "mqtts://u@host.example:8883"
+    assert "hunter2" not in repr(good) + repr(good.broker)
+
+
 def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
