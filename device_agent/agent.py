@@ -67,6 +67,11 @@ class Agent:
 
     Create it with :meth:`from_bundle`; :meth:`start` begins telemetry (and MQTT when a broker
     is configured); :meth:`close` flushes and stops. It is a context manager that does both.
+
+    Its parts, each in its own module: :attr:`slot` (the model that runs, its swap and its
+    predict), :attr:`commands` (``cmd``, at most once per id), :attr:`outliers` (outlier
+    events) and :attr:`deployer` (remote deploy, which shares :attr:`slot`). The agent owns
+    the threads, the telemetry windows and the MQTT session that serve them.
     """
 
     def __init__(
@@ -131,7 +136,7 @@ class Agent:
         every file's SHA-256), load its model (decrypted in memory if encrypted) and detector.
 
         A bundle deployed to this device over MQTT (and kept after its probation) takes
-        precedence over ``path``: see :func:`device_agent.deploy.deployed_bundle`. With
+        precedence over ``path``: see :func:`device_agent.deploy_files.deployed_bundle`. With
         ``path`` None only the deployed bundle can run: :class:`ConfigError` when there is none
         or it cannot run.
         """
