@@ -373,8 +373,6 @@ def _health(port: int) -> dict[str, Any] | None:
         return None
 
 
-@pytest.mark.slow
-@pytest.mark.faults
 @pytest.mark.parametrize(
     ("url", "part"),
     [
@@ -399,6 +397,8 @@ def test_a_bad_broker_url_is_a_config_error_naming_the_part_never_the_password(
     assert "hunter2" not in repr(good) + repr(good.broker)
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
