@@ -1,6 +1,6 @@
 """Quantize a float TFLite model with Google's ai-edge-quantizer, and check the result runs.
 
-This is the LiteRT counterpart of :mod:`sdk.quantize` (which quantizes ONNX models with ONNX
+This is the LiteRT counterpart of :mod:`sdk.quantize.ort` (which quantizes ONNX models with ONNX
 Runtime). Recipes are ai-edge-quantizer's own, by name:
 
 ============================  ===========  ===========  ================================
