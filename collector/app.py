@@ -16,7 +16,8 @@ keeps the rules the API had on the standard library's server:
   :data:`collector.api.MAX_BODY_BYTES` (413), refused before any of it is read;
 * every POST needs the API token (403 when none is configured, 401 when missing or wrong),
   before its route is looked up, so an unknown route answers 401 to a stranger too;
-* a trailing slash is ignored (``/api/devices/`` is ``/api/devices``).
+* a trailing slash is ignored (``/api/devices/`` is ``/api/devices``);
+* every answer says ``Cache-Control: no-store`` (the fleet's state of the moment).
 
 Errors are ``{"error": "..."}`` with the status the old server gave: a bad query parameter is
 400 (not FastAPI's 422), an unknown route 404 naming the routes there are, a store or broker
@@ -34,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from collector.api import (
     MAX_BODY_BYTES,
@@ -116,14 +117,22 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+
+        async def send_uncached(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
         refusal = self._refusal(scope)
         if refusal is not None:
-            await refusal(scope, receive, send)
+            await refusal(scope, receive, send_uncached)
             return
         path = scope["path"]
         if len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, send_uncached)
 
     def _refusal(self, scope: Scope) -> Response | None:
         method = scope["method"]

@@ -224,7 +224,7 @@ class _BoundedH11(H11Protocol):
         body = dumps_json({"error": message})
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "content-type: application/json\r\n"
+            "content-type: application/json\r\ncache-control: no-store\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode("latin-1") + body)

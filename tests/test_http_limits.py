@@ -607,6 +607,7 @@ def test_collector_framing_errors_are_4xx_with_json(collector: Any) -> None:
             answers = exchange(port, data, timeout=30)
             assert [a.status for a in answers] == [want], (data[:60], answers)
             assert answers[0].json()["error"]
+            assert answers[0].headers["cache-control"] == "no-store"  # as every answer
         assert api_health(port) == 200
 
 
