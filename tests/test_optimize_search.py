@@ -435,3 +435,48 @@ def test_benchmark_stops_early_once_the_p95_is_tight(tmp_path: Path) -> None:
     assert not plain.stopped_by_ci
     with pytest.raises(ConfigError, match="ci_stop"):
         BenchConfig(ci_stop=1.5)
+
+
+@pytest.mark.slow
+def test_litert_candidates_are_measured_and_bundled_like_onnx_ones(
+    digits_splits: Any,
+    trained_digits: tuple[Any, float],
+    digits_onnx: Any,
+    tmp_path: Path,
+) -> None:
+    """A LiteRT candidate (the PyTorch model exported to TFLite, quantized by ai-edge-quantizer)
+    goes through the same search: evaluated against fp32, benchmarked in LiteRT, and bundled
+    for LiteRT when it is the one chosen."""
+    from sdk.zoo.digits import INPUT_NAME
+
+    s = digits_splits
+    config = OptimizeConfig(
+        budget=parse_budget("p95<=200ms,drop<=5%"),
+        litert_recipes=("static_wi8_ai8",),
+        prune_ratios=(),
+        static_methods=(),
+        try_dynamic=False,
+        **QUICK,
+    )
+    report = optimize(
+        digits_onnx,
+        calibration={INPUT_NAME: s.x_cal},
+        eval_data={INPUT_NAME: s.x_test, "labels": s.y_test},
+        out=tmp_path / "bundle",
+        config=config,
+        torch_model=trained_digits[0],
+        train_data=(s.x_train, s.y_train),
+    )
+    print("\n" + report.summary())
+    litert = next(c for c in report.candidates if c.name == "litert-static_wi8_ai8")
+    assert litert.error is None and litert.artifact is not None and litert.bench is not None
+    assert litert.artifact.format == "tflite" and litert.artifact.path.suffix == ".tflite"
+    assert litert.bench.to_dict()["runtime"] == "litert"
+    assert litert.accuracy_drop is not None and litert.accuracy_drop < 0.05
+    from device_agent.bundle import load_bundle
+
+    chosen = report.chosen_candidate
+    assert chosen.artifact is not None
+    model = load_bundle(report.bundle).manifest.model  # written and verifiable
+    assert model.runtime == ("litert" if chosen.artifact.format == "tflite" else "onnxruntime")
+    assert model.recipe == chosen.artifact.recipe

@@ -15,6 +15,7 @@ import pytest
 from sdk.artifact import ModelArtifact, read_artifact
 from sdk.budget import BudgetLine, parse_budget
 from sdk.data import Dataset, load_dataset
+from sdk.errors import ConfigError
 from sdk.optimize import Candidate, OptimizeConfig, SkippedRecipe
 from sdk.optimize.stages import Recipe, SearchContext, StageRegistry, default_registry
 from sdk.optimize.stages.fp32 import Fp32Stage
@@ -31,6 +32,7 @@ ORDER = [
     "pruned",
     "distilled",
     "fp16",
+    "litert",
 ]
 
 
@@ -145,3 +147,14 @@ def test_a_registry_must_start_with_the_baseline(tmp_path: Path) -> None:
     registry.register(OnlyFp16())
     with pytest.raises(ValueError, match="baseline"):
         registry.plan(_context(tmp_path))
+
+
+def test_litert_candidates_are_opt_in_and_need_the_pytorch_model(tmp_path: Path) -> None:
+    assert "litert-static_wi8_ai8" not in _names(_context(tmp_path))[0]
+    ctx = _context(tmp_path, litert_recipes=("static_wi8_ai8",))
+    recipes, skipped = default_registry().plan(ctx)
+    assert "litert-static_wi8_ai8" not in [r.name for r in recipes]
+    reason = next(s.reason for s in skipped if s.name == "litert-static_wi8_ai8")
+    assert "torch_model" in reason
+    with pytest.raises(ConfigError, match="unknown ai-edge-quantizer recipes"):
+        OptimizeConfig(litert_recipes=("int3",))

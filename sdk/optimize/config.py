@@ -58,7 +58,10 @@ class OptimizeConfig:
     calibrates every candidate afresh.
 
     With a PyTorch model: ``prune_ratios`` (one ``pruned-<pct>-int8`` candidate each; empty:
-    none), ``fine_tune_epochs`` after pruning and ``distill_epochs`` for the student.
+    none), ``fine_tune_epochs`` after pruning and ``distill_epochs`` for the student;
+    ``litert_recipes``: ai-edge-quantizer recipes (:data:`sdk.quantize.RECIPES`, e.g.
+    ``"static_wi8_ai8"``), one ``litert-<recipe>`` candidate each: the PyTorch model exported
+    to TFLite and quantized for LiteRT (empty, the default: none).
     """
 
     target: str | TargetProfile = "host"
@@ -87,6 +90,7 @@ class OptimizeConfig:
     prune_ratios: tuple[float, ...] = (0.3, 0.5)
     fine_tune_epochs: int = 5
     distill_epochs: int = 15
+    litert_recipes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
@@ -97,6 +101,17 @@ class OptimizeConfig:
             raise ConfigError("static_methods and prune_ratios take a tuple, not a single value")
         object.__setattr__(self, "static_methods", tuple(self.static_methods))
         object.__setattr__(self, "prune_ratios", tuple(self.prune_ratios))
+        if isinstance(self.litert_recipes, str):
+            raise ConfigError("litert_recipes takes a tuple of recipe names, not a string")
+        object.__setattr__(self, "litert_recipes", tuple(self.litert_recipes))
+        from sdk.quantize.litert import RECIPES
+
+        unknown = [r for r in self.litert_recipes if r not in RECIPES]
+        if unknown:
+            raise ConfigError(
+                f"litert_recipes: unknown ai-edge-quantizer recipes {unknown}; "
+                f"known: {list(RECIPES)}"
+            )
         for ratio in self.prune_ratios:
             if not 0.0 < ratio < 1.0:
                 raise ConfigError(f"prune_ratios must be between 0 and 1, got {ratio}")

@@ -33,6 +33,9 @@ that train for minutes):
 8. ``fp16``: only where the runtime benefits. Boards run ONNX Runtime's CPU execution
    provider, whose fp16 support is a handful of kernels (it casts around the rest), so on a
    CPU target fp16 is listed as skipped with that reason; ``try_fp16=True`` forces it.
+9. with a PyTorch model and :attr:`OptimizeConfig.litert_recipes` (none by default):
+   ``litert-<recipe>`` for each, the model exported to TFLite and quantized for LiteRT with that
+   ai-edge-quantizer recipe.
 
 Every candidate is evaluated on the eval data (top-1 accuracy with labels, else agreement with
 fp32, else, for outputs without classes, cosine similarity with fp32) and benchmarked in its
@@ -298,7 +301,7 @@ class _Search:
         """Make, gate, evaluate and benchmark one candidate; failures are recorded on it (the
         baseline's raise: without a baseline there is no search)."""
         ev = self.ctx.eval_data
-        path = self.work / f"{recipe.name}.onnx"
+        path = self.work / f"{recipe.name}{recipe.suffix}"
         bar.set_description(f"{recipe.name}: make")
         try:
             cand.artifact = recipe.make(self.ctx, path)

@@ -15,6 +15,7 @@ from sdk.optimize.stages.base import Recipe, SearchContext, Stage
 from sdk.optimize.stages.distilled import DistilledStage
 from sdk.optimize.stages.fp16 import Fp16Stage
 from sdk.optimize.stages.fp32 import Fp32Stage
+from sdk.optimize.stages.litert import LiteRTStage
 from sdk.optimize.stages.ort_dynamic import DynamicStage
 from sdk.optimize.stages.ort_static import AllOpsStage, CalibrationVariantsStage, StaticStage
 from sdk.optimize.stages.pruned import PrunedStage
@@ -60,7 +61,7 @@ class StageRegistry:
 
 def default_registry() -> StageRegistry:
     """fp32, ORT static int8, ORT dynamic int8, static over every operator type, calibration
-    variants, accuracy-aware int8, pruned, distilled, fp16."""
+    variants, accuracy-aware int8, pruned, distilled, fp16, LiteRT (with ``litert_recipes``)."""
     registry = StageRegistry()
     for stage in (
         Fp32Stage(),
@@ -72,6 +73,7 @@ def default_registry() -> StageRegistry:
         PrunedStage(),
         DistilledStage(),
         Fp16Stage(),
+        LiteRTStage(),
     ):
         registry.register(stage)
     return registry

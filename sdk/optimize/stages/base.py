@@ -1,14 +1,14 @@
 """The interface every optimize stage implements, and what a stage is given.
 
 A **stage** is one kind of candidate (fp32, ORT static int8, ORT dynamic int8, accuracy-aware
-int8, pruned, distilled, fp16). Given the search's :class:`SearchContext` it plans the
+int8, pruned, distilled, fp16, LiteRT). Given the search's :class:`SearchContext` it plans the
 **recipes** it applies to: one :class:`Recipe` per candidate to try (static int8 plans one per
-calibration variant, pruning one per ratio), or a :class:`~sdk.optimize.report.SkippedRecipe`
-naming a candidate it cannot make here and why (fp16 on a CPU board). A recipe knows its
-candidate's name, when it is no longer worth trying given the candidates made so far (early
-stopping), and how to make its model file. The search (:mod:`sdk.optimize.search`) knows no
-kind by name: it runs the recipes of the registered stages (:mod:`sdk.optimize.stages`) in
-order, then measures and chooses.
+calibration variant, pruning one per ratio, LiteRT one per ai-edge-quantizer recipe), or a
+:class:`~sdk.optimize.report.SkippedRecipe` naming a candidate it cannot make here and why
+(fp16 on a CPU board). A recipe knows its candidate's name, when it is no longer worth trying
+given the candidates made so far (early stopping), and how to make its model file. The search
+(:mod:`sdk.optimize.search`) knows no kind by name: it runs the recipes of the registered
+stages (:mod:`sdk.optimize.stages`) in order, then measures and chooses.
 """
 
 from __future__ import annotations
@@ -62,10 +62,12 @@ class Recipe(ABC):
     ``baseline``: the recipe every drop is measured from (fp32): never skipped, evaluated
     without a reference, and a failure to make it ends the search. ``one_by_one``: evaluate at
     batch 1, as a board runs it (dynamic int8, whose activation scales depend on the batch).
+    ``suffix``: the model file's, which names its format (``.onnx``, ``.tflite``).
     """
 
     baseline: ClassVar[bool] = False
     one_by_one: ClassVar[bool] = False
+    suffix: ClassVar[str] = ".onnx"
 
     @property
     @abstractmethod
