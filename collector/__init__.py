@@ -18,7 +18,8 @@ Modules, each owning one stage (see ``docs/collector.md``):
 * :mod:`~collector.alerts` (with :mod:`~collector.alert_config`,
   :mod:`~collector.alert_rules`, :mod:`~collector.alert_history`) and :mod:`~collector.drift`:
   what the monitor evaluates.
-* :mod:`~collector.simulate`: a fleet of simulated devices, for benchmarks, tests, demos.
+* :mod:`~collector.sim_fleet`: a fleet of simulated devices, for benchmarks, tests, demos
+  (``python -m collector.simulate`` runs one).
 * :mod:`~collector.program`: the composition root: builds the collector (subscriber, store,
   HTTP API) and its monitor from one config, and runs them until a signal.
 * :mod:`~collector.cli`: the command line, ``edgeship-collector`` (the same options as
@@ -36,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     "Collector": "collector.service",
     "CollectorConfig": "collector.service",
     "CollectorStats": "collector.service",
-    "run_collector": "collector.service",
+    "run_collector": "collector.program",
     "FleetState": "collector.state",
     "StateConfig": "collector.state",
     "Store": "collector.store",
@@ -62,7 +63,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from collector.errors import BrokerError, CollectorError, StoreError
-    from collector.service import Collector, CollectorConfig, CollectorStats, run_collector
+    from collector.program import run_collector
+    from collector.service import Collector, CollectorConfig, CollectorStats
     from collector.state import FleetState, StateConfig
     from collector.store import Store, open_store
 

@@ -235,7 +235,7 @@ def _guarded(prog: str, debug: bool, run: Any) -> int:
 def simulate_main(argv: Sequence[str] | None = None) -> int:
     """``python -m collector.simulate``: a fleet of simulated devices for benchmarks, tests and
     demos. Exit 0 when the broker acknowledged every message, 1 when not, 2 for bad input."""
-    from collector.simulate import MAX_DEVICES_PER_PROCESS, SimConfig, SimulatedFleet
+    from collector.sim_fleet import MAX_DEVICES_PER_PROCESS, SimConfig, SimulatedFleet
 
     p = argparse.ArgumentParser(
         prog="python -m collector.simulate",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from collector.drift import ReferenceSet
     from collector.monitor import Monitor, MonitorConfig
 
-__all__ = ["Program", "ProgramConfig", "run_program"]
+__all__ = ["Program", "ProgramConfig", "run_collector", "run_program"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +134,18 @@ def run_program(
             raise failure
         raise CollectorError(f"collector failed: {type(failure).__name__}: {failure}") from failure
     return program.collector.stats
+
+
+def run_collector(
+    config: CollectorConfig,
+    *,
+    stop: threading.Event | None = None,
+    on_started: Callable[[Collector], None] | None = None,
+) -> CollectorStats:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set, or a fatal error); returns the counters.
+
+    Raises the fatal error (a CollectorError) if one stopped the collector. The collector alone,
+    without a monitor: :func:`run_program` runs the whole program.
+    """
+    started = None if on_started is None else (lambda program: on_started(program.collector))
+    return run_program(ProgramConfig(config), stop=stop, on_started=started)

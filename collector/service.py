@@ -79,7 +79,6 @@ __all__ = [
     "CollectorStats",
     "parse_http_address",
     "process_batch",
-    "run_collector",
 ]
 
 log = logging.getLogger("collector")
@@ -338,23 +337,3 @@ class Collector:
 
     def sent_command(self, command_id: str) -> SentCommand | None:
         return self.commander.sent_command(command_id)
-
-
-# --- running as a service -------------------------------------------------------------------
-
-
-def run_collector(
-    config: CollectorConfig,
-    *,
-    stop: threading.Event | None = None,
-    on_started: Callable[[Collector], None] | None = None,
-) -> CollectorStats:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set, or a fatal error); returns the counters.
-
-    Raises the fatal error (a CollectorError) if one stopped the collector. The collector alone,
-    without a monitor: :func:`collector.program.run_program` runs the whole program.
-    """
-    from collector.program import ProgramConfig, run_program
-
-    started = None if on_started is None else (lambda program: on_started(program.collector))
-    return run_program(ProgramConfig(config), stop=stop, on_started=started)
