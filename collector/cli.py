@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded("edgeship-collector", args.debug, lambda: run_collect(args))
 
 
-def _guarded(prog: str, debug: bool, run: Any) -> int:
+def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
     """Run ``run()``; an :class:`EdgeshipError` is one line and exit 2, a bug exit 3."""
     from sdk.terminal import printable
 
     try:
-        code: int = run()
-        return code
+        return run()
     except EdgeshipError as exc:
         if debug:  # the traceback, with the foreign error it was converted from
             traceback.print_exception(exc, file=sys.stderr)
