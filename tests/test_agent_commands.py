@@ -34,7 +34,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 import device_agent.command_runner as command_runner_module
-import device_agent.mqtt as mqtt_module
+import device_agent.mqtt.commands as mqtt_commands_module
 from device_agent import Agent, AgentConfig
 from device_agent.benchmark import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, BenchmarkArgs, time_runs
 from device_agent.contracts import messages as msg
@@ -456,7 +456,7 @@ def test_a_command_flood_is_answered_and_a_waiting_id_is_not_refused(
     either queue is not refused (it runs once, later, and that answers it). On 4044b2d a
     command the MQTT queue had no room for got no reply at all, and a repeat of an id waiting
     in the agent's queue was answered ``not run`` although it ran later."""
-    monkeypatch.setattr(mqtt_module, "_COMMAND_QUEUE", 2)
+    monkeypatch.setattr(mqtt_commands_module, "COMMAND_QUEUE", 2)
     cfg = AgentConfig(
         device_id="pi-f",
         fleet=f"t{uuid.uuid4().hex[:10]}",
@@ -510,7 +510,7 @@ def test_a_command_flood_is_answered_and_a_waiting_id_is_not_refused(
         device.listener.wait_for(worker_stuck.is_set)
         device.send("note", id="m0")
         device.send("note", id="m1")
-        device.listener.wait_for(lambda: publisher._commands.full())
+        device.listener.wait_for(lambda: publisher._intake._queue.full())
         device.send("note", id="m2")
         refused("m2")
         device.send("note", id="m0")  # waits already: not refused
