@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from device_agent.errors import ConfigError
 from sdk.cli.common import EXIT_BUDGET, EXIT_OK, add_target_args, require_file, write_json
+from sdk.cli.quantize import add_reduce_range_arg
 
 if TYPE_CHECKING:
     from sdk.optimize import OptimizeConfig
@@ -124,6 +125,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         help="fp16 candidate: auto tries it only where the runtime benefits (not on CPU "
         "boards, where it is listed as skipped with the reason)",
     )
+    add_reduce_range_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,6 +201,7 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
         calibration_cache=args.calibration_cache,
         use_calibration_cache=not args.no_calibration_cache,
         try_fp16={"auto": None, "on": True, "off": False}[args.fp16],
+        reduce_range=args.reduce_range,
     )
 
 

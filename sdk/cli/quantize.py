@@ -9,7 +9,7 @@ from typing import Any
 from device_agent.errors import ConfigError
 from sdk.cli.common import EXIT_OK, require_file
 
-__all__ = ["register", "run"]
+__all__ = ["add_reduce_range_arg", "register", "run"]
 
 
 def register(sub: Any) -> None:
@@ -48,7 +48,20 @@ def register(sub: Any) -> None:
         + ",".join(_default_op_types())
         + "); 'all' for every type ONNX Runtime can quantize",
     )
+    add_reduce_range_arg(p)
     p.set_defaults(handler=run)
+
+
+def add_reduce_range_arg(p: argparse.ArgumentParser) -> None:
+    """``--reduce-range``, shared with ``edgeship optimize``, which passes it to every ONNX
+    Runtime int8 candidate."""
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="quantize weights to 7 bits: use it on x86 CPUs without VNNI (AVX2 or AVX-512 "
+        "without avx512_vnni/avx_vnni in /proc/cpuinfo), whose int8 kernels saturate with 8-bit "
+        "weights (ONNX Runtime's advice); not needed on VNNI x86 or Arm boards",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         per_channel=not args.per_tensor,
         exclude_nodes=excluded,
         op_types=op_types,
+        reduce_range=args.reduce_range,
     )
     require_file(args.model, "model")
     if args.calibration is not None:

@@ -47,7 +47,10 @@ class OptimizeConfig:
     model has such operators beyond the default ones); it is chosen only if it is faster.
     ``try_accuracy_aware``: the accuracy-aware candidate (at most ``max_excluded_nodes`` nodes
     kept in float). ``try_fp16``: None decides from the target (skipped on CPU boards), True
-    forces the candidate, False leaves it out.
+    forces the candidate, False leaves it out. ``reduce_range``: every ONNX Runtime int8
+    candidate quantizes with 7-bit weights (:attr:`sdk.quantize.QuantizeConfig.reduce_range`),
+    for x86 CPUs without VNNI, whose int8 kernels saturate with 8-bit weights
+    (:func:`sdk.isa.int8_outlook` says so in ``reduce_range``).
 
     ``time_limit_s``: no new candidate starts once this many seconds have passed since the
     search began (None: no limit). ``bench_ci_stop``: a benchmark stops timing before
@@ -83,6 +86,7 @@ class OptimizeConfig:
     try_accuracy_aware: bool = True
     max_excluded_nodes: int = 8
     try_fp16: bool | None = None
+    reduce_range: bool = False
     time_limit_s: float | None = None
     bench_ci_stop: float | None = 0.02
     calibration_cache: str | Path | None = None

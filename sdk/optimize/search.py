@@ -398,6 +398,8 @@ def _reproduce(artifact: ModelArtifact | None, calibration: DataSource | None) -
         parts += ["--method", str(details["method"])]
     if details.get("per_channel") is False:
         parts.append("--per-tensor")
+    if details.get("reduce_range"):
+        parts.append("--reduce-range")
     if details.get("op_types") is None:
         parts += ["--op-types", "all"]
     excluded = details.get("excluded_nodes") or []

@@ -247,7 +247,27 @@ def _compare(
     return summary
 
 
-def warn_on_check(check: dict[str, Any], config: QuantizeConfig) -> None:
+def saturation_note(config: QuantizeConfig, host_saturates: bool) -> str:
+    """What to add to a low check's warning when this host's int8 arithmetic, not the model,
+    may be what fell short: ONNX Runtime's x86 kernels without VNNI saturate with 8-bit
+    weights, so the figure can understate what a board with VNNI or Arm dot-product kernels
+    computes. Empty when the host does not saturate or 7-bit weights are already in use."""
+    if not host_saturates or config.reduce_range:
+        return ""
+    return (
+        "; this host's int8 arithmetic saturates (x86 without VNNI: ONNX Runtime's VPMADDUBSW "
+        "kernels sum 8-bit products in 16 bits), so this figure may understate the model on a "
+        "board with VNNI or Arm dot-product kernels; try --reduce-range "
+        "(QuantizeConfig(reduce_range=True): 7-bit weights)"
+    )
+
+
+def warn_on_check(
+    check: dict[str, Any], config: QuantizeConfig, host_saturates: bool | None = None
+) -> None:
+    """Warn when the int8 model's check on calibration data is below
+    :data:`CHECK_MIN_COSINE`. ``host_saturates``: whether this host's int8 kernels saturate
+    (None: from its CPU flags, :func:`sdk.isa.int8_outlook`)."""
     cos = check.get("cosine_min")
     if check.get("inputs") != "calibration" or cos is None or cos >= CHECK_MIN_COSINE:
         return
@@ -257,12 +277,17 @@ def warn_on_check(check: dict[str, Any], config: QuantizeConfig) -> None:
         hint = "exclude sensitive nodes, or use static mode"
     else:
         hint = "exclude sensitive nodes, or try another calibration method"
+    if host_saturates is None:
+        from sdk.isa import int8_outlook
+
+        host_saturates = int8_outlook("host").reduce_range
     log.warning(
         "the int8 model's outputs differ from fp32's on calibration data: worst-sample cosine "
-        "%.4g (below %.2f); %s",
+        "%.4g (below %.2f); %s%s",
         cos,
         CHECK_MIN_COSINE,
         hint,
+        saturation_note(config, host_saturates),
     )
 
 

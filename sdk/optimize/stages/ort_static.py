@@ -100,7 +100,14 @@ class StaticStage:
         base = base_name(ctx)
         if base is None:
             return []
-        return [StaticRecipe(base, QuantizeConfig(method=ctx.config.static_methods[0]))]
+        return [
+            StaticRecipe(
+                base,
+                QuantizeConfig(
+                    method=ctx.config.static_methods[0], reduce_range=ctx.config.reduce_range
+                ),
+            )
+        ]
 
 
 class AllOpsStage:
@@ -110,7 +117,9 @@ class AllOpsStage:
         base = base_name(ctx)
         if base is None or not ctx.config.try_all_ops or not more_ops_to_quantize(ctx.fp32):
             return []
-        config = QuantizeConfig(method=ctx.config.static_methods[0], op_types=None)
+        config = QuantizeConfig(
+            method=ctx.config.static_methods[0], op_types=None, reduce_range=ctx.config.reduce_range
+        )
         return [StaticRecipe(f"{base}{ALL_OPS_SUFFIX}", config)]
 
 
@@ -124,12 +133,16 @@ class CalibrationVariantsStage:
         first, *others = ctx.config.static_methods
         plan: list[Recipe | SkippedRecipe] = [
             CalibrationVariantRecipe(
-                f"{STATIC_PREFIX}-{method}", QuantizeConfig(method=method), base
+                f"{STATIC_PREFIX}-{method}",
+                QuantizeConfig(method=method, reduce_range=ctx.config.reduce_range),
+                base,
             )
             for method in others
         ]
         if ctx.config.per_tensor_variant:
-            config = QuantizeConfig(method=first, per_channel=False)
+            config = QuantizeConfig(
+                method=first, per_channel=False, reduce_range=ctx.config.reduce_range
+            )
             plan.append(CalibrationVariantRecipe(f"{base}{PER_TENSOR_SUFFIX}", config, base))
         return plan
 
