@@ -206,6 +206,34 @@ def test_quantize_check_runs_on_calibration_data_in_dynamic_mode(
     assert "(ok)" in out.stdout
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_quantize_reduce_range_writes_7_bit_weights(
+    files: dict[str, Path], tmp_path: Path, reduce_range: bool
+) -> None:
+    """--reduce-range reaches the quantizer: every int8 weight lies in [-64, 63] (7 bits)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = _run(
+        "quantize",
+        str(files["mlp"]),
+        "--mode",
+        "dynamic",
+        *(["--reduce-range"] if reduce_range else []),
+        "-o",
+        str(tmp_path / "q.onnx"),
+    )
+    assert out.returncode == 0, out.stderr
+    weights = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and t.dims
+    ]
+    assert weights
+    widest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    assert (widest <= 64) is reduce_range, widest
+
+
 # --- --debug and bench --shape ---------------------------------------------------------------
 
 
