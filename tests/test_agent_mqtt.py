@@ -69,7 +69,9 @@ cfg = AgentConfig(device_id="pi-light", fleet="{fleet}", broker_url="{BROKER}", 
 with Agent.from_bundle({str(digits_bundle)!r}, cfg) as agent:
     for _ in range(20):
         agent.predict({{"image": np.random.default_rng(0).random((1, 1, 8, 8), np.float32)}})
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30  # polled: a busy machine may take long to send
+    while agent.stats["mqtt"]["acked"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     sent = agent.stats["mqtt"]["acked"]
 heavy = [m for m in ("torch", "sdk", "onnx", "sklearn", "tensorflow") if m in sys.modules]
 print("acked", sent, "heavy", heavy)
