@@ -187,6 +187,8 @@ class CommandRunner:
             if again is not None:
                 self._send_reply(key, again)
             return
+        # Says when a long command (a benchmark) began, in the log and for tests that wait.
+        log.info("command %s (%s) started", key, wire_text(str(command.action), 64))
         ok, result, error = self._execute(command)
         ok, result, error, size = self._checked_reply(command, ok, result, error)
         with self._replies_lock:

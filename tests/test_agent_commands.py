@@ -173,10 +173,15 @@ def test_sigterm_during_a_long_benchmark_answers_it_and_exits_cleanly(
     argv += ["--device-id", "pi-s", "--http", "off", "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "device_agent.cli", *argv],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    # The agent's log, read as it comes: the test waits for the benchmark to have started.
+    err_lines: list[str] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr or ()), daemon=True)
+    reader.start()
     listener = FleetListener(fleet, port=broker.port)
     sender = mqtt.Client(CallbackAPIVersion.VERSION2)
     sender.connect("127.0.0.1", broker.port)
@@ -201,10 +206,14 @@ def test_sigterm_during_a_long_benchmark_answers_it_and_exits_cleanly(
 
         assert wait_for(answers_a_ping, 60)  # serving: subscribed to its commands
         send("long", "benchmark", {"min_runs": 1, "min_seconds": 60, "max_seconds": 60})
-        time.sleep(1.0)  # taken at once by the idle events thread
+        # SIGTERM once the benchmark runs, however long a busy machine takes to start it.
+        assert wait_for(lambda: any("command long (benchmark) started" in x for x in err_lines),
+                        60), "".join(err_lines)  # fmt: skip
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=50)
+        proc.wait(timeout=50)
+        reader.join(10)
+        err = "".join(err_lines)
         assert time.monotonic() - started < 50  # not after the benchmark's 60 s
         assert proc.returncode == 0, err
         (reply,) = listener.wait_for(lambda: replies("long"), 10)
@@ -212,7 +221,7 @@ def test_sigterm_during_a_long_benchmark_answers_it_and_exits_cleanly(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
         sender.disconnect()
         sender.loop_stop()
         listener.client.disconnect()
