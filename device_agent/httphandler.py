@@ -121,6 +121,17 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         else:
             handler()
 
+    def answer_failure(self) -> None:
+        """After the handler raised: answer 500 if it wrote nothing yet (else the answer is
+        already cut short), dropping any headers it had queued."""
+        if self.writer.written == 0:
+            self.close_connection = True
+            self._headers_buffer: list[bytes] = []
+            self.send_json(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                {"error": "the server failed on this request; see its log"},
+            )
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s: " + format, self.address_string(), *args)
 

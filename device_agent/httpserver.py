@@ -578,13 +578,7 @@ class BoundedHTTPServer:
         except OSError:  # the client went away or did not read its answer in time
             return _CLOSE
         except Exception:
-            if handler.writer.written == 0:
-                handler.close_connection = True
-                handler._headers_buffer = []  # type: ignore[attr-defined]
-                handler.send_json(
-                    HTTPStatus.INTERNAL_SERVER_ERROR,
-                    {"error": "the server failed on this request; see its log"},
-                )
+            handler.answer_failure()
             raise
         if handler.writer.written == 0:  # a handler that answered nothing: say so, close
             log.error("%s: %s %s got no answer", self._name, request.method, request.target[:200])

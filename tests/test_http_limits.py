@@ -637,3 +637,35 @@ def test_collector_api_over_tls(collector: Any, tmp_path: Path) -> None:
             ("127.0.0.1", 0),
             settings=HttpSettings(tls_cert_file=str(bad), tls_key_file=str(bad)),
         )
+
+
+def test_a_handler_that_fails_before_answering_gets_a_500_and_the_server_goes_on() -> None:
+    """A bug in a handler is answered 500 (headers it had queued are dropped) and logged; the
+    worker and the server keep serving."""
+    from device_agent.httphandler import JSONRequestHandler
+
+    class Failing(JSONRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/fail":
+                self.send_response(200)
+                self.send_header("X-Half", "queued")  # queued, never sent
+                raise RuntimeError("a bug in a handler")
+            self.send_json(200, {"ok": True})
+
+    server = BoundedHTTPServer(("127.0.0.1", 0), Failing, limits=HTTPLimits(workers=1))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        (failed,) = exchange(port, request("GET", "/fail"))
+        assert failed.status == 500
+        assert json.loads(failed.body) == {
+            "error": "the server failed on this request; see its log"
+        }
+        assert "x-half" not in {k.lower() for k in failed.headers}
+        (ok,) = exchange(port, request("GET", "/ok"))
+        assert (ok.status, json.loads(ok.body)) == (200, {"ok": True})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
