@@ -669,7 +669,11 @@ def _produce(argv: list[str]) -> int:
     agg = WindowAggregator(labels=("a", "b"), seed=0)
     rng = random.Random(0)
     mark = spool.dropped_total
-    while not stop.wait(args.period):
+    # A fixed rate (next_at += period), as an agent's windows are: one window's work, or a
+    # busy machine, does not push every later window back.
+    next_at = time.monotonic() + args.period
+    while not stop.wait(max(0.0, next_at - time.monotonic())):
+        next_at += args.period
         for _ in range(rng.randint(1, 20)):
             agg.record(rng.uniform(0.001, 0.05), rng.randint(0, 1), score=rng.random())
         fields = agg.close_window()
