@@ -537,10 +537,20 @@ def test_network_partition_cut_and_blackhole_then_heal(rig: Rig) -> None:
 
     t_hole = time.time()
     proxy.blackhole()
-    time.sleep(15.0)
-    for p in rig.agents():
-        noticed = [w["t"] for w in p.windows() if w["t"] > t_hole and not w["connected"]]
-        detect.append(round(noticed[0] - t_hole, 1) if noticed else float("nan"))
+
+    def noticed_at() -> list[float]:
+        """When each agent that noticed the silent link first said it was disconnected."""
+        firsts = []
+        for p in rig.agents():
+            noticed = [w["t"] for w in p.windows() if w["t"] > t_hole and not w["connected"]]
+            firsts += noticed[:1]
+        return firsts
+
+    # At least 15 s of black hole, and the heal only once every agent noticed it by itself
+    # (keep-alive): within 60 s, however slow the machine, not within a fixed 15 s.
+    all_noticed = wait_for(lambda: len(noticed_at()) == len(rig.agents()), 60, interval=0.2)
+    time.sleep(max(0.0, t_hole + 15.0 - time.time()))
+    detect = [round(t - t_hole, 1) for t in noticed_at()]
     proxy.heal()
     recovery["black hole 15 s"] = rig.wait_stored(rig.produced(), time.monotonic())
     rig.wait_windows(5)
@@ -557,7 +567,7 @@ def test_network_partition_cut_and_blackhole_then_heal(rig: Rig) -> None:
     )
     assert_exact(fig)
     # Every agent noticed the silent link by itself (keep-alive), before the heal.
-    assert all(d == d for d in detect), detect
+    assert all_noticed and len(detect) == 3, detect
 
 
 # --- 500 devices for 2 minutes ------------------------------------------------------------------
