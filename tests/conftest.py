@@ -7,6 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# CI runs on a 2-core machine that may be busy: how fast Hypothesis generates data or runs an
+# example says nothing about the code, so neither may fail a test. Loaded here, before the test
+# modules' own @settings, which inherit it (a test naming its own health checks lists too_slow).
+settings.register_profile("edgeship", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edgeship")
 
 
 @pytest.fixture(scope="session")
