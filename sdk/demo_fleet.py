@@ -68,7 +68,7 @@ def _get_json(url: str, timeout: float = 3.0) -> Any:
         return json.loads(resp.read())
 
 
-def _wait_api(url: str, proc: Any, timeout_s: float = 60.0) -> None:
+def _wait_api(url: str, proc: Any, timeout_s: float = 180.0) -> None:
     import urllib.error
 
     deadline = time.monotonic() + timeout_s
@@ -323,7 +323,7 @@ def _start_broker(fleet: _Fleet, broker_url: str | None) -> tuple[str, str]:
     from sdk.broker import EmbeddedBroker
 
     print("[2/5] broker: starting an embedded MQTT broker (amqtt, MQTT 3.1.1)", flush=True)
-    fleet.broker = EmbeddedBroker(log_file=fleet.workdir / "broker.log").start()
+    fleet.broker = EmbeddedBroker(log_file=fleet.workdir / "broker.log").start(timeout_s=120)
     # amqtt speaks 3.1.1 only: say so, rather than have every client wait out a v5
     # connect attempt before falling back.
     fleet.env["EDGESHIP_AGENT_MQTT_PROTOCOL"] = "3.1.1"

@@ -129,8 +129,8 @@ def _fleet_running(demo: _Demo, work: Path, agents: int = 3) -> list[psutil.Proc
 
     deadline = time.monotonic() + 600
     while not replaying():
-        assert demo.proc.poll() is None, demo.output[-4000:]
-        assert time.monotonic() < deadline, demo.output[-4000:]
+        assert demo.proc.poll() is None, _why(demo, work, "ended before its fleet was running")
+        assert time.monotonic() < deadline, _why(demo, work, "fleet was not running in 600 s")
         time.sleep(0.2)
     children = psutil.Process(demo.proc.pid).children(recursive=True)
     commands = [" ".join(p.cmdline()) for p in children]
@@ -139,6 +139,14 @@ def _fleet_running(demo: _Demo, work: Path, agents: int = 3) -> list[psutil.Proc
     assert sum("sdk.cli collect" in c for c in commands) == 1, commands
     assert sum("device_agent.cli run" in c for c in commands) == agents, commands
     return children
+
+
+def _why(demo: _Demo, work: Path, what: str) -> str:
+    """A failure message: the demo's output and the end of its collector's and broker's logs
+    (the demo says "see its log" when the collector does not start)."""
+    logs = [work / "collector.log", work / "broker.log"]
+    tails = [f"--- {f.name}:\n{f.read_text(errors='replace')[-2000:]}" for f in logs if f.is_file()]
+    return "\n".join([f"the demo {what}; its output:", demo.output[-4000:], *tails])
 
 
 def _gone_within(procs: list[psutil.Process], seconds: float) -> list[str]:
