@@ -31,7 +31,7 @@ from device_agent.contracts.bundle import IOSpec, TensorSpec
 from device_agent.errors import EdgeshipError
 from sdk.artifact import ModelArtifact, ModelFormat
 from sdk.errors import ConfigError, ExportError
-from sdk.export_common import at_least_two, one_line, other_batch
+from sdk.export_common import at_least_two, example_tuple, one_line, other_batch
 from sdk.export_tflite import export_tflite, set_tflite_output_batch
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def export(
         raise ConfigError(f"atol and rtol must be non-negative, got atol={atol}, rtol={rtol}")
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_tensor_tuple(example_inputs)
+    inputs = example_tuple(example_inputs)
     in_names = _names(input_names, len(inputs), "input")
     reference = _reference_outputs(model, inputs)
     out_names = _names(output_names, len(reference), "output")
@@ -253,18 +253,6 @@ def _mark_batch_outputs(io: IOSpec, first: list[np.ndarray], second: list[np.nda
             spec = replace(spec, shape=("batch", *spec.shape[1:]))
         outputs.append(spec)
     return replace(io, outputs=tuple(outputs))
-
-
-def _as_tensor_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    import torch
-
-    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(items, Sequence) or not items:
-        raise ConfigError("example_inputs must be a tensor or a non-empty tuple of tensors")
-    for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"example_inputs[{i}] is a {type(t).__name__}, not a torch.Tensor")
-    return tuple(items)
 
 
 def _names(given: Sequence[str] | None, count: int, kind: str) -> list[str]:

@@ -1,16 +1,20 @@
-"""What the exporters share: a foreign exception as one clean line for an
-:class:`~sdk.errors.ExportError`, and example batches of other sizes (at least two samples, so
-an exporter cannot specialise the batch axis to 1; another size, to check the batch is dynamic)."""
+"""What the exporters (and pruning) share: the example inputs as a tuple of tensors, a foreign
+exception as one clean line for an :class:`~sdk.errors.ExportError`, and example batches of
+other sizes (at least two samples, so an exporter cannot specialise the batch axis to 1; another
+size, to check the batch is dynamic)."""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sdk.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["at_least_two", "one_line", "other_batch"]
+__all__ = ["at_least_two", "example_tuple", "one_line", "other_batch"]
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's exporter colours its messages
 
@@ -21,6 +25,20 @@ def at_least_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     if all(t.dim() for t in inputs) and inputs[0].shape[0] == 1:
         return other_batch(inputs)
     return inputs
+
+
+def example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple of tensors (one tensor is a tuple of one), refused with a
+    ConfigError when it is anything else: export and pruning accept the same loose form."""
+    import torch
+
+    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(items, Sequence) or not items:
+        raise ConfigError("example_inputs must be a tensor or a non-empty tuple of tensors")
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor):
+            raise ConfigError(f"example_inputs[{i}] is a {type(item).__name__}, not a torch.Tensor")
+    return tuple(items)
 
 
 def one_line(exc: BaseException) -> str:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sdk.errors import ConfigError
+from sdk.export_common import example_tuple
 from sdk.prune_layers import (
     channels_by_module,
     detach_masked,
     effective_tensors,
-    example_tuple,
     module_of,
     out_channels,
     output_shapes,

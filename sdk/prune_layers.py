@@ -16,7 +16,6 @@ __all__ = [
     "channels_by_module",
     "detach_masked",
     "effective_tensors",
-    "example_tuple",
     "module_of",
     "out_channels",
     "output_shapes",
@@ -30,18 +29,6 @@ def prunable_types() -> tuple[type[torch.nn.Module], ...]:
     from torch import nn
 
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    import torch
-
-    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(items, Sequence) or not items:
-        raise ConfigError("example_inputs must be a tensor or a non-empty tuple of tensors")
-    for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise ConfigError(f"example_inputs[{i}] is a {type(item).__name__}, not a torch.Tensor")
-    return tuple(items)
 
 
 def module_of(
