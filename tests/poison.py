@@ -12,6 +12,9 @@ tests/test_fuzz_collector.py).
   collector split a batch.
 * :func:`dead_letter_digest`: the digest the store keeps for a dead letter, to match what was
   sent against what was stored.
+* :func:`storable`: whether a text the collector kept from a bad message (topic, field, error)
+  can go to a store, a log or a terminal: encodable as UTF-8 and free of NUL (checked here
+  independently of the contract's own ``text_problem``).
 """
 
 from __future__ import annotations
@@ -325,3 +328,12 @@ def interleave(
         out.append((True, g))
     out.extend((False, m) for m in bad[b:])
     return out
+
+
+def storable(text: str) -> bool:
+    """True when ``text`` encodes as UTF-8 (no lone surrogate) and holds no NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text

@@ -43,6 +43,7 @@ from device_agent.contracts.messages import (
     topic,
 )
 from device_agent.errors import ProtocolError
+from tests.poison import storable
 
 FLEET = "greenhouse"
 DEVICE = "pi-07"
@@ -192,14 +193,6 @@ def test_a_decoder_bug_becomes_a_dead_letter_not_a_crash() -> None:
         assert isinstance(ingest(t(kind), huge, NOW), DeadLetter)
 
 
-def _safe(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
-
-
 @pytest.mark.parametrize(
     ("kind", "payload", "field"),
     [
@@ -220,7 +213,7 @@ def test_nul_and_lone_surrogates_are_dead_letters_with_safe_text(
 ) -> None:
     dead = _dead(t(kind), payload)
     assert dead.field == field, dead
-    assert _safe(dead.field) and _safe(dead.error) and _safe(dead.topic)
+    assert storable(dead.field) and storable(dead.error) and storable(dead.topic)
     assert dead.payload == payload  # the bytes are kept as they came
     digest = hashlib.sha256(t(kind).encode() + b"\x00" + payload).hexdigest()
     assert dead.digest == digest
@@ -230,7 +223,11 @@ def test_a_topic_that_is_not_valid_text_is_escaped_in_its_dead_letter() -> None:
     for name in ("edgeship/farm/pi-\ud800/telemetry", "edgeship/farm/pi\x00/status"):
         dead = ingest(name, b"{}", NOW)
         assert isinstance(dead, DeadLetter) and dead.field == "topic.device", dead
-        assert _safe(dead.topic) and _safe(dead.error) and dead.topic.startswith("edgeship/farm/pi")
+        assert (
+            storable(dead.topic)
+            and storable(dead.error)
+            and dead.topic.startswith("edgeship/farm/pi")
+        )
 
 
 # --- the fast path agrees with the reference decoder --------------------------------------------
@@ -400,6 +397,6 @@ def test_random_input_never_raises(topic_name: str, payload: bytes) -> None:
     if isinstance(out, DeadLetter):
         assert out.field and out.error and "\n" not in out.field
         assert len(out.payload) <= DEAD_LETTER_MAX_BYTES
-        assert _safe(out.topic) and _safe(out.field) and _safe(out.error), out
+        assert storable(out.topic) and storable(out.field) and storable(out.error), out
     elif isinstance(out, TelemetryRecord | EventRecord):  # whatever is kept is safe text
-        assert _safe(json.dumps(dataclasses.asdict(out), ensure_ascii=False, default=str))
+        assert storable(json.dumps(dataclasses.asdict(out), ensure_ascii=False, default=str))

@@ -51,6 +51,7 @@ from tests.poison import (
     good_windows,
     interleave,
     refuse_in_store,
+    storable,
 )
 from tests.test_collector_store import PG_URL, pg_available, pg_url
 
@@ -131,14 +132,6 @@ def _dead_rows(store_url: str) -> list[tuple[str, str, str, str]]:
         s.close()
 
 
-def _safe(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
-
-
 # --- the issue's poison, one at a time ----------------------------------------------------------
 
 
@@ -192,7 +185,9 @@ def test_the_issues_poison_is_dead_lettered_and_every_other_device_is_stored(
             assert (stats.stored, stats.dead_letters) == (1 + 23, 25), stats
         assert _stored(store_url) == {"old": 13, "new": 10}
         rows = _dead_rows(store_url)
-        assert len(rows) == 25 and all(_safe(t) and _safe(f) and _safe(e) for _, t, f, e in rows)
+        assert len(rows) == 25 and all(
+            storable(t) and storable(f) and storable(e) for _, t, f, e in rows
+        )
         assert {f for _, _, f, _ in rows} == {"payload", "model", "agent_version"}
         # A restart with the same session: nothing was left un-acknowledged to poison it.
         with Collector(config) as again:
@@ -457,7 +452,7 @@ def test_10000_good_and_1000_fuzzed_bad_through_mosquitto(
     # Every bad one is exactly one dead letter, with safe text.
     rows = _dead_rows(store_url)
     assert sorted(d for d, *_ in rows) == sorted(dead_letter_digest(*m) for m in bad)
-    assert all(_safe(t) and _safe(f) and _safe(e) for _, t, f, e in rows)
+    assert all(storable(t) and storable(f) and storable(e) for _, t, f, e in rows)
     by_field: dict[str, int] = {}
     for _, _, f, _ in rows:
         name = f.split(".")[0].split("[")[0]
