@@ -496,31 +496,9 @@ def _apt_download(packages: Sequence[str], dest: Path) -> list[Path]:
 
 def qemu_aarch64() -> Path:
     """Debian bookworm's ``qemu-aarch64-static``, unpacked under .cache/ (no binfmt needed)."""
+    # Only the aarch64 emulator: the package holds ~30 of them (60 MB).
     key = _digest("qemu-v1", QEMU_PACKAGE)
-
-    def build(target: Path) -> None:
-        debs = _apt_download([f"{QEMU_PACKAGE}:amd64"], target / "debs")
-        unpack = target / "root"
-        unpack.mkdir()
-        for deb in debs:
-            # Only the aarch64 emulator: the package holds ~30 of them.
-            _run(
-                [
-                    "sh",
-                    "-c",
-                    'dpkg-deb --fsys-tarfile "$0" | tar -x -C "$1" "$2"',
-                    deb,
-                    unpack,
-                    "./usr/bin/qemu-aarch64-static",
-                ],
-                what=f"unpacking qemu-aarch64-static from {deb.name}",
-            )
-            deb.unlink()  # 60 MB; the one binary is what is kept
-        if not (unpack / "usr/bin/qemu-aarch64-static").is_file():
-            raise SetupError(f"{QEMU_PACKAGE} did not contain usr/bin/qemu-aarch64-static")
-
-    target = _cached(CACHE / "qemu", key, build, what="qemu-aarch64-static")
-    return target / "root" / "usr" / "bin" / "qemu-aarch64-static"
+    return _one_binary(QEMU_PACKAGE, "qemu-aarch64-static", CACHE / "qemu", key)
 
 
 def promtool() -> Path:
@@ -528,10 +506,17 @@ def promtool() -> Path:
     .cache/: the tests lint the collector's ``/metrics`` with it (``promtool check metrics``)."""
     if shutil.which("promtool") is not None:
         return Path(str(shutil.which("promtool")))
+    # The server is not needed, only its linter.
     key = _digest("promtool-v1", PROMETHEUS_PACKAGE)
+    return _one_binary(PROMETHEUS_PACKAGE, "promtool", CACHE / "promtool", key)
+
+
+def _one_binary(package: str, binary: str, cache: Path, key: str) -> Path:
+    """``usr/bin/<binary>`` alone, unpacked under ``cache`` from Debian's amd64 ``package``
+    (the .debs are deleted once the one file is out of them)."""
 
     def build(target: Path) -> None:
-        debs = _apt_download([f"{PROMETHEUS_PACKAGE}:amd64"], target / "debs")
+        debs = _apt_download([f"{package}:amd64"], target / "debs")
         unpack = target / "root"
         unpack.mkdir()
         for deb in debs:
@@ -542,16 +527,16 @@ def promtool() -> Path:
                     'dpkg-deb --fsys-tarfile "$0" | tar -x -C "$1" "$2"',
                     deb,
                     unpack,
-                    "./usr/bin/promtool",
+                    f"./usr/bin/{binary}",
                 ],
-                what=f"unpacking promtool from {deb.name}",
+                what=f"unpacking {binary} from {deb.name}",
             )
-            deb.unlink()  # the server is not needed, only its linter
-        if not (unpack / "usr/bin/promtool").is_file():
-            raise SetupError(f"{PROMETHEUS_PACKAGE} did not contain usr/bin/promtool")
+            deb.unlink()
+        if not (unpack / "usr/bin" / binary).is_file():
+            raise SetupError(f"{package} did not contain usr/bin/{binary}")
 
-    target = _cached(CACHE / "promtool", key, build, what="promtool")
-    return target / "root" / "usr" / "bin" / "promtool"
+    target = _cached(cache, key, build, what=binary)
+    return target / "root" / "usr" / "bin" / binary
 
 
 def pi_root() -> Path:
