@@ -21,17 +21,17 @@ not permitted, and the qemu ``-L`` sysroot variant covers that case.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+
+from tests.script_modules import load_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.board]
 
@@ -43,16 +43,7 @@ MIN_TFLITE_AGREEMENT = 0.99
 T = TypeVar("T")
 
 
-def _load_board_envs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("board_envs", ROOT / "scripts" / "board_envs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["board_envs"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-board_envs = _load_board_envs()
+board_envs = load_script("board_envs", ROOT / "scripts" / "board_envs.py")
 
 # Runs inside each environment: load the bundle through device_agent, predict every sample in
 # batches the model accepts, report what ran and which heavy modules got imported.

@@ -16,19 +16,16 @@ Marked like the agent-only environment's tests (``slow``, ``board``: an environm
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -37,6 +34,7 @@ import pytest
 from device_agent.contracts.messages import encode, topic
 from tests.brokers import Mosquitto, free_port, wait_for
 from tests.collector_helpers import status, window
+from tests.script_modules import load_script
 from tests.test_collector_service import publish_all, publisher
 from tests.test_collector_store import pg_available, pg_url
 
@@ -47,18 +45,7 @@ ML = ("torch", "onnx", "onnxruntime", "sklearn")
 FLEET = "install"
 
 
-def _load_collector_env() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "collector_env", ROOT / "scripts" / "collector_env.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["collector_env"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-collector_env = _load_collector_env()
+collector_env = load_script("collector_env", ROOT / "scripts" / "collector_env.py")
 
 # Runs inside the venv: which ML libraries are installed, and which heavy modules importing
 # every collector module (and the collect command's parser) loads.

@@ -4,12 +4,10 @@ a real collector's scrape passes Prometheus's own linter (``promtool check metri
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import shutil
 import subprocess
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,6 +22,7 @@ from collector.monitor import Monitor, MonitorConfig
 from collector.service import Collector, CollectorConfig
 from tests.brokers import ROOT, Mosquitto, wait_for
 from tests.collector_helpers import FLEET, Fleet, Publisher, status, window
+from tests.script_modules import load_script
 
 MODEL = 'odd"model\\name'
 
@@ -140,11 +139,7 @@ def _promtool() -> str:
     path = shutil.which("promtool")
     if path is not None:
         return path
-    spec = importlib.util.spec_from_file_location("board_envs", ROOT / "scripts" / "board_envs.py")
-    assert spec is not None and spec.loader is not None
-    board_envs = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("board_envs", board_envs)
-    spec.loader.exec_module(board_envs)
+    board_envs = load_script("board_envs", ROOT / "scripts" / "board_envs.py")
     try:
         return str(board_envs.promtool())
     except board_envs.SetupError as exc:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import getpass
-import importlib.util
 import json
 import os
 import platform
@@ -34,7 +33,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -54,6 +52,7 @@ from tests.brokers import (
     port_open,
     wait_for,
 )
+from tests.script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "raspberry_pi"
@@ -65,17 +64,8 @@ NOT_AUTHORIZED = 135  # MQTT 5 reason code
 T = TypeVar("T")
 
 
-def _load_module(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-board_envs = _load_module("board_envs", ROOT / "scripts" / "board_envs.py")
-camera_app = _load_module("camera_app", EXAMPLE / "camera_app.py")
+board_envs = load_script("board_envs", ROOT / "scripts" / "board_envs.py")
+camera_app = load_script("camera_app", EXAMPLE / "camera_app.py")
 
 
 def _setup(build: Callable[[], T]) -> T:
