@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from device_agent.errors import ConfigError
+from device_agent.contracts.errors import ConfigError
 
 __all__ = ["DEFAULT_PORTS", "GRAMMAR", "SCHEMES", "BrokerUrl", "redact"]
 

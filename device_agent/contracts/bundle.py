@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from device_agent.errors import BundleError
+from device_agent.contracts.errors import BundleError
 
 __all__ = [
     "DTYPES",

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, TypedDict
 
+from device_agent.contracts.errors import ConfigError, EdgeshipError
 from device_agent.contracts.messages import validate_id
-from device_agent.errors import ConfigError, EdgeshipError
 
 __all__ = [
     "MAX_CHUNKS",

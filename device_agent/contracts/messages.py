@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, TypeAlias, cast
 
-from device_agent.errors import ProtocolError
+from device_agent.contracts.errors import ProtocolError
 
 __all__ = [
     "ALERTS_KIND",

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.contracts.errors import ConfigError
 from device_agent.contracts.messages import SCORE_BUCKETS
-from device_agent.errors import ConfigError
 
 __all__ = [
     "QUANTILES",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.contracts.bundle import MANIFEST_NAME
-from device_agent.errors import SignatureError
+from device_agent.contracts.errors import SignatureError
 
 __all__ = [
     "ALGORITHM",
