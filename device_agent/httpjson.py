@@ -17,6 +17,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from device_agent.contracts.messages import unique_keys
 from device_agent.errors import EdgeshipError
 
 __all__ = ["RequestError", "dumps_json", "json_too_deep", "parse_json"]
@@ -66,14 +67,11 @@ def _no_constant(name: str) -> Any:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise RequestError(f"the key {key!r} appears twice in one object")
-            seen.add(key)
-    return out
+    return unique_keys(pairs, _duplicate_key)
+
+
+def _duplicate_key(key: str) -> RequestError:
+    return RequestError(f"the key {key!r} appears twice in one object")
 
 
 class _NonFinite(ValueError):

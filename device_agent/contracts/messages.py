@@ -33,7 +33,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, TypeAlias, cast
 
@@ -75,6 +75,7 @@ __all__ = [
     "subscription",
     "text_problem",
     "topic",
+    "unique_keys",
     "validate_id",
 ]
 
@@ -1213,20 +1214,32 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"payload: {name} is not valid JSON", field="payload")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads would silently keep the last of two equal keys; two readers of the same bytes
-    # could then disagree about a message, so a duplicate key is an error.
+def unique_keys(
+    pairs: list[tuple[str, Any]], duplicate: Callable[[str], Exception]
+) -> dict[str, Any]:
+    """An ``object_pairs_hook`` for :func:`json.loads` that raises ``duplicate(key)`` for the
+    first key an object holds twice: json.loads would silently keep the last of two equal
+    keys, and two readers of the same bytes could then disagree. The agent's HTTP API reads
+    its bodies with it too."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                problem = text_problem(key)
-                if problem is not None:
-                    raise _fail("payload", f"the key {_short(key)} {problem}")
-                raise _fail(key, "the key appears twice")
+                raise duplicate(key)
             seen.add(key)
     return out
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return unique_keys(pairs, _duplicate_key)
+
+
+def _duplicate_key(key: str) -> ProtocolError:
+    problem = text_problem(key)
+    if problem is not None:
+        return _fail("payload", f"the key {_short(key)} {problem}")
+    return _fail(key, "the key appears twice")
 
 
 def _check_texts(value: Any, where: str = "") -> None:
