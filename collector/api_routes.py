@@ -26,7 +26,7 @@ from collector.api import MAX_JSON_DEPTH, MAX_SERIES, ApiError, CollectorView
 from collector.errors import BrokerError
 from device_agent.contracts import messages as msg
 from device_agent.errors import ProtocolError
-from device_agent.httpserver import RequestError, dumps_json, parse_json
+from device_agent.httpjson import RequestError, dumps_json, parse_json
 
 __all__ = ["CommandRequest", "api_router", "json_response"]
 

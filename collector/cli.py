@@ -60,6 +60,14 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--http", default="127.0.0.1:9108", help="JSON API address (default 127.0.0.1:9108; off)"
     )
+    p.add_argument(
+        "--http-tls-cert",
+        metavar="FILE",
+        help="serve the API over HTTPS with this certificate (PEM; needs --http-tls-key)",
+    )
+    p.add_argument(
+        "--http-tls-key", metavar="FILE", help="the private key of --http-tls-cert (PEM)"
+    )
     p.add_argument("--group", help="MQTT v5 shared-subscription group, to split a fleet's load")
     p.add_argument("--client-id", help="the broker session's name (keep it across restarts)")
     p.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
@@ -126,6 +134,7 @@ def run_collect(args: argparse.Namespace) -> int:
     from collector.program import ProgramConfig, run_program
     from collector.service import CollectorConfig
 
+    _require_extra(http=args.http != "off", monitor=not args.no_monitor)
     config = CollectorConfig(
         broker_url=args.broker,
         fleet=args.fleet,
@@ -140,6 +149,8 @@ def run_collect(args: argparse.Namespace) -> int:
         api_token=load_api_token(args.api_token, args.api_token_file),
         cert_file=args.cert_file,
         key_file=args.key_file,
+        http_tls_cert_file=args.http_tls_cert,
+        http_tls_key_file=args.http_tls_key,
     )
     monitor_config, references = _monitor_settings(args)
     stats = run_program(
@@ -152,6 +163,28 @@ def run_collect(args: argparse.Namespace) -> int:
         flush=True,
     )
     return EXIT_OK
+
+
+# What the collector's extra brings, by the part that needs it: the HTTP API, the monitor.
+_EXTRA_HTTP = ("fastapi", "uvicorn")
+_EXTRA_MONITOR = ("prometheus_client",)
+
+
+def _require_extra(*, http: bool, monitor: bool) -> None:
+    """A ConfigError naming the install line when the collector's extra is missing (a board's
+    ``edgeship[agent]`` install has the command but not the server's libraries): a user's
+    setup, not a bug, so exit 2 and what to do instead of an internal error."""
+    from importlib.util import find_spec
+
+    from collector.errors import ConfigError
+
+    wanted = (_EXTRA_HTTP if http else ()) + (_EXTRA_MONITOR if monitor else ())
+    missing = [name for name in wanted if find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"the collector needs {', '.join(missing)}, which this Python does not have: "
+            "pip install 'edgeship[collector]'"
+        )
 
 
 def _monitor_settings(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -193,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``edgeship-collector``: the same options and exit codes as ``edgeship collect``."""
-    from sdk.terminal import guard_stdio
+    from device_agent.terminal import guard_stdio
 
     # Devices put text in what the collector prints: no control character may reach the
-    # terminal (sdk.terminal).
+    # terminal (device_agent.terminal).
     with guard_stdio():
         args = build_parser().parse_args(argv)
         logging.basicConfig(
@@ -208,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
     """Run ``run()``; an :class:`EdgeshipError` is one line and exit 2, a bug exit 3."""
-    from sdk.terminal import printable
+    from device_agent.terminal import printable
 
     try:
         return run()
@@ -273,7 +306,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
             )
         ).connect()
     except EdgeshipError as exc:
-        from sdk.terminal import printable
+        from device_agent.terminal import printable
 
         print(f"simulate: error: {printable(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT

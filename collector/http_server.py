@@ -46,7 +46,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from collector.errors import ConfigError
-from device_agent.httpserver import dumps_json
+from device_agent.httpjson import dumps_json
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send

@@ -81,3 +81,18 @@ def test_python_dash_m_sdk_cli_is_the_same_program() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "rpi4" in out.stdout and "measured on this host" in out.stdout
+
+
+@pytest.mark.parametrize("blocked", ["fastapi", "prometheus_client"])
+def test_collect_without_the_collector_extra_says_what_to_install(blocked: str) -> None:
+    """A board's ``edgeship[agent]`` install has the command but not the server's libraries:
+    exit 2 with the install line, not an internal error (exit 3)."""
+    probe = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "from collector.cli import main\n"
+        "sys.exit(main(['--broker', 'mqtt://127.0.0.1:1', '--store', 'sqlite:///x.db']))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert blocked in out.stderr and "pip install 'edgeship[collector]'" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -180,6 +180,22 @@ def test_no_import_cycles() -> None:
     assert not fixed, f"fixed cycles still listed in KNOWN_CYCLES: {[sorted(g) for g in fixed]}"
 
 
+# Imports point one way (docs/architecture.md): the agent imports neither other program, the
+# collector never the SDK (its install carries no sdk dependency's libraries), the SDK both.
+FORBIDDEN = {"device_agent": ("sdk", "collector"), "collector": ("sdk",)}
+
+
+def test_imports_point_one_way() -> None:
+    graph = import_graph()
+    wrong = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if target.split(".")[0] in FORBIDDEN.get(module.split(".")[0], ())
+    )
+    assert not wrong, wrong
+
+
 CONTRACTS = sorted(
     f"device_agent.contracts.{m.name}"
     for m in pkgutil.iter_modules(device_agent.contracts.__path__)

@@ -60,7 +60,7 @@ class PostgresStore(Reader):
             import psycopg
         except ImportError as exc:
             raise ConfigError(
-                "a PostgreSQL store needs psycopg: pip install 'psycopg[binary]'"
+                "a PostgreSQL store needs psycopg: pip install 'edgeship[collector]'"
             ) from exc
         self._psycopg = psycopg
         self._display = redact_url(url)
