@@ -83,6 +83,8 @@ class CollectorConfig:
     api_token: str | None = field(default=None, repr=False)
     cert_file: str | None = None
     key_file: str | None = None
+    http_tls_cert_file: str | None = None
+    http_tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
         self.broker  # noqa: B018 - parse now: a bad URL is a ConfigError at construction
@@ -115,8 +117,12 @@ class CollectorConfig:
             raise ConfigError("session_expiry_s must be in 0..4294967295")
         if self.key_file is not None and self.cert_file is None:
             raise ConfigError("key_file given without cert_file (the client certificate)")
+        if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
+            raise ConfigError("the HTTP API's TLS needs both a certificate and its key")
         for path, what in ((self.ca_file, "ca_file"), (self.cert_file, "cert_file"),
-                           (self.key_file, "key_file")):  # fmt: skip
+                           (self.key_file, "key_file"),
+                           (self.http_tls_cert_file, "http_tls_cert_file"),
+                           (self.http_tls_key_file, "http_tls_key_file")):  # fmt: skip
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{what} {path}: no such file")
         if self.api_token is not None:

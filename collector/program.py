@@ -87,10 +87,11 @@ class Program:
         api = "off"
         if cfg.http_address is not None:
             host, port = self.collector.http_address_bound()
-            api = f"http://{host}:{port}/api/health"
+            base = f"{'https' if cfg.http_tls_cert_file else 'http'}://{host}:{port}"
+            api = f"{base}/api/health"
             api += " (commands: token set)" if cfg.api_token else " (read-only: no API token)"
             if self.config.monitor is not None:
-                api += f", dashboard http://{host}:{port}/, metrics http://{host}:{port}/metrics"
+                api += f", dashboard {base}/, metrics {base}/metrics"
         return (
             f"collecting {cfg.topic_filter} from {cfg.broker.display()} as "
             f"{cfg.session_id} into {self.collector.state.store.url}; API {api}"

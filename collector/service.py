@@ -186,10 +186,17 @@ class Collector:
         self.pipeline.start()
         address = cfg.http_address
         if address is not None:
-            from collector.http_server import ApiServer
+            from collector.http_server import ApiServer, HttpSettings
 
-            self._http = ApiServer.for_collector(self, address, api_token=cfg.api_token).start()
-            log.info("JSON API on http://%s:%d/api/health", *self.http_address_bound())
+            settings = HttpSettings(
+                tls_cert_file=cfg.http_tls_cert_file, tls_key_file=cfg.http_tls_key_file
+            )
+            self._http = ApiServer.for_collector(
+                self, address, api_token=cfg.api_token, settings=settings
+            ).start()
+            log.info(
+                "JSON API on %s://%s:%d/api/health", self._http.scheme, *self.http_address_bound()
+            )
             if not is_loopback(address[0]) and cfg.api_token is None:
                 log.warning(
                     "the JSON API listens on %s without an API token: whoever reaches it reads "

@@ -347,8 +347,11 @@ def test_cli_collect_runs_until_sigterm(broker: Mosquitto, tmp_path: Path) -> No
         assert wait_for(lambda: _health(port) is not None, 90), proc.poll()
         pub = publisher(broker.port)
         msg = status(seq=1)
-        publish_all(pub, [(topic("cli", msg.device, "status"), encode(msg))])
-        assert wait_for(lambda: (_health(port) or {}).get("collector", {}).get("stored") == 1, 10)
+        # Retained, as agents send it: the API answers before the session has subscribed.
+        pub.publish(
+            topic("cli", msg.device, "status"), encode(msg), qos=1, retain=True
+        ).wait_for_publish(10)
+        assert wait_for(lambda: (_health(port) or {}).get("collector", {}).get("stored") == 1, 60)
         pub.disconnect()
         pub.loop_stop()
     finally:
@@ -357,6 +360,47 @@ def test_cli_collect_runs_until_sigterm(broker: Mosquitto, tmp_path: Path) -> No
     assert proc.returncode == 0, err
     assert "collecting edgeship/cli/# from" in out and "stopped: 1 received, 1 stored" in out
     assert "Traceback" not in err
+
+
+def test_cli_collect_serves_the_api_over_https(broker: Mosquitto, tmp_path: Path) -> None:
+    """--http-tls-cert/--http-tls-key: the API (and the token with it) over HTTPS only."""
+    import ssl
+
+    from tests.pki import CertificateAuthority
+
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    server = ca.issue_server("collector")
+    port = free_port()
+    tls = ["--http-tls-cert", str(server.cert), "--http-tls-key", str(server.key)]
+    proc = subprocess.Popen(
+        _collect_cmd(broker, f"sqlite:///{tmp_path}/f.db", "tls", f"127.0.0.1:{port}", *tls),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(ca.cert))
+
+    def health_over_tls() -> bool:
+        try:
+            url = f"https://127.0.0.1:{port}/api/health"
+            with urllib.request.urlopen(url, timeout=10, context=context) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    try:
+        assert wait_for(health_over_tls, 90), proc.poll()
+        assert _health(port) is None  # plain HTTP gets no answer
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"API https://127.0.0.1:{port}/api/health" in out, out
+    # Half a pair is bad input: exit 2, one line.
+    half = subprocess.run(
+        _collect_cmd(broker, f"sqlite:///{tmp_path}/g.db", "tls", "127.0.0.1:0", *tls[:2]),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert half.returncode == 2 and "certificate and its key" in half.stderr, half.stderr
 
 
 def test_cli_collect_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
