@@ -133,11 +133,17 @@ def test_collect_stores_and_serves_from_the_collector_only_install(
         assert wait_for(lambda: _stored(port) == 0 or proc.poll() is not None, 60), proc.poll()
         assert proc.poll() is None, proc.communicate(timeout=10)
         now, rng = time.time(), np.random.default_rng(0)
+        # The API answers before the broker session has subscribed: the status goes retained
+        # (as agents send it), so it reaches the collector whenever its subscription lands, and
+        # the telemetry follows once something was stored (the subscription is then in place).
+        pub.publish(
+            topic(fleet, "pi-1", "status"), encode(status("pi-1", 1, ts=now)), qos=1, retain=True
+        ).wait_for_publish(10)
+        assert wait_for(lambda: _stored(port) == 1, 60), _get(port, "/api/health")
         publish_all(pub, [
-            (topic(fleet, "pi-1", "status"), encode(status("pi-1", 1, ts=now))),
             (topic(fleet, "pi-1", "telemetry"), encode(window("pi-1", 2, rng=rng, ts=now))),
         ])  # fmt: skip
-        assert wait_for(lambda: _stored(port) == 2, 30), _get(port, "/api/health")
+        assert wait_for(lambda: _stored(port) == 2, 60), _get(port, "/api/health")
         # The fleet state is a snapshot renewed after each commit (or cache_s): wait for it.
         devices = lambda: _get(port, f"/api/devices?fleet={fleet}")  # noqa: E731
         assert wait_for(lambda: b'"pi-1"' in devices()[1], 10), devices()
