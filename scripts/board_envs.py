@@ -133,7 +133,7 @@ PI4_CPUINFO_CANDIDATES = (
 )
 
 _PROJECT_FILES = ("pyproject.toml", "README.md")
-_PROJECT_PACKAGES = ("device_agent", "sdk")
+_PROJECT_PACKAGES = ("collector", "device_agent", "sdk")
 _STAMP = ".board-envs-key"
 _KEEP_UNUSED_S = 3600.0
 
