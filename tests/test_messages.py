@@ -685,6 +685,14 @@ def _broker_up() -> bool:
         return False
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: Ctrl-C as a terminal delivers it. An ignored or blocked
+    SIGINT survives exec, and a Python started with SIGINT ignored never raises
+    KeyboardInterrupt, so whatever the test process inherited must not reach the example."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _docs_example() -> str:
     text = (REPO / "docs" / "protocol.md").read_text()
     match = re.search(r"<!-- example: subscriber -->\n```python\n(.*?)```", text, re.S)
@@ -779,7 +787,7 @@ def test_docs_subscriber_example_reads_a_fleet(tmp_path: Path) -> None:
     pub.loop_start()
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env=env,
+        text=True, env=env, preexec_fn=_default_sigint,
     )  # fmt: skip
     reader = _LineReader(proc.stdout)
     try:
