@@ -89,7 +89,9 @@ class CollectorStats:
     """Counters since start. ``received`` counts committed deliveries (duplicates and dead
     letters included); ``stored`` the new messages; ``uncommitted`` deliveries not committed
     (and so not acknowledged) yet, ``pending`` the part of them no worker has taken yet;
-    ``redelivered`` deliveries the broker flagged as re-sent (after a reconnect or a crash)."""
+    ``redelivered`` deliveries the broker flagged as re-sent (after a reconnect or a crash);
+    ``subscribed`` whether the broker has granted the fleet's subscription on the current
+    connection (``connected`` alone does not mean messages flow yet)."""
 
     started_at: float
     first_received_at: float | None
@@ -111,6 +113,7 @@ class CollectorStats:
     last_error: str | None
     dead_by_field: dict[str, int]
     ignored_by_reason: dict[str, int] = field(default_factory=dict)
+    subscribed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -270,6 +273,7 @@ class Collector:
             connected=connected,
             protocol=protocol,
             connects=connects,
+            subscribed=self.session.subscribed(),
             **self.pipeline.counters(),
         )
 

@@ -67,6 +67,7 @@ class MqttSession:
         self._generation = 0
         self._lock = threading.Lock()
         self._connected = False
+        self._subscribed = False
         self._connects = 0
         self._protocol: str | None = None
 
@@ -79,6 +80,13 @@ class MqttSession:
         """(connected now, connections so far, protocol: "5", "3.1.1" or None)."""
         with self._lock:
             return self._connected, self._connects, self._protocol
+
+    def subscribed(self) -> bool:
+        """Whether the broker has granted the fleet's subscription on this connection (a
+        SUBACK without a failure code, or a resumed 3.1.1 session that keeps it): until then
+        nothing the fleet publishes reaches this collector."""
+        with self._lock:
+            return self._subscribed
 
     def connect(self) -> None:
         """Connect once (falling back from v5 to 3.1.1); later reconnects are paho's.
@@ -255,14 +263,19 @@ class MqttSession:
             client.subscribe(self.config.topic_filter, options=options)
         elif not session:
             client.subscribe(self.config.topic_filter, qos=1)
+        else:  # a resumed 3.1.1 session: the broker kept the subscription
+            with self._lock:
+                self._subscribed = True
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
     ) -> None:
-        for code in codes:
-            if code.is_failure:
-                self._note_error(f"subscription to {self.config.topic_filter} refused: {code}")
-                log.error("broker refused the subscription %s: %s", self.config.topic_filter, code)
+        refused = [code for code in codes if code.is_failure]
+        for code in refused:
+            self._note_error(f"subscription to {self.config.topic_filter} refused: {code}")
+            log.error("broker refused the subscription %s: %s", self.config.topic_filter, code)
+        with self._lock:
+            self._subscribed = not refused
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
@@ -273,6 +286,7 @@ class MqttSession:
             self._generation += 1
         with self._lock:
             self._connected = False
+            self._subscribed = False
         if not self._stopping.is_set():
             log.warning("disconnected from the broker (%s); paho reconnects", rc)
 

@@ -259,7 +259,7 @@ def test_falls_back_to_mqtt_311_on_a_broker_without_v5(tmp_path: Path) -> None:
         config = collector_config(amqtt.url, f"sqlite:///{tmp_path}/f.db", fleet="old",
                                   worker="thread", http=None)  # fmt: skip
         with Collector(config) as c:
-            assert wait_for(lambda: c.stats.connected, 20)
+            assert wait_for(lambda: c.stats.connected and c.stats.subscribed, 20)
             assert c.stats.protocol == "3.1.1"
             pub = publisher(amqtt.port)
             msg = telemetry(seq=1)
@@ -290,8 +290,9 @@ def test_two_collectors_share_a_fleet_and_store_each_message_once(broker: Mosqui
     ]
     collectors = [Collector(cfg).start() for cfg in configs]
     try:
-        assert wait_for(lambda: all(c.stats.connected for c in collectors), 20)
-        time.sleep(0.5)  # both subscriptions in place before the fleet talks
+        # Both shares subscribed (SUBACK), not just connected, before the fleet talks: a
+        # message published before then goes to the one share there is, or to nobody.
+        assert wait_for(lambda: all(c.stats.subscribed for c in collectors), 20)
         sim = SimulatedFleet(SimConfig(broker.url, fleet=fleet, devices=10, period_s=0.1)).connect()
         for _ in range(30):
             sim.publish_round()
