@@ -9,6 +9,10 @@ rather than like the developer's ``.venv``:
 ``tflite``
     a virtualenv with ``numpy<2``, ``tflite-runtime==2.14.0`` (the last release; it needs numpy
     1.x) and the project without a runtime extra, as on a board that runs tflite-runtime.
+``collector``
+    not a board: the fleet server as a hub installs it, a virtualenv holding only
+    ``edgeship[collector]`` from the same wheel, no ML library
+    (``tests/test_collector_install.py``).
 ``pi``
     an emulated Raspberry Pi 4: Debian bookworm's arm64 Python 3.11 (the Python of Raspberry Pi
     OS bookworm) unpacked into a sysroot and run by Debian's ``qemu-aarch64-static``, with aarch64
@@ -34,7 +38,7 @@ so a second run costs a few hash computations. A missing prerequisite raises
 
 Command line (run it with the repository's ``.venv/bin/python``)::
 
-    python scripts/board_envs.py setup [agent] [tflite] [pi] [promtool]   # default: all
+    python scripts/board_envs.py setup [agent] [tflite] [collector] [pi] [promtool]  # default: all
     python scripts/board_envs.py pi-python                     # print the emulated-Pi prefix
     python scripts/board_envs.py pi -- -m device_agent.cli check BUNDLE
 """
@@ -69,6 +73,7 @@ __all__ = [
     "ROOT",
     "SetupError",
     "agent_venv",
+    "collector_venv",
     "cpuinfo_method",
     "pi4_cpuinfo",
     "pi_emulator",
@@ -378,6 +383,23 @@ def agent_venv() -> Path:
         _install_offline_first(python, [f"{wheel}[agent]"], _requirements("agent"))
 
     return _cached_version(CACHE / "agent-venv", key, build, what="the agent-only virtualenv")
+
+
+def collector_venv() -> Path:
+    """A virtualenv with only ``edgeship[collector]`` (wheel install, no ML library); returns its
+    root. The fleet server as it is installed on a hub: ``tests/test_collector_install.py`` proves
+    torch, onnx, onnxruntime and scikit-learn are not importable there and the collector runs."""
+    wheel = project_wheel()
+    reqs = _requirements("collector")
+    key = _digest("collector-v1", str(_base_python()), wheel.parent.name, *reqs)
+
+    def build(target: Path) -> None:
+        python = _new_venv(target)
+        _install_offline_first(python, [f"{wheel}[collector]"], reqs)
+
+    return _cached_version(
+        CACHE / "collector-venv", key, build, what="the collector-only virtualenv"
+    )
 
 
 def tflite_venv() -> Path:
@@ -783,6 +805,7 @@ def pi_wheelhouse() -> Path:
 _SETUPS: dict[str, Callable[[], object]] = {
     "agent": agent_venv,
     "tflite": tflite_venv,
+    "collector": collector_venv,
     "pi": pi_env,
     "promtool": promtool,
 }
@@ -803,7 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="build (or check) the cached environments")
     setup.add_argument(
-        "envs", nargs="*", metavar="ENV", help="agent, tflite, pi, promtool (default: all)"
+        "envs",
+        nargs="*",
+        metavar="ENV",
+        help="agent, tflite, collector, pi, promtool (default: all)",
     )
     pi_prefix = sub.add_parser("pi-python", help="print the emulated-Pi Python command prefix")
     pi_prefix.add_argument("--method", choices=["mount", "sysroot"], default=None)

@@ -1,8 +1,8 @@
 """The collector installed the way a fleet server gets it: only ``edgeship[collector]``.
 
-``scripts/collector_env.py`` builds (once, cached under ``.cache/collector-env/``) a virtualenv
-from a wheel of the working tree with ``pip install '<wheel>[collector]'`` and nothing else.
-In it:
+``scripts/board_envs.py`` builds (once, cached under ``.cache/board-envs/collector-venv/``) a
+virtualenv from a wheel of the working tree with ``pip install '<wheel>[collector]'`` and nothing
+else. In it:
 
 * torch, onnx, onnxruntime and scikit-learn are not installed, and importing every collector
   module loads none of them (nor the host SDK's heavy modules);
@@ -45,7 +45,7 @@ ML = ("torch", "onnx", "onnxruntime", "sklearn")
 FLEET = "install"
 
 
-collector_env = load_script("collector_env", ROOT / "scripts" / "collector_env.py")
+board_envs = load_script("board_envs", ROOT / "scripts" / "board_envs.py")
 
 # Runs inside the venv: which ML libraries are installed, and which heavy modules importing
 # every collector module (and the collect command's parser) loads.
@@ -66,8 +66,8 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def venv() -> Path:
     try:
-        root: Path = collector_env.collector_venv()
-    except collector_env.SetupError as exc:
+        root: Path = board_envs.collector_venv()
+    except board_envs.SetupError as exc:
         pytest.fail(f"cannot build the collector-only virtualenv: {exc}")
     return root
 
@@ -79,7 +79,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 
 def test_the_collector_extra_installs_no_ml_library(venv: Path) -> None:
-    python = collector_env.venv_python(venv)
+    python = board_envs.venv_python(venv)
     out = subprocess.run(
         [python, "-c", PROBE, ",".join(ML)],
         cwd=venv, capture_output=True, text=True, timeout=120,
