@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from device_agent.contracts import messages as msg
+from device_agent.contracts.text import escape
 from device_agent.errors import EdgeshipError
 
 __all__ = [
@@ -43,14 +44,10 @@ FATAL = (KeyboardInterrupt, SystemExit)
 
 
 def wire_text(text: str, limit: int = 1000) -> str:
-    """``text`` made safe for any message and log line: lone surrogates and non-printable
-    characters (NUL, newlines, ...) escaped, at most ``limit`` characters."""
-    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if not out.isprintable():
-        out = "".join(
-            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in out
-        )
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+    """``text`` made safe for any message and log line: lone surrogates, controls (NUL,
+    newlines, ...) and bidi controls escaped (:func:`device_agent.contracts.text.escape`), at
+    most ``limit`` characters."""
+    return escape(text, limit=limit)
 
 
 def describe(exc: BaseException) -> str:

@@ -20,43 +20,23 @@ layout).
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from device_agent.contracts.text import escape
+
 __all__ = ["SafeStream", "guard_stdio", "printable", "raw_stream"]
-
-_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-_UNSAFE_KEEP_NEWLINES = re.compile(
-    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-    "\ud800-\udfff]"
-)
-_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def _escape(match: re.Match[str]) -> str:
-    ch = match.group()
-    named = _NAMED.get(ch)
-    if named is not None:
-        return named
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def printable(value: object, *, keep_newlines: bool = False) -> str:
-    """``str(value)`` with every control, bidi-control and surrogate character escaped.
+    """``str(value)`` with every control, bidi-control and surrogate character escaped
+    (:func:`device_agent.contracts.text.escape`, the one rule for all outside text).
 
     ``keep_newlines`` leaves ``\\n`` alone (for whole blocks of output, laid out in lines); by
     default it is escaped too, as a single value should have none.
     """
-    text = value if isinstance(value, str) else str(value)
-    pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE
-    if pattern.search(text) is None:
-        return text
-    return pattern.sub(_escape, text)
+    return escape(value if isinstance(value, str) else str(value), keep_newlines=keep_newlines)
 
 
 class SafeStream:

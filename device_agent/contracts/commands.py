@@ -37,6 +37,7 @@ from typing import Any, ClassVar, TypedDict
 
 from device_agent.contracts.errors import ConfigError, EdgeshipError
 from device_agent.contracts.messages import validate_id
+from device_agent.contracts.text import escape
 
 __all__ = [
     "MAX_CHUNKS",
@@ -96,10 +97,9 @@ class DeployError(ConfigError):
 
 def printable(text: str, limit: int = 1000) -> str:
     """``text`` cut to ``limit`` characters with control characters and lone surrogates
-    escaped: a reason that quotes a file name or an exception must still encode."""
-    if _BAD_TEXT.search(text):
-        text = _BAD_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    escaped (:func:`device_agent.contracts.text.escape`): a reason that quotes a file name or an
+    exception must still encode."""
+    return escape(text, limit=limit)
 
 
 def has_bad_text(text: str) -> bool:
