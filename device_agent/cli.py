@@ -4,7 +4,9 @@
 bundle's signature (with trusted keys) and hashes, loads the model with its runtime (decrypting
 it in memory if it is encrypted), runs one inference and prints timings and the environment.
 Without BUNDLE it checks the bundle ``run`` would run (a deployed one, else the setting
-``bundle``). ``edgeship-agent status`` prints the remote deploy state on disk.
+``bundle``). ``edgeship-agent status`` prints the remote deploy state on disk. With ``--json``
+both print one JSON object on stdout instead (keys in docs/agent.md, "For scripts");
+``edgeship-agent --version`` prints the package version.
 Exit codes: 0 ok, 2 a problem with the bundle, its signature, a key or the runtime (one line
 on stderr), 3 an internal error (a bug: rerun with ``--debug`` for the traceback).
 """
@@ -20,10 +22,17 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device_agent._version import __version__
 from device_agent.errors import BundleError, ConfigError, EdgeshipError
+from device_agent.httpjson import dumps_json
+
+if TYPE_CHECKING:
+    from device_agent.agent_config import AgentConfig
+    from device_agent.bundle import Bundle
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -69,10 +78,27 @@ def _bundle_step(what: str, where: object) -> Iterator[None]:
         ) from exc
 
 
+class _Report:
+    """What ``check`` or ``status`` found: printed line by line as it goes (a label in ten
+    columns, then the text), or, with ``--json``, gathered into one object that
+    :meth:`finish` writes to stdout, and nothing else (non-finite numbers as null)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.data: dict[str, Any] = {}
+
+    def line(self, label: str, text: str = "", **data: Any) -> None:
+        self.data.update(data)
+        if not self.as_json:
+            print(f"{label:<10} {text}" if text else label)
+
+    def finish(self) -> None:
+        if self.as_json:
+            sys.stdout.write(dumps_json(self.data).decode("ascii") + "\n")
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    from device_agent.bundle import load_bundle
     from device_agent.config import load_settings
-    from device_agent.deploy import deploy_dir, deployed_bundle
 
     if args.runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {args.runs}")
@@ -87,58 +113,121 @@ def _cmd_check(args: argparse.Namespace) -> int:
         "device_id": args.device_id,
     }
     config, run_config = load_settings(args.config, os.environ, overrides)
-    t0 = time.perf_counter()
-    if args.bundle is not None:
-        with _bundle_step("loading the bundle", args.bundle):
-            bundle = load_bundle(args.bundle, trusted_keys=config.trusted_keys)
-    else:
-        # What 'run' without --bundle would run: the deployed bundle, else the configured one.
-        try:
-            with _bundle_step("loading the deployed bundle", deploy_dir(config)):
-                deployed = deployed_bundle(config, fallback=False)
-        except EdgeshipError as exc:
-            if run_config.bundle is None:
-                raise
-            print(f"deployed   {exc}")
-            print(f"           'run' falls back to the configured bundle {run_config.bundle}")
-            deployed = None
-            t0 = time.perf_counter()
-        if deployed is not None:
-            print(f"deployed   {deployed.root} is current (it takes precedence over 'bundle')")
-            bundle = deployed
-        elif run_config.bundle is not None:
-            with _bundle_step("loading the bundle", run_config.bundle):
-                bundle = load_bundle(run_config.bundle, trusted_keys=config.trusted_keys)
-        else:
-            raise ConfigError(
-                "nothing to check: give BUNDLE, set bundle in agent.toml (--config) or "
-                "EDGESHIP_AGENT_BUNDLE, or deploy one with 'edgeship deploy' (none in "
-                f"{deploy_dir(config)})"
-            )
-    t_verify = time.perf_counter() - t0
+    report = _Report(args.json)
+    bundle, t_verify = _bundle_to_check(args.bundle, config, run_config.bundle, report)
     m = bundle.manifest
-    print(
-        f"bundle     {bundle.root}: {m.model.name} v{m.model.version} "
-        f"({m.model.precision}, {m.model.recipe})"
+    report.line(
+        "bundle",
+        f"{bundle.root}: {m.model.name} v{m.model.version} ({m.model.precision}, "
+        f"{m.model.recipe})",
+        bundle={
+            "path": str(bundle.root), "model": m.model.name, "version": m.model.version,
+            "precision": m.model.precision, "recipe": m.model.recipe,
+            "runtime": m.model.runtime, "created": m.created,
+        },
+    )  # fmt: skip
+    sig = bundle.signature
+    report.line(
+        "signature",
+        sig.describe(),
+        signature={
+            "signed": sig.signed, "signers": list(sig.signers),
+            "verified_by": list(sig.verified_by), "problem": sig.problem, "text": sig.describe(),
+        },
+    )  # fmt: skip
+    report.line(
+        "verified",
+        f"{len(m.files)} file(s) match their SHA-256 ({t_verify * 1000:.1f} ms)",
+        verified={"files": len(m.files), "ms": t_verify * 1000},
     )
-    print(f"signature  {bundle.signature.describe()}")
-    print(f"verified   {len(m.files)} file(s) match their SHA-256 ({t_verify * 1000:.1f} ms)")
+    _check_inference(bundle, config.model_key_file, args, report)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    host = {
+        "machine": platform.machine(), "cores": cpus, "python": platform.python_version(),
+        "numpy": np.__version__, "memory_total_mb": _meminfo_mb("MemTotal"),
+        "memory_available_mb": _meminfo_mb("MemAvailable"),
+    }  # fmt: skip
+    report.line(
+        "host",
+        f"{host['machine']}, {cpus} cores, Python {host['python']}, numpy {host['numpy']}, "
+        f"memory {host['memory_total_mb']} MB total / {host['memory_available_mb']} MB available",
+        host=host,
+    )
+    report.line("ok", ok=True)
+    report.finish()
+    return 0
+
+
+def _bundle_to_check(
+    given: Path | None, config: AgentConfig, setting: Path | None, report: _Report
+) -> tuple[Bundle, float]:
+    """The bundle to check and the seconds loading (verifying) it took: BUNDLE, else what
+    'run' without --bundle would run, the deployed bundle, else the setting ``bundle``. Sets
+    ``source`` (argument, deployed or setting) and ``deployed_error`` (why a deployed bundle
+    was passed over, else null)."""
+    from device_agent.bundle import load_bundle
+    from device_agent.deploy import deploy_dir, deployed_bundle
+
+    report.data.update(source="argument", deployed_error=None)
+    t0 = time.perf_counter()
+    if given is not None:
+        with _bundle_step("loading the bundle", given):
+            return load_bundle(given, trusted_keys=config.trusted_keys), time.perf_counter() - t0
+    try:
+        with _bundle_step("loading the deployed bundle", deploy_dir(config)):
+            deployed = deployed_bundle(config, fallback=False)
+    except EdgeshipError as exc:
+        if setting is None:
+            raise
+        report.line("deployed", str(exc), deployed_error=str(exc))
+        report.line("", f"'run' falls back to the configured bundle {setting}")
+        deployed = None
+        t0 = time.perf_counter()
+    if deployed is not None:
+        report.line(
+            "deployed",
+            f"{deployed.root} is current (it takes precedence over 'bundle')",
+            source="deployed",
+        )
+        return deployed, time.perf_counter() - t0
+    if setting is None:
+        raise ConfigError(
+            "nothing to check: give BUNDLE, set bundle in agent.toml (--config) or "
+            "EDGESHIP_AGENT_BUNDLE, or deploy one with 'edgeship deploy' (none in "
+            f"{deploy_dir(config)})"
+        )
+    report.data["source"] = "setting"
+    with _bundle_step("loading the bundle", setting):
+        return load_bundle(setting, trusted_keys=config.trusted_keys), time.perf_counter() - t0
+
+
+def _check_inference(
+    bundle: Bundle, model_key_file: str | None, args: argparse.Namespace, report: _Report
+) -> None:
+    """Open the model, run it once and ``--runs`` times more on generated inputs."""
     from device_agent.benchmark import sample_inputs
     from device_agent.runtime import check_feed
 
+    m = bundle.manifest
     t0 = time.perf_counter()
     with _bundle_step("opening the model", bundle.root):
-        session = bundle.open_model(model_key_file=config.model_key_file, threads=args.threads)
+        session = bundle.open_model(model_key_file=model_key_file, threads=args.threads)
     t_load = time.perf_counter() - t0
-    if m.model.encryption is not None:
-        print(
-            f"decrypted  {m.model.file} ({m.model.encryption.algorithm}, key "
-            f"{m.model.encryption.key_id}) in memory"
+    enc = m.model.encryption
+    report.data["decrypted"] = None
+    if enc is not None:
+        report.line(
+            "decrypted",
+            f"{m.model.file} ({enc.algorithm}, key {enc.key_id}) in memory",
+            decrypted={"file": m.model.file, "algorithm": enc.algorithm, "key_id": enc.key_id},
         )
-    print(
-        f"runtime    {session.runtime} {session.runtime_version} "
-        f"(session created in {t_load * 1000:.1f} ms)"
-    )
+    report.line(
+        "runtime",
+        f"{session.runtime} {session.runtime_version} (session created in "
+        f"{t_load * 1000:.1f} ms)",
+        runtime={"name": session.runtime, "version": session.runtime_version,
+                 "session_ms": t_load * 1000},
+    )  # fmt: skip
     with _bundle_step("one inference on generated inputs", bundle.root):
         feed = check_feed(m.io, sample_inputs(m.io))
         t0 = time.perf_counter()
@@ -149,21 +238,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             session.run(feed)
             times.append(time.perf_counter() - t0)
-    shapes = ", ".join(
-        f"{o.name} {tuple(a.shape)}" for o, a in zip(m.io.outputs, outputs, strict=False)
-    )
-    print(
-        f"inference  first {t_first * 1000:.2f} ms; median of {args.runs} "
-        f"{float(np.median(times)) * 1000:.3f} ms; outputs {shapes}"
-    )
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"host       {platform.machine()}, {cpus} cores, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, memory {_meminfo_mb('MemTotal')} MB total / "
-        f"{_meminfo_mb('MemAvailable')} MB available"
-    )
-    print("ok")
-    return 0
+    shapes = [
+        (o.name, [int(d) for d in a.shape]) for o, a in zip(m.io.outputs, outputs, strict=False)
+    ]
+    median = float(np.median(times))
+    report.line(
+        "inference",
+        f"first {t_first * 1000:.2f} ms; median of {args.runs} {median * 1000:.3f} ms; outputs "
+        + ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes),
+        inference={
+            "first_ms": t_first * 1000, "runs": args.runs, "median_ms": median * 1000,
+            "min_ms": min(times) * 1000, "max_ms": max(times) * 1000,
+            "outputs": [{"name": name, "shape": shape} for name, shape in shapes],
+        },
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an internal error"
     )
+    parser.add_argument("--version", action="version", version=f"edgeship-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "check",
@@ -203,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "state_dir, fleet, device_id) apply",
     )
     _add_where_args(p)
+    _add_json_arg(p)
     p.set_defaults(handler=_cmd_check)
 
     p = sub.add_parser(
@@ -216,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="agent.toml with state_dir, fleet, device_id")
     _add_where_args(p)
+    _add_json_arg(p)
     p.set_defaults(handler=_cmd_status)
 
     p = sub.add_parser(
@@ -262,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout instead of the lines (keys in docs/agent.md, "
+        "For scripts); errors are still one line on stderr with the same exit codes",
+    )
+
+
 def _add_where_args(p: argparse.ArgumentParser) -> None:
     """Where the deploy state lives: {state_dir}/deploy-{fleet}-{device_id}, as for 'run'."""
     p.add_argument("--state-dir", type=Path, help="the agent's state_dir (as for 'run')")
@@ -282,12 +382,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"cannot read {deploy_dir(config)}: {exc.strerror or exc} (run it as the agent's "
             "user, e.g. sudo -u edgeship)"
         ) from exc
+    setting = None if run_config.bundle is None else str(run_config.bundle)
+    if args.json:
+        sys.stdout.write(dumps_json(_status_json(state, setting)).decode("ascii") + "\n")
+        return 0
     print(f"deploys    {state['dir']}")
     current = state["current"]
     if "error" in state:
         print(f"current    {state['error']}; 'run' ignores it")
     elif current is None:
-        print(f"current    none deployed; 'run' uses the setting bundle ({run_config.bundle})")
+        print(f"current    none deployed; 'run' uses the setting bundle ({setting})")
     else:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(current.get("ts", 0))))
         print(
@@ -306,6 +410,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for name in state["unapplied"]:
         print(f"unapplied  bundles/{name} (on probation now, or left by a restart during one)")
     return 0
+
+
+def _status_json(state: dict[str, Any], setting: str | None) -> dict[str, Any]:
+    """``status --json``: the same facts as the lines, every key always present."""
+    current = state["current"]
+    previous = None
+    if current is not None and "error" not in state and current.get("previous") is not None:
+        previous = {
+            "path": current.get("previous"),
+            "model": state.get("previous_model"),
+            "version": state.get("previous_version"),
+        }
+    return {
+        "dir": state["dir"],
+        "current": None if "error" in state else current,
+        "error": state.get("error"),
+        "setting_bundle": setting,
+        "previous": previous,
+        "uploads": state["uploads"],
+        "unapplied": state["unapplied"],
+    }
 
 
 def _add_trust_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,250 @@
+"""``--json`` for scripts (issue 14, item 5): ``edgeship-agent check`` and ``edgeship-agent
+status`` print one JSON object on stdout and nothing else; errors stay one line on stderr with
+the same exit codes; ``--version`` of both programs prints the package version.
+
+Every command runs in its own process: ``check`` on real (signed, encrypted) bundles,
+``status`` on the state a real deploy left. The JSON is parsed strictly (NaN or Infinity would
+fail) and compared with what the system holds: the manifest, the files on disk.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent import Agent, AgentConfig
+from tests.brokers import Mosquitto, wait_for
+from tests.helpers import write_mlp_onnx
+
+FLEET = "jsonfleet"
+AGENT = "pi-a"
+EVIL = "pi-evil"
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\r\npi-ok online\u202eevil"
+INFERENCES = 37  # what the real agent runs, exactly
+# Keys whose values do not move while nothing new happens on the devices.
+STABLE = ("fleet", "device", "status", "boot", "agent_version", "model", "model_version",
+          "runtime", "host", "latency_ms", "inferences", "errors", "outliers", "outlier_rate",
+          "temperature_c", "throttled", "deploy")  # fmt: skip
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``json.loads`` refusing NaN, Infinity and -Infinity, which are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, timeout=180, env=env)
+
+
+def edgeship(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return _run("sdk.cli", *args)
+
+
+def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return _run("device_agent.cli", *args, env=env)
+
+
+def one_object(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    """The command's stdout: exactly one JSON object on one line, in ASCII (control characters
+    and non-ASCII text escaped by the JSON encoder), and the exit code 0."""
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(b"\n") and done.stdout.count(b"\n") == 1, done.stdout[:500]
+    done.stdout.decode("ascii")
+    found = strict_json(done.stdout)
+    assert isinstance(found, dict)
+    return found
+
+
+def one_line_error(done: subprocess.CompletedProcess[bytes], code: int, needle: str) -> None:
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert done.stdout == b""
+    err = done.stderr.decode()
+    assert err.count("\n") == 1 and "Traceback" not in err and needle in err, err
+
+
+def _mlp_bundle(root: Path, name: str, version: str, seed: int = 0) -> Path:
+    from sdk.artifact import read_artifact
+    from sdk.package import package
+
+    model = write_mlp_onnx(root / f"{name}-{version}.onnx", seed=seed)
+    return package(
+        read_artifact(model), root / f"{name}-{version}", name=name, version=version
+    ).root
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("json-bundles")
+    return {"v1": _mlp_bundle(root, "mlp", "1"), "v2": _mlp_bundle(root, "mlp", "2", seed=1)}
+
+
+# --- --version ------------------------------------------------------------------------------
+
+
+def test_both_programs_print_the_package_version() -> None:
+    version = importlib.metadata.version("edgeship")
+    for prog, done in (
+        ("edgeship", edgeship("--version")),
+        ("edgeship-agent", agent_cli("--version")),
+    ):
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.decode() == f"{prog} {version}\n"
+
+
+# --- edgeship-agent check --json -----------------------------------------------------------------
+
+
+def test_check_json_reports_what_the_bundle_holds(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from device_agent.signing import fingerprint, load_public_key
+    from sdk.signing import encrypt_bundle, generate_model_key, generate_signing_key, sign_bundle
+
+    bundle = Path(shutil.copytree(bundles["v1"], tmp_path / "bundle"))
+    model_key = generate_model_key(tmp_path / "keys", "fleet")
+    signing = generate_signing_key(tmp_path / "keys", "release")
+    assert signing.public is not None
+    encrypt_bundle(bundle, model_key.private)
+    sign_bundle(bundle, signing.private)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    found = one_object(
+        agent_cli("check", str(bundle), "--runs", "3", "--json", "--trusted-key",
+                  str(signing.public), "--model-key", str(model_key.private))
+    )  # fmt: skip
+    assert found["ok"] is True and found["source"] == "argument" and found["deployed_error"] is None
+    assert found["bundle"] == {
+        "path": str(bundle), "model": "mlp", "version": "1",
+        "precision": manifest["model"]["precision"], "recipe": manifest["model"]["recipe"],
+        "runtime": manifest["model"]["runtime"], "created": manifest["created"],
+    }  # fmt: skip
+    key_id = fingerprint(load_public_key(signing.public))
+    assert found["signature"]["signed"] is True and found["signature"]["problem"] is None
+    assert found["signature"]["signers"] == [key_id] == found["signature"]["verified_by"]
+    assert found["verified"]["files"] == len(manifest["files"])
+    assert found["decrypted"] == {
+        "file": "model.onnx.enc", "algorithm": manifest["model"]["encryption"]["algorithm"],
+        "key_id": model_key.key_id,
+    }  # fmt: skip
+    import onnxruntime
+
+    assert found["runtime"]["name"] == "onnxruntime"
+    assert found["runtime"]["version"] == onnxruntime.__version__
+    inference = found["inference"]
+    assert inference["runs"] == 3
+    assert inference["outputs"] == [{"name": "logits", "shape": [1, 4]}]
+    assert 0 < inference["min_ms"] <= inference["median_ms"] <= inference["max_ms"]
+    assert all(
+        isinstance(v, float) and v > 0
+        for v in (found["verified"]["ms"], found["runtime"]["session_ms"], inference["first_ms"])
+    )
+    cores = len(os.sched_getaffinity(0))
+    assert found["host"]["cores"] == cores and found["host"]["numpy"] == np.__version__
+    assert found["host"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+    # the lines say the same
+    lines = agent_cli("check", str(bundle), "--runs", "1", "--trusted-key", str(signing.public),
+                      "--model-key", str(model_key.private)).stdout.decode()  # fmt: skip
+    assert f"bundle     {bundle}: mlp v1 " in lines and "decrypted  model.onnx.enc" in lines
+    assert lines.endswith("ok\n") and not lines.lstrip().startswith("{")
+
+
+def test_check_json_errors_are_one_line_on_stderr_with_the_same_codes(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    damaged = Path(shutil.copytree(bundles["v1"], tmp_path / "damaged"))
+    model = damaged / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"x")
+    for extra in ((), ("--json",)):
+        one_line_error(agent_cli("check", str(damaged), *extra), 2, "model.onnx")
+    one_line_error(agent_cli("check", str(bundles["v1"]), "--runs", "0", "--json"), 2, "--runs")
+    empty = ["--state-dir", str(tmp_path / "state"), "--fleet", "f", "--device-id", "d"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_AGENT_")}
+    one_line_error(agent_cli("check", *empty, "--json", env=env), 2, "nothing to check")
+
+
+# --- edgeship-agent status --json (and check --json without BUNDLE) after a real deploy --------
+
+
+def test_status_json_after_a_real_deploy(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from sdk.deploy import deploy_bundle
+
+    state = tmp_path / "state"
+    fleet = f"st{uuid.uuid4().hex[:8]}"
+    where = ["--state-dir", str(state), "--fleet", fleet, "--device-id", "pi-d"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_AGENT_")}
+    env["EDGESHIP_AGENT_BUNDLE"] = str(bundles["v1"])
+    before = one_object(agent_cli("status", *where, "--json", env=env))
+    assert before == {
+        "dir": str(state / f"deploy-{fleet}-pi-d"), "current": None, "error": None,
+        "setting_bundle": str(bundles["v1"]), "previous": None, "uploads": [], "unapplied": [],
+    }  # fmt: skip
+
+    with Mosquitto(tmp_path / "broker", persistence=False) as broker:
+        config = AgentConfig(
+            device_id="pi-d", fleet=fleet, broker_url=broker.url, window_s=0.3,
+            state_dir=state, deploy_probation_inferences=5,
+        )  # fmt: skip
+        stop = threading.Event()
+        with Agent.from_bundle(bundles["v1"], config) as agent:
+            x = np.zeros((1, 16), dtype=np.float32)
+
+            def traffic() -> None:
+                while not stop.is_set():
+                    agent.predict({"x": x})
+                    stop.wait(0.01)
+
+            thread = threading.Thread(target=traffic, daemon=True)
+            thread.start()
+            try:
+                assert wait_for(lambda: agent.stats["mqtt"]["connected"], 15)
+                result = deploy_bundle(bundles["v2"], broker.url, fleet, "pi-d", timeout_s=120)
+            finally:
+                stop.set()
+                thread.join(10)
+    assert result.state == "applied", result
+
+    found = one_object(agent_cli("status", *where, "--json", env=env))
+    pointer = json.loads((state / f"deploy-{fleet}-pi-d" / "current.json").read_text())
+    assert found["current"] == pointer and found["error"] is None
+    assert (pointer["model"], pointer["model_version"], pointer["deploy"]) == (
+        "mlp", "2", result.deploy_id,
+    )  # fmt: skip
+    assert found["previous"] == {"path": str(bundles["v1"]), "model": "mlp", "version": "1"}
+    assert found["uploads"] == [] and found["unapplied"] == []
+    assert found["setting_bundle"] == str(bundles["v1"])
+    # the lines say the same
+    lines = agent_cli("status", *where, env=env).stdout.decode()
+    assert f"mlp v2, deploy {result.deploy_id}, applied" in lines
+    assert f"previous   mlp v1 ({bundles['v1']})" in lines
+
+    # check without BUNDLE checks the deployed bundle, as 'run' would start with it
+    checked = one_object(agent_cli("check", *where, "--runs", "1", "--json", env=env))
+    assert checked["source"] == "deployed" and checked["deployed_error"] is None
+    assert checked["bundle"]["version"] == "2"
+    assert checked["bundle"]["path"] == str(state / f"deploy-{fleet}-pi-d" / pointer["bundle"])
+
+    # a damaged deployed bundle: check says why and checks the setting bundle instead
+    deployed_model = next((state / f"deploy-{fleet}-pi-d" / "bundles").glob("*/model.onnx"))
+    deployed_model.write_bytes(deployed_model.read_bytes()[:-1] + b"x")
+    fallback = one_object(agent_cli("check", *where, "--runs", "1", "--json", env=env))
+    assert fallback["source"] == "setting" and fallback["bundle"]["version"] == "1"
+    assert "model.onnx" in fallback["deployed_error"]
+
+    # an unreadable current.json: status names the error, current is null
+    (state / f"deploy-{fleet}-pi-d" / "current.json").write_text("{")
+    broken = one_object(agent_cli("status", *where, "--json", env=env))
+    assert broken["current"] is None and broken["previous"] is None
+    assert "current.json is unreadable" in broken["error"]
