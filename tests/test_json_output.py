@@ -1,6 +1,7 @@
-"""``--json`` for scripts (issue 14, item 5): ``edgeship-agent check`` and ``edgeship-agent
-status`` print one JSON object on stdout and nothing else; errors stay one line on stderr with
-the same exit codes; ``--version`` of both programs prints the package version.
+"""``--json`` for scripts (issue 14, item 5): ``edgeship targets``, ``edgeship-agent check``
+and ``edgeship-agent status`` print one JSON object on stdout and nothing else; errors stay one
+line on stderr with the same exit codes; ``--version`` of both programs prints the package
+version.
 
 Every command runs in its own process: ``check`` on real (signed, encrypted) bundles,
 ``status`` on the state a real deploy left. The JSON is parsed strictly (NaN or Infinity would
@@ -9,6 +10,7 @@ fail) and compared with what the system holds: the manifest, the files on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -104,6 +106,27 @@ def test_both_programs_print_the_package_version() -> None:
     ):
         assert done.returncode == 0, done.stderr
         assert done.stdout.decode() == f"{prog} {version}\n"
+
+
+# --- edgeship targets --json ------------------------------------------------------------------
+
+
+def test_targets_json_lists_every_profile_with_its_raw_fields() -> None:
+    from sdk.targets import PROFILES, host_profile
+
+    found = one_object(edgeship("targets", "--json"))
+    assert list(found) == ["targets"]
+    expected = [host_profile(), *PROFILES.values()]
+    assert [t["name"] for t in found["targets"]] == [t.name for t in expected]
+    for shown, profile in zip(found["targets"], expected, strict=True):
+        assert shown == {
+            **dataclasses.asdict(profile),
+            "isa": list(profile.isa),
+            "threads_on_host": profile.threads_on_host(),
+        }
+    # the table shows the same profiles
+    table = edgeship("targets").stdout.decode()
+    assert all(f"{t.memory_mb:>7}MB" in table for t in expected)
 
 
 # --- edgeship-agent check --json -----------------------------------------------------------------
