@@ -1,11 +1,14 @@
-"""``--json`` for scripts (issue 14, item 5): ``edgeship targets``, ``edgeship-agent check``
-and ``edgeship-agent status`` print one JSON object on stdout and nothing else; errors stay one
-line on stderr with the same exit codes; ``--version`` of both programs prints the package
-version.
+"""``--json`` for scripts (issue 14, item 5): ``edgeship fleet status``, ``edgeship targets``,
+``edgeship-agent check`` and ``edgeship-agent status`` print one JSON object on stdout and
+nothing else; errors stay one line on stderr with the same exit codes; ``--version`` of both
+programs prints the package version.
 
-Every command runs in its own process: ``check`` on real (signed, encrypted) bundles,
-``status`` on the state a real deploy left. The JSON is parsed strictly (NaN or Infinity would
-fail) and compared with what the system holds: the manifest, the files on disk.
+Every command runs in its own process. ``fleet status`` reads a real collector (with its
+monitor) fed by a private Mosquitto, a real agent that ran a known number of inferences and a
+device whose model name is ESC sequences and whose window is throttled and full of outliers;
+``check`` runs on real (signed, encrypted) bundles; ``status`` reads the state a real deploy
+left. The JSON is parsed strictly (NaN or Infinity would fail) and compared with what the
+system holds: the collector's own API, the manifest, the files on disk.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.request
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,8 @@ import numpy as np
 import pytest
 
 from device_agent import Agent, AgentConfig
-from tests.brokers import Mosquitto, wait_for
+from tests.brokers import Mosquitto, free_port, wait_for
+from tests.collector_helpers import Publisher, status, window
 from tests.helpers import write_mlp_onnx
 
 FLEET = "jsonfleet"
@@ -271,3 +278,186 @@ def test_status_json_after_a_real_deploy(bundles: dict[str, Path], tmp_path: Pat
     broken = one_object(agent_cli("status", *where, "--json", env=env))
     assert broken["current"] is None and broken["previous"] is None
     assert "current.json is unreadable" in broken["error"]
+
+
+# --- edgeship fleet status --json ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rig:
+    url: str
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=20) as resp:
+        return strict_json(resp.read())
+
+
+def _firing(url: str) -> set[tuple[str, str]]:
+    return {(a["device"], a["rule"]) for a in _get(url + "/api/alerts")["firing"]}
+
+
+@pytest.fixture(scope="module")
+def rig(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    from collector.monitor import Monitor, MonitorConfig
+    from collector.service import Collector, CollectorConfig
+
+    tmp = tmp_path_factory.mktemp("json-fleet")
+    with Mosquitto(tmp / "broker", persistence=False) as broker:
+        collector = Collector(
+            CollectorConfig(
+                broker_url=broker.url, fleet=FLEET, store_url=f"sqlite:///{tmp}/fleet.db",
+                http="127.0.0.1:0", client_id=f"json-{uuid.uuid4().hex[:8]}",
+                batch_interval_s=0.02, worker="thread",
+            )
+        ).start()  # fmt: skip
+        monitor = Monitor.for_collector(
+            collector, MonitorConfig(interval_s=0.2, alerts_db=str(tmp / "alerts.db"))
+        ).start()
+        host, port = collector.http_address_bound()
+        url = f"http://{host}:{port}"
+        publisher = Publisher(broker.port, FLEET)
+        config = AgentConfig(
+            device_id=AGENT, fleet=FLEET, broker_url=broker.url, window_s=0.3,
+            state_dir=tmp / "state",
+        )  # fmt: skip
+        try:
+            with Agent.from_bundle(bundles["v1"], config) as agent:
+                assert wait_for(lambda: agent.stats["mqtt"]["connected"], 15)
+                x = np.random.default_rng(0).random((1, 16), dtype=np.float32)
+                for _ in range(INFERENCES):
+                    agent.predict({"x": x})
+                # A device whose model name and version are ESC sequences, throttled now
+                # (under-voltage and throttling), a quarter of its 200 inferences outliers.
+                rng = np.random.default_rng(1)
+                publisher.send(status(EVIL, 1, model=HOSTILE, version=HOSTILE))
+                publisher.send(window(EVIL, 2, rng=rng, n=200, outlier_share=0.25,
+                                      model=HOSTILE, version=HOSTILE, temperature=71.5,
+                                      throttled=0x5, window_s=600.0))  # fmt: skip
+
+                def devices() -> dict[str, Any]:
+                    return {d["device"]: d for d in _get(url + "/api/devices")["devices"]}
+
+                assert wait_for(
+                    lambda: (
+                        devices().get(AGENT, {}).get("inferences") == INFERENCES
+                        and EVIL in devices()
+                    ),
+                    30,
+                ), devices()
+                assert wait_for(
+                    lambda: {(EVIL, "throttled"), (EVIL, "outlier_rate")} <= _firing(url), 30
+                ), _get(url + "/api/alerts")
+                yield Rig(url)
+        finally:
+            publisher.close()
+            monitor.stop()
+            collector.stop()
+
+
+def test_fleet_status_json_is_the_collectors_devices_with_their_alerts(rig: Rig) -> None:
+    api_before = {d["device"]: d for d in _get(rig.url + "/api/devices")["devices"]}
+    firing_before = _firing(rig.url)
+    done = edgeship("fleet", "status", "--collector", rig.url, "--json")
+    found = one_object(done)
+    api_after = {d["device"]: d for d in _get(rig.url + "/api/devices")["devices"]}
+    assert b"\x1b" not in done.stdout and b"\r" not in done.stdout and done.stderr == b""
+
+    assert list(found) == ["collector", "at", "fleet", "summary", "devices", "alerts"]
+    assert found["collector"] == rig.url and found["fleet"] == FLEET
+    assert isinstance(found["at"], float)
+    shown = {d["device"]: d for d in found["devices"]}
+    assert set(shown) == {AGENT, EVIL} == set(api_before)
+    for name, device in shown.items():
+        # every field the collector's API gives, raw, plus the rules firing for the device
+        assert set(device) == set(api_before[name]) | {"alerts"}
+        for key in STABLE:
+            assert api_before[name][key] == api_after[name][key], key  # nothing moved
+            assert device[key] == api_before[name][key], (name, key)
+        assert set(device["alerts"]) == {r for d, r in firing_before if d == name}
+
+    agent = shown[AGENT]
+    assert agent["inferences"] == INFERENCES and agent["errors"] == 0
+    assert (agent["model"], agent["model_version"], agent["status"]) == ("mlp", "1", "online")
+    assert isinstance(agent["latency_ms"]["p95"], float) and agent["latency_ms"]["p95"] > 0
+    assert agent["alerts"] == []
+    evil = shown[EVIL]
+    assert evil["model"] == HOSTILE and evil["model_version"] == HOSTILE  # the device's own text
+    assert evil["temperature_c"] == 71.5 and evil["outlier_rate"] == 0.25
+    assert (evil["inferences"], evil["outliers"]) == (200, 50)
+    assert evil["throttled"]["raw"] == 5 and evil["throttled"]["under_voltage"] is True
+    assert {"throttled", "outlier_rate"} <= set(evil["alerts"])
+
+    assert found["summary"] == {
+        "devices": 2, "online": 2, "stale": 0, "offline": 0, "unknown": 0,
+        "alerts_firing": len(found["alerts"]),
+    }  # fmt: skip
+    assert {(a["device"], a["rule"]) for a in found["alerts"]} == firing_before
+    assert all(a["fleet"] == FLEET for a in found["alerts"])
+
+    # the table shows the same fleet
+    table = edgeship("fleet", "status", "--collector", rig.url).stdout.decode()
+    assert table.startswith(f"{FLEET}: 2 devices, 2 online") and "\\x1b]0;pwned" in table
+
+
+def test_fleet_status_json_for_another_fleet_is_empty(rig: Rig) -> None:
+    found = one_object(
+        edgeship("fleet", "status", "--collector", rig.url, "--fleet", "none", "--json")
+    )
+    assert found["devices"] == [] and found["alerts"] == [] and found["fleet"] == "none"
+    assert found["summary"] == {
+        "devices": 0,
+        "online": 0,
+        "stale": 0,
+        "offline": 0,
+        "unknown": 0,
+        "alerts_firing": 0,
+    }
+
+
+def test_fleet_status_json_errors_are_one_line_exit_2() -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    one_line_error(edgeship("fleet", "status", "--collector", nobody, "--json"), 2,
+                   "cannot reach the collector API")  # fmt: skip
+    one_line_error(edgeship("fleet", "status", "--collector", "ftp://x", "--json"), 2,
+                   "expected the collector API's address")  # fmt: skip
+
+
+class _OddCollector(BaseHTTPRequestHandler):
+    """A collector without its monitor (no /api/alerts) whose numbers are not finite: what a
+    broken or foreign server could answer; the CLI must still write JSON."""
+
+    BODY = (
+        b'{"at": 1.5, "fleet": "f", "devices": [{"fleet": "f", "device": "d", "status": "online",'
+        b' "latency_ms": {"p50": NaN, "p95": Infinity, "p99": -Infinity, "inferences": 0},'
+        b' "outlier_rate": NaN, "temperature_c": null, "model": "m", "last_seen": 1.0}]}'
+    )
+
+    def do_GET(self) -> None:
+        found = self.path == "/api/devices"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "application/json")
+        body = self.BODY if found else b'{"error": "not found"}'
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_fleet_status_json_writes_null_for_non_finite_numbers_and_no_monitor() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OddCollector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        found = one_object(edgeship("fleet", "status", "--collector", url, "--json"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    (device,) = found["devices"]
+    assert device["latency_ms"] == {"p50": None, "p95": None, "p99": None, "inferences": 0}
+    assert device["outlier_rate"] is None and device["alerts"] is None
+    assert found["alerts"] is None and found["summary"]["alerts_firing"] is None
+    assert found["summary"]["online"] == 1 and found["at"] == 1.5

@@ -1,6 +1,7 @@
 """``edgeship fleet status`` and ``edgeship fleet watch``: a running collector's fleet as a table
 in the terminal, read from its JSON API (``/api/devices``, and ``/api/alerts`` when the
-collector runs its monitor). ``edgeship fleet command``: send a device a command through the
+collector runs its monitor); with ``--json``, ``fleet status`` prints the same as one JSON
+object for scripts. ``edgeship fleet command``: send a device a command through the
 collector (``POST /api/devices/{device}/commands``, with the API token) and print its reply.
 Standard library only, so the command starts fast."""
 
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from device_agent.errors import ConfigError
+from device_agent.httpjson import dumps_json
 from sdk.terminal import printable, raw_stream
 
-__all__ = ["fetch_fleet", "register", "render_fleet", "send_command"]
+__all__ = ["fetch_fleet", "fleet_json", "register", "render_fleet", "send_command"]
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:9108"
 
@@ -48,6 +50,18 @@ def register(sub: Any) -> None:
         )
         q.add_argument("--fleet", help="only this fleet's devices")
         q.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout, seconds")
+        if name == "status":
+            q.add_argument(
+                "--json",
+                action="store_true",
+                help="print one JSON object on stdout instead of the table: the collector's "
+                "device objects with their firing alerts (keys in docs/collector.md, 'fleet "
+                "status --json'); errors are still one line on stderr, exit 2",
+            )
+            q.epilog = (
+                "example: edgeship fleet status --collector http://127.0.0.1:9108 --json | "
+                "jq -r '.devices[] | select(.status != \"online\") | .device'"
+            )
         if name == "watch":
             q.add_argument("--interval", type=float, default=2.0, help="seconds (default 2)")
             q.add_argument("--count", type=int, default=0, help="stop after N redraws (0: never)")
@@ -230,9 +244,54 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fleet_json(
+    data: Mapping[str, Any], *, collector: str, fleet: str | None = None
+) -> dict[str, Any]:
+    """What ``fleet status --json`` prints, from what :func:`fetch_fleet` returned: the same
+    devices and counts as the table, each device as the collector's API gives it (raw numbers,
+    every field) plus ``alerts``, the rules firing for it (null when the collector runs no
+    monitor)."""
+    devices = [d for d in data["devices"]["devices"] if fleet is None or d["fleet"] == fleet]
+    alerts = data.get("alerts")
+    firing = None
+    if alerts is not None:
+        firing = [a for a in alerts.get("firing", []) if fleet is None or a["fleet"] == fleet]
+    rows = []
+    for d in devices:
+        rules = None
+        if firing is not None:
+            rules = [
+                a["rule"] for a in firing if (a["fleet"], a["device"]) == (d["fleet"], d["device"])
+            ]
+        rows.append({**d, "alerts": rules})
+    counts = {s: sum(1 for d in devices if d["status"] == s) for s in _STATES}
+    return {
+        "collector": _base_url(collector),
+        "at": data["devices"].get("at"),
+        "fleet": fleet or data["devices"].get("fleet"),
+        "summary": {
+            "devices": len(devices),
+            **counts,
+            "alerts_firing": None if firing is None else len(firing),
+        },
+        "devices": rows,
+        "alerts": firing,
+    }
+
+
+_STATES = ("online", "stale", "offline", "unknown")
+
+
 def _cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    out.write(render_fleet(fetch_fleet(args.collector, timeout=args.timeout), fleet=args.fleet))
+    data = fetch_fleet(args.collector, timeout=args.timeout)
+    if args.json:
+        # json.dumps escapes every control character and all non-ASCII text (ensure_ascii),
+        # so device text needs no terminal escaping; a non-finite number is written as null.
+        body = fleet_json(data, collector=args.collector, fleet=args.fleet)
+        out.write(dumps_json(body).decode("ascii") + "\n")
+        return 0
+    out.write(render_fleet(data, fleet=args.fleet))
     return 0
 
 
