@@ -11,11 +11,10 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from device_agent.contracts import messages as msg
+from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.commands import Action, BenchmarkArgs
 from device_agent.errors import ConfigError, EdgeshipError, ProtocolError
 
@@ -35,27 +34,6 @@ class RemoteError(EdgeshipError):
 class BrokerUnavailableError(RemoteError):
     """The broker cannot be reached or refused this client (address, credentials, TLS): nothing
     was sent to the device. The CLI treats it as bad input (exit 2)."""
-
-
-@dataclass(frozen=True)
-class _Broker:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-
-def _parse_url(url: str) -> _Broker:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r}: bad port") from exc
-    return _Broker(parts.hostname, port, tls, parts.username, parts.password)
 
 
 class CommandClient:
@@ -79,7 +57,7 @@ class CommandClient:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        self.broker = _parse_url(broker_url)
+        self.broker = BrokerUrl.parse(broker_url)
         for value, what in ((fleet, "fleet"), (device, "device")):
             try:
                 msg.validate_id(value, what)
@@ -152,7 +130,8 @@ class CommandClient:
             if refused:
                 raise BrokerUnavailableError(
                     f"the broker at {where} refused the connection: {refused[0]} (check the "
-                    "user name and password in mqtt://USER:PASSWORD@host, and the broker's ACL)"
+                    "user name in mqtt://USER@host, the password (--broker-password-file, "
+                    "EDGESHIP_BROKER_PASSWORD or mqtt://USER:PASSWORD@host) and the broker's ACL)"
                 )
             raise BrokerUnavailableError(
                 f"the broker at {where} did not accept the subscription to the device's replies"
@@ -236,9 +215,13 @@ def remote_benchmark(
     min_runs: int = 200,
     min_seconds: float = 3.0,
     timeout_s: float | None = None,
+    username: str | None = None,
+    password: str | None = None,
     ca_file: str | None = None,
 ) -> dict[str, Any]:
-    """Benchmark the device's loaded bundle on the device itself; returns the report dict."""
+    """Benchmark the device's loaded bundle on the device itself; returns the report dict.
+    ``username``/``password`` override the URL's (keep a password out of the URL: see
+    :mod:`device_agent.contracts.broker_password`)."""
     wait = timeout_s if timeout_s is not None else max(60.0, min_seconds * 4 + 30)
     result = send_command(
         broker_url,
@@ -247,6 +230,8 @@ def remote_benchmark(
         Action.BENCHMARK,
         BenchmarkArgs(min_runs=min_runs, min_seconds=min_seconds).to_args(),
         timeout_s=wait,
+        username=username,
+        password=password,
         ca_file=ca_file,
     )
     if not isinstance(result, dict) or "latency_ms" not in result:

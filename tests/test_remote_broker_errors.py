@@ -57,7 +57,14 @@ def test_a_wrong_password_is_refused_at_once_with_what_to_check(
         wrong = f"mqtt://operator:wrong@127.0.0.1:{broker.port}"
         with pytest.raises(BrokerUnavailableError, match="refused the connection: Not authorized"):
             CommandClient(wrong, "f", "d1")
-        done = _edgeship("deploy", str(digits_bundle), "--device", "d1", "--broker", wrong)
+        # The CLI's password from a file (one in the URL would add ps's warning line).
+        wrong_file = tmp_path / "wrong.pw"
+        wrong_file.write_text("wrong\n")
+        wrong_file.chmod(0o600)
+        done = _edgeship(
+            "deploy", str(digits_bundle), "--device", "d1", "--broker",
+            f"mqtt://operator@127.0.0.1:{broker.port}", "--broker-password-file", str(wrong_file),
+        )  # fmt: skip
         _one_line_exit_2(done, "refused the connection", "USER:PASSWORD")
         # the right password gets past the connection: the device is what does not answer
         right = f"mqtt://operator:pw-operator@127.0.0.1:{broker.port}"

@@ -11,7 +11,9 @@ from device_agent.errors import ConfigError
 from sdk.cli.common import (
     EXIT_BUDGET,
     EXIT_OK,
+    add_broker_password_arg,
     add_target_args,
+    broker_password,
     model_from_path,
     parse_shapes,
     write_json,
@@ -29,6 +31,9 @@ def register(sub: Any) -> None:
         "the target's core count (capped at this host's). Latencies are measured on this "
         "host and labelled so. The rss budget line is the model's peak RSS increase over a "
         "runtime-only baseline.",
+        epilog="example, timing the bundle on the board itself: edgeship bench --device pi-07 "
+        "--fleet greenhouse --broker mqtt://operator@hub.local:1883 "
+        "--broker-password-file ~/.edgeship/broker.pw",
     )
     p.add_argument(
         "model", type=Path, nargs="?", help=".onnx or .tflite file, or a bundle directory"
@@ -41,9 +46,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--broker",
-        help="the broker the device's agent is connected to: mqtt://[user:password@]host[:port] "
-        "or mqtts://...",
+        help="the broker the device's agent is connected to: mqtt://[user@]host[:port] or "
+        "mqtts://...",
     )
+    add_broker_password_arg(p)
     p.add_argument("--ca-file", help="CA certificate for mqtts:// (with --device)")
     p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
     p.add_argument("--runs", type=int, default=200, help="minimum timed runs (default 200)")
@@ -108,6 +114,7 @@ def _bench_remote(args: argparse.Namespace, budget: Any) -> int:
         args.device,
         min_runs=args.runs,
         min_seconds=args.seconds,
+        password=broker_password(args),
         ca_file=args.ca_file,
     )
     from sdk.terminal import printable

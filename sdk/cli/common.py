@@ -1,5 +1,5 @@
 """What several ``edgeship`` commands share: exit codes, file checks, JSON reports, the
-``--target``/``--budget`` options and ``--shape`` parsing.
+``--target``/``--budget`` options, ``--shape`` parsing and the broker password's options.
 
 Everything heavy is imported inside the functions, so that importing a command module (and
 ``edgeship --help``) loads no torch, onnx or ONNX Runtime.
@@ -21,7 +21,9 @@ __all__ = [
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "add_broker_password_arg",
     "add_target_args",
+    "broker_password",
     "model_from_path",
     "parse_shapes",
     "require_file",
@@ -54,6 +56,28 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="host-to-board latency factor, to print an ESTIMATE of board latency",
     )
+
+
+def add_broker_password_arg(p: argparse.ArgumentParser) -> None:
+    """``--broker-password-file``: the commands that connect to the broker (``deploy``,
+    ``bench --device``; ``collect`` has the same option from ``collector.cli``)."""
+    p.add_argument(
+        "--broker-password-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding the broker password for the user in --broker (mode 600; else "
+        "EDGESHIP_BROKER_PASSWORD): kept out of ps and shell history, unlike a password in "
+        "the URL",
+    )
+
+
+def broker_password(args: argparse.Namespace) -> str | None:
+    """The broker password from ``--broker-password-file``, ``EDGESHIP_BROKER_PASSWORD`` or
+    ``--broker``'s URL (:mod:`device_agent.contracts.broker_password`); ConfigError for a bad
+    file or two passwords."""
+    from device_agent.contracts.broker_password import resolve_broker_password
+
+    return resolve_broker_password(args.broker, args.broker_password_file).password
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
-from sdk.cli.common import EXIT_BUDGET, EXIT_OK, write_json
+from sdk.cli.common import (
+    EXIT_BUDGET,
+    EXIT_OK,
+    add_broker_password_arg,
+    broker_password,
+    write_json,
+)
 
 __all__ = ["register", "run"]
 
@@ -26,18 +32,22 @@ def register(sub: Any) -> None:
         "bundle if one of its first inferences fails. Exit 0 when the bundle is applied, 1 "
         "when the device refused or rolled it back (the reason is printed) or did not "
         "answer, 2 for bad input (the broker unreachable or refusing the credentials included: "
-        "nothing was sent). See docs/agent.md, 'Remote deploy'.",
+        "nothing was sent). The broker password comes from --broker-password-file or "
+        "EDGESHIP_BROKER_PASSWORD (docs/security.md, 'Secrets'). See docs/agent.md, 'Remote "
+        "deploy'.",
         epilog="example: edgeship deploy bundle-v2/ --device pi-07 --fleet greenhouse "
-        "--broker mqtts://operator:PASSWORD@hub.local:8883 --ca-file ca.crt",
+        "--broker mqtts://operator@hub.local:8883 --broker-password-file ~/.edgeship/broker.pw "
+        "--ca-file ca.crt",
     )
     p.add_argument("bundle", type=Path, help="the bundle directory to send")
     p.add_argument("--device", required=True, help="the device id")
     p.add_argument(
         "--broker",
         required=True,
-        help="the broker the device's agent is connected to: mqtt://[user:password@]host[:port] "
-        "or mqtts://... (a user allowed to write the device's cmd topic)",
+        help="the broker the device's agent is connected to: mqtt://[user@]host[:port] or "
+        "mqtts://... (a user allowed to write the device's cmd topic)",
     )
+    add_broker_password_arg(p)
     p.add_argument("--fleet", default="default", help="the device's fleet (default: default)")
     p.add_argument(
         "--timeout",
@@ -86,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
     if not args.bundle.is_dir():
         raise ConfigError(f"bundle directory not found: {args.bundle}")
+    password = broker_password(args)
     try:
         result = deploy_bundle(
             args.bundle,
@@ -95,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             wait_probation=not args.no_wait,
             progress=_progress_printer(),
+            password=password,
             ca_file=args.ca_file,
         )
     except BrokerUnavailableError:
