@@ -16,6 +16,10 @@ keeps the rules the API had on the standard library's server:
   :data:`collector.api.MAX_BODY_BYTES` (413), refused before any of it is read;
 * every POST needs the API token (403 when none is configured, 401 when missing or wrong),
   before its route is looked up, so an unknown route answers 401 to a stranger too;
+* with a read token, every GET but :data:`OPEN_READS` (``/api/health``, for liveness probes)
+  needs it or the API token, as ``Authorization: Bearer <token>`` or as the password of HTTP
+  Basic (any user name: so a browser can open the dashboard), compared in constant time; a
+  missing or wrong one is 401 with both challenges, before its route is looked up;
 * a trailing slash is ignored (``/api/devices/`` is ``/api/devices``);
 * every answer says ``Cache-Control: no-store`` (the fleet's state of the moment).
 
@@ -27,6 +31,9 @@ failure 503. Connection-level limits (timeouts, connections, TLS) are the server
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,13 +57,14 @@ from device_agent.errors import EdgeshipError
 if TYPE_CHECKING:
     from collector.monitor import Monitor
 
-__all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "RequestGuard", "create_app"]
+__all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "OPEN_READS", "RequestGuard", "create_app"]
 
 log = logging.getLogger("collector.api")
 
 _ALLOWED = ("GET", "POST")
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100  # as http.client and the old server
+OPEN_READS = frozenset({"/api/health"})  # open even with a read token: liveness probes
 _GET_ROUTES = "try /api/health, /api/devices, /api/devices/{id}, /api/dead-letters"
 
 
@@ -65,13 +73,16 @@ def create_app(
     *,
     monitor: Monitor | None = None,
     api_token: str | None = None,
+    api_read_token: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> FastAPI:
     """The app serving ``collector`` (and ``monitor``'s routes when given). ``api_token`` None
-    turns the state-changing routes off (403). Raises ConfigError for a token too weak."""
-    if api_token is not None:
-        check_api_token(api_token)
+    turns the state-changing routes off (403); ``api_read_token`` guards the reads (None: open).
+    Raises ConfigError for a token too weak."""
+    for token, name in ((api_token, "api_token"), (api_read_token, "api_read_token")):
+        if token is not None:
+            check_api_token(token, name)
     app = FastAPI(
         title="edgeship collector",
         summary="The fleet's state, alerts, drift and metrics; commands to devices.",
@@ -90,6 +101,7 @@ def create_app(
     app.add_middleware(
         RequestGuard,
         api_token=api_token,
+        api_read_token=api_read_token,
         max_body_bytes=max_body_bytes,
         max_header_bytes=max_header_bytes,
     )
@@ -105,11 +117,15 @@ class RequestGuard:
         app: ASGIApp,
         *,
         api_token: str | None,
+        api_read_token: str | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self.app = app
         self.api_token = api_token
+        # Who may read: the read token, and the API token's holder too (it may do more).
+        self.read_tokens = tuple(t for t in (api_read_token, api_token) if t is not None)
+        self.reads_guarded = api_read_token is not None
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
 
@@ -177,7 +193,33 @@ class RequestGuard:
             problem = check_bearer(self.api_token, headers.get("authorization", ""))
             if problem is not None:
                 return _unauthorized(scope, *problem)
+        open_read = (scope["path"].rstrip("/") or "/") in OPEN_READS
+        authorization = headers.get("authorization", "")
+        if (
+            self.reads_guarded
+            and not open_read
+            and not read_allowed(self.read_tokens, authorization)
+        ):
+            return _unauthorized_read(scope)
         return None
+
+
+def read_allowed(tokens: Sequence[str], authorization: str) -> bool:
+    """Whether ``authorization`` carries one of ``tokens``: ``Bearer <token>``, or HTTP Basic
+    with the token as the password (any user name). Every token is compared, in constant time.
+    """
+    scheme, _, given = authorization.strip().partition(" ")
+    given = given.strip()
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    offered = given.encode("utf-8", "surrogateescape")
+    matches = [hmac.compare_digest(offered, token.encode()) for token in tokens]
+    return any(matches)
 
 
 def _headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -195,6 +237,22 @@ def _unauthorized(scope: Scope, status: int, problem: str) -> Response:
                   "--api-token-file)"},
         {"WWW-Authenticate": 'Bearer realm="edgeship-collector"'},
     )  # fmt: skip
+
+
+def _unauthorized_read(scope: Scope) -> Response:
+    client = scope.get("client") or ("?", 0)
+    log.warning("API GET %s from %s: no or wrong read token", scope["path"], client[0])
+    response = json_response(
+        401,
+        {"error": "this collector's reads need its read token: send 'Authorization: Bearer "
+                  "<token>' (the collector's --api-read-token-file), or give it as the "
+                  "password when the browser asks"},
+    )  # fmt: skip
+    # Both challenges: scripts send Bearer, a browser answers the Basic one by asking.
+    for scheme in ("Basic", "Bearer"):
+        challenge = f'{scheme} realm="edgeship-collector"'
+        response.raw_headers.append((b"www-authenticate", challenge.encode()))
+    return response
 
 
 # --- error answers ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from device_agent.errors import EdgeshipError
 
 __all__ = [
     "COLLECT_DESCRIPTION",
+    "COLLECT_EPILOG",
     "add_collect_arguments",
     "build_parser",
     "main",
@@ -41,16 +42,35 @@ EXIT_INTERRUPTED = 130
 COLLECT_DESCRIPTION = (
     "Run the fleet collector until SIGTERM or Ctrl-C: validate every message "
     "(invalid ones go to a dead-letter table), store telemetry, outlier events and status "
-    "changes without duplicates, and serve a JSON API: reads are open (on 127.0.0.1 unless "
-    "--http names another address); sending commands needs the API token "
-    "(--api-token-file, or EDGESHIP_API_TOKEN). See docs/collector.md."
+    "changes without duplicates, and serve a JSON API on 127.0.0.1 unless --http names another "
+    "address: reads are open unless a read token is set (--api-read-token-file, or "
+    "EDGESHIP_API_READ_TOKEN); sending commands needs the API token (--api-token-file, or "
+    "EDGESHIP_API_TOKEN). The broker password comes from --broker-password-file or "
+    "EDGESHIP_BROKER_PASSWORD, out of ps. See docs/collector.md and docs/security.md."
+)
+COLLECT_EPILOG = (
+    "example: edgeship-collector --broker mqtts://collector@hub.local:8883 --ca-file ca.crt "
+    "--broker-password-file /etc/edgeship/collector.pw --api-token-file "
+    "/etc/edgeship/api-token --api-read-token-file /etc/edgeship/api-read-token"
 )
 
 
 def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     """The ``collect`` options, on ``edgeship collect``'s subparser or ``edgeship-collector``'s
     parser alike."""
-    p.add_argument("--broker", required=True, help="mqtt://[user:password@]host[:port] or mqtts://")
+    p.add_argument(
+        "--broker",
+        required=True,
+        help="mqtt://[user@]host[:port] or mqtts://... (a password here shows in ps: use "
+        "--broker-password-file)",
+    )
+    p.add_argument(
+        "--broker-password-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding the broker password for the user in --broker (mode 600; else "
+        "EDGESHIP_BROKER_PASSWORD)",
+    )
     p.add_argument("--fleet", help="the fleet to collect (default: every fleet)")
     p.add_argument(
         "--store",
@@ -93,6 +113,14 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
         help="the API token itself (visible to other users in ps: prefer --api-token-file)",
     )
     p.add_argument(
+        "--api-read-token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding a read token (else EDGESHIP_API_READ_TOKEN): with one, every read "
+        "but /api/health (the dashboard and /metrics included) needs 'Authorization: Bearer' "
+        "with it or with the API token; without one, reads are open",
+    )
+    p.add_argument(
         "--cert-file",
         help="client certificate for mqtts:// (a broker with use_identity_as_username takes its "
         "CN as the user name)",
@@ -131,12 +159,16 @@ def run_collect(args: argparse.Namespace) -> int:
     """Run the collector with ``collect``'s options until SIGTERM or Ctrl-C; 0 when it stopped.
     Bad input raises an :class:`EdgeshipError` (the caller prints it and exits 2)."""
     from collector.api import load_api_token
+    from collector.config import load_read_token
     from collector.program import ProgramConfig, run_program
     from collector.service import CollectorConfig
+    from device_agent.contracts.broker_password import resolve_broker_password
 
     _require_extra(http=args.http != "off", monitor=not args.no_monitor)
+    password = resolve_broker_password(args.broker, args.broker_password_file)
     config = CollectorConfig(
         broker_url=args.broker,
+        broker_password=password.password if password.source != "url" else None,
         fleet=args.fleet,
         store_url=args.store,
         http=args.http,
@@ -147,6 +179,7 @@ def run_collect(args: argparse.Namespace) -> int:
         workers=args.workers,
         ca_file=args.ca_file,
         api_token=load_api_token(args.api_token, args.api_token_file),
+        api_read_token=load_read_token(args.api_read_token_file),
         cert_file=args.cert_file,
         key_file=args.key_file,
         http_tls_cert_file=args.http_tls_cert,
@@ -216,7 +249,9 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """``edgeship-collector``'s parser: the ``collect`` options at the top level."""
-    parser = argparse.ArgumentParser(prog="edgeship-collector", description=COLLECT_DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="edgeship-collector", description=COLLECT_DESCRIPTION, epilog=COLLECT_EPILOG
+    )
     parser.add_argument("--version", action="version", version=f"edgeship {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")

@@ -8,16 +8,47 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from collector.errors import ConfigError
 from collector.state import StateConfig
 from device_agent.contracts.broker import BrokerUrl
+from device_agent.contracts.broker_password import url_with_password
 from device_agent.contracts.messages import shared_subscription, subscription, validate_id
 from device_agent.errors import ProtocolError
 
-__all__ = ["CollectorConfig", "parse_http_address"]
+__all__ = ["READ_TOKEN_ENV", "CollectorConfig", "load_read_token", "parse_http_address"]
+
+READ_TOKEN_ENV = "EDGESHIP_API_READ_TOKEN"
+
+
+def load_read_token(
+    token_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The API's read token from ``--api-read-token-file`` or ``EDGESHIP_API_READ_TOKEN`` (the
+    file wins), or None (reads open). Raises ConfigError for an unreadable file or a weak token.
+    """
+    from collector.api import check_api_token
+
+    env = os.environ if environ is None else environ
+    if token_file is None:
+        token = env.get(READ_TOKEN_ENV) or None
+        if token is not None:
+            check_api_token(token, READ_TOKEN_ENV)
+        return token
+    where = f"--api-read-token-file {token_file}"
+    try:
+        token = Path(token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{where}: cannot read it: {reason}") from None
+    if not token:
+        raise ConfigError(f"{where}: is empty; write the read token in it")
+    check_api_token(token, where)
+    return token
 
 
 def parse_http_address(value: str | None) -> tuple[str, int] | None:
@@ -57,8 +88,13 @@ class CollectorConfig:
     ``ca_file`` verifies an ``mqtts://`` broker against a private CA; ``cert_file`` and
     ``key_file`` present a client certificate (a broker with ``use_identity_as_username``
     takes its CN as the user name).
+    ``broker_password`` is the password of the user in ``broker_url`` when the URL holds none
+    (:mod:`device_agent.contracts.broker_password`): it is folded into ``broker_url`` at
+    construction, so every connection the collector makes uses it, and neither shows in repr.
     ``api_token`` enables the API's state-changing routes (sending commands), for requests
     with ``Authorization: Bearer <api_token>``; None leaves the API read-only.
+    ``api_read_token``, when set, guards every read except ``/api/health``: a request needs
+    ``Authorization: Bearer`` with it (or with ``api_token``); None leaves reads open.
     """
 
     broker_url: str = field(repr=False)  # it may hold the password: `broker` shows it safely
@@ -85,9 +121,21 @@ class CollectorConfig:
     key_file: str | None = None
     http_tls_cert_file: str | None = None
     http_tls_key_file: str | None = None
+    broker_password: str | None = field(default=None, repr=False, compare=False)
+    api_read_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.broker  # noqa: B018 - parse now: a bad URL is a ConfigError at construction
+        broker = self.broker  # parse now: a bad URL is a ConfigError at construction
+        if self.broker_password is not None:
+            if broker.password is not None and broker.password != self.broker_password:
+                raise ConfigError(
+                    f"broker_password given and {broker.display()} holds another: give one"
+                )
+            if not broker.username:
+                raise ConfigError(f"broker_password needs a user name in {broker.display()}")
+            # Frozen: set once here, so the session and the alert publisher connect with it.
+            folded = url_with_password(broker, self.broker_password)
+            object.__setattr__(self, "broker_url", folded)
         self.http_address  # noqa: B018
         for value, what in ((self.fleet, "fleet"), (self.share_group, "share_group")):
             if value is not None:
@@ -125,10 +173,11 @@ class CollectorConfig:
                            (self.http_tls_key_file, "http_tls_key_file")):  # fmt: skip
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{what} {path}: no such file")
-        if self.api_token is not None:
-            from collector.api import check_api_token
+        for token, name in ((self.api_token, "api_token"), (self.api_read_token, "api_read_token")):
+            if token is not None:
+                from collector.api import check_api_token
 
-            check_api_token(self.api_token)
+                check_api_token(token, name)
 
     @property
     def broker(self) -> BrokerUrl:

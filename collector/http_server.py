@@ -303,6 +303,7 @@ class ApiServer:
         address: tuple[str, int],
         *,
         api_token: str | None = None,
+        api_read_token: str | None = None,
         settings: HttpSettings = HttpSettings(),
     ) -> ApiServer:
         """The API of ``collector`` (and of the monitor attached later) on ``address``."""
@@ -313,6 +314,7 @@ class ApiServer:
                 collector,
                 monitor=monitor,
                 api_token=api_token,
+                api_read_token=api_read_token,
                 max_header_bytes=settings.max_header_bytes,
             )
 

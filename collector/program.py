@@ -90,6 +90,7 @@ class Program:
             base = f"{'https' if cfg.http_tls_cert_file else 'http'}://{host}:{port}"
             api = f"{base}/api/health"
             api += " (commands: token set)" if cfg.api_token else " (read-only: no API token)"
+            api += " (reads: token set)" if cfg.api_read_token else ""
             if self.config.monitor is not None:
                 api += f", dashboard {base}/, metrics {base}/metrics"
         return (

@@ -195,16 +195,20 @@ class Collector:
                 tls_cert_file=cfg.http_tls_cert_file, tls_key_file=cfg.http_tls_key_file
             )
             self._http = ApiServer.for_collector(
-                self, address, api_token=cfg.api_token, settings=settings
+                self,
+                address,
+                api_token=cfg.api_token,
+                api_read_token=cfg.api_read_token,
+                settings=settings,
             ).start()
             log.info(
                 "JSON API on %s://%s:%d/api/health", self._http.scheme, *self.http_address_bound()
             )
-            if not is_loopback(address[0]) and cfg.api_token is None:
+            if not is_loopback(address[0]) and cfg.api_token is None and cfg.api_read_token is None:
                 log.warning(
                     "the JSON API listens on %s without an API token: whoever reaches it reads "
                     "the fleet's state (commands stay disabled); bind 127.0.0.1 or set "
-                    "--api-token-file", address[0],
+                    "--api-read-token-file and --api-token-file", address[0],
                 )  # fmt: skip
         self.session.connect()
 

@@ -15,12 +15,13 @@ __all__ = ["register", "run"]
 
 def register(sub: Any) -> None:
     """Add ``collect`` to the ``edgeship`` subparsers, with ``collector.cli``'s options."""
-    from collector.cli import COLLECT_DESCRIPTION, add_collect_arguments
+    from collector.cli import COLLECT_DESCRIPTION, COLLECT_EPILOG, add_collect_arguments
 
     p = sub.add_parser(
         "collect",
         help="subscribe to a fleet's MQTT topics, store its history, serve its state",
         description=COLLECT_DESCRIPTION,
+        epilog=COLLECT_EPILOG.replace("edgeship-collector", "edgeship collect", 1),
     )
     add_collect_arguments(p)
     p.set_defaults(handler=run)
