@@ -432,6 +432,7 @@ def test_with_a_read_token_every_read_but_health_needs_a_token(rig: Rig, tmp_pat
             except urllib.error.HTTPError as exc:
                 status = exc.code
             assert status == expected, token
+        _fleet_commands_send_their_tokens(api, read_file, write_file)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -439,6 +440,38 @@ def test_with_a_read_token_every_read_but_health_needs_a_token(rig: Rig, tmp_pat
     assert "(reads: token set)" in text
     for secret in (READ_TOKEN, WRITE_TOKEN, *forms(PASSWORDS["collector"])):
         assert secret not in text
+
+
+def _fleet_commands_send_their_tokens(api: str, read_file: Path, write_file: Path) -> None:
+    """edgeship fleet status / command against a collector whose reads need a token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_API")}
+    # No token: one line that says which token is missing, exit 2.
+    r = _edgeship("fleet", "status", "--collector", api, env=env)
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "read token" in r.stderr, r.stderr
+    r = _edgeship("fleet", "status", "--collector", api, "--token-file", str(write_file) + "x",
+                  env=env)  # fmt: skip
+    assert r.returncode == 2 and "--token-file" in r.stderr, r.stderr
+    # The read token from its file or the environment; the API token reads too.
+    for extra, more_env in (
+        (["--token-file", str(read_file)], {}),
+        ([], {"EDGESHIP_API_READ_TOKEN": READ_TOKEN}),
+        ([], {"EDGESHIP_API_TOKEN": WRITE_TOKEN}),
+    ):
+        r = _edgeship("fleet", "status", "--collector", api, "--json", *extra,
+                      env={**env, **more_env})  # fmt: skip
+        assert r.returncode == 0, (extra, more_env.keys(), r.stderr)
+        assert json.loads(r.stdout)["collector"] == api
+    r = _edgeship("fleet", "status", "--collector", api, env={**env, "EDGESHIP_API_READ_TOKEN":
+                  "wrong-" + READ_TOKEN})  # fmt: skip
+    assert r.returncode == 2 and "neither" in r.stderr, r.stderr
+    # fleet command polls the reply with its token: no device answers here, so "no reply"
+    # (exit 1), not a 401 on the reply's URL (exit 2).
+    r = _edgeship("fleet", "command", "pi-s", "ping", "--fleet", FLEET, "--collector", api,
+                  "--token-file", str(write_file), "--wait", "1", env=env)  # fmt: skip
+    assert r.returncode == 1 and "no reply" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    for text in (r.stdout, r.stderr):
+        assert READ_TOKEN not in text and WRITE_TOKEN not in text
 
 
 def test_the_read_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:

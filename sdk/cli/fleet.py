@@ -26,6 +26,8 @@ from sdk.terminal import printable, raw_stream
 __all__ = ["fetch_fleet", "fleet_json", "register", "render_fleet", "send_command"]
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:9108"
+READ_TOKEN_ENV = "EDGESHIP_API_READ_TOKEN"  # the collector's --api-read-token-file
+WRITE_TOKEN_ENV = "EDGESHIP_API_TOKEN"  # its --api-token-file: commands, and reads too
 
 
 def register(sub: Any) -> None:
@@ -50,6 +52,12 @@ def register(sub: Any) -> None:
         )
         q.add_argument("--fleet", help="only this fleet's devices")
         q.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout, seconds")
+        q.add_argument(
+            "--token-file",
+            help="a file holding the collector's read token, for a collector started with "
+            f"--api-read-token-file (else {READ_TOKEN_ENV}, else {WRITE_TOKEN_ENV}; without "
+            "one, reads go without a token)",
+        )
         if name == "status":
             q.add_argument(
                 "--json",
@@ -107,13 +115,16 @@ def _cmd_help(p: argparse.ArgumentParser) -> Any:
     return show
 
 
-def fetch_fleet(collector: str, *, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_fleet(
+    collector: str, *, timeout: float = 5.0, token: str | None = None
+) -> dict[str, Any]:
     """``{"devices": <GET /api/devices>, "alerts": <GET /api/alerts> or None}``; raises
-    ConfigError when the collector cannot be reached or does not answer JSON."""
+    ConfigError when the collector cannot be reached, refuses the read ``token`` (or its
+    absence) or does not answer JSON."""
     base = _base_url(collector)
-    devices = _get(base + "/api/devices", timeout)
+    devices = _get(base + "/api/devices", timeout, token)
     try:
-        alerts = _get(base + "/api/alerts?state=firing&limit=1", timeout)
+        alerts = _get(base + "/api/alerts?state=firing&limit=1", timeout, token)
     except _NotFound:
         alerts = None  # a collector started with --no-monitor
     return {"devices": devices, "alerts": alerts}
@@ -142,13 +153,26 @@ def _base_url(collector: str) -> str:
     return base
 
 
-def _get(url: str, timeout: float) -> Any:
+def _get(url: str, timeout: float, token: str | None = None) -> Any:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        ) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise _NotFound(f"{url}: not found") from exc
+        if exc.code == 401:
+            raise ConfigError(
+                f"the collector refused to read {url} (401): "
+                + (
+                    "it needs a read token: give --token-file FILE or set "
+                    f"{READ_TOKEN_ENV} (its --api-read-token-file)"
+                    if token is None
+                    else "the token given is neither its read token nor its API token"
+                )
+            ) from exc
         raise ConfigError(f"the collector answered {url} with HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -282,9 +306,28 @@ def fleet_json(
 _STATES = ("online", "stale", "offline", "unknown")
 
 
+def _token(token_file: str | None, *env_names: str) -> str | None:
+    """The token in ``token_file`` (stripped), else the first of ``env_names`` set; None when
+    neither. ConfigError for a file that cannot be read or is empty."""
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"--token-file {printable(token_file)}: {reason}") from None
+        if not token:
+            raise ConfigError(f"--token-file {printable(token_file)}: is empty")
+        return token
+    for name in env_names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
 def _cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    data = fetch_fleet(args.collector, timeout=args.timeout)
+    token = _token(args.token_file, READ_TOKEN_ENV, WRITE_TOKEN_ENV)
+    data = fetch_fleet(args.collector, timeout=args.timeout, token=token)
     if args.json:
         # json.dumps escapes every control character and all non-ASCII text (ensure_ascii),
         # so device text needs no terminal escaping; a non-finite number is written as null.
@@ -336,7 +379,7 @@ def send_command(
         ) from exc
     deadline = time.monotonic() + wait_s
     while True:
-        answer: dict[str, Any] = _get(base + sent["reply_url"], timeout)
+        answer: dict[str, Any] = _get(base + sent["reply_url"], timeout, token)
         if answer["state"] != "pending" or time.monotonic() >= deadline:
             return answer
         time.sleep(0.2)
@@ -350,15 +393,9 @@ def _cmd_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise ConfigError(f"--args {args.args!r}: not JSON: {exc}") from None
     if not isinstance(command_args, dict):
         raise ConfigError(f"--args {args.args!r}: expected a JSON object")
-    if args.token_file is not None:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from None
-    else:
-        token = os.environ.get("EDGESHIP_API_TOKEN", "")
+    token = _token(args.token_file, WRITE_TOKEN_ENV)
     if not token:
-        raise ConfigError("no API token: give --token-file FILE or set EDGESHIP_API_TOKEN")
+        raise ConfigError(f"no API token: give --token-file FILE or set {WRITE_TOKEN_ENV}")
     answer = send_command(
         args.collector, args.device, args.action, token, args=command_args, fleet=args.fleet,
         wait_s=args.wait, timeout=args.timeout,
@@ -391,11 +428,13 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
     # The one escape sequence written on purpose: past the guard of a SafeStream.
     clear = "\x1b[H\x1b[2J" if out.isatty() else ""
     shown = 0
+    token = _token(args.token_file, READ_TOKEN_ENV, WRITE_TOKEN_ENV)
     try:
         while True:
             try:
                 text = render_fleet(
-                    fetch_fleet(args.collector, timeout=args.timeout), fleet=args.fleet
+                    fetch_fleet(args.collector, timeout=args.timeout, token=token),
+                    fleet=args.fleet,
                 )
             except ConfigError as exc:  # the collector restarting: keep watching
                 text = f"{printable(exc)}\n"
