@@ -52,6 +52,7 @@ from collector.api import (
     check_bearer,
 )
 from collector.api_routes import api_router, json_response
+from collector.docs_page import DOCS, serve_docs, swagger_assets
 from device_agent.errors import EdgeshipError
 
 if TYPE_CHECKING:
@@ -83,12 +84,16 @@ def create_app(
     for token, name in ((api_token, "api_token"), (api_read_token, "api_read_token")):
         if token is not None:
             check_api_token(token, name)
+    assets = swagger_assets()
     app = FastAPI(
         title="edgeship collector",
         summary="The fleet's state, alerts, drift and metrics; commands to devices.",
         version="1",
+        docs_url=None if assets is not None else DOCS,
         redoc_url=None,
     )
+    if assets is not None:
+        serve_docs(app, assets)  # Swagger UI from a wheel: /docs works without the internet
     app.include_router(api_router(collector))
     if monitor is not None:
         from collector.web import monitor_router

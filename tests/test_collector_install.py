@@ -153,7 +153,9 @@ def test_collect_stores_and_serves_from_the_collector_only_install(
         code, body = _get(port, "/")
         assert code == 200 and b"<html" in body.lower(), (code, body[:300])
         code, body = _get(port, "/docs")
-        assert code == 200, (code, body[:300])
+        assert code == 200 and b"/docs/assets/swagger-ui-bundle.js" in body, (code, body[:300])
+        code, body = _get(port, "/docs/assets/swagger-ui-bundle.js")  # offline: from a wheel
+        assert code == 200 and b"SwaggerUIBundle" in body, (code, body[:300])
     finally:
         pub.disconnect()
         pub.loop_stop()

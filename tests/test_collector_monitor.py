@@ -253,7 +253,7 @@ def test_the_openapi_document_lists_every_route_the_app_serves(
             doc = get(base + "/openapi.json")
             documented = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
             assert documented == api, documented ^ api
-            assert other == {"/openapi.json", "/docs", "/docs/oauth2-redirect"}, other
+            assert other == {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/docs/assets"}
             seen[with_monitor] = documented
         assert {p for p, _ in seen[True] - seen[False]} == {
             "/", "/index.html", "/devices/{device}", "/metrics", "/api/alerts", "/api/drift",
@@ -261,7 +261,14 @@ def test_the_openapi_document_lists_every_route_the_app_serves(
         }  # fmt: skip
         assert ("/api/devices/{device}/commands", "POST") in seen[False]
         with urllib.request.urlopen(base + "/docs", timeout=10) as resp:
-            assert resp.status == 200 and b"swagger" in resp.read().lower()
+            page = resp.read().decode()
+            assert resp.status == 200 and "swagger" in page.lower()
+        # Swagger UI comes from the collector itself, not a CDN: /docs works offline.
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert assets and all(a.startswith("/docs/assets/") for a in assets), assets
+        for asset in assets:
+            with urllib.request.urlopen(base + asset, timeout=10) as resp:
+                assert resp.status == 200 and len(resp.read()) > 500, asset
         try:
             urllib.request.urlopen(base + "/metrics", timeout=10)
             raise AssertionError("/metrics is served without a monitor")
