@@ -12,12 +12,16 @@ swaps it into the agent's :class:`~device_agent.slot.ModelSlot`. The reply says
 exception, MemoryError included) is ``failed`` with the reason, and the unpacked folder is
 deleted.
 
-After the swap the new bundle is on probation for ``deploy_probation_inferences`` successful
-inferences. An inference that fails on it is retried on the previous model; if the previous
-model answers, the new bundle is at fault: the agent rolls back at once and the caller gets
-the previous model's answer. If both fail, the input is at fault and nothing changes. Only a
-bundle that passed probation is recorded as current on disk (:mod:`device_agent.deploy_files`
-has the layout), so a bundle that crashes the process is not used again after a restart.
+After the swap the new bundle is on probation (:mod:`device_agent.probation`): for
+``deploy_probation_inferences`` successful inferences, or as ``deploy_begin``'s ``probation``
+argument asks (a count, a time, whichever comes first, and the limits), its model health is
+judged against the previous model's on the same inputs and against its ``reference.json``; a
+line that fails rolls back. An inference that fails on it is retried on the previous model; if
+the previous model answers, the new bundle is at fault: the agent rolls back at once and the
+caller gets the previous model's answer. If both fail, the input is at fault and nothing
+changes. Only a bundle that passed probation is recorded as current on disk
+(:mod:`device_agent.deploy_files` has the layout), so a bundle that crashes the process is not
+used again after a restart.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from device_agent.agent_config import AgentConfig
-from device_agent.bundle import load_bundle
+from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts import messages as msg
 from device_agent.contracts.commands import (
     MAX_CHUNK_BYTES,
@@ -49,9 +53,11 @@ from device_agent.contracts.commands import (
     DeployError,
     DeployRecord,
     DeployRef,
+    ProbationArgs,
     ReceivingReply,
     printable,
 )
+from device_agent.contracts.reference import ReferenceStats, load_reference
 from device_agent.deploy_files import (
     CURRENT_NAME,
     MAX_FILES,
@@ -62,8 +68,9 @@ from device_agent.deploy_files import (
     unpack_archive,
     write_atomic,
 )
-from device_agent.errors import BundleError, EdgeshipError
-from device_agent.slot import LoadedModel, ModelSlot, Prediction, describe_failure
+from device_agent.errors import BundleError, ConfigError, EdgeshipError
+from device_agent.probation import Trial
+from device_agent.slot import LoadedModel, ModelSlot, describe_failure
 
 __all__ = [
     "MAX_CHUNKS",
@@ -88,49 +95,13 @@ def _as_record(fields: Mapping[str, Any]) -> DeployRecord:
     return cast(DeployRecord, dict(fields))
 
 
-class _Trial:
-    """A swapped-in bundle's probation: ``left`` successful inferences to go."""
-
-    def __init__(
-        self, deployer: Deployer, deploy_id: str, new: LoadedModel, previous: LoadedModel, n: int
-    ) -> None:
-        self.deployer = deployer
-        self.id = deploy_id
-        self.new = new
-        self.previous: LoadedModel | None = previous
-        self.left = n
-        self.outcome: str | None = None  # "applied" or "rolled_back" once decided
-        self._lock = threading.Lock()
-
-    def passed(self) -> None:
-        """One inference on the new bundle succeeded (called on the caller's thread)."""
-        with self._lock:
-            if self.outcome is not None:
-                return
-            self.left -= 1
-            if self.left > 0:
-                return
-            self.outcome = "applied"
-        self.deployer.probation_passed(self)
-
-    def failed(self, inputs: Mapping[str, Any], exc: EdgeshipError) -> Prediction:
-        """The new bundle failed on ``inputs`` (called on the caller's thread)."""
-        return self.deployer.trial_failed(self, inputs, exc)
-
-    def decide_rollback(self) -> bool:
-        with self._lock:
-            if self.outcome is not None:
-                return False
-            self.outcome = "rolled_back"
-            return True
-
-
 class Deployer:
     """The device side of remote deploy for one agent's :class:`~device_agent.slot.ModelSlot`.
 
     :meth:`handlers` are registered as the agent's ``deploy_*`` commands; they run on the
-    agent's command thread, one at a time. A bundle on probation that fails in ``predict``
-    reaches :meth:`trial_failed` through its :class:`~device_agent.slot.Probation`.
+    agent's command thread, one at a time. A bundle on probation is watched by its
+    :class:`~device_agent.probation.Trial`, which calls :meth:`rollback` or
+    :meth:`probation_passed` with its verdict.
     ``run_soon(work)`` runs disk and network work on the agent's events thread;
     ``announce(event)`` tells the fleet of each change of a deploy's state (the next telemetry
     window and a new status).
@@ -151,7 +122,8 @@ class Deployer:
         self.root = deploy_dir(config)
         self._lock = threading.Lock()
         self._upload: Upload | None = None
-        self._trial: _Trial | None = None
+        self._upload_probation: ProbationArgs | None = None  # deploy_begin's, for the commit
+        self._trial: Trial | None = None
         self._records: dict[str, dict[str, Any]] = {}
         self.last_event: msg.DeployEvent | None = None
 
@@ -248,7 +220,7 @@ class Deployer:
         trial = self._trial
         if trial is not None:
             raise DeployError(
-                f"deploy {trial.id} is on probation ({trial.left} inferences to go); wait for "
+                f"deploy {trial.id} is on probation ({trial.describe_left()}); wait for "
                 "it to be applied or send deploy_abort"
             )
         # The same id, size, hash and chunking resume an upload; the model fields are labels.
@@ -256,6 +228,7 @@ class Deployer:
         upload = self._upload
         if upload is not None and all(upload.params()[k] == params[k] for k in same):
             upload.model, upload.model_version = begin.model, begin.model_version
+            self._upload_probation = begin.probation
             return self._receiving(upload)
         if upload is not None:
             log.info("deploy %s: abandoned for deploy %s", upload.id, deploy_id)
@@ -296,7 +269,7 @@ class Deployer:
                 )
             staging.mkdir(parents=True)
             write_atomic(begin_file, json.dumps(params).encode())
-        self._upload = upload
+        self._upload, self._upload_probation = upload, begin.probation
         self._record(deploy_id, state="receiving", error=None)
         log.info(
             "deploy %s: %s %d bytes in %d chunks (%d already here)",
@@ -398,26 +371,46 @@ class Deployer:
             )
         m = bundle.manifest.model
         inputs_changed = new.io.inputs != current.io.inputs
-        n = self._config.deploy_probation_inferences
-        if n > 0:
-            new.trial = trial = _Trial(self, deploy_id, new, current, n)
-            self._trial = trial
+        trial = self._trial_for(deploy_id, new, current)
+        if trial is not None:
+            new.trial = self._trial = trial
         previous = self._slot.swap(new)
         rec = self._record(
             deploy_id,
-            state="probation" if n > 0 else "applied",
+            state="probation" if trial else "applied",
             from_version=previous.model.version,
             to_version=m.version,
             model=m.name,
             reason=None,
             inputs_changed=inputs_changed,
-            probation=n,
+            probation=0 if trial is None else trial.inferences or 0,
         )
-        if n > 0:
+        if trial is not None:
             self._event(deploy_id, "probation", from_version, m.version, m.name)
+            trial.start()
         else:
             self._apply(deploy_id, new, previous)
         return rec
+
+    def _trial_for(self, deploy_id: str, new: LoadedModel, current: LoadedModel) -> Trial | None:
+        """The probation the deploy asked for (None: applied at the swap)."""
+        args, self._upload_probation = self._upload_probation, None
+        default_n = self._config.deploy_probation_inferences
+        if args is None and default_n == 0:
+            return None
+        limits = args or ProbationArgs()
+        inferences, seconds = limits.ends(default_n)
+        return Trial(
+            self,
+            self._slot,
+            deploy_id,
+            new,
+            current,
+            limits,
+            inferences=inferences,
+            seconds=seconds,
+            reference=_reference_of(new.bundle),
+        )
 
     def _unpack(self, upload: Upload, dest: Path) -> None:
         digest = hashlib.sha256()
@@ -456,8 +449,8 @@ class Deployer:
         upload, trial = self._upload, self._trial
         if upload is not None and upload.id == deploy_id:
             out.update(received=upload.received, chunks=upload.chunks)
-        if trial is not None and trial.id == deploy_id:
-            out["probation_left"] = max(0, trial.left)
+        if trial is not None and trial.id == deploy_id and trial.left is not None:
+            out["probation_left"] = trial.left
         return _as_record(out)
 
     def abort(self, args: Mapping[str, Any]) -> DeployRecord:
@@ -468,7 +461,7 @@ class Deployer:
             self._upload = None
             return self._record(deploy_id, state="aborted")
         if trial is not None and trial.id == deploy_id:
-            self._rollback(trial, "aborted by the operator during probation")
+            self.rollback(trial, "aborted by the operator during probation")
             return _as_record(self._records[deploy_id])
         rec = self._records.get(deploy_id)
         state = None if rec is None else rec.get("state")
@@ -485,23 +478,9 @@ class Deployer:
 
     # --- probation ------------------------------------------------------------------------
 
-    def trial_failed(
-        self, trial: _Trial, inputs: Mapping[str, Any], exc: EdgeshipError
-    ) -> Prediction:
-        """The bundle on probation ``trial`` failed on ``inputs``: answer with the previous
-        model if it can, rolling back, or re-raise ``exc`` if the previous model fails too."""
-        previous = trial.previous
-        if previous is None:
-            raise exc
-        try:
-            result = self._slot.predict(inputs, previous)
-        except EdgeshipError:
-            raise exc from None  # both models refuse it: the input is at fault, not the deploy
-        self._rollback(trial, f"inference failed on the new bundle: {exc}")
-        return result
-
-    def _rollback(self, trial: _Trial, reason: str) -> None:
-        if not trial.decide_rollback():
+    def rollback(self, trial: Trial, reason: str) -> None:
+        """Swap the previous model back in: ``trial``'s bundle failed (on any thread)."""
+        if not trial.decide("rolled_back"):
             return
         previous = trial.previous
         assert previous is not None
@@ -522,8 +501,11 @@ class Deployer:
         dest = self.root / "bundles" / trial.id
         self._run_soon(lambda: shutil.rmtree(dest, ignore_errors=True))
 
-    def probation_passed(self, trial: _Trial) -> None:
-        """``trial`` is over and passed: the new bundle is applied (on the events thread)."""
+    def probation_passed(self, trial: Trial, reason: str) -> None:
+        """``trial`` is over and passed: the new bundle is applied (on the events thread);
+        ``reason`` gives the verdict's figures."""
+        if not trial.decide("applied"):
+            return
         previous = trial.previous
         assert previous is not None
         with self._lock:
@@ -531,9 +513,11 @@ class Deployer:
             trial.previous = None  # let the previous session go
             if self._trial is trial:
                 self._trial = None
-        self._run_soon(lambda: self._apply(trial.id, trial.new, previous))
+        self._run_soon(lambda: self._apply(trial.id, trial.new, previous, reason))
 
-    def _apply(self, deploy_id: str, new: LoadedModel, previous: LoadedModel) -> None:
+    def _apply(
+        self, deploy_id: str, new: LoadedModel, previous: LoadedModel, reason: str | None = None
+    ) -> None:
         """Record ``new`` as the bundle to run after a restart, and tell the fleet."""
         m = new.model
         pointer = {
@@ -549,8 +533,8 @@ class Deployer:
         except OSError as exc:
             log.error("deploy %s: applied, but %s not written: %s", deploy_id, CURRENT_NAME, exc)
         self._prune(keep={new.bundle.root.name, previous.bundle.root.name})
-        self._record(deploy_id, state="applied")
-        self._event(deploy_id, "applied", previous.model.version, m.version, m.name)
+        self._record(deploy_id, state="applied", reason=reason)
+        self._event(deploy_id, "applied", previous.model.version, m.version, m.name, reason)
 
     def _prune(self, keep: set[str]) -> None:
         """Delete deployed bundles other than the current and the previous one."""
@@ -560,3 +544,16 @@ class Deployer:
         for entry in bundles.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _reference_of(bundle: Bundle) -> ReferenceStats | None:
+    """The bundle's reference statistics, if it has readable ones (else probation compares
+    with the previous model alone)."""
+    name = bundle.manifest.reference_file
+    if name is None:
+        return None
+    try:
+        return load_reference(bundle.path_of(name))
+    except ConfigError as exc:
+        log.warning("deploy: %s; probation compares with the previous model alone", exc)
+        return None

@@ -185,10 +185,12 @@ def _classifier_labels(io: IOSpec) -> tuple[str, ...] | None:
 
 
 class Probation(Protocol):
-    """A newly deployed model's probation (:mod:`device_agent.deploy`), as the slot sees it."""
+    """A newly deployed model's probation (:mod:`device_agent.probation`), as the slot sees it."""
 
-    def passed(self) -> None:
-        """One inference on the new model succeeded (called on the caller's thread)."""
+    def passed(self, feed: Mapping[str, np.ndarray], result: Prediction) -> None:
+        """One inference on the new model succeeded with ``result`` on the checked ``feed``
+        (called on the caller's thread, after the call's outliers were handed on): the
+        probation counts it and judges the model's health on its own thread."""
 
     def failed(self, inputs: Mapping[str, Any], exc: EdgeshipError) -> Prediction:
         """The new model failed on ``inputs``: answer with the previous model (rolling back)
@@ -275,9 +277,6 @@ class ModelSlot:
             # A deployed bundle on probation failed: the deployer answers with the previous
             # model when it can, and rolls back if that one succeeds where the new one failed.
             return trial.failed(inputs, exc)
-        trial = loaded.trial  # read once: another thread may end the probation meanwhile
-        if trial is not None:
-            trial.passed()
         first = outputs[0]
         labels_of = loaded.labels
         classes = first.argmax(axis=1) if labels_of is not None and first.ndim == 2 else None
@@ -318,4 +317,8 @@ class ModelSlot:
             sink = self.on_outliers
             if sink is not None:
                 sink(loaded, feed, scores, flags, classes)
-        return Prediction(outputs, scores, flags, labels, latency)
+        result = Prediction(outputs, scores, flags, labels, latency)
+        trial = loaded.trial  # read once: another thread may end the probation meanwhile
+        if trial is not None:
+            trial.passed(feed, result)
+        return result

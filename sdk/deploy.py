@@ -38,6 +38,7 @@ from device_agent.contracts.commands import (
     DeployBegin,
     DeployChunk,
     DeployRef,
+    ProbationArgs,
 )
 from device_agent.errors import ConfigError
 from sdk.remote import CommandClient, RemoteError
@@ -256,6 +257,7 @@ def deploy_bundle(
     username: str | None = None,
     password: str | None = None,
     ca_file: str | None = None,
+    probation: ProbationArgs | None = None,
 ) -> DeployResult:
     """Send ``bundle`` to ``device`` and wait for the outcome (at most ``timeout_s`` in all).
 
@@ -265,6 +267,8 @@ def deploy_bundle(
     repeats idempotently. ``progress(sent, total)`` is
     called after each chunk. With ``wait_probation`` the result waits for the device's verdict
     on its first inferences, else it returns once the bundle is swapped in (``probation``).
+    ``probation`` sets how long the device judges the new bundle's model health and its limits
+    (docs/agent.md, "Probation"; None: the device's defaults).
 
     Raises :class:`ConfigError`/:class:`BundleError` for a bad bundle or argument and
     :class:`RemoteError` when the device does not answer; a device that refuses or rolls back
@@ -290,6 +294,7 @@ def deploy_bundle(
             chunk_bytes=chunk_bytes,
             model=upload.model,
             model_version=upload.to_version,
+            probation=probation,
         )
         ok, begun, error = call(Action.DEPLOY_BEGIN, begin.to_args())
         if not ok:

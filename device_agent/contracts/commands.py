@@ -22,6 +22,9 @@ imports it without the agent.
 * ``deploy_status`` (:class:`DeployRef`, ``deploy`` optional) and ``deploy_abort``
   (:class:`DeployRef`).
 
+``deploy_begin`` may carry ``probation`` (:class:`ProbationArgs`): how long the new bundle is on
+probation and the limits of model health it is judged against (:mod:`device_agent.probation`).
+
 ``ping`` takes no arguments and answers :class:`PingReply`; ``benchmark`` takes
 :class:`BenchmarkArgs` and answers a benchmark report (``device_agent.benchmark``).
 """
@@ -57,6 +60,7 @@ __all__ = [
     "DeployRecord",
     "DeployRef",
     "PingReply",
+    "ProbationArgs",
     "ReceivingReply",
     "printable",
 ]
@@ -180,6 +184,7 @@ class DeployBegin:
     chunk_bytes: int
     model: str | None = None
     model_version: str | None = None
+    probation: ProbationArgs | None = None
 
     @classmethod
     def parse(cls, args: Mapping[str, Any], *, max_bytes: int) -> DeployBegin:
@@ -211,15 +216,19 @@ class DeployBegin:
             chunk_bytes=chunk_bytes,
             model=_opt_text(args, "model", MAX_MODEL_LEN),
             model_version=_opt_text(args, "model_version", MAX_VERSION_LEN),
+            probation=None if args.get("probation") is None else ProbationArgs.parse(args),
         )
 
     def to_args(self) -> dict[str, Any]:
-        """The ``args`` object on the wire (``model``/``model_version`` left out when None)."""
-        return _without_none(self.__dict__)
+        """The ``args`` object on the wire (``model``/``model_version``/``probation`` left out
+        when None)."""
+        return _without_none(self.params())
 
     def params(self) -> dict[str, Any]:
         """Every field, None included: what the device keeps in ``begin.json``."""
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["probation"] = None if self.probation is None else self.probation.to_args()
+        return out
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,137 @@ class DeployRef:
 
     def to_args(self) -> dict[str, Any]:
         return _without_none(self.__dict__)
+
+
+# --- probation ----------------------------------------------------------------------------
+
+# Limits of the probation arguments (docs/agent.md, "Probation").
+MAX_PROBATION_INFERENCES = 1_000_000
+MAX_PROBATION_SECONDS = 7 * 86_400.0
+MAX_RATIO = 1000.0
+QUIET_VERDICTS = ("apply", "rollback")
+
+
+def _p_int(args: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise DeployError(
+            f"probation argument {key!r}: expected an integer in [{lo}, {hi}], got "
+            f"{_kind(value) if not isinstance(value, int) else _shown(value)}"
+        )
+    return value
+
+
+def _p_num(args: Mapping[str, Any], key: str, lo: float, hi: float, *, lo_open: bool) -> float:
+    value = args[key]
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    number = float(value) if ok and abs(value) < 2**53 else math.nan
+    if not ok or not math.isfinite(number) or not lo <= number <= hi or (lo_open and number <= lo):
+        shown = _kind(value) if not ok else f"{number:g}" if math.isfinite(number) else "huge"
+        raise DeployError(
+            f"probation argument {key!r}: expected a number in {'(' if lo_open else '['}"
+            f"{lo:g}, {hi:g}], got {shown}"
+        )
+    return number
+
+
+def _shown(value: int) -> str:
+    return str(value) if abs(value) < 10**12 else f"an integer of {value.bit_length()} bits"
+
+
+@dataclass(frozen=True)
+class ProbationArgs:
+    """``deploy_begin``'s optional ``probation`` object: how long a new bundle is on probation
+    and the limits of model health it must keep (docs/agent.md, "Probation").
+
+    Probation ends after ``inferences`` successful calls or ``seconds`` after the swap,
+    whichever comes first. Given only ``seconds``, no count ends it; given ``inferences`` only
+    or neither, ``seconds`` is :data:`DEFAULT_SECONDS` so a quiet device does not stay on
+    probation; ``inferences`` defaults to the agent's ``deploy_probation_inferences``. A line
+    is judged once ``min_calls`` calls are seen on both sides: the p95 and median latency at
+    most ``max_latency_ratio`` times the previous model's (or at most ``latency_floor_ms``
+    above it: scheduler noise); the outlier count at most
+    ``max_outlier_ratio`` times the expected one (and below ``min_outliers`` never fails); the
+    top class share at most ``max_class_shift`` above the previous model's (or the
+    reference's); calls that fail on the new bundle alone at most ``max_error_rate`` (0: the
+    first one rolls back). ``quiet`` is the verdict when probation ends with fewer than
+    ``min_calls`` calls: ``apply`` or ``rollback``.
+    """
+
+    inferences: int | None = None
+    seconds: float | None = None
+    min_calls: int = 10
+    max_latency_ratio: float = 2.0
+    latency_floor_ms: float = 0.5
+    max_outlier_ratio: float = 3.0
+    min_outliers: int = 5
+    max_class_shift: float = 0.5
+    max_error_rate: float = 0.0
+    quiet: str = "apply"
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "inferences",
+        "seconds",
+        "min_calls",
+        "max_latency_ratio",
+        "latency_floor_ms",
+        "max_outlier_ratio",
+        "min_outliers",
+        "max_class_shift",
+        "max_error_rate",
+        "quiet",
+    )
+    DEFAULT_SECONDS: ClassVar[float] = 600.0
+
+    @classmethod
+    def parse(cls, begin_args: Mapping[str, Any]) -> ProbationArgs:
+        """Validate the ``probation`` object of ``deploy_begin``'s args; DeployError naming the
+        argument and its range."""
+        args = begin_args["probation"]
+        if not isinstance(args, Mapping):
+            raise DeployError(f"argument 'probation': expected an object, got {_kind(args)}")
+        unknown = sorted(str(k) for k in args if k not in cls.KEYS)
+        if unknown:
+            names = ", ".join(ascii(n[:40]) for n in unknown[:5])
+            raise DeployError(f"probation: unknown argument {names}; known: {', '.join(cls.KEYS)}")
+        given = {k: v for k, v in args.items() if v is not None}
+        out: dict[str, Any] = {}
+        ints = {"inferences": (1, MAX_PROBATION_INFERENCES), "min_calls": (1, 100_000),
+                "min_outliers": (1, MAX_PROBATION_INFERENCES)}  # fmt: skip
+        nums = {
+            "seconds": (0.0, MAX_PROBATION_SECONDS, True),
+            "max_latency_ratio": (1.0, MAX_RATIO, False),
+            "latency_floor_ms": (0.0, 60_000.0, False),
+            "max_outlier_ratio": (1.0, MAX_RATIO, False),
+            "max_class_shift": (0.0, 1.0, True),
+            "max_error_rate": (0.0, 1.0, False),
+        }
+        for key in given:
+            if key in ints:
+                out[key] = _p_int(given, key, *ints[key])
+            elif key in nums:
+                lo, hi, lo_open = nums[key]
+                out[key] = _p_num(given, key, lo, hi, lo_open=lo_open)
+        if "quiet" in given:
+            if given["quiet"] not in QUIET_VERDICTS:
+                raise DeployError(
+                    f"probation argument 'quiet': expected one of {', '.join(QUIET_VERDICTS)}, "
+                    f"got {_kind(given['quiet'])}"
+                )
+            out["quiet"] = given["quiet"]
+        return cls(**out)
+
+    def to_args(self) -> dict[str, Any]:
+        """The ``probation`` object on the wire: the fields that are not the defaults."""
+        d = ProbationArgs()
+        return {k: getattr(self, k) for k in self.KEYS if getattr(self, k) != getattr(d, k)}
+
+    def ends(self, default_inferences: int) -> tuple[int | None, float | None]:
+        """(inferences, seconds) that end the probation: see the class's docstring."""
+        if self.inferences is None and self.seconds is not None:
+            return None, self.seconds
+        n = default_inferences if self.inferences is None else self.inferences
+        return n or None, self.DEFAULT_SECONDS if self.seconds is None else self.seconds
 
 
 # --- benchmark ----------------------------------------------------------------------------

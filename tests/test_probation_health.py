@@ -1,0 +1,316 @@
+"""Probation on model health (issue 14): a real agent serving scikit-learn's digits on a thread,
+bundles built here from a logistic regression, deployed through the agent's own ``deploy_*``
+handlers (no broker needed). A bundle that answers one class, one that does ten times the work
+and one whose detector flags half its inputs are each rolled back with the failed line named;
+a good bundle is applied with its figures; no application call fails. A quiet device's
+probation ends by time. The verdicts are asserted by the line they name, never by timings."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent import Agent, AgentConfig
+from device_agent.contracts import messages as msg
+from device_agent.contracts.commands import (
+    MAX_CHUNK_BYTES,
+    DeployBegin,
+    DeployError,
+    ProbationArgs,
+)
+from device_agent.contracts.reference import ReferenceStats
+from device_agent.probation import Side, judge
+
+LABELS = [str(i) for i in range(10)]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    return x[:1000], y[:1000], x[1000:]
+
+
+def _write_model(
+    path: Path, w: np.ndarray, b: np.ndarray, *, redundant_layers: int = 0, seed: int = 0
+) -> Path:
+    """x[batch, 64] -> MatMul -> Add -> logits[batch, 10]; with ``redundant_layers``, a side
+    branch of (batch * 64)x512 by 512x512 products whose sum is multiplied by 0 and added to
+    the logits: real work the answer does not depend on."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w"),
+             numpy_helper.from_array(b.astype(np.float32), "b")]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["logits0" if redundant_layers else "logits"]),
+    ]
+    if redundant_layers:
+        rng = np.random.default_rng(seed)
+        square = rng.normal(0, 1 / np.sqrt(512), (512, 512)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(np.ones((1, 512), np.float32), "ones"),
+            numpy_helper.from_array(square, "square"),
+            numpy_helper.from_array(np.zeros((1,), np.float32), "zero"),
+            numpy_helper.from_array(np.array([-1, 1], np.int64), "column"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", ["x", "column"], ["xt"]),
+            helper.make_node("MatMul", ["xt", "ones"], ["r0"]),
+        ]
+        for i in range(redundant_layers):
+            nodes.append(helper.make_node("MatMul", [f"r{i}", "square"], [f"r{i + 1}"]))
+        nodes += [
+            helper.make_node("ReduceSum", [f"r{redundant_layers}"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["logits0", "nothing"], ["logits"]),
+        ]
+    batch = "batch"
+    graph = helper.make_graph(
+        nodes,
+        "digits-logreg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from sklearn.linear_model import LogisticRegression
+
+    from sdk.artifact import read_artifact
+    from sdk.detect import fit_detector
+    from sdk.package import package
+
+    root = tmp_path_factory.mktemp("probation-bundles")
+    x, y, x_cal = _digits()
+    clf = LogisticRegression(max_iter=500).fit(x, y)
+    w, b = clf.coef_.T, clf.intercept_
+
+    def bundle(name: str, version: str, *, fpr: float | None = 0.05, **model: Any) -> Path:
+        path = _write_model(root / f"{name}.onnx", w, b, **model)
+        if "constant" in name:
+            path = _write_model(root / f"{name}.onnx", np.zeros_like(w), np.eye(10)[3] * 5)
+        detector = None
+        if fpr is not None:
+            detector = fit_detector(
+                "max_softmax", {"x": x_cal}, path, target_fpr=fpr, out=root / f"{name}.npz"
+            )
+        artifact = read_artifact(path)
+        return package(
+            artifact, root / name, name="digits", version=version, labels=LABELS,
+            detector=detector,
+        ).root  # fmt: skip
+
+    return {
+        "v1": bundle("v1", "1"),
+        "good": bundle("good", "2"),
+        "constant": bundle("constant", "2-constant", fpr=None),
+        # Ten 64x512x512 products for a model that does one 64x10.
+        "slow": bundle("slow", "2-slow", fpr=None, redundant_layers=10),
+        # The same model, its detector calibrated to flag half of in-distribution inputs.
+        "noisy": bundle("noisy", "2-noisy", fpr=0.5),
+    }
+
+
+@dataclass
+class _App:
+    """The application: predict() on a cycle of test digits, on its own thread."""
+
+    agent: Agent
+    x: np.ndarray
+    calls: int = 0
+    failures: list[BaseException] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            try:
+                self.agent.predict({"x": self.x[i % len(self.x) : i % len(self.x) + 1]})
+                self.calls += 1
+            except Exception as exc:  # every failure is a test failure, whatever its type
+                self.failures.append(exc)
+            i += 1
+            time.sleep(0.001)
+
+
+@contextmanager
+def _device(bundle: Path, state: Path, *, traffic: bool = True) -> Iterator[tuple[Agent, _App]]:
+    cfg = AgentConfig(device_id="pi-h", state_dir=state, window_s=0.5)
+    agent = Agent.from_bundle(bundle, cfg).start()
+    app = _App(agent, _digits()[2])
+    thread = threading.Thread(target=app.run, daemon=True)
+    if traffic:
+        thread.start()
+    try:
+        yield agent, app
+    finally:
+        app.stop.set()
+        if traffic:
+            thread.join(10)
+        agent.close()
+
+
+def _call(agent: Agent, action: str, args: dict[str, Any]) -> Any:
+    command = msg.Command(id=uuid.uuid4().hex[:12], action=action, ts=time.time(), args=args)
+    return agent.command_handlers[action](command)
+
+
+def _deploy(agent: Agent, bundle: Path, probation: ProbationArgs | None = None) -> dict[str, Any]:
+    """begin, chunks, commit through the agent's handlers; then deploy_status until the
+    probation is over. Returns the last status."""
+    from sdk.deploy import pack_bundle
+
+    archive = pack_bundle(bundle)
+    deploy_id = f"d{uuid.uuid4().hex[:12]}"
+    chunks = -(-len(archive) // MAX_CHUNK_BYTES)
+    begin = DeployBegin(
+        deploy_id, len(archive), hashlib.sha256(archive).hexdigest(), chunks,
+        min(MAX_CHUNK_BYTES, len(archive)), probation=probation,
+    )  # fmt: skip
+    _call(agent, "deploy_begin", begin.to_args())
+    for i in range(chunks):
+        part = archive[i * MAX_CHUNK_BYTES : (i + 1) * MAX_CHUNK_BYTES]
+        _call(agent, "deploy_chunk", {
+            "deploy": deploy_id, "index": i, "data": base64.b64encode(part).decode(),
+            "sha256": hashlib.sha256(part).hexdigest(),
+        })  # fmt: skip
+    result = dict(_call(agent, "deploy_commit", {"deploy": deploy_id}))
+    assert result["state"] == "probation", result
+    deadline = time.monotonic() + 120
+    while result["state"] == "probation":
+        assert time.monotonic() < deadline, f"still on probation: {result}"
+        time.sleep(0.05)
+        result = dict(_call(agent, "deploy_status", {"deploy": deploy_id}))
+    return result
+
+
+def test_unhealthy_bundles_roll_back_naming_the_line_and_a_good_one_is_applied(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    with _device(bundles["v1"], tmp_path / "state") as (agent, app):
+        limits = ProbationArgs(inferences=60)
+        expected = {
+            "constant": ("class '3' predicted for 100%", "the previous model's"),
+            "slow": ("p95 latency", "the previous model's"),
+            "noisy": ("outlier rate", "the previous model's"),
+        }
+        for name, needles in expected.items():
+            before = app.calls
+            result = _deploy(agent, bundles[name], limits)
+            assert result["state"] == "rolled_back", (name, result)
+            reason = result["reason"]
+            assert reason.startswith("model health: "), (name, reason)
+            assert all(n in reason for n in needles), (name, reason)
+            assert agent.bundle.manifest.model.version == "1"
+            assert app.calls > before
+        result = _deploy(agent, bundles["good"], limits)
+        assert result["state"] == "applied", result
+        assert result["reason"].startswith("healthy over "), result
+        assert "p95 latency" in result["reason"] and "outlier rate" in result["reason"]
+        assert agent.bundle.manifest.model.version == "2"
+        before = app.calls
+        deadline = time.monotonic() + 20
+        while app.calls < before + 10:
+            assert time.monotonic() < deadline, "the application stalled"
+            time.sleep(0.01)
+        assert app.failures == [], app.failures[:3]
+        # Outside probation, predict hands nothing to a trial.
+        assert agent.slot.loaded.trial is None
+
+
+def test_a_quiet_device_ends_probation_by_time_with_the_verdict_it_was_asked_for(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    with _device(bundles["v1"], tmp_path / "state", traffic=False) as (agent, _):
+        result = _deploy(agent, bundles["noisy"], ProbationArgs(seconds=0.5, quiet="rollback"))
+        assert result["state"] == "rolled_back", result
+        assert "only 0 calls" in result["reason"] and "too few to judge" in result["reason"]
+        assert agent.bundle.manifest.model.version == "1"
+        # By default a count ends it, and 600 s if the count is not reached; here 0.5 s.
+        result = _deploy(agent, bundles["good"], ProbationArgs(inferences=50, seconds=0.5))
+        assert result["state"] == "applied", result
+        assert result["reason"].startswith("applied without a health verdict: only 0 calls")
+        assert agent.bundle.manifest.model.version == "2"
+
+
+def test_deploy_begin_refuses_bad_probation_arguments_naming_them(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    good = {"deploy": "d1", "size": 2048, "sha256": "0" * 64, "chunks": 4, "chunk_bytes": 512}
+    bad = [
+        ({"inferences": 0}, "'inferences'"),
+        ({"inferences": True}, "'inferences'"),
+        ({"seconds": 0}, "'seconds'"),
+        ({"seconds": float("inf")}, "'seconds'"),
+        ({"max_latency_ratio": 0.5}, "'max_latency_ratio'"),
+        ({"max_class_shift": "0.5"}, "'max_class_shift'"),
+        ({"max_error_rate": 2}, "'max_error_rate'"),
+        ({"quiet": "maybe"}, "'quiet'"),
+        ({"p99": 3}, "unknown argument 'p99'"),
+    ]
+    cfg = AgentConfig(device_id="pi-h", state_dir=tmp_path / "state")
+    with Agent.from_bundle(bundles["v1"], cfg) as agent:
+        for probation, needle in bad:
+            with pytest.raises(DeployError) as info:
+                _call(agent, "deploy_begin", {**good, "probation": probation})
+            assert needle in str(info.value), (probation, str(info.value))
+        with pytest.raises(DeployError, match="'probation': expected an object"):
+            _call(agent, "deploy_begin", {**good, "probation": [1]})
+        assert _call(agent, "deploy_begin", {**good, "probation": {}})["state"] == "receiving"
+    # The host's arguments parse back to the same values; the defaults are not sent.
+    args = ProbationArgs(inferences=100, max_latency_ratio=3, quiet="rollback")
+    begin = DeployBegin("d1", 2048, "0" * 64, 4, 512, probation=args)
+    assert begin.to_args()["probation"] == {
+        "inferences": 100,
+        "max_latency_ratio": 3,
+        "quiet": "rollback",
+    }
+    assert DeployBegin.parse(begin.to_args(), max_bytes=4096) == begin
+    assert ProbationArgs(seconds=30).ends(20) == (None, 30)
+    assert ProbationArgs().ends(20) == (20, ProbationArgs.DEFAULT_SECONDS)
+
+
+def _side(classes: dict[str, int], outliers: int = 0) -> Side:
+    n = sum(classes.values())
+    return Side(calls=n, samples=n, scored=n, outliers=outliers, labelled=n, classes=classes)
+
+
+def test_without_the_previous_model_the_reference_is_the_baseline() -> None:
+    """When the new bundle takes other inputs the previous model cannot run them: outliers and
+    class shares are compared with the bundle's reference.json."""
+    spread = {label: 0.1 for label in LABELS}
+    ref = ReferenceStats(samples=1000, predictions=spread, prediction_counts={}, outlier_rate=0.02)
+    limits = ProbationArgs()
+    one_class = _side({"7": 40})
+    line = judge(limits, one_class, None, ref)
+    assert line is not None and "class '7'" in line and "the reference's" in line
+    assert judge(limits, _side({"1": 8, "2": 12, "3": 20}), None, ref) is None
+    line = judge(limits, _side({"1": 20, "2": 20}, outliers=12), None, ref)
+    assert line is not None and "outlier rate 30.0%" in line and "the reference's 2.0%" in line
+    # 0 expected against 1 seen is not a failure: below min_outliers.
+    assert judge(limits, _side({"1": 20, "2": 20}, outliers=1), None, ref) is None
+    # Traffic that is one class for the previous model too: not a collapse.
+    assert judge(limits, one_class, _side({"7": 40}), ref) is None
+    # Too few calls: nothing is judged.
+    assert judge(limits, _side({"7": 5}), None, ref) is None
