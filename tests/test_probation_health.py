@@ -125,8 +125,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "v1": bundle("v1", "1"),
         "good": bundle("good", "2"),
         "constant": bundle("constant", "2-constant", fpr=None),
-        # Ten 64x512x512 products for a model that does one 64x10.
-        "slow": bundle("slow", "2-slow", fpr=None, redundant_layers=10),
+        # Forty 64x512x512 products for a model that does one 64x10: about 100x the work.
+        "slow": bundle("slow", "2-slow", fpr=None, redundant_layers=40),
         # The same model, its detector calibrated to flag half of in-distribution inputs.
         "noisy": bundle("noisy", "2-noisy", fpr=0.5),
     }
@@ -217,7 +217,10 @@ def test_unhealthy_bundles_roll_back_naming_the_line_and_a_good_one_is_applied(
         }
         for name, needles in expected.items():
             before = app.calls
-            result = _deploy(agent, bundles[name], limits)
+            # The ratio alone judges the slow one: on a fast machine its extra work may take
+            # less than the default floor of 0.5 ms above a model that takes microseconds.
+            floor = {"latency_floor_ms": 0.0} if name == "slow" else {}
+            result = _deploy(agent, bundles[name], ProbationArgs(inferences=60, **floor))
             assert result["state"] == "rolled_back", (name, result)
             reason = result["reason"]
             assert reason.startswith("model health: "), (name, reason)
