@@ -491,12 +491,21 @@ def test_cli_deploy_exit_codes(bundles: dict[str, Path], tmp_path: Path, capsys:
         assert main(["deploy", str(bundles["narrow"]), *base]) == 1
         out = capsys.readouterr()
         assert "rolled back" in out.out and "reason:" in out.out
-        assert main(["deploy", str(bundles["v2"]), *base, "--json", str(tmp_path / "r.json")]) == 0
-        assert "applied (v1 -> v2)" in capsys.readouterr().out
-        assert json.loads((tmp_path / "r.json").read_text())["state"] == "applied"
+        judged = ["--probation", "inferences=30", "--probation", "max_latency_ratio=3"]
+        r = tmp_path / "r.json"
+        assert main(["deploy", str(bundles["v2"]), *base, *judged, "--json", str(r)]) == 0
+        out = capsys.readouterr().out
+        assert "applied (v1 -> v2)" in out and "reason:" in out, out
+        assert json.loads(r.read_text())["state"] == "applied"
+        # The device judged as asked: 30 calls, not its own default of 20.
+        assert "healthy over 30 calls" in json.loads(r.read_text())["reason"]
         assert agent.bundle.manifest.model.version == "2"
     assert main(["deploy", str(tmp_path / "nope"), *base]) == 2
     assert "bundle directory not found" in capsys.readouterr().err
+    for bad in ("seconds", "colour=red", "max_class_shift=2", "quiet=maybe", "inferences=nan"):
+        assert main(["deploy", str(bundles["v2"]), *base, "--probation", bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "--probation" in err, err
     assert main(["deploy", str(bundles["v2"]), *base[:2], "--broker", "http://x"]) == 2
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from device_agent.contracts.commands import DeployError, ProbationArgs
 from device_agent.errors import ConfigError
 from sdk.cli.common import (
     EXIT_BUDGET,
@@ -37,7 +38,7 @@ def register(sub: Any) -> None:
         "deploy'.",
         epilog="example: edgeship deploy bundle-v2/ --device pi-07 --fleet greenhouse "
         "--broker mqtts://operator@hub.local:8883 --broker-password-file ~/.edgeship/broker.pw "
-        "--ca-file ca.crt",
+        "--ca-file ca.crt --probation seconds=300 --probation max_latency_ratio=1.5",
     )
     p.add_argument("bundle", type=Path, help="the bundle directory to send")
     p.add_argument("--device", required=True, help="the device id")
@@ -62,7 +63,42 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.add_argument(
+        "--probation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="how the device judges the new bundle's model health, repeatable: "
+        "inferences=N and/or seconds=S end the probation (whichever first); min_calls, "
+        "max_latency_ratio (default 2), latency_floor_ms (0.5), max_outlier_ratio (3), "
+        "min_outliers (5), max_class_shift (0.5), max_error_rate (0), quiet=apply|rollback "
+        "(the verdict when fewer than min_calls calls came). See docs/agent.md, 'Probation'",
+    )
     p.set_defaults(handler=run)
+
+
+def probation_args(pairs: list[str]) -> ProbationArgs | None:
+    """``--probation KEY=VALUE`` options as the device will check them; ConfigError (exit 2)
+    naming the option for a malformed pair, an unknown key or a value out of range."""
+    if not pairs:
+        return None
+    given: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--probation {pair!r}: expected KEY=VALUE, e.g. seconds=300")
+        value: Any = text.strip()
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                continue
+        given[key.strip()] = value
+    try:
+        return ProbationArgs.parse({"probation": given})
+    except DeployError as exc:
+        raise ConfigError(f"--probation: {exc}") from None
 
 
 def _progress_printer() -> Callable[[int, int], None]:
@@ -97,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.bundle.is_dir():
         raise ConfigError(f"bundle directory not found: {args.bundle}")
     password = broker_password(args)
+    probation = probation_args(args.probation)
     try:
         result = deploy_bundle(
             args.bundle,
@@ -108,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             progress=_progress_printer(),
             password=password,
             ca_file=args.ca_file,
+            probation=probation,
         )
     except BrokerUnavailableError:
         raise  # nothing was sent: bad input, exit 2 with one line
@@ -125,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if result.reason:
         print(f"  reason: {printable(result.reason)}")
     if result.state == "probation":
-        print("  still on probation: it rolls back if one of its first inferences fails")
+        print("  still on probation: it rolls back if its model health fails a line")
     if args.json is not None:
         write_json(args.json, result.to_dict())
     return EXIT_OK if result.ok or (args.no_wait and result.state == "probation") else EXIT_BUDGET
