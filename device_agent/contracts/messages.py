@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, TypeAlias, cast
 
 from device_agent.contracts.errors import ProtocolError
+from device_agent.contracts.text import escape
 
 __all__ = [
     "ALERTS_KIND",
@@ -290,9 +291,10 @@ def shared_subscription(group: str, pattern: str) -> str:
 
 
 def _fail(where: str, problem: str) -> ProtocolError:
-    # ``where`` may hold keys of the message: escaped, so the error itself is safe text, and
-    # shortened, so a hostile key cannot make every log line and dead letter huge.
-    where, problem = safe_text(where), safe_text(problem)
+    # ``where`` may hold keys of the message: escaped (controls and newlines too: it names a
+    # field, one line in a log, a dead letter's field and a metric's label), and shortened, so
+    # a hostile key cannot make every log line and dead letter huge.
+    where, problem = escape(where), safe_text(problem)
     if len(where) > _MAX_WHERE:
         where = where[: _MAX_WHERE - 3] + "..."
     return ProtocolError(f"{where}: {problem}", field=where)
