@@ -1,5 +1,11 @@
-"""The alert history: every firing and resolved alert, kept in SQLite (:class:`AlertStore`), so
-a restarted collector resolves what fired before instead of raising it again."""
+"""The alert history: every firing and resolved alert, so a restarted collector resolves what
+fired before instead of raising it again.
+
+Two homes, one interface (:class:`AlertHistory`): :class:`AlertStore`, a SQLite file of the
+collector's own (beside a SQLite store, or in memory), and :class:`SharedAlertStore`, the
+``alerts`` table of a PostgreSQL store (schema version 4), which every collector of the fleet
+reads: only their leader writes it (:mod:`collector.leader`), and a collector that becomes
+leader reads what is firing from it and goes on from there instead of firing it again."""
 
 from __future__ import annotations
 
@@ -9,13 +15,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from collector.alert_config import Severity
 from collector.errors import StoreError
 from device_agent.contracts.messages import Alert
 
-__all__ = ["AlertRecord", "AlertStore"]
+if TYPE_CHECKING:
+    from collector.store import PostgresStore
+
+__all__ = ["AlertHistory", "AlertRecord", "AlertStore", "SharedAlertStore"]
 
 # --- history --------------------------------------------------------------------------------
 
@@ -69,6 +78,23 @@ class AlertRecord:
         }
 
 
+class AlertHistory(Protocol):
+    """Where alerts are kept: one row per alert id, updated from firing to resolved."""
+
+    @property
+    def path(self) -> str:
+        """Where the history is, for /api/health (no password)."""
+        ...
+
+    def save(self, record: AlertRecord) -> None: ...
+
+    def firing(self) -> list[AlertRecord]: ...
+
+    def recent(self, limit: int = 100, state: str | None = None) -> list[AlertRecord]: ...
+
+    def close(self) -> None: ...
+
+
 _ALERT_COLUMNS = (
     "id, fleet, device, rule, severity, state, summary, value, started_at, updated_at, "
     "resolved_at, source"
@@ -81,7 +107,7 @@ class AlertStore:
     keeps what devices sent; this one keeps what the collector concluded."""
 
     def __init__(self, path: str | Path = ":memory:") -> None:
-        self.path = str(path)
+        self._path = str(path)
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +126,12 @@ class AlertStore:
             raise StoreError(f"cannot open the alert history {self.path}: {exc}") from exc
         self._lock = threading.Lock()
 
+    @property
+    def path(self) -> str:
+        return self._path
+
     def save(self, record: AlertRecord) -> None:
-        row = (
-            record.id, record.fleet, record.device, record.rule, record.severity, record.state,
-            record.summary, record.value, record.started_at, record.updated_at,
-            record.resolved_at, record.source,
-        )  # fmt: skip
+        row = _row(record)
         with self._lock:
             try:
                 self._db.execute(
@@ -117,16 +143,11 @@ class AlertStore:
                 raise StoreError(f"cannot write the alert history {self.path}: {exc}") from exc
 
     def firing(self) -> list[AlertRecord]:
-        return self._select("WHERE state = 'firing' ORDER BY started_at DESC", ())
+        return self._select(*_FIRING)
 
     def recent(self, limit: int = 100, state: str | None = None) -> list[AlertRecord]:
         """The newest alerts by the time they fired (or resolved), newest first."""
-        if state is None:
-            return self._select("ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?", (limit,))
-        return self._select(
-            "WHERE state = ? ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?",
-            (state, limit),
-        )
+        return self._select(*_recent(limit, state))
 
     def _select(self, where: str, params: tuple[Any, ...]) -> list[AlertRecord]:
         with self._lock:
@@ -139,6 +160,62 @@ class AlertStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class SharedAlertStore:
+    """The alert history in a PostgreSQL store's ``alerts`` table, through that store's
+    connection (its retries and reconnects). Closing it leaves the store open: its owner
+    closes that."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    @property
+    def path(self) -> str:
+        return f"{self._store.url} (table alerts)"
+
+    def save(self, record: AlertRecord) -> None:
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _ALERT_COLUMNS.split(", ")[1:])
+        self._store.execute(
+            f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) "
+            f"ON CONFLICT (id) DO UPDATE SET {updates}",
+            _row(record),
+        )
+
+    def firing(self) -> list[AlertRecord]:
+        return self._select(*_FIRING)
+
+    def recent(self, limit: int = 100, state: str | None = None) -> list[AlertRecord]:
+        return self._select(*_recent(limit, state))
+
+    def _select(self, where: str, params: tuple[Any, ...]) -> list[AlertRecord]:
+        rows = self._store.execute(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts {where}", params, fetch=True
+        )
+        return [_record(r) for r in rows]
+
+    def close(self) -> None:
+        """Nothing of its own to close (the store is its owner's)."""
+
+
+_FIRING: tuple[str, tuple[Any, ...]] = ("WHERE state = 'firing' ORDER BY started_at DESC", ())
+
+
+def _recent(limit: int, state: str | None) -> tuple[str, tuple[Any, ...]]:
+    if state is None:
+        return "ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?", (limit,)
+    return "WHERE state = ? ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?", (
+        state,
+        limit,
+    )
+
+
+def _row(record: AlertRecord) -> tuple[Any, ...]:
+    return (
+        record.id, record.fleet, record.device, record.rule, record.severity, record.state,
+        record.summary, record.value, record.started_at, record.updated_at,
+        record.resolved_at, record.source,
+    )  # fmt: skip
 
 
 def _record(r: Sequence[Any]) -> AlertRecord:

@@ -34,12 +34,14 @@ alert is resolved under the same ``id``. ``deploy_failed`` is tied to the deploy
 derived from the deploy's id, and a later deploy that also fails resolves it and fires a new
 one (so each bad deploy alerts once, a restarted collector included). A rule that cannot be
 evaluated (too few inferences, a drift baseline still being learned) leaves the alert as it is.
-Both transitions are stored (:class:`AlertStore`, SQLite) and published as
+Both transitions are stored (:mod:`~collector.alert_history`: a SQLite file, or the PostgreSQL
+store's ``alerts`` table shared by the fleet's collectors) and published as
 :class:`~device_agent.contracts.messages.Alert` messages on ``edgeship/{fleet}/alerts``, QoS 1,
 **not retained** (the protocol's rule for the topic: a retained message would show one stale
 alert per fleet to every new subscriber; the current set is ``GET /api/alerts``). Firing alerts
 are read back from the store at start, so a restarted collector resolves them instead of
-raising them again.
+raising them again. Of several collectors sharing a fleet only the leader evaluates
+(:mod:`~collector.leader`, :meth:`AlertEngine.lead`).
 
 TOML format (every table and key optional)::
 
@@ -81,7 +83,7 @@ from collector.alert_config import (
     RuleConfig,
     load_alerts_config,
 )
-from collector.alert_history import AlertRecord, AlertStore
+from collector.alert_history import AlertHistory, AlertRecord, AlertStore
 from collector.alert_rules import Condition, DeviceView, evaluate_rule
 from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.messages import Alert, encode, message_topic
@@ -89,6 +91,7 @@ from device_agent.contracts.messages import Alert, encode, message_topic
 __all__ = [
     "RULES",
     "AlertEngine",
+    "AlertHistory",
     "AlertRecord",
     "AlertStore",
     "AlertsConfig",
@@ -120,12 +123,16 @@ class AlertEngine:
 
     ``publish(fleet, alert)`` sends one Alert message (None: store only). A publish failure is
     logged and the alert stays stored; the API still shows it. Thread-safe.
+
+    An engine that does not lead its fleet (:meth:`lead` False: another collector evaluates
+    the rules) evaluates nothing and shows the shared history's firing alerts; when it takes
+    the lead it reads them back and goes on from there, so nothing already firing fires again.
     """
 
     def __init__(
         self,
         config: AlertsConfig,
-        store: AlertStore,
+        store: AlertHistory,
         *,
         source: str,
         publish: Publish | None = None,
@@ -143,14 +150,30 @@ class AlertEngine:
         self._serial = itertools.count()
         self.published = 0
         self.publish_errors = 0
-        for record in store.firing():
-            self._firing[(record.fleet, record.device, record.rule)] = record
+        self.leading = True
+        self._reload()
+
+    def _reload(self) -> None:
+        self._firing = {(r.fleet, r.device, r.rule): r for r in self.store.firing()}
+        self._pending.clear()
+        self._saved.clear()
+
+    def lead(self, leading: bool) -> None:
+        """Evaluate (True) or leave it to the fleet's leader (False); taking the lead reads
+        the firing alerts back from the history, as a restart does."""
+        with self._lock:
+            if leading and not self.leading:
+                self._reload()
+            self.leading = leading
 
     def evaluate(self, views: Sequence[DeviceView]) -> list[AlertRecord]:
-        """Evaluate every enabled rule on every view; returns the alerts that changed state."""
+        """Evaluate every enabled rule on every view; returns the alerts that changed state
+        (nothing while another collector leads)."""
         now = self._clock()
         changes: list[AlertRecord] = []
         with self._lock:
+            if not self.leading:
+                return []
             for view in views:
                 for name in RULES:
                     rule = self.config.rules[name]
@@ -171,7 +194,10 @@ class AlertEngine:
         return changes
 
     def firing(self) -> list[AlertRecord]:
+        """The firing alerts: this engine's while it leads, else the shared history's."""
         with self._lock:
+            if not self.leading:
+                return self.store.firing()
             return sorted(self._firing.values(), key=lambda r: r.started_at, reverse=True)
 
     def _apply(

@@ -19,7 +19,7 @@ then splits the batch until the refused record is alone (``collector.service``).
 failure (the database down, locked, out of space) is a plain :class:`StoreError`, and the whole
 batch is tried again later.
 
-Tables (schema version 3; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
+Tables (schema version 4; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
 PRECISION and BYTEA)::
 
     schema_version(version PK, applied_at, description)
@@ -42,6 +42,10 @@ PRECISION and BYTEA)::
     dead_letters(id, received_at, topic, size, field, error, payload, digest)
         digest: SHA-256 of the topic and the whole payload, unique: a message the broker
         redelivers (not acknowledged before a crash) is kept once; NULL for rows of version 2
+    alerts(id, fleet, device, rule, severity, state, summary, value, started_at, updated_at,
+           resolved_at, source)
+        the alert history of a PostgreSQL store's collectors (collector.alert_history): only
+        their leader writes it, and a new leader reads what is firing from it
 
 psycopg is imported only when a PostgreSQL store is opened.
 

@@ -33,7 +33,7 @@ from collector.store.schema import (
 )
 from collector.store.urls import redact_url
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresStore", "link_options", "split_schema"]
 
 # --- PostgreSQL -----------------------------------------------------------------------------
 
@@ -64,7 +64,7 @@ class PostgresStore(Reader):
             ) from exc
         self._psycopg = psycopg
         self._display = redact_url(url)
-        self._conninfo, self.schema = _split_schema(url)
+        self._conninfo, self.schema = split_schema(url)
         self._retries = retries
         self._lock = threading.RLock()
         self._conn: Any = None
@@ -80,8 +80,7 @@ class PostgresStore(Reader):
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
-            given = psycopg.conninfo.conninfo_to_dict(self._conninfo)
-            link = {k: v for k, v in _PG_LINK_DEFAULTS.items() if k not in given}
+            link = link_options(self._conninfo)
             conn = psycopg.connect(self._conninfo, autocommit=False, connect_timeout=10, **link)
             if self.schema is not None:
                 with conn.transaction():
@@ -232,6 +231,19 @@ class PostgresStore(Reader):
         result: list[tuple[Any, ...]] = self._with_retry(run, "query")
         return result
 
+    def execute(self, sql: str, params: Sequence[Any] = (), *, fetch: bool = False) -> list[Any]:
+        """Run one statement (``?`` placeholders) in its own transaction, retried like a batch
+        when the link fails; its rows when ``fetch``. For tables beside the fleet's, such as
+        the alert history (:mod:`collector.alert_history`)."""
+
+        def run() -> list[Any]:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                cur.execute(_pg(sql), list(params))
+                return list(cur.fetchall()) if fetch else []
+
+        result: list[Any] = self._with_retry(run, "statement")
+        return result
+
     def drop_schema(self) -> None:
         """Drop this store's schema and everything in it (tests and benchmarks clean up)."""
         if self.schema is None:
@@ -269,7 +281,17 @@ def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-def _split_schema(url: str) -> tuple[str, str | None]:
+def link_options(conninfo: str, **overrides: str) -> dict[str, str]:
+    """The TCP settings (keepalives, ``tcp_user_timeout``) a connection to ``conninfo`` gets
+    unless the URL sets them; ``overrides`` replace the defaults, not the URL's own."""
+    import psycopg
+
+    given = psycopg.conninfo.conninfo_to_dict(conninfo)
+    wanted = {**_PG_LINK_DEFAULTS, **overrides}
+    return {k: v for k, v in wanted.items() if k not in given}
+
+
+def split_schema(url: str) -> tuple[str, str | None]:
     """(conninfo without our ``schema`` parameter, the schema)."""
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)

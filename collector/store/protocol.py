@@ -27,7 +27,7 @@ __all__ = [
     "one_line",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Store.dead_letter_counts names at most this many fields (the rest: "(other)").
 DEAD_LETTER_FIELDS = 100

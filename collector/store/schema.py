@@ -1,4 +1,4 @@
-"""The schema (version 3; see :mod:`collector.store`), its migrations, and the SQL shared by
+"""The schema (version 4; see :mod:`collector.store`), its migrations, and the SQL shared by
 the SQLite and PostgreSQL stores, written once for both dialects."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "schema_v1",
     "schema_v2",
     "schema_v3",
+    "schema_v4",
     "upsert_sql",
 ]
 
@@ -112,11 +113,24 @@ def schema_v3(d: _Dialect) -> tuple[str, ...]:
     )
 
 
+def schema_v4(d: _Dialect) -> tuple[str, ...]:
+    real = d.real
+    return (
+        f"""CREATE TABLE alerts (
+            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, device TEXT, rule TEXT NOT NULL,
+            severity TEXT NOT NULL, state TEXT NOT NULL, summary TEXT NOT NULL, value {real},
+            started_at {real} NOT NULL, updated_at {real} NOT NULL, resolved_at {real},
+            source TEXT NOT NULL)""",
+        "CREATE INDEX alerts_by_state ON alerts (state, started_at)",
+    )
+
+
 # version -> (description, DDL); applied in order inside one transaction each.
 _MIGRATIONS: dict[int, tuple[str, Callable[[_Dialect], tuple[str, ...]]]] = {
     1: ("messages, telemetry, boots, devices, dead_letters", schema_v1),
     2: ("remote deploy outcomes: telemetry.deploy, devices.deploy, devices.deploy_at", schema_v2),
     3: ("dead letters kept once per message: dead_letters.digest", schema_v3),
+    4: ("the alert history shared by a fleet's collectors: alerts", schema_v4),
 }
 
 
