@@ -67,7 +67,13 @@ def format_for_path(path: Path) -> ModelFormat:
 def read_artifact(
     path: str | Path, *, precision: str = "fp32", recipe: str = "given"
 ) -> ModelArtifact:
-    """Describe an existing ``.onnx`` or ``.tflite`` file, checking that its runtime can load it."""
+    """Describe an existing ``.onnx`` or ``.tflite`` file, checking that its runtime can load it.
+
+    A scikit-learn model with a ZipMap output (skl2onnx's default) is described as its
+    rewritten copy, whose outputs are tensors (:mod:`sdk.onnx_ml`): the artifact's ``path`` is
+    that copy, ``details["converted_from"]`` the file given, ``details["notes"]`` one line per
+    change and ``details["class_labels"]`` the probability columns' classes.
+    """
     from device_agent.runtime import open_session
 
     model = Path(path)
@@ -81,12 +87,19 @@ def read_artifact(
             f"{model.name}: TorchScript files cannot be benchmarked or bundled; "
             "export the model to ONNX or TFLite"
         )
+    details: dict[str, Any] = {}
     if fmt == "onnx":
+        from sdk.onnx_ml import tensor_outputs
         from sdk.onnx_tools import check_onnx_file
 
-        check_onnx_file(model)
+        converted = tensor_outputs(model, check_onnx_file(model))
+        if converted is not None:
+            details = converted[1].details(model)
+            model = converted[0]
     try:
         session = open_session(model, threads=1)
     except RuntimeLoadError as exc:
         raise ModelFormatError(str(exc)) from exc
-    return ModelArtifact(path=model, format=fmt, io=session.io, precision=precision, recipe=recipe)
+    return ModelArtifact(
+        path=model, format=fmt, io=session.io, precision=precision, recipe=recipe, details=details
+    )

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         raise ConfigError("give a model or bundle to benchmark, or --device ID --broker URL")
     target = get_target(args.target, latency_scale=args.latency_scale)
-    model_path = model_from_path(args.model)
+    from sdk.artifact import read_artifact
+
+    model = read_artifact(model_from_path(args.model))
     config = BenchConfig(
         target=target,
         min_runs=args.runs,
@@ -88,13 +90,15 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = benchmark(
-            model_path, config, budget=None if budget.is_empty() else budget, progress=True
+            model, config, budget=None if budget.is_empty() else budget, progress=True
         )
     except ConfigError as exc:
         if "cannot choose a size for dimension" not in str(exc):
             raise
         raise ConfigError(f"{exc}; on the command line: --shape NAME=D0,D1,...") from exc
     print(report.summary())
+    for note in model.details.get("notes", []):
+        print(f"note: {note}")
     if args.json is not None:
         write_json(args.json, report.to_dict())
     if not budget.is_empty() and not report.meets_budget:

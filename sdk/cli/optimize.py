@@ -33,7 +33,12 @@ def register(sub: Any) -> None:
         "budget, the best effort is still bundled and the report names each failing line; "
         "the exit code is then 1.",
     )
-    p.add_argument("model", type=Path, help="the fp32 .onnx file")
+    p.add_argument(
+        "model",
+        type=Path,
+        help="the fp32 .onnx file (skl2onnx's defaults too: a ZipMap output becomes the "
+        "probability tensor, said in a note)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--calibration", type=Path, help=".npz of representative inputs")
     p.add_argument("--eval", type=Path, help=".npz of eval inputs, optionally with 'labels'")

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {art.path} ({art.recipe}): {art.size_bytes / 1024:.1f} KiB, "
         f"{art.size_bytes / src:.2f}x the input's {src / 1024:.1f} KiB"
     )
-    for note in art.details.get("fallbacks", []):
+    for note in [*art.details.get("input_notes", []), *art.details.get("fallbacks", [])]:
         print(f"  note: {note}")
     print(_check_line(art.details.get("check") or {}))
     return EXIT_OK

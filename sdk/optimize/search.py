@@ -142,9 +142,9 @@ def optimize(
         shutil.rmtree(work)
     work.mkdir(parents=True)
 
-    notes: list[str] = []
+    notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
     recipes, skipped = default_registry().plan(ctx)
-    if cal is None:
+    if cal is None and ctx.nothing_to_quantize is None:
         notes.append("no calibration data: static int8 was not tried (pass --calibration)")
     if ev is None:
         notes.append("no eval data: quality was not measured, so a 'drop' budget line fails")
@@ -162,11 +162,14 @@ def optimize(
         chosen = _choose(
             candidates, cfg.confirm_rounds, lambda art: search.measure(art).latency_ms["p95"], notes
         )
+        if ctx.nothing_to_quantize is not None:
+            kept = "fp32 kept" if chosen.name == FP32 else "int8 was not tried"
+            notes.append(f"{ctx.nothing_to_quantize}; {kept}")
         bundle_root = _bundle(ctx, chosen, work, out_dir, notes, bar)
         bar.update(1)
     finally:
         bar.close()
-    isa = isa_note(ctx.target)
+    isa = None if ctx.nothing_to_quantize else isa_note(ctx.target)
     if isa is not None:
         notes.append(isa)
     if sample is not None:
@@ -211,6 +214,8 @@ def _context(
     )
     ev = None if eval_data is None else load_dataset(eval_data, fp32.io, what="eval data")
     check_torch_inputs(cfg, fp32, cal, ev, torch_model, train_data, student)
+    from sdk.quantize.ort_check import nothing_to_quantize
+
     return SearchContext(
         config=cfg,
         fp32=fp32,
@@ -221,6 +226,7 @@ def _context(
         torch_model=torch_model,
         train_data=train_data,
         student=student,
+        nothing_to_quantize=nothing_to_quantize(fp32.path),
     )
 
 
@@ -372,7 +378,7 @@ def _bundle(
         out_dir,
         name=cfg.name,
         version=cfg.version,
-        labels=cfg.labels,
+        labels=cfg.labels if cfg.labels is not None else ctx.fp32.details.get("class_labels"),
         budget=cfg.budget,
         benchmark=bundle_benchmark(chosen),
         detector=detector,

@@ -61,6 +61,7 @@ from sdk.quantize.ort_check import (
     node_in_message,
     nodes_behind,
     nothing_quantized,
+    nothing_to_quantize,
     raised_in,
     verify,
     warn_on_check,
@@ -107,7 +108,9 @@ def quantize(
     ``details["calibration_cache"]`` holds the file and whether it was a hit.
 
     Raises :class:`DataError` for calibration data that does not fit the model,
-    :class:`ConfigError` for bad settings and :class:`QuantizationError` naming the failed step.
+    :class:`ConfigError` for bad settings and :class:`QuantizationError` naming the failed step,
+    or, before calibrating, saying that there is nothing to quantize: no operator of the model
+    has an int8 form (a scikit-learn tree ensemble or linear classifier).
     """
     source = _source_artifact(model)
     target = Path(out)
@@ -115,6 +118,9 @@ def quantize(
         raise ConfigError(f"{target.name}: the quantized model must be written to a .onnx file")
     if target.resolve() == source.path.resolve():
         raise ConfigError(f"{target}: writing the quantized model over its fp32 source is refused")
+    blocker = nothing_to_quantize(source.path)
+    if blocker is not None:
+        raise QuantizationError(f"{blocker}; the fp32 model is the one to ship")
 
     data = calibration_data(calibration, source.io, config)
     batch = calibration_batch(source.io, config, data)
@@ -148,7 +154,8 @@ def quantize(
         "quantized_nodes": quantized_nodes,
         "op_types": None if config.op_types is None else list(config.op_types),
         "fallbacks": fallbacks,
-        "source": str(source.path),
+        "source": str(source.details.get("converted_from") or source.path),
+        "input_notes": list(source.details.get("notes") or []),
         "source_size_bytes": size_fp32,
         "size_ratio": target.stat().st_size / size_fp32 if size_fp32 else None,
         "check": check,

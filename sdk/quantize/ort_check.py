@@ -77,6 +77,30 @@ def _op_summary(counts: dict[str, int]) -> str:
     return ", ".join(types[:12]) + (", ..." if len(types) > 12 else "")
 
 
+def nothing_to_quantize(model: Path) -> str | None:
+    """Why there is nothing to quantize in ``model``, said before any calibration: none of its
+    operators, in subgraphs too, is a type ONNX Runtime quantizes in any mode or format (tree
+    ensembles and linear classifiers from scikit-learn: ai.onnx.ml operators). None when some
+    operator is one (whether it gets quantized is then the quantizer's business)."""
+    import onnx
+    from onnxruntime.quantization.registry import (
+        IntegerOpsRegistry,
+        QDQRegistry,
+        QLinearOpsRegistry,
+    )
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node, _ in _walk(graph):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if set(counts) & (set(QDQRegistry) | set(QLinearOpsRegistry) | set(IntegerOpsRegistry)):
+        return None
+    return (
+        f"nothing to quantize in this model: its ops ({_op_summary(counts) or 'none'}) "
+        "have no int8 form"
+    )
+
+
 def nothing_quantized(prepared: Path, config: QuantizeConfig, excluded: list[str]) -> str:
     """Why ORT quantized nothing, and what to do about it."""
     import onnx

@@ -84,4 +84,6 @@ class AccuracyAwareStage:
         methods = ctx.config.static_methods
         if ctx.calibration is None or not methods or not ctx.config.try_accuracy_aware:
             return []
+        if ctx.nothing_to_quantize:
+            return []
         return [AccuracyAwareRecipe(methods[0])]

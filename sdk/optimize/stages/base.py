@@ -48,6 +48,9 @@ class SearchContext:
     torch_model: torch.nn.Module | None = None
     train_data: TrainData | None = None
     student: torch.nn.Module | None = None
+    #: Why no operator of ``fp32`` has an int8 form (a scikit-learn tree ensemble), or None:
+    #: with a reason, the stages that quantize ``fp32`` with ONNX Runtime plan nothing.
+    nothing_to_quantize: str | None = None
 
     def require_calibration(self) -> Dataset:
         """The calibration data of a recipe that was only planned because there is some."""

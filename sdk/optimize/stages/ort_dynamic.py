@@ -41,4 +41,4 @@ class DynamicStage:
     name = "ort-dynamic"
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
-        return [DynamicRecipe()] if ctx.config.try_dynamic else []
+        return [DynamicRecipe()] if ctx.config.try_dynamic and not ctx.nothing_to_quantize else []

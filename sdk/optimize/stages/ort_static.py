@@ -42,7 +42,7 @@ PER_TENSOR_SUFFIX = "-per-tensor"
 
 def base_name(ctx: SearchContext) -> str | None:
     """The first static candidate's name, or None when static int8 is not tried at all."""
-    if ctx.calibration is None or not ctx.config.static_methods:
+    if ctx.calibration is None or not ctx.config.static_methods or ctx.nothing_to_quantize:
         return None
     return f"{STATIC_PREFIX}-{ctx.config.static_methods[0]}"
 
