@@ -140,7 +140,9 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
         "(repeatable; without one, a device is compared with its own first windows)",
     )
     p.add_argument(
-        "--alerts-db", help="the alert history's SQLite file (default: beside a SQLite store)"
+        "--alerts-db",
+        help="the alert history's SQLite file (default: beside a SQLite store; on PostgreSQL "
+        "the store's alerts table, shared by the fleet's collectors)",
     )
     p.add_argument(
         "--metrics-expire",

@@ -27,6 +27,13 @@ and ``model_version`` labels (an unknown model is ``""``).
   ``edgeship_fleet_deploys_total{fleet, state}`` counts remote deploy outcomes (each device's
   last deploy reaching ``probation``, ``applied``, ``rolled_back`` or ``failed``) received since
   this collector started; it has no deploy id or device label, so its series stay few.
+* **Several collectors, one fleet** (a shared subscription and one PostgreSQL store): every
+  collector exports its own ingest series (``edgeship_collector_*``, labelled
+  ``collector`` = its client id: each counts what the broker handed *it*, so ``sum`` over the
+  scrape targets is the fleet's), and ``edgeship_collector_leader`` (1 on the fleet's leader,
+  :mod:`collector.leader`). The fleet-wide series (``edgeship_fleet_*``, ``edgeship_device_*``,
+  ``edgeship_alerts_firing``), which every collector could read from the shared store, come
+  from the leader alone, so a ``sum`` over every target counts each device once.
 * **Expiry**: a device not heard from for ``expire_after_s`` (default 1 h) has no series any
   more, so a decommissioned device disappears from dashboards instead of showing as down
   forever.
@@ -126,7 +133,9 @@ class MetricsView:
     """What one scrape shows, read at scrape time. ``stats`` None leaves the collector's own
     series out; ``deploys`` counts deploy outcomes by (fleet, state); ``rules`` names every
     alert rule (each gets a series per fleet); devices last seen more than ``expire_after_s``
-    before ``snapshot.at`` are left out."""
+    before ``snapshot.at`` are left out. ``leader`` False (another collector leads the
+    fleet) leaves the fleet-wide series out; ``collector`` labels the collector's own series
+    (None: no label)."""
 
     snapshot: FleetSnapshot
     stats: CollectorStats | None = None
@@ -138,6 +147,8 @@ class MetricsView:
     expire_after_s: float = 3600.0
     monitor_errors: int | None = None
     alerts_published: int | None = None
+    leader: bool = True
+    collector: str | None = None
 
 
 class FleetMetrics:
@@ -154,20 +165,28 @@ class FleetMetrics:
 
     def collect(self) -> Iterator[Metric]:
         view = self._read()
+        own = _Own(view.collector)
         if view.stats is not None:
-            yield from _collector_families(view.stats)
-        yield from _fleet_families(view)
+            yield from _collector_families(view.stats, own)
+        yield own.gauge(
+            "edgeship_collector_leader",
+            "1 while this collector leads its fleet: evaluates the alert rules and exports the "
+            "fleet-wide series.",
+            1 if view.leader else 0,
+        )
+        if view.leader:
+            yield from _fleet_families(view)
         if view.monitor_errors is not None:
-            yield CounterMetricFamily(
+            yield own.counter(
                 "edgeship_collector_monitor_errors",
                 "Monitor rounds that failed (see the log).",
-                value=view.monitor_errors,
+                view.monitor_errors,
             )
         if view.alerts_published is not None:
-            yield CounterMetricFamily(
+            yield own.counter(
                 "edgeship_collector_alerts_published",
                 "Alert messages published over MQTT.",
-                value=view.alerts_published,
+                view.alerts_published,
             )
 
 
@@ -186,7 +205,26 @@ def exposition(registry: CollectorRegistry) -> bytes:
 # --- families -----------------------------------------------------------------------------------
 
 
-def _collector_families(stats: CollectorStats) -> Iterator[Metric]:
+class _Own:
+    """Families of the collector's own series, labelled ``collector`` when it has a name."""
+
+    def __init__(self, collector: str | None) -> None:
+        self.labels: tuple[str, ...] = () if collector is None else ("collector",)
+        self.values: tuple[str, ...] = () if collector is None else (collector,)
+
+    def counter(self, name: str, help_text: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, help_text, labels=self.labels)
+        family.add_metric(self.values, value)
+        return family
+
+    def gauge(self, name: str, help_text: str, value: float | None) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, help_text, labels=self.labels)
+        if value is not None:
+            family.add_metric(self.values, value)
+        return family
+
+
+def _collector_families(stats: CollectorStats, own: _Own) -> Iterator[Metric]:
     counters = (
         ("edgeship_collector_messages_received",
          "Deliveries received from the broker (duplicates and dead letters included).",
@@ -208,14 +246,14 @@ def _collector_families(stats: CollectorStats) -> Iterator[Metric]:
         ("edgeship_collector_connects", "Successful connections to the broker.", stats.connects),
     )  # fmt: skip
     for name, help_text, value in counters:
-        yield CounterMetricFamily(name, help_text, value=value)
+        yield own.counter(name, help_text, value)
     by_field = CounterMetricFamily(
         "edgeship_collector_dead_letters_by_field",
         "Dead letters by the field the wire contract rejected.",
-        labels=("field",),
+        labels=(*own.labels, "field"),
     )
     for fld, count in sorted(stats.dead_by_field.items()):
-        by_field.add_metric((fld,), count)
+        by_field.add_metric((*own.values, fld), count)
     yield by_field
     gauges = (
         ("edgeship_collector_connected", "1 while connected to the broker.",
@@ -230,10 +268,7 @@ def _collector_families(stats: CollectorStats) -> Iterator[Metric]:
          "When the last batch was committed (unix seconds).", stats.last_commit_at),
     )  # fmt: skip
     for name, help_text, gauge in gauges:
-        family = GaugeMetricFamily(name, help_text)
-        if gauge is not None:
-            family.add_metric((), gauge)
-        yield family
+        yield own.gauge(name, help_text, gauge)
 
 
 # Per-device families: (name, kind, help); counters are named without ``_total`` (the library

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from collector.alerts import (
     RULES,
     AlertEngine,
+    AlertHistory,
     AlertsConfig,
     AlertStore,
     DeviceView,
@@ -44,6 +45,7 @@ from collector.alerts import (
 from collector.drift import DriftMonitor, ReferenceSet
 from collector.errors import ConfigError
 from collector.ingest import TelemetryRecord
+from collector.leader import Leadership, SoleLeader, leadership_for
 from collector.metrics import DeviceCounters, MetricsView, exposition, make_registry
 from collector.state import DeviceState, FleetState
 from collector.store import Store
@@ -52,7 +54,7 @@ from device_agent.errors import EdgeshipError
 if TYPE_CHECKING:
     from collector.service import Collector, CollectorStats
 
-__all__ = ["Monitor", "MonitorConfig", "MonitorHost", "default_alerts_db"]
+__all__ = ["LeaderHost", "Monitor", "MonitorConfig", "MonitorHost", "default_alerts_db"]
 
 log = logging.getLogger("collector.monitor")
 
@@ -63,9 +65,11 @@ _RECENT_WINDOWS = 64
 class MonitorConfig:
     """``alerts``: the rules (``load_alerts_config``); ``references``: ``--reference`` specs
     (see :func:`collector.drift.load_reference_spec`); ``alerts_db``: the alert history's
-    SQLite file (None: next to a SQLite store, in memory otherwise); ``interval_s``: how often
-    new telemetry is read and rules evaluated; ``expire_after_s``: a device silent that long
-    has no metrics any more; ``publish``: send alerts over MQTT."""
+    SQLite file (None: next to a SQLite store, the store's ``alerts`` table for PostgreSQL);
+    ``interval_s``: how often new telemetry is read and rules evaluated (the evaluation
+    period; also how often a collector that does not lead tries to take the lead);
+    ``expire_after_s``: a device silent that long has no metrics any more; ``publish``: send
+    alerts over MQTT."""
 
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     references: tuple[str, ...] = ()
@@ -84,7 +88,8 @@ class MonitorConfig:
 
 def default_alerts_db(store_url: str) -> str:
     """``sqlite:///fleet.db`` (or a bare path) -> ``fleet.alerts.db`` beside it; a PostgreSQL
-    store -> ``:memory:`` (pass ``alerts_db`` to keep its alert history in a file)."""
+    store -> ``:memory:`` (:meth:`Monitor.for_collector` keeps a PostgreSQL store's history in
+    the store's ``alerts`` table instead, unless ``alerts_db`` names a file)."""
     if store_url.startswith("sqlite:///"):
         path = store_url[len("sqlite:///") :].split("?", 1)[0]
     elif "://" not in store_url:
@@ -105,6 +110,12 @@ class MonitorHost(Protocol):
         ...
 
 
+class LeaderHost(Protocol):
+    """Who shows the monitor's leadership (:class:`collector.service.Collector`'s health)."""
+
+    def attach_leadership(self, leadership: Leadership | None) -> None: ...
+
+
 @dataclass
 class _Track:
     """What the monitor keeps per device between ticks."""
@@ -119,7 +130,12 @@ class _Track:
 
 class Monitor:
     """Drift, alerts and metrics for one collector. :meth:`start` runs it on a thread;
-    :meth:`tick` does one round (tests call it directly with a fake clock)."""
+    :meth:`tick` does one round (tests call it directly with a fake clock).
+
+    Every monitor reads the telemetry and keeps its counters and drift verdicts, but only the
+    fleet's leader (``leader``, :mod:`collector.leader`; alone, always) evaluates the rules,
+    publishes alerts and exports the fleet's series: so a collector that takes the lead has
+    counted everything already and knows the firing alerts from the shared history."""
 
     def __init__(
         self,
@@ -134,6 +150,9 @@ class Monitor:
         clock: Callable[[], float] = time.time,
         close: Sequence[Callable[[], None]] = (),
         host: MonitorHost | None = None,
+        leader: Leadership | None = None,
+        alert_history: AlertHistory | None = None,
+        leader_host: LeaderHost | None = None,
     ) -> None:
         self.state = state
         self.store = store
@@ -142,7 +161,13 @@ class Monitor:
             references if references is not None else ReferenceSet.from_specs(config.references)
         )
         self.drift = DriftMonitor(config.alerts.drift, self.references)
-        self.alert_store = AlertStore(config.alerts_db or ":memory:")
+        self.leader = leader if leader is not None else SoleLeader(clock)
+        self.source = source
+        self.alert_store: AlertHistory = (
+            alert_history
+            if alert_history is not None
+            else AlertStore(config.alerts_db or ":memory:")
+        )
         self.engine = AlertEngine(
             config.alerts, self.alert_store, source=source, publish=publish, clock=clock
         )
@@ -150,6 +175,7 @@ class Monitor:
         self._clock = clock
         self._close = list(close)
         self._host = host
+        self._leader_host = leader_host
         self.registry = make_registry(self.metrics_view)
         self._lock = threading.Lock()
         self._tracks: dict[tuple[str, str], _Track] = {}
@@ -177,16 +203,20 @@ class Monitor:
         """A monitor for a started collector: its own store connection, alerts published to
         the collector's broker under the client id ``{collector id}-alerts``. ``references``
         (already loaded) replaces ``config.references``."""
-        from collector.store import open_store
+        from collector.alert_history import SharedAlertStore
+        from collector.store import PostgresStore, open_store
 
         cfg = collector.config
         if references is None:
             references = ReferenceSet.from_specs(config.references)
-        if config.alerts_db is None:
+        store = open_store(cfg.store_url, migrate=False)
+        history = None
+        if config.alerts_db is None and isinstance(store, PostgresStore):
+            history = SharedAlertStore(store)  # the fleet's collectors share it
+        elif config.alerts_db is None:
             from dataclasses import replace
 
             config = replace(config, alerts_db=default_alerts_db(cfg.store_url))
-        store = open_store(cfg.store_url, migrate=False)
         closers: list[Callable[[], None]] = [store.close]
         publisher = None
         if config.publish:
@@ -208,6 +238,9 @@ class Monitor:
             source=cfg.session_id,
             close=closers,
             host=collector.http_server,
+            leader=leadership_for(cfg.store_url, cfg.fleet),
+            alert_history=history,
+            leader_host=collector,
         )
 
     # --- lifecycle ---
@@ -216,6 +249,8 @@ class Monitor:
         """Start the thread, and be served by the host's HTTP API (if it has one)."""
         if self._host is not None:
             self._host.attach_monitor(self)
+        if self._leader_host is not None:
+            self._leader_host.attach_leadership(self.leader)
         self._thread = threading.Thread(target=self._run, name="edgeship-monitor", daemon=True)
         self._thread.start()
         return self
@@ -223,9 +258,12 @@ class Monitor:
     def stop(self) -> None:
         if self._host is not None:  # its routes read the stores closed below
             self._host.attach_monitor(None)
+        if self._leader_host is not None:
+            self._leader_host.attach_leadership(None)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30.0)
+        self.leader.close()  # another collector may lead from its next round on
         for close in self._close:
             try:
                 close()
@@ -258,7 +296,9 @@ class Monitor:
     # --- one round ---
 
     def tick(self) -> None:
-        """Read new telemetry, update drift and counters, evaluate every rule."""
+        """Keep or try to take the lead, read new telemetry, update drift and counters, and
+        (leading) evaluate every rule."""
+        self.engine.lead(self.leader.check())
         now = self._clock()
         snap = self.state.snapshot()
         fleets = {d.fleet for d in snap.devices}
@@ -400,6 +440,8 @@ class Monitor:
             expire_after_s=self.config.expire_after_s,
             monitor_errors=self.errors,
             alerts_published=self.engine.published,
+            leader=self.leader.is_leader,
+            collector=self.source,
         )
 
     def metrics_text(self) -> str:
@@ -442,4 +484,5 @@ class Monitor:
             "alert_publish_errors": self.engine.publish_errors,
             "firing": len(self.engine.firing()),
             "alerts_db": self.alert_store.path,
+            "leader": self.leader.to_dict(),
         }

@@ -71,6 +71,7 @@ from device_agent.httpserver import is_loopback
 
 if TYPE_CHECKING:
     from collector.http_server import ApiServer
+    from collector.leader import Leadership
 
 __all__ = [
     "BatchOutcome",
@@ -141,6 +142,7 @@ class Collector:
         self._schema_version: int | None = None
         self._state: FleetState | None = None
         self._http: ApiServer | None = None
+        self._leadership: Leadership | None = None
         self._threads: list[threading.Thread] = []
         self.session = MqttSession(
             config,
@@ -253,6 +255,10 @@ class Collector:
         """The HTTP API's server (None while it is off); a monitor attaches itself to it."""
         return self._http
 
+    def attach_leadership(self, leadership: Leadership | None) -> None:
+        """Show the monitor's leadership of the fleet on /api/health (None: no monitor)."""
+        self._leadership = leadership
+
     def http_address_bound(self) -> tuple[str, int]:
         """The API's bound (host, port): useful with port 0."""
         if self._http is None:
@@ -285,7 +291,9 @@ class Collector:
         """What ``/api/health`` returns: ``ok`` is False, and ``problems`` says why, while the
         collector is disconnected, stopping or stopped by a failure, while a batch cannot be
         committed (the store cannot write it, its worker failed, or it is being split because
-        the store refused a message in it) and while a worker process is down."""
+        the store refused a message in it) and while a worker process is down. ``leader`` is
+        the monitor's leadership of the fleet (:mod:`collector.leader`; None without a
+        monitor); a collector that does not lead is healthy."""
         stats = self.stats
         problems = self.problems(stats)
         return {
@@ -298,6 +306,7 @@ class Collector:
             "schema_version": self._schema_version,
             "collector": stats.to_dict(),
             "failure": None if self._failed is None else str(self._failed),
+            "leader": None if self._leadership is None else self._leadership.to_dict(),
         }
 
     def problems(self, stats: CollectorStats | None = None) -> list[str]:

@@ -533,6 +533,16 @@ def promtool() -> Path:
     return _one_binary(PROMETHEUS_PACKAGE, "promtool", CACHE / "promtool", key)
 
 
+def prometheus() -> Path:
+    """The Prometheus server from Debian bookworm's ``prometheus`` package, unpacked under
+    .cache/: tests scrape several collectors with it and query its HTTP API
+    (``tests/test_collector_leader.py``). Only the binary: the API needs no web UI files."""
+    if shutil.which("prometheus") is not None:
+        return Path(str(shutil.which("prometheus")))
+    key = _digest("prometheus-v1", PROMETHEUS_PACKAGE)
+    return _one_binary(PROMETHEUS_PACKAGE, "prometheus", CACHE / "prometheus", key)
+
+
 def _one_binary(package: str, binary: str, cache: Path, key: str) -> Path:
     """``usr/bin/<binary>`` alone, unpacked under ``cache`` from Debian's amd64 ``package``
     (the .debs are deleted once the one file is out of them)."""
