@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from collector.errors import ConfigError
 from device_agent.contracts import messages as msg
+from device_agent.contracts.broker_password import read_secret_file
 
 if TYPE_CHECKING:
     from collector.state import FleetState
@@ -145,19 +146,7 @@ def load_api_token(
     where = "--api-token"
     if token_file is not None:
         where = f"--api-token-file {token_file}"
-        try:
-            token = Path(token_file).read_text().strip()
-            mode = Path(token_file).stat().st_mode
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from exc
-        if os.name == "posix" and mode & 0o077:
-            log.warning(
-                "%s is readable by group or others (mode %04o): anyone who reads it can command "
-                "every device; restrict it with: chmod 600 %s",
-                where,
-                mode & 0o777,
-                token_file,
-            )
+        token = read_secret_file(token_file, "--api-token-file", "the API token")
     elif token is None:
         token = env.get(TOKEN_ENV) or None
         where = TOKEN_ENV

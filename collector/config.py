@@ -16,7 +16,7 @@ from typing import Literal
 from collector.errors import ConfigError
 from collector.state import StateConfig
 from device_agent.contracts.broker import BrokerUrl
-from device_agent.contracts.broker_password import url_with_password
+from device_agent.contracts.broker_password import read_secret_file, url_with_password
 from device_agent.contracts.messages import shared_subscription, subscription, validate_id
 from device_agent.errors import ProtocolError
 
@@ -39,15 +39,8 @@ def load_read_token(
         if token is not None:
             check_api_token(token, READ_TOKEN_ENV)
         return token
-    where = f"--api-read-token-file {token_file}"
-    try:
-        token = Path(token_file).read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"{where}: cannot read it: {reason}") from None
-    if not token:
-        raise ConfigError(f"{where}: is empty; write the read token in it")
-    check_api_token(token, where)
+    token = read_secret_file(token_file, "--api-read-token-file", "the read token")
+    check_api_token(token, f"--api-read-token-file {token_file}")
     return token
 
 

@@ -329,9 +329,14 @@ def test_the_token_comes_from_a_file_the_environment_or_the_option(tmp_path: Pat
         load_api_token(TOKEN, path, environ={})
     with pytest.raises(ConfigError, match="cannot read it"):
         load_api_token(token_file=tmp_path / "missing", environ={})
-    for bad in ("short", "has a space in it, long enough", ""):
+    for bad, why in (
+        ("short", "at least 16"),
+        ("has a space in it, long enough", "at least 16"),
+        ("", "is empty"),
+        ("two\nlines of token text", "more than one line"),
+    ):
         path.write_text(bad)
-        with pytest.raises(ConfigError, match="at least 16"):
+        with pytest.raises(ConfigError, match=why):
             load_api_token(token_file=path, environ={})
     with pytest.raises(ConfigError, match="at least 16"):
         CollectorConfig("mqtt://127.0.0.1", api_token="short")
@@ -345,7 +350,7 @@ def test_a_token_file_others_can_read_is_accepted_with_a_warning(
     for mode, warned in ((0o644, True), (0o640, True), (0o600, False)):
         path.chmod(mode)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="collector"):
+        with caplog.at_level(logging.WARNING):  # one reader of secret files, any logger
             assert load_api_token(token_file=path, environ={}) == TOKEN
         lines = [r.getMessage() for r in caplog.records if "chmod 600" in r.getMessage()]
         assert bool(lines) is warned, (oct(mode), caplog.text)
@@ -394,6 +399,7 @@ def test_concurrent_commands_are_all_sent_once(rig: Rig) -> None:
 def test_edgeship_fleet_command_sends_and_prints_the_reply(rig: Rig, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # as a user keeps it: a file others can read is used with a warning
 
     def fleet_command(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -37,6 +37,7 @@ __all__ = [
     "PASSWORD_FILE_OPTION",
     "BrokerPassword",
     "read_password_file",
+    "read_secret_file",
     "resolve_broker_password",
     "url_with_password",
 ]
@@ -59,21 +60,23 @@ class BrokerPassword:
     where: str = ""  # "--broker-password-file /etc/x", "EDGESHIP_BROKER_PASSWORD", "--broker"
 
 
-def read_password_file(path: str | Path, option: str = PASSWORD_FILE_OPTION) -> str:
-    """The password in ``path``: its text less one trailing line break (``echo pw > file``).
+def read_secret_file(
+    path: str | Path, option: str, what: str, *, max_bytes: int | None = None
+) -> str:
+    """The secret in ``path`` (a password or an API token): its text less one trailing line
+    break (``echo secret > file``). The one reader of secret files for every program.
 
     Raises ConfigError, naming ``option`` and the file, when the file is missing, unreadable, a
-    directory, empty, not UTF-8, longer than MQTT allows or of more than one line. Logs a
-    warning when group or others may read it.
+    directory, empty, not UTF-8, longer than ``max_bytes``, holds a NUL or more than one line.
+    Logs a warning when group or others may read it. ``what`` names the secret in errors
+    ("the broker password").
     """
     where = f"{option} {path}"
     try:
         raw = Path(path).read_bytes()
         mode = Path(path).stat().st_mode
     except IsADirectoryError:
-        raise ConfigError(
-            f"{where}: is a directory, expected a file holding the password"
-        ) from None
+        raise ConfigError(f"{where}: is a directory, expected a file holding {what}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
     try:
@@ -82,13 +85,13 @@ def read_password_file(path: str | Path, option: str = PASSWORD_FILE_OPTION) -> 
         raise ConfigError(f"{where}: is not UTF-8 text") from None
     text = text.removesuffix("\n").removesuffix("\r")
     if not text:
-        raise ConfigError(f"{where}: is empty; write the broker password in it")
+        raise ConfigError(f"{where}: is empty; write {what} in it")
     if "\n" in text or "\r" in text:
-        raise ConfigError(f"{where}: holds more than one line; write only the password in it")
+        raise ConfigError(f"{where}: holds more than one line; write only {what} in it")
     if "\x00" in text:
         raise ConfigError(f"{where}: holds a NUL character")
-    if len(raw) > MAX_PASSWORD_BYTES:
-        raise ConfigError(f"{where}: longer than MQTT's {MAX_PASSWORD_BYTES} bytes")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ConfigError(f"{where}: longer than {max_bytes} bytes")
     if os.name == "posix" and mode & 0o077:
         log.warning(
             "%s is readable by group or others (mode %04o): restrict it with: chmod 600 %s",
@@ -97,6 +100,12 @@ def read_password_file(path: str | Path, option: str = PASSWORD_FILE_OPTION) -> 
             path,
         )
     return text
+
+
+def read_password_file(path: str | Path, option: str = PASSWORD_FILE_OPTION) -> str:
+    """The broker password in ``path`` (:func:`read_secret_file`, at most MQTT's
+    ``MAX_PASSWORD_BYTES``)."""
+    return read_secret_file(path, option, "the broker password", max_bytes=MAX_PASSWORD_BYTES)
 
 
 def resolve_broker_password(

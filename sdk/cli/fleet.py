@@ -16,9 +16,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
+from device_agent.contracts.broker_password import read_secret_file
 from device_agent.errors import ConfigError
 from device_agent.httpjson import dumps_json
 from sdk.terminal import printable, raw_stream
@@ -310,14 +310,7 @@ def _token(token_file: str | None, *env_names: str) -> str | None:
     """The token in ``token_file`` (stripped), else the first of ``env_names`` set; None when
     neither. ConfigError for a file that cannot be read or is empty."""
     if token_file is not None:
-        try:
-            token = Path(token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"--token-file {printable(token_file)}: {reason}") from None
-        if not token:
-            raise ConfigError(f"--token-file {printable(token_file)}: is empty")
-        return token
+        return read_secret_file(token_file, "--token-file", "the collector's token")
     for name in env_names:
         if os.environ.get(name):
             return os.environ[name]
