@@ -14,10 +14,11 @@ succeeded and every deploy had its expected outcome.
 
 Then probation on model health (issue 14), ``--health`` times: a second agent serves
 scikit-learn's digits (a logistic regression with twelve redundant 64x512x512 MatMuls, so a
-call takes about a millisecond) while four bundles are deployed with ``probation={"inferences": N}``: one
-that predicts a constant class (its logits ignore the input), one about 3x slower (three times
-the redundant MatMul work), one whose detector flags 5x the outliers (its threshold calibrated
-for a 25% false-positive rate where the running bundle's is 5%), and a good one. Printed per
+call takes about a millisecond) while four bundles are deployed with
+``probation={"inferences": N}``: one that predicts a constant class (its logits ignore the
+input), one about 3x slower (three times the redundant MatMul work), one whose detector flags
+5x the outliers (its threshold calibrated for a 25% false-positive rate where the running
+bundle's is 5%), and a good one. Printed per
 deploy: the verdict and its reason (the failed line), the time from commit to verdict, and the
 application's calls and failed calls meanwhile. The three bad ones must be rolled back by model
 health, the good one applied, and no application call may fail.
