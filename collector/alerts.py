@@ -85,6 +85,7 @@ from collector.alert_config import (
 )
 from collector.alert_history import AlertHistory, AlertRecord, AlertStore
 from collector.alert_rules import Condition, DeviceView, evaluate_rule
+from collector.errors import StoreError
 from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.messages import Alert, encode, message_topic
 
@@ -168,30 +169,43 @@ class AlertEngine:
 
     def evaluate(self, views: Sequence[DeviceView]) -> list[AlertRecord]:
         """Evaluate every enabled rule on every view; returns the alerts that changed state
-        (nothing while another collector leads)."""
+        (nothing while another collector leads).
+
+        A change is stored before it counts: when the history cannot store it (StoreError)
+        the alert stays as it was, so the next round tries the change again; the other
+        alerts go on, the changes that were stored are published, and then the first
+        error is raised (the monitor counts it)."""
         now = self._clock()
         changes: list[AlertRecord] = []
+        failed: StoreError | None = None
         with self._lock:
             if not self.leading:
                 return []
             for view in views:
                 for name in RULES:
-                    rule = self.config.rules[name]
-                    key = (view.state.fleet, view.state.device, name)
-                    current = self._firing.get(key)
-                    if not rule.enabled:
-                        if current is not None:
-                            changes.append(self._resolve(key, current, now, "rule disabled"))
-                        continue
-                    cond = evaluate_rule(
-                        name, rule, view, drift=self.config.drift, firing=current is not None
-                    )
-                    if cond is None:
-                        continue
-                    changes.extend(self._apply(key, rule, cond, current, now))
+                    try:
+                        self._evaluate_rule(view, name, now, changes)
+                    except StoreError as exc:
+                        failed = failed or exc
         for record in changes:
             self._send(record, now)
+        if failed is not None:
+            raise failed
         return changes
+
+    def _evaluate_rule(
+        self, view: DeviceView, name: str, now: float, changes: list[AlertRecord]
+    ) -> None:
+        rule = self.config.rules[name]
+        key = (view.state.fleet, view.state.device, name)
+        current = self._firing.get(key)
+        if not rule.enabled:
+            if current is not None:
+                changes.append(self._resolve(key, current, now, "rule disabled"))
+            return
+        cond = evaluate_rule(name, rule, view, drift=self.config.drift, firing=current is not None)
+        if cond is not None:
+            self._apply(key, rule, cond, current, now, changes)
 
     def firing(self) -> list[AlertRecord]:
         """The firing alerts: this engine's while it leads, else the shared history's."""
@@ -207,16 +221,19 @@ class AlertEngine:
         cond: Condition,
         current: AlertRecord | None,
         now: float,
-    ) -> list[AlertRecord]:
+        changes: list[AlertRecord],
+    ) -> None:
+        """Append what changed to ``changes``, each change stored first (see evaluate)."""
         if not cond.active:
             self._pending.pop(key, None)
             if current is not None:
-                return [self._resolve(key, current, now, cond.summary, cond.value)]
-            return []
+                changes.append(self._resolve(key, current, now, cond.summary, cond.value))
+            return
         episode_id = None if cond.episode is None else self._episode_id(key, cond.episode)
         if current is not None and episode_id is not None and current.id != episode_id:
-            superseded = self._resolve(key, current, now, f"superseded: {cond.summary}")
-            return [superseded, *self._apply(key, rule, cond, None, now)]
+            changes.append(self._resolve(key, current, now, f"superseded: {cond.summary}"))
+            self._apply(key, rule, cond, None, now, changes)
+            return
         if current is not None:
             if (current.value, current.summary) != (cond.value, cond.summary):
                 # The API shows the newest value at once; the history is written at most every
@@ -226,11 +243,10 @@ class AlertEngine:
                 if now - self._saved.get(key, current.updated_at) >= _SAVE_EVERY_S:
                     self.store.save(updated)
                     self._saved[key] = now
-            return []
+            return
         since = self._pending.setdefault(key, now)
         if now - since < rule.for_s:
-            return []
-        self._pending.pop(key, None)
+            return
         fleet, device, name = key
         if episode_id is None:
             digest = hashlib.sha256(
@@ -251,10 +267,11 @@ class AlertEngine:
             resolved_at=None,
             source=self.source,
         )
+        self.store.save(record)  # a StoreError leaves it pending: the next round tries again
+        self._pending.pop(key, None)
         self._firing[key] = record
-        self.store.save(record)
         log.warning("alert %s firing: %s", record.id, record.summary)
-        return [record]
+        changes.append(record)
 
     def _episode_id(self, key: tuple[str, str | None, str], episode: str) -> str:
         """The alert id of one episode (a deploy): the same in every round and after a
@@ -271,8 +288,6 @@ class AlertEngine:
         summary: str,
         value: float | None = None,
     ) -> AlertRecord:
-        del self._firing[key]
-        self._saved.pop(key, None)
         record = replace(
             current,
             state="resolved",
@@ -281,7 +296,9 @@ class AlertEngine:
             updated_at=now,
             resolved_at=now,
         )
-        self.store.save(record)
+        self.store.save(record)  # a StoreError leaves it firing: the next round tries again
+        del self._firing[key]
+        self._saved.pop(key, None)
         log.info("alert %s resolved: %s", record.id, summary)
         return record
 

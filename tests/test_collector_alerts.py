@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from collector.alerts import RULES, AlertsConfig, load_alerts_config
+from collector.alerts import RULES, AlertRecord, AlertsConfig, AlertStore, load_alerts_config
 from collector.drift import Reference, ReferenceSet
+from collector.errors import StoreError
 from collector.monitor import Monitor, MonitorConfig, default_alerts_db
 from device_agent.errors import ConfigError
 from sdk.reference import ReferenceStats
@@ -209,3 +210,69 @@ def test_example_alerts_toml_is_valid() -> None:
         Path(__file__).parent.parent / "examples" / "collector" / "alerts.toml"
     )
     assert cfg.rules["p95_latency"].threshold == 50.0
+
+
+class _FailingSaves:
+    """A real alert history (SQLite) whose next ``fail`` saves raise StoreError, as a store
+    that is briefly down does."""
+
+    def __init__(self, path: Path) -> None:
+        self.real = AlertStore(path)
+        self.fail = 0
+        self.saved: list[tuple[str, str]] = []
+
+    @property
+    def path(self) -> str:
+        return self.real.path
+
+    def save(self, record: AlertRecord) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise StoreError("the alert history is down (injected)")
+        self.real.save(record)
+        self.saved.append((record.id, record.state))
+
+    def firing(self) -> list[AlertRecord]:
+        return self.real.firing()
+
+    def recent(self, limit: int = 100, state: str | None = None) -> list[AlertRecord]:
+        return self.real.recent(limit, state)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_change_whose_save_failed_is_stored_and_published_once_the_store_is_back(
+    tmp_path: Path,
+) -> None:
+    history = _FailingSaves(tmp_path / "alerts.db")
+    f = Fleet(tmp_path, alert_history=history)
+    try:
+        f.online("pi-1")
+        f.online("pi-2")
+        f.offline("pi-1")
+        f.offline("pi-2")
+        history.fail = 1  # pi-1's alert is saved first (views in device order): it fails
+        with pytest.raises(StoreError, match="injected"):
+            f.tick(1)
+        # pi-2's alert was stored in that round: it is published too, not lost with the round.
+        assert [(a.state, a.device) for _, a in f.sent] == [("firing", "pi-2")]
+        assert [a.device for a in f.monitor.engine.firing()] == ["pi-2"]
+        assert f.tick(1) == [("firing", "pi-1", "offline")]  # retried: stored, then published
+        assert f.tick(1) == []  # and only once
+        fired = {a.device: a.id for _, a in f.sent}
+        assert sorted(history.saved) == sorted((i, "firing") for i in fired.values())
+        assert {r.device for r in history.firing()} == {"pi-1", "pi-2"}
+
+        f.online("pi-1")
+        history.fail = 1  # the resolution's save fails: pi-1 still counts as firing
+        with pytest.raises(StoreError):
+            f.tick(1)
+        assert {a.device for a in f.monitor.engine.firing()} == {"pi-1", "pi-2"}
+        assert f.tick(1) == [("resolved", "pi-1", "offline")]
+        assert f.tick(1) == []
+        assert history.saved.count((fired["pi-1"], "resolved")) == 1
+        assert [r.device for r in history.firing()] == ["pi-2"]
+        assert len(f.sent) == 3
+    finally:
+        f.close()
