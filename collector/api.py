@@ -158,9 +158,15 @@ def load_api_token(
 
 def check_api_token(token: str, where: str = "api_token") -> None:
     """Raise ConfigError unless ``token`` is at least 16 printable characters, no spaces."""
-    if len(token) < _MIN_TOKEN or not token.isprintable() or any(c.isspace() for c in token):
+    # ASCII: a header is read as latin-1, so a UTF-8 token sent by curl would never match.
+    if (
+        len(token) < _MIN_TOKEN
+        or not token.isascii()
+        or not token.isprintable()
+        or any(c.isspace() for c in token)
+    ):
         raise ConfigError(
-            f"{where}: the API token must be at least {_MIN_TOKEN} printable characters "
+            f"{where}: the API token must be at least {_MIN_TOKEN} printable ASCII characters "
             "without spaces; make one with: python -c 'import secrets; "
             "print(secrets.token_urlsafe(32))'"
         )

@@ -53,6 +53,7 @@ from collector.api import (
 )
 from collector.api_routes import api_router, json_response
 from collector.docs_page import DOCS, serve_docs, swagger_assets
+from device_agent.contracts.text import escape
 from device_agent.errors import EdgeshipError
 
 if TYPE_CHECKING:
@@ -235,7 +236,9 @@ def _unauthorized(scope: Scope, status: int, problem: str) -> Response:
     if status == 403:
         return json_response(403, {"error": problem})
     client = scope.get("client") or ("?", 0)
-    log.warning("API %s %s from %s: %s", scope["method"], scope["path"], client[0], problem)
+    log.warning(
+        "API %s %s from %s: %s", escape(scope["method"]), escape(scope["path"]), client[0], problem
+    )
     return json_response(
         401,
         {"error": f"{problem}: send 'Authorization: Bearer <token>' (the collector's "
@@ -246,7 +249,7 @@ def _unauthorized(scope: Scope, status: int, problem: str) -> Response:
 
 def _unauthorized_read(scope: Scope) -> Response:
     client = scope.get("client") or ("?", 0)
-    log.warning("API GET %s from %s: no or wrong read token", scope["path"], client[0])
+    log.warning("API GET %s from %s: no or wrong read token", escape(scope["path"]), client[0])
     response = json_response(
         401,
         {"error": "this collector's reads need its read token: send 'Authorization: Bearer "
@@ -269,7 +272,7 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 async def _edgeship_error(request: Request, exc: Exception) -> Response:
-    log.warning("API %s %s failed: %s", request.method, request.url.path, exc)
+    log.warning("API %s %s failed: %s", escape(request.method), escape(request.url.path), exc)
     return json_response(503, {"error": str(exc)})
 
 

@@ -334,6 +334,7 @@ def test_the_token_comes_from_a_file_the_environment_or_the_option(tmp_path: Pat
         ("has a space in it, long enough", "at least 16"),
         ("", "is empty"),
         ("two\nlines of token text", "more than one line"),
+        ("t\u00f6ken-t\u00f6ken-t\u00f6ken", "printable ASCII"),  # a header is latin-1
     ):
         path.write_text(bad)
         with pytest.raises(ConfigError, match=why):

@@ -475,6 +475,8 @@ def _fleet_commands_send_their_tokens(api: str, read_file: Path, write_file: Pat
 
 
 def test_the_read_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="longer than 65536 bytes"):
+        load_read_token("/dev/zero", {})  # read no further than a secret can be
     path = _secret_file(tmp_path / "t", READ_TOKEN)
     assert load_read_token(path, {READ_TOKEN_ENV: "ignored-" + WRITE_TOKEN}) == READ_TOKEN
     assert load_read_token(None, {READ_TOKEN_ENV: READ_TOKEN}) == READ_TOKEN
@@ -489,3 +491,60 @@ def test_the_read_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> 
         load_read_token(path, {})
     with pytest.raises(ConfigError, match="at least 16"):
         load_read_token(None, {READ_TOKEN_ENV: "short"})
+
+
+def test_fleet_sends_its_token_to_no_other_host_and_never_prints_it(tmp_path: Path) -> None:
+    """A collector address that redirects (a proxy, a typo'd port) must not lead the token to
+    another host; a token variable with a stray line break is trimmed; one with a character a
+    header cannot carry is one line that does not quote it (urllib's own error would)."""
+    import http.server
+
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"devices": [], "fleet": null, "at": 0}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirect(Elsewhere):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_port}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    redirect = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    servers = [elsewhere, redirect]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_API")}
+    try:
+        api = f"http://127.0.0.1:{redirect.server_port}"
+        r = _edgeship("fleet", "status", "--collector", api,
+                      env={**env, "EDGESHIP_API_READ_TOKEN": READ_TOKEN + "\r\n"})  # fmt: skip
+        assert r.returncode == 2 and "redirect" in r.stderr, (r.returncode, r.stderr)
+        assert seen == [] and READ_TOKEN not in r.stderr + r.stdout, seen
+        direct = f"http://127.0.0.1:{elsewhere.server_port}"
+        r = _edgeship("fleet", "status", "--collector", direct, "--json",
+                      env={**env, "EDGESHIP_API_READ_TOKEN": READ_TOKEN + "\r\n"})  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        # /api/devices and /api/alerts, the token trimmed, sent where it was aimed
+        assert seen == [f"Bearer {READ_TOKEN}"] * 2, seen
+        for bad in (READ_TOKEN + "\x7f", READ_TOKEN[:8] + " " + READ_TOKEN[8:], READ_TOKEN + "é"):
+            r = _edgeship("fleet", "status", "--collector", direct,
+                          env={**env, "EDGESHIP_API_READ_TOKEN": bad})  # fmt: skip
+            assert r.returncode == 2 and "not a token" in r.stderr, (bad, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1 and READ_TOKEN[:8] not in r.stderr
+        assert len(seen) == 2
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -45,6 +45,7 @@ __all__ = [
 PASSWORD_ENV = "EDGESHIP_BROKER_PASSWORD"
 PASSWORD_FILE_OPTION = "--broker-password-file"
 MAX_PASSWORD_BYTES = 65535  # MQTT's limit on the CONNECT packet's password field
+MAX_SECRET_BYTES = 65536  # any other secret file (an API token): read no more than this
 
 log = logging.getLogger("edgeship.broker")
 
@@ -67,18 +68,23 @@ def read_secret_file(
     break (``echo secret > file``). The one reader of secret files for every program.
 
     Raises ConfigError, naming ``option`` and the file, when the file is missing, unreadable, a
-    directory, empty, not UTF-8, longer than ``max_bytes``, holds a NUL or more than one line.
+    directory, empty, not UTF-8, longer than ``max_bytes`` (default :data:`MAX_SECRET_BYTES`; no
+    more is read), holds a NUL or more than one line.
     Logs a warning when group or others may read it. ``what`` names the secret in errors
     ("the broker password").
     """
     where = f"{option} {path}"
+    cap = MAX_SECRET_BYTES if max_bytes is None else max_bytes
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as fh:  # at most cap + 1 bytes: /dev/zero is refused too
+            raw = fh.read(cap + 1)
         mode = Path(path).stat().st_mode
     except IsADirectoryError:
         raise ConfigError(f"{where}: is a directory, expected a file holding {what}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
+    if len(raw) > cap:
+        raise ConfigError(f"{where}: longer than {cap} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -90,8 +96,6 @@ def read_secret_file(
         raise ConfigError(f"{where}: holds more than one line; write only {what} in it")
     if "\x00" in text:
         raise ConfigError(f"{where}: holds a NUL character")
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise ConfigError(f"{where}: longer than {max_bytes} bytes")
     if os.name == "posix" and mode & 0o077:
         log.warning(
             "%s is readable by group or others (mode %04o): restrict it with: chmod 600 %s",

@@ -153,12 +153,29 @@ def _base_url(collector: str) -> str:
     return base
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would send the token on to wherever one points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _hint(exc: urllib.error.HTTPError) -> str:
+    if 300 <= exc.code < 400:
+        return (
+            " (a redirect: edgeship does not follow one with a token; give --collector the "
+            "API's own address)"
+        )
+    return ""
+
+
 def _get(url: str, timeout: float, token: str | None = None) -> Any:
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout
-        ) as resp:
+        with _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
@@ -173,7 +190,7 @@ def _get(url: str, timeout: float, token: str | None = None) -> Any:
                     else "the token given is neither its read token nor its API token"
                 )
             ) from exc
-        raise ConfigError(f"the collector answered {url} with HTTP {exc.code}") from exc
+        raise ConfigError(f"the collector answered {url} with HTTP {exc.code}{_hint(exc)}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(
@@ -307,14 +324,26 @@ _STATES = ("online", "stale", "offline", "unknown")
 
 
 def _token(token_file: str | None, *env_names: str) -> str | None:
-    """The token in ``token_file`` (stripped), else the first of ``env_names`` set; None when
-    neither. ConfigError for a file that cannot be read or is empty."""
+    """The token in ``token_file``, else the first of ``env_names`` set (surrounding whitespace
+    dropped); None when neither. ConfigError for a file that cannot be read or a value that is
+    not a token (printable ASCII without spaces): it could not go in a header, and the error
+    urllib would raise quotes the header."""
     if token_file is not None:
-        return read_secret_file(token_file, "--token-file", "the collector's token")
+        token = read_secret_file(token_file, "--token-file", "the collector's token")
+        return _checked(token, f"--token-file {printable(token_file)}")
     for name in env_names:
-        if os.environ.get(name):
-            return os.environ[name]
+        if os.environ.get(name, "").strip():
+            return _checked(os.environ[name].strip(), name)
     return None
+
+
+def _checked(token: str, where: str) -> str:
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"{where}: not a token: a token is printable ASCII without spaces (look for a "
+            "stray character or line break)"
+        )
+    return token
 
 
 def _cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -357,14 +386,16 @@ def send_command(
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with _OPENER.open(request, timeout=timeout) as resp:
             sent = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:
             reason = json.loads(exc.read())["error"]
         except (ValueError, KeyError, TypeError):
             reason = f"HTTP {exc.code}"
-        raise ConfigError(f"the collector refused the command ({exc.code}): {reason}") from exc
+        raise ConfigError(
+            f"the collector refused the command ({exc.code}): {reason}{_hint(exc)}"
+        ) from exc
     except (urllib.error.URLError, OSError) as exc:
         raise ConfigError(
             f"cannot reach the collector API at {url}: {getattr(exc, 'reason', exc)} "
