@@ -59,6 +59,12 @@ class TensorOutputs:
         }
 
 
+# Ops whose float output is class probabilities (or scores): skl2onnx classifiers.
+_CLASSIFIER_OPS = frozenset(
+    {"TreeEnsembleClassifier", "LinearClassifier", "SVMClassifier", "Softmax"}
+)
+
+
 def converted_cache() -> Path:
     """Where rewritten models are kept (module docstring)."""
     root = os.environ.get("EDGESHIP_CACHE_DIR")
@@ -81,8 +87,9 @@ def tensor_outputs(path: Path, model: Any) -> tuple[Path, TensorOutputs] | None:
             digest.update(block)
     digest.update(_REWRITE_VERSION.encode())
     target = converted_cache() / digest.hexdigest()[:32] / path.name
-    if not target.is_file():
-        _save_atomically(rewritten.model, target)
+    # Written every time, never reused: the rewrite is cheap, and a file found in a shared
+    # cache is not to be trusted with what gets optimized, signed and deployed.
+    _save_atomically(rewritten.model, target)
     return target, rewritten
 
 
@@ -90,7 +97,7 @@ def _save_atomically(model: Any, target: Path) -> None:
     import onnx
 
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         os.close(fd)
         try:
@@ -120,7 +127,13 @@ def unzip_outputs(model: Any) -> TensorOutputs | None:
         for n in model.graph.node
         if n.op_type == "ZipMap" and n.domain == _ML_DOMAIN and n.output[0] in outputs
     ]
-    if not zipmaps and not (model.producer_name == "skl2onnx" and _label_outputs(model.graph)):
+    if not zipmaps and not (
+        model.producer_name == "skl2onnx"
+        and _label_outputs(model.graph)
+        and any(n.op_type in _CLASSIFIER_OPS for n in model.graph.node)
+    ):
+        # A label beside float outputs is a classifier's only when the graph classifies: for
+        # KMeans the floats are distances, for IsolationForest the label is the answer.
         return None
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)

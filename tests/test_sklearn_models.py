@@ -330,3 +330,32 @@ def test_a_model_without_zipmap_or_labels_is_used_as_it_is(tmp_path: Path) -> No
     path = write_mlp_onnx(tmp_path / "mlp.onnx")
     art = sdk.read_artifact(path)
     assert art.path == path and art.details == {}
+
+
+def test_a_label_beside_floats_is_kept_when_the_graph_does_not_classify(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """skl2onnx's KMeans (label + distances) or IsolationForest (label + scores) have an integer
+    output beside a float one, but no classifier: the label is the answer, and the floats'
+    argmax is not the class. Such a model is used as it is."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["X"], ["scores"]),
+            helper.make_node("ArgMin", ["X"], ["label"], axis=1, keepdims=0),
+        ],
+        "kmeans_like",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 3])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 3]),
+        ],
+    )
+    model = helper.make_model(graph, producer_name="skl2onnx",
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    path = tmp_path / "kmeans.onnx"
+    onnx.save(model, str(path))
+    art = sdk.read_artifact(path)
+    assert art.path == path and art.details == {}
+    assert {o.name for o in art.io.outputs} == {"label", "scores"}
