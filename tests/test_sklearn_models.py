@@ -359,3 +359,22 @@ def test_a_label_beside_floats_is_kept_when_the_graph_does_not_classify(
     art = sdk.read_artifact(path)
     assert art.path == path and art.details == {}
     assert {o.name for o in art.io.outputs} == {"label", "scores"}
+
+
+def test_nothing_to_quantize_counts_the_op_types_a_user_asked_for(tmp_path: Path) -> None:
+    """ORT's QDQ quantizer takes op types outside its registries when they are asked for
+    (QuantizeConfig.op_types): a model of only those is not 'nothing to quantize'."""
+    from onnx import TensorProto, helper
+
+    from sdk.quantize.ort_check import nothing_to_quantize
+
+    graph = helper.make_graph(
+        [helper.make_node("Tanh", ["X"], ["Y"])],
+        "tanh",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 3])],
+    )
+    path = tmp_path / "tanh.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert "its ops (Tanh) have no int8 form" in (nothing_to_quantize(path) or "")
+    assert nothing_to_quantize(path, ("Tanh",)) is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +77,12 @@ def _op_summary(counts: dict[str, int]) -> str:
     return ", ".join(types[:12]) + (", ..." if len(types) > 12 else "")
 
 
-def nothing_to_quantize(model: Path) -> str | None:
+def nothing_to_quantize(model: Path, op_types: Iterable[str] = ()) -> str | None:
     """Why there is nothing to quantize in ``model``, said before any calibration: none of its
     operators, in subgraphs too, is a type ONNX Runtime quantizes in any mode or format (tree
-    ensembles and linear classifiers from scikit-learn: ai.onnx.ml operators). None when some
-    operator is one (whether it gets quantized is then the quantizer's business)."""
+    ensembles and linear classifiers from scikit-learn: ai.onnx.ml operators) nor one of
+    ``op_types`` (the types a user asked for: ORT's QDQ quantizer takes others too). None when
+    some operator is one (whether it gets quantized is then the quantizer's business)."""
     import onnx
     from onnxruntime.quantization.registry import (
         IntegerOpsRegistry,
@@ -93,7 +94,8 @@ def nothing_to_quantize(model: Path) -> str | None:
     counts: dict[str, int] = {}
     for node, _ in _walk(graph):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    if set(counts) & (set(QDQRegistry) | set(QLinearOpsRegistry) | set(IntegerOpsRegistry)):
+    known = set(QDQRegistry) | set(QLinearOpsRegistry) | set(IntegerOpsRegistry) | set(op_types)
+    if set(counts) & known:
         return None
     return (
         f"nothing to quantize in this model: its ops ({_op_summary(counts) or 'none'}) "
