@@ -143,7 +143,7 @@ class AlertStore:
                 raise StoreError(f"cannot write the alert history {self.path}: {exc}") from exc
 
     def firing(self) -> list[AlertRecord]:
-        return self._select(*_FIRING)
+        return self._select(*_firing())
 
     def recent(self, limit: int = 100, state: str | None = None) -> list[AlertRecord]:
         """The newest alerts by the time they fired (or resolved), newest first."""
@@ -165,10 +165,12 @@ class AlertStore:
 class SharedAlertStore:
     """The alert history in a PostgreSQL store's ``alerts`` table, through that store's
     connection (its retries and reconnects). Closing it leaves the store open: its owner
-    closes that."""
+    closes that. ``fleet``: the collector's ``--fleet``; it reads that fleet's alerts only
+    (None: every fleet's), so a collector never shows or takes over another fleet's."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, fleet: str | None = None) -> None:
         self._store = store
+        self.fleet = fleet
 
     @property
     def path(self) -> str:
@@ -183,10 +185,10 @@ class SharedAlertStore:
         )
 
     def firing(self) -> list[AlertRecord]:
-        return self._select(*_FIRING)
+        return self._select(*_firing(self.fleet))
 
     def recent(self, limit: int = 100, state: str | None = None) -> list[AlertRecord]:
-        return self._select(*_recent(limit, state))
+        return self._select(*_recent(limit, state, self.fleet))
 
     def _select(self, where: str, params: tuple[Any, ...]) -> list[AlertRecord]:
         rows = self._store.execute(
@@ -198,16 +200,20 @@ class SharedAlertStore:
         """Nothing of its own to close (the store is its owner's)."""
 
 
-_FIRING: tuple[str, tuple[Any, ...]] = ("WHERE state = 'firing' ORDER BY started_at DESC", ())
+def _where(state: str | None, fleet: str | None) -> tuple[str, tuple[Any, ...]]:
+    given = [(column, v) for column, v in (("state", state), ("fleet", fleet)) if v is not None]
+    where = " AND ".join(f"{column} = ?" for column, _ in given)
+    return (f"WHERE {where}" if where else ""), tuple(v for _, v in given)
 
 
-def _recent(limit: int, state: str | None) -> tuple[str, tuple[Any, ...]]:
-    if state is None:
-        return "ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?", (limit,)
-    return "WHERE state = ? ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?", (
-        state,
-        limit,
-    )
+def _firing(fleet: str | None = None) -> tuple[str, tuple[Any, ...]]:
+    where, params = _where("firing", fleet)
+    return f"{where} ORDER BY started_at DESC", params
+
+
+def _recent(limit: int, state: str | None, fleet: str | None = None) -> tuple[str, tuple[Any, ...]]:
+    where, params = _where(state, fleet)
+    return f"{where} ORDER BY COALESCE(resolved_at, started_at) DESC LIMIT ?", (*params, limit)
 
 
 def _row(record: AlertRecord) -> tuple[Any, ...]:

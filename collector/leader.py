@@ -16,8 +16,15 @@ that must happen once per fleet is the leader's:
   ``tcp_user_timeout``, 10 s) before the server releases the lock (the session's server-side
   keepalives, about 25 s), so two collectors do not lead at once.
 
-The lock is per PostgreSQL database: collectors on one store with different ``--fleet``
-settings (one for every fleet, one for ``greenhouse``) hold different keys and each leads.
+**Mixed ``--fleet`` settings** on one store (one collector for every fleet, another for
+``greenhouse``) must not both lead ``greenhouse``. A collector for every fleet takes the
+every-fleet key exclusively; a collector for one fleet takes the every-fleet key *shared* and
+then its fleet's key exclusively (and lets the shared one go again when its fleet's is
+taken). So collectors for different single fleets lead side by side, and a collector for
+every fleet leads only while no collector for one fleet leads, and the other way round: no
+fleet ever has two leaders, but while a collector for ``greenhouse`` leads, a collector for
+every fleet does not lead ``barn`` either (its ``/api/health`` shows ``leader`` false). Run
+one kind or the other on a store, not both.
 """
 
 from __future__ import annotations
@@ -115,6 +122,8 @@ class AdvisoryLock:
         self._conninfo, self.schema = split_schema(store_url)
         self.fleet = fleet
         self.key = lock_key(self.schema, fleet)
+        # A collector for one fleet also holds the every-fleet key, shared (module docstring).
+        self.every_fleet_key = None if fleet is None else lock_key(self.schema, None)
         self._clock = clock
         self._connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
@@ -140,12 +149,12 @@ class AdvisoryLock:
                 self._tries += 1
                 if self._conn is None or self._conn.closed:
                     self._connect()
-                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+                taken = self._try_lock()
                 self._last_error = None
             except self._psycopg.Error as exc:
                 self._lost(f"{type(exc).__name__}: {one_line(exc)}")
                 return False
-            if not row[0]:
+            if not taken:
                 self._recent.append(now)
                 return False
             self._leader, self._since = True, now
@@ -156,6 +165,20 @@ class AdvisoryLock:
                 self._tries,
             )  # fmt: skip
             return True
+
+    def _try_lock(self) -> bool:
+        """Take the key (for one fleet: the every-fleet key shared first); False, holding
+        nothing, when another collector holds what this one needs."""
+        execute = self._conn.execute
+        shared = self.every_fleet_key
+        lock_shared = "SELECT pg_try_advisory_lock_shared(%s)"
+        if shared is not None and not execute(lock_shared, (shared,)).fetchone()[0]:
+            return False  # a collector for every fleet leads
+        if execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+            return True
+        if shared is not None:
+            execute("SELECT pg_advisory_unlock_shared(%s)", (shared,)).fetchall()
+        return False
 
     def _connect(self) -> None:
         link: dict[str, Any] = link_options(self._conninfo, **_CLIENT_LINK)
@@ -192,6 +215,7 @@ class AdvisoryLock:
                 "leader": self._leader,
                 "election": "postgresql advisory lock",
                 "key": self.key,
+                "every_fleet_key": self.every_fleet_key,
                 "schema": self.schema or "public",
                 "fleet": self.fleet,
                 "since": self._since,

@@ -212,7 +212,7 @@ class Monitor:
         store = open_store(cfg.store_url, migrate=False)
         history = None
         if config.alerts_db is None and isinstance(store, PostgresStore):
-            history = SharedAlertStore(store)  # the fleet's collectors share it
+            history = SharedAlertStore(store, cfg.fleet)  # the fleet's collectors share it
         elif config.alerts_db is None:
             from dataclasses import replace
 

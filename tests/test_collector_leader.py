@@ -12,6 +12,7 @@ the leader the other collector leads and evaluates within two evaluation periods
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from collector.alert_history import SharedAlertStore
+from collector.alert_history import AlertRecord, SharedAlertStore
 from collector.leader import AdvisoryLock, SoleLeader, lock_key
 from collector.monitor import Monitor, MonitorConfig
 from collector.simulate import SimConfig, SimulatedFleet
@@ -87,6 +88,58 @@ def test_a_lock_that_cannot_reach_the_database_is_not_the_leader() -> None:
     assert not lock.check()
     health = lock.to_dict()
     assert health["leader"] is False and "OperationalError" in health["last_error"]
+
+
+def test_a_collector_for_every_fleet_and_one_for_a_fleet_never_both_lead_it(pg: str) -> None:
+    every, greenhouse, barn = (AdvisoryLock(pg, f) for f in (None, "greenhouse", "barn"))
+    every_b, greenhouse_b = AdvisoryLock(pg, None), AdvisoryLock(pg, "greenhouse")
+    try:
+        assert every.check()
+        assert not greenhouse.check() and not barn.check()  # every fleet is led already
+        every.close()
+        assert wait_for(greenhouse.check, 10)
+        assert barn.check()  # collectors of different fleets lead side by side
+        assert not every_b.check()  # greenhouse and barn are led: no collector for them all
+        for _ in range(3):  # a failed try must not keep the every-fleet key (shared) held
+            assert not greenhouse_b.check()
+        greenhouse.close()
+        barn.close()
+        assert wait_for(every_b.check, 10)
+        assert not greenhouse_b.check()
+        assert greenhouse.to_dict()["every_fleet_key"] == lock_key(every.schema, None)
+    finally:
+        for lock in (every, greenhouse, barn, every_b, greenhouse_b):
+            lock.close()
+
+
+def test_the_shared_history_is_filtered_by_the_collectors_fleet(pg: str) -> None:
+    clock = FakeClock()
+    store = open_store(pg, migrate=False)
+    assert isinstance(store, PostgresStore)
+    barn = AlertRecord(
+        id="offline-barn", fleet="barn", device="cow-1", rule="offline", severity="critical",
+        state="firing", summary="offline", value=None, started_at=clock(),
+        updated_at=clock(), resolved_at=None, source="col-barn",
+    )  # fmt: skip
+    SharedAlertStore(store).save(barn)
+    SharedAlertStore(store).save(dataclasses.replace(barn, id="offline-gh", fleet="greenhouse"))
+    try:
+        every, greenhouse = SharedAlertStore(store), SharedAlertStore(store, "greenhouse")
+        assert {r.fleet for r in every.firing()} == {"barn", "greenhouse"}
+        assert [r.id for r in greenhouse.firing()] == ["offline-gh"]
+        assert [r.id for r in greenhouse.recent()] == ["offline-gh"]
+        assert [r.id for r in greenhouse.recent(state="firing")] == ["offline-gh"]
+        state = FleetState(store, fleet="greenhouse", clock=clock)
+        monitor = Monitor(state, store, clock=clock, source="col-gh", alert_history=greenhouse)
+        try:
+            monitor.tick()
+            assert [r.id for r in monitor.engine.firing()] == ["offline-gh"]
+            assert 'fleet="barn"' not in monitor.metrics_text()
+            assert [a["id"] for a in monitor.alerts_dict()["recent"]] == ["offline-gh"]
+        finally:
+            monitor.stop()
+    finally:
+        store.close()
 
 
 # --- two monitors on one store --------------------------------------------------------------
