@@ -7,7 +7,9 @@ model is counted on the caller's thread (a few additions under a lock); a copy o
 goes to the trial's own thread, which runs the previous model (still in memory) on it. So both
 models are seen on the same inputs, at the same time and under the same load, and nothing
 outside a probation pays for it. When the application calls faster than the previous model
-keeps up, inputs are skipped, never queued without bound.
+keeps up, inputs are skipped, never queued without bound: at most :data:`_QUEUE` copies and
+:data:`_QUEUE_BYTES` bytes of them wait (an application that sends huge batches must not make
+the agent hold gigabytes).
 
 :func:`judge` compares the two, line by line: calls that fail on the new bundle alone (the
 error rate), the p95 and median latency, the outlier rate and the share of the most frequent
@@ -40,8 +42,10 @@ __all__ = ["Side", "Trial", "TrialOwner", "judge", "observe"]
 
 log = logging.getLogger(__name__)
 
-# Inputs waiting for the previous model: beyond this many, a call is not shadowed.
+# Inputs waiting for the previous model: beyond this many, or this many bytes of copies, a call
+# is not shadowed.
 _QUEUE = 16
+_QUEUE_BYTES = 64 << 20
 # The most calls compared side by side in one probation (their latencies are kept).
 _MAX_PAIRED = 5000
 # The trial's thread looks at the clock (and at an outcome decided elsewhere) this often.
@@ -270,6 +274,12 @@ class Trial:
         self._new = Side()  # the shadowed calls, on the new model (the trial's thread)
         self._base = Side()  # the same calls, on the previous model (the trial's thread)
         self._queued = 0
+        # Bytes of input copies held for the previous model (waiting or being run), the most
+        # held at once, and the calls not shadowed because the queue was full.
+        self.max_waiting_bytes = _QUEUE_BYTES
+        self.waiting_bytes = 0
+        self.peak_waiting_bytes = 0
+        self.skipped = 0
         self._ending = False
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._began = time.monotonic()
@@ -298,18 +308,27 @@ class Trial:
         labels, scored = result.labels, result.scores is not None
         flags = result.is_outlier
         outliers = int(flags[0]) if flags.shape[0] == 1 else int(flags.sum())
+        size = sum(value.nbytes for value in feed.values()) if self._shadow else 0
         with self._lock:
             if self.outcome is not None or self._ending:
                 return
             self._all.add(None, labels, outliers, flags.shape[0], scored)
             end = self.inferences is not None and self._all.calls >= self.inferences
             self._ending = end
-            shadow = self._shadow and self._queued < _QUEUE and self._new.calls < _MAX_PAIRED
+            shadow = self._shadow and self._new.calls < _MAX_PAIRED
+            if shadow and (
+                self._queued >= _QUEUE or self.waiting_bytes + size > self.max_waiting_bytes
+            ):
+                shadow = False
+                self.skipped += 1
             if shadow:
                 self._queued += 1
+                self.waiting_bytes += size
+                self.peak_waiting_bytes = max(self.peak_waiting_bytes, self.waiting_bytes)
         if shadow:
             copy = {name: np.array(value, copy=True) for name, value in feed.items()}
-            self._queue.put((copy, result.latency_s, labels, outliers, flags.shape[0], scored))
+            item = (copy, size, result.latency_s, labels, outliers, flags.shape[0], scored)
+            self._queue.put(item)
         if end:
             self._queue.put(_END)
 
@@ -366,6 +385,7 @@ class Trial:
                 return
             if item is not None:
                 self._compare(item)
+                item = None  # the copy is released now, not at the next get
             seen = self._new.calls + self._all.calls
             if seen - judged_at >= _JUDGE_EVERY:
                 judged_at = seen
@@ -375,15 +395,18 @@ class Trial:
                     return
 
     def _compare(self, item: Any) -> None:
-        feed, latency_s, labels, outliers, n, scored = item
-        with self._lock:
-            self._queued -= 1
+        feed, size, latency_s, labels, outliers, n, scored = item
         previous = self.previous
-        if previous is None:
-            return
         try:
-            seen = observe(previous, feed)
+            seen = None if previous is None else observe(previous, feed)
         except Exception:  # the previous model refuses it: nothing to compare with
+            seen = None
+        finally:
+            del feed, item  # the caller's reference goes too (see _watch)
+            with self._lock:
+                self._queued -= 1
+                self.waiting_bytes -= size
+        if seen is None:
             return
         warm = self._new.calls >= _WARMUP
         self._new.add(latency_s if warm else None, labels, outliers, n, scored)

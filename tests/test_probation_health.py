@@ -11,6 +11,7 @@ import base64
 import hashlib
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from device_agent import Agent, AgentConfig
+from device_agent.bundle import load_bundle
 from device_agent.contracts import messages as msg
 from device_agent.contracts.commands import (
     MAX_CHUNK_BYTES,
@@ -30,7 +32,8 @@ from device_agent.contracts.commands import (
     ProbationArgs,
 )
 from device_agent.contracts.reference import ReferenceStats
-from device_agent.probation import Side, judge
+from device_agent.probation import Side, Trial, judge
+from device_agent.slot import LoadedModel, ModelSlot
 
 LABELS = [str(i) for i in range(10)]
 
@@ -317,3 +320,79 @@ def test_without_the_previous_model_the_reference_is_the_baseline() -> None:
     assert judge(limits, one_class, _side({"7": 40}), ref) is None
     # Too few calls: nothing is judged.
     assert judge(limits, _side({"7": 5}), None, ref) is None
+
+
+class _Owner:
+    """A Trial's owner that records its verdict (the deployer's part, without disk or swap)."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[tuple[str, str]] = []
+        self.done = threading.Event()
+
+    def rollback(self, trial: Trial, reason: str) -> None:
+        if trial.decide("rolled_back"):
+            self.verdicts.append(("rolled_back", reason))
+            self.done.set()
+
+    def probation_passed(self, trial: Trial, reason: str) -> None:
+        if trial.decide("applied"):
+            self.verdicts.append(("applied", reason))
+            self.done.set()
+
+
+@contextmanager
+def _blocked_trial(
+    bundles: dict[str, Path], new_name: str, limits: ProbationArgs, *, inferences: int,
+    reference: ReferenceStats | None = None,
+) -> Iterator[tuple[Trial, ModelSlot, _Owner, threading.Lock]]:  # fmt: skip
+    """A started probation of ``new_name`` against v1, whose shadow runs wait on the lock
+    yielded (held: the previous model cannot keep up at all) until the test releases it."""
+    cfg = AgentConfig(device_id="pi-h")
+    previous = LoadedModel.open(load_bundle(bundles["v1"]), cfg)
+    new = LoadedModel.open(load_bundle(bundles[new_name]), cfg)
+    blocked = threading.Lock()
+    blocked.acquire()
+    previous.run_lock = blocked  # observe() takes it around the previous model's run
+    slot, owner = ModelSlot(new), _Owner()
+    trial = Trial(
+        owner, slot, "d-test", new, previous, limits,
+        inferences=inferences, seconds=None, reference=reference,
+    )  # fmt: skip
+    new.trial = trial
+    trial.start()
+    try:
+        yield trial, slot, owner, blocked
+    finally:
+        if blocked.locked():
+            blocked.release()
+        trial.decide("stopped")
+        trial._thread.join(10)
+
+
+def test_input_copies_waiting_for_the_previous_model_are_bounded_in_bytes(
+    bundles: dict[str, Path],
+) -> None:
+    """An application sending 5 MiB batches while the previous model is behind: the copies
+    held for it stay under 64 MiB (16 would be 80 MiB); the calls that do not fit are counted
+    as skipped, and every copy is released once compared."""
+    batch = np.random.default_rng(0).random((20480, 64), dtype=np.float32)  # 5 MiB
+    calls = 30
+    with _blocked_trial(bundles, "good", ProbationArgs(), inferences=calls) as (
+        trial, slot, owner, blocked,
+    ):  # fmt: skip
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(calls):
+                slot.predict({"x": batch})
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        bound = 64 << 20
+        assert held < bound + (4 << 20), f"{held / 2**20:.0f} MiB held for the shadow runs"
+        assert trial.max_waiting_bytes == bound
+        assert 0 < trial.peak_waiting_bytes <= bound, trial.peak_waiting_bytes
+        assert trial.skipped >= calls - bound // batch.nbytes, trial.skipped
+        blocked.release()
+        assert owner.done.wait(60), "no verdict"
+        assert trial.waiting_bytes == 0
