@@ -11,10 +11,19 @@ that must happen once per fleet is the leader's:
   :meth:`AdvisoryLock.check` runs at the start of every monitor round (each evaluation
   period): the leader checks its connection is alive, the others try to take the lock. When
   the leader dies (SIGKILL, OOM, a crash) its socket closes, the server ends its session and
-  releases the lock, and another collector takes it on its next round. A leader whose link
-  to the server goes silent (a partition) steps down when its round trip fails (its
-  ``tcp_user_timeout``, 10 s) before the server releases the lock (the session's server-side
-  keepalives, about 25 s), so two collectors do not lead at once.
+  releases the lock, and another collector takes it on its next round.
+
+**A silent link: the exact bound.** A leader whose link to the server goes silent (a
+partition) learns it only at its next check. Say its last check that got through was at
+``c``: the next starts when that monitor round has ended and ``interval_s`` (1 s) has passed,
+at most ``c + R + interval_s`` (``R``: how long one round takes), and its ``SELECT 1`` fails
+after the lock connection's ``tcp_user_timeout`` (10 s), when the leader steps down. The
+server ends the silent session, and only then releases the lock, after the keepalives set on
+that session: 10 s idle plus 3 probes 5 s apart, about ``c + 25 s``. So no two collectors lead
+at once as long as ``R + interval_s + 10 s < 25 s``, i.e. a round takes under about 14 s;
+a round that takes longer (store queries slowed down, not yet failed) can overlap by that
+excess, and both may then publish an alert change (a duplicate, never a lost one). Nothing
+fences a leader that overruns: it is a bound, not a guarantee.
 
 **Mixed ``--fleet`` settings** on one store (one collector for every fleet, another for
 ``greenhouse``) must not both lead ``greenhouse``. A collector for every fleet takes the
@@ -46,7 +55,7 @@ log = logging.getLogger("collector.leader")
 
 # Session settings of the lock's connection: the server notices a silent client in about
 # 10 + 3 * 5 s and ends its session (releasing the lock); the client gives up on a round trip
-# after 10 s, so it knows it lost the lead before the server gives the lock to another.
+# after 10 s (the bound this gives is in the module's docstring).
 _SERVER_KEEPALIVE = (
     "SET tcp_keepalives_idle = 10",
     "SET tcp_keepalives_interval = 5",
@@ -134,6 +143,9 @@ class AdvisoryLock:
         self._recent: deque[float] = deque(maxlen=_RECENT_TRIES)
         self._before: list[float] = []
         self._last_error: str | None = None
+        # What /api/health shows: replaced whole after each check or close, read without the
+        # lock, which a check holds across its network calls (up to connect + query timeouts).
+        self._status: dict[str, Any] = self._status_now()
 
     @property
     def is_leader(self) -> bool:
@@ -141,30 +153,36 @@ class AdvisoryLock:
 
     def check(self) -> bool:
         with self._lock:
-            now = self._clock()
             try:
-                if self._leader:
-                    self._conn.execute("SELECT 1").fetchall()
-                    return True
-                self._tries += 1
-                if self._conn is None or self._conn.closed:
-                    self._connect()
-                taken = self._try_lock()
-                self._last_error = None
-            except self._psycopg.Error as exc:
-                self._lost(f"{type(exc).__name__}: {one_line(exc)}")
-                return False
-            if not taken:
-                self._recent.append(now)
-                return False
-            self._leader, self._since = True, now
-            self._before = list(self._recent)  # the failed tries just before this one
-            self._recent.clear()
-            log.warning(
-                "leader of %s: took advisory lock %d after %d tries", self._what(), self.key,
-                self._tries,
-            )  # fmt: skip
-            return True
+                return self._check()
+            finally:
+                self._status = self._status_now()
+
+    def _check(self) -> bool:
+        now = self._clock()
+        try:
+            if self._leader:
+                self._conn.execute("SELECT 1").fetchall()
+                return True
+            self._tries += 1
+            if self._conn is None or self._conn.closed:
+                self._connect()
+            taken = self._try_lock()
+            self._last_error = None
+        except self._psycopg.Error as exc:
+            self._lost(f"{type(exc).__name__}: {one_line(exc)}")
+            return False
+        if not taken:
+            self._recent.append(now)
+            return False
+        self._leader, self._since = True, now
+        self._before = list(self._recent)  # the failed tries just before this one
+        self._recent.clear()
+        log.warning(
+            "leader of %s: took advisory lock %d after %d tries", self._what(), self.key,
+            self._tries,
+        )  # fmt: skip
+        return True
 
     def _try_lock(self) -> bool:
         """Take the key (for one fleet: the every-fleet key shared first); False, holding
@@ -210,25 +228,29 @@ class AdvisoryLock:
         return f"{fleet} in schema {self.schema or 'public'}"
 
     def to_dict(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "leader": self._leader,
-                "election": "postgresql advisory lock",
-                "key": self.key,
-                "every_fleet_key": self.every_fleet_key,
-                "schema": self.schema or "public",
-                "fleet": self.fleet,
-                "since": self._since,
-                "tries": self._tries,
-                "failed_tries_before": list(self._before),
-                "last_error": self._last_error,
-            }
+        """The state after the last check, at once (never waits for a check in progress)."""
+        return dict(self._status)
+
+    def _status_now(self) -> dict[str, Any]:
+        return {
+            "leader": self._leader,
+            "election": "postgresql advisory lock",
+            "key": self.key,
+            "every_fleet_key": self.every_fleet_key,
+            "schema": self.schema or "public",
+            "fleet": self.fleet,
+            "since": self._since,
+            "tries": self._tries,
+            "failed_tries_before": list(self._before),
+            "last_error": self._last_error,
+        }
 
     def close(self) -> None:
         """Close the lock's connection: the server releases the lock with the session."""
         with self._lock:
             self._leader, self._since = False, None
             self._close_conn()
+            self._status = self._status_now()
 
 
 def leadership_for(store_url: str, fleet: str | None) -> Leadership:

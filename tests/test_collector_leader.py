@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -140,6 +141,30 @@ def test_the_shared_history_is_filtered_by_the_collectors_fleet(pg: str) -> None
             monitor.stop()
     finally:
         store.close()
+
+
+def test_health_does_not_wait_for_a_check_stuck_on_the_network() -> None:
+    """/api/health reads the lock's state while a check waits on a server that accepted the
+    connection and says nothing (a database in trouble): it answers at once."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    lock = AdvisoryLock(f"postgresql://nobody@127.0.0.1:{port}/none?sslmode=disable", FLEET,
+                        connect_timeout_s=120)  # fmt: skip
+    checking = threading.Thread(target=lock.check, daemon=True)
+    checking.start()
+    peer, _ = server.accept()  # the check is connecting now, and stays so
+    try:
+        answers: list[dict[str, Any]] = []
+        health = threading.Thread(target=lambda: answers.append(lock.to_dict()), daemon=True)
+        health.start()
+        health.join(30)  # far less than the check's 120 s
+        assert answers and answers[0]["leader"] is False
+        assert checking.is_alive()
+    finally:
+        peer.close()  # the check fails at once now
+        server.close()
+        checking.join(30)
+    assert "OperationalError" in lock.to_dict()["last_error"]
 
 
 # --- two monitors on one store --------------------------------------------------------------
