@@ -3,9 +3,10 @@ fired before instead of raising it again.
 
 Two homes, one interface (:class:`AlertHistory`): :class:`AlertStore`, a SQLite file of the
 collector's own (beside a SQLite store, or in memory), and :class:`SharedAlertStore`, the
-``alerts`` table of a PostgreSQL store (schema version 4), which every collector of the fleet
-reads: only their leader writes it (:mod:`collector.leader`), and a collector that becomes
-leader reads what is firing from it and goes on from there instead of firing it again."""
+``edgeship_alerts`` table of a PostgreSQL store (schema version 4), which every collector of
+the fleet reads: only their leader writes it (:mod:`collector.leader`), and a collector that
+becomes leader reads what is firing from it and goes on from there instead of firing it
+again."""
 
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ class AlertStore:
 
 
 class SharedAlertStore:
-    """The alert history in a PostgreSQL store's ``alerts`` table, through that store's
+    """The alert history in a PostgreSQL store's ``edgeship_alerts`` table, through that store's
     connection (its retries and reconnects). Closing it leaves the store open: its owner
     closes that. ``fleet``: the collector's ``--fleet``; it reads that fleet's alerts only
     (None: every fleet's), so a collector never shows or takes over another fleet's."""
@@ -174,12 +175,12 @@ class SharedAlertStore:
 
     @property
     def path(self) -> str:
-        return f"{self._store.url} (table alerts)"
+        return f"{self._store.url} (table edgeship_alerts)"
 
     def save(self, record: AlertRecord) -> None:
         updates = ", ".join(f"{c} = excluded.{c}" for c in _ALERT_COLUMNS.split(", ")[1:])
         self._store.execute(
-            f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) "
+            f"INSERT INTO edgeship_alerts ({_ALERT_COLUMNS}) VALUES ({', '.join('?' * 12)}) "
             f"ON CONFLICT (id) DO UPDATE SET {updates}",
             _row(record),
         )
@@ -192,7 +193,7 @@ class SharedAlertStore:
 
     def _select(self, where: str, params: tuple[Any, ...]) -> list[AlertRecord]:
         rows = self._store.execute(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts {where}", params, fetch=True
+            f"SELECT {_ALERT_COLUMNS} FROM edgeship_alerts {where}", params, fetch=True
         )
         return [_record(r) for r in rows]
 

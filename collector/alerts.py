@@ -35,7 +35,7 @@ derived from the deploy's id, and a later deploy that also fails resolves it and
 one (so each bad deploy alerts once, a restarted collector included). A rule that cannot be
 evaluated (too few inferences, a drift baseline still being learned) leaves the alert as it is.
 Both transitions are stored (:mod:`~collector.alert_history`: a SQLite file, or the PostgreSQL
-store's ``alerts`` table shared by the fleet's collectors) and published as
+store's ``edgeship_alerts`` table shared by the fleet's collectors) and published as
 :class:`~device_agent.contracts.messages.Alert` messages on ``edgeship/{fleet}/alerts``, QoS 1,
 **not retained** (the protocol's rule for the topic: a retained message would show one stale
 alert per fleet to every new subscriber; the current set is ``GET /api/alerts``). Firing alerts

@@ -142,7 +142,7 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alerts-db",
         help="the alert history's SQLite file (default: beside a SQLite store; on PostgreSQL "
-        "the store's alerts table, shared by the fleet's collectors)",
+        "the store's edgeship_alerts table, shared by the fleet's collectors)",
     )
     p.add_argument(
         "--metrics-expire",

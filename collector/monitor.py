@@ -65,7 +65,8 @@ _RECENT_WINDOWS = 64
 class MonitorConfig:
     """``alerts``: the rules (``load_alerts_config``); ``references``: ``--reference`` specs
     (see :func:`collector.drift.load_reference_spec`); ``alerts_db``: the alert history's
-    SQLite file (None: next to a SQLite store, the store's ``alerts`` table for PostgreSQL);
+    SQLite file (None: next to a SQLite store, the store's ``edgeship_alerts`` table for
+    PostgreSQL);
     ``interval_s``: how often new telemetry is read and rules evaluated (the evaluation
     period; also how often a collector that does not lead tries to take the lead);
     ``expire_after_s``: a device silent that long has no metrics any more; ``publish``: send
@@ -89,7 +90,7 @@ class MonitorConfig:
 def default_alerts_db(store_url: str) -> str:
     """``sqlite:///fleet.db`` (or a bare path) -> ``fleet.alerts.db`` beside it; a PostgreSQL
     store -> ``:memory:`` (:meth:`Monitor.for_collector` keeps a PostgreSQL store's history in
-    the store's ``alerts`` table instead, unless ``alerts_db`` names a file)."""
+    the store's ``edgeship_alerts`` table instead, unless ``alerts_db`` names a file)."""
     if store_url.startswith("sqlite:///"):
         path = store_url[len("sqlite:///") :].split("?", 1)[0]
     elif "://" not in store_url:

@@ -260,7 +260,7 @@ def test_a_restarted_leader_reads_its_firing_alerts_from_postgresql(pg: str) -> 
     again = _Member(pg, "col-a", clock)
     try:
         assert again.tick() == []  # the history survived: nothing fires twice
-        assert again.monitor.health()["alerts_db"].endswith("(table alerts)")
+        assert again.monitor.health()["alerts_db"].endswith("(table edgeship_alerts)")
     finally:
         again.close()
         writer.close()

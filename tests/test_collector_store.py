@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from collector.alert_history import AlertRecord, AlertStore
 from collector.errors import ConfigError, StoreError
 from collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord, ingest
 from collector.state import (
@@ -37,6 +38,7 @@ from collector.store import (
     open_store,
     redact_url,
 )
+from collector.store.schema import SQLITE, schema_v1, schema_v2, schema_v3
 from device_agent.contracts.messages import encode, topic
 from tests.test_collector_ingest import DEVICE, FLEET, NOW, outlier, status, telemetry
 
@@ -95,6 +97,64 @@ def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
         conn.execute("INSERT INTO schema_version VALUES (99, 0, 'from the future')")
     with pytest.raises(StoreError, match="schema version 99, newer"):
         open_store(f"sqlite:///{path}")
+
+
+def _schema_3_store(path: Path) -> None:
+    """A store as a schema-3 edgeship left it."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL, "
+            "description TEXT NOT NULL)"
+        )
+        for version, ddl in ((1, schema_v1), (2, schema_v2), (3, schema_v3)):
+            for statement in ddl(SQLITE):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, 0, 'old')", (version,))
+
+
+def test_upgrade_to_4_beside_an_alert_store_in_the_same_sqlite_file(tmp_path: Path) -> None:
+    """A schema-3 collector run with --alerts-db fleet.db kept its AlertStore (table
+    ``alerts``) in the store's file: the upgrade keeps that table and its rows."""
+    path = tmp_path / "fleet.db"
+    _schema_3_store(path)
+    old = AlertStore(path)
+    record = AlertRecord(
+        id="offline-1", fleet=FLEET, device=DEVICE, rule="offline", severity="critical",
+        state="firing", summary="offline", value=None, started_at=NOW, updated_at=NOW,
+        resolved_at=None, source="col-a",
+    )  # fmt: skip
+    old.save(record)
+    old.close()
+    s = open_store(f"sqlite:///{path}")
+    assert s.schema_version() == SCHEMA_VERSION
+    s.close()
+    again = AlertStore(path)
+    assert again.firing() == [record]
+    again.close()
+    with sqlite3.connect(path) as conn:  # a table that is not ours under our name: refused
+        conn.execute("DROP TABLE edgeship_alerts")
+        conn.execute("DELETE FROM schema_version WHERE version = 4")
+        conn.execute("CREATE TABLE edgeship_alerts (x INTEGER)")
+    with pytest.raises(StoreError, match="edgeship_alerts"):
+        open_store(f"sqlite:///{path}")
+
+
+def test_a_postgresql_schema_with_another_applications_alerts_table() -> None:
+    if not pg_available():
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    import psycopg
+
+    url = pg_url()
+    schema = url.rsplit("=", 1)[1]
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(f"CREATE TABLE {schema}.alerts (x INTEGER)")  # not ours
+    s = open_store(url)
+    try:
+        assert s.schema_version() == SCHEMA_VERSION
+    finally:
+        s.drop_schema()
+        s.close()
 
 
 def test_store_urls() -> None:

@@ -42,10 +42,11 @@ PRECISION and BYTEA)::
     dead_letters(id, received_at, topic, size, field, error, payload, digest)
         digest: SHA-256 of the topic and the whole payload, unique: a message the broker
         redelivers (not acknowledged before a crash) is kept once; NULL for rows of version 2
-    alerts(id, fleet, device, rule, severity, state, summary, value, started_at, updated_at,
-           resolved_at, source)
+    edgeship_alerts(id, fleet, device, rule, severity, state, summary, value, started_at,
+                    updated_at, resolved_at, source)
         the alert history of a PostgreSQL store's collectors (collector.alert_history): only
-        their leader writes it, and a new leader reads what is firing from it
+        their leader writes it, and a new leader reads what is firing from it (not named
+        ``alerts``: a SQLite AlertStore, --alerts-db, may share the file under that name)
 
 psycopg is imported only when a PostgreSQL store is opened.
 

@@ -114,14 +114,16 @@ def schema_v3(d: _Dialect) -> tuple[str, ...]:
 
 
 def schema_v4(d: _Dialect) -> tuple[str, ...]:
+    # Not "alerts": a schema-3 collector's AlertStore (--alerts-db fleet.db) or another
+    # application may have a table of that name in the same database.
     real = d.real
     return (
-        f"""CREATE TABLE alerts (
+        f"""CREATE TABLE edgeship_alerts (
             id TEXT PRIMARY KEY, fleet TEXT NOT NULL, device TEXT, rule TEXT NOT NULL,
             severity TEXT NOT NULL, state TEXT NOT NULL, summary TEXT NOT NULL, value {real},
             started_at {real} NOT NULL, updated_at {real} NOT NULL, resolved_at {real},
             source TEXT NOT NULL)""",
-        "CREATE INDEX alerts_by_state ON alerts (state, started_at)",
+        "CREATE INDEX edgeship_alerts_by_state ON edgeship_alerts (state, started_at)",
     )
 
 
@@ -130,7 +132,7 @@ _MIGRATIONS: dict[int, tuple[str, Callable[[_Dialect], tuple[str, ...]]]] = {
     1: ("messages, telemetry, boots, devices, dead_letters", schema_v1),
     2: ("remote deploy outcomes: telemetry.deploy, devices.deploy, devices.deploy_at", schema_v2),
     3: ("dead letters kept once per message: dead_letters.digest", schema_v3),
-    4: ("the alert history shared by a fleet's collectors: alerts", schema_v4),
+    4: ("the alert history shared by a fleet's collectors: edgeship_alerts", schema_v4),
 }
 
 

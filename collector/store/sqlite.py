@@ -85,8 +85,11 @@ class SqliteStore(Reader):
 
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
-        with self._transaction():
-            apply_migrations(self._conn.execute, SQLITE, self.url)
+        try:
+            with self._transaction():
+                apply_migrations(self._conn.execute, SQLITE, self.url)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: cannot upgrade the schema: {exc}") from exc
         return self.schema_version()
 
     @contextmanager
