@@ -32,6 +32,8 @@ import pytest
 from collector.alert_history import AlertRecord, SharedAlertStore
 from collector.leader import AdvisoryLock, SoleLeader, lock_key
 from collector.monitor import Monitor, MonitorConfig
+from collector.program import Program, ProgramConfig
+from collector.service import CollectorConfig
 from collector.simulate import SimConfig, SimulatedFleet
 from collector.state import FleetState, StateConfig
 from collector.store import PostgresStore, open_store
@@ -264,6 +266,27 @@ def test_a_restarted_leader_reads_its_firing_alerts_from_postgresql(pg: str) -> 
     finally:
         again.close()
         writer.close()
+
+
+def test_a_store_password_in_the_query_never_shows(pg: str, tmp_path: Path) -> None:
+    """libpq takes ``?password=`` (the test server trusts us and ignores it): /api/health,
+    the start line and the alert history's path show it as ***, unauthenticated as they are."""
+    url = pg.replace("?", "?password=hunter2&sslpassword=hunter3&", 1)
+    assert url != pg
+    with Mosquitto(tmp_path / "mosquitto") as broker:
+        config = CollectorConfig(broker_url=broker.url, store_url=url, http="127.0.0.1:0",
+                                 client_id="col-secret", fleet=FLEET)  # fmt: skip
+        with Program(ProgramConfig(config, MonitorConfig())) as program:
+            host, port = program.collector.http_address_bound()
+            body = _get(f"http://{host}:{port}/api/health")
+            assert program.monitor is not None
+            shown = [json.dumps(body), program.describe(), repr(program.monitor.health()),
+                     repr(program.collector.health())]  # fmt: skip
+    assert body["store"].startswith("postgresql://postgres@127.0.0.1")
+    assert "password=***" in body["store"] and "sslpassword=***" in body["store"]
+    for text in shown:
+        assert "hunter" not in text, text
+    assert "password=***" in shown[2]  # alerts_db: the SharedAlertStore's path
 
 
 # --- the whole thing, with a real Prometheus -----------------------------------------------

@@ -164,6 +164,11 @@ def test_store_urls() -> None:
         open_store("sqlite://fleet.db")
     assert redact_url("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert "secret" not in redact_url("postgresql://u:secret@h:5/db?schema=x")
+    query = "postgresql://edge@db:5432/fleet?password=hunter2&schema=s1"
+    assert redact_url(query) == "postgresql://edge@db:5432/fleet?password=***&schema=s1"
+    both = redact_url("postgresql://u:pw1@h/db?sslmode=require&PassWord=pw2&sslpassword=pw3")
+    assert both == "postgresql://u:***@h/db?sslmode=require&PassWord=***&sslpassword=***"
+    assert redact_url("postgresql://u@h/db?schema=x") == "postgresql://u@h/db?schema=x"
 
 
 def test_insert_batch_drops_duplicates_within_and_across_batches(store: Any) -> None:
