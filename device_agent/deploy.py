@@ -13,7 +13,7 @@ exception, MemoryError included) is ``failed`` with the reason, and the unpacked
 deleted.
 
 After the swap the new bundle is on probation (:mod:`device_agent.probation`): for
-``deploy_probation_inferences`` successful inferences, or as ``deploy_begin``'s ``probation``
+``deploy_probation_inferences`` inferences, or as ``deploy_begin``'s ``probation``
 argument asks (a count, a time, whichever comes first, and the limits), its model health is
 judged against the previous model's on the same inputs and against its ``reference.json``; a
 line that fails rolls back. An inference that fails on it is retried on the previous model; if

@@ -1,7 +1,7 @@
 """A deployed bundle's probation: its model health judged against the previous model's.
 
 After a remote deploy swaps a bundle in (:mod:`device_agent.deploy`), a :class:`Trial` watches
-it until probation ends: after a number of successful calls or a time, whichever the deploy
+it until probation ends: after a number of calls or a time, whichever the deploy
 asked for (:class:`~device_agent.contracts.commands.ProbationArgs`). Each call on the new
 model is counted on the caller's thread (a few additions under a lock); a copy of its input
 goes to the trial's own thread, which runs the previous model (still in memory) on it. So both
@@ -293,7 +293,9 @@ class Trial:
     @property
     def left(self) -> int | None:
         """Calls still to go when a count ends the probation."""
-        return None if self.inferences is None else max(0, self.inferences - self._all.calls)
+        if self.inferences is None:
+            return None
+        return max(0, self.inferences - self._all.calls - self._all.errors)
 
     def describe_left(self) -> str:
         parts = [] if self.left is None else [f"{self.left} inferences"]
@@ -313,8 +315,7 @@ class Trial:
             if self.outcome is not None or self._ending:
                 return
             self._all.add(None, labels, outliers, flags.shape[0], scored)
-            end = self.inferences is not None and self._all.calls >= self.inferences
-            self._ending = end
+            end = self._ending = self._counted_out()
             shadow = self._shadow and self._new.calls < _MAX_PAIRED
             if shadow and (
                 self._queued >= _QUEUE or self.waiting_bytes + size > self.max_waiting_bytes
@@ -345,10 +346,22 @@ class Trial:
             raise exc from None  # both models refuse it: the input is at fault, not the deploy
         if self.limits.max_error_rate == 0:
             self.owner.rollback(self, f"inference failed on the new bundle: {exc}")
-        else:
-            with self._lock:
-                self._all.errors += 1
+            return result
+        # Judged by the error line, and counted toward the calls that end the probation: a
+        # bundle that fails every call must not run both models until ``seconds`` is out.
+        with self._lock:
+            if self.outcome is not None or self._ending:
+                return result
+            self._all.errors += 1
+            end = self._ending = self._counted_out()
+        if end:
+            self._queue.put(_END)
         return result
+
+    def _counted_out(self) -> bool:
+        """Whether the calls so far, failed ones included, end the probation (under _lock)."""
+        every = self._all
+        return self.inferences is not None and every.calls + every.errors >= self.inferences
 
     def decide(self, outcome: str) -> bool:
         """Take ``outcome`` unless another one was decided first."""
@@ -386,7 +399,7 @@ class Trial:
             if item is not None:
                 self._compare(item)
                 item = None  # the copy is released now, not at the next get
-            seen = self._new.calls + self._all.calls
+            seen = self._new.calls + self._all.calls + self._all.errors
             if seen - judged_at >= _JUDGE_EVERY:
                 judged_at = seen
                 line = self._judge()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import threading
 import time
 import tracemalloc
@@ -85,7 +86,7 @@ def _write_model(
     graph = helper.make_graph(
         nodes,
         "digits-logreg",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 64])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, w.shape[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         inits,
     )
@@ -109,8 +110,10 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     clf = LogisticRegression(max_iter=500).fit(x, y)
     w, b = clf.coef_.T, clf.intercept_
 
-    def bundle(name: str, version: str, *, fpr: float | None = 0.05, **model: Any) -> Path:
-        path = _write_model(root / f"{name}.onnx", w, b, **model)
+    def bundle(
+        name: str, version: str, *, fpr: float | None = 0.05, features: int = 64, **model: Any
+    ) -> Path:
+        path = _write_model(root / f"{name}.onnx", w[:features], b, **model)
         if "constant" in name:
             path = _write_model(root / f"{name}.onnx", np.zeros_like(w), np.eye(10)[3] * 5)
         detector = None
@@ -132,6 +135,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "slow": bundle("slow", "2-slow", fpr=None, redundant_layers=40),
         # The same model, its detector calibrated to flag half of in-distribution inputs.
         "noisy": bundle("noisy", "2-noisy", fpr=0.5),
+        # It takes 32 features where the application sends 64: every call fails on it.
+        "narrow": bundle("narrow", "2-narrow", fpr=None, features=32),
     }
 
 
@@ -258,6 +263,24 @@ def test_a_quiet_device_ends_probation_by_time_with_the_verdict_it_was_asked_for
         assert result["state"] == "applied", result
         assert result["reason"].startswith("applied without a health verdict: only 0 calls")
         assert agent.bundle.manifest.model.version == "2"
+
+
+def test_with_an_error_rate_allowed_a_bundle_failing_every_call_is_judged_within_the_count(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """max_error_rate 0.5: each failed call is answered by the previous model and counted, and
+    the failures count toward the 30 calls that end the probation, so the error line rolls
+    back after at most 30 of them, not when ``seconds`` runs out."""
+    with _device(bundles["v1"], tmp_path / "state") as (agent, app):
+        limits = ProbationArgs(inferences=30, seconds=60, max_error_rate=0.5)
+        result = _deploy(agent, bundles["narrow"], limits)
+        assert result["state"] == "rolled_back", result
+        found = re.search(r"(\d+) of (\d+) calls failed on the new bundle", result["reason"])
+        assert found is not None, result["reason"]
+        failed, tried = int(found[1]), int(found[2])
+        assert failed == tried and limits.min_calls <= tried <= 30, result["reason"]
+        assert agent.bundle.manifest.model.version == "1"
+        assert app.failures == [], app.failures[:3]
 
 
 def test_deploy_begin_refuses_bad_probation_arguments_naming_them(

@@ -320,13 +320,13 @@ class ProbationArgs:
     """``deploy_begin``'s optional ``probation`` object: how long a new bundle is on probation
     and the limits of model health it must keep (docs/agent.md, "Probation").
 
-    Probation ends after ``inferences`` successful calls or ``seconds`` after the swap,
-    whichever comes first. Given only ``seconds``, no count ends it; given ``inferences`` only
-    or neither, ``seconds`` is :data:`DEFAULT_SECONDS` so a quiet device does not stay on
-    probation; ``inferences`` defaults to the agent's ``deploy_probation_inferences``. A line
-    is judged once ``min_calls`` calls are seen on both sides: the p95 and median latency at
-    most ``max_latency_ratio`` times the previous model's (or at most ``latency_floor_ms``
-    above it: scheduler noise); the outlier count at most
+    Probation ends after ``inferences`` calls (those that fail on the new bundle alone count
+    too) or ``seconds`` after the swap, whichever comes first. Given only ``seconds``, no count
+    ends it; given ``inferences`` only or neither, ``seconds`` is :data:`DEFAULT_SECONDS` so a
+    quiet device does not stay on probation; ``inferences`` defaults to the agent's
+    ``deploy_probation_inferences``. A line is judged once ``min_calls`` calls are seen on both
+    sides: the p95 and median latency at most ``max_latency_ratio`` times the previous model's
+    (or at most ``latency_floor_ms`` above it: scheduler noise); the outlier count at most
     ``max_outlier_ratio`` times the expected one (and below ``min_outliers`` never fails); the
     top class share at most ``max_class_shift`` above the previous model's (or the
     reference's); calls that fail on the new bundle alone at most ``max_error_rate`` (0: the
