@@ -13,10 +13,11 @@ the agent hold gigabytes).
 
 :func:`judge` compares the two, line by line: calls that fail on the new bundle alone (the
 error rate), the p95 and median latency, the outlier rate and the share of the most frequent
-predicted class. Without the previous model's view (the new bundle takes other inputs) the
-outlier rate and the class shares are compared with the new bundle's ``reference.json``. A
+predicted class. Without the previous model's view (the new bundle takes other inputs, or by
+the end fewer than ``min_calls`` calls were compared: a slow previous model) the outlier rate
+and the class shares of every call are compared with the new bundle's ``reference.json``. A
 failing line rolls back at once; the bundle is applied when probation ends with every line
-within its limits. The verdict names the line and its figures.
+within its limits. The verdict names the line and its figures, and the lines not judged.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from device_agent.errors import EdgeshipError
 from device_agent.slot import LoadedModel, ModelSlot, Prediction, describe_failure
 from device_agent.telemetry import percentile
 
-__all__ = ["Side", "Trial", "TrialOwner", "judge", "observe"]
+__all__ = ["Side", "Trial", "TrialOwner", "judge", "observe", "unjudged"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,28 @@ def _class_line(
         f"class {label!r} predicted for {share:.0%} of {new.labelled} samples, where "
         f"{whose} most frequent class had {base_share:.0%} (limit +{limits.max_class_shift:.0%})"
     )
+
+
+def unjudged(
+    limits: ProbationArgs, new: Side, base: Side | None, reference: ReferenceStats | None
+) -> list[str]:
+    """The lines :func:`judge` could not judge on these sides: too few calls, or nothing to
+    compare with (outliers and classes only where the new bundle has them)."""
+    least = limits.min_calls
+    out = []
+    if base is None or min(len(new.latencies_ms), len(base.latencies_ms)) < least:
+        out.append("latency")
+    ref_rate = reference is not None and reference.outlier_rate is not None
+    if new.scored and (
+        new.scored < least or not (ref_rate or (base is not None and base.scored >= least))
+    ):
+        out.append("outliers")
+    ref_classes = reference is not None and bool(reference.predictions)
+    if new.labelled and (
+        new.labelled < least or not (ref_classes or (base is not None and base.labelled >= least))
+    ):
+        out.append("classes")
+    return out
 
 
 def summary(calls: int, new: Side, base: Side | None) -> str:
@@ -402,7 +425,7 @@ class Trial:
             seen = self._new.calls + self._all.calls + self._all.errors
             if seen - judged_at >= _JUDGE_EVERY:
                 judged_at = seen
-                line = self._judge()
+                line = self._judge(final=False)
                 if line is not None:
                     self.owner.rollback(self, f"model health: {line}")
                     return
@@ -427,13 +450,40 @@ class Trial:
             seen.latency_s if warm else None, seen.labels, seen.outliers, seen.samples, seen.scored
         )
 
-    def _judge(self) -> str | None:
+    def _paired(self) -> bool:
+        """Whether enough calls were compared with the previous model to judge against it."""
+        return self._shadow and self._base.calls >= self.limits.min_calls
+
+    def _judge(self, *, final: bool) -> str | None:
+        """Against the previous model on the calls both ran while pairing may still reach
+        ``min_calls`` (so a device whose traffic is one class is not judged against the
+        reference meanwhile); else, and when the previous model takes other inputs, every
+        call against the reference."""
         with self._lock:
             every = self._all.copy()
-        if self._shadow and self._new.calls:
+        if self._shadow and (self._paired() or not final):
             paired = replace(self._new, errors=every.errors, calls=every.calls)
             return judge(self.limits, paired, self._base, self.reference)
         return judge(self.limits, every, None, self.reference)
+
+    def _verdict(self, calls: int) -> str:
+        """A passed probation's reason: its figures and the lines it could not judge."""
+        paired = self._paired()
+        new, base = (self._new, self._base) if paired else (self._all, None)
+        reason = summary(calls, new, base)
+        missing = unjudged(self.limits, new, base, self.reference)
+        if not missing:
+            return reason
+        if not self._shadow:
+            why = ["the previous model takes other inputs"]
+        else:
+            why = [
+                f"{self._base.calls} of {calls} calls compared with the previous model, "
+                f"min_calls {self.limits.min_calls}"
+            ]
+        if self.reference is None and missing != ["latency"]:
+            why.append("no reference statistics")
+        return f"{reason}; not judged: {', '.join(missing)} ({'; '.join(why)})"
 
     def _finish(self) -> None:
         # The inputs already queued are compared before the verdict.
@@ -444,16 +494,13 @@ class Trial:
                 break
             if item is not _END:
                 self._compare(item)
-        line = self._judge()
+        line = self._judge(final=True)
         if line is not None:
             self.owner.rollback(self, f"model health: {line}")
             return
         calls, least = self._all.calls, self.limits.min_calls
         if calls + self._all.errors >= least:
-            base = self._base if self._shadow and self._base.calls else None
-            self.owner.probation_passed(
-                self, summary(calls, self._new if base else self._all, base)
-            )
+            self.owner.probation_passed(self, self._verdict(calls))
             return
         waited = time.monotonic() - self._began
         quiet = f"only {calls} calls in {waited:.0f} s, fewer than min_calls {least}"

@@ -296,6 +296,8 @@ def test_deploy_begin_refuses_bad_probation_arguments_naming_them(
         ({"max_class_shift": "0.5"}, "'max_class_shift'"),
         ({"max_error_rate": 2}, "'max_error_rate'"),
         ({"quiet": "maybe"}, "'quiet'"),
+        ({"inferences": 5}, "'inferences' (5) is below 'min_calls' (10)"),
+        ({"inferences": 50, "min_calls": 100}, "'inferences' (50) is below 'min_calls' (100)"),
         ({"p99": 3}, "unknown argument 'p99'"),
     ]
     cfg = AgentConfig(device_id="pi-h", state_dir=tmp_path / "state")
@@ -318,6 +320,10 @@ def test_deploy_begin_refuses_bad_probation_arguments_naming_them(
     assert DeployBegin.parse(begin.to_args(), max_bytes=4096) == begin
     assert ProbationArgs(seconds=30).ends(20) == (None, 30)
     assert ProbationArgs().ends(20) == (20, ProbationArgs.DEFAULT_SECONDS)
+    # The agent's own default below min_calls is raised to it: a verdict stays possible.
+    assert ProbationArgs().ends(5) == (10, ProbationArgs.DEFAULT_SECONDS)
+    assert ProbationArgs(min_calls=3).ends(5) == (5, ProbationArgs.DEFAULT_SECONDS)
+    assert ProbationArgs.parse({"probation": {"inferences": 10}}).inferences == 10
 
 
 def _side(classes: dict[str, int], outliers: int = 0) -> Side:
@@ -419,3 +425,59 @@ def test_input_copies_waiting_for_the_previous_model_are_bounded_in_bytes(
         blocked.release()
         assert owner.done.wait(60), "no verdict"
         assert trial.waiting_bytes == 0
+
+
+def _spread_reference() -> ReferenceStats:
+    spread = {label: 0.1 for label in LABELS}
+    return ReferenceStats(samples=1000, predictions=spread, prediction_counts={}, outlier_rate=0.05)
+
+
+def _calls_then_verdict(
+    slot: ModelSlot, owner: _Owner, blocked: threading.Lock, calls: int
+) -> tuple[str, str]:
+    x = _digits()[2]
+    for i in range(calls):
+        slot.predict({"x": x[i : i + 1]})
+    blocked.release()  # the previous model catches up on the (at most 17) copies kept
+    assert owner.done.wait(60), "no verdict"
+    return owner.verdicts[0]
+
+
+@pytest.mark.parametrize("name", ["constant", "good"])
+def test_too_few_calls_compared_with_a_slow_previous_model_judge_against_the_reference(
+    bundles: dict[str, Path], name: str
+) -> None:
+    """The previous model cannot keep up (held behind a lock until all 30 calls are made):
+    at most 17 of them are compared, fewer than min_calls 20. Outliers and classes are then
+    judged on every call against reference.json, and a passing verdict names latency as not
+    judged instead of saying 'healthy' over lines it skipped."""
+    limits = ProbationArgs(min_calls=20)
+    with _blocked_trial(bundles, name, limits, inferences=30, reference=_spread_reference()) as (
+        trial,
+        slot,
+        owner,
+        blocked,
+    ):
+        verdict, reason = _calls_then_verdict(slot, owner, blocked, 30)
+    if name == "constant":
+        assert verdict == "rolled_back", reason
+        assert "class '3' predicted for 100% of 30 samples" in reason, reason
+        assert "the reference's" in reason, reason
+    else:
+        assert verdict == "applied", reason
+        assert reason.startswith("healthy over 30 calls"), reason
+        assert "not judged: latency (" in reason and "compared with the previous model" in reason
+        assert "outliers" not in reason.split("not judged:")[1], reason
+    assert trial.skipped > 0 and trial._base.calls < limits.min_calls
+
+
+def test_without_a_reference_the_verdict_names_every_line_not_judged(
+    bundles: dict[str, Path],
+) -> None:
+    with _blocked_trial(bundles, "good", ProbationArgs(min_calls=20), inferences=30) as (
+        _, slot, owner, blocked,
+    ):  # fmt: skip
+        verdict, reason = _calls_then_verdict(slot, owner, blocked, 30)
+    assert verdict == "applied", reason
+    assert "not judged: latency, outliers, classes (" in reason, reason
+    assert "no reference statistics" in reason, reason

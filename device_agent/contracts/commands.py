@@ -324,9 +324,12 @@ class ProbationArgs:
     too) or ``seconds`` after the swap, whichever comes first. Given only ``seconds``, no count
     ends it; given ``inferences`` only or neither, ``seconds`` is :data:`DEFAULT_SECONDS` so a
     quiet device does not stay on probation; ``inferences`` defaults to the agent's
-    ``deploy_probation_inferences``. A line is judged once ``min_calls`` calls are seen on both
-    sides: the p95 and median latency at most ``max_latency_ratio`` times the previous model's
-    (or at most ``latency_floor_ms`` above it: scheduler noise); the outlier count at most
+    ``deploy_probation_inferences``, raised to ``min_calls`` when below it (:meth:`parse` refuses
+    an ``inferences`` below ``min_calls``). A line is judged once ``min_calls`` calls are seen
+    on both sides (when fewer were compared with the previous model by the end, outliers and
+    classes are judged on every call against the reference, and the verdict names the lines
+    not judged): the p95 and median latency at most ``max_latency_ratio`` times the previous
+    model's (or at most ``latency_floor_ms`` above it: scheduler noise); the outlier count at most
     ``max_outlier_ratio`` times the expected one (and below ``min_outliers`` never fails); the
     top class share at most ``max_class_shift`` above the previous model's (or the
     reference's); calls that fail on the new bundle alone at most ``max_error_rate`` (0: the
@@ -395,6 +398,12 @@ class ProbationArgs:
                     f"got {_kind(given['quiet'])}"
                 )
             out["quiet"] = given["quiet"]
+        least = out.get("min_calls", cls.min_calls)
+        if out.get("inferences", least) < least:
+            raise DeployError(
+                f"probation argument 'inferences' ({out['inferences']}) is below 'min_calls' "
+                f"({least}): a probation that ends before min_calls calls judges nothing"
+            )
         return cls(**out)
 
     def to_args(self) -> dict[str, Any]:
@@ -406,7 +415,9 @@ class ProbationArgs:
         """(inferences, seconds) that end the probation: see the class's docstring."""
         if self.inferences is None and self.seconds is not None:
             return None, self.seconds
-        n = default_inferences if self.inferences is None else self.inferences
+        n = self.inferences
+        if n is None:  # the agent's default, raised to min_calls so that a verdict is possible
+            n = max(default_inferences, self.min_calls) if default_inferences else 0
         return n or None, self.DEFAULT_SECONDS if self.seconds is None else self.seconds
 
 
