@@ -259,9 +259,13 @@ class Agent:
         self._publisher.start()
 
     def close(self, flush_timeout_s: float = 5.0) -> None:
-        """Publish the last window, flush what the broker will take, and stop."""
+        """Publish the last window, flush what the broker will take, and stop. A deploy on
+        probation is stopped without a verdict (a restart runs the bundle before it)."""
         if self._closed:
             return
+        # First, while deploy work still goes to the events thread (drained below): a
+        # probation's verdict after close would run inline and write current.json.
+        self.deployer.close()
         self._closed = True
         if not self._started:
             return

@@ -482,13 +482,14 @@ class Deployer:
         """Swap the previous model back in: ``trial``'s bundle failed (on any thread)."""
         if not trial.decide("rolled_back"):
             return
-        previous = trial.previous
-        assert previous is not None
+        previous, new = trial.previous, trial.new
+        assert previous is not None and new is not None
         with self._lock:
             self._slot.swap(previous)
             if self._trial is trial:
                 self._trial = None
-        new_model = trial.new.model
+            trial.new = None  # new.trial -> trial -> new was a cycle: only the GC freed it
+        new_model = new.model
         self._record(trial.id, state="rolled_back", reason=reason)
         self._event(
             trial.id,
@@ -506,14 +507,22 @@ class Deployer:
         ``reason`` gives the verdict's figures."""
         if not trial.decide("applied"):
             return
-        previous = trial.previous
-        assert previous is not None
+        previous, new = trial.previous, trial.new
+        assert previous is not None and new is not None
         with self._lock:
-            trial.new.trial = None  # the hot path stops counting
+            new.trial = None  # the hot path stops counting
             trial.previous = None  # let the previous session go
             if self._trial is trial:
                 self._trial = None
-        self._run_soon(lambda: self._apply(trial.id, trial.new, previous, reason))
+        self._run_soon(lambda: self._apply(trial.id, new, previous, reason))
+
+    def close(self) -> None:
+        """Stop a probation in progress without a verdict (the agent is closing): its thread
+        has exited when this returns, so nothing is applied or rolled back after the agent
+        closed. ``current.json`` still names the previous bundle, which a restart runs."""
+        trial = self._trial
+        if trial is not None:
+            trial.stop()
 
     def _apply(
         self, deploy_id: str, new: LoadedModel, previous: LoadedModel, reason: str | None = None

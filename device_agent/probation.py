@@ -264,7 +264,7 @@ class Trial:
     ``inferences`` and ``seconds`` end it (None: not by that); :meth:`start` begins its
     thread. A call that fails on the new model is answered by ``previous`` through ``slot``.
     ``outcome`` is ``applied`` or ``rolled_back`` once decided, by whichever thread decides
-    first.
+    first, or ``stopped`` (:meth:`stop`: the agent closed).
     """
 
     def __init__(
@@ -283,7 +283,10 @@ class Trial:
         self.owner = owner
         self.slot = slot
         self.id = deploy_id
-        self.new = new
+        # Cleared on a rollback: ``new.trial`` stays set (a call in flight on the rejected
+        # model that fails is still answered by the previous one), so this side of the cycle
+        # goes, and the rejected session is freed with the last call on it, not by the GC.
+        self.new: LoadedModel | None = new
         self.previous: LoadedModel | None = previous
         self.limits = limits
         self.inferences = inferences
@@ -385,6 +388,15 @@ class Trial:
         """Whether the calls so far, failed ones included, end the probation (under _lock)."""
         every = self._all
         return self.inferences is not None and every.calls + every.errors >= self.inferences
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the probation without a verdict (the agent is closing): no verdict is taken
+        after this, and the trial's thread has exited when it returns (or ``timeout_s``
+        passed: it was running the previous model). A verdict taken before stands."""
+        self.decide("stopped")
+        self._queue.put(_END)  # wake the thread now rather than at its next tick
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
 
     def decide(self, outcome: str) -> bool:
         """Take ``outcome`` unless another one was decided first."""

@@ -14,6 +14,7 @@ import threading
 import time
 import tracemalloc
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -187,6 +188,18 @@ def _call(agent: Agent, action: str, args: dict[str, Any]) -> Any:
 def _deploy(agent: Agent, bundle: Path, probation: ProbationArgs | None = None) -> dict[str, Any]:
     """begin, chunks, commit through the agent's handlers; then deploy_status until the
     probation is over. Returns the last status."""
+    result = _commit(agent, bundle, probation)
+    deploy_id = result["deploy"]
+    deadline = time.monotonic() + 120
+    while result["state"] == "probation":
+        assert time.monotonic() < deadline, f"still on probation: {result}"
+        time.sleep(0.05)
+        result = dict(_call(agent, "deploy_status", {"deploy": deploy_id}))
+    return result
+
+
+def _commit(agent: Agent, bundle: Path, probation: ProbationArgs | None) -> dict[str, Any]:
+    """begin, chunks, commit: the commit's reply (the bundle on probation)."""
     from sdk.deploy import pack_bundle
 
     archive = pack_bundle(bundle)
@@ -205,11 +218,6 @@ def _deploy(agent: Agent, bundle: Path, probation: ProbationArgs | None = None) 
         })  # fmt: skip
     result = dict(_call(agent, "deploy_commit", {"deploy": deploy_id}))
     assert result["state"] == "probation", result
-    deadline = time.monotonic() + 120
-    while result["state"] == "probation":
-        assert time.monotonic() < deadline, f"still on probation: {result}"
-        time.sleep(0.05)
-        result = dict(_call(agent, "deploy_status", {"deploy": deploy_id}))
     return result
 
 
@@ -481,3 +489,52 @@ def test_without_a_reference_the_verdict_names_every_line_not_judged(
     assert verdict == "applied", reason
     assert "not judged: latency, outliers, classes (" in reason, reason
     assert "no reference statistics" in reason, reason
+
+
+def _probation_threads(deploy_id: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"probation-{deploy_id}"]
+
+
+def test_after_close_no_verdict_is_applied_and_the_probation_thread_has_exited(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A quiet device's probation would end at 3 s with 'apply'; the agent closes before.
+    Once close returns the thread is gone, and nothing writes current.json after it."""
+    with _device(bundles["v1"], tmp_path / "state", traffic=False) as (agent, _):
+        committed = time.monotonic()
+        deploy_id = _commit(agent, bundles["good"], ProbationArgs(seconds=3))["deploy"]
+        assert _probation_threads(deploy_id)
+        agent.close()
+        closed = time.monotonic()
+        assert closed - committed < 3, "too slow to close before the verdict: not judged"
+        time.sleep(3.5 - (closed - committed))  # past the time the verdict was due
+        assert not (agent.deployer.root / "current.json").exists()
+        assert _probation_threads(deploy_id) == []
+        assert agent.deployer.status({"deploy": deploy_id})["state"] == "probation"
+
+
+def test_a_rolled_back_bundle_is_released_without_the_garbage_collector(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The rejected model's session is freed once the rollback is done and its last call
+    returned: nothing keeps it (a reference cycle would wait for the GC, disabled here)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        with _device(bundles["v1"], tmp_path / "state", traffic=False) as (agent, _):
+            result = _commit(agent, bundles["narrow"], ProbationArgs(inferences=30))
+            assert agent.slot.loaded.model.version == "2-narrow"
+            session = weakref.ref(agent.slot.loaded.session)
+            # It fails on the new bundle (32 features, 64 sent): the previous model answers.
+            answer = agent.predict({"x": _digits()[2][:1]})
+            assert answer.labels is not None
+            status = _call(agent, "deploy_status", {"deploy": result["deploy"]})
+            assert status["state"] == "rolled_back", status
+            deadline = time.monotonic() + 20
+            while _probation_threads(result["deploy"]) or session() is not None:
+                assert time.monotonic() < deadline, "the rejected session is still referenced"
+                time.sleep(0.05)
+    finally:
+        gc.enable()
