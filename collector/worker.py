@@ -210,19 +210,25 @@ class ProcessSink:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
+            # The store URL goes over the socket, not the command line: it may hold the
+            # database's password, and every user of the machine can read a command line.
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "collector.worker", "--worker",
-                 str(theirs.fileno()), store_url, fleet or ""],
+                [sys.executable, "-m", "collector.worker", "--worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
         except OSError as exc:
             ours.close()
             raise CollectorError(f"cannot start the collector worker: {exc}") from exc
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
+        try:
+            self._conn.send((store_url, fleet))
+        except OSError as exc:
+            self.close()
+            raise CollectorError(f"cannot start the collector worker: {exc}") from exc
         kind, detail = self._receive(timeout=120.0)
         if kind != "ready":
             self.close()
@@ -275,16 +281,21 @@ class ProcessSink:
 
 
 def worker_entry(argv: list[str]) -> int:
-    fd, store_url, fleet = int(argv[0]), argv[1], argv[2] or None
-    _worker_main(Connection(fd), store_url, fleet)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's, from the start
+    conn = Connection(int(argv[0]))
+    try:  # the first message: what the command line must not show
+        store_url, fleet = conn.recv()
+    except (EOFError, OSError):
+        return 1  # the parent went away before sending it
+    _worker_main(conn, store_url, fleet)
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         # Through the package, not __main__: the outcomes' classes must pickle under their
         # real module name for the parent to read them.
         from collector import worker
 
         sys.exit(worker.worker_entry(sys.argv[2:]))
-    sys.exit("usage: python -m collector.worker --worker FD STORE_URL FLEET (internal)")
+    sys.exit("usage: python -m collector.worker --worker FD (internal)")

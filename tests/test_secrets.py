@@ -548,3 +548,22 @@ def test_fleet_sends_its_token_to_no_other_host_and_never_prints_it(tmp_path: Pa
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_the_collectors_worker_gets_the_store_url_off_its_command_line(tmp_path: Path) -> None:
+    """A store URL may hold the database's password (postgresql://edge:pw@db/fleet); the
+    collector's worker process used to get it as an argument, readable by every user in ps."""
+    from collector.store import open_store
+    from collector.worker import ProcessSink
+
+    url = f"sqlite:///{tmp_path / 'secret-store-name.db'}"
+    open_store(url).close()
+    sink = ProcessSink(url, "fleet-x")
+    try:
+        cmdline = Path(f"/proc/{sink.pid}/cmdline").read_bytes().split(b"\0")
+        assert any(b"collector.worker" in part for part in cmdline), cmdline  # the worker
+        assert not any(b"secret-store-name" in part for part in cmdline), cmdline
+        assert sink.exit_code() is None  # it opened the store it was sent
+    finally:
+        sink.close()
+    assert sink.exit_code() == 0
