@@ -35,8 +35,10 @@ class AgentConfig:
     the next event reports how many were held back). With ``trusted_keys`` (Ed25519 public key
     files) only bundles signed by one of those keys are loaded; ``model_key_file`` holds the
     AES-256 key of encrypted models (see ``docs/security.md``). A bundle deployed over MQTT
-    (:mod:`device_agent.deploy`) is confirmed by its first ``deploy_probation_inferences``
-    successful inferences (0: at once) and may be at most ``deploy_max_bytes``.
+    (:mod:`device_agent.deploy`) is on probation for ``deploy_probation_inferences`` calls
+    (0: applied at once; at least the probation's ``min_calls``) or its time limit, judged on
+    model health (:mod:`device_agent.probation`, docs/agent.md "Probation"), and may be at most
+    ``deploy_max_bytes``.
     """
 
     device_id: str = field(default_factory=_default_device_id)
