@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdk.cache_dirs import edgeship_cache
 from sdk.errors import ModelFormatError
 
 __all__ = ["TensorOutputs", "converted_cache", "tensor_outputs", "unzip_outputs"]
@@ -67,12 +68,7 @@ _CLASSIFIER_OPS = frozenset(
 
 def converted_cache() -> Path:
     """Where rewritten models are kept (module docstring)."""
-    root = os.environ.get("EDGESHIP_CACHE_DIR")
-    if root:
-        return Path(root) / "converted"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "edgeship" / "converted"
+    return edgeship_cache("converted")
 
 
 def tensor_outputs(path: Path, model: Any) -> tuple[Path, TensorOutputs] | None:

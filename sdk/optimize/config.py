@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdk.budget import Budget
+from sdk.cache_dirs import edgeship_cache
 from sdk.errors import ConfigError
 from sdk.quantize import CalibMethod
 from sdk.targets import TargetProfile
@@ -19,12 +19,7 @@ if TYPE_CHECKING:
 def default_calibration_cache() -> Path:
     """``$EDGESHIP_CACHE_DIR/calibration``, else ``$XDG_CACHE_HOME/edgeship/calibration``,
     else ``~/.cache/edgeship/calibration``."""
-    root = os.environ.get("EDGESHIP_CACHE_DIR")
-    if root:
-        return Path(root) / "calibration"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "edgeship" / "calibration"
+    return edgeship_cache("calibration")
 
 
 @dataclass(frozen=True)
