@@ -51,8 +51,18 @@ from sdk.deploy import deploy_bundle
 FEATURES = 64
 
 
-def _mlp(path: Path, features: int, hidden: int, seed: int) -> Path:
+def _save(graph: Any, path: Path) -> Path:
+    """``graph`` as an ONNX file (opset 17, IR 8: what every runtime here reads)."""
     import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _mlp(path: Path, features: int, hidden: int, seed: int) -> Path:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -72,10 +82,7 @@ def _mlp(path: Path, features: int, hidden: int, seed: int) -> Path:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def _bundle(root: Path, name: str, version: str, features: int, hidden: int, seed: int) -> Path:
@@ -89,7 +96,6 @@ def _bundle(root: Path, name: str, version: str, features: int, hidden: int, see
 def _digits_model(path: Path, w: np.ndarray, b: np.ndarray, layers: int) -> Path:
     """x[batch, 64] -> logits = x @ w + b, plus ``layers`` products of (batch * 64)x512 by
     512x512 whose sum, times 0, is added to the logits: work the answer does not depend on."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     square = np.random.default_rng(0).normal(0, 1 / np.sqrt(512), (512, 512))
@@ -121,10 +127,7 @@ def _digits_model(path: Path, w: np.ndarray, b: np.ndarray, layers: int) -> Path
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def _health_bundles(root: Path) -> tuple[dict[str, Path], np.ndarray]:
