@@ -122,7 +122,8 @@ class CollectorStats:
 
 class Collector:
     """The collector service. ``start()`` returns once the store is open and the first broker
-    connection is up (or still being retried in the background); ``stop()`` commits and
+    connection is up with its subscription granted (or still being retried in the
+    background); ``stop()`` commits and
     acknowledges what was received, then disconnects (the broker keeps the session).
 
     ::
@@ -213,6 +214,15 @@ class Collector:
                     "--api-read-token-file and --api-token-file", address[0],
                 )  # fmt: skip
         self.session.connect()
+        # Return once messages flow: a fresh session receives nothing published before the
+        # broker grants its subscription (SUBACK), and a caller's first message must not be
+        # lost to that (the API above answers meanwhile, saying subscribed: false).
+        if self.session.status()[0] and not self.session.wait_subscribed(cfg.connect_timeout_s):
+            log.warning(
+                "the broker has not granted the subscription to %s within %.0f s",
+                cfg.topic_filter,
+                cfg.connect_timeout_s,
+            )
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Commit and acknowledge what arrived, disconnect, and stop every thread."""

@@ -68,6 +68,7 @@ class MqttSession:
         self._lock = threading.Lock()
         self._connected = False
         self._subscribed = False
+        self._granted = threading.Event()  # set while _subscribed: what start() waits for
         self._connects = 0
         self._protocol: str | None = None
 
@@ -80,6 +81,10 @@ class MqttSession:
         """(connected now, connections so far, protocol: "5", "3.1.1" or None)."""
         with self._lock:
             return self._connected, self._connects, self._protocol
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the broker to grant the subscription; whether it has."""
+        return self._granted.wait(timeout_s)
 
     def subscribed(self) -> bool:
         """Whether the broker has granted the fleet's subscription on this connection (a
@@ -266,6 +271,7 @@ class MqttSession:
         else:  # a resumed 3.1.1 session: the broker kept the subscription
             with self._lock:
                 self._subscribed = True
+                self._granted.set()
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
@@ -276,6 +282,10 @@ class MqttSession:
             log.error("broker refused the subscription %s: %s", self.config.topic_filter, code)
         with self._lock:
             self._subscribed = not refused
+            if refused:
+                self._granted.clear()
+            else:
+                self._granted.set()
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
@@ -287,6 +297,7 @@ class MqttSession:
         with self._lock:
             self._connected = False
             self._subscribed = False
+            self._granted.clear()
         if not self._stopping.is_set():
             log.warning("disconnected from the broker (%s); paho reconnects", rc)
 

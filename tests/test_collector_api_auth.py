@@ -133,7 +133,7 @@ def _collector(url: str, tmp: Path, **kw: Any) -> Collector:
         **kw,
     )
     collector = Collector(config).start()
-    assert wait_for(lambda: collector.stats.connected, 10), collector.health()
+    assert wait_for(lambda: collector.stats.subscribed, 10), collector.health()
     return collector
 
 

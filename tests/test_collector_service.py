@@ -108,6 +108,8 @@ def test_collects_a_fleet_serves_the_api_and_survives_garbage(
     store_url = f"sqlite:///{tmp_path}/fleet.db"
     config = collector_config(broker.url, store_url, fleet=fleet)
     with Collector(config) as c:
+        # start() returns once messages flow: the broker has granted the subscription.
+        assert c.stats.subscribed, c.stats
         host, port = c.http_address_bound()
         api = f"http://{host}:{port}"
         # Windows of 60 s: the API calls below must see the fleet online however long a busy
@@ -476,6 +478,10 @@ def test_sigkill_mid_stream_then_restart_after_30s_stores_everything_once(
         # Deadlines of 90 s: start-up (FastAPI/uvicorn imports) and the first 300 windows are
         # slow on a busy 2-core machine.
         assert wait_for(lambda: _health(port) is not None, 90)
+        # The fleet talks once the broker has granted the subscription (SUBACK), not when the
+        # API answers: a window published before then goes to no one (a fresh session), and
+        # a fresh-clone run lost sim-0000's first window that way.
+        assert wait_for(lambda: _collector(port).get("subscribed"), 60), _collector(port)
         runner.start()
         assert wait_for(lambda: _stored(port) > 300, 90)
         # Kill while messages are received but not committed (so not acknowledged either).

@@ -290,7 +290,7 @@ def collector_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[in
         collector = Collector(config).start()
         spy = Spy(broker.port)
         try:
-            assert wait_for(lambda: collector.stats.connected, 10), collector.health()
+            assert wait_for(lambda: collector.stats.subscribed, 10), collector.health()
             yield collector.http_address_bound()[1], spy
         finally:
             spy.close()

@@ -472,7 +472,7 @@ def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             client_id=f"limits-{os.getpid()}", worker="thread",
         )  # fmt: skip
         with Collector(config) as c:
-            assert wait_for(lambda: c.stats.connected, 10), c.health()
+            assert wait_for(lambda: c.stats.subscribed, 10), c.health()
             yield c
 
 

@@ -497,7 +497,7 @@ def test_collector_service_over_mqtts_stores_and_commands_with_the_acls_opt_in_l
             state_dir=tmp_path / "state", **fleet.credentials(A),
         )  # fmt: skip
         with Collector(config) as collector, Agent.from_bundle(digits_bundle, agent_config):
-            assert wait_for(lambda: collector.stats.connected, 10), collector.health()
+            assert wait_for(lambda: collector.stats.subscribed, 10), collector.health()
             assert wait_for(lambda: collector.state.device(A) is not None, 15), collector.health()
             host, port = collector.http_address_bound()
             request = urllib.request.Request(

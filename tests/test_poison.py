@@ -191,7 +191,7 @@ def test_the_issues_poison_is_dead_lettered_and_every_other_device_is_stored(
         assert {f for _, _, f, _ in rows} == {"payload", "model", "agent_version"}
         # A restart with the same session: nothing was left un-acknowledged to poison it.
         with Collector(config) as again:
-            assert wait_for(lambda: again.stats.connected, 10)
+            assert wait_for(lambda: again.stats.subscribed, 10)
             time.sleep(0.5)
             assert again.stats.received == 0 and again.health()["ok"], again.health()
     finally:
