@@ -51,6 +51,14 @@ from sdk.deploy import deploy_bundle
 FEATURES = 64
 
 
+def _wait_connected(agent: Any) -> None:
+    """Up to 30 s for the agent's broker link, then a second for its subscriptions."""
+    deadline = time.monotonic() + 30
+    while not agent.stats.get("connected") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+
+
 def _save(graph: Any, path: Path) -> Path:
     """``graph`` as an ONNX file (opset 17, IR 8: what every runtime here reads)."""
     import onnx
@@ -184,10 +192,7 @@ def _health(broker: str, root: Path, rounds: int, inferences: int) -> list[dict[
     app = _App(agent, inputs)
     app.thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not agent.stats.get("connected") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
+        _wait_connected(agent)
         for _ in range(rounds):
             for name in ("constant", "slow3x", "outliers5x", "good"):
                 start = time.perf_counter()
@@ -300,10 +305,7 @@ def main() -> int:
             app = _App(agent)
             app.thread.start()
             try:
-                deadline = time.monotonic() + 30
-                while not agent.stats.get("connected") and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                time.sleep(1.0)
+                _wait_connected(agent)
                 order: list[str] = []
                 for _ in range(args.rounds):
                     order += ["bad", "good"]
