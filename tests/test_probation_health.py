@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from device_agent import Agent, AgentConfig
 from device_agent.bundle import load_bundle
@@ -538,3 +540,33 @@ def test_a_rolled_back_bundle_is_released_without_the_garbage_collector(
                 time.sleep(0.05)
     finally:
         gc.enable()
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=20), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        _JSONISH,
+        st.dictionaries(st.sampled_from(ProbationArgs.KEYS), _JSONISH, max_size=6),
+    )
+)
+def test_fuzz_the_probation_object_is_parsed_or_refused_by_name(value: Any) -> None:
+    """Any ``probation`` object a deploy_begin can carry (NaN, huge numbers, strings, nesting,
+    surrogates, unknown keys) is a ProbationArgs within the limits or a DeployError: never
+    another exception, which would fail the deploy command as an internal error."""
+    try:
+        parsed = ProbationArgs.parse({"probation": value})
+    except DeployError as exc:
+        assert str(exc)
+        return
+    assert parsed.min_calls >= 1 and parsed.max_latency_ratio >= 1.0
+    assert parsed.inferences is None or parsed.inferences >= parsed.min_calls
+    assert ProbationArgs.parse({"probation": parsed.to_args()}) == parsed  # round trip
