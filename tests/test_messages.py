@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
     MAX_PAYLOAD_BYTES,
+    MAX_ROLLOUT_DEVICES,
     MAX_SEQ,
     SCORE_BUCKETS,
     Alert,
@@ -37,6 +38,7 @@ from device_agent.contracts.messages import (
     LatencySummary,
     Message,
     OutlierEvent,
+    RolloutEvent,
     StatusMessage,
     TelemetryMessage,
     Throttled,
@@ -139,12 +141,31 @@ def _samples() -> dict[str, Message]:
             device="pi-kitchen-01",
             value=1.9,
         ),
+        "rollouts": RolloutEvent(
+            id="r-home-d1f2",
+            seq=3,
+            ts=1764201600.0,
+            started=1764201500.0,
+            state="halted",
+            deploy="d0123456789abcdef01234567",
+            wave=0,
+            waves=(("pi-kitchen-01",), ("pi-hall-02", "pi-attic-03")),
+            devices={
+                "pi-kitchen-01": "rolled_back",
+                "pi-hall-02": "pending",
+                "pi-attic-03": "pending",
+            },
+            model="digits",
+            model_version="4",
+            soak_s=60.0,
+            reason="pi-kitchen-01 rolled back (class '3' predicted for 100% of 10 samples)",
+        ),
     }
 
 
 def _topic_for(kind: str) -> str:
-    if kind == "alerts":
-        return "edgeship/home/alerts"
+    if kind in ("alerts", "rollouts"):
+        return f"edgeship/home/{kind}"
     return f"edgeship/home/pi-kitchen-01/{kind}"
 
 
@@ -158,6 +179,9 @@ def test_topics_round_trip() -> None:
         assert parse_topic(t) == TopicParts("home", "pi-kitchen-01", kind)
     assert topic("home", None, "alerts") == "edgeship/home/alerts"
     assert parse_topic("edgeship/home/alerts") == TopicParts("home", None, "alerts")
+    assert topic("home", None, "rollouts") == "edgeship/home/rollouts"
+    assert parse_topic("edgeship/home/rollouts") == TopicParts("home", None, "rollouts")
+    assert subscription("home", kind="rollouts") == "edgeship/home/rollouts"
 
 
 @pytest.mark.parametrize(
@@ -216,7 +240,9 @@ def test_message_topic() -> None:
 # --- round trips ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["status", "telemetry", "outliers", "cmd", "cmd/reply", "alerts"])
+@pytest.mark.parametrize(
+    "kind", ["status", "telemetry", "outliers", "cmd", "cmd/reply", "alerts", "rollouts"]
+)
 def test_round_trip_is_lossless(kind: str) -> None:
     msg = _samples()[kind]
     payload = encode(msg)
@@ -609,6 +635,43 @@ def test_decode_wild_strings_only_raises_protocol_error_with_safe_text(
     assert decode(_topic_for(kind), encode(msg)) == msg
 
 
+def _rollout_dict(**changes: Any) -> dict[str, Any]:
+    obj = json.loads(encode(_samples()["rollouts"]))
+    obj.update(changes)
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"waves": [["a"], ["a"]], "devices": {"a": "pending"}}, "waves[1]"),
+        ({"waves": [[]], "devices": {}}, "waves[0]"),
+        ({"devices": {"pi-kitchen-01": "applied"}}, "devices"),
+        ({"devices": {"pi-kitchen-01": "lost", "pi-hall-02": "pending"}}, "devices"),
+        ({"wave": 3}, "wave"),
+        ({"state": "paused"}, "state"),
+        ({"waves": [["bad/id"]], "devices": {"bad/id": "pending"}}, "waves[0][0]"),
+        ({"deploy": "d+"}, "deploy"),
+    ],
+)
+def test_rollout_event_rejects_an_inconsistent_plan(changes: dict[str, Any], field: str) -> None:
+    payload = json.dumps(_rollout_dict(**changes)).encode()
+    with pytest.raises(ProtocolError) as info:
+        decode("edgeship/home/rollouts", payload)
+    assert info.value.field is not None and info.value.field.startswith(field.split(".")[0])
+
+
+def test_rollout_event_of_the_largest_fleet_fits_one_payload() -> None:
+    ids = [f"device-{i:04d}-" + "x" * 52 for i in range(MAX_ROLLOUT_DEVICES)]
+    event = dataclasses.replace(
+        _samples()["rollouts"],  # type: ignore[type-var]
+        waves=(tuple(ids[:1]), tuple(ids[1:])),
+        devices=dict.fromkeys(ids, "unreachable"),
+    )
+    assert len(encode(event)) <= MAX_PAYLOAD_BYTES
+    assert decode("edgeship/home/rollouts", encode(event)) == event
+
+
 # --- property tests: decode raises ProtocolError and nothing else -----------------------------
 
 _TOPICS = st.sampled_from([_topic_for(k) for k in _samples()])
@@ -824,7 +887,7 @@ def test_docs_describe_every_field() -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 out.add(k)
-                if k not in ("host", "predictions", "args", "result"):  # free-form maps
+                if k not in ("host", "predictions", "args", "result", "devices"):  # free-form maps
                     out |= keys(v)
         return out
 

@@ -43,13 +43,18 @@ from device_agent.contracts.text import escape
 __all__ = [
     "ALERTS_KIND",
     "DEVICE_KINDS",
+    "FLEET_KINDS",
     "KINDS",
     "LATENCY_BUCKETS_MS",
     "MAX_DEPTH",
     "MAX_PAYLOAD_BYTES",
+    "MAX_ROLLOUT_DEVICES",
     "MAX_SEQ",
     "QOS",
     "RETAIN",
+    "ROLLOUTS_KIND",
+    "ROLLOUT_DEVICE_STATES",
+    "ROLLOUT_STATES",
     "SCHEMA_VERSION",
     "SCORE_BUCKETS",
     "TOPIC_ROOT",
@@ -63,6 +68,7 @@ __all__ = [
     "LatencySummary",
     "Message",
     "OutlierEvent",
+    "RolloutEvent",
     "StatusMessage",
     "TelemetryMessage",
     "Throttled",
@@ -96,14 +102,20 @@ MAX_DEPTH = 64
 MAX_SEQ = 2**53 - 1
 
 DeviceKind: TypeAlias = Literal["status", "telemetry", "outliers", "cmd", "cmd/reply"]
-Kind: TypeAlias = Literal["status", "telemetry", "outliers", "cmd", "cmd/reply", "alerts"]
+Kind: TypeAlias = Literal[
+    "status", "telemetry", "outliers", "cmd", "cmd/reply", "alerts", "rollouts"
+]
 DEVICE_KINDS: tuple[DeviceKind, ...] = ("status", "telemetry", "outliers", "cmd", "cmd/reply")
 ALERTS_KIND: Literal["alerts"] = "alerts"
-KINDS: tuple[Kind, ...] = (*DEVICE_KINDS, ALERTS_KIND)
+ROLLOUTS_KIND: Literal["rollouts"] = "rollouts"
+# Kinds published on a fleet's own topic, edgeship/{fleet}/{kind}, with no device level.
+FLEET_KINDS: tuple[Kind, ...] = (ALERTS_KIND, ROLLOUTS_KIND)
+KINDS: tuple[Kind, ...] = (*DEVICE_KINDS, *FLEET_KINDS)
 
 # Delivery settings per kind. status is retained so a new subscriber learns every device's
 # state at once (the Last Will overwrites it with "offline"); commands are never retained, or
 # a device would re-run the last command on every reconnect.
+# rollouts is retained too: a collector that starts late learns the latest rollout's state.
 QOS: Mapping[Kind, int] = {
     "status": 1,
     "telemetry": 1,
@@ -111,6 +123,7 @@ QOS: Mapping[Kind, int] = {
     "cmd": 1,
     "cmd/reply": 1,
     "alerts": 1,
+    "rollouts": 1,
 }
 RETAIN: Mapping[Kind, bool] = {
     "status": True,
@@ -119,6 +132,7 @@ RETAIN: Mapping[Kind, bool] = {
     "cmd": False,
     "cmd/reply": False,
     "alerts": False,
+    "rollouts": True,
 }
 
 # Fixed latency bucket upper bounds in milliseconds, the same on every device so that a
@@ -194,7 +208,8 @@ def safe_text(value: str) -> str:
 
 
 class TopicParts(NamedTuple):
-    """A parsed topic. ``device`` is None for the fleet-level ``alerts`` topic."""
+    """A parsed topic. ``device`` is None for the fleet-level ``alerts`` and ``rollouts``
+    topics."""
 
     fleet: str
     device: str | None
@@ -218,13 +233,14 @@ def validate_id(value: str, what: str) -> str:
 def topic(fleet: str, device: str | None, kind: Kind) -> str:
     """The topic a message of ``kind`` goes to: ``edgeship/{fleet}/{device}/{kind}``.
 
-    For ``kind="alerts"`` ``device`` must be None: alerts are fleet-level.
+    For ``kind="alerts"`` or ``"rollouts"`` ``device`` must be None: those are fleet-level
+    (``edgeship/{fleet}/{kind}``).
     """
     validate_id(fleet, "fleet")
-    if kind == ALERTS_KIND:
+    if kind in FLEET_KINDS:
         if device is not None:
-            raise ProtocolError("device: alerts are fleet-level, pass device=None", field="device")
-        return f"{TOPIC_ROOT}/{fleet}/{ALERTS_KIND}"
+            raise ProtocolError(f"device: {kind} are fleet-level, pass device=None", field="device")
+        return f"{TOPIC_ROOT}/{fleet}/{kind}"
     if kind not in DEVICE_KINDS:
         raise ProtocolError(f"kind: {kind!r} is not one of {list(KINDS)}", field="kind")
     if device is None:
@@ -244,9 +260,10 @@ def parse_topic(value: str) -> TopicParts:
         )
     fleet = validate_id(parts[1], "topic.fleet")
     if len(parts) == 3:
-        if parts[2] != ALERTS_KIND:
-            raise ProtocolError(f"topic: {value!r} has no device or kind level", field="topic")
-        return TopicParts(fleet, None, ALERTS_KIND)
+        for fleet_kind in FLEET_KINDS:
+            if parts[2] == fleet_kind:
+                return TopicParts(fleet, None, fleet_kind)
+        raise ProtocolError(f"topic: {value!r} has no device or kind level", field="topic")
     device = validate_id(parts[2], "topic.device")
     kind = "/".join(parts[3:])
     for known in DEVICE_KINDS:
@@ -265,13 +282,13 @@ def subscription(
     ``subscription("f")`` -> ``edgeship/f/#`` (the whole fleet, alerts included);
     ``subscription("f", kind="telemetry")`` -> ``edgeship/f/+/telemetry``;
     ``subscription(kind="status")`` -> ``edgeship/+/+/status``;
-    ``subscription("f", kind="alerts")`` -> ``edgeship/f/alerts``.
+    ``subscription("f", kind="alerts")`` -> ``edgeship/f/alerts`` (and ``rollouts`` alike).
     """
     fleet_level = "+" if fleet is None else validate_id(fleet, "fleet")
-    if kind == ALERTS_KIND:
+    if kind in FLEET_KINDS:
         if device is not None:
-            raise ProtocolError("device: alerts are fleet-level, pass device=None", field="device")
-        return f"{TOPIC_ROOT}/{fleet_level}/{ALERTS_KIND}"
+            raise ProtocolError(f"device: {kind} are fleet-level, pass device=None", field="device")
+        return f"{TOPIC_ROOT}/{fleet_level}/{kind}"
     if kind is not None and kind not in DEVICE_KINDS:
         raise ProtocolError(f"kind: {kind!r} is not one of {list(KINDS)}", field="kind")
     if kind is None and device is None:
@@ -1107,13 +1124,138 @@ class Alert:
         )
 
 
+RolloutState: TypeAlias = Literal["running", "halted", "aborted", "done"]
+ROLLOUT_STATES: tuple[RolloutState, ...] = ("running", "halted", "aborted", "done")
+RolloutDeviceState: TypeAlias = Literal[
+    "pending", "deploying", "applied", "rolled_back", "failed", "reverted", "unreachable"
+]
+ROLLOUT_DEVICE_STATES: tuple[RolloutDeviceState, ...] = (
+    "pending",
+    "deploying",
+    "applied",
+    "rolled_back",
+    "failed",
+    "reverted",
+    "unreachable",
+)
+# A rollout names every device once, in its wave and with its state: 1024 ids of 64 characters
+# take about 150 KB, within the payload limit.
+MAX_ROLLOUT_DEVICES = 1024
+MAX_ROLLOUT_WAVES = 64
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    """``edgeship/{fleet}/rollouts`` (retained): the whole state of one staged rollout, sent by
+    the host running it (``edgeship deploy BUNDLE --fleet F``) at every change.
+
+    Each message is complete, so a subscriber keeps the one with the highest ``seq`` per
+    ``id`` and loses nothing by missing the others. ``waves`` lists the devices of each wave
+    in order; ``devices`` gives each device's state in this rollout (``pending`` before its
+    wave, ``deploying``, then ``applied``, ``rolled_back`` by its own probation, ``failed``
+    before the swap, ``reverted`` by the rollout after its wave failed, ``unreachable``).
+    ``wave`` is the index of the wave in progress or where the rollout stopped
+    (``len(waves)`` when ``done``). ``state`` is ``running``, ``halted`` (a wave failed:
+    ``reason`` names the device and the line), ``aborted`` (the operator stopped it; it can
+    be resumed) or ``done``.
+    """
+
+    KIND: ClassVar[Literal["rollouts"]] = "rollouts"
+
+    id: str
+    seq: int
+    ts: float
+    started: float
+    state: RolloutState
+    deploy: str
+    wave: int
+    waves: tuple[tuple[str, ...], ...]
+    devices: Mapping[str, RolloutDeviceState]
+    model: str | None = None
+    model_version: str | None = None
+    soak_s: float = 0.0
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "kind": self.KIND,
+            "ts": self.ts,
+            "id": self.id,
+            "seq": self.seq,
+            "started": self.started,
+            "state": self.state,
+            "deploy": self.deploy,
+            "model": self.model,
+            "model_version": self.model_version,
+            "soak_s": self.soak_s,
+            "wave": self.wave,
+            "waves": [list(w) for w in self.waves],
+            "devices": dict(self.devices),
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> RolloutEvent:
+        waves_in = _list(_require(obj, "waves", ""), "waves", max_len=MAX_ROLLOUT_WAVES)
+        waves: list[tuple[str, ...]] = []
+        planned: set[str] = set()
+        for i, wave_in in enumerate(waves_in):
+            where = f"waves[{i}]"
+            ids = _list(wave_in, where, max_len=MAX_ROLLOUT_DEVICES)
+            if not ids:
+                raise _fail(where, "a wave names at least one device")
+            wave = tuple(_id(d, f"{where}[{j}]") for j, d in enumerate(ids))
+            for d in wave:
+                if d in planned:
+                    raise _fail(where, f"device {d!r} is in more than one wave")
+                planned.add(d)
+            waves.append(wave)
+        if len(planned) > MAX_ROLLOUT_DEVICES:
+            raise _fail("waves", f"{len(planned)} devices, over {MAX_ROLLOUT_DEVICES}")
+        states_in = _obj(_require(obj, "devices", ""), "devices")
+        devices: dict[str, RolloutDeviceState] = {}
+        for key, value in states_in.items():
+            where = _join("devices", key)
+            _id(key, where)
+            devices[key] = cast(RolloutDeviceState, _choice(value, where, ROLLOUT_DEVICE_STATES))
+        if set(devices) != planned:
+            odd = sorted(set(devices) ^ planned)[:3]
+            raise _fail("devices", f"must name exactly the devices of the waves (not {odd})")
+        wave_index = _int(_require(obj, "wave", ""), "wave", hi=len(waves))
+        state = _choice(_require(obj, "state", ""), "state", ROLLOUT_STATES)
+        return cls(
+            id=_id(_require(obj, "id", ""), "id"),
+            seq=_int(_require(obj, "seq", ""), "seq"),
+            ts=_float(_require(obj, "ts", ""), "ts", lo=0.0),
+            started=_float(_require(obj, "started", ""), "started", lo=0.0),
+            state=cast(RolloutState, state),
+            deploy=_id(_require(obj, "deploy", ""), "deploy"),
+            wave=wave_index,
+            waves=tuple(waves),
+            devices=devices,
+            model=_opt_str(obj.get("model"), "model", max_len=_MAX_LABEL_LEN),
+            model_version=_opt_str(obj.get("model_version"), "model_version", max_len=64),
+            soak_s=_float(obj.get("soak_s", 0.0), "soak_s", lo=0.0),
+            reason=_opt_str(obj.get("reason"), "reason"),
+        )
+
+
 Message: TypeAlias = (
-    StatusMessage | TelemetryMessage | OutlierEvent | Command | CommandReply | Alert
+    StatusMessage | TelemetryMessage | OutlierEvent | Command | CommandReply | Alert | RolloutEvent
 )
 
 _BY_KIND: Mapping[str, type[Message]] = {
     cls.KIND: cls
-    for cls in (StatusMessage, TelemetryMessage, OutlierEvent, Command, CommandReply, Alert)
+    for cls in (
+        StatusMessage,
+        TelemetryMessage,
+        OutlierEvent,
+        Command,
+        CommandReply,
+        Alert,
+        RolloutEvent,
+    )
 }
 
 
@@ -1122,8 +1264,8 @@ _BY_KIND: Mapping[str, type[Message]] = {
 
 def message_topic(fleet: str, msg: Message) -> str:
     """The topic ``msg`` is published to in ``fleet`` (commands go to the device they name)."""
-    if isinstance(msg, Alert):
-        return topic(fleet, None, ALERTS_KIND)
+    if isinstance(msg, Alert | RolloutEvent):
+        return topic(fleet, None, msg.KIND)
     if isinstance(msg, Command):
         raise ProtocolError(
             "device: a Command does not name its device; use topic(fleet, device, 'cmd')",
