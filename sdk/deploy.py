@@ -261,8 +261,9 @@ def deploy_bundle(
 ) -> DeployResult:
     """Send ``bundle`` to ``device`` and wait for the outcome (at most ``timeout_s`` in all).
 
-    Chunks the device already has (an interrupted deploy of the same bytes) are not sent
-    again; up to ``window`` chunks are in flight at once. Each command that gets no answer
+    A device that already runs this bundle (the same bytes) answers ``applied`` without
+    anything being sent, and one judging it now is waited for. Chunks the device already has
+    (an interrupted deploy of the same bytes) are not sent again; up to ``window`` chunks are in flight at once. Each command that gets no answer
     within ``call_timeout_s`` is sent again, up to ``attempts`` times; the device handles
     repeats idempotently. ``progress(sent, total)`` is
     called after each chunk. With ``wait_probation`` the result waits for the device's verdict
@@ -286,6 +287,15 @@ def deploy_bundle(
         broker_url, fleet, device, username=username, password=password, ca_file=ca_file
     ) as client:
         call = _caller(client, device, deadline, timeout_s, call_timeout_s, attempts)
+        ref = DeployRef(upload.deploy_id).to_args()
+        # Already there (a deploy resumed after its answer was lost, a rollout resumed after
+        # an abort): say so instead of sending it again. An agent that never heard of the id
+        # answers with an error, which only means "send it".
+        ok, known, _ = call(Action.DEPLOY_STATUS, ref)
+        if ok and isinstance(known, dict) and known.get("state") == "applied":
+            return upload.result("applied", known, None)
+        if ok and isinstance(known, dict) and known.get("state") == "probation":
+            return _wait_verdict(call, upload, ref, known, deadline, wait_probation)
         begin = DeployBegin(
             deploy=upload.deploy_id,
             size=len(upload.archive),
@@ -307,16 +317,28 @@ def deploy_bundle(
         if refused is not None:
             index, error = refused
             return upload.result("failed", None, f"the device refused chunk {index}: {error}")
-        ref = DeployRef(upload.deploy_id).to_args()
         ok, committed, error = call(Action.DEPLOY_COMMIT, ref)
         if not ok:
             return upload.result("failed", None, f"the device refused the commit: {error}")
-        state = str(committed.get("state"))
-        while wait_probation and state == "probation" and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-            ok, status, error = call(Action.DEPLOY_STATUS, ref)
-            if not ok:
-                return upload.result("failed", committed, f"deploy_status failed: {error}")
-            committed = {**committed, **status}
-            state = str(status.get("state"))
-        return upload.result(state, committed, None)
+        return _wait_verdict(call, upload, ref, committed, deadline, wait_probation)
+
+
+def _wait_verdict(
+    call: _Call,
+    upload: _Upload,
+    ref: dict[str, Any],
+    committed: dict[str, Any],
+    deadline: float,
+    wait_probation: bool,
+) -> DeployResult:
+    """The deploy's result once the device has judged it (or the deadline passed, or
+    ``wait_probation`` is off): ``committed`` is the device's last answer about it."""
+    state = str(committed.get("state"))
+    while wait_probation and state == "probation" and time.monotonic() < deadline:
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        ok, status, error = call(Action.DEPLOY_STATUS, ref)
+        if not ok:
+            return upload.result("failed", committed, f"deploy_status failed: {error}")
+        committed = {**committed, **status}
+        state = str(status.get("state"))
+    return upload.result(state, committed, None)

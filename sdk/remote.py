@@ -11,6 +11,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from device_agent.contracts import messages as msg
@@ -22,6 +23,7 @@ __all__ = [
     "BrokerUnavailableError",
     "CommandClient",
     "RemoteError",
+    "connect",
     "remote_benchmark",
     "send_command",
 ]
@@ -54,8 +56,6 @@ class CommandClient:
         password: str | None = None,
         ca_file: str | None = None,
     ) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
 
         self.broker = BrokerUrl.parse(broker_url)
         for value, what in ((fleet, "fleet"), (device, "device")):
@@ -65,27 +65,10 @@ class CommandClient:
                 raise ConfigError(str(exc)) from exc
         self.fleet, self.device = fleet, device
         self._cmd_topic = msg.topic(fleet, device, "cmd")
-        reply_topic = msg.topic(fleet, device, "cmd/reply")
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[threading.Event, list[msg.CommandReply]]] = {}
-        subscribed = threading.Event()
-        refused: list[str] = []
 
-        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-            if reason.is_failure:
-                refused.append(str(reason))
-                subscribed.set()
-            else:
-                client.subscribe(reply_topic, qos=1)
-
-        def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
-            subscribed.set()
-
-        def on_message(client: Any, userdata: Any, message: Any) -> None:
-            try:
-                decoded = msg.decode(message.topic, message.payload)
-            except ProtocolError:
-                return
+        def on_message(decoded: msg.Message) -> None:
             if isinstance(decoded, msg.CommandReply):
                 with self._lock:
                     waiter = self._waiting.get(decoded.id)
@@ -93,49 +76,15 @@ class CommandClient:
                     waiter[1].append(decoded)
                     waiter[0].set()
 
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgeship-cli-{uuid.uuid4().hex[:16]}",
-            protocol=mqtt.MQTTv311,
+        self._client = connect(
+            self.broker,
+            [msg.topic(fleet, device, "cmd/reply")],
+            on_message,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            what="the device's replies",
         )
-        if self.broker.tls:
-            try:
-                client.tls_set(ca_certs=ca_file)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise ConfigError(
-                    f"--ca-file {ca_file}: cannot load it as a CA certificate (PEM): {exc}"
-                ) from exc
-        user = username or self.broker.username
-        if user:
-            client.username_pw_set(user, password or self.broker.password)
-        client.on_connect = on_connect
-        client.on_subscribe = on_subscribe
-        client.on_message = on_message
-        where = f"{self.broker.host}:{self.broker.port}"
-        try:
-            client.connect(self.broker.host, self.broker.port, keepalive=30)
-        except OSError as exc:
-            hint = (
-                "give the CA that signed the broker's certificate with --ca-file"
-                if isinstance(exc, ssl.SSLError)
-                else "check --broker; is it running?"
-            )
-            raise BrokerUnavailableError(
-                f"cannot reach the broker at {where}: {exc} ({hint})"
-            ) from exc
-        client.loop_start()
-        self._client = client
-        if not subscribed.wait(10) or refused:
-            self.close()
-            if refused:
-                raise BrokerUnavailableError(
-                    f"the broker at {where} refused the connection: {refused[0]} (check the "
-                    "user name in mqtt://USER@host, the password (--broker-password-file, "
-                    "EDGESHIP_BROKER_PASSWORD or mqtt://USER:PASSWORD@host) and the broker's ACL)"
-                )
-            raise BrokerUnavailableError(
-                f"the broker at {where} did not accept the subscription to the device's replies"
-            )
 
     def call(
         self, action: Action | str, args: dict[str, Any] | None = None, *, timeout_s: float = 60.0
@@ -178,6 +127,90 @@ class CommandClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def connect(
+    broker: BrokerUrl,
+    topics: list[str],
+    on_message: Callable[[msg.Message], None],
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+    what: str = "its topics",
+) -> Any:
+    """A connected paho client (its network loop on its own thread) subscribed to ``topics``
+    at QoS 1; ``on_message`` gets every message that decodes (others are dropped). Returns
+    once the broker has acknowledged the subscriptions, so nothing sent after is missed.
+
+    Raises :class:`BrokerUnavailableError` when the broker cannot be reached or refuses the
+    client (address, credentials, TLS, ACL), ConfigError for a CA file that does not load.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    subscribed = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+            subscribed.set()
+        else:
+            client.subscribe([(t, 1) for t in topics])
+
+    def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
+        subscribed.set()
+
+    def on_raw(client: Any, userdata: Any, message: Any) -> None:
+        try:
+            decoded = msg.decode(message.topic, message.payload)
+        except ProtocolError:
+            return
+        on_message(decoded)
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"edgeship-cli-{uuid.uuid4().hex[:16]}",
+        protocol=mqtt.MQTTv311,
+    )
+    if broker.tls:
+        try:
+            client.tls_set(ca_certs=ca_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"--ca-file {ca_file}: cannot load it as a CA certificate (PEM): {exc}"
+            ) from exc
+    user = username or broker.username
+    if user:
+        client.username_pw_set(user, password or broker.password)
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_raw
+    where = f"{broker.host}:{broker.port}"
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        hint = (
+            "give the CA that signed the broker's certificate with --ca-file"
+            if isinstance(exc, ssl.SSLError)
+            else "check --broker; is it running?"
+        )
+        raise BrokerUnavailableError(f"cannot reach the broker at {where}: {exc} ({hint})") from exc
+    client.loop_start()
+    if not subscribed.wait(10) or refused:
+        client.loop_stop()
+        client.disconnect()
+        if refused:
+            raise BrokerUnavailableError(
+                f"the broker at {where} refused the connection: {refused[0]} (check the "
+                "user name in mqtt://USER@host, the password (--broker-password-file, "
+                "EDGESHIP_BROKER_PASSWORD or mqtt://USER:PASSWORD@host) and the broker's ACL)"
+            )
+        raise BrokerUnavailableError(
+            f"the broker at {where} did not accept the subscription to {what}"
+        )
+    return client
 
 
 def send_command(
