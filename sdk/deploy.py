@@ -43,7 +43,7 @@ from device_agent.contracts.commands import (
 from device_agent.errors import ConfigError
 from sdk.remote import CommandClient, RemoteError
 
-__all__ = ["DeployResult", "deploy_bundle", "pack_bundle"]
+__all__ = ["DeployResult", "deploy_bundle", "deploy_id_of", "pack_bundle"]
 
 # Optional files that travel with a bundle without being listed in its manifest.
 _UNLISTED = ("signature.json",)
@@ -97,6 +97,12 @@ def pack_bundle(path: str | Path) -> bytes:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def deploy_id_of(archive: bytes) -> str:
+    """The deploy id of a packed bundle: its hash, so deploying the same bytes again after an
+    interruption resumes the upload instead of starting over."""
+    return f"d{hashlib.sha256(archive).hexdigest()[:24]}"
 
 
 @dataclass
@@ -226,11 +232,9 @@ def _pack(bundle: str | Path, device: str, chunk_bytes: int) -> _Upload:
             f"over the device's limit of {MAX_CHUNKS}; use chunk_bytes of at least "
             f"{math.ceil(len(archive) / MAX_CHUNKS)} (at most {MAX_CHUNK_BYTES})"
         )
-    # The id is the archive's hash: deploying the same bundle again after an interruption
-    # resumes the upload instead of starting over.
     return _Upload(
         archive=archive,
-        deploy_id=f"d{digest[:24]}",
+        deploy_id=deploy_id_of(archive),
         digest=digest,
         chunk_bytes=chunk_bytes,
         total=total,
@@ -263,10 +267,10 @@ def deploy_bundle(
 
     A device that already runs this bundle (the same bytes) answers ``applied`` without
     anything being sent, and one judging it now is waited for. Chunks the device already has
-    (an interrupted deploy of the same bytes) are not sent again; up to ``window`` chunks are in flight at once. Each command that gets no answer
-    within ``call_timeout_s`` is sent again, up to ``attempts`` times; the device handles
-    repeats idempotently. ``progress(sent, total)`` is
-    called after each chunk. With ``wait_probation`` the result waits for the device's verdict
+    (an interrupted deploy of the same bytes) are not sent again; up to ``window`` chunks are
+    in flight at once. Each command that gets no answer within ``call_timeout_s`` is sent
+    again, up to ``attempts`` times; the device handles repeats idempotently.
+    ``progress(sent, total)`` is called after each chunk. With ``wait_probation`` the result waits for the device's verdict
     on its first inferences, else it returns once the bundle is swapped in (``probation``).
     ``probation`` sets how long the device judges the new bundle's model health and its limits
     (docs/agent.md, "Probation"; None: the device's defaults).
