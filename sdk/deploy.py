@@ -270,8 +270,9 @@ def deploy_bundle(
     (an interrupted deploy of the same bytes) are not sent again; up to ``window`` chunks are
     in flight at once. Each command that gets no answer within ``call_timeout_s`` is sent
     again, up to ``attempts`` times; the device handles repeats idempotently.
-    ``progress(sent, total)`` is called after each chunk. With ``wait_probation`` the result waits for the device's verdict
-    on its first inferences, else it returns once the bundle is swapped in (``probation``).
+    ``progress(sent, total)`` is called after each chunk. With ``wait_probation`` the result
+    waits for the device's verdict on its first inferences, else it returns once the bundle is
+    swapped in (``probation``).
     ``probation`` sets how long the device judges the new bundle's model health and its limits
     (docs/agent.md, "Probation"; None: the device's defaults).
 
