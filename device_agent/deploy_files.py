@@ -38,6 +38,8 @@ __all__ = [
     "deploy_dir",
     "deploy_state",
     "deployed_bundle",
+    "read_current",
+    "remove_durably",
     "unpack_archive",
     "write_atomic",
 ]
@@ -187,6 +189,16 @@ def deploy_state(config: AgentConfig) -> dict[str, Any]:
     return out
 
 
+def read_current(config: AgentConfig) -> dict[str, Any] | None:
+    """``current.json`` as an object, unverified; None when there is none or it cannot be read
+    (then :func:`deployed_bundle` ignores it and the agent runs the bundle it was given)."""
+    try:
+        data = json.loads((deploy_dir(config) / CURRENT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``path`` so that a reader (or a power cut) sees the old or the new content."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -195,7 +207,18 @@ def write_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def remove_durably(path: Path) -> None:
+    """Remove ``path`` if it is there, so that a power cut after this returns does not bring it
+    back (a reader sees it or not, never part of it)."""
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -914,6 +914,7 @@ def test_docs_describe_every_deploy_argument_and_result_field() -> None:
         A.DEPLOY_COMMIT: (cmds.DeployRef,),
         A.DEPLOY_STATUS: (cmds.DeployRef, cmds.DeployRecord),
         A.DEPLOY_ABORT: (cmds.DeployRef,),
+        A.DEPLOY_REVERT: (cmds.DeployRevert,),
     }
     # deploy_status answers "the commit's fields plus ...": its row and the commit's together.
     rows["deploy_status"] += rows["deploy_commit"]
@@ -956,6 +957,10 @@ def test_the_host_sends_the_deploy_arguments_the_device_parses() -> None:
     assert cmds.DeployChunk.parse(chunk.to_args(), chunks_of=lambda _: 2) == chunk
     assert cmds.DeployRef("d1").to_args() == {"deploy": "d1"}
     assert cmds.DeployRef.parse({}, required=False) == cmds.DeployRef(None)
+    revert = cmds.DeployRevert("d1", "alert")
+    assert revert.to_args() == {"deploy": "d1", "reason": "alert"}
+    assert cmds.DeployRevert.parse(revert.to_args()) == revert
+    assert cmds.DeployRevert("d1").to_args() == {"deploy": "d1"}
     with pytest.raises(cmds.DeployError, match="'deploy' is missing"):
         cmds.DeployRef.parse({})
     with pytest.raises(cmds.DeployError, match="must not start with"):

@@ -267,8 +267,9 @@ def test_fuzz_bundle_directory_into_the_agent(bundles: dict[str, Path], data: An
 # --- deploy arguments -------------------------------------------------------------------------
 
 ACTIONS = ["deploy_begin", "deploy_chunk", "deploy_commit", "deploy_status", "deploy_abort"]
+ACTIONS += ["deploy_revert"]
 ARG_KEYS = ["deploy", "size", "sha256", "chunks", "chunk_bytes", "model", "model_version"]
-ARG_KEYS += ["index", "data"]
+ARG_KEYS += ["index", "data", "reason"]
 arg_values = st.one_of(
     json_values,
     st.sampled_from(["d1", "0" * 64, "AAAA", ".", "..", 512, 1024, 1, 2]),
@@ -318,6 +319,12 @@ def _encodes(value: Any) -> None:
             st.tuples(
                 st.sampled_from(["deploy_commit", "deploy_abort", "deploy_status"]),
                 st.fixed_dictionaries({"deploy": st.sampled_from(["d1", "d2"])}),
+            ),
+            st.tuples(
+                st.just("deploy_revert"),
+                st.fixed_dictionaries(
+                    {"deploy": st.sampled_from(["d1", "d2"])}, optional={"reason": arg_values}
+                ),
             ),
         ),
         min_size=1,

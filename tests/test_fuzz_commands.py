@@ -44,11 +44,12 @@ ACTIONS = [
     "deploy_commit",
     "deploy_status",
     "deploy_abort",
+    "deploy_revert",
     "reboot",
     "x",
 ]
 KNOWN = {"ping", "benchmark", "deploy_begin", "deploy_chunk", "deploy_commit", "deploy_status"}
-KNOWN |= {"deploy_abort"}
+KNOWN |= {"deploy_abort", "deploy_revert"}
 SPECIAL_TEXT = ["\ud800", "a\udfffb", "\x00", "nul\x00byte", "\u2028", "\U0001f600", "", "x" * 3000]
 ID_POOL = ["bad-1", "bad-2", "bad-3", "huge-shape", "d1"]
 
@@ -97,6 +98,7 @@ def _args_for(action: str, junk: st.SearchStrategy[Any]) -> st.SearchStrategy[An
         return _benchmark_args(junk)
     if action.startswith("deploy"):
         keys = ["deploy", "size", "sha256", "chunks", "chunk_bytes", "index", "data", "model"]
+        keys.append("reason")
         return st.dictionaries(st.sampled_from(keys), st.one_of(junk, st.sampled_from(ID_POOL)))
     return st.dictionaries(texts, junk, max_size=3)
 

@@ -21,6 +21,8 @@ imports it without the agent.
   the reply (:class:`DeployRecord`) says ``probation``, ``applied`` or ``failed``.
 * ``deploy_status`` (:class:`DeployRef`, ``deploy`` optional) and ``deploy_abort``
   (:class:`DeployRef`).
+* ``deploy_revert`` (:class:`DeployRevert`): rolls back a deploy on probation, or the applied
+  deploy that runs now, to the bundle before it (a fleet rollout taking back a wave).
 
 ``deploy_begin`` may carry ``probation`` (:class:`ProbationArgs`): how long the new bundle is on
 probation and the limits of model health it is judged against (:mod:`device_agent.probation`).
@@ -46,6 +48,7 @@ __all__ = [
     "MAX_CHUNKS",
     "MAX_CHUNK_BYTES",
     "MAX_MODEL_LEN",
+    "MAX_REASON_LEN",
     "MAX_RUNS",
     "MAX_SECONDS",
     "MAX_VERSION_LEN",
@@ -59,6 +62,7 @@ __all__ = [
     "DeployError",
     "DeployRecord",
     "DeployRef",
+    "DeployRevert",
     "PingReply",
     "ProbationArgs",
     "ReceivingReply",
@@ -76,6 +80,8 @@ MAX_CHUNKS = 16384
 # What a model name and version may be on the wire (DeployEvent, telemetry).
 MAX_MODEL_LEN = 128
 MAX_VERSION_LEN = 64
+# The operator's reason for a deploy_revert (it goes into the record and the deploy event).
+MAX_REASON_LEN = 1000
 
 _BAD_TEXT = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff]")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -92,6 +98,7 @@ class Action(str, Enum):
     DEPLOY_COMMIT = "deploy_commit"
     DEPLOY_STATUS = "deploy_status"
     DEPLOY_ABORT = "deploy_abort"
+    DEPLOY_REVERT = "deploy_revert"
 
 
 class DeployError(ConfigError):
@@ -276,6 +283,24 @@ class DeployRef:
         return deploy_id(_arg(args, "deploy"))
 
     def to_args(self) -> dict[str, Any]:
+        return _without_none(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DeployRevert:
+    """``deploy_revert``'s arguments: the deploy to roll back and, optionally, the operator's
+    ``reason`` (1 to :data:`MAX_REASON_LEN` characters, no control character or lone
+    surrogate), which the device's record and deploy event carry."""
+
+    deploy: str
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> DeployRevert:
+        return cls(DeployRef.id_of(args), _opt_text(args, "reason", MAX_REASON_LEN))
+
+    def to_args(self) -> dict[str, Any]:
+        """The ``args`` object on the wire (``reason`` left out when None)."""
         return _without_none(self.__dict__)
 
 
@@ -566,9 +591,10 @@ class ChunkReply(TypedDict):
 
 
 class DeployRecord(TypedDict, total=False):
-    """What a device knows about one deploy: ``deploy_commit``'s and ``deploy_abort``'s result,
-    and ``deploy_status``'s with the running ``model``/``model_version`` added (and, while they
-    apply, ``received``/``chunks`` of an upload and ``probation_left``). ``state`` is
+    """What a device knows about one deploy: ``deploy_commit``'s, ``deploy_abort``'s and
+    ``deploy_revert``'s result, and ``deploy_status``'s with the running
+    ``model``/``model_version`` added (and, while they apply, ``received``/``chunks`` of an
+    upload and ``probation_left``). ``state`` is
     ``receiving``, ``probation``, ``applied``, ``rolled_back``, ``failed`` or ``aborted``
     (None from ``deploy_status`` when the device has no deploy to report)."""
 
