@@ -26,22 +26,32 @@ def register(sub: Any) -> None:
     """Add ``deploy`` to the ``edgeship`` subparsers."""
     p = sub.add_parser(
         "deploy",
-        help="send a bundle to a device over MQTT; it swaps in after checks, or rolls back",
+        help="send a bundle to a device, or roll it out to a fleet in waves, over MQTT",
         description="Send a bundle to a device's agent over MQTT in chunks. The device "
         "verifies it (hashes, and the signature when it has trusted keys), loads it, runs a "
-        "self-test, swaps it in without failing an inference, and rolls back to the previous "
-        "bundle if one of its first inferences fails. Exit 0 when the bundle is applied, 1 "
-        "when the device refused or rolled it back (the reason is printed) or did not "
-        "answer, 2 for bad input (the broker unreachable or refusing the credentials included: "
-        "nothing was sent). The broker password comes from --broker-password-file or "
-        "EDGESHIP_BROKER_PASSWORD (docs/security.md, 'Secrets'). See docs/agent.md, 'Remote "
-        "deploy'.",
-        epilog="example: edgeship deploy bundle-v2/ --device pi-07 --fleet greenhouse "
+        "self-test, swaps it in without failing an inference, and judges the new model's "
+        "health during a probation (errors, p95 latency, outlier rate, predicted classes), "
+        "rolling back to the previous bundle when a line fails. Without --device, a staged "
+        "rollout to every online device of --fleet: waves (default: one canary, then 10%%, "
+        "50%%, 100%% of the fleet), each gated on every device's verdict and on the "
+        "collectors' alerts during --soak; a failed wave is rolled back and the rollout halts. "
+        "Its state is kept (--state-dir): the same command resumes an aborted rollout; Ctrl-C "
+        "or --abort stops one. Exit 0 when the bundle is applied (everywhere), 1 when a "
+        "device refused or rolled it back, did not answer, or the rollout halted or was "
+        "aborted (the reason is printed), 2 for bad input (the broker unreachable or refusing "
+        "the credentials included: nothing was sent). The broker password comes from "
+        "--broker-password-file or EDGESHIP_BROKER_PASSWORD (docs/security.md, 'Secrets'). "
+        "See docs/agent.md, 'Remote deploy' and 'Fleet rollout'.",
+        epilog="examples: edgeship deploy bundle-v2/ --device pi-07 --fleet greenhouse "
         "--broker mqtts://operator@hub.local:8883 --broker-password-file ~/.edgeship/broker.pw "
-        "--ca-file ca.crt --probation seconds=300 --probation max_latency_ratio=1.5",
+        "--ca-file ca.crt --probation seconds=300 --probation max_latency_ratio=1.5 | "
+        "edgeship deploy bundle-v2/ --fleet greenhouse --broker mqtt://hub.local --wave pi-07 "
+        "--wave 25% --wave 100% --soak 600 --json rollout.json",
     )
     p.add_argument("bundle", type=Path, help="the bundle directory to send")
-    p.add_argument("--device", required=True, help="the device id")
+    p.add_argument(
+        "--device", help="the device id; leave it out to roll out to every online device"
+    )
     p.add_argument(
         "--broker",
         required=True,
@@ -63,6 +73,41 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    r = p.add_argument_group("fleet rollout (without --device)")
+    r.add_argument(
+        "--wave",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="one wave, in order, repeatable: a device count (1), a share of the fleet (10%%), "
+        "both cumulative, or device ids (pi-01,pi-02). Default: 1, 10%%, 50%%, 100%%",
+    )
+    r.add_argument(
+        "--soak",
+        type=float,
+        default=60.0,
+        help="seconds each wave is watched for alerts after its devices applied the bundle "
+        "(default 60)",
+    )
+    r.add_argument("--parallel", type=int, default=8, help="devices deployed at once (default 8)")
+    r.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where rollouts keep their state (default: $EDGESHIP_STATE_DIR/rollouts or "
+        "~/.local/state/edgeship/rollouts)",
+    )
+    r.add_argument(
+        "--restart",
+        action="store_true",
+        help="plan the rollout anew instead of resuming it (devices already on the bundle "
+        "are not sent it again)",
+    )
+    r.add_argument(
+        "--abort",
+        action="store_true",
+        help="stop the rollout of this bundle to --fleet that another terminal runs (at its "
+        "next device); running the rollout again resumes it",
+    )
     p.add_argument(
         "--probation",
         action="append",
@@ -124,6 +169,8 @@ def _progress_printer() -> Callable[[int, int], None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device is None:
+        return run_rollout_cli(args)
     from sdk.deploy import deploy_bundle
     from sdk.remote import BrokerUnavailableError, RemoteError
     from sdk.terminal import printable
@@ -167,3 +214,73 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, result.to_dict())
     return EXIT_OK if result.ok or (args.no_wait and result.state == "probation") else EXIT_BUDGET
+
+
+def run_rollout_cli(args: argparse.Namespace) -> int:
+    """``edgeship deploy BUNDLE --fleet F`` without ``--device``: a staged rollout."""
+    import signal
+    import threading
+
+    from sdk.remote import BrokerUnavailableError, RemoteError
+    from sdk.rollout import DEFAULT_WAVES, request_abort, run_rollout
+    from sdk.terminal import printable
+
+    if not args.bundle.is_dir():
+        raise ConfigError(f"bundle directory not found: {args.bundle}")
+    if args.abort:
+        path = request_abort(args.fleet, args.bundle, args.state_dir)
+        print(f"asked rollout {path.stem} to stop at its next device ({path})")
+        return EXIT_OK
+    if args.timeout <= 0 or args.soak < 0 or args.parallel < 1:
+        raise ConfigError("--timeout must be positive, --soak >= 0 and --parallel >= 1")
+    password = broker_password(args)
+    probation = probation_args(args.probation)
+    stop = threading.Event()
+
+    def first_interrupt(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(
+            "\nstopping at the next device (deploys in flight finish); Ctrl-C again to leave "
+            "now, the same command resumes",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, first_interrupt) if main_thread else None
+    try:
+        result = run_rollout(
+            args.bundle,
+            args.broker,
+            args.fleet,
+            waves=args.wave or DEFAULT_WAVES,
+            soak_s=args.soak,
+            probation=probation,
+            parallel=args.parallel,
+            timeout_s=args.timeout,
+            state_dir=args.state_dir,
+            restart=args.restart,
+            report=lambda line: print(printable(line), flush=True),
+            stop=stop,
+            password=password,
+            ca_file=args.ca_file,
+        )
+    except BrokerUnavailableError:
+        raise  # nothing was sent: bad input, exit 2 with one line
+    except RemoteError as exc:
+        print(f"edgeship: rollout failed: {printable(exc)}", file=sys.stderr)
+        return EXIT_BUDGET
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(result.counts().items()))
+    print(
+        f"rollout {result.id} {result.state} ({counts}) in {result.seconds:.1f} s; "
+        f"state: {result.state_file}"
+    )
+    if result.reason and result.state != "done":
+        print(f"  reason: {printable(result.reason)}")
+    if args.json is not None:
+        write_json(args.json, result.to_dict())
+    return EXIT_OK if result.ok else EXIT_BUDGET

@@ -1,0 +1,666 @@
+"""A staged rollout: one bundle to a fleet in waves, each gated on model health.
+
+``edgeship deploy bundle/ --fleet greenhouse --broker mqtt://hub:1883`` (no ``--device``) calls
+:func:`run_rollout`. The fleet's devices are those with a retained ``status`` on the broker
+that are online; they are split into waves (by default one canary, then 10%, 50% and 100% of
+the fleet, cumulative; or explicit device lists). Each wave is deployed with
+:func:`sdk.deploy.deploy_bundle` (in parallel, each device judging the new model's health
+during its probation) and then watched for ``soak_s`` seconds: the wave passes when every
+device applied the bundle and no collector raised an alert (``edgeship/{fleet}/alerts``,
+warning or critical) for a device running it. Otherwise the wave is rolled back (devices that
+applied the bundle are sent ``deploy_revert``) and the rollout halts: no device of a later
+wave is touched.
+
+The rollout's state is a JSON file (``state_dir``, one per rollout, written at every change)
+and a retained ``edgeship/{fleet}/rollouts`` message (docs/protocol.md), which collectors
+store and show. Running the same rollout again (same bundle, same fleet) resumes an aborted or
+interrupted one where it stopped; :func:`request_abort` (``edgeship deploy --abort``) or
+Ctrl-C stops one at the next device boundary.
+
+::
+
+    from sdk.rollout import run_rollout
+    result = run_rollout("bundle/", "mqtt://hub:1883", "greenhouse", soak_s=120)
+    print(result.state, result.reason)      # done / halted / aborted
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle import load_bundle
+from device_agent.contracts import messages as msg
+from device_agent.contracts.broker import BrokerUrl
+from device_agent.contracts.commands import Action, DeployRevert, ProbationArgs
+from device_agent.errors import ConfigError, EdgeshipError
+from sdk.deploy import DeployResult, deploy_bundle, deploy_id_of, pack_bundle
+from sdk.remote import CommandClient, RemoteError, connect
+
+__all__ = [
+    "DEFAULT_WAVES",
+    "RolloutResult",
+    "plan_waves",
+    "request_abort",
+    "rollout_state_dir",
+    "run_rollout",
+]
+
+DEFAULT_WAVES: tuple[str, ...] = ("1", "10%", "50%", "100%")
+# Alerts of these severities on a device running the new bundle fail its wave.
+_GATING = ("warning", "critical")
+_FINAL = ("done", "halted")
+_STATE_VERSION = 1
+
+
+class RolloutAborted(EdgeshipError):
+    """Raised inside the rollout when the operator asked it to stop."""
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """What became of a rollout: ``state`` is ``done`` (every device applied the bundle),
+    ``halted`` (a wave failed and was rolled back; ``reason`` names the device and the line)
+    or ``aborted`` (stopped by the operator; running it again resumes it)."""
+
+    id: str
+    fleet: str
+    state: str
+    reason: str | None
+    waves: list[list[str]]
+    devices: dict[str, str]
+    reasons: dict[str, str]
+    state_file: Path
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for state in self.devices.values():
+            out[state] = out.get(state, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "fleet": self.fleet,
+            "state": self.state,
+            "reason": self.reason,
+            "waves": self.waves,
+            "devices": self.devices,
+            "reasons": self.reasons,
+            "counts": self.counts(),
+            "state_file": str(self.state_file),
+            "seconds": self.seconds,
+        }
+
+
+def rollout_state_dir() -> Path:
+    """Where rollouts keep their state: ``$EDGESHIP_STATE_DIR/rollouts``, else
+    ``$XDG_STATE_HOME/edgeship/rollouts``, else ``~/.local/state/edgeship/rollouts``. State,
+    not a cache: deleting it forgets how far a rollout got."""
+    own = os.environ.get("EDGESHIP_STATE_DIR")
+    if own:
+        return Path(own).expanduser() / "rollouts"
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    return base / "edgeship" / "rollouts"
+
+
+def plan_waves(specs: Sequence[str], devices: Sequence[str]) -> list[list[str]]:
+    """Split ``devices`` into waves. Each spec is a count (``1``), a percentage of the fleet
+    (``10%``), both cumulative (the wave brings the rollout to that many devices), or a
+    comma-separated list of device ids (exactly those). Counted waves take the devices no list
+    names, in sorted order; a wave left empty is dropped. ConfigError names a bad spec."""
+    known = sorted(set(devices))
+    named: set[str] = set()
+    parsed: list[tuple[str, Any]] = []
+    for spec in specs:
+        text = spec.strip()
+        if not text:
+            raise ConfigError("--wave: an empty wave; give a count, N% or device ids")
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise ConfigError(f"--wave {spec!r}: expected N% with 0 < N <= 100") from None
+            if not 0 < pct <= 100 or not math.isfinite(pct):
+                raise ConfigError(f"--wave {spec!r}: a percentage must be in (0, 100]")
+            parsed.append(("pct", pct))
+        elif text.isdigit():
+            count = int(text)
+            if count < 1:
+                raise ConfigError(f"--wave {spec!r}: a count must be at least 1")
+            parsed.append(("count", count))
+        else:
+            ids = [d.strip() for d in text.split(",") if d.strip()]
+            for d in ids:
+                if d not in known:
+                    raise ConfigError(
+                        f"--wave {spec!r}: device {d!r} is not an online device of the fleet "
+                        f"({len(known)} are: {_names(known, 8)})"
+                    )
+                if d in named:
+                    raise ConfigError(f"--wave {spec!r}: device {d!r} is in two waves")
+                named.add(d)
+            parsed.append(("ids", ids))
+    pool = [d for d in known if d not in named]
+    waves: list[list[str]] = []
+    reached = 0  # counted devices placed so far
+    for kind, value in parsed:
+        if kind == "ids":
+            waves.append(list(value))
+            continue
+        target = value if kind == "count" else math.ceil(len(known) * value / 100)
+        target = min(target, len(pool))
+        if target > reached:
+            waves.append(pool[reached:target])
+            reached = target
+    return [w for w in waves if w]
+
+
+def _rollout_id(fleet: str, deploy_id: str) -> str:
+    return "r" + hashlib.sha256(f"{fleet}/{deploy_id}".encode()).hexdigest()[:15]
+
+
+def request_abort(fleet: str, bundle: str | Path, state_dir: Path | None = None) -> Path:
+    """Ask the rollout of ``bundle`` to ``fleet`` to stop (from another terminal): a running
+    one stops at the next device boundary; one not running is marked aborted. Returns its
+    state file; ConfigError when there is no such rollout."""
+    deploy_id = deploy_id_of(pack_bundle(bundle))
+    path = (state_dir or rollout_state_dir()) / f"{_rollout_id(fleet, deploy_id)}.json"
+    if not path.is_file():
+        raise ConfigError(f"no rollout of {bundle} to fleet {fleet!r} in {path.parent}")
+    (path.with_suffix(".abort")).write_text(str(time.time()))
+    return path
+
+
+@dataclass
+class _State:
+    """The rollout's state file, written atomically after every change."""
+
+    path: Path
+    data: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    @property
+    def abort_file(self) -> Path:
+        return self.path.with_suffix(".abort")
+
+    def event(self) -> msg.RolloutEvent:
+        """The rollout's state as its next retained message (``seq`` counts up)."""
+        d = self.data
+        d["seq"] += 1
+        return msg.RolloutEvent(
+            id=d["id"],
+            seq=d["seq"],
+            ts=time.time(),
+            started=d["started"],
+            state=d["state"],
+            deploy=d["deploy"],
+            wave=d["wave"],
+            waves=tuple(tuple(w) for w in d["waves"]),
+            devices=dict(d["devices"]),
+            model=d["model"],
+            model_version=d["model_version"],
+            soak_s=d["soak_s"],
+            reason=d["reason"],
+        )
+
+
+class _FleetWatch:
+    """One MQTT connection for the rollout: the fleet's retained statuses, the collectors'
+    alerts (kept with the time they arrived) and the rollout's own retained messages."""
+
+    def __init__(self, broker_url: str, fleet: str, **auth: Any) -> None:
+        self.fleet = fleet
+        self._lock = threading.Lock()
+        self.statuses: dict[str, msg.StatusMessage] = {}
+        self.alerts: list[tuple[float, msg.Alert]] = []
+        self._last_status = time.monotonic()
+        self._client = connect(
+            BrokerUrl.parse(broker_url),
+            [msg.subscription(fleet, kind="status"), msg.subscription(fleet, kind="alerts")],
+            self._on_message,
+            what="the fleet's status and alerts",
+            **auth,
+        )
+        self._topic = msg.topic(fleet, None, "rollouts")
+
+    def _on_message(self, decoded: msg.Message) -> None:
+        with self._lock:
+            if isinstance(decoded, msg.StatusMessage):
+                self.statuses[decoded.device] = decoded
+                self._last_status = time.monotonic()
+            elif isinstance(decoded, msg.Alert):
+                self.alerts.append((time.time(), decoded))
+
+    def online(self, settle_s: float) -> tuple[list[str], list[str]]:
+        """The devices whose retained status says online, and the others, once no new status
+        came for ``settle_s`` (retained messages arrive in a burst after subscribing)."""
+        deadline = time.monotonic() + 10 * settle_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                quiet = time.monotonic() - self._last_status
+            if quiet >= settle_s:
+                break
+            time.sleep(min(0.05, settle_s))
+        with self._lock:
+            on = sorted(d for d, s in self.statuses.items() if s.state == "online")
+            off = sorted(d for d, s in self.statuses.items() if s.state != "online")
+        return on, off
+
+    def gating_alert(self, since: dict[str, float]) -> msg.Alert | None:
+        """The first firing warning/critical alert about a device of ``since`` (device ->
+        when it started receiving the bundle) that arrived after that time."""
+        with self._lock:
+            for arrived, alert in self.alerts:
+                start = since.get(alert.device or "")
+                if (
+                    start is not None
+                    and arrived >= start
+                    and alert.state == "firing"
+                    and alert.severity in _GATING
+                ):
+                    return alert
+        return None
+
+    def publish(self, event: msg.RolloutEvent) -> None:
+        info = self._client.publish(self._topic, msg.encode(event), qos=1, retain=True)
+        with contextlib.suppress(RuntimeError, ValueError):
+            info.wait_for_publish(5)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"rollout {path.stem} is being run by another edgeship process (lock "
+                f"{path.with_suffix('.lock')}); stop it first or wait for it"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_rollout(
+    bundle: str | Path,
+    broker_url: str,
+    fleet: str,
+    *,
+    waves: Sequence[str] = DEFAULT_WAVES,
+    soak_s: float = 60.0,
+    probation: ProbationArgs | None = None,
+    parallel: int = 8,
+    timeout_s: float = 300.0,
+    state_dir: Path | None = None,
+    restart: bool = False,
+    settle_s: float = 1.0,
+    report: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+) -> RolloutResult:
+    """Roll ``bundle`` out to the online devices of ``fleet`` in ``waves`` (see
+    :func:`plan_waves`), each deployed with ``probation`` (``timeout_s`` per device) and
+    soaked for ``soak_s`` seconds; ``report(line)`` gets one line per step. Setting ``stop``
+    (or :func:`request_abort`) aborts at the next device boundary.
+
+    An unfinished rollout of the same bundle to the same fleet (its state file in
+    ``state_dir``) is resumed where it stopped, with its own waves; ``restart`` plans it anew
+    (devices that already run the bundle answer so and are not sent it again). A halted one is
+    only run again with ``restart``; a done one returns at once.
+
+    Raises ConfigError/BundleError for bad input (nothing sent) and BrokerUnavailableError
+    when the broker cannot be reached; what the devices did is the result, not an exception.
+    """
+    say = report or (lambda line: None)
+    if soak_s < 0 or timeout_s <= 0 or parallel < 1:
+        raise ConfigError("soak must be >= 0, timeout positive and parallel >= 1")
+    try:
+        msg.validate_id(fleet, "fleet")
+    except EdgeshipError as exc:
+        raise ConfigError(str(exc)) from None
+    manifest = load_bundle(bundle).manifest  # verifies the bundle before anything is sent
+    deploy_id = deploy_id_of(pack_bundle(bundle))
+    rollout_id = _rollout_id(fleet, deploy_id)
+    path = (state_dir or rollout_state_dir()) / f"{rollout_id}.json"
+    auth = {"username": username, "password": password, "ca_file": ca_file}
+    started = time.monotonic()
+    with _locked(path):
+        state = _load(path, restart)
+        if state is not None and state.data["state"] == "done":
+            say(f"rollout {rollout_id}: already done ({len(state.data['devices'])} devices)")
+            return _result(state, fleet, started)
+        if state is not None and state.data["state"] == "halted":
+            raise ConfigError(
+                f"rollout {rollout_id} halted at wave {state.data['wave'] + 1}: "
+                f"{state.data['reason']}; add --restart to plan it again "
+                f"(state: {path})"
+            )
+        state_abort = path.with_suffix(".abort")
+        state_abort.unlink(missing_ok=True)
+        watch = _FleetWatch(broker_url, fleet, **auth)
+        try:
+            if state is None:
+                online, offline = watch.online(settle_s)
+                if not online:
+                    raise ConfigError(
+                        f"no device of fleet {fleet!r} is online (no retained status saying "
+                        "so on the broker); check --fleet and --broker"
+                    )
+                plan = plan_waves(list(waves), online)
+                planned = {d for w in plan for d in w}
+                if len(planned) > msg.MAX_ROLLOUT_DEVICES:
+                    raise ConfigError(
+                        f"{len(planned)} devices in one rollout, over the limit of "
+                        f"{msg.MAX_ROLLOUT_DEVICES}; roll out per --wave lists"
+                    )
+                state = _State(
+                    path,
+                    {
+                        "version": _STATE_VERSION,
+                        "id": rollout_id,
+                        "fleet": fleet,
+                        "bundle": str(Path(bundle).resolve()),
+                        "deploy": deploy_id,
+                        "model": manifest.model.name,
+                        "model_version": manifest.model.version,
+                        "started": time.time(),
+                        "seq": 0,
+                        "state": "running",
+                        "wave": 0,
+                        "waves": plan,
+                        "devices": dict.fromkeys(sorted(planned), "pending"),
+                        "reasons": {},
+                        "soak_s": float(soak_s),
+                        "reason": None,
+                    },
+                )
+                sizes = ", ".join(str(len(w)) for w in plan)
+                say(
+                    f"rollout {rollout_id}: {manifest.model.name} v{manifest.model.version} to "
+                    f"{len(planned)} devices of fleet {fleet} in {len(plan)} waves ({sizes}), "
+                    f"soak {soak_s:g} s"
+                )
+                left_out = len(online) - len(planned)
+                if offline or left_out:
+                    say(
+                        f"  not in this rollout: {len(offline)} offline"
+                        + (f" ({', '.join(offline[:5])})" if offline else "")
+                        + (f", {left_out} online in no wave" if left_out else "")
+                    )
+            else:
+                d = state.data
+                d["soak_s"] = float(soak_s)
+                applied = sum(1 for s in d["devices"].values() if s == "applied")
+                say(
+                    f"rollout {rollout_id}: resuming at wave {d['wave'] + 1} of "
+                    f"{len(d['waves'])} ({applied} of {len(d['devices'])} devices applied)"
+                )
+            state.data["state"] = "running"
+            state.data["reason"] = None
+            runner = _Runner(state, watch, broker_url, fleet, bundle, say, stop, auth)
+            runner.run(probation, parallel, timeout_s, soak_s)
+        finally:
+            watch.close()
+    return _result(state, fleet, started)
+
+
+def _load(path: Path, restart: bool) -> _State | None:
+    if not path.is_file() or restart:
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
+            raise ValueError("not a rollout state of this version")
+        for key in ("id", "deploy", "waves", "devices", "state", "wave", "seq", "reasons"):
+            if key not in data:
+                raise ValueError(f"{key!r} is missing")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"rollout state {path} cannot be read ({exc}); add --restart to plan the rollout anew"
+        ) from None
+    return _State(path, data)
+
+
+def _result(state: _State, fleet: str, started: float) -> RolloutResult:
+    d = state.data
+    return RolloutResult(
+        id=d["id"],
+        fleet=fleet,
+        state=d["state"],
+        reason=d["reason"],
+        waves=[list(w) for w in d["waves"]],
+        devices=dict(d["devices"]),
+        reasons=dict(d["reasons"]),
+        state_file=state.path,
+        seconds=time.monotonic() - started,
+    )
+
+
+class _Runner:
+    """The waves, one after the other, for :func:`run_rollout`."""
+
+    def __init__(
+        self,
+        state: _State,
+        watch: _FleetWatch,
+        broker_url: str,
+        fleet: str,
+        bundle: str | Path,
+        say: Callable[[str], None],
+        stop: threading.Event | None,
+        auth: dict[str, Any],
+    ) -> None:
+        self.state, self.watch = state, watch
+        self.broker_url, self.fleet, self.bundle = broker_url, fleet, bundle
+        self.say, self.stop, self.auth = say, stop or threading.Event(), auth
+        # device -> when the rollout started sending it the bundle (alerts after count)
+        self.since: dict[str, float] = {}
+
+    # --- state --------------------------------------------------------------------------
+
+    def _set(self, device: str | None = None, dstate: str | None = None, **fields: Any) -> None:
+        with self.state.lock:
+            if device is not None and dstate is not None:
+                self.state.data["devices"][device] = dstate
+            for key, value in fields.items():
+                self.state.data[key] = value
+            event = self.state.event()
+            self.state.save()
+        try:
+            self.watch.publish(event)
+        except EdgeshipError as exc:  # never lose the rollout over its announcement
+            self.say(f"  (could not publish the rollout's state: {exc})")
+
+    def _aborting(self) -> bool:
+        if self.state.abort_file.exists():
+            self.stop.set()
+        return self.stop.is_set()
+
+    # --- the waves ----------------------------------------------------------------------
+
+    def run(
+        self, probation: ProbationArgs | None, parallel: int, timeout_s: float, soak_s: float
+    ) -> None:
+        d = self.state.data
+        # Devices already on the bundle (earlier waves) are watched for alerts from now on.
+        now = time.time()
+        for device, dstate in d["devices"].items():
+            if dstate == "applied":
+                self.since[device] = now
+        self._set()
+        while d["wave"] < len(d["waves"]):
+            index = d["wave"]
+            wave = d["waves"][index]
+            label = f"wave {index + 1}/{len(d['waves'])}"
+            if self._aborting():
+                return self._abort(label)
+            self.say(f"{label}: {len(wave)} device(s): {_names(wave)}")
+            failure = self._deploy_wave(wave, label, probation, parallel, timeout_s)
+            if failure is None:
+                failure = self._soak(wave, label, soak_s)
+            if failure == "aborted":
+                return self._abort(label)
+            if failure is not None:
+                return self._halt(wave, label, failure)
+            self._set(wave=index + 1)
+        self._set(state="done")
+        self.say(f"done: {len(d['devices'])} of {len(d['devices'])} devices applied the bundle")
+        return None
+
+    def _deploy_wave(
+        self,
+        wave: list[str],
+        label: str,
+        probation: ProbationArgs | None,
+        parallel: int,
+        timeout_s: float,
+    ) -> str | None:
+        """Deploy to every device of ``wave`` not yet on the bundle; None when all applied it,
+        "aborted", or the first failure's line."""
+        todo = [dev for dev in wave if self.state.data["devices"][dev] != "applied"]
+        failures: list[str] = []
+
+        def one(device: str) -> None:
+            if self._aborting():
+                return
+            self.since.setdefault(device, time.time())
+            self._set(device, "deploying")
+            try:
+                result = deploy_bundle(
+                    self.bundle,
+                    self.broker_url,
+                    self.fleet,
+                    device,
+                    timeout_s=timeout_s,
+                    probation=probation,
+                    **self.auth,
+                )
+            except RemoteError as exc:
+                self._device_done(device, "unreachable", str(exc), failures, label)
+                return
+            self._device_done(device, _device_state(result), _line(result), failures, label)
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = [pool.submit(one, dev) for dev in todo]
+            for future in futures:
+                while True:
+                    try:
+                        future.result(timeout=0.2)
+                        break
+                    except TimeoutError:
+                        if self.state.abort_file.exists():
+                            self.stop.set()
+        if failures:
+            return failures[0]
+        if any(self.state.data["devices"][dev] != "applied" for dev in wave):
+            return "aborted"
+        return None
+
+    def _device_done(
+        self, device: str, dstate: str, line: str, failures: list[str], label: str
+    ) -> None:
+        with self.state.lock:
+            self.state.data["reasons"][device] = line
+        self._set(device, dstate)
+        self.say(f"  {device}: {dstate.replace('_', ' ')} ({line})")
+        if dstate != "applied":
+            failures.append(f"{device} {dstate.replace('_', ' ')}: {line}")
+
+    def _soak(self, wave: list[str], label: str, soak_s: float) -> str | None:
+        """Watch alerts for ``soak_s`` seconds; the first gating one's line, or None."""
+        if soak_s > 0:
+            self.say(f"{label}: all applied; soaking {soak_s:g} s, watching the fleet's alerts")
+        deadline = time.monotonic() + soak_s
+        while True:
+            alert = self.watch.gating_alert(self.since)
+            if alert is not None:
+                return (
+                    f"{alert.severity} alert {alert.rule!r} on {alert.device} during the "
+                    f"soak: {alert.summary}"
+                )
+            if self._aborting():
+                return "aborted"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _halt(self, wave: list[str], label: str, failure: str) -> None:
+        self.say(f"{label} failed: {failure}")
+        for device in wave:
+            if self.state.data["devices"][device] != "applied":
+                continue
+            line = self._revert(device, failure)
+            with self.state.lock:
+                self.state.data["reasons"][device] = line
+            reverted = line.startswith("reverted")
+            self._set(device, "reverted" if reverted else "applied")
+            self.say(f"  {device}: {line}")
+        self._set(state="halted", reason=f"{label} failed: {failure}")
+        self.say(f"halted: no device outside {label} was touched")
+
+    def _revert(self, device: str, failure: str) -> str:
+        try:
+            with CommandClient(self.broker_url, self.fleet, device, **self.auth) as client:
+                why = f"rollout {self.state.data['id']} halted: {failure}"
+                args = DeployRevert(self.state.data["deploy"], why[:200])
+                reply = client.call(Action.DEPLOY_REVERT, args.to_args(), timeout_s=60)
+        except RemoteError as exc:
+            return f"NOT reverted: {exc}"
+        if not reply.ok:
+            return f"NOT reverted: {reply.error}"
+        result = reply.result if isinstance(reply.result, dict) else {}
+        return f"reverted to v{result.get('from_version')}"
+
+    def _abort(self, label: str) -> None:
+        self.state.abort_file.unlink(missing_ok=True)
+        self._set(state="aborted", reason=f"aborted by the operator at {label}")
+        self.say(f"aborted at {label}; run the same command again to resume")
+
+
+def _device_state(result: DeployResult) -> str:
+    if result.state in ("applied", "rolled_back", "failed"):
+        return result.state
+    return "failed"  # still on probation when its time was up: not a verdict
+
+
+def _line(result: DeployResult) -> str:
+    if result.state == "probation":
+        return "no verdict within the deploy's timeout"
+    return result.reason or result.state
+
+
+def _names(devices: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(devices[:limit])
+    return shown + (f" ... (+{len(devices) - limit})" if len(devices) > limit else "")
