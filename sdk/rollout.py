@@ -487,21 +487,24 @@ class _Runner:
         self.say, self.stop, self.auth = say, stop or threading.Event(), auth
         # device -> when the rollout started sending it the bundle (alerts after count)
         self.since: dict[str, float] = {}
+        self._publishing = threading.Lock()
 
     # --- state --------------------------------------------------------------------------
 
     def _set(self, device: str | None = None, dstate: str | None = None, **fields: Any) -> None:
-        with self.state.lock:
-            if device is not None and dstate is not None:
-                self.state.data["devices"][device] = dstate
-            for key, value in fields.items():
-                self.state.data[key] = value
-            event = self.state.event()
-            self.state.save()
-        try:
-            self.watch.publish(event)
-        except EdgeshipError as exc:  # never lose the rollout over its announcement
-            self.say(f"  (could not publish the rollout's state: {exc})")
+        # One change at a time, published in seq order: the retained message is the latest.
+        with self._publishing:
+            with self.state.lock:
+                if device is not None and dstate is not None:
+                    self.state.data["devices"][device] = dstate
+                for key, value in fields.items():
+                    self.state.data[key] = value
+                event = self.state.event()
+                self.state.save()
+            try:
+                self.watch.publish(event)
+            except EdgeshipError as exc:  # never lose the rollout over its announcement
+                self.say(f"  (could not publish the rollout's state: {exc})")
 
     def _aborting(self) -> bool:
         if self.state.abort_file.exists():

@@ -241,8 +241,8 @@ def run_rollout_cli(args: argparse.Namespace) -> int:
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print(
-            "\nstopping at the next device (deploys in flight finish); Ctrl-C again to leave "
-            "now, the same command resumes",
+            "\nstopping at the next device: deploys in flight finish first (each within "
+            "--timeout); the same command resumes the rollout",
             file=sys.stderr,
             flush=True,
         )
