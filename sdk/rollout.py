@@ -198,9 +198,13 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def save(self) -> None:
+        """Write the state (the first write comes before any device is sent anything)."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the rollout's state {self.path}: {exc}") from exc
 
     @property
     def abort_file(self) -> Path:
@@ -296,8 +300,14 @@ class _FleetWatch:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot keep the rollout's state in {path.parent}: {exc} (see --state-dir)"
+        ) from exc
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

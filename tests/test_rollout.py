@@ -330,3 +330,23 @@ def test_cli_rollout_exit_codes_and_a_retry_after_a_revert(
     assert report["state"] == "done" and report["counts"] == {"applied": 20}
     assert set(fleet.versions().values()) == {"3"}
     assert fleet.failures == []
+
+
+def test_one_process_per_rollout_and_an_unusable_state_dir_is_bad_input(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    import fcntl
+
+    from sdk.deploy import deploy_id_of, pack_bundle
+    from sdk.rollout import _rollout_id
+
+    rid = _rollout_id("somefleet", deploy_id_of(pack_bundle(bundles["v1"])))
+    with open(tmp_path / f"{rid}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another edgeship process"):
+            run_rollout(bundles["v1"], BROKER, "somefleet", state_dir=tmp_path)
+    (tmp_path / f"{rid}.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="--restart"):
+        run_rollout(bundles["v1"], BROKER, "somefleet", state_dir=tmp_path)
+    with pytest.raises(ConfigError, match="--state-dir"):
+        run_rollout(bundles["v1"], BROKER, "somefleet", state_dir=Path("/proc/no/such"))
