@@ -394,22 +394,42 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"current    none deployed; 'run' uses the setting bundle ({setting})")
     else:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(current.get("ts", 0))))
+        # current.json's time is when it was written: after a deploy_revert, the revert's.
+        reverted = "previous" in current and current["previous"] is None
+        since = f"running again since {when} (deploy_revert)" if reverted else f"applied {when}"
         print(
             f"current    {current.get('model')} v{current.get('model_version')}, deploy "
-            f"{current.get('deploy')}, applied {when} ({current.get('bundle')})"
+            f"{current.get('deploy')}, {since} ({current.get('bundle')})"
         )
-        previous = current.get("previous")
-        name = state.get("previous_model")
-        label = f"{name} v{state.get('previous_version')}" if name else "unreadable manifest"
-        print(f"previous   {label} ({previous})")
+        print(f"previous   {_previous_line(current, state)}")
     for upload in state["uploads"]:
         print(
             f"upload     {upload['deploy']}: {upload['received']} of {upload['chunks']} chunks "
             "received (resumes when the same bundle is deployed again)"
         )
     for name in state["unapplied"]:
-        print(f"unapplied  bundles/{name} (on probation now, or left by a restart during one)")
+        print(
+            f"unapplied  bundles/{name} (on probation now; else left by a restart during one "
+            "or taken back by deploy_revert, and deleted by the next applied deploy)"
+        )
     return 0
+
+
+def _previous_line(current: dict[str, Any], state: dict[str, Any]) -> str:
+    """The ``previous`` line of ``status``: the bundle a revert of the current deploy would go
+    back to. ``previous`` is null after a deploy_revert to a deployed bundle (the one before
+    that is not known), absent only in a hand-written current.json."""
+    previous = current.get("previous")
+    if previous is None:
+        if "previous" in current:
+            return (
+                "none known (a deploy_revert went back to this bundle; the one before it is not "
+                "kept, so this deploy cannot be reverted: deploy the bundle you want instead)"
+            )
+        return "none recorded in current.json"
+    name = state.get("previous_model")
+    label = f"{name} v{state.get('previous_version')}" if name else "unreadable manifest"
+    return f"{label} ({previous})"
 
 
 def _status_json(state: dict[str, Any], setting: str | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ system holds: the collector's own API, the manifest, the files on disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -32,6 +33,7 @@ import numpy as np
 import pytest
 
 from device_agent import Agent, AgentConfig
+from device_agent.contracts.commands import DeployRevert
 from tests.brokers import Mosquitto, free_port, wait_for
 from tests.collector_helpers import Publisher, status, window
 from tests.helpers import write_mlp_onnx
@@ -99,7 +101,11 @@ def _mlp_bundle(root: Path, name: str, version: str, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("json-bundles")
-    return {"v1": _mlp_bundle(root, "mlp", "1"), "v2": _mlp_bundle(root, "mlp", "2", seed=1)}
+    return {
+        "v1": _mlp_bundle(root, "mlp", "1"),
+        "v2": _mlp_bundle(root, "mlp", "2", seed=1),
+        "v3": _mlp_bundle(root, "mlp", "3", seed=2),
+    }
 
 
 # --- --version ------------------------------------------------------------------------------
@@ -208,8 +214,36 @@ def test_check_json_errors_are_one_line_on_stderr_with_the_same_codes(
 # --- edgeship-agent status --json (and check --json without BUNDLE) after a real deploy --------
 
 
+@contextlib.contextmanager
+def _serving(bundle: Path, broker: str, fleet: str, device: str, state: Path) -> Iterator[None]:
+    """A real agent on ``bundle``, connected, with an application calling it the whole time
+    (probation needs calls: 5 confirm a deploy)."""
+    config = AgentConfig(
+        device_id=device, fleet=fleet, broker_url=broker, window_s=0.3, state_dir=state,
+        deploy_probation_inferences=5,
+    )  # fmt: skip
+    stop = threading.Event()
+    with Agent.from_bundle(bundle, config) as agent:
+        x = np.zeros((1, 16), dtype=np.float32)
+
+        def traffic() -> None:
+            while not stop.is_set():
+                agent.predict({"x": x})
+                stop.wait(0.01)
+
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        try:
+            assert wait_for(lambda: agent.stats["mqtt"]["connected"], 15)
+            yield
+        finally:
+            stop.set()
+            thread.join(10)
+
+
 def test_status_json_after_a_real_deploy(bundles: dict[str, Path], tmp_path: Path) -> None:
     from sdk.deploy import deploy_bundle
+    from sdk.remote import CommandClient
 
     state = tmp_path / "state"
     fleet = f"st{uuid.uuid4().hex[:8]}"
@@ -223,28 +257,21 @@ def test_status_json_after_a_real_deploy(bundles: dict[str, Path], tmp_path: Pat
     }  # fmt: skip
 
     with Mosquitto(tmp_path / "broker", persistence=False) as broker:
-        config = AgentConfig(
-            device_id="pi-d", fleet=fleet, broker_url=broker.url, window_s=0.3,
-            state_dir=state, deploy_probation_inferences=5,
-        )  # fmt: skip
-        stop = threading.Event()
-        with Agent.from_bundle(bundles["v1"], config) as agent:
-            x = np.zeros((1, 16), dtype=np.float32)
-
-            def traffic() -> None:
-                while not stop.is_set():
-                    agent.predict({"x": x})
-                    stop.wait(0.01)
-
-            thread = threading.Thread(target=traffic, daemon=True)
-            thread.start()
-            try:
-                assert wait_for(lambda: agent.stats["mqtt"]["connected"], 15)
-                result = deploy_bundle(bundles["v2"], broker.url, fleet, "pi-d", timeout_s=120)
-            finally:
-                stop.set()
-                thread.join(10)
+        with _serving(bundles["v1"], broker.url, fleet, "pi-d", state):
+            result = deploy_bundle(bundles["v2"], broker.url, fleet, "pi-d", timeout_s=120)
+        # Another device goes v1 -> v2 -> v3, and v3 is taken back by deploy_revert: current.json
+        # names v2 again, with previous null, and v3's folder is left unapplied.
+        with _serving(bundles["v1"], broker.url, fleet, "pi-r", state):
+            back = [
+                deploy_bundle(bundles[v], broker.url, fleet, "pi-r", timeout_s=120).deploy_id
+                for v in ("v2", "v3")
+            ]
+            with CommandClient(broker.url, fleet, "pi-r") as client:
+                reverted = client.call(
+                    "deploy_revert", DeployRevert(back[1], "status test").to_args(), timeout_s=60
+                )
     assert result.state == "applied", result
+    assert reverted.ok and reverted.result["state"] == "rolled_back", reverted
 
     found = one_object(agent_cli("status", *where, "--json", env=env))
     pointer = json.loads((state / f"deploy-{fleet}-pi-d" / "current.json").read_text())
@@ -278,6 +305,19 @@ def test_status_json_after_a_real_deploy(bundles: dict[str, Path], tmp_path: Pat
     broken = one_object(agent_cli("status", *where, "--json", env=env))
     assert broken["current"] is None and broken["previous"] is None
     assert "current.json is unreadable" in broken["error"]
+
+    # after a deploy_revert to a deployed bundle: no previous is known, the reverted one is left
+    where_r = ["--state-dir", str(state), "--fleet", fleet, "--device-id", "pi-r"]
+    after = one_object(agent_cli("status", *where_r, "--json", env=env))
+    assert (after["current"]["deploy"], after["current"]["model_version"]) == (back[0], "2")
+    assert after["current"]["previous"] is None and after["previous"] is None
+    assert after["unapplied"] == [back[1]]
+    lines = agent_cli("status", *where_r, env=env).stdout.decode()
+    assert f"mlp v2, deploy {back[0]}, running again since " in lines
+    assert "previous   none known (a deploy_revert went back to this bundle;" in lines
+    assert "unreadable manifest" not in lines
+    unapplied = f"unapplied  bundles/{back[1]} (on probation now; else left by a restart"
+    assert f"{unapplied} during one or taken back by deploy_revert, and deleted by" in lines
 
 
 # --- edgeship fleet status --json ---------------------------------------------------------------
