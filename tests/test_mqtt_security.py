@@ -247,6 +247,7 @@ def test_a_device_publishes_only_under_its_own_topics(
     own = {t(A, kind) for kind in ("status", "telemetry", "outliers", "cmd/reply")}
     refused = {t(B, kind) for kind in ("status", "telemetry", "outliers", "cmd/reply", "cmd")}
     refused |= {t(A, "cmd"), msg.topic(FLEET, None, "alerts"), f"edgeship/other/{B}/telemetry"}
+    refused.add(msg.topic(FLEET, None, "rollouts"))  # a device cannot fake a rollout's state
     for topic in sorted(own):
         assert device.publish(topic) < 128, topic
     for topic in sorted(refused):
@@ -320,6 +321,9 @@ def test_a_device_reads_only_its_own_commands(fleet: Fleet, clients: list[Client
     # The collector reads everything but commands nobody; the operator writes no device data.
     assert collector.publish(t(B, "cmd")) == NOT_AUTHORIZED
     assert operator.publish(t(B, "telemetry")) == NOT_AUTHORIZED
+    # A rollout (edgeship deploy --fleet) publishes its state; the collector does not.
+    assert operator.publish(msg.topic(FLEET, None, "rollouts")) < 128
+    assert collector.publish(msg.topic(FLEET, None, "rollouts")) == NOT_AUTHORIZED
 
 
 # --- who may connect ----------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def _secret_file(path: Path, text: str) -> Path:
 def test_the_broker_password_never_shows_in_ps_or_any_output(
     source: str, rig: Rig, agent: Agent, tmp_path: Path
 ) -> None:
-    """collect, deploy and bench --device each connect with a password from ``source``."""
+    """collect, deploy, bench --device and a fleet rollout each connect with a password from
+    ``source``."""
 
     def how(user: str) -> tuple[list[str], dict[str, str]]:
         env = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
@@ -223,10 +224,22 @@ def test_the_broker_password_never_shows_in_ps_or_any_output(
             )  # fmt: skip
             assert benched.returncode == 0, benched.stdout + benched.stderr
             assert "latency (ms)" in benched.stdout
+            # A fleet rollout (deploy without --device) connects with the same password.
+            rollout_report = tmp_path / "rollout.json"
+            rolled = _edgeship(
+                "-v", "deploy", str(rig.bundles["1"]), "--fleet", FLEET, "--broker",
+                rig.url("operator"), *extra, "--soak", "0", "--timeout", "120",
+                "--state-dir", str(tmp_path / "rollouts"), "--json", str(rollout_report),
+                env=env,
+            )  # fmt: skip
+            assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+            assert wait_for(lambda: agent.bundle.manifest.model.version == "1", 30)
         finally:
             collector.send_signal(signal.SIGTERM)
             out, _ = collector.communicate(timeout=60)
     outputs += [out.decode(), deployed.stdout, deployed.stderr, benched.stdout, benched.stderr]
+    outputs += [rolled.stdout, rolled.stderr, rollout_report.read_text()]
+    outputs += [p.read_text() for p in (tmp_path / "rollouts").glob("*.json")]
     outputs += [report.read_text(), bench_report.read_text(), rig.broker.log_text()]
     assert collector.returncode == 0, outputs[0]
     assert "stopped:" in outputs[0] and "collecting" in outputs[0]
@@ -234,6 +247,7 @@ def test_the_broker_password_never_shows_in_ps_or_any_output(
     assert sampler.saw("collect", rig.url("collector"))
     assert sampler.saw("deploy", DEVICE, rig.url("operator"))
     assert sampler.saw("bench", "--device", DEVICE)
+    assert sampler.saw("deploy", "--fleet", FLEET, "--soak")
     everything = "\n".join([*sampler.seen, *outputs])
     for user in ("collector", "operator"):
         for form in forms(PASSWORDS[user]):
