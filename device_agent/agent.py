@@ -553,6 +553,8 @@ class Agent:
         if not isinstance(command.args, Mapping):
             raise ConfigError("benchmark: args must be an object")
         args = BenchmarkArgs.parse(command.args)
+        if args.candidate is not None:
+            raise ConfigError("benchmark: this agent does not time candidates yet")
         loaded = self.slot.loaded
         return run_benchmark(
             loaded.session,

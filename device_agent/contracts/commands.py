@@ -29,6 +29,12 @@ probation and the limits of model health it is judged against (:mod:`device_agen
 
 ``ping`` takes no arguments and answers :class:`PingReply`; ``benchmark`` takes
 :class:`BenchmarkArgs` and answers a benchmark report (``device_agent.benchmark``).
+
+``candidate_*`` send a model file to time on the board without deploying it (docs/agent.md,
+"Timing candidates"): ``candidate_begin`` (:class:`CandidateBegin`; the id is the file's
+:func:`candidate_id`, so a file already there answers ``ready`` and nothing is sent again),
+``candidate_chunk`` (:class:`CandidateChunk`, chunked as deploys are) and ``candidate_remove``
+(:class:`CandidateRef`); ``benchmark`` with ``candidate`` times that file in a child process.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, ClassVar, TypedDict
 
@@ -45,6 +51,8 @@ from device_agent.contracts.messages import validate_id
 from device_agent.contracts.text import escape
 
 __all__ = [
+    "CANDIDATE_FORMATS",
+    "MAX_BENCH_THREADS",
     "MAX_CHUNKS",
     "MAX_CHUNK_BYTES",
     "MAX_MODEL_LEN",
@@ -56,6 +64,12 @@ __all__ = [
     "MIN_CHUNK_BYTES",
     "Action",
     "BenchmarkArgs",
+    "CandidateBegin",
+    "CandidateChunk",
+    "CandidateChunkReply",
+    "CandidateRef",
+    "CandidateReply",
+    "CandidateSignature",
     "ChunkReply",
     "DeployBegin",
     "DeployChunk",
@@ -63,9 +77,12 @@ __all__ = [
     "DeployRecord",
     "DeployRef",
     "DeployRevert",
+    "InputShape",
     "PingReply",
     "ProbationArgs",
     "ReceivingReply",
+    "candidate_id",
+    "candidate_signed_bytes",
     "printable",
 ]
 
@@ -99,6 +116,9 @@ class Action(str, Enum):
     DEPLOY_STATUS = "deploy_status"
     DEPLOY_ABORT = "deploy_abort"
     DEPLOY_REVERT = "deploy_revert"
+    CANDIDATE_BEGIN = "candidate_begin"
+    CANDIDATE_CHUNK = "candidate_chunk"
+    CANDIDATE_REMOVE = "candidate_remove"
 
 
 class DeployError(ConfigError):
@@ -176,6 +196,40 @@ def _without_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def _chunking(args: Mapping[str, Any], max_bytes: int, what: str) -> tuple[int, int, int]:
+    """``size``, ``chunks`` and ``chunk_bytes`` of an upload (a deploy's archive, a candidate's
+    model file), checked against each other and the limits: DeployError naming the argument."""
+    size = _int(args, "size", 1, max_bytes)
+    chunk_bytes = _int(args, "chunk_bytes", 1, MAX_CHUNK_BYTES)
+    if chunk_bytes < min(MIN_CHUNK_BYTES, size):
+        raise DeployError(
+            f"argument 'chunk_bytes': {chunk_bytes} bytes is below the minimum of "
+            f"{MIN_CHUNK_BYTES} (only a {what} sent in one chunk may be smaller)"
+        )
+    needed = -(-size // chunk_bytes)
+    if needed > MAX_CHUNKS:
+        raise DeployError(
+            f"{size} bytes in chunks of {chunk_bytes} bytes is {needed} chunks, over the "
+            f"limit of {MAX_CHUNKS}; send chunks of at least {-(-size // MAX_CHUNKS)} bytes"
+        )
+    chunks = _int(args, "chunks", 1, MAX_CHUNKS)
+    if chunks != needed:
+        raise DeployError(
+            f"{chunks} chunks of {chunk_bytes} bytes cannot hold {size} bytes exactly"
+        )
+    return size, chunks, chunk_bytes
+
+
+def _chunk_fields(args: Mapping[str, Any], chunks: int) -> tuple[int, str, str]:
+    """A chunk's ``index`` (below ``chunks``), base64 ``data`` and ``sha256``, checked."""
+    index = _int(args, "index", 0, chunks - 1)
+    sha = _sha(args)
+    data = _arg(args, "data")
+    if not isinstance(data, str):
+        raise DeployError("argument 'data': expected a base64 string")
+    return index, data, sha
+
+
 # --- arguments -----------------------------------------------------------------------------
 
 
@@ -197,24 +251,7 @@ class DeployBegin:
     def parse(cls, args: Mapping[str, Any], *, max_bytes: int) -> DeployBegin:
         """Validate ``args``; ``max_bytes`` is the device's ``deploy_max_bytes``."""
         ident = DeployRef.id_of(args)
-        size = _int(args, "size", 1, max_bytes)
-        chunk_bytes = _int(args, "chunk_bytes", 1, MAX_CHUNK_BYTES)
-        if chunk_bytes < min(MIN_CHUNK_BYTES, size):
-            raise DeployError(
-                f"argument 'chunk_bytes': {chunk_bytes} bytes is below the minimum of "
-                f"{MIN_CHUNK_BYTES} (only a deploy sent in one chunk may be smaller)"
-            )
-        needed = -(-size // chunk_bytes)
-        if needed > MAX_CHUNKS:
-            raise DeployError(
-                f"{size} bytes in chunks of {chunk_bytes} bytes is {needed} chunks, over the "
-                f"limit of {MAX_CHUNKS}; send chunks of at least {-(-size // MAX_CHUNKS)} bytes"
-            )
-        chunks = _int(args, "chunks", 1, MAX_CHUNKS)
-        if chunks != needed:
-            raise DeployError(
-                f"{chunks} chunks of {chunk_bytes} bytes cannot hold {size} bytes exactly"
-            )
+        size, chunks, chunk_bytes = _chunking(args, max_bytes, "deploy")
         return cls(
             deploy=ident,
             size=size,
@@ -253,11 +290,7 @@ class DeployChunk:
         """Validate ``args``; ``chunks_of(deploy)`` is the number of chunks of the upload the
         id names (it raises when there is none), which bounds ``index``."""
         ident = DeployRef.id_of(args)
-        index = _int(args, "index", 0, chunks_of(ident) - 1)
-        sha = _sha(args)
-        data = _arg(args, "data")
-        if not isinstance(data, str):
-            raise DeployError("argument 'data': expected a base64 string")
+        index, data, sha = _chunk_fields(args, chunks_of(ident))
         return cls(deploy=ident, index=index, data=data, sha256=sha)
 
     def to_args(self) -> dict[str, Any]:
@@ -446,6 +479,159 @@ class ProbationArgs:
         return n or None, self.DEFAULT_SECONDS if self.seconds is None else self.seconds
 
 
+# --- candidates -----------------------------------------------------------------------------
+
+CANDIDATE_FORMATS = ("onnx", "tflite")
+_CANDIDATE_RE = re.compile(r"c[0-9a-f]{32}")
+_KEY_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# What the signature over a candidate covers: this prefix and the file's hex SHA-256. The prefix
+# keeps a candidate's signature from standing for anything else signed with the same key.
+CANDIDATE_SIGNED_PREFIX = b"edgeship.candidate/1:"
+MAX_SIGNATURE_B64 = 200
+
+
+def candidate_id(sha256: str) -> str:
+    """The id of the candidate whose file has this hex SHA-256: ``c`` and its first 32 digits.
+    Content-addressed: the same file is the same candidate on every device."""
+    return "c" + sha256[:32]
+
+
+def candidate_signed_bytes(sha256: str) -> bytes:
+    """The bytes a candidate's Ed25519 signature is over (:data:`CANDIDATE_SIGNED_PREFIX` and the
+    file's hex SHA-256)."""
+    return CANDIDATE_SIGNED_PREFIX + sha256.encode("ascii")
+
+
+@dataclass(frozen=True)
+class CandidateSignature:
+    """``candidate_begin``'s optional ``signature``: an Ed25519 signature by ``key_id`` (the
+    fingerprint of a bundle signing key, docs/security.md) over
+    :func:`candidate_signed_bytes`, base64 in ``signature``."""
+
+    key_id: str
+    algorithm: str
+    signature: str
+
+    KEYS: ClassVar[tuple[str, ...]] = ("key_id", "algorithm", "signature")
+
+    @classmethod
+    def parse(cls, value: Any) -> CandidateSignature:
+        if not isinstance(value, Mapping) or set(value) != set(cls.KEYS):
+            raise DeployError(
+                f"argument 'signature': expected an object with exactly {', '.join(cls.KEYS)}"
+            )
+        key_id, algorithm, sig = (value[k] for k in cls.KEYS)
+        if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
+            raise DeployError("signature 'key_id': expected 'sha256:' and 64 lowercase hex digits")
+        if algorithm != "ed25519":
+            raise DeployError(f"signature 'algorithm': expected 'ed25519', got {_kind(algorithm)}")
+        if not isinstance(sig, str) or not 0 < len(sig) <= MAX_SIGNATURE_B64:
+            raise DeployError(
+                f"signature 'signature': expected base64 of at most {MAX_SIGNATURE_B64} characters"
+            )
+        return cls(key_id=key_id, algorithm=algorithm, signature=sig)
+
+    def to_args(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def candidate_ref(value: Any, key: str = "candidate") -> str:
+    """A candidate id: :func:`candidate_id` of some SHA-256 (``c`` and 32 lowercase hex digits)."""
+    if not isinstance(value, str) or not _CANDIDATE_RE.fullmatch(value):
+        raise DeployError(
+            f"argument {key!r}: expected a candidate id ('c' and 32 lowercase hex digits), got "
+            f"{_kind(value)}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class CandidateBegin:
+    """``candidate_begin``'s arguments: the ``candidate`` (its id, which must be
+    :func:`candidate_id` of ``sha256``), the file's ``size`` and ``sha256``, its chunking as a
+    deploy's (:class:`DeployBegin`), its ``format`` (``onnx`` or ``tflite``) and, for a device
+    with trusted keys, its ``signature``."""
+
+    candidate: str
+    size: int
+    sha256: str
+    chunks: int
+    chunk_bytes: int
+    format: str
+    signature: CandidateSignature | None = None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], *, max_bytes: int) -> CandidateBegin:
+        """Validate ``args``; ``max_bytes`` is the device's ``candidate_max_bytes``."""
+        ident = candidate_ref(_arg(args, "candidate"))
+        size, chunks, chunk_bytes = _chunking(args, max_bytes, "candidate")
+        sha = _sha(args)
+        if candidate_id(sha) != ident:
+            raise DeployError(
+                f"candidate {ident} is not the id of a file with SHA-256 {sha[:12]}…; the id is "
+                f"{candidate_id(sha)}"
+            )
+        fmt = _arg(args, "format")
+        if fmt not in CANDIDATE_FORMATS:
+            raise DeployError(
+                f"argument 'format': expected one of {', '.join(CANDIDATE_FORMATS)}, got "
+                f"{_kind(fmt)}"
+            )
+        sig = args.get("signature")
+        return cls(
+            candidate=ident,
+            size=size,
+            sha256=sha,
+            chunks=chunks,
+            chunk_bytes=chunk_bytes,
+            format=str(fmt),
+            signature=None if sig is None else CandidateSignature.parse(sig),
+        )
+
+    def to_args(self) -> dict[str, Any]:
+        """The ``args`` object on the wire (``signature`` left out when None)."""
+        return _without_none(self.params())
+
+    def params(self) -> dict[str, Any]:
+        """Every field, None included: what the device keeps about the candidate."""
+        out = dict(self.__dict__)
+        out["signature"] = None if self.signature is None else self.signature.to_args()
+        return out
+
+
+@dataclass(frozen=True)
+class CandidateChunk:
+    """``candidate_chunk``'s arguments: as :class:`DeployChunk`'s, for ``candidate``."""
+
+    candidate: str
+    index: int
+    data: str
+    sha256: str
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], *, chunks_of: Callable[[str], int]) -> CandidateChunk:
+        ident = candidate_ref(_arg(args, "candidate"))
+        index, data, sha = _chunk_fields(args, chunks_of(ident))
+        return cls(candidate=ident, index=index, data=data, sha256=sha)
+
+    def to_args(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class CandidateRef:
+    """``candidate_remove``'s argument: the candidate to delete from the device."""
+
+    candidate: str
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> CandidateRef:
+        return cls(candidate_ref(_arg(args, "candidate")))
+
+    def to_args(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 # --- benchmark ----------------------------------------------------------------------------
 
 # The limits of a benchmark the agent runs on request (the ``benchmark`` command): every loop
@@ -502,6 +688,64 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+MAX_BENCH_THREADS = 64
+MAX_INPUTS = 16
+MAX_INPUT_RANK = 8
+# Elements of one generated input (64 MiB of float32): a sample input is allocated on the
+# device, so its size is bounded whatever the arguments say.
+MAX_INPUT_ELEMENTS = 2**24
+INPUT_DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """One input of a candidate's sample inputs (``benchmark``'s ``inputs``): its ``name``, a
+    fixed ``shape`` and a ``dtype`` from :data:`INPUT_DTYPES`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def parse_all(cls, value: Any) -> tuple[InputShape, ...]:
+        """``inputs``: an object of 1 to :data:`MAX_INPUTS` names, each ``{shape, dtype}``."""
+        if not isinstance(value, Mapping) or not 0 < len(value) <= MAX_INPUTS:
+            raise ConfigError(
+                f"benchmark argument 'inputs': expected an object of 1 to {MAX_INPUTS} inputs, "
+                f"got {_kind(value)}"
+            )
+        out = []
+        for name, spec in value.items():
+            if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_LEN:
+                raise ConfigError(
+                    f"benchmark argument 'inputs': a name of 1 to {MAX_MODEL_LEN} characters"
+                )
+            if _BAD_TEXT.search(name):
+                raise ConfigError(
+                    f"benchmark argument 'inputs': {ascii(name)[:80]} holds a control character "
+                    "or a lone surrogate"
+                )
+            where = f"benchmark argument 'inputs' {ascii(name)[:40]}"
+            if not isinstance(spec, Mapping) or set(spec) != {"shape", "dtype"}:
+                raise ConfigError(f"{where}: expected an object with exactly shape and dtype")
+            shape, dtype = spec["shape"], spec["dtype"]
+            if not isinstance(shape, list | tuple) or len(shape) > MAX_INPUT_RANK:
+                raise ConfigError(f"{where}: 'shape' must be a list of at most {MAX_INPUT_RANK}")
+            dims = tuple(_count(d, "inputs shape", 1, MAX_INPUT_ELEMENTS) for d in shape)
+            if math.prod(dims) > MAX_INPUT_ELEMENTS:
+                raise ConfigError(f"{where}: more than {MAX_INPUT_ELEMENTS} elements")
+            if dtype not in INPUT_DTYPES:
+                raise ConfigError(
+                    f"{where}: 'dtype' must be one of {', '.join(INPUT_DTYPES)}, got {_kind(dtype)}"
+                )
+            out.append(cls(name=name, shape=dims, dtype=str(dtype)))
+        return tuple(out)
+
+    @staticmethod
+    def to_args_all(inputs: tuple[InputShape, ...]) -> dict[str, Any]:
+        return {i.name: {"shape": list(i.shape), "dtype": i.dtype} for i in inputs}
+
+
 @dataclass(frozen=True)
 class BenchmarkArgs:
     """The arguments of the agent's ``benchmark`` command, validated.
@@ -510,14 +754,31 @@ class BenchmarkArgs:
     :data:`MAX_SECONDS`, default 3) are both reached unless ``max_seconds`` (number, above 0 up
     to :data:`MAX_SECONDS`, default :data:`MAX_SECONDS`) runs out first: it bounds the whole
     benchmark's wall time. ``warmup_runs`` (int, 0 to :data:`MAX_WARMUP_RUNS`, default 10).
+
+    ``candidate`` (an id, :func:`candidate_id`) times that candidate, sent with the
+    ``candidate_*`` actions, instead of the loaded bundle, in a child process with ``threads``
+    (1 to :data:`MAX_BENCH_THREADS`, default 1) runtime threads, on sample inputs of the
+    bundle's input spec or, given ``inputs`` (:class:`InputShape`), of those shapes and dtypes.
+    ``threads`` and ``inputs`` are refused without ``candidate``.
     """
 
     min_runs: int = 200
     min_seconds: float = 3.0
     warmup_runs: int = 10
     max_seconds: float = MAX_SECONDS
+    candidate: str | None = None
+    threads: int | None = None
+    inputs: tuple[InputShape, ...] | None = None
 
-    KEYS: ClassVar[tuple[str, ...]] = ("min_runs", "min_seconds", "warmup_runs", "max_seconds")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "min_runs",
+        "min_seconds",
+        "warmup_runs",
+        "max_seconds",
+        "candidate",
+        "threads",
+        "inputs",
+    )
 
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> BenchmarkArgs:
@@ -548,7 +809,21 @@ class BenchmarkArgs:
                 f"benchmark: min_seconds ({out.min_seconds:g}) is more than max_seconds "
                 f"({out.max_seconds:g})"
             )
-        return out
+        candidate = args.get("candidate")
+        threads, inputs = args.get("threads"), args.get("inputs")
+        if candidate is None:
+            if threads is not None or inputs is not None:
+                raise ConfigError(
+                    "benchmark: 'threads' and 'inputs' apply to a candidate only (the loaded "
+                    "bundle runs with the agent's own settings); give 'candidate' too"
+                )
+            return out
+        return replace(
+            out,
+            candidate=candidate_ref(candidate),
+            threads=1 if threads is None else _count(threads, "threads", 1, MAX_BENCH_THREADS),
+            inputs=None if inputs is None else InputShape.parse_all(inputs),
+        )
 
     def to_args(self) -> dict[str, Any]:
         """The ``args`` object on the wire: ``min_runs`` and ``min_seconds`` always (what the
@@ -559,6 +834,11 @@ class BenchmarkArgs:
             args["warmup_runs"] = self.warmup_runs
         if self.max_seconds != d.max_seconds:
             args["max_seconds"] = self.max_seconds
+        if self.candidate is not None:
+            args["candidate"] = self.candidate
+            args["threads"] = self.threads or 1
+        if self.inputs is not None:
+            args["inputs"] = InputShape.to_args_all(self.inputs)
         return args
 
 
@@ -611,3 +891,24 @@ class DeployRecord(TypedDict, total=False):
     probation_left: int
     received: int
     chunks: int
+
+
+class CandidateReply(TypedDict):
+    """``candidate_begin`` (and ``candidate_chunk``): ``state`` is ``receiving`` with the chunks
+    the device ``have``s, or ``ready`` once the whole file is there and matches its SHA-256
+    (``have`` then lists every chunk)."""
+
+    candidate: str
+    state: str
+    chunks: int
+    have: list[int]
+
+
+class CandidateChunkReply(TypedDict):
+    """``candidate_chunk``: the chunk is stored; ``state`` is ``ready`` after the last one."""
+
+    candidate: str
+    index: int
+    received: int
+    chunks: int
+    state: str
