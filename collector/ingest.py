@@ -7,6 +7,8 @@
   keeps (histograms as tuples, host figures as numbers);
 * :class:`EventRecord`: a valid ``status``, ``outliers`` or ``cmd/reply`` message, with its
   decoded message and its original JSON text;
+* :class:`RolloutRecord`: a valid fleet-level ``rollouts`` message (a staged rollout's whole
+  state; the store keeps the newest ``seq`` of each rollout);
 * :class:`Ignored`: valid traffic the collector does not store (``cmd`` requests, ``alerts``,
   a cleared retained ``status``);
 * :class:`DeadLetter`: anything the wire contract rejects (unknown topic, non-JSON, wrong
@@ -40,11 +42,13 @@ from collector.records import (
     Ignored,
     IngestResult,
     Record,
+    RolloutRecord,
     TelemetryRecord,
 )
 from device_agent.contracts.messages import (
     CommandReply,
     OutlierEvent,
+    RolloutEvent,
     StatusMessage,
     TelemetryMessage,
     TopicParts,
@@ -62,6 +66,7 @@ __all__ = [
     "Ignored",
     "IngestResult",
     "Record",
+    "RolloutRecord",
     "TelemetryRecord",
     "dead_letter",
     "ingest",
@@ -116,6 +121,8 @@ def ingest(
             body=data.decode("utf-8"),
             message=message,
         )
+    if isinstance(message, RolloutEvent):
+        return RolloutRecord(fleet=parts.fleet, received_at=received_at, message=message)
     return Ignored(topic, f"{parts.kind} messages are not stored")
 
 

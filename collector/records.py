@@ -13,6 +13,7 @@ from device_agent.contracts.messages import (
     CommandReply,
     DeployEvent,
     OutlierEvent,
+    RolloutEvent,
     StatusMessage,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "Ignored",
     "IngestResult",
     "Record",
+    "RolloutRecord",
     "TelemetryRecord",
 ]
 
@@ -125,6 +127,22 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    """A ``rollouts`` message (``edgeship/{fleet}/rollouts``): the whole state of one staged
+    rollout. The store keeps, per ``(fleet, id)``, the one with the highest ``seq``."""
+
+    kind: ClassVar[Literal["rollouts"]] = "rollouts"
+
+    fleet: str
+    received_at: float
+    message: RolloutEvent
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.fleet, self.message.id)
+
+
+@dataclass(frozen=True, slots=True)
 class Ignored:
     """Valid traffic the collector does not store: commands, alerts, cleared retained status."""
 
@@ -133,4 +151,4 @@ class Ignored:
 
 
 Record: TypeAlias = TelemetryRecord | EventRecord
-IngestResult: TypeAlias = TelemetryRecord | EventRecord | DeadLetter | Ignored
+IngestResult: TypeAlias = TelemetryRecord | EventRecord | RolloutRecord | DeadLetter | Ignored

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from collector.errors import CollectorError, StoreError
-from collector.ingest import DeadLetter, Ignored, Record, dead_letter, ingest
+from collector.ingest import DeadLetter, Ignored, Record, RolloutRecord, dead_letter, ingest
 from collector.store import InsertResult, RecordError, Store, open_store
 from device_agent.contracts.messages import safe_text
 
@@ -59,7 +59,7 @@ class BatchOutcome:
 
 
 # One delivery and what ingest made of it: the delivery is kept to dead-letter the record.
-_Entry = tuple[Delivery, Record | DeadLetter]
+_Entry = tuple[Delivery, Record | RolloutRecord | DeadLetter]
 
 
 def process_batch(
@@ -107,10 +107,18 @@ class _Splitter:
 
     def store(self, entries: list[_Entry]) -> tuple[InsertResult, list[DeadLetter]]:
         """(what the store did, the dead letters stored or already there)."""
-        records = [e for _, e in entries if not isinstance(e, DeadLetter)]
-        dead = [e for _, e in entries if isinstance(e, DeadLetter)]
+        records: list[Record] = []
+        rollouts: list[RolloutRecord] = []
+        dead: list[DeadLetter] = []
+        for _, e in entries:
+            if isinstance(e, DeadLetter):
+                dead.append(e)
+            elif isinstance(e, RolloutRecord):
+                rollouts.append(e)
+            else:
+                records.append(e)
         try:
-            return self._store.insert_batch(records, dead), dead
+            return self._store.insert_batch(records, dead, rollouts), dead
         except RecordError as exc:
             error = str(exc)
         except StoreError:

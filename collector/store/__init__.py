@@ -12,6 +12,8 @@ redelivered message; only the rows that were new go on to ``telemetry`` and to t
 aggregates in ``boots`` (per boot: seq range and count, from which gaps are counted) and
 ``devices`` (last status, model, last seen). Aggregates merge commutatively (sums, min/max,
 newest-wins by receive time), so concurrent writers and any arrival order give the same rows.
+A fleet's ``rollouts`` messages go to ``edgeship_rollouts``, one row per rollout replaced only
+by a higher ``seq``: the same rows in any arrival order too.
 
 A batch the database refuses for what it holds (a value it cannot store: text it cannot encode,
 a number out of range, a constraint an operator added) raises :class:`RecordError`; the collector
@@ -19,7 +21,7 @@ then splits the batch until the refused record is alone (``collector.service``).
 failure (the database down, locked, out of space) is a plain :class:`StoreError`, and the whole
 batch is tried again later.
 
-Tables (schema version 4; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
+Tables (schema version 5; column types shown for SQLite, PostgreSQL uses BIGINT, DOUBLE
 PRECISION and BYTEA)::
 
     schema_version(version PK, applied_at, description)
@@ -47,6 +49,11 @@ PRECISION and BYTEA)::
         the alert history of a PostgreSQL store's collectors (collector.alert_history): only
         their leader writes it, and a new leader reads what is firing from it (not named
         ``alerts``: a SQLite AlertStore, --alerts-db, may share the file under that name)
+    edgeship_rollouts(fleet, id, seq, ts, started, received_at, state, deploy, model,
+                      model_version, soak_s, wave, waves_total, devices_total, counts, reason,
+                      waves, devices)                                      PK (fleet, id)
+        the newest state of each staged rollout (the ``rollouts`` message with the highest
+        seq; an older or equal one changes nothing); counts, waves and devices as JSON
 
 psycopg is imported only when a PostgreSQL store is opened.
 
@@ -71,6 +78,7 @@ from collector.store.protocol import (
     EventRow,
     InsertResult,
     RecordError,
+    RolloutRow,
     Store,
 )
 from collector.store.sqlite import SqliteStore
@@ -86,6 +94,7 @@ __all__ = [
     "InsertResult",
     "PostgresStore",
     "RecordError",
+    "RolloutRow",
     "SqliteStore",
     "Store",
     "open_store",

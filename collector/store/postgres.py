@@ -11,7 +11,7 @@ from contextlib import suppress
 from typing import Any
 
 from collector.errors import ConfigError, StoreError
-from collector.ingest import DeadLetter, Record, TelemetryRecord
+from collector.ingest import DeadLetter, Record, RolloutRecord, TelemetryRecord
 from collector.store.protocol import InsertResult, RecordError, one_line
 from collector.store.reader import Reader
 from collector.store.rows import (
@@ -21,6 +21,8 @@ from collector.store.rows import (
     insert_result,
     message_row,
     plan_batch,
+    rollout_result,
+    rollout_rows,
     telemetry_row,
 )
 from collector.store.schema import (
@@ -29,6 +31,7 @@ from collector.store.schema import (
     POSTGRES,
     TELEMETRY_COLUMNS,
     apply_migrations,
+    rollout_upsert_sql,
     upsert_sql,
 )
 from collector.store.urls import redact_url
@@ -69,6 +72,7 @@ class PostgresStore(Reader):
         self._lock = threading.RLock()
         self._conn: Any = None
         self._upsert_devices, self._upsert_boots = upsert_sql(POSTGRES, arrays=True)
+        self._upsert_rollouts = rollout_upsert_sql(POSTGRES)
         self._connect()
         if migrate:
             self.migrate()
@@ -179,11 +183,16 @@ class PostgresStore(Reader):
                 conn.close()
 
     def insert_batch(
-        self, records: Sequence[Record], dead_letters: Sequence[DeadLetter] = ()
+        self,
+        records: Sequence[Record],
+        dead_letters: Sequence[DeadLetter] = (),
+        rollouts: Sequence[RolloutRecord] = (),
     ) -> InsertResult:
         ordered, base_deltas = plan_batch(records)
         outcome: list[Record] = []
         dead_new = [0]  # dead letters stored (not already there), set by run()
+        written = [0]  # rollout rows inserted or replaced by a higher seq, set by run()
+        rollout_values = rollout_rows(rollouts)
 
         def run() -> None:
             deltas = {k: DeviceDelta(v.fleet, v.device, duplicates=v.duplicates)
@@ -217,10 +226,15 @@ class PostgresStore(Reader):
                 if dead_letters:
                     cur.execute(DEAD_INSERT_PG, _columns(dead_rows(dead_letters)))
                     dead_new[:] = [len(cur.fetchall())]
+                if rollout_values:
+                    # RETURNING names the rows written: not those an older seq left alone.
+                    cur.execute(self._upsert_rollouts, _columns(rollout_values))
+                    written[:] = [len(cur.fetchall())]
             outcome[:] = new
 
         self._with_retry(run, "batch insert")
-        return insert_result(len(records), outcome, len(dead_letters), dead_new[0])
+        result = insert_result(len(records), outcome, len(dead_letters), dead_new[0])
+        return result + rollout_result(len(rollouts), written[0]) if rollouts else result
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         def run() -> list[tuple[Any, ...]]:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from collector.errors import StoreError
-from collector.ingest import DeadLetter, Record, TelemetryRecord
+from collector.ingest import DeadLetter, Record, RolloutRecord, TelemetryRecord
 from device_agent.contracts.messages import (
+    ROLLOUT_DEVICE_STATES,
     DeployEvent,
     safe_text,
 )
@@ -23,11 +24,12 @@ __all__ = [
     "EventRow",
     "InsertResult",
     "RecordError",
+    "RolloutRow",
     "Store",
     "one_line",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Store.dead_letter_counts names at most this many fields (the rest: "(other)").
 DEAD_LETTER_FIELDS = 100
@@ -132,6 +134,65 @@ class EventRow:
 
 
 @dataclass(frozen=True)
+class RolloutRow:
+    """The newest state of one staged rollout (the ``edgeship_rollouts`` table): the fields of
+    :class:`~device_agent.contracts.messages.RolloutEvent` with the number of its waves and
+    devices and ``counts`` (devices per state, every state named), ``received_at`` (when the
+    collector received this state). ``waves`` and ``devices`` are None in a summary
+    (:meth:`Store.rollouts`) and filled by :meth:`Store.rollout`."""
+
+    fleet: str
+    id: str
+    seq: int
+    ts: float
+    started: float
+    received_at: float
+    state: str
+    deploy: str
+    model: str | None
+    model_version: str | None
+    soak_s: float
+    wave: int
+    waves_total: int
+    devices_total: int
+    counts: Mapping[str, int]
+    reason: str | None
+    waves: tuple[tuple[str, ...], ...] | None = None
+    devices: Mapping[str, str] | None = None
+
+    @property
+    def wave_shown(self) -> int:
+        """The wave as a person counts it, 1 to ``waves_total`` (``wave`` is an index, and
+        equals ``waves_total`` when the rollout is done)."""
+        return min(self.wave + 1, self.waves_total)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "fleet": self.fleet,
+            "id": self.id,
+            "seq": self.seq,
+            "state": self.state,
+            "ts": self.ts,
+            "started": self.started,
+            "received_at": self.received_at,
+            "deploy": self.deploy,
+            "model": self.model,
+            "model_version": self.model_version,
+            "soak_s": self.soak_s,
+            "wave": self.wave,
+            "waves_total": self.waves_total,
+            "devices_total": self.devices_total,
+            "counts": {s: self.counts.get(s, 0) for s in ROLLOUT_DEVICE_STATES},
+            "reason": self.reason,
+        }
+        if self.waves is not None:
+            out["waves"] = [list(w) for w in self.waves]
+        if self.devices is not None:
+            out["devices"] = dict(self.devices)
+        return out
+
+
+@dataclass(frozen=True)
 class DeadLetterRow:
     id: int
     received_at: float
@@ -154,10 +215,15 @@ class Store(Protocol):
     def schema_version(self) -> int: ...
 
     def insert_batch(
-        self, records: Sequence[Record], dead_letters: Sequence[DeadLetter] = ()
+        self,
+        records: Sequence[Record],
+        dead_letters: Sequence[DeadLetter] = (),
+        rollouts: Sequence[RolloutRecord] = (),
     ) -> InsertResult:
         """Store a batch in one transaction; duplicates by (fleet, device, boot, seq) are
-        dropped by the store's unique key. Raises StoreError (nothing is stored then)."""
+        dropped by the store's unique key. A rollout replaces the stored state of its
+        (fleet, id) only with a higher ``seq``; one that does not counts as a duplicate.
+        Raises StoreError (nothing is stored then)."""
         ...
 
     def devices(self, fleet: str | None = None) -> list[DeviceRow]: ...
@@ -190,6 +256,23 @@ class Store(Protocol):
 
     def count_messages(self, fleet: str | None = None) -> dict[str, int]:
         """Stored messages by kind."""
+        ...
+
+    def rollouts(
+        self,
+        fleet: str | None = None,
+        *,
+        limit: int | None = 50,
+        per_fleet: int | None = None,
+        state: str | None = None,
+    ) -> list[RolloutRow]:
+        """Summaries (no ``waves``, ``devices``) of the newest rollouts by ``started``, newest
+        first: at most ``limit`` (None: all), at most ``per_fleet`` of each fleet, only those
+        in ``state`` when given."""
+        ...
+
+    def rollout(self, fleet: str, rollout_id: str) -> RolloutRow | None:
+        """One rollout with its waves and every device's state; None if it is not stored."""
         ...
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:

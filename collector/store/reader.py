@@ -14,9 +14,17 @@ from collector.store.protocol import (
     DeadLetterRow,
     DeviceRow,
     EventRow,
+    RolloutRow,
 )
-from collector.store.rows import device_from_row, telemetry_from_row
-from collector.store.schema import BOOT_COLUMNS, DEVICE_COLUMNS, TELEMETRY_COLUMNS
+from collector.store.rows import device_from_row, rollout_from_row, telemetry_from_row
+from collector.store.schema import (
+    BOOT_COLUMNS,
+    DEVICE_COLUMNS,
+    ROLLOUT_COLUMNS,
+    TELEMETRY_COLUMNS,
+)
+
+_ROLLOUT_SUMMARY = ", ".join(c for c in ROLLOUT_COLUMNS if c not in ("waves", "devices"))
 
 __all__ = ["Reader"]
 
@@ -126,6 +134,41 @@ class Reader:
         where, params = _fleet_filter(fleet)
         rows = self._query(f"SELECT kind, COUNT(*) FROM messages{where} GROUP BY kind", params)
         return {str(k): int(n) for k, n in rows}
+
+    def rollouts(
+        self,
+        fleet: str | None = None,
+        *,
+        limit: int | None = 50,
+        per_fleet: int | None = None,
+        state: str | None = None,
+    ) -> list[RolloutRow]:
+        where, params = _fleet_filter(fleet)
+        if state is not None:
+            where += " AND state = ?" if where else " WHERE state = ?"
+            params.append(state)
+        order = "started DESC, fleet, id"
+        sql = f"SELECT {_ROLLOUT_SUMMARY} FROM edgeship_rollouts{where}"
+        if per_fleet is not None:
+            sql = (
+                f"SELECT {_ROLLOUT_SUMMARY} FROM (SELECT {_ROLLOUT_SUMMARY}, ROW_NUMBER() "
+                f"OVER (PARTITION BY fleet ORDER BY {order}) AS n FROM edgeship_rollouts{where})"
+                " AS newest WHERE n <= ?"
+            )
+            params.append(int(per_fleet))
+        sql += f" ORDER BY {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [rollout_from_row(r) for r in self._query(sql, params)]
+
+    def rollout(self, fleet: str, rollout_id: str) -> RolloutRow | None:
+        rows = self._query(
+            f"SELECT {', '.join(ROLLOUT_COLUMNS)} FROM edgeship_rollouts "
+            "WHERE fleet = ? AND id = ?",
+            [fleet, rollout_id],
+        )
+        return rollout_from_row(rows[0]) if rows else None
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
         rows = self._query(

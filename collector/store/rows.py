@@ -9,11 +9,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from collector.ingest import DeadLetter, EventRecord, Record, TelemetryRecord
-from collector.store.protocol import DeviceRow, InsertResult
+from collector.ingest import DeadLetter, EventRecord, Record, RolloutRecord, TelemetryRecord
+from collector.store.protocol import DeviceRow, InsertResult, RolloutRow
 from collector.store.schema import DEVICE_COLUMNS
 from device_agent.contracts.messages import (
     LATENCY_BUCKETS_MS,
+    ROLLOUT_DEVICE_STATES,
     SCORE_BUCKETS,
     DeployEvent,
     StatusMessage,
@@ -28,6 +29,9 @@ __all__ = [
     "insert_result",
     "message_row",
     "plan_batch",
+    "rollout_from_row",
+    "rollout_result",
+    "rollout_rows",
     "telemetry_from_row",
     "telemetry_row",
 ]
@@ -275,3 +279,69 @@ def insert_result(
 def message_row(r: Record) -> tuple[Any, ...]:
     body = r.body if isinstance(r, EventRecord) else None
     return (r.fleet, r.device, r.boot, r.seq, r.kind, r.ts, r.received_at, body)
+
+
+# --- rollouts -------------------------------------------------------------------------------
+
+
+def rollout_rows(rollouts: Sequence[RolloutRecord]) -> list[tuple[Any, ...]]:
+    """One row per (fleet, id), the highest ``seq`` of the batch (of equal ones, the first
+    received: a repeat changes nothing), sorted by key so concurrent writers lock in one
+    order. A store cannot write one row twice in one statement, hence the choice here."""
+    best: dict[tuple[str, str], RolloutRecord] = {}
+    for r in rollouts:
+        kept = best.get(r.key)
+        if kept is None or r.message.seq > kept.message.seq:
+            best[r.key] = r
+    return [_rollout_row(best[k]) for k in sorted(best)]
+
+
+def _rollout_row(r: RolloutRecord) -> tuple[Any, ...]:
+    m = r.message
+    counts = dict.fromkeys(ROLLOUT_DEVICE_STATES, 0)
+    for state in m.devices.values():
+        counts[state] += 1
+    return (
+        r.fleet, m.id, m.seq, m.ts, m.started, r.received_at, m.state, m.deploy, m.model,
+        m.model_version, m.soak_s, m.wave, len(m.waves), len(m.devices), _jdump(counts),
+        m.reason, _jdump([list(w) for w in m.waves]), _jdump(dict(m.devices)),
+    )  # fmt: skip
+
+
+def rollout_from_row(row: Sequence[Any]) -> RolloutRow:
+    """A row of ``edgeship_rollouts``: every column but ``waves`` and ``devices`` (a summary),
+    or all of them."""
+    (fleet, rid, seq, ts, started, received_at, state, deploy, model, model_version, soak_s,
+     wave, waves_total, devices_total, counts, reason, *detail) = row  # fmt: skip
+    waves: tuple[tuple[str, ...], ...] | None = None
+    devices: dict[str, str] | None = None
+    if detail:
+        waves = tuple(tuple(str(d) for d in w) for w in json.loads(detail[0]))
+        devices = {str(k): str(v) for k, v in json.loads(detail[1]).items()}
+    return RolloutRow(
+        fleet=fleet,
+        id=rid,
+        seq=int(seq),
+        ts=float(ts),
+        started=float(started),
+        received_at=float(received_at),
+        state=state,
+        deploy=deploy,
+        model=model,
+        model_version=model_version,
+        soak_s=float(soak_s),
+        wave=int(wave),
+        waves_total=int(waves_total),
+        devices_total=int(devices_total),
+        counts={str(k): int(v) for k, v in json.loads(counts).items()},
+        reason=reason,
+        waves=waves,
+        devices=devices,
+    )
+
+
+def rollout_result(received: int, written: int) -> InsertResult:
+    """What a batch's rollouts add to its InsertResult: ``written`` rows new or replaced by a
+    higher ``seq`` are new, the rest (an older or equal ``seq``) duplicates."""
+    by_kind = {"rollouts": written} if written else {}
+    return InsertResult(received, written, received - written, 0, by_kind)

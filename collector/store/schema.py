@@ -1,4 +1,4 @@
-"""The schema (version 4; see :mod:`collector.store`), its migrations, and the SQL shared by
+"""The schema (version 5; see :mod:`collector.store`), its migrations, and the SQL shared by
 the SQLite and PostgreSQL stores, written once for both dialects."""
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ __all__ = [
     "MESSAGE_COLUMNS",
     "MESSAGE_INSERT",
     "POSTGRES",
+    "ROLLOUT_COLUMNS",
     "SQLITE",
     "TELEMETRY_COLUMNS",
     "TELEMETRY_INSERT",
     "apply_migrations",
+    "rollout_upsert_sql",
     "schema_v1",
     "schema_v2",
     "schema_v3",
     "schema_v4",
+    "schema_v5",
     "upsert_sql",
 ]
 
@@ -49,6 +52,14 @@ DEVICE_COLUMNS = (
 BOOT_COLUMNS = (
     "fleet", "device", "boot", "min_seq", "max_seq", "messages", "first_received",
     "last_received",
+)  # fmt: skip
+
+# The newest state of each staged rollout; ``waves`` and ``devices`` (JSON) are read by
+# Store.rollout only, the summaries leave them out.
+ROLLOUT_COLUMNS = (
+    "fleet", "id", "seq", "ts", "started", "received_at", "state", "deploy", "model",
+    "model_version", "soak_s", "wave", "waves_total", "devices_total", "counts", "reason",
+    "waves", "devices",
 )  # fmt: skip
 
 
@@ -127,12 +138,30 @@ def schema_v4(d: _Dialect) -> tuple[str, ...]:
     )
 
 
+def schema_v5(d: _Dialect) -> tuple[str, ...]:
+    # Not "rollouts", for the reason v4's table is not "alerts": another application sharing
+    # the database (a PostgreSQL public schema) may own a table of that name.
+    real, big = d.real, d.bigint
+    return (
+        f"""CREATE TABLE edgeship_rollouts (
+            fleet TEXT NOT NULL, id TEXT NOT NULL, seq {big} NOT NULL, ts {real} NOT NULL,
+            started {real} NOT NULL, received_at {real} NOT NULL, state TEXT NOT NULL,
+            deploy TEXT NOT NULL, model TEXT, model_version TEXT, soak_s {real} NOT NULL,
+            wave {big} NOT NULL, waves_total {big} NOT NULL, devices_total {big} NOT NULL,
+            counts TEXT NOT NULL, reason TEXT, waves TEXT NOT NULL, devices TEXT NOT NULL,
+            PRIMARY KEY (fleet, id))""",
+        "CREATE INDEX edgeship_rollouts_by_start ON edgeship_rollouts (fleet, started)",
+        "CREATE INDEX edgeship_rollouts_by_state ON edgeship_rollouts (state)",
+    )
+
+
 # version -> (description, DDL); applied in order inside one transaction each.
 _MIGRATIONS: dict[int, tuple[str, Callable[[_Dialect], tuple[str, ...]]]] = {
     1: ("messages, telemetry, boots, devices, dead_letters", schema_v1),
     2: ("remote deploy outcomes: telemetry.deploy, devices.deploy, devices.deploy_at", schema_v2),
     3: ("dead letters kept once per message: dead_letters.digest", schema_v3),
     4: ("the alert history shared by a fleet's collectors: edgeship_alerts", schema_v4),
+    5: ("the newest state of each staged rollout: edgeship_rollouts", schema_v5),
 }
 
 
@@ -221,6 +250,29 @@ def upsert_sql(d: _Dialect, *, arrays: bool = False) -> tuple[str, str]:
         f"last_received = {hi}(boots.last_received, excluded.last_received)"
     )
     return devices, boots
+
+
+def rollout_upsert_sql(d: _Dialect) -> str:
+    """Insert rollout rows, or replace a stored row by one with a higher ``seq`` (an older or
+    equal one changes nothing); PostgreSQL takes one array per column and returns the keys of
+    the rows written, SQLite one row of ``?`` at a time (its change count says the same)."""
+    columns = ", ".join(ROLLOUT_COLUMNS)
+    if d is POSTGRES:
+        values = _unnest(_ROLLOUT_PG_TYPES)
+    else:
+        values = f"VALUES ({', '.join('?' for _ in ROLLOUT_COLUMNS)})"
+    sets = ", ".join(f"{c} = excluded.{c}" for c in ROLLOUT_COLUMNS[2:])
+    returning = " RETURNING fleet, id" if d is POSTGRES else ""
+    return (
+        f"INSERT INTO edgeship_rollouts ({columns}) {values} ON CONFLICT (fleet, id) DO UPDATE "
+        f"SET {sets} WHERE excluded.seq > edgeship_rollouts.seq{returning}"
+    )
+
+
+_ROLLOUT_PG_TYPES = (
+    "text", "text", "int8", "float8", "float8", "float8", "text", "text", "text", "text",
+    "float8", "int8", "int8", "int8", "text", "text", "text", "text",
+)  # fmt: skip
 
 
 MESSAGE_COLUMNS = "fleet, device, boot, seq, kind, ts, received_at, body"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import ConfigError, StoreError
-from collector.ingest import DeadLetter, Record, TelemetryRecord
+from collector.ingest import DeadLetter, Record, RolloutRecord, TelemetryRecord
 from collector.store.protocol import InsertResult, RecordError, one_line
 from collector.store.reader import Reader
 from collector.store.rows import (
@@ -20,6 +20,8 @@ from collector.store.rows import (
     insert_result,
     message_row,
     plan_batch,
+    rollout_result,
+    rollout_rows,
     telemetry_row,
 )
 from collector.store.schema import (
@@ -28,6 +30,7 @@ from collector.store.schema import (
     SQLITE,
     TELEMETRY_INSERT,
     apply_migrations,
+    rollout_upsert_sql,
     upsert_sql,
 )
 
@@ -76,6 +79,7 @@ class SqliteStore(Reader):
             except OSError:
                 self._lock_file = None  # a read-only directory: SQLite's own locking only
         self._upsert_devices, self._upsert_boots = upsert_sql(SQLITE)
+        self._upsert_rollouts = rollout_upsert_sql(SQLITE)
         if migrate:
             self.migrate()
 
@@ -127,10 +131,14 @@ class SqliteStore(Reader):
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def insert_batch(
-        self, records: Sequence[Record], dead_letters: Sequence[DeadLetter] = ()
+        self,
+        records: Sequence[Record],
+        dead_letters: Sequence[DeadLetter] = (),
+        rollouts: Sequence[RolloutRecord] = (),
     ) -> InsertResult:
         ordered, deltas = plan_batch(records)
         dead_new = 0
+        written = 0
         try:
             with self._transaction() as conn:
                 new, dups = self._insert_messages(conn, ordered)
@@ -145,13 +153,19 @@ class SqliteStore(Reader):
                     before = conn.total_changes
                     conn.executemany(DEAD_INSERT, dead_rows(dead_letters))
                     dead_new = conn.total_changes - before
+                if rollouts:
+                    # An upsert whose WHERE refuses the update (an older seq) changes nothing.
+                    before = conn.total_changes
+                    conn.executemany(self._upsert_rollouts, rollout_rows(rollouts))
+                    written = conn.total_changes - before
         except _SQLITE_RECORD_ERRORS as exc:
             raise RecordError(
                 f"SQLite store {self.path}: refused a value in the batch: {one_line(exc)}"
             ) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: batch not stored: {exc}") from exc
-        return insert_result(len(records), new, len(dead_letters), dead_new)
+        result = insert_result(len(records), new, len(dead_letters), dead_new)
+        return result + rollout_result(len(rollouts), written) if rollouts else result
 
     def _insert_messages(
         self, conn: sqlite3.Connection, ordered: Sequence[Record]
