@@ -20,10 +20,20 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-__all__ = ["RULES", "AlertsConfig", "RuleConfig", "Severity", "load_alerts_config"]
+__all__ = [
+    "DEVICE_RULES",
+    "FLEET_RULES",
+    "RULES",
+    "AlertsConfig",
+    "RuleConfig",
+    "Severity",
+    "load_alerts_config",
+]
 
 Severity: TypeAlias = Literal["info", "warning", "critical"]
-RULES: tuple[str, ...] = (
+# Rules judged on each device, and rules judged on something of the fleet's (a rollout), whose
+# alerts have no device.
+DEVICE_RULES: tuple[str, ...] = (
     "offline",
     "stale",
     "p95_latency",
@@ -34,6 +44,8 @@ RULES: tuple[str, ...] = (
     "spool_drops",
     "deploy_failed",
 )
+FLEET_RULES: tuple[str, ...] = ("rollout_halted",)
+RULES: tuple[str, ...] = (*DEVICE_RULES, *FLEET_RULES)
 _SEVERITIES = ("info", "warning", "critical")
 _COMMON_KEYS = frozenset({"enabled", "severity", "for_s"})
 _RULE_KEYS: Mapping[str, frozenset[str]] = {
@@ -47,6 +59,7 @@ _RULE_KEYS: Mapping[str, frozenset[str]] = {
     "gaps": _COMMON_KEYS | {"threshold", "period_s"},
     "spool_drops": _COMMON_KEYS | {"threshold", "period_s"},
     "deploy_failed": _COMMON_KEYS,
+    "rollout_halted": _COMMON_KEYS,
 }
 
 # --- configuration --------------------------------------------------------------------------
@@ -80,6 +93,7 @@ _DEFAULT_RULES: Mapping[str, RuleConfig] = {
     "gaps": RuleConfig(severity="info", threshold=1, period_s=300.0, for_s=30.0),
     "spool_drops": RuleConfig(severity="warning", threshold=1, period_s=300.0),
     "deploy_failed": RuleConfig(severity="warning"),
+    "rollout_halted": RuleConfig(severity="critical"),
 }
 
 

@@ -1,6 +1,7 @@
 """The alert rules: what each one sees of a device (:class:`DeviceView`) and its verdict
 (:class:`Condition`). Pure functions of the view; the engine (:mod:`collector.alerts`) turns
-verdicts into firing and resolved alerts."""
+verdicts into firing and resolved alerts. The fleet-level rule ``rollout_halted`` judges a
+stored rollout instead (:func:`rollout_halted`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from collector.drift import DriftConfig, DriftResult, Reference
 from collector.errors import ConfigError
 from collector.ingest import TelemetryRecord
 from collector.state import DeviceState, summarize_latency
+from collector.store import RolloutRow
 
-__all__ = ["Condition", "DeviceView", "evaluate_rule"]
+__all__ = ["ROLLOUT_BAD_STATES", "Condition", "DeviceView", "evaluate_rule", "rollout_halted"]
+
+# A device's states in a rollout that count against it (the rollout_halted alert's value).
+ROLLOUT_BAD_STATES = ("rolled_back", "failed", "reverted")
 
 _THROTTLE_NOW = (
     (0, "under-voltage"),
@@ -217,6 +222,30 @@ _CHECKS: dict[str, Callable[[_Inputs], Condition | None]] = {
     "spool_drops": _spool_drops,
     "deploy_failed": _deploy_failed,
 }
+
+
+def rollout_halted(r: RolloutRow) -> Condition:
+    """The ``rollout_halted`` verdict on a rollout's newest stored state: active while it is
+    ``halted``; the value counts its devices rolled back, failed or reverted; the episode is
+    the rollout (one alert per rollout)."""
+    what = f"rollout {r.id} of {r.model or 'a model'}@{r.model_version or '?'}"
+    bad = sum(r.counts.get(s, 0) for s in ROLLOUT_BAD_STATES)
+    where = f"wave {r.wave_shown} of {r.waves_total}"
+    if r.state == "halted":
+        return Condition(
+            True,
+            float(bad),
+            f"{what} halted at {where} ({bad} of {r.devices_total} devices rolled back, "
+            f"failed or reverted): {r.reason or 'no reason given'}",
+            r.id,
+        )
+    if r.state == "aborted":
+        summary = f"{what} was aborted at {where}: {r.reason or 'no reason given'}"
+    elif r.state == "done":
+        summary = f"{what} is done ({r.waves_total} waves)"
+    else:
+        summary = f"{what} is {r.state} at {where}"
+    return Condition(False, float(bad), summary, r.id)
 
 
 def _latency_threshold(rule: RuleConfig, view: DeviceView) -> tuple[float | None, str]:

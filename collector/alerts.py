@@ -23,16 +23,24 @@ collect --alerts alerts.toml``; without a file the defaults below apply)::
     deploy_failed the device's last remote deploy was rolled_back or failed   warning
                   (one alert per deploy id, its reason in the summary;
                   resolves when a later deploy of the device is not)
+    rollout_halted
+                  a staged rollout's newest stored state is halted            critical
+                  (fleet-level, no device; one alert per rollout, value =
+                  its devices rolled back, failed or reverted, its reason
+                  in the summary; resolves when a later state is running,
+                  done or aborted)
 
 Telemetry rules look only at windows received in the last ``max_age_s`` (300 s): a device that
 stopped sending resolves them, and ``offline``/``stale`` say why.
 
-**Lifecycle.** One alert per (fleet, device, rule) at a time. A condition that holds for
-``for_s`` seconds fires an alert with a new ``id``; while it keeps holding nothing is sent again
-(de-duplication; the stored alert's value and summary are updated); when it stops holding the
-alert is resolved under the same ``id``. ``deploy_failed`` is tied to the deploy: its id is
-derived from the deploy's id, and a later deploy that also fails resolves it and fires a new
-one (so each bad deploy alerts once, a restarted collector included). A rule that cannot be
+**Lifecycle.** One alert per (fleet, device, rule) at a time (per (fleet, rollout) for
+``rollout_halted``). A condition that holds for ``for_s`` seconds fires an alert with a new
+``id``; while it keeps holding nothing is sent again (de-duplication; the stored alert's value
+and summary are updated); when it stops holding the alert is resolved under the same ``id``.
+``deploy_failed`` is tied to the deploy: its id is derived from the deploy's id, and a later
+deploy that also fails resolves it and fires a new one (so each bad deploy alerts once, a
+restarted collector included); ``rollout_halted``'s id is derived from the rollout's
+(:func:`rollout_alert_id`) likewise. A rule that cannot be
 evaluated (too few inferences, a drift baseline still being learned) leaves the alert as it is.
 Both transitions are stored (:mod:`~collector.alert_history`: a SQLite file, or the PostgreSQL
 store's ``edgeship_alerts`` table shared by the fleet's collectors) and published as
@@ -78,18 +86,21 @@ from dataclasses import replace
 from typing import TypeAlias
 
 from collector.alert_config import (
+    DEVICE_RULES,
     RULES,
     AlertsConfig,
     RuleConfig,
     load_alerts_config,
 )
 from collector.alert_history import AlertHistory, AlertRecord, AlertStore
-from collector.alert_rules import Condition, DeviceView, evaluate_rule
+from collector.alert_rules import Condition, DeviceView, evaluate_rule, rollout_halted
 from collector.errors import StoreError
+from collector.store import RolloutRow
 from device_agent.contracts.broker import BrokerUrl
 from device_agent.contracts.messages import Alert, encode, message_topic
 
 __all__ = [
+    "ROLLOUT_RULE",
     "RULES",
     "AlertEngine",
     "AlertHistory",
@@ -102,6 +113,7 @@ __all__ = [
     "RuleConfig",
     "evaluate_rule",
     "load_alerts_config",
+    "rollout_alert_id",
     "source_id",
 ]
 
@@ -112,11 +124,34 @@ _SAVE_EVERY_S = 30.0
 # --- the engine -----------------------------------------------------------------------------
 
 Publish: TypeAlias = Callable[[str, Alert], None]
+# (fleet, device, rule, subject): one alert at a time per key. ``subject`` is "" for a device
+# rule; for a fleet-level rule (no device) it is the alert's id, which names what the alert is
+# about (a rollout) and is derived from it (rollout_alert_id), so a key is also rebuilt from a
+# stored alert.
+_Key: TypeAlias = tuple[str, str | None, str, str]
+ROLLOUT_RULE = "rollout_halted"
 
 
 def source_id(text: str) -> str:
     """A valid protocol id (``[A-Za-z0-9_.-]{1,64}``) made from ``text``."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:64] or "collector"
+
+
+def episode_id(fleet: str, device: str | None, rule: str, episode: str) -> str:
+    """The alert id of one episode (a deploy, a rollout): the same in every round and after a
+    restart (whatever the collector's client id), so the episode alerts once."""
+    digest = hashlib.sha256(f"{fleet}/{device}/{rule}/{episode}".encode())
+    return f"{rule}-{digest.hexdigest()[:16]}"
+
+
+def rollout_alert_id(fleet: str, rollout_id: str) -> str:
+    """The id of the ``rollout_halted`` alert of one rollout."""
+    return episode_id(fleet, None, ROLLOUT_RULE, rollout_id)
+
+
+def _key_of(record: AlertRecord) -> _Key:
+    subject = record.id if record.device is None else ""
+    return (record.fleet, record.device, record.rule, subject)
 
 
 class AlertEngine:
@@ -145,9 +180,9 @@ class AlertEngine:
         self._publish = publish
         self._clock = clock
         self._lock = threading.Lock()
-        self._firing: dict[tuple[str, str | None, str], AlertRecord] = {}
-        self._pending: dict[tuple[str, str | None, str], float] = {}
-        self._saved: dict[tuple[str, str | None, str], float] = {}
+        self._firing: dict[_Key, AlertRecord] = {}
+        self._pending: dict[_Key, float] = {}
+        self._saved: dict[_Key, float] = {}
         self._serial = itertools.count()
         self.published = 0
         self.publish_errors = 0
@@ -155,7 +190,7 @@ class AlertEngine:
         self._reload()
 
     def _reload(self) -> None:
-        self._firing = {(r.fleet, r.device, r.rule): r for r in self.store.firing()}
+        self._firing = {_key_of(r): r for r in self.store.firing()}
         self._pending.clear()
         self._saved.clear()
 
@@ -167,9 +202,17 @@ class AlertEngine:
                 self._reload()
             self.leading = leading
 
-    def evaluate(self, views: Sequence[DeviceView]) -> list[AlertRecord]:
-        """Evaluate every enabled rule on every view; returns the alerts that changed state
-        (nothing while another collector leads).
+    def evaluate(
+        self,
+        views: Sequence[DeviceView],
+        rollouts: Sequence[RolloutRow] = (),
+        rollouts_gone: Sequence[str] = (),
+    ) -> list[AlertRecord]:
+        """Evaluate every enabled device rule on every view, and ``rollout_halted`` on every
+        rollout; returns the alerts that changed state (nothing while another collector
+        leads). ``rollouts`` must hold every halted rollout and the rollout of every firing
+        ``rollout_halted`` alert (:meth:`rollout_alerts`); ``rollouts_gone`` names such alerts
+        whose rollout the store no longer holds: they are resolved.
 
         A change is stored before it counts: when the history cannot store it (StoreError)
         the alert stays as it was, so the next round tries the change again; the other
@@ -182,11 +225,15 @@ class AlertEngine:
             if not self.leading:
                 return []
             for view in views:
-                for name in RULES:
+                for name in DEVICE_RULES:
                     try:
                         self._evaluate_rule(view, name, now, changes)
                     except StoreError as exc:
                         failed = failed or exc
+            try:
+                self._evaluate_rollouts(rollouts, rollouts_gone, now, changes)
+            except StoreError as exc:
+                failed = failed or exc
         for record in changes:
             self._send(record, now)
         if failed is not None:
@@ -197,7 +244,7 @@ class AlertEngine:
         self, view: DeviceView, name: str, now: float, changes: list[AlertRecord]
     ) -> None:
         rule = self.config.rules[name]
-        key = (view.state.fleet, view.state.device, name)
+        key = (view.state.fleet, view.state.device, name, "")
         current = self._firing.get(key)
         if not rule.enabled:
             if current is not None:
@@ -206,6 +253,42 @@ class AlertEngine:
         cond = evaluate_rule(name, rule, view, drift=self.config.drift, firing=current is not None)
         if cond is not None:
             self._apply(key, rule, cond, current, now, changes)
+
+    def _evaluate_rollouts(
+        self,
+        rollouts: Sequence[RolloutRow],
+        gone: Sequence[str],
+        now: float,
+        changes: list[AlertRecord],
+    ) -> None:
+        """``rollout_halted`` on each rollout (see :meth:`evaluate`); a StoreError is raised
+        after the other rollouts were judged."""
+        rule = self.config.rules[ROLLOUT_RULE]
+        failed: StoreError | None = None
+        ended = [
+            (key, current)
+            for key, current in self._firing.items()
+            if key[2] == ROLLOUT_RULE and (not rule.enabled or key[3] in gone)
+        ]
+        for key, current in ended:
+            why = "rule disabled" if not rule.enabled else "the rollout is no longer in the store"
+            try:
+                changes.append(self._resolve(key, current, now, why))
+            except StoreError as exc:
+                failed = failed or exc
+        for r in rollouts if rule.enabled else ():
+            key = (r.fleet, None, ROLLOUT_RULE, rollout_alert_id(r.fleet, r.id))
+            try:
+                self._apply(key, rule, rollout_halted(r), self._firing.get(key), now, changes)
+            except StoreError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def rollout_alerts(self) -> list[AlertRecord]:
+        """The firing ``rollout_halted`` alerts this engine holds (while it leads)."""
+        with self._lock:
+            return [r for k, r in self._firing.items() if k[2] == ROLLOUT_RULE]
 
     def firing(self) -> list[AlertRecord]:
         """The firing alerts: this engine's while it leads, else the shared history's."""
@@ -216,7 +299,7 @@ class AlertEngine:
 
     def _apply(
         self,
-        key: tuple[str, str | None, str],
+        key: _Key,
         rule: RuleConfig,
         cond: Condition,
         current: AlertRecord | None,
@@ -229,8 +312,9 @@ class AlertEngine:
             if current is not None:
                 changes.append(self._resolve(key, current, now, cond.summary, cond.value))
             return
-        episode_id = None if cond.episode is None else self._episode_id(key, cond.episode)
-        if current is not None and episode_id is not None and current.id != episode_id:
+        fleet, device, name, _ = key
+        alert_id = None if cond.episode is None else episode_id(fleet, device, name, cond.episode)
+        if current is not None and alert_id is not None and current.id != alert_id:
             changes.append(self._resolve(key, current, now, f"superseded: {cond.summary}"))
             self._apply(key, rule, cond, None, now, changes)
             return
@@ -247,14 +331,13 @@ class AlertEngine:
         since = self._pending.setdefault(key, now)
         if now - since < rule.for_s:
             return
-        fleet, device, name = key
-        if episode_id is None:
+        if alert_id is None:
             digest = hashlib.sha256(
                 f"{self.source}/{fleet}/{device}/{name}/{now!r}/{next(self._serial)}".encode()
             ).hexdigest()[:16]
-            episode_id = f"{name}-{digest}"
+            alert_id = f"{name}-{digest}"
         record = AlertRecord(
-            id=episode_id,
+            id=alert_id,
             fleet=fleet,
             device=device,
             rule=name,
@@ -273,16 +356,9 @@ class AlertEngine:
         log.warning("alert %s firing: %s", record.id, record.summary)
         changes.append(record)
 
-    def _episode_id(self, key: tuple[str, str | None, str], episode: str) -> str:
-        """The alert id of one episode (a deploy): the same in every round and after a
-        restart (whatever the collector's client id), so the episode alerts once."""
-        fleet, device, name = key
-        digest = hashlib.sha256(f"{fleet}/{device}/{name}/{episode}".encode())
-        return f"{name}-{digest.hexdigest()[:16]}"
-
     def _resolve(
         self,
-        key: tuple[str, str | None, str],
+        key: _Key,
         current: AlertRecord,
         now: float,
         summary: str,

@@ -14,6 +14,9 @@ Routes (documented with examples in ``docs/collector.md``, and at ``/docs``):
   ``?fleet=NAME`` when a collector of several fleets holds the same device id twice.
 * ``GET /api/dead-letters``: the newest rejected messages (``?limit=N``, default 50) with the
   field and reason, and a payload preview.
+* ``GET /api/rollouts``: the newest staged rollouts (``?limit=N``, default 20; ``?fleet=``),
+  each the newest state its host published: state, model, wave, devices per state, reason.
+* ``GET /api/rollouts/{fleet}/{id}``: one rollout, with its waves and every device's state.
 * ``GET /api/devices/{device}/commands/{id}``: a command sent through this API and the device's
   reply (from the store), ``state`` pending / replied / expired.
 * ``POST /api/devices/{device}/commands`` with ``{"action": "ping", "args": {}}``: the collector

@@ -113,6 +113,29 @@ def api_router(collector: CollectorView) -> APIRouter:
         ]  # fmt: skip
         return json_response(200, {"counts": store.dead_letter_counts(), "newest": newest})
 
+    @router.get("/api/rollouts", summary="Staged rollouts, newest first")
+    def rollouts(
+        fleet: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+    ) -> Response:
+        shown = _rollout_fleet(collector, fleet)
+        rows = collector.state.store.rollouts(shown, limit=limit)
+        return json_response(200, {"fleet": shown, "rollouts": [r.to_dict() for r in rows]})
+
+    @router.get(
+        "/api/rollouts/{fleet}/{rollout_id}",
+        summary="One staged rollout: its waves, every device's state, devices per state",
+    )
+    def rollout(fleet: str, rollout_id: str) -> Response:
+        _rollout_fleet(collector, fleet)  # 400 unless a valid id of the collector's fleet
+        try:
+            msg.validate_id(rollout_id, "rollout")
+        except ProtocolError as exc:
+            raise _bad(str(exc)) from None
+        row = collector.state.store.rollout(fleet, rollout_id)
+        if row is None:
+            raise ApiError(404, f"no rollout {rollout_id!r} of fleet {fleet!r} in the store")
+        return json_response(200, row.to_dict())
+
     @router.get(
         "/api/devices/{device}/commands/{command_id}",
         summary="A command sent through this API, and the device's reply",
@@ -153,6 +176,21 @@ def api_router(collector: CollectorView) -> APIRouter:
         return json_response(200, detail.to_dict())
 
     return router
+
+
+def _rollout_fleet(collector: CollectorView, fleet: str | None) -> str | None:
+    """The fleet whose rollouts to show: the one named (a valid id of the collector's fleet,
+    else 400), or the collector's (None: every fleet)."""
+    own = collector.state.fleet
+    if fleet is None:
+        return own
+    try:
+        msg.validate_id(fleet, "fleet")
+    except ProtocolError as exc:
+        raise _bad(str(exc)) from None
+    if own is not None and fleet != own:
+        raise _bad(f"this collector collects fleet {own!r}, not {fleet!r}")
+    return fleet
 
 
 def _fleet_of(collector: CollectorView, device: str, fleet: str | None) -> str | None:

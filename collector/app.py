@@ -67,7 +67,7 @@ _ALLOWED = ("GET", "POST")
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100  # as http.client and the old server
 OPEN_READS = frozenset({"/api/health"})  # open even with a read token: liveness probes
-_GET_ROUTES = "try /api/health, /api/devices, /api/devices/{id}, /api/dead-letters"
+_GET_ROUTES = "try /api/health, /api/devices, /api/devices/{id}, /api/dead-letters, /api/rollouts"
 
 
 def create_app(

@@ -27,13 +27,18 @@ and ``model_version`` labels (an unknown model is ``""``).
   ``edgeship_fleet_deploys_total{fleet, state}`` counts remote deploy outcomes (each device's
   last deploy reaching ``probation``, ``applied``, ``rolled_back`` or ``failed``) received since
   this collector started; it has no deploy id or device label, so its series stay few.
+* **Rollouts**: ``edgeship_rollout_devices{fleet, rollout, state}`` (a rollout's devices per
+  state in it, every state named) and ``edgeship_rollout_state{fleet, rollout, state}`` (1 for
+  the rollout's current state, 0 for the others), for the newest
+  :data:`ROLLOUT_SERIES_PER_FLEET` rollouts of each fleet (by start), from the store: an older
+  rollout's series end, so their number stays bounded.
 * **Several collectors, one fleet** (a shared subscription and one PostgreSQL store): every
   collector exports its own ingest series (``edgeship_collector_*``, labelled
   ``collector`` = its client id: each counts what the broker handed *it*, so ``sum`` over the
   scrape targets is the fleet's), and ``edgeship_collector_leader`` (1 on the fleet's leader,
   :mod:`collector.leader`). The fleet-wide series (``edgeship_fleet_*``, ``edgeship_device_*``,
-  ``edgeship_alerts_firing``), which every collector could read from the shared store, come
-  from the leader alone, so a ``sum`` over every target counts each device once.
+  ``edgeship_alerts_firing``, ``edgeship_rollout_*``), which every collector could read from the
+  shared store, come from the leader alone, so a ``sum`` over every target counts each device once.
 * **Expiry**: a device not heard from for ``expire_after_s`` (default 1 h) has no series any
   more, so a decommissioned device disappears from dashboards instead of showing as down
   forever.
@@ -55,7 +60,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from device_agent.contracts.messages import DEPLOY_STATES, LATENCY_BUCKETS_MS
+from device_agent.contracts.messages import (
+    DEPLOY_STATES,
+    LATENCY_BUCKETS_MS,
+    ROLLOUT_DEVICE_STATES,
+    ROLLOUT_STATES,
+)
 
 if TYPE_CHECKING:  # types only: this module reads a view, whoever builds it
     from collector.alerts import AlertRecord
@@ -63,9 +73,11 @@ if TYPE_CHECKING:  # types only: this module reads a view, whoever builds it
     from collector.ingest import TelemetryRecord
     from collector.service import CollectorStats
     from collector.state import DeviceState, FleetSnapshot
+    from collector.store import RolloutRow
 
 __all__ = [
     "CONTENT_TYPE",
+    "ROLLOUT_SERIES_PER_FLEET",
     "DeviceCounters",
     "FleetMetrics",
     "MetricsView",
@@ -78,6 +90,8 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _BOUNDS_MS = tuple(LATENCY_BUCKETS_MS)
 _STATES = ("online", "offline", "stale", "unknown")
 _DEVICE_LABELS = ("fleet", "device", "model", "model_version")
+# /metrics shows this many rollouts of each fleet, the newest by start.
+ROLLOUT_SERIES_PER_FLEET = 5
 
 
 @dataclass
@@ -133,9 +147,10 @@ class MetricsView:
     """What one scrape shows, read at scrape time. ``stats`` None leaves the collector's own
     series out; ``deploys`` counts deploy outcomes by (fleet, state); ``rules`` names every
     alert rule (each gets a series per fleet); devices last seen more than ``expire_after_s``
-    before ``snapshot.at`` are left out. ``leader`` False (another collector leads the
-    fleet) leaves the fleet-wide series out; ``collector`` labels the collector's own series
-    (None: no label)."""
+    before ``snapshot.at`` are left out. ``rollouts``: the rollouts to show (the newest
+    :data:`ROLLOUT_SERIES_PER_FLEET` of each fleet). ``leader`` False (another collector leads
+    the fleet) leaves the fleet-wide series out; ``collector`` labels the collector's own
+    series (None: no label)."""
 
     snapshot: FleetSnapshot
     stats: CollectorStats | None = None
@@ -144,6 +159,7 @@ class MetricsView:
     alerts: Sequence[AlertRecord] = ()
     rules: Sequence[str] = ()
     deploys: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    rollouts: Sequence[RolloutRow] = ()
     expire_after_s: float = 3600.0
     monitor_errors: int | None = None
     alerts_published: int | None = None
@@ -231,7 +247,8 @@ def _collector_families(stats: CollectorStats, own: _Own) -> Iterator[Metric]:
          stats.received),
         ("edgeship_collector_messages_stored", "New messages stored.", stats.stored),
         ("edgeship_collector_duplicates",
-         "Deliveries dropped as duplicates by (device, boot, seq).", stats.duplicates),
+         "Deliveries dropped as duplicates by (device, boot, seq), and rollout states not "
+         "newer than the one stored.", stats.duplicates),
         ("edgeship_collector_dead_letters",
          "Messages the wire contract rejected (kept in the dead_letters table).",
          stats.dead_letters),
@@ -422,6 +439,30 @@ def _fleet_families(view: MetricsView) -> Iterator[Metric]:
             deploys.add_metric((fleet, state), view.deploys.get((fleet, state), 0))
     yield deploys
     yield _alerts_family(fleets, view.rules, view.alerts)
+    yield from _rollout_families(view.rollouts)
+
+
+def _rollout_families(rollouts: Sequence[RolloutRow]) -> Iterator[Metric]:
+    """Per rollout shown: its devices per state, and its state as 1 (the others 0), every
+    state named so a panel can sum or filter them."""
+    devices = GaugeMetricFamily(
+        "edgeship_rollout_devices",
+        "Devices of a staged rollout by their state in it (the newest rollouts of each fleet).",
+        labels=("fleet", "rollout", "state"),
+    )
+    states = GaugeMetricFamily(
+        "edgeship_rollout_state",
+        "1 for a staged rollout's current state, 0 for the others (the newest rollouts of "
+        "each fleet).",
+        labels=("fleet", "rollout", "state"),
+    )
+    for r in sorted(rollouts, key=lambda r: (r.fleet, r.id)):
+        for device_state in ROLLOUT_DEVICE_STATES:
+            devices.add_metric((r.fleet, r.id, device_state), r.counts.get(device_state, 0))
+        for state in ROLLOUT_STATES:
+            states.add_metric((r.fleet, r.id, state), 1 if r.state == state else 0)
+    yield devices
+    yield states
 
 
 def _alerts_family(

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from collector.alerts import (
+    ROLLOUT_RULE,
     RULES,
     AlertEngine,
     AlertHistory,
@@ -41,14 +42,21 @@ from collector.alerts import (
     DeviceView,
     MqttAlertPublisher,
     Publish,
+    rollout_alert_id,
 )
 from collector.drift import DriftMonitor, ReferenceSet
 from collector.errors import ConfigError
 from collector.ingest import TelemetryRecord
 from collector.leader import Leadership, SoleLeader, leadership_for
-from collector.metrics import DeviceCounters, MetricsView, exposition, make_registry
+from collector.metrics import (
+    ROLLOUT_SERIES_PER_FLEET,
+    DeviceCounters,
+    MetricsView,
+    exposition,
+    make_registry,
+)
 from collector.state import DeviceState, FleetState
-from collector.store import Store
+from collector.store import RolloutRow, Store
 from device_agent.errors import EdgeshipError
 
 if TYPE_CHECKING:
@@ -314,9 +322,27 @@ class Monitor:
                 self._observe(w)
             views = [self._view(d, now) for d in snap.devices]
             self._count_deploys(snap.devices)
-        self.engine.evaluate(views)
+        rollouts, gone = self._rollouts_to_judge()
+        self.engine.evaluate(views, rollouts, gone)
         self._expire(snap.devices, now)
         self.ticks += 1
+
+    def _rollouts_to_judge(self) -> tuple[list[RolloutRow], list[str]]:
+        """What ``rollout_halted`` judges (only while leading, the rule on): every halted
+        rollout, and the rollout of each firing alert that is not halted any more, to resolve
+        it (read whole only on those rounds); and the alerts whose rollout the store no longer
+        holds."""
+        if not self.engine.leading or not self.config.alerts.rules[ROLLOUT_RULE].enabled:
+            return [], []
+        fleet = self.state.fleet
+        judged = self.store.rollouts(fleet, limit=None, state="halted")
+        halted = {rollout_alert_id(r.fleet, r.id) for r in judged}
+        waiting = {a.id for a in self.engine.rollout_alerts()} - halted
+        if not waiting:
+            return judged, []
+        every = {rollout_alert_id(r.fleet, r.id): r for r in self.store.rollouts(fleet, limit=None)}
+        judged += [every[i] for i in sorted(waiting) if i in every]
+        return judged, sorted(waiting - set(every))
 
     def _poll(self, fleet: str, now: float) -> list[TelemetryRecord]:
         slack = self.config.slack_s
@@ -430,18 +456,25 @@ class Monitor:
         with self._lock:
             counters = list(self._counters.values())
             deploys = dict(self._deploy_counts)
+        leader = self.leader.is_leader
+        rollouts = (
+            self.store.rollouts(self.state.fleet, limit=None, per_fleet=ROLLOUT_SERIES_PER_FLEET)
+            if leader
+            else []
+        )
         return MetricsView(
             self.state.snapshot(),
             stats=self._stats() if self._stats is not None else None,
             counters=counters,
             deploys=deploys,
+            rollouts=rollouts,
             drift=self.drift.results(),
             alerts=self.engine.firing(),
             rules=tuple(RULES),
             expire_after_s=self.config.expire_after_s,
             monitor_errors=self.errors,
             alerts_published=self.engine.published,
-            leader=self.leader.is_leader,
+            leader=leader,
             collector=self.source,
         )
 

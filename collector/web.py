@@ -3,10 +3,11 @@
 Routes (GET), beside :mod:`collector.api`'s ``/api/...``, served when the app has a monitor:
 
 * ``/``: the fleet dashboard: one row per device (state, model and version, p95 latency,
-  outlier rate, temperature, drift PSI, firing alerts), firing alerts above it. The page is
-  rendered here with the data of the moment, so it is readable without JavaScript; a small
-  script (``/static/dashboard.js``, no build step, nothing from a CDN) then polls
-  ``/api/devices``, ``/api/alerts`` and ``/api/drift`` every 2 s and redraws it.
+  outlier rate, temperature, drift PSI, firing alerts), firing alerts above it, the newest
+  staged rollouts below it (state, wave, devices per state, reason). The page is rendered here
+  with the data of the moment, so it is readable without JavaScript; a small script
+  (``/static/dashboard.js``, no build step, nothing from a CDN) then polls ``/api/devices``,
+  ``/api/alerts``, ``/api/drift`` and ``/api/rollouts`` every 2 s and redraws it.
 * ``/devices/{device}`` (``?fleet=``): one device: its facts, latency (p50, p95, max) and outlier
   rate per telemetry window drawn as inline SVG from ``/api/devices/{device}``'s series, its
   alerts and newest events.
@@ -36,6 +37,8 @@ from collector.api_routes import json_response
 from collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from collector.metrics import exposition
 from collector.state import DeviceState
+from collector.store import RolloutRow
+from device_agent.contracts.messages import ROLLOUT_DEVICE_STATES
 
 if TYPE_CHECKING:
     from collector.monitor import Monitor
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["device_page", "fleet_page", "monitor_router"]
 
 _STATIC = Path(__file__).with_name("static")
+# The dashboard's Rollouts panel shows this many, the newest first (dashboard.js asks the same).
+DASHBOARD_ROLLOUTS = 10
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
@@ -139,6 +144,33 @@ def _deploy_marker(d: DeviceState) -> str:
     return f' <span class="deploy {dep.state}" title="{html.escape(tip)}">{text}</span>'
 
 
+_NO_ROLLOUTS = "<tr><td colspan=7 class=none>none</td></tr>"
+
+
+def _rollout_devices(r: RolloutRow) -> str:
+    """``2 applied, 1 rolled back, 3 pending``: the states its devices are in, in the
+    protocol's order (dashboard.js writes the same)."""
+    parts = [
+        f"{r.counts[s]} {s.replace('_', ' ')}" for s in ROLLOUT_DEVICE_STATES if r.counts.get(s)
+    ]
+    return ", ".join(parts) or "–"
+
+
+def _rollout_row(r: RolloutRow, now: float) -> str:
+    href = f"/api/rollouts/{urllib.parse.quote(r.fleet)}/{urllib.parse.quote(r.id)}"
+    model = f"{r.model or '–'}" + (f"@{r.model_version}" if r.model_version else "")
+    return (
+        f'<tr data-rollout="{html.escape(r.id)}" data-fleet="{html.escape(r.fleet)}">'
+        f'<td><a href="{html.escape(href)}">{html.escape(r.id)}</a></td>'
+        f"<td>{html.escape(model)}</td>"
+        f'<td><span class="state {html.escape(r.state)}">{html.escape(r.state)}</span></td>'
+        f"<td>{r.wave_shown} of {r.waves_total}</td>"
+        f"<td>{html.escape(_rollout_devices(r))}</td>"
+        f"<td class=reason>{html.escape(r.reason or '–')}</td>"
+        f"<td>{_ago(now, r.received_at)}</td></tr>"
+    )
+
+
 def fleet_page(monitor: Monitor) -> str:
     """The fleet dashboard, rendered with the data of now."""
     snap = monitor.state.snapshot()
@@ -149,6 +181,8 @@ def fleet_page(monitor: Monitor) -> str:
     for a in firing:
         by_device.setdefault((a.fleet, a.device), []).append(a.rule)
     counts = snap.counts
+    rollouts = monitor.state.store.rollouts(monitor.state.fleet, limit=DASHBOARD_ROLLOUTS)
+    rollout_rows = "".join(_rollout_row(r, now) for r in rollouts)
     rows = []
     for d in snap.devices:
         r = drift.get((d.fleet, d.device))
@@ -186,8 +220,13 @@ def fleet_page(monitor: Monitor) -> str:
         "<th>device</th><th>state</th><th>model</th><th>p95 ms</th><th>outliers</th>"
         "<th>temp °C</th><th>drift PSI</th><th>alerts</th><th>last seen</th>"
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
+        "<section><h2>Rollouts</h2><table id=rollouts><thead><tr>"
+        "<th>rollout</th><th>model</th><th>state</th><th>wave</th><th>devices</th>"
+        "<th>reason</th><th>updated</th></tr></thead>"
+        f"<tbody>{rollout_rows or _NO_ROLLOUTS}</tbody></table></section>"
         '<p class=links><a href="/metrics">/metrics</a> · <a href="/api/devices">/api/devices</a>'
-        ' · <a href="/api/alerts">/api/alerts</a> · <a href="/api/drift">/api/drift</a></p>'
+        ' · <a href="/api/alerts">/api/alerts</a> · <a href="/api/drift">/api/drift</a>'
+        ' · <a href="/api/rollouts">/api/rollouts</a></p>'
         "</main>"
     )
     return _page(f"edgeship · {fleet}", "fleet", body, {"fleet": snap.fleet})

@@ -1,15 +1,25 @@
 """Staged rollouts in the collector (issue 14 item 2): the fleet-level ``rollouts`` topic is
-ingested and the newest ``seq`` of each rollout is stored (SQLite and PostgreSQL, schema 5).
+ingested, the newest ``seq`` of each rollout is stored (SQLite and PostgreSQL, schema 5), served
+by ``/api/rollouts``, drawn on the dashboard, exported to ``/metrics`` and alerted on
+(``rollout_halted``).
 
-PostgreSQL tests use a schema of their own and are skipped when no server answers
-(tests/test_collector_store.py's ``PG_URL``).
+The end-to-end test runs a real Mosquitto and a real collector with its monitor, publishes
+RolloutEvents built with the contract's classes (a duplicate, an older ``seq`` after a newer
+one, a halt), reads the API, ``/metrics`` and the alerts on ``edgeship/{fleet}/alerts``, and
+restarts the collector on the same store. PostgreSQL tests use a schema of their own and are
+skipped when no server answers (tests/test_collector_store.py's ``PG_URL``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 import sqlite3
+import subprocess
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,19 +28,30 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
-from collector.errors import StoreError
+from collector.alert_config import AlertsConfig
+from collector.alerts import rollout_alert_id
+from collector.errors import ConfigError, StoreError
 from collector.ingest import DeadLetter, RolloutRecord, ingest
+from collector.leader import leadership_for
+from collector.metrics import FleetMetrics, MetricsView
+from collector.monitor import Monitor, MonitorConfig
+from collector.service import Collector, CollectorConfig
+from collector.state import FleetState, StateConfig
 from collector.store import SCHEMA_VERSION, open_store
 from collector.store.schema import SQLITE, schema_v1, schema_v2, schema_v3, schema_v4
 from collector.worker import process_batch
 from device_agent.contracts.messages import (
+    ROLLOUT_DEVICE_STATES,
     ROLLOUT_STATES,
+    Alert,
     RolloutEvent,
     encode,
     message_topic,
 )
-from tests.collector_helpers import FLEET
+from tests.brokers import FleetListener, Mosquitto, wait_for
+from tests.collector_helpers import FLEET, Fleet, Publisher
 from tests.test_collector_store import PG_URL, pg_available, pg_url
 
 T0 = 1_800_000_000.0
@@ -276,3 +297,364 @@ def test_a_postgresql_schema_with_another_applications_rollouts_table() -> None:
     finally:
         s.drop_schema()
         s.close()
+
+
+# --- the alert, on a fake clock ------------------------------------------------------------------
+
+
+def _store(f: Fleet, *events: RolloutEvent) -> None:
+    f.store.insert_batch([], [], [record(e, f.clock()) for e in events])
+
+
+def _rollout_alerts(f: Fleet) -> list[tuple[str, str | None, float | None, str]]:
+    return [(a.state, a.device, a.value, a.id) for _, a in f.sent if a.rule == "rollout_halted"]
+
+
+def test_rollout_halted_fires_once_and_resolves_when_the_rollout_goes_on(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    try:
+        _store(f, rollout(1))
+        assert f.tick(1) == []
+        _store(f, halted(2))
+        assert f.tick(1) == [("firing", None, "rollout_halted")]
+        alert = f.sent[-1][1]
+        assert (alert.severity, alert.device, alert.value) == ("critical", None, 2.0)
+        assert alert.id == rollout_alert_id(FLEET, "r-1")
+        assert "rollout r-1 of digits@4 halted at wave 2 of 2" in alert.summary
+        assert REASON in alert.summary and "2 of 3 devices" in alert.summary
+        # Another halted state of the same rollout (a device reverted late): no new alert.
+        _store(f, dataclasses.replace(halted(3), devices={**halted(3).devices, "pi-1": "reverted"}))
+        assert f.tick(1) == []
+        assert f.monitor.engine.firing()[0].value == 3.0
+        _store(f, rollout(4, wave=1, devices={"pi-1": "applied"}))  # resumed
+        assert f.tick(1) == [("resolved", None, "rollout_halted")]
+        assert f.sent[-1][1].id == alert.id and "is running at wave 2 of 2" in f.sent[-1][1].summary
+        assert f.tick(1) == []
+    finally:
+        f.close()
+
+
+def test_each_halted_rollout_alerts_and_a_restarted_monitor_resolves_what_fired(
+    tmp_path: Path,
+) -> None:
+    f = Fleet(tmp_path)
+    _store(f, halted(1, "r-1"), halted(1, "r-2", started=T0 + 1), rollout(1, rid="r-3"))
+    assert sorted(f.tick(1)) == [("firing", None, "rollout_halted")] * 2
+    fired = {a.id for _, a in f.sent}
+    assert fired == {rollout_alert_id(FLEET, "r-1"), rollout_alert_id(FLEET, "r-2")}
+    f.monitor.stop()
+    again = Monitor(
+        f.state, f.store, f.config, clock=f.clock, publish=lambda fl, a: f.sent.append((fl, a))
+    )
+    try:
+        assert {a.id for a in again.engine.firing()} == fired
+        f.clock.advance(1)
+        again.tick()
+        assert len(f.sent) == 2  # nothing raised a second time
+        _store(f, rollout(2, "done", rid="r-2", wave=2, started=T0 + 1))
+        _store(f, rollout(2, "aborted", rid="r-1", wave=1, started=T0))
+        f.clock.advance(1)
+        again.tick()
+        resolved = {a.id: a.summary for _, a in f.sent[2:] if a.state == "resolved"}
+        assert resolved.keys() == fired and len(f.sent) == 4
+        assert "r-2 of digits@4 is done" in resolved[rollout_alert_id(FLEET, "r-2")]
+        assert "r-1 of digits@4 was aborted" in resolved[rollout_alert_id(FLEET, "r-1")]
+    finally:
+        again.stop()
+        f.store.close()
+
+
+def test_the_rule_can_be_switched_off_and_a_deleted_rollout_resolves_its_alert(
+    tmp_path: Path,
+) -> None:
+    f = Fleet(tmp_path)
+    try:
+        _store(f, halted(1))
+        assert f.tick(1) == [("firing", None, "rollout_halted")]
+        f.store._query("DELETE FROM edgeship_rollouts")  # an operator cleaned the table up
+        assert f.tick(1) == [("resolved", None, "rollout_halted")]
+        assert "no longer in the store" in f.sent[-1][1].summary
+    finally:
+        f.close()
+    cfg = AlertsConfig.from_dict({"rules": {"rollout_halted": {"enabled": False}}})
+    assert (
+        cfg.rules["rollout_halted"].severity == "critical"
+        and not cfg.rules["rollout_halted"].enabled
+    )
+    with pytest.raises(ConfigError, match="unknown keys"):
+        AlertsConfig.from_dict({"rules": {"rollout_halted": {"threshold": 1}}})
+    off = Fleet(tmp_path / "off", MonitorConfig(alerts=cfg, alerts_db=":memory:"))
+    try:
+        _store(off, halted(1))
+        assert off.tick(1) == []
+    finally:
+        off.close()
+
+
+def _samples(text: str, name: str) -> dict[tuple[str, str, str], float]:
+    out: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[(s.labels["fleet"], s.labels["rollout"], s.labels["state"])] = s.value
+    return out
+
+
+def test_metrics_show_the_newest_rollouts_of_each_fleet(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    try:
+        _store(f, *(rollout(1, rid=f"r-{i}", started=T0 + i) for i in range(7)))
+        _store(f, halted(2, "r-6", started=T0 + 6))
+        f.tick(1)
+        text = f.monitor.metrics_text()
+        devices = _samples(text, "edgeship_rollout_devices")
+        states = _samples(text, "edgeship_rollout_state")
+        assert {r for _, r, _ in devices} == {f"r-{i}" for i in range(2, 7)}  # the newest 5
+        assert len(devices) == 5 * len(ROLLOUT_DEVICE_STATES)
+        assert len(states) == 5 * len(ROLLOUT_STATES)
+        assert devices[(FLEET, "r-6", "rolled_back")] == 1.0
+        assert devices[(FLEET, "r-6", "reverted")] == 1.0
+        assert devices[(FLEET, "r-6", "pending")] == 0.0
+        assert devices[(FLEET, "r-5", "pending")] == 3.0
+        assert states[(FLEET, "r-6", "halted")] == 1.0
+        assert sum(v for (_, r, _), v in states.items() if r == "r-6") == 1.0
+        assert states[(FLEET, "r-5", "running")] == 1.0
+        assert "# TYPE edgeship_rollout_devices gauge" in text
+        assert "# HELP edgeship_rollout_state " in text
+        # A collector that does not lead the fleet exports no fleet-wide series.
+        rows = f.store.rollouts(FLEET, limit=None, per_fleet=5)
+        view = MetricsView(f.state.snapshot(), rollouts=rows, leader=False)
+        names = {m.name for m in FleetMetrics(lambda: view).collect()}
+        assert "edgeship_rollout_devices" not in names
+        assert "edgeship_rollout_state" not in names
+    finally:
+        f.close()
+
+
+def test_only_the_postgresql_leader_exports_rollout_series() -> None:
+    if not pg_available():
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    url = pg_url()
+    store: Any = open_store(url)
+    monitors: list[Monitor] = []
+    try:
+        store.insert_batch([], [], [record(halted(1), T0)])
+        for _ in range(2):
+            state = FleetState(store, fleet=FLEET, config=StateConfig(cache_s=0.0))
+            m = Monitor(state, store, MonitorConfig(alerts_db=":memory:", publish=False),
+                        leader=leadership_for(url, FLEET))  # fmt: skip
+            m.tick()
+            monitors.append(m)
+        leading = [m.leader.is_leader for m in monitors]
+        assert leading == [True, False]
+        lead, follow = (m.metrics_text() for m in monitors)
+        assert _samples(lead, "edgeship_rollout_state")[(FLEET, "r-1", "halted")] == 1.0
+        assert _samples(follow, "edgeship_rollout_state") == {}
+        assert [a.rule for a in monitors[0].engine.firing()] == ["rollout_halted"]
+    finally:
+        for m in monitors:
+            m.stop()
+        store.drop_schema()
+        store.close()
+
+
+# --- end to end: Mosquitto, the collector, its monitor -------------------------------------------
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = resp.read().decode()
+        return json.loads(body) if resp.headers["Content-Type"] == "application/json" else body
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+class _Rig:
+    """A collector of FLEET and its monitor on ``store_url``, over ``broker``."""
+
+    def __init__(self, broker: Mosquitto, store_url: str) -> None:
+        config = CollectorConfig(
+            broker.url, fleet=FLEET, store_url=store_url, http="127.0.0.1:0",
+            client_id=f"ro-{uuid.uuid4().hex[:8]}", workers=1, batch_interval_s=0.02,
+        )  # fmt: skip
+        self.collector = Collector(config).start()
+        self.monitor = Monitor.for_collector(self.collector, MonitorConfig(interval_s=0.1)).start()
+        host, port = self.collector.http_address_bound()
+        self.api = f"http://{host}:{port}"
+
+    def row(self) -> dict[str, Any]:
+        rows: list[dict[str, Any]] = _get(f"{self.api}/api/rollouts")["rollouts"]
+        return rows[0] if rows else {}
+
+    def wait_seq(self, seq: int) -> dict[str, Any]:
+        assert wait_for(lambda: self.row().get("seq") == seq, 20), self.row()
+        return self.row()
+
+    def stop(self) -> None:
+        self.monitor.stop()
+        self.collector.stop()
+
+
+def _publish(pub: Publisher, *events: RolloutEvent) -> None:
+    for e in events:  # retained, QoS 1, as the protocol says for this topic
+        pub.client.publish(message_topic(FLEET, e), encode(e), qos=1, retain=True).wait_for_publish(
+            10
+        )
+
+
+def _alerts(listener: FleetListener) -> list[Alert]:
+    return [a for a in listener.of(Alert) if a.rule == "rollout_halted"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rollouts_over_mqtt_in_the_api_metrics_alerts_and_after_a_restart(
+    backend: str, tmp_path: Path
+) -> None:
+    if backend == "postgresql" and not pg_available():
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    store_url = f"sqlite:///{tmp_path / 'fleet.db'}" if backend == "sqlite" else pg_url()
+    with Mosquitto(tmp_path / "broker", persistence=False) as broker:
+        listener = FleetListener(FLEET, port=broker.port)
+        pub = Publisher(broker.port, FLEET)
+        rig = _Rig(broker, store_url)
+        try:
+            _publish(pub, rollout(1))
+            rig.wait_seq(1)
+            _publish(pub, rollout(2, devices={"pi-1": "deploying"}))
+            rig.wait_seq(2)
+            _publish(pub, rollout(2, devices={"pi-1": "deploying"}), rollout(1))  # dup, older
+            assert wait_for(lambda: rig.collector.stats.duplicates >= 2, 20)
+            first = rig.wait_seq(2)
+            assert first["counts"]["deploying"] == 1 and first["state"] == "running"
+            _publish(pub, halted(3))
+            row = rig.wait_seq(3)
+            assert (row["state"], row["wave"], row["waves_total"], row["reason"]) == (
+                "halted", 1, 2, REASON,
+            )  # fmt: skip
+            assert row["counts"]["rolled_back"] == row["counts"]["reverted"] == 1
+            stats = rig.collector.stats
+            assert (stats.duplicates, stats.dead_letters) == (2, 0)
+            assert stats.stored == 3  # seq 1, 2 and 3, each once
+            detail = _get(f"{rig.api}/api/rollouts/{FLEET}/r-1")
+            assert detail["waves"] == [["pi-1"], ["pi-2", "pi-3"]]
+            assert detail["devices"] == {"pi-1": "applied", "pi-2": "rolled_back",
+                                         "pi-3": "reverted"}  # fmt: skip
+            assert _status(f"{rig.api}/api/rollouts/{FLEET}/nope") == 404
+            assert _status(f"{rig.api}/api/rollouts/other/r-1") == 400
+            assert _status(f"{rig.api}/api/rollouts?fleet=b+d") == 400
+            assert _status(f"{rig.api}/api/rollouts?limit=0") == 400
+            assert "/api/rollouts/{fleet}/{rollout_id}" in _get(f"{rig.api}/openapi.json")["paths"]
+
+            firing = listener.wait_for(lambda: _alerts(listener))
+            (alert,) = firing
+            assert (alert.state, alert.severity, alert.device, alert.value) == (
+                "firing", "critical", None, 2.0,
+            )  # fmt: skip
+            assert "r-1" in alert.summary and REASON in alert.summary
+            assert wait_for(lambda: "rollout_halted" in _metrics_firing(rig.api), 20)
+            text = _get(f"{rig.api}/metrics")
+            states = _samples(text, "edgeship_rollout_state")
+            assert states[(FLEET, "r-1", "halted")] == 1.0
+            assert states[(FLEET, "r-1", "running")] == 0.0
+            devices = _samples(text, "edgeship_rollout_devices")
+            assert devices[(FLEET, "r-1", "applied")] == devices[(FLEET, "r-1", "reverted")] == 1
+            assert _metrics_firing(rig.api)["rollout_halted"] == ("critical", 1.0)
+            _promtool_check(text)
+
+            _publish(pub, rollout(4, wave=1, devices={"pi-1": "applied"}))  # resumed
+            listener.wait_for(lambda: len(_alerts(listener)) == 2)
+            resolved = _alerts(listener)[1]
+            assert (resolved.state, resolved.id) == ("resolved", alert.id)
+            _publish(pub, halted(5))  # halted again: the rollout's alert fires again
+            listener.wait_for(lambda: len(_alerts(listener)) == 3)
+            before = rig.wait_seq(5)
+        finally:
+            rig.stop()
+
+        # A restart on the same store: another client id, so the broker sends the retained
+        # seq 5 again; equal to the stored one, it changes nothing.
+        rig = _Rig(broker, store_url)
+        try:
+            assert wait_for(lambda: rig.collector.stats.duplicates == 1, 20)
+            assert rig.row() == before  # received_at included
+            assert wait_for(lambda: rig.monitor.ticks >= 3, 20)
+            assert [a.id for a in rig.monitor.engine.firing()] == [alert.id]
+            _publish(pub, rollout(6, "aborted", wave=1, reason="stopped by the operator"))
+            listener.wait_for(lambda: len(_alerts(listener)) == 4)
+            assert [(a.state, a.id) for a in _alerts(listener)] == [
+                ("firing", alert.id), ("resolved", alert.id),
+                ("firing", alert.id), ("resolved", alert.id),
+            ]  # fmt: skip
+            assert "was aborted" in _alerts(listener)[3].summary
+            assert rig.wait_seq(6)["state"] == "aborted"
+        finally:
+            rig.stop()
+            pub.close()
+            listener.close()
+            if backend == "postgresql":
+                cleanup: Any = open_store(store_url)
+                cleanup.drop_schema()
+                cleanup.close()
+
+
+def _metrics_firing(api: str) -> dict[str, tuple[str, float]]:
+    out = {}
+    for family in text_string_to_metric_families(_get(f"{api}/metrics")):
+        for s in family.samples:
+            if s.name == "edgeship_alerts_firing" and s.value:
+                out[s.labels["rule"]] = (s.labels["severity"], s.value)
+    return out
+
+
+def _promtool_check(text: str) -> None:
+    """``promtool check metrics`` on a scrape, where promtool is there (or can be unpacked:
+    tests/test_collector_metrics.py)."""
+    from tests.test_collector_metrics import _promtool
+
+    check = subprocess.run(
+        [_promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+
+
+def test_the_dashboard_shows_rollouts_escaped(chromium: str, tmp_path: Path) -> None:
+    """The Rollouts panel, as the collector renders it and as dashboard.js redraws it: every
+    string from the wire is text, never markup."""
+    hostile = '<img src=x onerror="document.title=1">'
+    with Mosquitto(tmp_path / "broker", persistence=False) as broker:
+        pub = Publisher(broker.port, FLEET)
+        rig = _Rig(broker, f"sqlite:///{tmp_path / 'fleet.db'}")
+        try:
+            bad = dataclasses.replace(halted(2), model=f"digits{hostile}", reason=f"{hostile} x")
+            _publish(pub, rollout(1, rid="r-0", started=T0 - 10), bad)
+            assert wait_for(lambda: len(_get(f"{rig.api}/api/rollouts")["rollouts"]) == 2, 20)
+            page = _get(f"{rig.api}/")
+            dom = _browse(chromium, f"{rig.api}/")
+        finally:
+            rig.stop()
+            pub.close()
+    assert re.search(r'id="updated"[^>]*>updated \d\d:\d\d:\d\d<', dom), dom[:2000]
+    for html_text in (page, dom):
+        pattern = rf'<tr data-rollout="([^"]+)" data-fleet="{FLEET}">(.*?)</tr>'
+        rows = dict(re.findall(pattern, html_text))
+        assert set(rows) == {"r-0", "r-1"}, html_text[:3000]
+        assert "halted" in rows["r-1"] and "2 of 2" in rows["r-1"]
+        assert "1 applied, 1 rolled back, 1 reverted" in rows["r-1"]
+        assert "&lt;img" in rows["r-1"] and "<img" not in rows["r-1"]
+        assert "running" in rows["r-0"] and "1 of 2" in rows["r-0"]
+        assert "3 pending" in rows["r-0"]
+        # newest first: r-1 started after r-0
+        assert html_text.index('data-rollout="r-1"') < html_text.index('data-rollout="r-0"')
+    assert "<img" not in page and "<img" not in dom
+
+
+def _browse(chromium: str, url: str) -> str:
+    from tests.browser import browse
+
+    return browse(chromium, url)

@@ -79,11 +79,40 @@
 
   // --- the fleet page ---
 
+  const ROLLOUTS = 10; // web.py's DASHBOARD_ROLLOUTS
+  const ROLLOUT_DEVICE_STATES =
+    ["pending", "deploying", "applied", "rolled_back", "failed", "reverted", "unreachable"];
+
+  // "2 applied, 1 rolled back, 3 pending" (web.py's _rollout_devices).
+  function rolloutDevices(counts) {
+    const parts = ROLLOUT_DEVICE_STATES.filter((s) => counts[s])
+      .map((s) => counts[s] + " " + s.replace("_", " "));
+    return parts.length ? parts.join(", ") : "–";
+  }
+
+  function rolloutRows(list) {
+    if (!list.length) return [el("tr", {}, el("td", { colspan: 7, class: "none" }, "none"))];
+    return list.map((r) => {
+      const href = "/api/rollouts/" + encodeURIComponent(r.fleet) + "/" + encodeURIComponent(r.id);
+      const model = (r.model || "–") + (r.model_version ? "@" + r.model_version : "");
+      return el("tr", { "data-rollout": r.id, "data-fleet": r.fleet },
+        el("td", {}, el("a", { href }, r.id)),
+        el("td", {}, model),
+        el("td", {}, el("span", { class: "state " + r.state }, r.state)),
+        el("td", {}, Math.min(r.wave + 1, r.waves_total) + " of " + r.waves_total),
+        el("td", {}, rolloutDevices(r.counts)),
+        el("td", { class: "reason" }, r.reason || "–"),
+        el("td", {}, ago(r.received_at)),
+      );
+    });
+  }
+
   async function refreshFleet() {
-    const [fleet, alerts, drift] = await Promise.all([
+    const [fleet, alerts, drift, rollouts] = await Promise.all([
       getJSON("/api/devices"),
       getJSON("/api/alerts").catch(() => ({ firing: [] })),
       getJSON("/api/drift").catch(() => ({ devices: [] })),
+      getJSON("/api/rollouts?limit=" + ROLLOUTS), // the API's own route: always there
     ]);
     const rules = new Map();
     for (const a of alerts.firing) {
@@ -115,6 +144,7 @@
       `${s.devices} devices: ${s.online} online, ${s.stale} stale, ${s.offline} offline; ` +
       `${alerts.firing.length} alerts firing`;
     alertItems(document.getElementById("alerts"), alerts.firing);
+    document.querySelector("#rollouts tbody").replaceChildren(...rolloutRows(rollouts.rollouts));
   }
 
   // --- the device page ---
