@@ -20,6 +20,7 @@ from collector.ingest import (
     DeadLetter,
     EventRecord,
     Ignored,
+    RolloutRecord,
     TelemetryRecord,
     ingest,
     telemetry_record,
@@ -35,11 +36,13 @@ from device_agent.contracts.messages import (
     InputSummary,
     LatencySummary,
     OutlierEvent,
+    RolloutEvent,
     StatusMessage,
     TelemetryMessage,
     Throttled,
     decode,
     encode,
+    safe_text,
     topic,
 )
 from device_agent.errors import ProtocolError
@@ -96,6 +99,17 @@ def outlier(seq: int = 9) -> OutlierEvent:
         device=DEVICE, boot="b00t", seq=seq, ts=NOW, score=7.5, threshold=2.0, prediction="cat",
         input=InputSummary((1, 8, 8), 0.5, 0.2, 0.0, 1.0), model="digits", model_version="3",
     )  # fmt: skip
+
+
+def rollout(seq: int = 4, **over: Any) -> RolloutEvent:
+    fields: dict[str, Any] = dict(
+        id="r-1", seq=seq, ts=NOW + seq, started=NOW, state="halted", deploy="d0123456789abc",
+        wave=1, waves=(("pi-01",), ("pi-02", DEVICE)),
+        devices={"pi-01": "applied", "pi-02": "rolled_back", DEVICE: "reverted"},
+        model="digits", model_version="4", soak_s=30.0, reason="pi-02 rolled back",
+    )  # fmt: skip
+    fields.update(over)
+    return RolloutEvent(**fields)
 
 
 def t(kind: str, device: str | None = DEVICE, fleet: str = FLEET) -> str:
@@ -367,11 +381,35 @@ def test_duplicate_keys_anywhere_go_to_the_reference_decoder() -> None:
         assert isinstance(ingest(t("telemetry"), bad, NOW), DeadLetter)
 
 
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_VALUES, how=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
+def test_a_mutated_rollout_is_kept_as_decoded_or_dead_lettered(
+    value: Any, how: int, seed: int
+) -> None:
+    """Whatever reaches the rollouts topic is what the reference decoder makes of it: the
+    decoded rollout, or a dead letter naming the field it names."""
+    doc = _mutate(json.loads(encode(rollout())), random.Random(seed), value, how)
+    payload = json.dumps(doc, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    topic_name = t("rollouts", None)
+    out = ingest(topic_name, payload, NOW, fleet=FLEET)
+    try:
+        expected = decode(topic_name, payload)
+    except ProtocolError as exc:
+        assert isinstance(out, DeadLetter), out
+        assert out.field == safe_text(exc.field), (out, exc.field)
+        assert storable(out.field) and storable(out.error) and "\n" not in out.field
+        return
+    assert isinstance(out, RolloutRecord), out
+    assert (out.fleet, out.message) == (FLEET, expected)
+
+
 # --- thousands of random payloads through the ingest path ---------------------------------------
 
 _TOPICS = st.one_of(
     st.sampled_from([t(k) for k in ("status", "telemetry", "outliers", "cmd", "cmd/reply")]),
     st.just(t("alerts", None)),
+    st.just(t("rollouts", None)),
+    st.just(f"edgeship/{FLEET}/{DEVICE}/rollouts"),
     st.text(_TEXT_CHARS, max_size=40),
     st.builds(
         "edgeship/{}/{}/telemetry".format,
@@ -383,7 +421,8 @@ _PAYLOADS = st.one_of(
     st.binary(max_size=200),
     _VALUES.map(lambda v: json.dumps(v).encode()),
     st.dictionaries(
-        st.sampled_from(["v", "kind", "device", "boot", "seq", "ts", "state", "inferences"]),
+        st.sampled_from(["v", "kind", "device", "boot", "seq", "ts", "state", "inferences",
+                         "id", "started", "deploy", "wave", "waves", "devices"]),
         _VALUES, max_size=8,
     ).map(lambda d: json.dumps(d).encode()),
 )  # fmt: skip
@@ -393,12 +432,13 @@ _PAYLOADS = st.one_of(
 @given(_TOPICS, _PAYLOADS)
 # Found in a fresh-clone run: a key "\n" made a dead letter's field a bare newline.
 @example(t("alerts", None), b'{"\\n":{"\\u0000":null}}')
+@example(t("rollouts", None), encode(rollout()))
 def test_random_input_never_raises(topic_name: str, payload: bytes) -> None:
     out = ingest(topic_name, payload, NOW, fleet=FLEET)
-    assert isinstance(out, TelemetryRecord | EventRecord | DeadLetter | Ignored)
+    assert isinstance(out, TelemetryRecord | EventRecord | RolloutRecord | DeadLetter | Ignored)
     if isinstance(out, DeadLetter):
         assert out.field and out.error and "\n" not in out.field
         assert len(out.payload) <= DEAD_LETTER_MAX_BYTES
         assert storable(out.topic) and storable(out.field) and storable(out.error), out
-    elif isinstance(out, TelemetryRecord | EventRecord):  # whatever is kept is safe text
+    elif isinstance(out, TelemetryRecord | EventRecord | RolloutRecord):  # kept: safe text
         assert storable(json.dumps(dataclasses.asdict(out), ensure_ascii=False, default=str))

@@ -5,7 +5,8 @@ NaN / Infinity, huge numbers, deep nesting, duplicate keys, a wrong or missing
 Content-Length), some left half-sent and open, interleaved with good requests. Invariants:
 
 * every good request is answered exactly once, correctly: a good predict returns the model's
-  own prediction for that input; a good command is 202 and the broker delivers it once;
+  own prediction for that input; a good command is 202 and the broker delivers it once; a
+  good read of a rollout (``/api/rollouts/...``) answers the state the collector stored;
 * every bad request gets only 4xx answers (or 2xx when it happened to be valid), never a 5xx
   and never a reset without an answer; answers are strict JSON;
 * the server keeps serving, with a bounded number of threads.
@@ -28,9 +29,11 @@ from hypothesis import strategies as st
 
 from collector.service import Collector, CollectorConfig
 from device_agent import Agent, AgentConfig
+from device_agent.contracts.messages import RolloutEvent, encode, message_topic
 from device_agent.httpserver import HTTPLimits
 from device_agent.service import make_http_server
 from tests.brokers import Mosquitto, wait_for
+from tests.collector_helpers import Publisher
 from tests.rawhttp import Response, parse_responses, request
 from tests.test_collector_api_auth import Spy
 
@@ -289,15 +292,25 @@ def collector_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[in
         )  # fmt: skip
         collector = Collector(config).start()
         spy = Spy(broker.port)
+        pub = Publisher(broker.port, FLEET)
         try:
             assert wait_for(lambda: collector.stats.subscribed, 10), collector.health()
+            # A stored rollout, so /api/rollouts/{fleet}/{id} has something to answer with.
+            pub.client.publish(message_topic(FLEET, ROLLOUT), encode(ROLLOUT), qos=1,
+                               retain=True).wait_for_publish(10)  # fmt: skip
+            assert wait_for(lambda: collector.stats.stored == 1, 10), collector.health()
             yield collector.http_address_bound()[1], spy
         finally:
+            pub.close()
             spy.close()
             collector.stop()
 
 
 _SENT: list[str] = []
+ROLLOUT = RolloutEvent(
+    id="r-1", seq=7, ts=1.8e9, started=1.8e9, state="running", deploy="d0123", wave=0,
+    waves=(("d1",), ("d2", "d3")), devices={"d1": "applied", "d2": "pending", "d3": "pending"},
+)  # fmt: skip
 
 
 @settings(
@@ -309,7 +322,8 @@ _SENT: list[str] = []
 def test_fuzz_collector_http(collector_rig: tuple[int, Spy], data: Any) -> None:
     port, spy = collector_rig
     known = ["/api/health", "/api/devices", "/api/devices/d1", "/api/dead-letters",
-             "/api/devices/d1/commands", "/api/devices/d1/commands/x"]  # fmt: skip
+             "/api/devices/d1/commands", "/api/devices/d1/commands/x", "/api/rollouts",
+             f"/api/rollouts/{FLEET}/r-1", "/api/rollouts?limit=5&fleet="]  # fmt: skip
     wrap = data.draw(
         st.sampled_from(
             [lambda v: {"action": "ping", "fleet": FLEET, "args": {"v": v}},
@@ -336,6 +350,10 @@ def test_fuzz_collector_http(collector_rig: tuple[int, Spy], data: Any) -> None:
         answer = _good_one(port, request("POST", f"/api/devices/{device}/commands", body, auth))
         assert answer.status == 202, answer
         _SENT.append(answer.json()["id"])
+        # A good read of the stored rollout: answered once, with what the broker delivered.
+        read = _good_one(port, request("GET", f"/api/rollouts/{FLEET}/r-1"))
+        assert read.status == 200 and read.json()["seq"] == 7, read
+        assert read.json()["devices"] == dict(ROLLOUT.devices)
     health = _good_one(port, request("GET", "/api/health"))
     assert health.status == 200 and health.json()["ok"]
     assert wait_for(lambda: set(_SENT) <= set(spy.ids()), 20), set(_SENT) - set(spy.ids())
