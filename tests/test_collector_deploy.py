@@ -156,7 +156,7 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_devices(tmp_path: 
         )
     s = open_store(f"sqlite:///{path}")
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         (old,) = s.devices(FLEET)
         assert (old.device, old.model_version, old.deploy) == ("pi-old", "1", None)
         bad = deploy("failed", "dep-9", "bundle hash mismatch")
