@@ -32,12 +32,8 @@ given), so a restart runs it too.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -72,8 +68,10 @@ from device_agent.deploy_files import (
     deploy_dir,
     deploy_state,
     deployed_bundle,
+    join_chunks,
     read_current,
     remove_durably,
+    store_chunk,
     unpack_archive,
     write_atomic,
 )
@@ -91,6 +89,7 @@ __all__ = [
     "deploy_dir",
     "deploy_state",
     "deployed_bundle",
+    "guarded_handlers",
     "unpack_archive",
 ]
 
@@ -102,6 +101,42 @@ _KEEP_RECORDS = 32
 def _as_record(fields: Mapping[str, Any]) -> DeployRecord:
     """A copy of a deploy's record, as the type the replies document."""
     return cast(DeployRecord, dict(fields))
+
+
+ArgsAction = Callable[[Mapping[str, Any]], Mapping[str, object]]
+
+
+def guarded_handlers(
+    actions: Mapping[Action, ArgsAction], root: Path, what: str
+) -> dict[str, Callable[[msg.Command], Any]]:
+    """Command handlers, by action name, for ``actions`` that take a command's ``args``: args
+    that are not an object, a disk that fails under ``root`` and any unexpected exception
+    become a DeployError naming the action (the agent answers ``ok: false`` and goes on)."""
+
+    def handler(action: ArgsAction) -> Callable[[msg.Command], Any]:
+        def run(command: msg.Command) -> Mapping[str, object]:
+            try:
+                if not isinstance(command.args, Mapping):
+                    raise DeployError(f"{command.action}: args must be an object")
+                return action(command.args)
+            except EdgeshipError:
+                raise
+            except OSError as exc:  # a full or failing disk: the reply says so
+                raise DeployError(
+                    printable(f"{command.action}: cannot write under {root}: {exc}")
+                ) from exc
+            except Exception as exc:  # a bug here must not cost the agent its commands
+                log.exception("%s: %s failed", what, command.action)
+                raise DeployError(
+                    printable(
+                        f"{command.action} failed: {describe_failure(exc)} (an error in the "
+                        "agent; its log has the details)"
+                    )
+                ) from exc
+
+        return run
+
+    return {name.value: handler(action) for name, action in actions.items()}
 
 
 class Deployer:
@@ -138,7 +173,7 @@ class Deployer:
 
     def handlers(self) -> dict[str, Callable[[msg.Command], Any]]:
         """The ``deploy_*`` commands, by action name: each turns a failure into DeployError."""
-        actions: dict[Action, Callable[[Mapping[str, Any]], Mapping[str, object]]] = {
+        actions: dict[Action, ArgsAction] = {
             Action.DEPLOY_BEGIN: self.begin,
             Action.DEPLOY_CHUNK: self.chunk,
             Action.DEPLOY_COMMIT: self.commit,
@@ -147,30 +182,7 @@ class Deployer:
             Action.DEPLOY_REVERT: self.revert,
         }
 
-        def handler(action: Callable[[Mapping[str, Any]], Mapping[str, object]]) -> Any:
-            def run(command: msg.Command) -> Mapping[str, object]:
-                try:
-                    if not isinstance(command.args, Mapping):
-                        raise DeployError(f"{command.action}: args must be an object")
-                    return action(command.args)
-                except EdgeshipError:
-                    raise
-                except OSError as exc:  # a full or failing disk: the reply says so
-                    raise DeployError(
-                        printable(f"{command.action}: cannot write under {self.root}: {exc}")
-                    ) from exc
-                except Exception as exc:  # a bug here must not cost the agent its commands
-                    log.exception("deploy: %s failed", command.action)
-                    raise DeployError(
-                        printable(
-                            f"{command.action} failed: {describe_failure(exc)} (an error in the "
-                            "agent; its log has the details)"
-                        )
-                    ) from exc
-
-            return run
-
-        return {name.value: handler(action) for name, action in actions.items()}
+        return guarded_handlers(actions, self.root, "deploy")
 
     # --- records and events -------------------------------------------------------------
 
@@ -263,10 +275,7 @@ class Deployer:
             except (OSError, ValueError, AttributeError):
                 resumed = False
         if resumed:
-            for i in range(chunks):
-                part = upload.chunk_path(i)
-                if part.is_file() and part.stat().st_size == upload.chunk_len(i):
-                    upload.add(i)
+            upload.resume()
         else:
             shutil.rmtree(staging, ignore_errors=True)
             self._clear_staging()
@@ -310,22 +319,7 @@ class Deployer:
             args, chunks_of=lambda deploy_id: self._current_upload(deploy_id).chunks
         )
         upload, index = self._current_upload(chunk.deploy), chunk.index
-        try:
-            data = base64.b64decode(chunk.data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise DeployError(f"chunk {index}: 'data' is not base64 ({exc})") from exc
-        if len(data) != upload.chunk_len(index):
-            raise DeployError(
-                f"chunk {index}: {len(data)} bytes, expected {upload.chunk_len(index)}"
-            )
-        if hashlib.sha256(data).hexdigest() != chunk.sha256:
-            raise DeployError(f"chunk {index}: does not match its SHA-256 (damaged in transit)")
-        path = upload.chunk_path(index)
-        if not upload.has(index):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-            upload.add(index)
+        store_chunk(upload, index, chunk.data, chunk.sha256)
         return {
             "deploy": upload.id,
             "index": index,
@@ -423,21 +417,8 @@ class Deployer:
         )
 
     def _unpack(self, upload: Upload, dest: Path) -> None:
-        digest = hashlib.sha256()
         archive = upload.dir / "archive"
-        size = 0
-        with archive.open("wb") as out:
-            for i in range(upload.chunks):
-                data = upload.chunk_path(i).read_bytes()
-                digest.update(data)
-                size += len(data)
-                out.write(data)
-        if size != upload.size or digest.hexdigest() != upload.sha256:
-            raise BundleError(
-                f"the archive does not match the SHA-256 announced in deploy_begin "
-                f"(expected {upload.sha256[:12]}…, got {digest.hexdigest()[:12]}…, "
-                f"{size} bytes)"
-            )
+        join_chunks(upload, archive, what="archive", begin="deploy_begin")
         shutil.rmtree(dest, ignore_errors=True)
         unpack_archive(archive, dest, max_bytes=self._config.deploy_max_bytes)
 

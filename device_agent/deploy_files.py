@@ -13,6 +13,9 @@ The commands that fill it are :mod:`device_agent.deploy`'s; ``edgeship-agent che
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 from device_agent.agent_config import AgentConfig
 from device_agent.bundle import Bundle, load_bundle
 from device_agent.contracts.bundle import MANIFEST_NAME
-from device_agent.contracts.commands import has_bad_text
+from device_agent.contracts.commands import DeployError, has_bad_text
 from device_agent.errors import BundleError, ConfigError, EdgeshipError
 from device_agent.runtime import ModelSession
 
@@ -38,8 +41,10 @@ __all__ = [
     "deploy_dir",
     "deploy_state",
     "deployed_bundle",
+    "join_chunks",
     "read_current",
     "remove_durably",
+    "store_chunk",
     "unpack_archive",
     "write_atomic",
 ]
@@ -349,3 +354,49 @@ class Upload:
                 if len(out) == n:
                     break
         return out
+
+    def resume(self) -> None:
+        """Count the chunks already stored in :attr:`dir` (an upload begun before, perhaps by
+        an agent since restarted): each whole ``.part`` file of the right length."""
+        for i in range(self.chunks):
+            part = self.chunk_path(i)
+            if part.is_file() and part.stat().st_size == self.chunk_len(i):
+                self.add(i)
+
+
+def store_chunk(upload: Upload, index: int, data_b64: str, sha256: str) -> None:
+    """Check chunk ``index`` of ``upload`` (base64 ``data_b64``, its length, its ``sha256``) and
+    write it once, to a temporary file renamed into place; a chunk delivered twice is checked
+    and not written again. DeployError saying what is wrong (damaged in transit)."""
+    try:
+        data = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DeployError(f"chunk {index}: 'data' is not base64 ({exc})") from exc
+    if len(data) != upload.chunk_len(index):
+        raise DeployError(f"chunk {index}: {len(data)} bytes, expected {upload.chunk_len(index)}")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DeployError(f"chunk {index}: does not match its SHA-256 (damaged in transit)")
+    if not upload.has(index):
+        path = upload.chunk_path(index)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        upload.add(index)
+
+
+def join_chunks(upload: Upload, out: Path, *, what: str, begin: str) -> None:
+    """Join the chunks of ``upload`` into the file ``out`` and check its size and SHA-256
+    against those announced by the ``begin`` action; BundleError naming ``what`` if not."""
+    digest = hashlib.sha256()
+    size = 0
+    with out.open("wb") as fh:
+        for i in range(upload.chunks):
+            data = upload.chunk_path(i).read_bytes()
+            digest.update(data)
+            size += len(data)
+            fh.write(data)
+    if size != upload.size or digest.hexdigest() != upload.sha256:
+        raise BundleError(
+            f"the {what} does not match the SHA-256 announced in {begin} "
+            f"(expected {upload.sha256[:12]}…, got {digest.hexdigest()[:12]}…, {size} bytes)"
+        )
