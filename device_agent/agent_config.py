@@ -38,7 +38,9 @@ class AgentConfig:
     (:mod:`device_agent.deploy`) is on probation for ``deploy_probation_inferences`` calls
     (0: applied at once; at least the probation's ``min_calls``) or its time limit, judged on
     model health (:mod:`device_agent.probation`, docs/agent.md "Probation"), and may be at most
-    ``deploy_max_bytes``.
+    ``deploy_max_bytes``. A candidate model sent to be timed (:mod:`device_agent.candidates`)
+    may be at most ``candidate_max_bytes``; at most ``candidate_keep`` are kept, none longer
+    than ``candidate_ttl_s`` seconds.
     """
 
     device_id: str = field(default_factory=_default_device_id)
@@ -62,6 +64,9 @@ class AgentConfig:
     model_key_file: str | None = None
     deploy_probation_inferences: int = 20
     deploy_max_bytes: int = 256 * 2**20
+    candidate_max_bytes: int = 256 * 2**20
+    candidate_keep: int = 2
+    candidate_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
         # Accept a str for convenience; the field is always a Path afterwards.
@@ -81,6 +86,14 @@ class AgentConfig:
             raise ConfigError("outlier_events_per_min must not be negative")
         if self.deploy_probation_inferences < 0:
             raise ConfigError("deploy_probation_inferences must not be negative")
+        if self.candidate_max_bytes < 1024:
+            raise ConfigError(
+                f"candidate_max_bytes must be at least 1 KiB, got {self.candidate_max_bytes}"
+            )
+        if self.candidate_keep < 1:
+            raise ConfigError(f"candidate_keep must be at least 1, got {self.candidate_keep}")
+        if not self.candidate_ttl_s > 0:
+            raise ConfigError(f"candidate_ttl_s must be positive, got {self.candidate_ttl_s}")
         if self.deploy_max_bytes < 1024:
             raise ConfigError(
                 f"deploy_max_bytes must be at least 1 KiB, got {self.deploy_max_bytes}"

@@ -32,7 +32,9 @@ __all__ = [
     "MAX_WARMUP_RUNS",
     "BenchmarkArgs",
     "Timing",
+    "bench_report",
     "latency_summary_ms",
+    "rss_mb",
     "run_benchmark",
     "sample_inputs",
     "time_runs",
@@ -161,7 +163,8 @@ def sample_inputs(io: IOSpec, *, batch: int = 1, seed: int = 0) -> dict[str, np.
     return feed
 
 
-def _rss_mb(field: str) -> float | None:
+def rss_mb(field: str) -> float | None:
+    """This process's ``VmRSS`` or ``VmHWM`` (peak) in MiB, from ``/proc/self/status``."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
@@ -235,6 +238,27 @@ def run_benchmark(
             f"benchmark stopped after {len(timing.latencies_ns)} timed run(s): the agent is "
             "shutting down; send it again once it is back"
         )
+    return bench_report(
+        timing,
+        feed,
+        session,
+        max_seconds=checked.max_seconds,
+        inputs_generated=inputs is None,
+        model_path=model_path,
+    )
+
+
+def bench_report(
+    timing: Timing,
+    feed: Mapping[str, np.ndarray],
+    session: ModelSession,
+    *,
+    max_seconds: float,
+    inputs_generated: bool,
+    model_path: Path | None,
+) -> dict[str, Any]:
+    """The benchmark report of ``timing`` (the key names of ``edgeship bench``'s JSON report),
+    measured on this machine, with this process's memory."""
     latency = latency_summary_ms(timing.latencies_ns)
     # At least the clock's 1 ns: a reply cannot carry inf (it must be valid JSON).
     total_s = max(1, sum(timing.latencies_ns)) / 1e9
@@ -251,7 +275,7 @@ def run_benchmark(
         "host": {"arch": platform.machine(), "cpu": _board_model(), "cores": cores},
         "batch_size": batch,
         "input_shapes": {k: list(v.shape) for k, v in feed.items()},
-        "inputs_generated": inputs is None,
+        "inputs_generated": inputs_generated,
         "first_inference_ms": timing.first_ns / 1e6,
         "warmup_runs": len(timing.warmup_ns),
         "warmup_mean_ms": (sum(timing.warmup_ns) / len(timing.warmup_ns) / 1e6)
@@ -259,11 +283,11 @@ def run_benchmark(
         else None,
         "runs": len(timing.latencies_ns),
         "duration_s": timing.duration_ns / 1e9,
-        "max_seconds": checked.max_seconds,
+        "max_seconds": max_seconds,
         "capped": timing.capped,
         "latency_ms": latency,
         "inferences_per_s": per_s,
         "samples_per_s": per_s * batch,
-        "peak_rss_mb": _rss_mb("VmHWM"),
-        "rss_mb": _rss_mb("VmRSS"),
+        "peak_rss_mb": rss_mb("VmHWM"),
+        "rss_mb": rss_mb("VmRSS"),
     }

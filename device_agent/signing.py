@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_agent.contracts.bundle import MANIFEST_NAME
+from device_agent.contracts.commands import CandidateSignature, candidate_signed_bytes
 from device_agent.contracts.signature import (
     ALGORITHM,
     MAX_SIGNATURE_BYTES,
@@ -56,6 +57,7 @@ __all__ = [
     "Signature",
     "SignatureStatus",
     "TrustedKeys",
+    "check_candidate_signature",
     "check_signatures",
     "fingerprint",
     "load_private_key",
@@ -63,6 +65,7 @@ __all__ = [
     "load_trusted_keys",
     "read_signatures",
     "require_cryptography",
+    "sign_candidate",
     "sign_manifest",
     "signature_status",
     "write_signatures",
@@ -334,3 +337,48 @@ def check_signatures(root: Path, manifest_bytes: bytes, trusted: TrustedKeys) ->
             )
         verified.append(sig.key_id)
     return SignatureStatus(signers=signers, verified_by=tuple(verified))
+
+
+def check_candidate_signature(
+    sha256: str, signature: CandidateSignature | None, trusted: TrustedKeys
+) -> str:
+    """Enforce ``trusted`` on a candidate model (docs/agent.md, "Timing candidates"): its
+    ``signature`` must be by one of those keys and verify over
+    :func:`~device_agent.contracts.commands.candidate_signed_bytes` of its SHA-256. Returns the
+    key id; raises :class:`SignatureError` saying what is wrong."""
+    import base64
+    import binascii
+
+    from cryptography.exceptions import InvalidSignature
+
+    if signature is None:
+        raise SignatureError(
+            "the candidate is not signed and this agent only runs models signed by its "
+            f"trusted_keys ({trusted.describe()}); send it with the signing key"
+        )
+    key = trusted.keys.get(signature.key_id)
+    if key is None:
+        raise SignatureError(
+            f"the candidate is signed by {short(signature.key_id)}, which is not among this "
+            f"agent's trusted_keys ({trusted.describe()})"
+        )
+    try:
+        raw = base64.b64decode(signature.signature, validate=True)
+        key.verify(raw, candidate_signed_bytes(sha256))
+    except (binascii.Error, ValueError, InvalidSignature):
+        raise SignatureError(
+            f"the candidate's signature by trusted key {short(signature.key_id)} does not "
+            "verify: the file or its signature was altered; it is not run"
+        ) from None
+    return signature.key_id
+
+
+def sign_candidate(sha256: str, key: Ed25519PrivateKey) -> CandidateSignature:
+    """A candidate's signature (:func:`check_candidate_signature` checks it on the device)."""
+    import base64
+
+    return CandidateSignature(
+        key_id=fingerprint(key.public_key()),
+        algorithm=ALGORITHM,
+        signature=base64.b64encode(key.sign(candidate_signed_bytes(sha256))).decode("ascii"),
+    )

@@ -27,6 +27,7 @@ from device_agent.runtime import FeedChecker, ModelSession
 from device_agent.telemetry import WindowAggregator
 
 __all__ = [
+    "CallWatch",
     "LoadedModel",
     "ModelSlot",
     "OutlierSink",
@@ -210,6 +211,49 @@ class OutlierSink(Protocol):
     ) -> None: ...
 
 
+class CallWatch:
+    """The application's calls as the agent sees them while something else runs beside them
+    (a candidate being timed): each call's latency (the first :attr:`MAX_SAMPLES`) and the
+    failed calls. Set as :attr:`ModelSlot.watch`; thread-safe."""
+
+    MAX_SAMPLES = 200_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latencies: list[float] = []
+        self.calls = 0
+        self.failed = 0
+        self._started = perf_counter()
+
+    def record(self, latency_s: float) -> None:
+        with self._lock:
+            self.calls += 1
+            if len(self._latencies) < self.MAX_SAMPLES:
+                self._latencies.append(latency_s)
+
+    def fail(self) -> None:
+        with self._lock:
+            self.calls += 1
+            self.failed += 1
+
+    def summary(self) -> dict[str, Any]:
+        """``calls``, ``failed``, ``seconds`` watched and ``latency_ms`` (p50, p95, max; None
+        without a successful call)."""
+        with self._lock:
+            lat = np.asarray(self._latencies, dtype=np.float64) * 1e3
+            calls, failed = self.calls, self.failed
+        latency = None
+        if lat.size:
+            p50, p95 = (float(v) for v in np.percentile(lat, [50, 95]))
+            latency = {"p50": p50, "p95": p95, "max": float(lat.max())}
+        return {
+            "calls": calls,
+            "failed": failed,
+            "seconds": perf_counter() - self._started,
+            "latency_ms": latency,
+        }
+
+
 class ModelSlot:
     """The model that runs now: predict on it, swap another in. Thread-safe.
 
@@ -226,6 +270,7 @@ class ModelSlot:
         self.aggregator = WindowAggregator(labels=loaded.labels or ())
         self.on_outliers: OutlierSink | None = None
         self.on_relabel: Callable[[LoadedModel], None] | None = None
+        self.watch: CallWatch | None = None
 
     def swap(self, new: LoadedModel) -> LoadedModel:
         """Make ``new`` the model every following :meth:`predict` uses; return the old one.
@@ -271,12 +316,18 @@ class ModelSlot:
             latency = perf_counter() - start
         except EdgeshipError as exc:
             self.aggregator.record_error()
+            watch = self.watch
+            if watch is not None:
+                watch.fail()
             trial = loaded.trial
             if trial is None:
                 raise
             # A deployed bundle on probation failed: the deployer answers with the previous
             # model when it can, and rolls back if that one succeeds where the new one failed.
             return trial.failed(inputs, exc)
+        watch = self.watch
+        if watch is not None:
+            watch.record(latency)
         first = outputs[0]
         labels_of = loaded.labels
         classes = first.argmax(axis=1) if labels_of is not None and first.ndim == 2 else None

@@ -9,7 +9,7 @@ in tests), so each reader can be tested against files copied from a real Raspber
 * SoC temperature (``/sys/class/thermal/thermal_zone*/temp``, preferring ``cpu-thermal``);
 * Raspberry Pi throttling flags, from the firmware's sysfs node or ``vcgencmd get_throttled``
   (the command is injectable);
-* board model, Pi revision, core count, architecture, OS and total memory.
+* board model, CPU, Pi revision, core count, architecture, OS and total memory.
 
 A file that is missing or unreadable yields None, never an exception: the agent runs on Jetsons,
 PCs and containers too, and a telemetry field that cannot be measured is simply null.
@@ -38,6 +38,21 @@ _MODEL_FILES = ("proc/device-tree/model", "sys/firmware/devicetree/base/model")
 # x86 (x86_pkg_temp) and generic ARM boards (soc-thermal).
 _CPU_ZONE_TYPES = ("cpu-thermal", "cpu-therm", "soc-thermal", "x86_pkg_temp", "cpu_thermal")
 _VCGENCMD_TIMEOUT_S = 2.0
+# Arm Ltd. cores by /proc/cpuinfo "CPU part" (implementer 0x41), for boards whose kernel gives
+# no "model name".
+_ARM_PARTS = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd41": "Cortex-A78",
+    "0xd42": "Cortex-A78AE",
+}
 
 
 @dataclass(frozen=True)
@@ -258,6 +273,19 @@ class SysInfo:
                 if value:
                     return value
         return self._kv("proc/cpuinfo").get("Model") or None
+
+    def cpu_name(self) -> str | None:
+        """The CPU: ``model name`` from ``/proc/cpuinfo`` (x86, some Arm kernels), else an Arm
+        core named from its ``CPU part`` (``Cortex-A72`` on a Pi 4, ``Cortex-A76`` on a Pi 5),
+        else None."""
+        text = self._read("proc/cpuinfo")
+        name = _cpuinfo_last(text, "model name")
+        if name:
+            return name
+        part = (_cpuinfo_last(text, "CPU part") or "").lower()
+        if _cpuinfo_last(text, "CPU implementer") == "0x41" and part in _ARM_PARTS:
+            return f"Arm {_ARM_PARTS[part]}"
+        return f"Arm CPU part {part}" if part else None
 
     def revision(self) -> str | None:
         """The Raspberry Pi revision code (``c03111`` is a Pi 4 B 4 GB rev 1.1), else None."""
