@@ -9,7 +9,9 @@ with good ``ping`` commands of unique ids. Invariants:
 * every good ping is answered exactly once, ``ok: true``;
 * every command the wire decoder accepts is answered once per delivery, every delivery of an
   id with the same answer (at most once per id), ``ok: false`` for an unknown action or bad
-  ``benchmark`` arguments; what the decoder refuses is counted and never answered;
+  ``benchmark`` arguments (a ``candidate`` that is not on the device included); the
+  ``candidate_*`` actions get arguments near valid ones; what the decoder refuses is counted
+  and never answered;
 * the agent never publishes a message that the contract's decoder refuses;
 * afterwards it keeps serving: predict works, outlier events and telemetry windows keep coming,
   every worker thread runs and ``health()`` is ok.
@@ -45,13 +47,20 @@ ACTIONS = [
     "deploy_status",
     "deploy_abort",
     "deploy_revert",
+    "candidate_begin",
+    "candidate_chunk",
+    "candidate_remove",
     "reboot",
     "x",
 ]
 KNOWN = {"ping", "benchmark", "deploy_begin", "deploy_chunk", "deploy_commit", "deploy_status"}
-KNOWN |= {"deploy_abort", "deploy_revert"}
+KNOWN |= {"deploy_abort", "deploy_revert", "candidate_begin", "candidate_chunk", "candidate_remove"}
 SPECIAL_TEXT = ["\ud800", "a\udfffb", "\x00", "nul\x00byte", "\u2028", "\U0001f600", "", "x" * 3000]
 ID_POOL = ["bad-1", "bad-2", "bad-3", "huge-shape", "d1"]
+# A candidate id (the id of this SHA-256) and its SHA-256, so candidate_begin gets past its
+# id check; no chunk completes it (the data never matches), so no benchmark of it runs long.
+CANDIDATE_SHA = "ab" * 32
+CANDIDATE_POOL = ["c" + "ab" * 16, CANDIDATE_SHA, "onnx", "tflite", "c" + "0" * 32]
 
 texts = st.one_of(
     st.sampled_from(SPECIAL_TEXT),
@@ -82,6 +91,9 @@ def _benchmark_args(junk: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str,
     """Arguments that are wrong somewhere, or right and quick: max_seconds is always given,
     so a benchmark that passes the checks stops within 50 ms of timed runs."""
     small = st.one_of(st.integers(-2, 20), junk)
+    shape = st.fixed_dictionaries(
+        {"shape": st.one_of(st.lists(st.integers(-1, 4), max_size=3), junk), "dtype": junk}
+    )
     return st.fixed_dictionaries(
         {"max_seconds": st.one_of(st.floats(0.001, 0.05), junk)},
         optional={
@@ -89,6 +101,9 @@ def _benchmark_args(junk: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str,
             "warmup_runs": small,
             "min_seconds": st.one_of(st.floats(0, 0.01), junk),
             "bogus": junk,
+            "candidate": st.one_of(st.sampled_from(CANDIDATE_POOL), junk),
+            "threads": small,
+            "inputs": st.one_of(st.dictionaries(texts, st.one_of(shape, junk), max_size=2), junk),
         },
     )
 
@@ -96,6 +111,11 @@ def _benchmark_args(junk: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str,
 def _args_for(action: str, junk: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     if action == "benchmark":
         return _benchmark_args(junk)
+    if action.startswith("candidate"):
+        keys = ["candidate", "size", "sha256", "chunks", "chunk_bytes", "format", "index"]
+        keys += ["data", "signature"]
+        values = st.one_of(junk, st.sampled_from(CANDIDATE_POOL), st.integers(-1, 600))
+        return st.dictionaries(st.sampled_from(keys), values)
     if action.startswith("deploy"):
         keys = ["deploy", "size", "sha256", "chunks", "chunk_bytes", "index", "data", "model"]
         keys.append("reason")
@@ -192,9 +212,12 @@ class Ledger:
                 self.expect_ok[command.id] = False
                 return
             try:
-                BenchmarkArgs.parse(command.args)
+                parsed = BenchmarkArgs.parse(command.args)
             except ConfigError:
                 self.expect_ok[command.id] = False
+            else:  # no candidate is ever complete on the device: nothing to time
+                if parsed.candidate is not None:
+                    self.expect_ok[command.id] = False
 
     def sentinel(self) -> None:
         """A last ping: commands are answered in order, so once it is, all before it are."""
