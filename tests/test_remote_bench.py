@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from device_agent import Agent
+from device_agent import Agent, AgentConfig
 from device_agent.candidate_bench import NICE
-from device_agent.candidates import candidates_dir
+from device_agent.candidates import CandidateStore, candidates_dir
 from device_agent.contracts.commands import candidate_id
 from device_agent.sysinfo import SysInfo
 from sdk.remote import CommandClient, RemoteError
@@ -290,3 +290,79 @@ def test_closing_the_agent_ends_a_candidate_benchmark_at_once(
         agent.close()
         assert time.monotonic() - started < 15
         assert _children("device_agent.candidate_bench") == []
+
+
+def test_at_most_candidate_keep_candidates_are_kept(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = _fleet()
+    files = [
+        write_mlp_onnx(tmp_path / f"m{i}.onnx", features=FEATURES, seed=20 + i) for i in (0, 1, 2)
+    ]
+    ids = [candidate_id(hashlib.sha256(f.read_bytes()).hexdigest()) for f in files]
+    with _device(models["bundle"], tmp_path / "state", fleet, candidate_keep=2) as (agent, traffic):
+        root = candidates_dir(agent.config)
+        for f in files:
+            benchmark_candidate(BROKER, fleet, "pi-d", f, remove=False, **FAST)
+        # The oldest went when the third began.
+        assert sorted(p.name for p in root.glob("c*")) == sorted(ids[1:])
+        assert traffic.failures == []
+
+
+def test_no_candidate_is_kept_past_candidate_ttl_s(tmp_path: Path) -> None:
+    """The store itself, with the agent's clock injected: a candidate older than
+    candidate_ttl_s is removed at the next candidate_begin, a younger one is kept."""
+    now = [1000.0]
+    store = CandidateStore(
+        AgentConfig(device_id="pi-t", state_dir=tmp_path, candidate_ttl_s=60.0),
+        clock=lambda: now[0],
+    )
+    datas = [write_mlp_onnx(tmp_path / f"t{i}.onnx", seed=30 + i).read_bytes() for i in (0, 1)]
+    shas = [hashlib.sha256(d).hexdigest() for d in datas]
+
+    def send(data: bytes, sha: str) -> None:
+        args = {"candidate": candidate_id(sha), "size": len(data), "sha256": sha, "chunks": 1,
+                "chunk_bytes": len(data), "format": "onnx"}  # fmt: skip
+        assert store.begin(args)["state"] == "receiving"
+        chunk = {"candidate": candidate_id(sha), "index": 0, "sha256": sha,
+                 "data": base64.b64encode(data).decode()}  # fmt: skip
+        assert store.chunk(chunk)["state"] == "ready"
+
+    send(datas[0], shas[0])
+    now[0] += 59
+    send(datas[1], shas[1])
+    assert store.ready(candidate_id(shas[0])).sha256 == shas[0]
+    now[0] += 2  # the first is 61 s old, the second 2 s
+    again = {"candidate": candidate_id(shas[1]), "size": len(datas[1]), "sha256": shas[1],
+             "chunks": 1, "chunk_bytes": len(datas[1]), "format": "onnx"}  # fmt: skip
+    assert store.begin(again)["state"] == "ready"
+    assert sorted(p.name for p in store.root.glob("c*")) == [candidate_id(shas[1])]
+
+
+def test_docs_describe_every_candidate_argument_and_result_field() -> None:
+    import dataclasses
+    import re
+
+    from device_agent.contracts import commands as cmds
+
+    agent_md = (Path(__file__).resolve().parent.parent / "docs" / "agent.md").read_text()
+    rows = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^\| `(candidate_[a-z]+)` \|.*$", agent_md, re.M)
+    }
+    uses: dict[str, tuple[type, ...]] = {
+        "candidate_begin": (cmds.CandidateBegin, cmds.CandidateReply),
+        "candidate_chunk": (cmds.CandidateChunk, cmds.CandidateChunkReply),
+        "candidate_remove": (cmds.CandidateRef,),
+    }
+    for action, types in uses.items():
+        for kind in types:
+            names = (
+                [f.name for f in dataclasses.fields(kind)]
+                if dataclasses.is_dataclass(kind)
+                else list(kind.__annotations__)
+            )
+            for name in names:
+                assert re.search(rf"\b{name}\b", rows[action]), f"{action}: {name!r} not in docs"
+    for key in ("candidate_max_bytes", "candidate_keep", "candidate_ttl_s"):
+        assert f"{key} = " in agent_md, key
