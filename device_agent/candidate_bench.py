@@ -1,7 +1,7 @@
 """Timing a candidate model on the device without disturbing the application the agent serves.
 
 The agent never opens a candidate in its own process: :func:`time_candidate` starts a child
-Python process (``python -m device_agent.candidate_bench SPEC``) that lowers its own CPU
+Python process (this module's :func:`main`, with the agent's ``sys.path``) that lowers its own CPU
 priority (``os.nice``), opens the candidate with the runtime thread count it is given (default
 1), times it with :func:`device_agent.benchmark.time_runs` on generated inputs and prints its
 report as one JSON line. The child's memory is its own (its peak RSS is the candidate's figure,
@@ -9,7 +9,7 @@ not the agent's), and a runtime that crashes (a segfault, an abort, the kernel's
 ends the child, not the agent: the command is answered ``ok: false`` saying so. The whole of it,
 the child's start and the model's load included, is bounded by the benchmark's
 ``max_seconds``; the child is killed :data:`GRACE_S` after that, or at once when the agent's
-stop event is set.
+stop event is set, and ends itself when the agent is gone.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ NICE = 10
 GRACE_S = 10.0
 _RUNTIMES = {"onnx": "onnxruntime", "tflite": "litert"}
 _TAIL = 600  # characters of the child's stderr quoted in an error
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
+    "from device_agent.candidate_bench import main; sys.exit(main(sys.argv))"
+)
 
 
 def _spec_inputs(inputs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
@@ -77,16 +81,13 @@ def time_candidate(
         else [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in args.inputs],
         "bundle_inputs": _spec_inputs(bundle_io.inputs),
     }
-    root = str(Path(__file__).resolve().parent.parent)
     threads = str(args.threads or 1)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-        "OMP_NUM_THREADS": threads,
-        "OPENBLAS_NUM_THREADS": threads,
-    }
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    # Isolated (-I: no current folder, no PYTHON* variables) with the agent's own sys.path: the
+    # child imports exactly the modules the agent would, and nothing from the folder it runs in.
+    sys_path = json.dumps([p for p in sys.path if p])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "device_agent.candidate_bench", json.dumps(spec)],
+        [sys.executable, "-I", "-c", _BOOT, json.dumps(spec), sys_path],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -155,8 +156,22 @@ def _sample(inputs: tuple[TensorSpec, ...]) -> dict[str, Any]:
     return sample_inputs(IOSpec(inputs=inputs, outputs=()))
 
 
+def _watchdog(deadline: float) -> None:
+    """End the child when its agent is gone (killed: no one would read its report) or
+    :data:`GRACE_S` after its deadline, whatever it is doing (a load that never returns)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent and time.monotonic() < deadline + GRACE_S:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Open, time and report the candidate (in the child process)."""
+    _watchdog(float(spec["deadline"]))
     os.nice(int(spec["nice"]))
     from device_agent.benchmark import bench_report, rss_mb, time_runs
     from device_agent.runtime import check_feed, litert_interpreter_class, open_session

@@ -366,3 +366,68 @@ def test_docs_describe_every_candidate_argument_and_result_field() -> None:
                 assert re.search(rf"\b{name}\b", rows[action]), f"{action}: {name!r} not in docs"
     for key in ("candidate_max_bytes", "candidate_keep", "candidate_ttl_s"):
         assert f"{key} = " in agent_md, key
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left for an init that does not reap is not running)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_timing_process_ends_itself_when_its_agent_is_killed(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    fleet = _fleet()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "tests.agent_process", "--bundle", str(models["bundle"]),
+         "--broker", BROKER, "--fleet", fleet, "--device", "pi-k", "--state",
+         str(tmp_path / "state")],
+        stdout=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    try:
+        errors: list[BaseException] = []
+
+        def bench() -> None:
+            try:
+                benchmark_candidate(
+                    BROKER, fleet, "pi-k", models["wide"], min_seconds=120, max_seconds=300,
+                    timeout_s=60,
+                )  # fmt: skip
+            except RemoteError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=bench, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        child = None
+        while child is None:
+            assert time.monotonic() < deadline, "the benchmark process never started"
+            for entry in Path("/proc").iterdir():
+                try:
+                    stat = (entry / "stat").read_text()
+                    cmdline = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"candidate_bench" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == (
+                    agent.pid
+                ):
+                    child = int(entry.name)
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert _alive(child)
+        agent.kill()
+        agent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the timing process outlived its agent"
+            time.sleep(0.1)
+    finally:
+        agent.kill()
+        agent.wait(10)
