@@ -47,8 +47,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _children(needle: str) -> list[int]:
-    """Pids of this test process's children whose command line holds ``needle``."""
+def _children(needle: str, parent: int | None = None) -> list[int]:
+    """Pids of the children of ``parent`` (this test process) whose command line holds
+    ``needle``."""
+    parent = os.getpid() if parent is None else parent
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -59,7 +61,7 @@ def _children(needle: str) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and needle in cmdline:
+        if ppid == parent and needle in cmdline:
             out.append(int(entry.name))
     return out
 
@@ -406,20 +408,10 @@ def test_the_timing_process_ends_itself_when_its_agent_is_killed(
         thread = threading.Thread(target=bench, daemon=True)
         thread.start()
         deadline = time.monotonic() + 60
-        child = None
-        while child is None:
+        while not (children := _children("candidate_bench", agent.pid)):
             assert time.monotonic() < deadline, "the benchmark process never started"
-            for entry in Path("/proc").iterdir():
-                try:
-                    stat = (entry / "stat").read_text()
-                    cmdline = (entry / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"candidate_bench" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == (
-                    agent.pid
-                ):
-                    child = int(entry.name)
             time.sleep(0.1)
+        child = children[0]
         time.sleep(0.5)
         assert _alive(child)
         agent.kill()
