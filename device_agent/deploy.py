@@ -447,6 +447,9 @@ class Deployer:
                 "reason": f"applied before the agent started ({CURRENT_NAME})",
             }
         out = {**base, **rec}
+        if out.get("state") == "applied" and self._slot.loaded.bundle.root.name != deploy_id:
+            # Applied once, then replaced (another deploy, a revert): it does not run now.
+            out["state"] = "superseded"
         upload, trial = self._upload, self._trial
         if upload is not None and upload.id == deploy_id:
             out.update(received=upload.received, chunks=upload.chunks)

@@ -284,8 +284,10 @@ def deploy_bundle(
         raise ConfigError(
             f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {chunk_bytes}"
         )
-    if timeout_s <= 0 or call_timeout_s <= 0 or attempts < 1:
-        raise ConfigError("timeout_s and call_timeout_s must be positive and attempts >= 1")
+    if not (0 < timeout_s < math.inf and 0 < call_timeout_s < math.inf and attempts >= 1):
+        raise ConfigError(
+            "timeout_s and call_timeout_s must be positive finite numbers and attempts >= 1"
+        )
     upload = _pack(bundle, device, chunk_bytes)
     deadline = upload.started + timeout_s
     with CommandClient(
@@ -341,7 +343,12 @@ def _wait_verdict(
     state = str(committed.get("state"))
     while wait_probation and state == "probation" and time.monotonic() < deadline:
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        ok, status, error = call(Action.DEPLOY_STATUS, ref)
+        try:
+            ok, status, error = call(Action.DEPLOY_STATUS, ref)
+        except RemoteError:
+            if time.monotonic() < deadline:
+                raise
+            break  # the deadline ran out mid-poll: still on probation, not unreachable
         if not ok:
             return upload.result("failed", committed, f"deploy_status failed: {error}")
         committed = {**committed, **status}

@@ -43,6 +43,7 @@ from typing import Any
 from device_agent.bundle import load_bundle
 from device_agent.contracts import messages as msg
 from device_agent.contracts.commands import Action, DeployRevert, ProbationArgs
+from device_agent.contracts.errors import ProtocolError
 from device_agent.errors import ConfigError, EdgeshipError
 from sdk.deploy import DeployResult, deploy_bundle, deploy_id_of, pack_bundle
 from sdk.fleet_watch import FleetWatch
@@ -51,6 +52,7 @@ from sdk.remote import CommandClient, RemoteError
 __all__ = [
     "DEFAULT_WAVES",
     "RolloutResult",
+    "RolloutStateError",
     "plan_waves",
     "request_abort",
     "rollout_state_dir",
@@ -60,15 +62,22 @@ __all__ = [
 DEFAULT_WAVES: tuple[str, ...] = ("1", "10%", "50%", "100%")
 _FINAL = ("done", "halted")
 _STATE_VERSION = 1
+_MAX_REASON = 1000  # characters of a reason kept in the state and its message
 
 
-class RolloutAborted(EdgeshipError):
-    """Raised inside the rollout when the operator asked it to stop."""
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+class RolloutStateError(EdgeshipError):
+    """The rollout's state file could not be written once devices had been sent the bundle:
+    the rollout stopped there (exit 1); the devices' states are in its last message."""
 
 
 @dataclass(frozen=True)
 class RolloutResult:
-    """What became of a rollout: ``state`` is ``done`` (every device applied the bundle),
+    """What became of a rollout: ``state`` is ``done`` (every device applied the bundle, or
+    was skipped as offline when its wave came),
     ``halted`` (a wave failed and was rolled back; ``reason`` names the device and the line)
     or ``aborted`` (stopped by the operator; running it again resumes it)."""
 
@@ -84,13 +93,11 @@ class RolloutResult:
 
     @property
     def ok(self) -> bool:
-        return self.state == "done"
+        """Done, and every device applied the bundle (none skipped as offline)."""
+        return self.state == "done" and all(s == "applied" for s in self.devices.values())
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for state in self.devices.values():
-            out[state] = out.get(state, 0) + 1
-        return out
+        return _counts(self.devices)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,9 +128,10 @@ def rollout_state_dir() -> Path:
 
 def plan_waves(specs: Sequence[str], devices: Sequence[str]) -> list[list[str]]:
     """Split ``devices`` into waves. Each spec is a count (``1``), a percentage of the fleet
-    (``10%``), both cumulative (the wave brings the rollout to that many devices), or a
-    comma-separated list of device ids (exactly those). Counted waves take the devices no list
-    names, in sorted order; a wave left empty is dropped. ConfigError names a bad spec."""
+    (``10%``), both cumulative (the wave brings the rollout to that many devices, those of
+    earlier lists included), or a comma-separated list of device ids (exactly those; an id
+    made of digits alone is written with a comma, ``1001,``). Counted waves take the devices no
+    list names, in sorted order; a wave left empty is dropped. ConfigError names a bad spec."""
     known = sorted(set(devices))
     named: set[str] = set()
     parsed: list[tuple[str, Any]] = []
@@ -139,7 +147,7 @@ def plan_waves(specs: Sequence[str], devices: Sequence[str]) -> list[list[str]]:
             if not 0 < pct <= 100 or not math.isfinite(pct):
                 raise ConfigError(f"--wave {spec!r}: a percentage must be in (0, 100]")
             parsed.append(("pct", pct))
-        elif text.isdigit():
+        elif text.isascii() and text.isdigit():
             count = int(text)
             if count < 1:
                 raise ConfigError(f"--wave {spec!r}: a count must be at least 1")
@@ -158,17 +166,20 @@ def plan_waves(specs: Sequence[str], devices: Sequence[str]) -> list[list[str]]:
             parsed.append(("ids", ids))
     pool = [d for d in known if d not in named]
     waves: list[list[str]] = []
-    reached = 0  # counted devices placed so far
+    placed = 0  # devices in the waves so far, listed or counted
+    taken = 0  # of the pool
     for kind, value in parsed:
         if kind == "ids":
             waves.append(list(value))
+            placed += len(value)
             continue
         target = value if kind == "count" else math.ceil(len(known) * value / 100)
-        target = min(target, len(pool))
-        if target > reached:
-            waves.append(pool[reached:target])
-            reached = target
-    return [w for w in waves if w]
+        more = min(max(0, target - placed), len(pool) - taken)
+        if more:
+            waves.append(pool[taken : taken + more])
+            taken += more
+            placed += more
+    return waves
 
 
 def _rollout_id(fleet: str, deploy_id: str) -> str:
@@ -176,14 +187,24 @@ def _rollout_id(fleet: str, deploy_id: str) -> str:
 
 
 def request_abort(fleet: str, bundle: str | Path, state_dir: Path | None = None) -> Path:
-    """Ask the rollout of ``bundle`` to ``fleet`` to stop (from another terminal): a running
-    one stops at the next device boundary; one not running is marked aborted. Returns its
-    state file; ConfigError when there is no such rollout."""
+    """Ask the rollout of ``bundle`` to ``fleet``, running in another process, to stop at its
+    next device boundary. Returns its state file; ConfigError when there is no such rollout or
+    none is running (an interrupted one stays as it is: running it again resumes it)."""
     deploy_id = deploy_id_of(pack_bundle(bundle))
     path = (state_dir or rollout_state_dir()) / f"{_rollout_id(fleet, deploy_id)}.json"
     if not path.is_file():
         raise ConfigError(f"no rollout of {bundle} to fleet {fleet!r} in {path.parent}")
-    (path.with_suffix(".abort")).write_text(str(time.time()))
+    try:
+        with _locked(path):
+            running = False
+    except ConfigError:
+        running = True  # the lock is held: a process runs it
+    if not running:
+        raise ConfigError(
+            f"rollout {path.stem} is not running now, so there is nothing to stop (state: "
+            f"{path}); run the same deploy command to resume it"
+        )
+    path.with_suffix(".abort").write_text(str(time.time()))
     return path
 
 
@@ -202,7 +223,9 @@ class _State:
             tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
             os.replace(tmp, self.path)
         except OSError as exc:
-            raise ConfigError(f"cannot write the rollout's state {self.path}: {exc}") from exc
+            raise RolloutStateError(
+                f"cannot write the rollout's state {self.path}: {exc}; the rollout stopped"
+            ) from exc
 
     @property
     def abort_file(self) -> Path:
@@ -285,8 +308,8 @@ def run_rollout(
     when the broker cannot be reached; what the devices did is the result, not an exception.
     """
     say = report or (lambda line: None)
-    if soak_s < 0 or timeout_s <= 0 or parallel < 1:
-        raise ConfigError("soak must be >= 0, timeout positive and parallel >= 1")
+    if not (0 <= soak_s < math.inf and 0 < timeout_s < math.inf and parallel >= 1):
+        raise ConfigError("soak must be >= 0, timeout positive (both finite) and parallel >= 1")
     try:
         msg.validate_id(fleet, "fleet")
     except EdgeshipError as exc:
@@ -298,7 +321,7 @@ def run_rollout(
     auth = {"username": username, "password": password, "ca_file": ca_file}
     started = time.monotonic()
     with _locked(path):
-        state = _load(path, restart)
+        state, last_seq = _load(path, restart, rollout_id, deploy_id)
         if state is not None and state.data["state"] == "done":
             say(f"rollout {rollout_id}: already done ({len(state.data['devices'])} devices)")
             return _result(state, fleet, started)
@@ -337,7 +360,7 @@ def run_rollout(
                         "model": manifest.model.name,
                         "model_version": manifest.model.version,
                         "started": time.time(),
-                        "seq": 0,
+                        "seq": last_seq,
                         "state": "running",
                         "wave": 0,
                         "waves": plan,
@@ -370,28 +393,66 @@ def run_rollout(
                 )
             state.data["state"] = "running"
             state.data["reason"] = None
+            try:
+                state.save()  # before any device is sent anything: a bad --state-dir is input
+            except RolloutStateError as exc:
+                raise ConfigError(str(exc)) from None
             runner = _Runner(state, watch, broker_url, fleet, bundle, say, stop, auth)
-            runner.run(probation, parallel, timeout_s, soak_s)
+            try:
+                runner.run(probation, parallel, timeout_s, soak_s)
+            except BaseException as exc:
+                runner.interrupted(exc)
+                raise
         finally:
             watch.close()
     return _result(state, fleet, started)
 
 
-def _load(path: Path, restart: bool) -> _State | None:
-    if not path.is_file() or restart:
-        return None
+def _load(path: Path, restart: bool, rollout_id: str, deploy_id: str) -> tuple[_State | None, int]:
+    """The rollout's saved state (None: plan it anew) and the last ``seq`` it published (a
+    restarted rollout keeps counting, so subscribers take its messages as the newest)."""
+    if not path.is_file():
+        return None, 0
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
-            raise ValueError("not a rollout state of this version")
-        for key in ("id", "deploy", "waves", "devices", "state", "wave", "seq", "reasons"):
-            if key not in data:
-                raise ValueError(f"{key!r} is missing")
-    except (OSError, ValueError) as exc:
+        _check_state(data, rollout_id, deploy_id)
+    except (OSError, ValueError, TypeError, ProtocolError) as exc:
+        if restart:
+            return None, _old_seq(path)
         raise ConfigError(
-            f"rollout state {path} cannot be read ({exc}); add --restart to plan the rollout anew"
+            f"rollout state {path} cannot be used ({exc}); add --restart to plan the rollout anew"
         ) from None
-    return _State(path, data)
+    if restart:
+        return None, int(data["seq"])
+    return _State(path, data), int(data["seq"])
+
+
+def _old_seq(path: Path) -> int:
+    try:
+        seq = json.loads(path.read_text()).get("seq")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else 0
+
+
+def _check_state(data: Any, rollout_id: str, deploy_id: str) -> None:
+    """ValueError unless ``data`` is a consistent state of this rollout: the same rules as its
+    message (waves, one state per device, the wave index), plus the file's own fields."""
+    if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
+        raise ValueError("not a rollout state of this version")
+    if data.get("id") != rollout_id or data.get("deploy") != deploy_id:
+        raise ValueError("it belongs to another rollout")
+    reasons = data.get("reasons")
+    if not isinstance(reasons, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in reasons.items()
+    ):
+        raise ValueError("'reasons' must map device ids to lines")
+    event = msg.RolloutEvent.from_dict({**data, "ts": time.time()})
+    done = event.wave == len(event.waves)
+    if done != (event.state == "done") or (
+        done and any(s not in ("applied", "skipped") for s in event.devices.values())
+    ):
+        raise ValueError(f"state {event.state!r} at wave {event.wave} does not add up")
 
 
 def _result(state: _State, fleet: str, started: float) -> RolloutResult:
@@ -429,6 +490,7 @@ class _Runner:
         # device -> when the rollout started sending it the bundle (alerts after count)
         self.since: dict[str, float] = {}
         self._publishing = threading.Lock()
+        self.blamed: set[str] = set()  # devices of earlier waves an alert named
 
     # --- state --------------------------------------------------------------------------
 
@@ -439,7 +501,7 @@ class _Runner:
                 if device is not None and dstate is not None:
                     self.state.data["devices"][device] = dstate
                 for key, value in fields.items():
-                    self.state.data[key] = value
+                    self.state.data[key] = _short(value) if key == "reason" and value else value
                 event = self.state.event()
                 self.state.save()
             try:
@@ -471,6 +533,7 @@ class _Runner:
             if self._aborting():
                 return self._abort(label)
             self.say(f"{label}: {len(wave)} device(s): {_names(wave)}")
+            self._skip_offline(wave, label)
             failure = self._deploy_wave(wave, label, probation, parallel, timeout_s)
             if failure is None:
                 failure = self._soak(wave, label, soak_s)
@@ -478,10 +541,41 @@ class _Runner:
                 return self._abort(label)
             if failure is not None:
                 return self._halt(wave, label, failure)
-            self._set(wave=index + 1)
-        self._set(state="done")
-        self.say(f"done: {len(d['devices'])} of {len(d['devices'])} devices applied the bundle")
+            last = index + 1 == len(d["waves"])
+            self._set(wave=index + 1, **({"state": "done"} if last else {}))
+        counts = _counts(d["devices"])
+        skipped = counts.get("skipped", 0)
+        self.say(
+            f"done: {counts.get('applied', 0)} of {len(d['devices'])} devices applied the bundle"
+            + (f"; {skipped} skipped (offline when their wave came)" if skipped else "")
+        )
         return None
+
+    def _skip_offline(self, wave: list[str], label: str) -> None:
+        """Devices of ``wave`` whose retained status now says offline are skipped, not sent
+        the bundle (their Last Will arrived after the rollout was planned)."""
+        statuses = dict(self.watch.statuses)
+        for device in wave:
+            status = statuses.get(device)
+            gone = status is None or status.state != "online"
+            if gone and self.state.data["devices"][device] in ("pending", "skipped"):
+                with self.state.lock:
+                    self.state.data["reasons"][device] = f"offline when {label} started"
+                self._set(device, "skipped")
+                self.say(f"  {device}: skipped (offline)")
+
+    def interrupted(self, exc: BaseException) -> None:
+        """The rollout stopped on an exception (a second Ctrl-C, a state that cannot be
+        written, a bug): say so in its retained message, if the broker still takes it."""
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped: {exc}"
+        with contextlib.suppress(Exception):
+            with self.state.lock:
+                self.state.data["state"] = "aborted"
+                self.state.data["reason"] = _short(why)
+                event = self.state.event()
+            with contextlib.suppress(RolloutStateError):
+                self.state.save()
+            self.watch.publish(event)
 
     def _deploy_wave(
         self,
@@ -493,7 +587,9 @@ class _Runner:
     ) -> str | None:
         """Deploy to every device of ``wave`` not yet on the bundle; None when all applied it,
         "aborted", or the first failure's line."""
-        todo = [dev for dev in wave if self.state.data["devices"][dev] != "applied"]
+        todo = [
+            dev for dev in wave if self.state.data["devices"][dev] not in ("applied", "skipped")
+        ]
         failures: list[str] = []
 
         def one(device: str) -> None:
@@ -528,13 +624,14 @@ class _Runner:
                             self.stop.set()
         if failures:
             return failures[0]
-        if any(self.state.data["devices"][dev] != "applied" for dev in wave):
+        if any(self.state.data["devices"][dev] not in ("applied", "skipped") for dev in wave):
             return "aborted"
         return None
 
     def _device_done(
         self, device: str, dstate: str, line: str, failures: list[str], label: str
     ) -> None:
+        line = _short(line)
         with self.state.lock:
             self.state.data["reasons"][device] = line
         self._set(device, dstate)
@@ -550,6 +647,7 @@ class _Runner:
         while True:
             alert = self.watch.gating_alert(self.since)
             if alert is not None:
+                self.blamed.add(alert.device or "")
                 return (
                     f"{alert.severity} alert {alert.rule!r} on {alert.device} during the "
                     f"soak: {alert.summary}"
@@ -561,31 +659,48 @@ class _Runner:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _halt(self, wave: list[str], label: str, failure: str) -> None:
+        """Take the bundle back from every device of ``wave`` that was sent it (and from an
+        earlier wave's device an alert named), then halt."""
         self.say(f"{label} failed: {failure}")
-        for device in wave:
-            if self.state.data["devices"][device] != "applied":
-                continue
-            line = self._revert(device, failure)
+        devices = self.state.data["devices"]
+        sent = [d for d in wave if devices[d] not in ("pending", "skipped", "rolled_back")]
+        earlier = sorted(d for d in self.blamed if d in devices and d not in wave)
+        for device in [*sent, *earlier]:
+            dstate, line = self._revert(device, failure)
             with self.state.lock:
-                self.state.data["reasons"][device] = line
-            reverted = line.startswith("reverted")
-            self._set(device, "reverted" if reverted else "applied")
+                self.state.data["reasons"][device] = _short(line)
+            self._set(device, dstate)
             self.say(f"  {device}: {line}")
+        where = f"{label} and {', '.join(earlier)}" if earlier else label
         self._set(state="halted", reason=f"{label} failed: {failure}")
-        self.say(f"halted: no device outside {label} was touched")
+        self.say(f"halted: no device outside {where} was touched")
 
-    def _revert(self, device: str, failure: str) -> str:
+    def _revert(self, device: str, failure: str) -> tuple[str, str]:
+        """Send ``deploy_revert``; the device's state in the rollout afterwards, and why."""
+        before = self.state.data["devices"][device]
+        deploy = self.state.data["deploy"]
+        why = f"rollout {self.state.data['id']} halted: {failure}"
         try:
             with CommandClient(self.broker_url, self.fleet, device, **self.auth) as client:
-                why = f"rollout {self.state.data['id']} halted: {failure}"
-                args = DeployRevert(self.state.data["deploy"], why[:200])
-                reply = client.call(Action.DEPLOY_REVERT, args.to_args(), timeout_s=60)
+                reply = client.call(
+                    Action.DEPLOY_REVERT,
+                    DeployRevert(deploy, why[:200]).to_args(),
+                    timeout_s=60,
+                )
+                if reply.ok:
+                    result = reply.result if isinstance(reply.result, dict) else {}
+                    return "reverted", f"reverted to v{result.get('from_version')}"
+                # Refused: it may not run the bundle at all (refused it, rolled it back).
+                status = client.call(Action.DEPLOY_STATUS, {"deploy": deploy}, timeout_s=30)
         except RemoteError as exc:
-            return f"NOT reverted: {exc}"
-        if not reply.ok:
-            return f"NOT reverted: {reply.error}"
-        result = reply.result if isinstance(reply.result, dict) else {}
-        return f"reverted to v{result.get('from_version')}"
+            return "unreachable", f"NOT reverted: {exc}"
+        known = (
+            status.result.get("state") if status.ok and isinstance(status.result, dict) else None
+        )
+        if known in ("applied", "probation"):
+            return "applied", f"NOT reverted: {reply.error}"
+        kept = before if before in ("failed", "rolled_back") else "reverted"
+        return kept, f"does not run the bundle ({known or 'unknown to it'}): {reply.error}"
 
     def _abort(self, label: str) -> None:
         self.state.abort_file.unlink(missing_ok=True)
@@ -603,6 +718,13 @@ def _line(result: DeployResult) -> str:
     if result.state == "probation":
         return "no verdict within the deploy's timeout"
     return result.reason or result.state
+
+
+def _counts(devices: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for state in devices.values():
+        out[state] = out.get(state, 0) + 1
+    return out
 
 
 def _names(devices: Sequence[str], limit: int = 6) -> str:

@@ -188,7 +188,7 @@ def test_the_store_keeps_the_highest_seq_of_each_rollout(store: Any) -> None:
     as_dict = detail.to_dict()
     assert as_dict["counts"] == {
         "pending": 0, "deploying": 0, "applied": 1, "rolled_back": 1, "failed": 0,
-        "reverted": 1, "unreachable": 0,
+        "reverted": 1, "unreachable": 0, "skipped": 0,
     }  # fmt: skip
     assert (as_dict["waves"], as_dict["waves_total"], as_dict["devices_total"]) == (
         [["pi-1"], ["pi-2", "pi-3"]], 2, 3,

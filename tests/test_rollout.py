@@ -140,9 +140,12 @@ def test_plan_waves_counts_shares_and_lists() -> None:
     assert [len(w) for w in waves] == [1, 1, 8, 10]
     assert sorted(d for w in waves for d in w) == devices
     waves = plan_waves(["d07,d03", "25%", "100%"], devices)
-    assert waves[0] == ["d07", "d03"] and [len(w) for w in waves] == [2, 5, 13]
+    assert waves[0] == ["d07", "d03"] and [len(w) for w in waves] == [2, 3, 15]
     assert plan_waves(["1", "1", "100%"], devices[:3]) == [["d00"], ["d01", "d02"]]
     assert plan_waves(["50%"], devices[:3]) == [["d00", "d01"]]  # the rest: in no wave
+    # A share counts the listed devices of earlier waves too.
+    assert [len(w) for w in plan_waves(["d07", "25%", "100%"], devices)] == [1, 4, 15]
+    assert len(plan_waves(["d00,d01,d02,d03,d04", "50%"], devices[:10])) == 1
     for bad, words in [
         (["0"], "at least 1"),
         (["0%"], "(0, 100]"),
@@ -151,6 +154,7 @@ def test_plan_waves_counts_shares_and_lists() -> None:
         (["d99"], "not an online device"),
         (["d01", "d01,d02"], "two waves"),
         ([" "], "empty wave"),
+        (["\u00b2"], "not an online device"),
     ]:
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("]", r"\]")):
             plan_waves(bad, devices)
@@ -188,6 +192,16 @@ def test_a_bad_bundle_stops_after_the_canary_and_touches_no_other_device(
     # A halted rollout is not run again by accident.
     with pytest.raises(ConfigError, match="--restart"):
         run_rollout(bundles["narrow"], BROKER, fleet.fleet, state_dir=tmp_path)
+    # Planned anew, it halts again; its messages count on from the last one, so a subscriber
+    # keeping the highest seq per rollout takes them as the newest.
+    old_seq = json.loads(result.state_file.read_text())["seq"]
+    again = run_rollout(
+        bundles["narrow"], BROKER, fleet.fleet, soak_s=0, probation=PROBATION, timeout_s=60,
+        state_dir=tmp_path, restart=True,
+    )  # fmt: skip
+    assert again.state == "halted" and again.devices["pi-00"] == "rolled_back"
+    assert _retained_rollout(fleet.fleet).seq > old_seq
+    assert set(fleet.versions().values()) == {"1"}
 
 
 def test_a_good_bundle_aborted_after_two_waves_resumes_and_reaches_all_twenty(
@@ -350,3 +364,110 @@ def test_one_process_per_rollout_and_an_unusable_state_dir_is_bad_input(
         run_rollout(bundles["v1"], BROKER, "somefleet", state_dir=tmp_path)
     with pytest.raises(ConfigError, match="--state-dir"):
         run_rollout(bundles["v1"], BROKER, "somefleet", state_dir=Path("/proc/no/such"))
+
+
+def test_a_deploy_replaced_since_is_sent_again_not_taken_for_the_running_one(
+    fleet: _Fleet, bundles: dict[str, Path]
+) -> None:
+    """pi-00 applied v2 in the good rollout and runs v3 now: asked about v2's deploy it says
+    superseded, and deploy_bundle sends v2 again."""
+    from sdk.deploy import deploy_bundle
+
+    assert fleet.versions()["pi-00"] == "3"
+    back = deploy_bundle(bundles["v2"], BROKER, fleet.fleet, "pi-00", timeout_s=60)
+    assert back.state == "applied" and back.chunks_sent == back.chunks > 0, back
+    assert fleet.versions()["pi-00"] == "2"
+    forth = deploy_bundle(bundles["v3"], BROKER, fleet.fleet, "pi-00", timeout_s=60)
+    assert forth.state == "applied" and forth.chunks_sent > 0, forth
+    assert set(fleet.versions().values()) == {"3"} and fleet.failures == []
+
+
+def test_a_wave_without_a_verdict_in_time_is_taken_back_too(
+    fleet: _Fleet, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A device still on probation when the deploy's time is up fails its wave, and the halt
+    takes the bundle back from it (it would otherwise apply it later on its own)."""
+    endless = ProbationArgs(inferences=1_000_000, seconds=60)
+    result = run_rollout(
+        bundles["v2"], BROKER, fleet.fleet, waves=["pi-10", "100%"], soak_s=0,
+        probation=endless, timeout_s=3, state_dir=tmp_path,
+    )  # fmt: skip
+    assert result.state == "halted"
+    assert "no verdict" in (result.reason or "")
+    assert result.devices["pi-10"] == "reverted", result.reasons
+    assert fleet.deploys_seen()["pi-10"].state == "rolled_back"
+    assert set(fleet.versions().values()) == {"3"} and fleet.failures == []
+
+
+def test_an_alert_on_an_earlier_waves_device_takes_the_bundle_back_from_it_too(
+    fleet: _Fleet, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", 1883)
+    client.loop_start()
+
+    def report(line: str) -> None:
+        if line.startswith("wave 2/2: all applied; soaking"):
+            alert = msg.Alert(
+                id=f"a-{uuid.uuid4().hex[:8]}", source="collector-1", ts=time.time(),
+                rule="p95_latency", severity="critical", state="firing",
+                summary="pi-11 p95 " + "x" * 4000, device="pi-11", value=9.0,
+            )  # fmt: skip
+            topic = msg.topic(fleet.fleet, None, "alerts")
+            client.publish(topic, msg.encode(alert), qos=1).wait_for_publish(5)
+
+    try:
+        result = run_rollout(
+            bundles["v2"], BROKER, fleet.fleet, waves=["pi-11", "pi-12"], soak_s=30,
+            probation=PROBATION, timeout_s=60, state_dir=tmp_path, report=report,
+        )  # fmt: skip
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert result.state == "halted"
+    assert result.devices["pi-11"] == result.devices["pi-12"] == "reverted"
+    assert set(fleet.versions().values()) == {"3"} and fleet.failures == []
+    # The long summary is cut to fit: the retained message says halted, as the file does.
+    retained = _retained_rollout(fleet.fleet)
+    assert retained.state == "halted" and retained.id == result.id
+
+
+def test_a_state_file_that_does_not_add_up_is_refused_naming_restart(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from sdk.deploy import deploy_id_of, pack_bundle
+    from sdk.rollout import _rollout_id
+
+    deploy = deploy_id_of(pack_bundle(bundles["v1"]))
+    rid = _rollout_id("somefleet", deploy)
+    good: dict[str, Any] = {
+        "version": 1, "id": rid, "fleet": "somefleet", "bundle": "b", "deploy": deploy,
+        "model": "mlp", "model_version": "1", "started": 1.0, "seq": 3, "state": "aborted",
+        "wave": 1, "waves": [["a"], ["b"]], "devices": {"a": "applied", "b": "pending"},
+        "reasons": {}, "soak_s": 1.0, "reason": None,
+    }  # fmt: skip
+    bad = [
+        {"wave": "0"},
+        {"seq": "x"},
+        {"devices": []},
+        {"reasons": None},
+        {"waves": "abc"},
+        {"wave": 2},  # past the last wave, a device pending
+        {"devices": {"a": "exploded", "b": "pending"}},
+        {"state": "bogus"},
+        {"soak_s": float("nan")},
+        {"deploy": "d" + "0" * 24},
+    ]
+    for change in bad:
+        (tmp_path / f"{rid}.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConfigError, match="--restart"):
+            run_rollout(bundles["v1"], BROKER, "somefleet", state_dir=tmp_path)
+    for soak, timeout in ((float("nan"), 1.0), (float("inf"), 1.0), (1.0, float("nan"))):
+        with pytest.raises(ConfigError, match="finite"):
+            run_rollout(
+                bundles["v1"], BROKER, "somefleet", soak_s=soak, timeout_s=timeout,
+                state_dir=tmp_path,
+            )  # fmt: skip
+    (tmp_path / f"{rid}.json").write_text(json.dumps(good))
+    with pytest.raises(ConfigError, match="not running now"):
+        request_abort("somefleet", bundles["v1"], tmp_path)

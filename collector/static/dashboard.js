@@ -81,7 +81,8 @@
 
   const ROLLOUTS = 10; // web.py's DASHBOARD_ROLLOUTS
   const ROLLOUT_DEVICE_STATES =
-    ["pending", "deploying", "applied", "rolled_back", "failed", "reverted", "unreachable"];
+    ["pending", "deploying", "applied", "rolled_back", "failed", "reverted", "unreachable",
+     "skipped"];
 
   // "2 applied, 1 rolled back, 3 pending" (web.py's _rollout_devices).
   function rolloutDevices(counts) {

@@ -875,8 +875,9 @@ class DeployRecord(TypedDict, total=False):
     ``deploy_revert``'s result, and ``deploy_status``'s with the running
     ``model``/``model_version`` added (and, while they apply, ``received``/``chunks`` of an
     upload and ``probation_left``). ``state`` is
-    ``receiving``, ``probation``, ``applied``, ``rolled_back``, ``failed`` or ``aborted``
-    (None from ``deploy_status`` when the device has no deploy to report)."""
+    ``receiving``, ``probation``, ``applied``, ``rolled_back``, ``failed`` or ``aborted``, and
+    from ``deploy_status`` ``superseded`` for one applied and since replaced (None when the
+    device has no deploy to report)."""
 
     deploy: str | None
     state: str | None

@@ -1127,7 +1127,7 @@ class Alert:
 RolloutState: TypeAlias = Literal["running", "halted", "aborted", "done"]
 ROLLOUT_STATES: tuple[RolloutState, ...] = ("running", "halted", "aborted", "done")
 RolloutDeviceState: TypeAlias = Literal[
-    "pending", "deploying", "applied", "rolled_back", "failed", "reverted", "unreachable"
+    "pending", "deploying", "applied", "rolled_back", "failed", "reverted", "unreachable", "skipped"
 ]
 ROLLOUT_DEVICE_STATES: tuple[RolloutDeviceState, ...] = (
     "pending",
@@ -1137,6 +1137,7 @@ ROLLOUT_DEVICE_STATES: tuple[RolloutDeviceState, ...] = (
     "failed",
     "reverted",
     "unreachable",
+    "skipped",
 )
 # A rollout names every device once, in its wave and with its state: 1024 ids of 64 characters
 # take about 150 KB, within the payload limit.
@@ -1153,7 +1154,8 @@ class RolloutEvent:
     ``id`` and loses nothing by missing the others. ``waves`` lists the devices of each wave
     in order; ``devices`` gives each device's state in this rollout (``pending`` before its
     wave, ``deploying``, then ``applied``, ``rolled_back`` by its own probation, ``failed``
-    before the swap, ``reverted`` by the rollout after its wave failed, ``unreachable``).
+    before the swap, ``reverted`` by the rollout after its wave failed, ``unreachable``,
+    ``skipped``: offline when its wave came).
     ``wave`` is the index of the wave in progress or where the rollout stopped
     (``len(waves)`` when ``done``). ``state`` is ``running``, ``halted`` (a wave failed:
     ``reason`` names the device and the line), ``aborted`` (the operator stopped it; it can

@@ -4,6 +4,7 @@ progress bar, and report what the device answered."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -175,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
     from sdk.remote import BrokerUnavailableError, RemoteError
     from sdk.terminal import printable
 
-    if args.timeout <= 0:
-        raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
+    if not 0 < args.timeout < math.inf:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if not args.bundle.is_dir():
         raise ConfigError(f"bundle directory not found: {args.bundle}")
     password = broker_password(args)
@@ -222,7 +223,7 @@ def run_rollout_cli(args: argparse.Namespace) -> int:
     import threading
 
     from sdk.remote import BrokerUnavailableError, RemoteError
-    from sdk.rollout import DEFAULT_WAVES, request_abort, run_rollout
+    from sdk.rollout import DEFAULT_WAVES, RolloutStateError, request_abort, run_rollout
     from sdk.terminal import printable
 
     if not args.bundle.is_dir():
@@ -231,8 +232,10 @@ def run_rollout_cli(args: argparse.Namespace) -> int:
         path = request_abort(args.fleet, args.bundle, args.state_dir)
         print(f"asked rollout {path.stem} to stop at its next device ({path})")
         return EXIT_OK
-    if args.timeout <= 0 or args.soak < 0 or args.parallel < 1:
-        raise ConfigError("--timeout must be positive, --soak >= 0 and --parallel >= 1")
+    if not (0 < args.timeout < math.inf and 0 <= args.soak < math.inf and args.parallel >= 1):
+        raise ConfigError(
+            "--timeout must be positive, --soak >= 0 (both finite) and --parallel >= 1"
+        )
     password = broker_password(args)
     probation = probation_args(args.probation)
     stop = threading.Event()
@@ -268,6 +271,9 @@ def run_rollout_cli(args: argparse.Namespace) -> int:
         )
     except BrokerUnavailableError:
         raise  # nothing was sent: bad input, exit 2 with one line
+    except RolloutStateError as exc:
+        print(f"edgeship: rollout stopped: {printable(exc)}", file=sys.stderr)
+        return EXIT_BUDGET
     except RemoteError as exc:
         print(f"edgeship: rollout failed: {printable(exc)}", file=sys.stderr)
         return EXIT_BUDGET
@@ -281,6 +287,12 @@ def run_rollout_cli(args: argparse.Namespace) -> int:
     )
     if result.reason and result.state != "done":
         print(f"  reason: {printable(result.reason)}")
+    skipped = result.counts().get("skipped", 0)
+    if result.state == "done" and skipped:
+        print(
+            f"  {skipped} device(s) skipped (offline when their wave came): run the same "
+            "command with --restart when they are back; the others are not sent it again"
+        )
     if args.json is not None:
         write_json(args.json, result.to_dict())
     return EXIT_OK if result.ok else EXIT_BUDGET
