@@ -58,7 +58,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_broker_password_arg(p: argparse.ArgumentParser) -> None:
+def add_broker_password_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--broker-password-file``: the commands that connect to the broker (``deploy``,
     ``bench --device``; ``collect`` has the same option from ``collector.cli``)."""
     p.add_argument(

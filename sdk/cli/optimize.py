@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_agent.errors import ConfigError
-from sdk.cli.common import EXIT_BUDGET, EXIT_OK, add_target_args, require_file, write_json
+from sdk.cli.common import (
+    EXIT_BUDGET,
+    EXIT_OK,
+    add_broker_password_arg,
+    add_target_args,
+    broker_password,
+    require_file,
+    write_json,
+)
 from sdk.cli.quantize import add_reduce_range_arg
 
 if TYPE_CHECKING:
@@ -56,7 +64,48 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--html", type=Path, help="also write the report as an HTML page here")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    _add_device_args(p)
     p.set_defaults(handler=run)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "on your own boards (docs/agent.md, 'Timing candidates')",
+        "Time every candidate that passed the quality gate on real devices, through their "
+        "agents over MQTT, and choose from those figures (one choice, and one bundle, per "
+        "board model: OUTPUT for the first --device's board, OUTPUT-<board> for the others). "
+        "Host figures stay in the report and skip hopeless candidates.",
+    )
+    g.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a device to time candidates on, repeatable; devices of the same board model "
+        "share the work",
+    )
+    g.add_argument("--broker", help="the broker the devices' agents use: mqtt[s]://[user@]host")
+    g.add_argument("--fleet", default="default", help="the devices' fleet (default: default)")
+    add_broker_password_arg(g)
+    g.add_argument("--ca-file", help="CA certificate for mqtts://")
+    g.add_argument(
+        "--device-key",
+        type=Path,
+        metavar="PRIVATE.pem",
+        help="sign each candidate for devices that only run what a trusted key signed",
+    )
+    g.add_argument(
+        "--device-runs", type=int, default=100, help="timed runs per candidate on a device"
+    )
+    g.add_argument(
+        "--device-seconds",
+        type=float,
+        default=2.0,
+        help="minimum seconds of timed runs per candidate on a device",
+    )
+    g.add_argument(
+        "--device-threads", type=int, default=1, help="runtime threads on the device (1)"
+    )
 
 
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
@@ -207,6 +256,38 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
         use_calibration_cache=not args.no_calibration_cache,
         try_fp16={"auto": None, "on": True, "off": False}[args.fp16],
         reduce_range=args.reduce_range,
+        on_device=_on_device(args),
+    )
+
+
+def _on_device(args: argparse.Namespace) -> Any:
+    """``--device ...`` as an OnDevice (None without --device); ConfigError for bad input."""
+    if not args.device:
+        return None
+    from device_agent.contracts.broker import BrokerUrl
+    from sdk.optimize.on_device import OnDevice
+
+    if not args.broker:
+        raise ConfigError("--device needs --broker URL (the broker the devices' agents use)")
+    BrokerUrl.parse(args.broker)
+    if args.device_key is not None:
+        from device_agent.signing import load_private_key
+
+        load_private_key(args.device_key)  # a bad key fails now, not after the search
+    if args.device_runs < 1 or not 0 <= args.device_seconds < 600 or args.device_threads < 1:
+        raise ConfigError(
+            "--device-runs and --device-threads must be at least 1, --device-seconds in [0, 600)"
+        )
+    return OnDevice(
+        broker_url=args.broker,
+        devices=tuple(args.device),
+        fleet=args.fleet,
+        key=args.device_key,
+        password=broker_password(args),
+        ca_file=args.ca_file,
+        min_runs=args.device_runs,
+        min_seconds=args.device_seconds,
+        threads=args.device_threads,
     )
 
 

@@ -13,7 +13,7 @@ from sdk.quantize import CalibMethod
 from sdk.targets import TargetProfile
 
 if TYPE_CHECKING:
-    pass
+    from sdk.optimize.on_device import OnDevice
 
 
 def default_calibration_cache() -> Path:
@@ -90,6 +90,9 @@ class OptimizeConfig:
     fine_tune_epochs: int = 5
     distill_epochs: int = 15
     litert_recipes: tuple[str, ...] = ()
+    # Time the candidates on real devices over MQTT and choose from their figures
+    # (sdk.optimize.on_device.OnDevice; None: on this host).
+    on_device: OnDevice | None = None
 
     def __post_init__(self) -> None:
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:

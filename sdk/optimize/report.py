@@ -35,6 +35,11 @@ class Candidate:
     confirm_p95_ms: list[float] = field(default_factory=list)
     elapsed_s: float | None = None
     reproduce: str | None = None
+    # With optimize --device: ``bench`` holds the first board's figures, ``host_bench`` the
+    # host's, ``device_benches`` every board's, ``device_note`` why a board has none.
+    host_bench: BenchReport | None = None
+    device_benches: dict[str, BenchReport] = field(default_factory=dict)
+    device_note: str | None = None
 
     @property
     def meets_budget(self) -> bool:
@@ -103,6 +108,10 @@ class Candidate:
             out["benchmark"] = b
         if self.confirm_p95_ms:
             out["confirm_p95_ms"] = self.confirm_p95_ms
+        if self.host_bench is not None:
+            out["host_benchmark"] = self.host_bench.to_dict()
+            out["device_benchmarks"] = {b: r.to_dict() for b, r in self.device_benches.items()}
+            out["device_note"] = self.device_note
         if self.artifact is not None and self.artifact.details:
             out["details"] = dict(self.artifact.details)
         return out
@@ -135,6 +144,7 @@ class OptimizeReport:
     elapsed_s: float = 0.0
     time_limit_s: float | None = None
     calibration_cache: Path | None = None
+    devices: dict[str, Any] | None = None  # optimize --device: boards, choices, who timed what
 
     @property
     def chosen_candidate(self) -> Candidate:
@@ -179,6 +189,7 @@ class OptimizeReport:
                 "misses": self.calibration_cache_misses,
             },
             "notes": self.notes,
+            "devices": self.devices,
         }
 
     def summary(self) -> str:
@@ -216,6 +227,12 @@ class OptimizeReport:
             excluded = c.artifact.details.get("excluded_nodes") if c.artifact else None
             if excluded:
                 rows.append(f"  {'':<{width - 2}}kept in float: {', '.join(excluded)}")
+            if c.host_bench is not None:
+                h = c.host_bench.latency_ms
+                rows.append(
+                    f"  {'':<{width - 2}}on the host: p50 {h['p50']:.3f} ms, p95 {h['p95']:.3f} ms"
+                    + (f"; {c.device_note}" if c.device_note else "")
+                )
         rows.extend(f" {s.name:<{width - 1}}  skipped: {s.reason}" for s in self.skipped)
         chosen = self.chosen_candidate
         head = (
@@ -227,6 +244,16 @@ class OptimizeReport:
         if self.quality_gate:
             head += f"\nquality gate: {self.quality_gate}"
         tail = [f"chosen: {self.chosen} -> bundle {self.bundle}"]
+        if self.devices is not None:
+            for board, choice in self.devices.get("choices", {}).items():
+                tail.append(
+                    f"  for {board}: {choice['chosen']} -> bundle {choice['bundle']} "
+                    f"({'meets' if choice['meets_budget'] else 'misses'} the budget)"
+                )
+            counts = ", ".join(f"{d} {n}" for d, n in self.devices.get("counts", {}).items())
+            tail.append(f"  candidates timed per device: {counts or 'none'}")
+            for device, why in self.devices.get("lost", {}).items():
+                tail.append(f"  {device} was lost mid-search: {why}")
         if self.meets_budget:
             tail.append("meets every budget line")
         else:

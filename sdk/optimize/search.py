@@ -101,6 +101,7 @@ from sdk.targets import TargetProfile, get_target
 if TYPE_CHECKING:
     import torch
 
+    from sdk.optimize.on_device import DeviceRun
     from sdk.training import TrainData
 
 __all__ = ["optimize"]
@@ -136,6 +137,11 @@ def optimize(
     cfg = config or OptimizeConfig()
     ctx = _context(model, calibration, eval_data, cfg, torch_model, train_data, student)
     cal, ev = ctx.calibration, ctx.eval_data
+    boards = None
+    if cfg.on_device is not None:  # the devices are online before the search starts
+        from sdk.optimize.on_device import boards_of
+
+        boards = boards_of(cfg.on_device)
     out_dir = Path(out)
     work = out_dir.with_name(out_dir.name + "-candidates")
     if work.exists():
@@ -156,16 +162,25 @@ def optimize(
         ctx, work, gate_on_check, _Measure(_bench_config(cfg, ctx.target), sample), started
     )
     bar = _progress(len(recipes) + 1, progress)
+    devices: dict[str, Any] | None = None
     try:
         candidates = search.run(recipes, skipped, calibration, bar)
-        bar.set_description("confirm the choice against fp32")
-        chosen = _choose(
-            candidates, cfg.confirm_rounds, lambda art: search.measure(art).latency_ms["p95"], notes
-        )
+        if cfg.on_device is not None and boards is not None:
+            chosen, bundle_root, devices = _choose_on_devices(
+                ctx, candidates, boards, sample, work, out_dir, notes, bar
+            )
+        else:
+            bar.set_description("confirm the choice against fp32")
+            chosen = _choose(
+                candidates,
+                cfg.confirm_rounds,
+                lambda art: search.measure(art).latency_ms["p95"],
+                notes,
+            )
+            bundle_root = _bundle(ctx, chosen, work, out_dir, notes, bar)
         if ctx.nothing_to_quantize is not None:
             kept = "fp32 kept" if chosen.name == FP32 else "int8 was not tried"
             notes.append(f"{ctx.nothing_to_quantize}; {kept}")
-        bundle_root = _bundle(ctx, chosen, work, out_dir, notes, bar)
         bar.update(1)
     finally:
         bar.close()
@@ -191,7 +206,138 @@ def optimize(
         elapsed_s=time.monotonic() - started,
         time_limit_s=cfg.time_limit_s,
         calibration_cache=ctx.calibration_cache,
+        devices=devices,
     )
+
+
+def _input_spec(
+    sample: dict[str, np.ndarray] | None, art: ModelArtifact
+) -> dict[str, dict[str, Any]]:
+    """The shapes the device times a candidate on: the search's real sample's, else the
+    model's with symbolic dimensions as 1."""
+    if sample is not None:
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sample.items()}
+    return {
+        t.name: {"shape": [d if isinstance(d, int) else 1 for d in t.shape], "dtype": t.dtype}
+        for t in art.io.inputs
+    }
+
+
+def _choose_on_devices(
+    ctx: SearchContext,
+    candidates: list[Candidate],
+    boards: Mapping[str, list[str]],
+    sample: dict[str, np.ndarray] | None,
+    work: Path,
+    out_dir: Path,
+    notes: list[str],
+    bar: Any,
+) -> tuple[Candidate, Path, dict[str, Any]]:
+    """Time the candidates on the devices (host figures as the first filter), then choose and
+    bundle once per board model from that board's figures. The first board (of the first
+    ``--device``) is bundled into ``out_dir``, each other into ``<out_dir>-<board>``."""
+    from sdk.optimize.on_device import Job, clean_up, time_on_devices
+
+    cfg = ctx.config
+    target = cfg.on_device
+    assert target is not None
+    made = [c for c in candidates if c.error is None and c.artifact and c.bench]
+    fp32 = next(c for c in made if c.name == FP32)
+    assert fp32.bench is not None
+    base = fp32.bench.latency_ms["p95"]
+    jobs: list[Job] = []
+    for c in made:
+        assert c.artifact is not None and c.bench is not None
+        c.host_bench = c.bench
+        ratio = c.bench.latency_ms["p95"] / base if base > 0 else 1.0
+        if c is not fp32 and ratio > target.hopeless_ratio:
+            c.device_note = (
+                f"not sent to the devices: host p95 {ratio:.2f}x fp32's, over "
+                f"{target.hopeless_ratio:g}x (hopeless)"
+            )
+            continue
+        jobs.append(Job(c.name, c.artifact.path, c.bench, _input_spec(sample, c.artifact)))
+    bar.set_description(f"time {len(jobs)} candidates on {len(target.devices)} device(s)")
+    run = time_on_devices(jobs, target, say=log.info, boards=boards)
+    try:
+        return _choose_per_board(ctx, made, run, sample, work, out_dir, notes, bar)
+    finally:
+        clean_up(jobs, target, run)
+
+
+def _choose_per_board(
+    ctx: SearchContext,
+    made: list[Candidate],
+    run: DeviceRun,
+    sample: dict[str, np.ndarray] | None,
+    work: Path,
+    out_dir: Path,
+    notes: list[str],
+    bar: Any,
+) -> tuple[Candidate, Path, dict[str, Any]]:
+    """Choose and bundle for each board model of ``run`` from its figures."""
+    from sdk.optimize.on_device import board_slug
+    from sdk.remote_bench import benchmark_candidate
+
+    cfg = ctx.config
+    target = cfg.on_device
+    assert target is not None
+    for board, reports in run.reports.items():
+        for name, report in reports.items():
+            next(c for c in made if c.name == name).device_benches[board] = report
+    choices: dict[str, dict[str, Any]] = {}
+    boards = list(run.boards)
+    first: tuple[Candidate, Path] | None = None
+    # The other boards first, the first board last: its figures stay on the candidates.
+    for board in [*boards[1:], boards[0]]:
+        alive = [d for d in run.boards[board] if d not in run.lost]
+        for c in made:
+            c.bench = c.device_benches.get(board)
+            c.confirm_p95_ms = []
+            c.budget_lines = check_budget(cfg.budget, _metrics(c)) if c.bench else []
+            missing = run.missing.get(board, {}).get(c.name)
+            if c.bench is None and missing and c.device_note is None:
+                c.device_note = missing
+        if not any(c.bench for c in made) or not alive:
+            notes.append(f"{board}: no candidate was timed there, so none is chosen for it")
+            continue
+
+        def on_board(art: ModelArtifact, device: str = alive[0]) -> float:
+            rep = benchmark_candidate(
+                target.broker_url, target.fleet, device, art.path,
+                min_runs=target.min_runs, min_seconds=target.min_seconds,
+                threads=target.threads, inputs=_input_spec(sample, art), key=target.key,
+                timeout_s=target.timeout_s, remove=False, **target.auth(),
+            )  # fmt: skip
+            return float(rep["latency_ms"]["p95"])
+
+        bar.set_description(f"confirm the choice on {board}")
+        chosen = _choose(made, cfg.confirm_rounds, on_board, notes)
+        dest = (
+            out_dir
+            if board == boards[0]
+            else out_dir.with_name(f"{out_dir.name}-{board_slug(board)}")
+        )
+        root = _bundle(ctx, chosen, work, dest, notes, bar)
+        choices[board] = {
+            "chosen": chosen.name,
+            "bundle": str(root),
+            "meets_budget": chosen.meets_budget,
+            "devices": run.boards[board],
+        }
+        if board == boards[0]:
+            first = (chosen, root)
+    if first is None:
+        raise EdgeshipError(
+            "no candidate could be timed on the first --device's board: "
+            + "; ".join(f"{d}: {why}" for d, why in run.lost.items())
+        )
+    notes.append(
+        "latencies and memory measured on the devices (each candidate in a child process of "
+        "the agent at low priority, beside the application it serves); host figures were the "
+        "first filter"
+    )
+    return first[0], first[1], {**run.to_dict(), "choices": choices}
 
 
 def _context(

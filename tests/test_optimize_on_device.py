@@ -1,0 +1,198 @@
+"""``optimize --device`` (issue 16): every candidate timed on real agents over the shared
+Mosquitto while they keep serving an application, the choice made from the devices' figures,
+the work split between two devices of one board, and a device lost mid-search.
+
+The two agents run on this machine (their "board" is this host), so their figures are not a
+board's; the flow is what is tested. Two agents timing at once on two cores disturb each
+other: no figure is asserted."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent import Agent, AgentConfig
+from sdk.optimize import OptimizeConfig, optimize
+from sdk.optimize.on_device import DeviceBenchReport, Job, OnDevice, time_on_devices
+from sdk.remote_bench import benchmark_candidate
+from tests.test_deploy import wait_connected
+
+BROKER = "mqtt://127.0.0.1:1883"  # the shared Mosquitto: a unique fleet id, connect only
+
+
+@dataclass
+class _Boards:
+    fleet: str
+    agents: dict[str, Agent]
+    feed: dict[str, np.ndarray]
+    failures: list[BaseException] = field(default_factory=list)
+    calls: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    gone: set[str] = field(default_factory=set)  # boards taken away on purpose
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for name, agent in list(self.agents.items()):
+                if name in self.gone:
+                    continue
+                try:
+                    agent.predict(self.feed)
+                    self.calls += 1
+                except Exception as exc:  # every failure is a test failure, whatever its type
+                    if name not in self.gone:
+                        self.failures.append(exc)
+            time.sleep(0.005)
+
+
+@pytest.fixture
+def boards(digits_bundle: Path, digits_splits: Any, tmp_path: Path) -> Iterator[_Boards]:
+    from sdk.zoo.digits import INPUT_NAME
+
+    fleet = f"t{uuid.uuid4().hex[:10]}"
+    agents: dict[str, Agent] = {}
+    try:
+        for device in ("board-a", "board-b"):
+            cfg = AgentConfig(
+                device_id=device, fleet=fleet, broker_url=BROKER, window_s=1.0,
+                state_dir=tmp_path / device,
+            )  # fmt: skip
+            agents[device] = Agent.from_bundle(digits_bundle, cfg).start()
+        for agent in agents.values():
+            assert wait_connected(agent, 30)
+        b = _Boards(fleet, agents, {INPUT_NAME: digits_splits.x_test[:1]})
+        thread = threading.Thread(target=b.run, daemon=True)
+        thread.start()
+        yield b
+        b.stop.set()
+        thread.join(10)
+    finally:
+        for agent in agents.values():
+            agent.close()
+
+
+def test_optimize_times_every_candidate_on_the_devices_and_chooses_from_their_figures(
+    boards: _Boards, digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path
+) -> None:
+    from sdk.budget import parse_budget
+
+    target = OnDevice(
+        broker_url=BROKER, devices=("board-a", "board-b"), fleet=boards.fleet,
+        min_runs=20, min_seconds=0.2,
+    )  # fmt: skip
+    config = OptimizeConfig(
+        budget=parse_budget("drop<=2%"), min_runs=20, min_seconds=0.2, confirm_rounds=1,
+        static_methods=("minmax",), per_tensor_variant=False, try_accuracy_aware=False,
+        detector=None, on_device=target,
+    )  # fmt: skip
+    report = optimize(
+        digits_onnx.path, calibration=digits_npz["calibration"], eval_data=digits_npz["eval"],
+        out=tmp_path / "bundle", config=config,
+    )  # fmt: skip
+    data = report.to_dict()
+    devices = data["devices"]
+    (board,) = devices["boards"]  # both agents run on this host: one board model
+    timed = [c for c in report.candidates if board in c.device_benches]
+    assert len(timed) >= 2
+    # Each candidate timed once, the work split between the two devices.
+    assert sum(devices["counts"].values()) == len(timed)
+    assert set(devices["counts"]) == {"board-a", "board-b"}, devices["counts"]
+    assert devices["lost"] == {}
+    for c in timed:
+        bench = c.device_benches[board]
+        assert isinstance(bench, DeviceBenchReport) and bench.device in ("board-a", "board-b")
+        assert c.host_bench is not None and c.host_bench is not bench
+        assert bench.measured_on.startswith(f"device {bench.device}:")
+        assert bench.application is not None
+    chosen = report.chosen_candidate
+    assert isinstance(chosen.bench, DeviceBenchReport)  # the choice used the devices' figures
+    assert data["measured_on"].startswith("device ")
+    entry = next(c for c in data["candidates"] if c["name"] == chosen.name)
+    assert entry["host_benchmark"]["measured_on"].startswith("host:")
+    assert entry["device_benchmarks"][board]["device"] in ("board-a", "board-b")
+    assert devices["choices"][board]["chosen"] == report.chosen
+    assert "on the host: p50" in report.summary()
+    # Every candidate that was made is either timed on the board or says why not.
+    for c in report.candidates:
+        if c.host_bench is not None and board not in c.device_benches:
+            assert c.device_note, c.name
+    # The application kept being served, and nothing is left on the boards.
+    assert boards.failures == [] and boards.calls > 0
+    for agent in boards.agents.values():
+        assert agent.candidates._complete_ones() == []
+
+
+def test_a_device_lost_mid_search_leaves_its_work_to_the_other(
+    boards: _Boards, digits_onnx: Any, tmp_path: Path
+) -> None:
+    """board-b's agent is closed (as a board that loses power) once it has timed one
+    candidate: its next job goes to board-a, which times everything; nothing is missing."""
+    from sdk.bench import BenchConfig, benchmark
+
+    host = benchmark(digits_onnx, BenchConfig(min_runs=5, min_seconds=0.0))
+    paths = []
+    for i in range(4):  # four different files (content-addressed: the same bytes are one)
+        p = tmp_path / f"cand{i}.onnx"
+        data = digits_onnx.path.read_bytes()
+        p.write_bytes(data)
+        import onnx
+
+        m = onnx.load(str(p))
+        m.doc_string = f"candidate {i}"
+        onnx.save(m, str(p))
+        paths.append(p)
+    jobs = [Job(f"c{i}", p, host) for i, p in enumerate(paths)]
+    done_on_b: list[str] = []
+
+    def measure(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        device = args[2]
+        if device == "board-b" and done_on_b:
+            boards.gone.add("board-b")
+            boards.agents["board-b"].close()  # the board goes away mid-search
+        rep = benchmark_candidate(*args, **{**kwargs, "timeout_s": 20})
+        if device == "board-b":
+            done_on_b.append(str(args[3]))
+        return rep
+
+    target = OnDevice(
+        broker_url=BROKER, devices=("board-a", "board-b"), fleet=boards.fleet,
+        min_runs=10, min_seconds=0.5,
+    )  # fmt: skip
+    run = time_on_devices(
+        jobs, target, boards={"this host": ["board-a", "board-b"]}, measure=measure
+    )
+    assert len(done_on_b) == 1
+    assert set(run.reports["this host"]) == {"c0", "c1", "c2", "c3"}
+    assert run.missing["this host"] == {}
+    assert list(run.lost) == ["board-b"]
+    assert len(run.timed_by["board-a"]) == 3 and len(run.timed_by["board-b"]) == 1
+    assert boards.failures == []
+
+
+def test_cli_device_options_are_checked_before_the_search(tmp_path: Path, capsys: Any) -> None:
+    from sdk.cli import main
+    from tests.helpers import write_mlp_onnx
+
+    model = write_mlp_onnx(tmp_path / "m.onnx", features=8, seed=0)
+    base = ["optimize", str(model), "-o", str(tmp_path / "out")]
+    fleet = f"t{uuid.uuid4().hex[:10]}"
+    cases = [
+        (["--device", "pi-07"], "--device needs --broker"),
+        (["--device", "pi-07", "--broker", BROKER, "--fleet", fleet], "not online"),
+        (["--device", "a", "--device", "a", "--broker", BROKER], "named twice"),
+        (["--device", "a", "--broker", "http://x"], "scheme"),
+        (["--device", "a", "--broker", BROKER, "--device-runs", "0"], "--device-runs"),
+    ]
+    for extra, words in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and words in err, (extra, err)
+    assert not (tmp_path / "out").exists()  # nothing was searched nor bundled
+    assert not (tmp_path / "out-candidates").exists()
