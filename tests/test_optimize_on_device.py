@@ -119,6 +119,10 @@ def test_optimize_times_every_candidate_on_the_devices_and_chooses_from_their_fi
     assert entry["device_benchmarks"][board]["device"] in ("board-a", "board-b")
     assert devices["choices"][board]["chosen"] == report.chosen
     assert "on the host: p50" in report.summary()
+    # What the application on each device saw while it timed candidates: real calls, none failed.
+    for device, app in devices["application"].items():
+        assert app["calls"] > 0 and app["failed"] == 0, (device, app)
+    assert "the application on board-a while it timed" in report.summary()
     # Every candidate that was made is either timed on the board or says why not.
     for c in report.candidates:
         if c.host_bench is not None and board not in c.device_benches:

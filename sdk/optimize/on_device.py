@@ -130,8 +130,31 @@ class DeviceRun:
     timed_by: dict[str, list[str]] = field(default_factory=dict)
     lost: dict[str, str] = field(default_factory=dict)
 
+    def application(self) -> dict[str, dict[str, Any]]:
+        """Per device, what the application it serves saw while candidates were timed there:
+        calls, failed calls, and the worst p95 and max latency of those timings (ms)."""
+        out: dict[str, dict[str, Any]] = {}
+        for reports in self.reports.values():
+            for report in reports.values():
+                app = report.application or {}
+                seen = out.setdefault(
+                    report.device, {"calls": 0, "failed": 0, "p95_ms": None, "max_ms": None}
+                )
+                for key in ("calls", "failed"):
+                    value = app.get(key)
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        seen[key] += value
+                lat = app.get("latency_ms")
+                if isinstance(lat, Mapping):
+                    for key, name in (("p95", "p95_ms"), ("max", "max_ms")):
+                        value = lat.get(key)
+                        if isinstance(value, int | float) and _finite(value):
+                            seen[name] = max(seen[name] or 0.0, float(value))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "application": self.application(),
             "boards": {b: list(d) for b, d in self.boards.items()},
             "timed_by": {d: list(names) for d, names in self.timed_by.items()},
             "counts": {d: len(names) for d, names in self.timed_by.items()},

@@ -254,6 +254,16 @@ class OptimizeReport:
             tail.append(f"  candidates timed per device: {counts or 'none'}")
             for device, why in self.devices.get("lost", {}).items():
                 tail.append(f"  {device} was lost mid-search: {why}")
+            for device, app in self.devices.get("application", {}).items():
+                worst = (
+                    ""
+                    if app["p95_ms"] is None
+                    else (f", p95 up to {app['p95_ms']:.3g} ms, max {app['max_ms']:.3g} ms")
+                )
+                tail.append(
+                    f"  the application on {device} while it timed: {app['calls']} calls, "
+                    f"{app['failed']} failed{worst}"
+                )
         if self.meets_budget:
             tail.append("meets every budget line")
         else:
