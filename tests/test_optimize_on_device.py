@@ -200,3 +200,49 @@ def test_cli_device_options_are_checked_before_the_search(tmp_path: Path, capsys
         assert len(err.strip().splitlines()) == 1 and words in err, (extra, err)
     assert not (tmp_path / "out").exists()  # nothing was searched nor bundled
     assert not (tmp_path / "out-candidates").exists()
+
+
+def test_a_whole_search_completes_on_one_device_when_the_other_dies_mid_search(
+    boards: _Boards, digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path
+) -> None:
+    """As board-b finishes receiving its first candidate, its agent is closed (the board
+    loses power mid-search): the search goes on, board-a times the rest, the choice is made."""
+    from sdk.budget import parse_budget
+
+    b = boards.agents["board-b"]
+
+    def kill_b_after_its_first_candidate() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not b.candidates._complete_ones():
+            time.sleep(0.05)
+        boards.gone.add("board-b")
+        b.close()
+
+    killer = threading.Thread(target=kill_b_after_its_first_candidate, daemon=True)
+    killer.start()
+    target = OnDevice(
+        broker_url=BROKER, devices=("board-a", "board-b"), fleet=boards.fleet,
+        min_runs=20, min_seconds=0.5, timeout_s=30,
+    )  # fmt: skip
+    config = OptimizeConfig(
+        budget=parse_budget("drop<=2%"), min_runs=20, min_seconds=0.2, confirm_rounds=1,
+        static_methods=("minmax",), per_tensor_variant=False, try_accuracy_aware=False,
+        detector=None, on_device=target,
+    )  # fmt: skip
+    report = optimize(
+        digits_onnx.path, calibration=digits_npz["calibration"], eval_data=digits_npz["eval"],
+        out=tmp_path / "bundle", config=config,
+    )  # fmt: skip
+    killer.join(5)
+    devices = report.to_dict()["devices"]
+    assert list(devices["lost"]) == ["board-b"], devices
+    (board,) = devices["boards"]
+    sent = [c for c in report.candidates if c.host_bench is not None and c.device_note is None]
+    assert sent and all(board in c.device_benches for c in sent), [
+        (c.name, c.device_note) for c in report.candidates
+    ]
+    assert devices["missing"][board] == {}
+    assert devices["counts"].get("board-b", 0) <= 1 <= devices["counts"]["board-a"]
+    assert isinstance(report.chosen_candidate.bench, DeviceBenchReport)
+    assert "board-b was lost mid-search" in report.summary()
+    assert boards.failures == []
