@@ -151,8 +151,9 @@ def deploy_state(config: AgentConfig) -> dict[str, Any]:
     ``current`` is ``current.json`` (or None), with ``error`` when it cannot be read;
     ``previous_model``/``previous_version`` come from the previous bundle's manifest;
     ``uploads`` lists the open uploads (``deploy``, ``received``, ``chunks``); ``unapplied``
-    names the deployed bundles that are neither current nor previous (on probation now, or left
-    by a restart during one). Whether a bundle is on probation is known only to the running
+    names the deployed bundles that are neither current nor previous (on probation now, left by
+    a restart during one, or taken back by ``deploy_revert``; the next applied deploy deletes
+    them). Whether a bundle is on probation is known only to the running
     agent (``deploy_status``).
     """
     root = deploy_dir(config)

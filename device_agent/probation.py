@@ -489,9 +489,11 @@ class Trial:
         if not self._shadow:
             why = ["the previous model takes other inputs"]
         else:
+            timed = min(len(new.latencies_ms), len(self._base.latencies_ms))
             why = [
                 f"{self._base.calls} of {calls} calls compared with the previous model, "
-                f"min_calls {self.limits.min_calls}"
+                f"{timed} of them timed after {_WARMUP} warm-up calls; min_calls "
+                f"{self.limits.min_calls}"
             ]
         if self.reference is None and missing != ["latency"]:
             why.append("no reference statistics")
