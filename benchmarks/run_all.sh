@@ -8,7 +8,7 @@
 #                                              #       agent_overhead collector_ingest
 #                                              #       bench_vs_ort_loop optimize_search
 #                                              #       trust_overhead deploy ingest_fast_path
-#                                              #       (default: all)
+#                                              #       rollout (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-.venv/bin/python}
@@ -27,9 +27,10 @@ declare -A ARGS=(
     [trust_overhead]=""
     [ingest_fast_path]=""
     [deploy]="--rounds 2 --hidden 32768 --json benchmarks/results/deploy_mosquitto.json"
+    [rollout]="--json benchmarks/results/rollout.json"
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
-    optimize_search trust_overhead deploy ingest_fast_path)
+    optimize_search trust_overhead deploy ingest_fast_path rollout)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
