@@ -197,7 +197,8 @@ def test_metrics_parse_and_the_grafana_dashboard_uses_only_exported_names(
     queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
     names = {n for q in queries for n in re.findall(r"\bedgeship_[a-z0-9_]+\b", q)}
     assert len(names) >= 12
-    missing = sorted(names - samples)
+    # A family with no series yet (no rollout in this fleet) is still declared (HELP, TYPE).
+    missing = sorted(names - samples - set(families))
     assert not missing, f"the Grafana dashboard queries metrics /metrics does not export: {missing}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in (
