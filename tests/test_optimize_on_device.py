@@ -78,24 +78,32 @@ def boards(digits_bundle: Path, digits_splits: Any, tmp_path: Path) -> Iterator[
             agent.close()
 
 
-def test_optimize_times_every_candidate_on_the_devices_and_chooses_from_their_figures(
-    boards: _Boards, digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path
-) -> None:
+def _search(
+    boards: _Boards, model: Any, npz: dict[str, Path], tmp_path: Path, **device: Any
+) -> Any:
+    """A short optimize search (one static recipe) timed on both boards."""
     from sdk.budget import parse_budget
 
     target = OnDevice(
-        broker_url=BROKER, devices=("board-a", "board-b"), fleet=boards.fleet,
-        min_runs=20, min_seconds=0.2,
+        broker_url=BROKER, devices=("board-a", "board-b"), fleet=boards.fleet, min_runs=20,
+        **device,
     )  # fmt: skip
     config = OptimizeConfig(
         budget=parse_budget("drop<=2%"), min_runs=20, min_seconds=0.2, confirm_rounds=1,
         static_methods=("minmax",), per_tensor_variant=False, try_accuracy_aware=False,
         detector=None, on_device=target,
     )  # fmt: skip
-    report = optimize(
-        digits_onnx.path, calibration=digits_npz["calibration"], eval_data=digits_npz["eval"],
+    return optimize(
+        model.path, calibration=npz["calibration"], eval_data=npz["eval"],
         out=tmp_path / "bundle", config=config,
     )  # fmt: skip
+
+
+def test_optimize_times_every_candidate_on_the_devices_and_chooses_from_their_figures(
+    boards: _Boards, digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path
+) -> None:
+
+    report = _search(boards, digits_onnx, digits_npz, tmp_path, min_seconds=0.2)
     data = report.to_dict()
     devices = data["devices"]
     (board,) = devices["boards"]  # both agents run on this host: one board model
@@ -207,7 +215,6 @@ def test_a_whole_search_completes_on_one_device_when_the_other_dies_mid_search(
 ) -> None:
     """As board-b finishes receiving its first candidate, its agent is closed (the board
     loses power mid-search): the search goes on, board-a times the rest, the choice is made."""
-    from sdk.budget import parse_budget
 
     b = boards.agents["board-b"]
 
@@ -220,19 +227,7 @@ def test_a_whole_search_completes_on_one_device_when_the_other_dies_mid_search(
 
     killer = threading.Thread(target=kill_b_after_its_first_candidate, daemon=True)
     killer.start()
-    target = OnDevice(
-        broker_url=BROKER, devices=("board-a", "board-b"), fleet=boards.fleet,
-        min_runs=20, min_seconds=0.5, timeout_s=30,
-    )  # fmt: skip
-    config = OptimizeConfig(
-        budget=parse_budget("drop<=2%"), min_runs=20, min_seconds=0.2, confirm_rounds=1,
-        static_methods=("minmax",), per_tensor_variant=False, try_accuracy_aware=False,
-        detector=None, on_device=target,
-    )  # fmt: skip
-    report = optimize(
-        digits_onnx.path, calibration=digits_npz["calibration"], eval_data=digits_npz["eval"],
-        out=tmp_path / "bundle", config=config,
-    )  # fmt: skip
+    report = _search(boards, digits_onnx, digits_npz, tmp_path, min_seconds=0.5, timeout_s=30)
     killer.join(5)
     devices = report.to_dict()["devices"]
     assert list(devices["lost"]) == ["board-b"], devices
