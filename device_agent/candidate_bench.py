@@ -9,11 +9,14 @@ not the agent's), and a runtime that crashes (a segfault, an abort, the kernel's
 ends the child, not the agent: the command is answered ``ok: false`` saying so. The whole of it,
 the child's start and the model's load included, is bounded by the benchmark's
 ``max_seconds``; the child is killed :data:`GRACE_S` after that, or at once when the agent's
-stop event is set, and ends itself when the agent is gone.
+stop event is set, and ends itself when the agent is gone. A child that cannot be started (no
+``sys.executable``, or a program the kernel refuses: an emulated Python without binfmt_misc)
+is the same kind of answer, ``ok: false`` saying why.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -86,14 +89,7 @@ def time_candidate(
     # Isolated (-I: no current folder, no PYTHON* variables) with the agent's own sys.path: the
     # child imports exactly the modules the agent would, and nothing from the folder it runs in.
     sys_path = json.dumps([p for p in sys.path if p])
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", _BOOT, json.dumps(spec), sys_path],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,  # a signal to the agent's group does not reach it
-    )
+    proc = _start([sys.executable, "-I", "-c", _BOOT, json.dumps(spec), sys_path], env)
     kill_at = started + args.max_seconds + GRACE_S
     why = None
     while True:
@@ -113,6 +109,36 @@ def time_candidate(
     if why is not None:
         raise EdgeshipError(f"benchmark of the candidate stopped: {why}")
     return _parse_result(proc.returncode, out, err)
+
+
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the child (``cmd[0]`` is the agent's own ``sys.executable``); EdgeshipError, saying
+    why, when it cannot be started."""
+    if not cmd[0]:
+        raise EdgeshipError(
+            "the agent's Python does not know its own program (sys.executable is empty), so it "
+            "cannot start the process that times candidates; the application is not affected"
+        )
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a signal to the agent's group does not reach it
+        )
+    except OSError as exc:
+        hint = (
+            ": the kernel does not run this kind of program by itself (an emulated Python, "
+            "e.g. qemu-user without binfmt_misc for its architecture)"
+            if exc.errno == errno.ENOEXEC
+            else ""
+        )
+        raise EdgeshipError(
+            f"the process that times candidates could not be started ({cmd[0]}: "
+            f"{exc.strerror or exc}){hint}; the application is not affected"
+        ) from None
 
 
 def _parse_result(code: int, out: bytes, err: bytes) -> dict[str, Any]:
