@@ -29,6 +29,20 @@ the emulated Python must see an Arm cpuinfo. Two ways, chosen by :func:`cpuinfo_
     first, so a sysroot holding ``proc/cpuinfo`` serves the fixture to the guest alone. Needs no
     privilege; used when ``unshare -m`` is not permitted.
 
+Under both, a program the guest starts (``subprocess`` of its own ``sys.executable``: the agent's
+candidate timing process) does not run: qemu-user 7.2 hands ``execve`` of an aarch64 file to the
+host kernel, which refuses it (``ENOEXEC``, "Exec format error") unless binfmt_misc sends aarch64
+ELF files to qemu, as the package qemu-user-binfmt does on a host (and as a Pi needs not). A third
+method, never chosen by default, does that for the emulated Pi alone:
+
+``binfmt``
+    ``unshare --user --map-root-user -m``: in a new user namespace a private binfmt_misc
+    instance (Linux >= 6.7; the host's registrations are neither read nor changed) sends aarch64
+    ELF files to ``qemu-aarch64-static`` (flag ``F``), ``QEMU_LD_PREFIX`` names the sysroot, and
+    the fixture is bind-mounted over ``/proc/cpuinfo`` as in ``mount``. Every aarch64 program
+    the guest starts runs emulated too, with the same cpuinfo. :func:`binfmt_works` says whether
+    the kernel and the container permit it.
+
 Nothing is installed outside ``.cache/``: Debian packages are fetched with ``apt-get`` using a
 private source list and state directory and unpacked with ``dpkg-deb``; Python packages come
 from the configured package index through ``pip``. Each step records a key of what it was built
@@ -39,7 +53,7 @@ so a second run costs a few hash computations. A missing prerequisite raises
 Command line (run it with the repository's ``.venv/bin/python``)::
 
     python scripts/board_envs.py setup [agent] [tflite] [collector] [pi] [promtool]  # default: all
-    python scripts/board_envs.py pi-python                     # print the emulated-Pi prefix
+    python scripts/board_envs.py pi-python [--method mount|sysroot|binfmt]  # the Pi prefix
     python scripts/board_envs.py pi -- -m device_agent.cli check BUNDLE
 """
 
@@ -73,6 +87,7 @@ __all__ = [
     "ROOT",
     "SetupError",
     "agent_venv",
+    "binfmt_works",
     "collector_venv",
     "cpuinfo_method",
     "pi4_cpuinfo",
@@ -89,7 +104,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "board-envs"
 
-CpuinfoMethod = Literal["mount", "sysroot"]
+CpuinfoMethod = Literal["mount", "sysroot", "binfmt"]
 
 # Raspberry Pi OS bookworm is Debian bookworm: same Python (3.11.2) and glibc (2.36).
 DEBIAN_SOURCES = (
@@ -123,6 +138,11 @@ PI_PACKAGES = (
     "libreadline8",
 )
 PI_PYTHON = "usr/bin/python3.11"
+# binfmt_misc's match for an aarch64 ELF executable or shared object (e_ident, e_type, e_machine
+# EM_AARCH64); the mask lets e_type be 2 or 3. Written to the register file as \xHH escapes.
+AARCH64_ELF_MAGIC = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\xb7\x00"
+AARCH64_ELF_MASK = b"\xff" * 7 + b"\x00" + b"\xff" * 8 + b"\xfe\xff\xff\xff"
+BINFMT_NAME = "edgeship-pi-aarch64"
 # Modules the emulated Python must import before the sysroot counts as built.
 PI_STDLIB_PROBE = "import ssl, ctypes, hashlib, lzma, bz2, zlib, json, sqlite3, uuid, decimal"
 # Wheels a bookworm Pi can install: manylinux up to its glibc 2.36.
@@ -673,83 +693,62 @@ def cpuinfo_method() -> CpuinfoMethod:
     return "mount" if _mount_namespace_works() else "sysroot"
 
 
-def pi_env() -> dict[str, Path]:
-    """Build (or find) everything the emulated Pi needs; returns the parts by name."""
-    return {
-        "qemu": qemu_aarch64(),
-        "root": pi_root(),
-        "site": pi_site(),
-        "agent": pi_agent(),
-    }
+def _escaped(data: bytes) -> str:
+    return "".join(f"\\x{b:02x}" for b in data)
 
 
-def pi_python(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) -> list[str]:
-    """The command prefix that runs Python 3.11 on the emulated Raspberry Pi 4.
+def _binfmt_rule(qemu: Path) -> str:
+    """The line for binfmt_misc's ``register``: aarch64 ELF files run by ``qemu`` (flag F: the
+    interpreter is opened when registered, so it need not be reachable from the guest)."""
+    magic, mask = _escaped(AARCH64_ELF_MAGIC), _escaped(AARCH64_ELF_MASK)
+    return f":{BINFMT_NAME}:M::{magic}:{mask}:{qemu}:F"
 
-    Append Python's own arguments (``-c CODE``, ``-m device_agent.cli check BUNDLE``, a script).
-    ``device_agent`` (from the project's wheel), numpy, paho-mqtt and onnxruntime are importable;
-    ``platform.machine()`` is ``aarch64`` and ``/proc/cpuinfo`` is ``cpuinfo`` (default: the
-    Pi 4 fixture). The guest shares the host's network, so it can reach a broker on localhost.
-    Run it with a working directory outside the checkout, or the checkout's ``device_agent``
-    (the current directory comes first on ``sys.path``) would shadow the installed one.
-    """
-    parts = pi_env()
-    info = (cpuinfo or pi4_cpuinfo()).resolve()
-    chosen = method or cpuinfo_method()
-    env = [
-        "env",
-        "-u",
-        "PYTHONHOME",
-        f"PYTHONPATH={parts['agent']}{os.pathsep}{parts['site']}",
-        "PYTHONNOUSERSITE=1",
+
+# Run by ``sh -c`` in the new user and mount namespaces: $0 the binfmt rule, $1 the cpuinfo file,
+# then the command. The private binfmt_misc instance is mounted where the host's would be.
+_BINFMT_SETUP = (
+    "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc"
+    ' && printf %s "$0" > /proc/sys/fs/binfmt_misc/register'
+    ' && mount --bind "$1" /proc/cpuinfo && shift && exec "$@"'
+)
+
+
+def _binfmt_prefix(qemu: Path, root: Path, info: Path) -> list[str]:
+    return [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "-m",
+        "--",
+        "sh",
+        "-c",
+        _BINFMT_SETUP,
+        _binfmt_rule(qemu),
+        str(info),
     ]
-    python = str(parts["root"] / PI_PYTHON)
-    if chosen == "mount":
-        if not _mount_namespace_works():
-            raise SetupError(
-                "unshare -m with a bind mount over /proc/cpuinfo is not permitted here "
-                "(needs root / CAP_SYS_ADMIN); use method='sysroot'"
-            )
-        return [
-            "unshare",
-            "-m",
-            "--",
-            "sh",
-            "-c",
-            'mount --bind "$0" /proc/cpuinfo && exec "$@"',
-            str(info),
-            *env,
-            str(parts["qemu"]),
-            "-L",
-            str(parts["root"]),
-            python,
-        ]
-    if chosen == "sysroot":
-        overlay = _pi_overlay(info)
-        return [*env, str(parts["qemu"]), "-L", str(overlay), python]
-    raise SetupError(f"unknown cpuinfo method {chosen!r}; expected 'mount' or 'sysroot'")
 
 
-def pi_interpreter() -> Path:
-    """The emulated Pi's ``python3.11``: an aarch64 binary, run it through :func:`pi_emulator`."""
-    return pi_root() / PI_PYTHON
+@functools.cache
+def binfmt_works() -> bool:
+    """Whether the ``binfmt`` method runs here: an emulated Python starts its own
+    ``sys.executable`` in a private binfmt_misc namespace (a user namespace may be refused by
+    the container, and binfmt_misc has per-namespace instances since Linux 6.7)."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    probe = "import subprocess, sys; subprocess.run([sys.executable, '-S', '-c', ''], check=True)"
+    root = pi_root()
+    prefix = _binfmt_prefix(qemu_aarch64(), root, pi4_cpuinfo())
+    cmd = [*prefix, "env", f"QEMU_LD_PREFIX={root}", str(root / PI_PYTHON)]
+    done = subprocess.run([*cmd, "-S", "-c", probe], capture_output=True, check=False)
+    return done.returncode == 0
 
 
-def pi_emulator(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) -> list[str]:
-    """The command prefix that runs an aarch64 program on the emulated Raspberry Pi 4.
-
-    ``[*pi_emulator(), program, *args]`` is what binfmt_misc would do for ``program`` on a host
-    set up for it: qemu with the Pi's sysroot and its ``/proc/cpuinfo`` (same methods as
-    :func:`pi_python`). Unlike :func:`pi_python` nothing is put on ``PYTHONPATH``: a Python
-    started this way (e.g. a virtualenv's ``bin/python`` made from :func:`pi_interpreter`)
-    sees only what was installed into it, as on a board. ``PYTHONPATH`` and ``PYTHONHOME`` of
-    the caller are removed.
-    """
+def _pi_prefix(method: CpuinfoMethod | None, cpuinfo: Path | None, env: list[str]) -> list[str]:
+    """qemu with the Pi's sysroot and ``/proc/cpuinfo`` by ``method``, after ``env``."""
     qemu = qemu_aarch64()
     root = pi_root()
     info = (cpuinfo or pi4_cpuinfo()).resolve()
     chosen = method or cpuinfo_method()
-    env = ["env", "-u", "PYTHONHOME", "-u", "PYTHONPATH", "PYTHONNOUSERSITE=1"]
     if chosen == "mount":
         if not _mount_namespace_works():
             raise SetupError(
@@ -771,7 +770,69 @@ def pi_emulator(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None
         ]
     if chosen == "sysroot":
         return [*env, str(qemu), "-L", str(_pi_overlay(info))]
-    raise SetupError(f"unknown cpuinfo method {chosen!r}; expected 'mount' or 'sysroot'")
+    if chosen == "binfmt":
+        if not binfmt_works():
+            raise SetupError(
+                "a private binfmt_misc in a user namespace is not available here (needs Linux "
+                ">= 6.7 and unshare --user permitted); use method='mount' or 'sysroot', under "
+                "which an aarch64 program the guest starts does not run"
+            )
+        # The kernel runs qemu for the interpreter: no qemu in the command itself.
+        return [*_binfmt_prefix(qemu, root, info), *env, f"QEMU_LD_PREFIX={root}"]
+    raise SetupError(f"unknown cpuinfo method {chosen!r}; expected 'mount', 'sysroot' or 'binfmt'")
+
+
+def pi_env() -> dict[str, Path]:
+    """Build (or find) everything the emulated Pi needs; returns the parts by name."""
+    return {
+        "qemu": qemu_aarch64(),
+        "root": pi_root(),
+        "site": pi_site(),
+        "agent": pi_agent(),
+    }
+
+
+def pi_python(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) -> list[str]:
+    """The command prefix that runs Python 3.11 on the emulated Raspberry Pi 4.
+
+    Append Python's own arguments (``-c CODE``, ``-m device_agent.cli check BUNDLE``, a script).
+    ``device_agent`` (from the project's wheel), numpy, paho-mqtt and onnxruntime are importable;
+    ``platform.machine()`` is ``aarch64`` and ``/proc/cpuinfo`` is ``cpuinfo`` (default: the
+    Pi 4 fixture). The guest shares the host's network, so it can reach a broker on localhost.
+    Run it with a working directory outside the checkout, or the checkout's ``device_agent``
+    (the current directory comes first on ``sys.path``) would shadow the installed one.
+    Only under ``method="binfmt"`` can the guest start its own ``sys.executable`` (see the
+    module's docstring).
+    """
+    parts = pi_env()
+    env = [
+        "env",
+        "-u",
+        "PYTHONHOME",
+        f"PYTHONPATH={parts['agent']}{os.pathsep}{parts['site']}",
+        "PYTHONNOUSERSITE=1",
+    ]
+    return [*_pi_prefix(method, cpuinfo, env), str(parts["root"] / PI_PYTHON)]
+
+
+def pi_interpreter() -> Path:
+    """The emulated Pi's ``python3.11``: an aarch64 binary, run it through :func:`pi_emulator`."""
+    return pi_root() / PI_PYTHON
+
+
+def pi_emulator(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) -> list[str]:
+    """The command prefix that runs an aarch64 program on the emulated Raspberry Pi 4.
+
+    ``[*pi_emulator(), program, *args]`` is what binfmt_misc would do for ``program`` on a host
+    set up for it: qemu with the Pi's sysroot and its ``/proc/cpuinfo`` (same methods as
+    :func:`pi_python`; under ``binfmt`` the prefix holds no qemu: the kernel runs it, for the
+    programs ``program`` starts too). Unlike :func:`pi_python` nothing is put on
+    ``PYTHONPATH``: a Python started this way (e.g. a virtualenv's ``bin/python`` made from
+    :func:`pi_interpreter`) sees only what was installed into it, as on a board.
+    ``PYTHONPATH`` and ``PYTHONHOME`` of the caller are removed.
+    """
+    env = ["env", "-u", "PYTHONHOME", "-u", "PYTHONPATH", "PYTHONNOUSERSITE=1"]
+    return _pi_prefix(method, cpuinfo, env)
 
 
 def pi_wheelhouse() -> Path:
@@ -842,9 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="agent, tflite, collector, pi, promtool (default: all)",
     )
     pi_prefix = sub.add_parser("pi-python", help="print the emulated-Pi Python command prefix")
-    pi_prefix.add_argument("--method", choices=["mount", "sysroot"], default=None)
+    methods = ["mount", "sysroot", "binfmt"]
+    pi_prefix.add_argument("--method", choices=methods, default=None)
     run = sub.add_parser("pi", help="run the emulated Pi's Python with the given arguments")
-    run.add_argument("--method", choices=["mount", "sysroot"], default=None)
+    run.add_argument("--method", choices=methods, default=None)
     run.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:

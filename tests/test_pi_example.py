@@ -6,6 +6,13 @@
   agent.toml, checks the digits bundle; a second run keeps the edited configuration. Then the
   ``edgeship-agent run`` it installed replays test digits to a Mosquitto on the host, whose
   telemetry and retained status arrive from an aarch64 device, and SIGTERM stops it cleanly.
+* ``optimize --device pi-emulated`` against that installed agent (issue 16): every candidate
+  that passed the quality gate is timed in the agent's child process on the emulated Pi (its
+  timings are qemu's, not a Pi's: the flow is tested), the choice is made from those figures,
+  the report has host and device figures per candidate, and an application calling the
+  agent's endpoint meanwhile sees no failed call. The agent's child is its own Python started
+  again, which qemu-user can do only with a binfmt_misc rule: the emulated Pi's ``binfmt``
+  method (skipped where the kernel or container does not allow it).
 * ``agent.toml`` is valid for ``device_agent.config.load_settings``, with every line
   uncommented too, and documents every setting the agent has.
 * The Mosquitto example (TLS listener, passwords, ACL) runs: a device publishes its own
@@ -770,3 +777,210 @@ def _first_telemetry(
 
     assert wait_for(found, timeout, interval=0.2), f"no telemetry in {timeout} s\n{log.read_text()}"
     return found()
+
+
+# ---------------------------------------------------------------------------------------------
+# optimize --device against the installed agent on the emulated Pi (issue 16)
+
+
+def _binfmt_or_skip() -> None:
+    if not _setup(board_envs.binfmt_works):
+        pytest.skip(
+            "no private binfmt_misc here (Linux >= 6.7 and unshare --user needed): the "
+            "emulated Pi cannot start its own Python, which timing a candidate needs"
+        )
+
+
+# Run by the emulated Pi's Python: start its own sys.executable, as the agent does to time a
+# candidate, and say what that child saw (or why it did not start).
+_START_ITSELF = """
+import subprocess, sys
+child = "import platform; print(platform.machine(), 'Pi 4' in open('/proc/cpuinfo').read())"
+try:
+    print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
+except OSError as exc:
+    print("OSError", exc.errno)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.board
+def test_the_emulated_pi_starts_its_own_python_under_binfmt_only(tmp_path: Path) -> None:
+    """qemu-user hands an aarch64 program's execve to the host kernel, which refuses it
+    without a binfmt_misc rule (ENOEXEC, 8); the ``binfmt`` method adds one in a private
+    namespace, and the child is the same emulated Pi."""
+    _binfmt_or_skip()
+    plain = board_envs.pi_python(board_envs.cpuinfo_method())
+    out = subprocess.run(
+        [*plain, "-c", _START_ITSELF], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["OSError", "8"], out
+    binfmt = board_envs.pi_python("binfmt")
+    out = subprocess.run(
+        [*binfmt, "-c", _START_ITSELF], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["aarch64", "True"], out
+
+
+def _online(collector: Collector) -> list[msg.StatusMessage]:
+    return [
+        m
+        for _, m in collector.decoded()
+        if isinstance(m, msg.StatusMessage) and m.state == "online"
+    ]
+
+
+class _Calls:
+    """The application: calls to the agent's local endpoint, one after another, until stopped."""
+
+    def __init__(self, port: int, image: np.ndarray) -> None:
+        self.url = f"http://127.0.0.1:{port}/v1/predict"
+        self.body = json.dumps({"inputs": {"image": image.tolist()}}).encode()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        import urllib.request
+
+        while not self.stop.is_set():
+            try:
+                request = urllib.request.Request(self.url, data=self.body)
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    assert "outputs" in json.loads(answer.read())
+                self.ok += 1
+            except Exception as exc:  # every failure is a test failure, whatever its type
+                self.failures.append(repr(exc))
+            self.stop.wait(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.board
+def test_optimize_times_every_candidate_on_the_installed_agent_of_the_emulated_pi(
+    pi_install: dict[str, Any],
+    digits_onnx: Any,
+    digits_npz: dict[str, Path],
+    digits_splits: Any,
+    tmp_path: Path,
+) -> None:
+    """``optimize`` with ``--device pi-emulated`` (``OnDevice``, one confirmation round to keep
+    it short): the agent install.sh installed, run by the emulated Pi (qemu: its timings are
+    not a Pi's), times every candidate that passed the quality gate in its child process while
+    an application calls its endpoint; the choice is made from those figures, and the report
+    has host and device figures side by side."""
+    from sdk.budget import parse_budget
+    from sdk.optimize import OptimizeConfig, optimize
+    from sdk.optimize.on_device import OnDevice
+
+    _binfmt_or_skip()
+    venv = pi_install["venv"]
+    (port,) = _free_ports(1)
+    with Mosquitto(tmp_path / "broker") as broker:
+        status = Collector(broker.port, msg.topic(FLEET, DEVICE, "status"), persistent=False)
+        status.start()
+        cmd = [
+            *board_envs.pi_emulator("binfmt"),
+            venv / "bin" / "edgeship-agent",  # its #! line names the venv's aarch64 python
+            "run",
+            "--config",
+            pi_install["config"] / "agent.toml",
+            "--broker",
+            broker.url,
+            "--fleet",
+            FLEET,
+            "--device-id",
+            DEVICE,
+            "--http",
+            f"127.0.0.1:{port}",
+        ]
+        log = tmp_path / "agent.log"
+        with open(log, "wb") as out:
+            agent = subprocess.Popen(
+                [str(c) for c in cmd], cwd=pi_install["work"], stdout=out, stderr=subprocess.STDOUT
+            )
+        calls = _Calls(port, digits_splits.x_test[:1])
+        try:
+
+            def online() -> bool:
+                if agent.poll() is not None:
+                    raise AssertionError(f"the agent exited {agent.returncode}:\n{log.read_text()}")
+                return bool(_online(status))
+
+            assert wait_for(online, 120, interval=0.2), log.read_text()
+            (status_msg,) = _online(status)
+            assert str(status_msg.host["model"]).startswith("Raspberry Pi 4 Model B"), status_msg
+            assert status_msg.host["arch"] == "aarch64"
+            assert wait_for(lambda: port_open(port), 30), log.read_text()
+            calls.thread.start()
+            target = OnDevice(
+                broker_url=broker.url, devices=(DEVICE,), fleet=FLEET, min_runs=10,
+                min_seconds=0.2,
+            )  # fmt: skip
+            config = OptimizeConfig(
+                budget=parse_budget("drop<=2%"), min_runs=20, min_seconds=0.2, confirm_rounds=1,
+                static_methods=("minmax",), per_tensor_variant=False, try_accuracy_aware=False,
+                detector=None, on_device=target,
+            )  # fmt: skip
+            started = time.monotonic()
+            report = optimize(
+                digits_onnx.path, calibration=digits_npz["calibration"],
+                eval_data=digits_npz["eval"], out=tmp_path / "bundle", config=config,
+            )  # fmt: skip
+            wall = time.monotonic() - started
+            calls.stop.set()
+            calls.thread.join(60)
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(60) == 0, log.read_text()
+        finally:
+            calls.stop.set()
+            status.stop()
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(10)
+
+    data = json.loads(json.dumps(report.to_dict(), default=str))  # as --json writes it
+    summary = report.summary()
+    devices = data["devices"]
+    ((board, timed_by),) = devices["boards"].items()
+    assert board.startswith("Raspberry Pi 4 Model B") and timed_by == [DEVICE], devices
+    assert data["measured_on"].startswith(f"device {DEVICE}: {board} (aarch64 "), data
+    figures = []
+    for c in data["candidates"]:
+        host = c["host_benchmark"]
+        if host is None:  # not made, or failed the quality gate: never timed anywhere
+            continue
+        assert host["measured_on"].startswith("host: "), host["measured_on"]
+        bench = c["device_benchmarks"].get(board)
+        if bench is None:
+            assert c["device_note"], c["name"]  # why it was not sent (a hopeless host figure)
+            figures.append(f"{c['name']} host p50 {host['latency_ms']['p50']:.3f} ms, not sent")
+            continue
+        assert bench["device"] == DEVICE and bench["runs"] >= 10
+        assert bench["measured_on"] == data["measured_on"]
+        assert bench["host"]["arch"] == "aarch64" and bench["host"]["board"] == board
+        assert bench["application"]["failed"] == 0
+        figures.append(
+            f"{c['name']} host p50 {host['latency_ms']['p50']:.3f} ms, emulated Pi p50 "
+            f"{bench['latency_ms']['p50']:.3f} ms"
+        )
+    assert devices["counts"] == {DEVICE: len(devices["timed_by"][DEVICE])}
+    assert len(devices["timed_by"][DEVICE]) >= 2  # fp32 and at least one int8
+    assert devices["missing"] == {board: {}} and devices["lost"] == {}
+    # The choice was made from the device's figures.
+    chosen = next(c for c in data["candidates"] if c["name"] == data["chosen"])
+    assert chosen["benchmark"]["measured_on"] == data["measured_on"]
+    assert chosen["name"] in devices["timed_by"][DEVICE]
+    assert devices["choices"][board]["chosen"] == data["chosen"]
+    assert "on the host: p50" in summary
+    # The application kept being served: by its own count and by the agent's.
+    app = devices["application"][DEVICE]
+    assert app["calls"] > 0 and app["failed"] == 0, app
+    assert calls.ok > 0 and calls.failures == [], calls.failures[:3]
+    # Nothing is left on the device.
+    left = pi_install["state"] / f"candidates-{FLEET}-{DEVICE}"
+    assert sorted(p.name for p in left.iterdir() if p.name != "staging") == []
+    print(
+        f"\noptimize --device on the emulated Pi 4 (qemu: not a Pi's timings) in {wall:.0f} s, "
+        f"chose {data['chosen']}; {'; '.join(figures)}; application {calls.ok} calls, 0 failed"
+    )
