@@ -33,6 +33,7 @@ ORDER = [
     "distilled",
     "fp16",
     "litert",
+    "litert-tflite",
 ]
 
 

@@ -1,4 +1,5 @@
-"""``edgeship quantize``: int8-quantize an ONNX model with ONNX Runtime (``sdk.quantize``)."""
+"""``edgeship quantize``: int8-quantize an ONNX model with ONNX Runtime (``sdk.quantize``), or
+a float ``.tflite`` with ai-edge-quantizer (``sdk.quantize.litert``)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,22 @@ def register(sub: Any) -> None:
     """Add ``quantize`` to the ``edgeship`` subparsers."""
     p = sub.add_parser(
         "quantize",
-        help="int8-quantize an ONNX model with ONNX Runtime",
+        help="int8-quantize an ONNX model with ONNX Runtime, or a .tflite with ai-edge-quantizer",
         description="Quantize an ONNX model to int8. Static mode (the default) calibrates "
         "activation ranges on --calibration data and writes a QDQ model with per-channel "
         "weights; dynamic mode needs no data and quantizes weights ahead and activations at "
-        "run time (best for transformers and LSTMs).",
+        "run time (best for transformers and LSTMs). A float .tflite is quantized with "
+        "ai-edge-quantizer's --recipe (default static_wi8_ai8, which calibrates on "
+        "--calibration; --mode dynamic means dynamic_wi8_afp32).",
     )
-    p.add_argument("model", type=Path, help="the fp32 .onnx file")
-    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the int8 .onnx")
+    p.add_argument("model", type=Path, help="the fp32 .onnx file, or a float .tflite")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="where to write the int8 .onnx (.tflite for a .tflite model)",
+    )
     p.add_argument(
         "--calibration",
         type=Path,
@@ -49,6 +58,14 @@ def register(sub: Any) -> None:
         + "); 'all' for every type ONNX Runtime can quantize",
     )
     add_reduce_range_arg(p)
+    p.add_argument(
+        "--recipe",
+        choices=sorted(_litert_recipes()),
+        default=None,
+        help="a .tflite model only: the ai-edge-quantizer recipe (default static_wi8_ai8; "
+        "dynamic_wi8_afp32 with --mode dynamic); int4 weights: dynamic_wi4_afp32, "
+        "weight_only_wi4_afp32",
+    )
     p.set_defaults(handler=run)
 
 
@@ -67,6 +84,10 @@ def add_reduce_range_arg(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdk.quantize import QuantizeConfig, quantize
 
+    if args.model.suffix.lower() == ".tflite":
+        return _run_tflite(args)
+    if args.recipe is not None:
+        raise ConfigError("--recipe is for a .tflite model; ONNX models take --mode and --method")
     excluded = tuple(n.strip() for n in args.exclude.split(",") if n.strip())
     op_types: tuple[str, ...] | None = _default_op_types()
     if args.op_types is not None:
@@ -95,6 +116,52 @@ def run(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     print(_check_line(art.details.get("check") or {}))
     return EXIT_OK
+
+
+def _run_tflite(args: argparse.Namespace) -> int:
+    """A float .tflite through ai-edge-quantizer (``sdk.quantize.litert.quantize_tflite``)."""
+    from sdk.quantize.litert import quantize_tflite
+
+    onnx_only = [
+        flag
+        for flag, used in (
+            ("--method", args.method != "minmax"),
+            ("--per-tensor", args.per_tensor),
+            ("--exclude", bool(args.exclude.strip())),
+            ("--op-types", args.op_types is not None),
+            ("--reduce-range", args.reduce_range),
+        )
+        if used
+    ]
+    if onnx_only:
+        raise ConfigError(
+            f"{', '.join(onnx_only)}: ONNX Runtime options; a .tflite is quantized with "
+            "ai-edge-quantizer: choose its --recipe"
+        )
+    recipe = args.recipe or ("dynamic_wi8_afp32" if args.mode == "dynamic" else "static_wi8_ai8")
+    require_file(args.model, "model")
+    if args.calibration is not None:
+        require_file(args.calibration, "calibration data")
+    elif _litert_recipes()[recipe]:
+        raise ConfigError(
+            f"recipe {recipe} calibrates activation ranges: pass --calibration DATA.npz, or "
+            "choose a recipe without calibration (--recipe dynamic_wi8_afp32)"
+        )
+    art = quantize_tflite(args.model, args.calibration, args.output, recipe=recipe)
+    src = args.model.stat().st_size
+    print(
+        f"wrote {art.path} ({art.recipe}, {art.precision}): {art.size_bytes / 1024:.1f} KiB, "
+        f"{art.size_bytes / src:.2f}x the input's {src / 1024:.1f} KiB"
+    )
+    print(_check_line(art.details.get("check") or {}))
+    return EXIT_OK
+
+
+def _litert_recipes() -> dict[str, bool]:
+    """ai-edge-quantizer's recipes: whether each calibrates."""
+    from sdk.quantize.litert import RECIPES
+
+    return {name: r.calibrated for name, r in RECIPES.items()}
 
 
 def _default_op_types() -> tuple[str, ...]:

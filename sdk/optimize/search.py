@@ -353,8 +353,10 @@ def _context(
     every stage reads those."""
     target = cfg.target if isinstance(cfg.target, TargetProfile) else get_target(cfg.target)
     fp32 = model if isinstance(model, ModelArtifact) else read_artifact(model, recipe=FP32)
-    if fp32.format != "onnx":
-        raise ConfigError(f"optimize takes an ONNX model; {fp32.path.name} is {fp32.format}")
+    if fp32.format not in ("onnx", "tflite"):
+        raise ConfigError(
+            f"optimize takes an ONNX or a float .tflite model; {fp32.path.name} is {fp32.format}"
+        )
     cal = (
         None if calibration is None else load_dataset(calibration, fp32.io, what="calibration data")
     )
@@ -372,7 +374,7 @@ def _context(
         torch_model=torch_model,
         train_data=train_data,
         student=student,
-        nothing_to_quantize=nothing_to_quantize(fp32.path),
+        nothing_to_quantize=nothing_to_quantize(fp32.path) if fp32.format == "onnx" else None,
     )
 
 

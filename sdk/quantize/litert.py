@@ -78,9 +78,12 @@ def quantize_tflite(
     """Quantize the float TFLite ``model`` with ``recipe`` and write it to ``out``.
 
     ``calibration`` is checked against the model's inputs (see :func:`sdk.data.load_dataset`);
-    static recipes need it, the others ignore it (pass ``None``). The quantized model is loaded
-    and run in LiteRT before it is returned; ``details["max_abs_diff_vs_float"]`` is its largest
-    output difference from the float model on up to 16 samples.
+    static recipes need it, the others only check on it (pass ``None``). The quantized model is
+    loaded and run in LiteRT next to the float model before it is returned, on up to 16
+    calibration samples (else generated inputs): ``details["check"]`` holds the figures, as
+    :func:`sdk.quantize.quantize` reports them (``cosine_min``, the worst per-sample cosine with
+    the float model's outputs; ``max_abs_error``; ``inputs``, ``samples``), and
+    ``details["max_abs_diff_vs_float"]`` the largest difference.
     """
     spec = RECIPES.get(recipe)
     if spec is None:
@@ -132,14 +135,14 @@ def quantize_tflite(
         target.unlink(missing_ok=True)  # else the quantizer logs a warning while overwriting
         _step("writing the model", lambda: result.export_model(target))
 
-    check = _check_feed(float_art, data)
-    diff = _compare_with_float(float_art.path, target, check)
+    check = _check_against_float(float_art, target, data)
     details = {
         "float_model": str(float_art.path),
         "recipe": recipe,
         "calibration_samples": 0 if data is None or not spec.calibrated else len(data),
         "calibration_ranges": "min-max" if spec.calibrated else None,
-        "max_abs_diff_vs_float": diff,
+        "max_abs_diff_vs_float": check["max_abs_error"],
+        "check": check,
         "float_size_bytes": float_art.size_bytes,
     }
     session_io = _open(target).io
@@ -157,7 +160,7 @@ def quantize_tflite(
         recipe,
         float_art.size_bytes,
         art.size_bytes,
-        diff,
+        check["max_abs_error"],
     )
     return art
 
@@ -265,38 +268,50 @@ def _calibration_feeds(art: ModelArtifact, data: Dataset) -> dict[str, list[dict
     return {key: feeds}
 
 
-def _check_feed(art: ModelArtifact, data: Dataset | None) -> dict[str, np.ndarray]:
-    """A few real samples when there are any, else zeros of the model's input shapes."""
+def _check_against_float(
+    art: ModelArtifact, quant_path: Path, data: Dataset | None
+) -> dict[str, Any]:
+    """Both models on the same inputs: up to 16 real samples (whole batches of a fixed batch
+    size) when there are enough, else generated ones; the figures of the comparison."""
+    from sdk.detect import model_outputs
+    from sdk.quantize.ort_check import _compare
+
     first = art.io.inputs[0].shape
     batch = first[0] if first and isinstance(first[0], int) else None
-    if data is not None:
-        count = batch or min(len(data), _CHECK_SAMPLES)
-        if len(data) >= count:
-            return dict(next(data.head(count).batches(count)))
-    feed = {}
-    for spec in art.io.inputs:
-        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
-        feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feed
-
-
-def _compare_with_float(float_path: Path, quant_path: Path, feed: dict[str, np.ndarray]) -> float:
-    float_out = _open(float_path).run(feed)
+    step = batch or _CHECK_SAMPLES
+    if data is not None and len(data) >= (batch or 1):
+        count = min(len(data), max(_CHECK_SAMPLES, step))
+        count -= count % (batch or 1)
+        feed, kind = dict(data.head(count).inputs), "calibration"
+    else:
+        feed, kind = _generated_feed(art), "generated"
+    expected = model_outputs(_open(art.path), feed, batch_size=step)
     try:
-        quant_out = _open(quant_path).run(feed)
+        quant = _open(quant_path)
+        got = model_outputs(quant, feed, batch_size=step)
     except EdgeshipError as exc:
         raise QuantizationError(
             f"the quantized model {quant_path.name} fails to run: {exc}"
         ) from exc
-    worst = 0.0
-    for ref, got in zip(float_out, quant_out, strict=True):
-        if ref.shape != got.shape:
+    for ref, out in zip(expected, got, strict=True):
+        if ref.shape != out.shape:
             raise QuantizationError(
-                f"the quantized model returns shape {got.shape} where the float model returns "
+                f"the quantized model returns shape {out.shape} where the float model returns "
                 f"{ref.shape}"
             )
-        if not np.isfinite(got).all():
+        if not np.isfinite(out).all():
             raise QuantizationError("the quantized model returns NaN or infinite values")
-        if ref.size:
-            worst = max(worst, float(np.abs(got.astype(np.float64) - ref).max()))
-    return worst
+    samples = len(next(iter(feed.values())))
+    return _compare(quant.io, got, expected, kind, samples)
+
+
+def _generated_feed(art: ModelArtifact) -> dict[str, np.ndarray]:
+    """Standard-normal floats (zeros for other types) of the model's input shapes."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in art.io.inputs:
+        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+        dtype = np.dtype(spec.dtype)
+        values = rng.standard_normal(shape) if dtype.kind == "f" else np.zeros(shape)
+        feed[spec.name] = values.astype(dtype)
+    return feed

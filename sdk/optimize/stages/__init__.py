@@ -2,7 +2,10 @@
 search tries them (expected pay-off first; see :mod:`sdk.optimize.search`).
 
 A new kind of candidate is a module with a :class:`~sdk.optimize.stages.base.Stage` (and its
-:class:`~sdk.optimize.stages.base.Recipe`) and one line in :func:`default_registry`.
+:class:`~sdk.optimize.stages.base.Recipe`) and one line in :func:`default_registry`. A stage
+plans only for the model formats in its ``formats`` attribute (``("onnx",)`` when it has none):
+a float ``.tflite`` gets fp32 and the ``litert-tflite`` stage, which lists the ONNX recipes as
+skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sdk.optimize.stages.distilled import DistilledStage
 from sdk.optimize.stages.fp16 import Fp16Stage
 from sdk.optimize.stages.fp32 import Fp32Stage
 from sdk.optimize.stages.litert import LiteRTStage
+from sdk.optimize.stages.litert_tflite import TfliteFileStage
 from sdk.optimize.stages.ort_dynamic import DynamicStage
 from sdk.optimize.stages.ort_static import AllOpsStage, CalibrationVariantsStage, StaticStage
 from sdk.optimize.stages.pruned import PrunedStage
@@ -49,6 +53,8 @@ class StageRegistry:
         recipes: list[Recipe] = []
         skipped: list[SkippedRecipe] = []
         for stage in self:
+            if ctx.fp32.format not in getattr(stage, "formats", ("onnx",)):
+                continue
             for item in stage.plan(ctx):
                 if isinstance(item, SkippedRecipe):
                     skipped.append(item)
@@ -61,7 +67,8 @@ class StageRegistry:
 
 def default_registry() -> StageRegistry:
     """fp32, ORT static int8, ORT dynamic int8, static over every operator type, calibration
-    variants, accuracy-aware int8, pruned, distilled, fp16, LiteRT (with ``litert_recipes``)."""
+    variants, accuracy-aware int8, pruned, distilled, fp16, LiteRT (with ``litert_recipes``),
+    and for a float .tflite the LiteRT recipes of the model as given."""
     registry = StageRegistry()
     for stage in (
         Fp32Stage(),
@@ -74,6 +81,7 @@ def default_registry() -> StageRegistry:
         DistilledStage(),
         Fp16Stage(),
         LiteRTStage(),
+        TfliteFileStage(),
     ):
         registry.register(stage)
     return registry

@@ -1,0 +1,130 @@
+"""The ``litert-<recipe>`` stage for a float ``.tflite`` model: the model as given quantized
+with each ai-edge-quantizer recipe (:func:`sdk.quantize.quantize_tflite`), the candidates run
+in LiteRT and measured and judged like the ONNX ones.
+
+The recipes are :attr:`~sdk.optimize.OptimizeConfig.litert_recipes` when set, else
+:data:`TFLITE_RECIPES`: static int8 (calibrated on the calibration data; skipped with the
+reason when there is none), dynamic int8, weight-only int8 and int4 weights (dynamic). The
+ONNX Runtime recipes the search would try on an ONNX model are listed as skipped: the model is
+a ``.tflite``.
+
+Without eval data or a ``drop`` line the search gates int8 candidates on the quantizer's check
+against the float model (``min_cosine``); a candidate of another precision (int4, int16
+activations) gets the same gate here, so none is chosen unchecked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from sdk.artifact import ModelArtifact
+from sdk.errors import QuantizationError
+from sdk.optimize.report import SkippedRecipe
+from sdk.optimize.stages.accuracy_aware import ACCURACY_AWARE
+from sdk.optimize.stages.base import Recipe, SearchContext
+from sdk.optimize.stages.distilled import DISTILLED
+from sdk.optimize.stages.fp16 import FP16
+from sdk.optimize.stages.litert import LITERT_PREFIX
+from sdk.optimize.stages.ort_dynamic import DYNAMIC
+from sdk.optimize.stages.ort_static import STATIC_PREFIX
+
+__all__ = ["ONNX_ONLY_REASON", "TFLITE_RECIPES", "TfliteFileRecipe", "TfliteFileStage"]
+
+#: The recipes tried on a float .tflite unless ``litert_recipes`` names others.
+TFLITE_RECIPES = (
+    "static_wi8_ai8",
+    "dynamic_wi8_afp32",
+    "weight_only_wi8_afp32",
+    "dynamic_wi4_afp32",
+)
+
+ONNX_ONLY_REASON = "the model is a .tflite: ONNX Runtime recipes need an ONNX model"
+
+
+@dataclass(frozen=True)
+class TfliteFileRecipe(Recipe):
+    """The float .tflite quantized with the ai-edge-quantizer recipe ``recipe``."""
+
+    suffix: ClassVar[str] = ".tflite"
+    recipe: str
+
+    @property
+    def name(self) -> str:
+        return f"{LITERT_PREFIX}-{self.recipe}"
+
+    def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
+        from sdk.quantize.litert import quantize_tflite
+
+        art = quantize_tflite(ctx.fp32, ctx.calibration, path, recipe=self.recipe)
+        reason = _gate(ctx, art)
+        if reason is not None:
+            raise QuantizationError(reason)
+        return art
+
+
+@dataclass(frozen=True)
+class DynamicTfliteFileRecipe(TfliteFileRecipe):
+    """A dynamic-range recipe: its ops scale activations per run, so it is scored one sample
+    at a time, as a board runs it."""
+
+    one_by_one: ClassVar[bool] = True
+
+
+def _recipe(name: str) -> TfliteFileRecipe:
+    if name.startswith("dynamic_"):
+        return DynamicTfliteFileRecipe(name)
+    return TfliteFileRecipe(name)
+
+
+def _gate(ctx: SearchContext, art: ModelArtifact) -> str | None:
+    """The search's check gate, for the precisions it does not gate itself (not int8)."""
+    cfg = ctx.config
+    on_check = ctx.eval_data is None or cfg.budget.max_accuracy_drop is None
+    cos = (art.details.get("check") or {}).get("cosine_min")
+    if art.precision == "int8" or not on_check or cfg.min_cosine is None or cos is None:
+        return None
+    if cos >= cfg.min_cosine:
+        return None
+    return (
+        f"quality gate: worst-sample cosine {cos:.4g} with the float model is below "
+        f"min_cosine {cfg.min_cosine:g}"
+    )
+
+
+class TfliteFileStage:
+    name = "litert-tflite"
+    formats: ClassVar[tuple[str, ...]] = ("tflite",)
+
+    def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        from sdk.quantize.litert import RECIPES
+
+        plan: list[Recipe | SkippedRecipe] = []
+        for recipe in ctx.config.litert_recipes or TFLITE_RECIPES:
+            if RECIPES[recipe].calibrated and ctx.calibration is None:
+                reason = "no calibration data: this recipe calibrates activation ranges"
+                plan.append(SkippedRecipe(f"{LITERT_PREFIX}-{recipe}", reason))
+            else:
+                plan.append(_recipe(recipe))
+        plan += [SkippedRecipe(name, ONNX_ONLY_REASON) for name in _onnx_recipes(ctx)]
+        return plan
+
+
+def _onnx_recipes(ctx: SearchContext) -> list[str]:
+    """The first ONNX Runtime recipes the search would try on an ONNX model with these data."""
+    cfg = ctx.config
+    names = []
+    if ctx.calibration is not None and cfg.static_methods:
+        names.append(f"{STATIC_PREFIX}-{cfg.static_methods[0]}")
+        if ctx.eval_data is not None and cfg.budget.max_accuracy_drop is not None:
+            names.append(ACCURACY_AWARE)
+    if cfg.try_dynamic:
+        names.append(DYNAMIC)
+    names.append(FP16)
+    if ctx.torch_model is not None:
+        names += [f"pruned-{r * 100:g}-int8" for r in cfg.prune_ratios]
+        if ctx.student is not None:
+            names.append(DISTILLED)
+    return names
