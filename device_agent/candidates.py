@@ -197,7 +197,9 @@ class CandidateStore:
 
     def ready(self, ident: str) -> Candidate:
         """The complete candidate ``ident``, its file checked again against its SHA-256 (and its
-        signature, with ``trusted_keys``) before it is run; DeployError when there is none."""
+        signature, with ``trusted_keys``) before it is run; DeployError when there is none (an
+        expired one included: ``candidate_ttl_s`` is applied here too)."""
+        self._prune()
         meta = self._ready_meta(ident)
         if meta is None:
             raise DeployError(

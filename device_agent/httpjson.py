@@ -20,7 +20,7 @@ from typing import Any
 from device_agent.contracts.messages import unique_keys
 from device_agent.errors import EdgeshipError
 
-__all__ = ["RequestError", "dumps_json", "json_too_deep", "parse_json"]
+__all__ = ["RequestError", "dumps_json", "json_too_deep", "parse_json", "without_non_finite"]
 
 
 class RequestError(EdgeshipError):
@@ -129,13 +129,15 @@ def parse_json(body: bytes, *, max_depth: int, non_finite_status: int = 400) -> 
     return value
 
 
-def _finite(value: Any) -> Any:
+def without_non_finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinities), however deep, as None: what
+    JSON can hold (it has no NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: without_non_finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [without_non_finite(v) for v in value]
     return value
 
 
@@ -144,4 +146,4 @@ def dumps_json(value: Any, default: Callable[[Any], Any] | None = None) -> bytes
     try:
         return json.dumps(value, allow_nan=False, default=default).encode()
     except ValueError:
-        return json.dumps(_finite(value), allow_nan=False, default=default).encode()
+        return json.dumps(without_non_finite(value), allow_nan=False, default=default).encode()

@@ -307,6 +307,7 @@ class SysInfo:
             "model": self.model(),
             "revision": self.revision(),
             "arch": self.arch(),
+            "cpu": self.cpu_name(),
             "cores": self.cpu_count(),
             "mem_total_bytes": self.mem_total_bytes(),
             "os": self.os_name(),

@@ -109,7 +109,7 @@ def package(
         if model.format == "onnx":
             # The weights go inside model.onnx: the agent runs only what it verified, and
             # ONNX Runtime would read an external data file by itself.
-            source = _inline_external_data(model.path, staging / ".inlined.onnx")
+            source = inline_external_data(model.path, staging / ".inlined.onnx")
         if detector is not None:
             det_spec, det_path = detector
             shutil.copyfile(det_path, staging / det_spec.params_file)
@@ -160,7 +160,7 @@ def package(
     return load_bundle(out)
 
 
-def _inline_external_data(path: Path, scratch: Path) -> Path:
+def inline_external_data(path: Path, scratch: Path) -> Path:
     """``path`` itself when the ONNX model holds all its tensors, else ``scratch``: the model
     with its external data files read in (ConfigError when it cannot be, in one line)."""
     from device_agent.onnx_scan import external_data_refs

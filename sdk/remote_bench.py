@@ -43,9 +43,14 @@ from device_agent.errors import ConfigError
 from sdk.deploy import _caller
 from sdk.remote import CommandClient, RemoteError
 
-__all__ = ["benchmark_candidate", "candidate_signature"]
+__all__ = ["CandidateRefused", "benchmark_candidate", "candidate_signature"]
 
 _FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+class CandidateRefused(RemoteError):
+    """The device answered, and refused the candidate or could not time it (its reason in the
+    message): unlike a device that does not answer, it is still there for the next one."""
 
 
 def candidate_signature(sha256: str, key: str | Path) -> CandidateSignature:
@@ -163,8 +168,14 @@ def benchmark_candidate(
         try:
             ok, begun, error = call(Action.CANDIDATE_BEGIN, begin.to_args())
             if not ok:
-                raise RemoteError(f"device {device!r} refused the candidate: {error}")
-            have = set(begun.get("have", [])) if isinstance(begun, dict) else set()
+                raise CandidateRefused(f"device {device!r} refused the candidate: {error}")
+            given = begun.get("have") if isinstance(begun, dict) else None
+            # What a device answers is not trusted: only valid chunk indexes count as held.
+            have = {
+                i
+                for i in (given if isinstance(given, list) else [])
+                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total
+            }
             todo = [i for i in range(total) if i not in have]
 
             def send(index: int) -> tuple[bool, str | None]:
@@ -182,7 +193,7 @@ def benchmark_candidate(
                 for index, (sent_ok, why) in zip(todo, pool.map(send, todo), strict=True):
                     if not sent_ok:
                         pool.shutdown(cancel_futures=True)
-                        raise RemoteError(f"device {device!r} refused chunk {index}: {why}")
+                        raise CandidateRefused(f"device {device!r} refused chunk {index}: {why}")
             transfer = {
                 "chunks": total,
                 "chunks_sent": len(todo),
@@ -195,10 +206,14 @@ def benchmark_candidate(
                 raise RemoteError(f"device {device!r}: no time left to run the benchmark")
             reply = client.call(Action.BENCHMARK, bench.to_args(), timeout_s=left)
             if not reply.ok:
-                raise RemoteError(f"device {device!r} could not time the candidate: {reply.error}")
+                raise CandidateRefused(
+                    f"device {device!r} could not time the candidate: {reply.error}"
+                )
             report = reply.result
             if not isinstance(report, dict) or "latency_ms" not in report:
-                raise RemoteError(f"device {device!r} answered the benchmark with something else")
+                raise CandidateRefused(
+                    f"device {device!r} answered the benchmark with something else"
+                )
         finally:
             if remove:
                 _remove(client, ident, call_timeout_s)

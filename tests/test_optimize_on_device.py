@@ -162,15 +162,22 @@ def test_a_device_lost_mid_search_leaves_its_work_to_the_other(
         paths.append(p)
     jobs = [Job(f"c{i}", p, host) for i, p in enumerate(paths)]
     done_on_b: list[str] = []
+    started_on_a: list[str] = []
+    b_timed_one = threading.Event()
 
     def measure(*args: Any, **kwargs: Any) -> dict[str, Any]:
         device = args[2]
+        if device == "board-a":
+            started_on_a.append(str(args[3]))
+            if len(started_on_a) > 1:  # board-b gets a second job, whatever the speeds
+                assert b_timed_one.wait(120)
         if device == "board-b" and done_on_b:
             boards.gone.add("board-b")
             boards.agents["board-b"].close()  # the board goes away mid-search
         rep = benchmark_candidate(*args, **{**kwargs, "timeout_s": 20})
         if device == "board-b":
             done_on_b.append(str(args[3]))
+            b_timed_one.set()
         return rep
 
     target = OnDevice(
@@ -213,14 +220,24 @@ def test_cli_device_options_are_checked_before_the_search(tmp_path: Path, capsys
 def test_a_whole_search_completes_on_one_device_when_the_other_dies_mid_search(
     boards: _Boards, digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path
 ) -> None:
-    """As board-b finishes receiving its first candidate, its agent is closed (the board
-    loses power mid-search): the search goes on, board-a times the rest, the choice is made."""
+    """As board-b finishes receiving its first candidate of the search (after the fp32 probe
+    both get before it), its agent is closed (the board loses power mid-search): the search
+    goes on, board-a times the rest, the choice is made."""
 
     b = boards.agents["board-b"]
 
+    import hashlib
+
+    from device_agent.contracts.commands import candidate_id
+
+    # fp32 goes to both before the search (the probe); any other is a search's candidate.
+    probe = candidate_id(hashlib.sha256(digits_onnx.path.read_bytes()).hexdigest())
+
     def kill_b_after_its_first_candidate() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not b.candidates._complete_ones():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not [
+            i for _, i in b.candidates._complete_ones() if i != probe
+        ]:
             time.sleep(0.05)
         boards.gone.add("board-b")
         b.close()
@@ -241,3 +258,81 @@ def test_a_whole_search_completes_on_one_device_when_the_other_dies_mid_search(
     assert isinstance(report.chosen_candidate.bench, DeviceBenchReport)
     assert "board-b was lost mid-search" in report.summary()
     assert boards.failures == []
+
+
+def test_a_device_report_is_checked_and_labelled_as_the_devices(
+    digits_onnx: Any, tmp_path: Path
+) -> None:
+    """What a device answers is not trusted (no finite p95: refused), and what it does not
+    say is not taken from the host (target, generated inputs, warm-up); the report's JSON is
+    strict (an unmeasured figure is null, never NaN)."""
+    import json
+
+    from device_agent.errors import EdgeshipError
+    from sdk.bench import BenchConfig, benchmark
+    from sdk.cli.common import write_json
+    from sdk.optimize.on_device import device_report
+
+    host = benchmark(digits_onnx, BenchConfig(min_runs=5, min_seconds=0.0))
+    lat = {"p50": 1.0, "p90": 1.5, "p95": 2.0, "p99": 3.0, "max": 4.0}
+    good = {"latency_ms": lat, "runtime": "onnxruntime", "runtime_version": "1.2", "runs": 7,
+            "device": {"board": "Pi", "cpu": "Cortex-A72", "arch": "aarch64", "cores": 4,
+                       "agent_version": "0.1.0"}}  # fmt: skip
+    rep = device_report(host, good, "pi-07", "Raspberry Pi 4")
+    assert rep.target == "device pi-07 (Raspberry Pi 4)" and rep.inputs_generated
+    assert rep.warmup_mean_ms is None and rep.runs == 7
+    assert rep.measured_on.startswith("device pi-07: Raspberry Pi 4 (aarch64 Cortex-A72, 4")
+    out = tmp_path / "r.json"
+    write_json(out, rep.to_dict())
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["init_ms"] is None
+    for bad in (
+        {**good, "latency_ms": {**lat, "p95": float("nan")}},
+        {**good, "latency_ms": {**lat, "p95": "2"}},
+        {**good, "latency_ms": None},
+        {k: v for k, v in good.items() if k != "latency_ms"},
+    ):
+        with pytest.raises(EdgeshipError, match="finite"):
+            device_report(host, bad, "pi-07", "Raspberry Pi 4")
+
+
+def test_the_queue_survives_any_answer_and_board_folders_never_collide(
+    digits_onnx: Any, tmp_path: Path
+) -> None:
+    """A reply that cannot be read (a TypeError, an int too large for a float, latencies out
+    of order) is the job's failure on that device, never a stuck queue; board folders stay
+    apart even when two board names make the same slug."""
+    from sdk.bench import BenchConfig, benchmark
+    from sdk.optimize.search import _board_dirs
+
+    host = benchmark(digits_onnx, BenchConfig(min_runs=5, min_seconds=0.0))
+    lat = {"p50": 1.0, "p90": 1.5, "p95": 2.0, "p99": 3.0, "max": 4.0}
+    replies = iter(
+        [
+            TypeError("'int' object is not iterable"),
+            {"latency_ms": {**lat, "p95": 10**400}, "runs": 5},
+            {"latency_ms": {**lat, "p50": 9.0}, "runs": 5},
+            {"latency_ms": lat, "runs": 5},
+        ]
+    )
+    lock = threading.Lock()
+
+    def measure(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        with lock:
+            reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    jobs = [Job(f"c{i}", digits_onnx.path, host) for i in range(4)]
+    target = OnDevice(broker_url=BROKER, devices=("a", "b"), fleet="nofleet")
+    run = time_on_devices(jobs, target, boards={"B": ["a", "b"]}, measure=measure)
+    assert len(run.reports["B"]) == 1 and len(run.missing["B"]) == 3, run.missing
+    assert run.lost == {}  # they answered: refusals of a job, not lost devices
+    reasons = " | ".join(run.missing["B"].values())
+    assert "cannot be read" in reasons and "finite" in reasons and "out of order" in reasons
+
+    dirs = _board_dirs(tmp_path / "out", ["First", "Pi 4", "pi-4", "Candidates"])
+    assert dirs["First"] == tmp_path / "out"
+    names = [d.name for d in dirs.values()]
+    assert len(set(names)) == 4 and "out-candidates" not in names, names

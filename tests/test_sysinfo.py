@@ -34,6 +34,7 @@ def test_reads_a_pi4() -> None:
     assert info.os_name() == "Debian GNU/Linux 12 (bookworm)"
     facts = info.host_facts()
     assert facts["arch"] == "aarch64" and facts["cores"] == 4 and facts["kernel"] is None
+    assert facts["cpu"] == info.cpu_name() and "A72" in str(facts["cpu"])
 
 
 def test_pi4_cpuinfo_is_faithful_for_onnxruntime_under_qemu() -> None:

@@ -126,7 +126,11 @@ def require_file(path: Path, what: str) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """``--json PATH``: the command's report, and one line saying where it went."""
+    """``--json PATH``: the command's report, and one line saying where it went. Strict JSON:
+    a non-finite number (a figure not measured) is written as null, never as NaN."""
+    from device_agent.httpjson import without_non_finite
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    clean = without_non_finite(data)
+    path.write_text(json.dumps(clean, indent=2, default=str, allow_nan=False) + "\n")
     print(f"report written to {path}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,6 +106,13 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--device-threads", type=int, default=1, help="runtime threads on the device (1)"
+    )
+    g.add_argument(
+        "--device-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a device has to receive and time one candidate before it counts as "
+        "gone and the candidate moves to another device (default 300)",
     )
 
 
@@ -274,10 +282,22 @@ def _on_device(args: argparse.Namespace) -> Any:
         from device_agent.signing import load_private_key
 
         load_private_key(args.device_key)  # a bad key fails now, not after the search
-    if args.device_runs < 1 or not 0 <= args.device_seconds < 600 or args.device_threads < 1:
-        raise ConfigError(
-            "--device-runs and --device-threads must be at least 1, --device-seconds in [0, 600)"
+    from device_agent.contracts.commands import BenchmarkArgs
+
+    try:  # the device's own limits, checked here rather than after the search
+        BenchmarkArgs.parse(
+            {
+                "min_runs": args.device_runs,
+                "min_seconds": args.device_seconds,
+                "threads": args.device_threads,
+                "candidate": "c" + "0" * 32,  # any candidate: threads apply to one
+                "max_seconds": 120.0,  # what sdk.remote_bench gives each timing
+            }
         )
+    except ConfigError as exc:
+        raise ConfigError(f"--device-runs/--device-seconds/--device-threads: {exc}") from None
+    if not 0 < args.device_timeout < math.inf:
+        raise ConfigError(f"--device-timeout must be positive, got {args.device_timeout:g}")
     return OnDevice(
         broker_url=args.broker,
         devices=tuple(args.device),
@@ -288,6 +308,7 @@ def _on_device(args: argparse.Namespace) -> Any:
         min_runs=args.device_runs,
         min_seconds=args.device_seconds,
         threads=args.device_threads,
+        timeout_s=args.device_timeout,
     )
 
 

@@ -17,6 +17,7 @@ none is left, the report says what was not measured.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -31,6 +32,7 @@ from device_agent.errors import ConfigError, EdgeshipError
 from sdk.bench import BenchReport
 from sdk.fleet_watch import FleetWatch
 from sdk.remote import RemoteError, send_command
+from sdk.remote_bench import CandidateRefused
 
 __all__ = [
     "DeviceBenchReport",
@@ -40,6 +42,8 @@ __all__ = [
     "board_slug",
     "boards_of",
     "clean_up",
+    "inline_for_device",
+    "probe",
     "time_on_devices",
 ]
 
@@ -170,11 +174,14 @@ def board_slug(board: str) -> str:
 
 
 def _board_of(host: Mapping[str, Any]) -> str:
+    """The board model a device's status names; without one (a PC, an Arm board without a
+    device-tree model), its architecture, CPU and core count, so unlike machines are never
+    timed as one board."""
     model = host.get("model")
     if isinstance(model, str) and model.strip():
         return model.strip()
-    cpu = host.get("cpu") or host.get("cpu_name") or "unknown CPU"
-    return f"{host.get('arch') or '?'} {cpu}"
+    cpu = host.get("cpu") or "unknown CPU"
+    return f"{host.get('arch') or '?'} {cpu} ({host.get('cores') or '?'} cores)"
 
 
 def boards_of(target: OnDevice) -> dict[str, list[str]]:
@@ -199,7 +206,13 @@ def boards_of(target: OnDevice) -> dict[str, list[str]]:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A real, finite number (an int too large for a float is not: JSON allows 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def device_report(
@@ -208,14 +221,24 @@ def device_report(
     """The device's answer as a report the search can choose from; EdgeshipError when it
     lacks finite latencies (what a device sends is not trusted)."""
     lat = rep.get("latency_ms")
-    if not isinstance(lat, Mapping) or not all(
-        _finite(lat.get(k)) for k in ("p50", "p90", "p95", "p99", "max")
-    ):
+    keys = ("p50", "p90", "p95", "p99", "max")
+    if not isinstance(lat, Mapping) or not all(_finite(lat.get(k)) for k in keys):
         raise EdgeshipError(f"device {device} answered without finite p50/p90/p95/p99 latencies")
+    ordered = [float(lat[k]) for k in keys]
+    if ordered[0] < 0 or any(a > b for a, b in itertools.pairwise(ordered)):
+        raise EdgeshipError(
+            f"device {device} answered latencies that cannot be (negative, or percentiles "
+            f"out of order: {dict(zip(keys, ordered, strict=True))})"
+        )
+    runs_given = rep.get("runs")
+    if not (isinstance(runs_given, int) and not isinstance(runs_given, bool) and runs_given >= 1):
+        raise EdgeshipError(f"device {device} answered without the number of timed runs")
 
     def num(key: str) -> float | None:
         value = rep.get(key)
-        return float(value) if isinstance(value, int | float) and _finite(value) else None
+        if isinstance(value, int | float) and _finite(value) and value >= 0:
+            return float(value)
+        return None
 
     given = rep.get("device")
     facts: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
@@ -232,8 +255,14 @@ def device_report(
         init_ms=num("init_ms") or float("nan"),
         first_inference_ms=num("first_inference_ms") or float("nan"),
         runs=runs if isinstance(runs, int) and not isinstance(runs, bool) else 0,
+        # What the device does not say is not the host's: its own name, generated inputs of
+        # the sample's shapes, its warm-up if it reports one.
+        target=f"device {device} ({board})",
+        inputs_generated=True,
+        warmup_mean_ms=num("warmup_mean_ms"),
+        warmup_runs=wr if isinstance(wr := rep.get("warmup_runs"), int) else host.warmup_runs,
         duration_s=num("duration_s") or float("nan"),
-        latency_ms={k: float(v) for k, v in lat.items() if _finite(v)},
+        latency_ms={k: float(v) for k, v in lat.items() if _finite(v) and v >= 0},
         inferences_per_s=num("inferences_per_s") or float("nan"),
         samples_per_s=num("samples_per_s") or float("nan"),
         baseline_rss_mb=num("baseline_rss_mb"),
@@ -257,6 +286,45 @@ def device_report(
         application=dict(app) if isinstance(app, Mapping) else None,
         transfer=dict(transfer) if isinstance(transfer, Mapping) else None,
     )
+
+
+def probe(
+    target: OnDevice,
+    boards: Mapping[str, list[str]],
+    model: Path,
+    inputs: Mapping[str, Any],
+    work: Path,
+) -> None:
+    """Time ``model`` (the search's fp32) once on every device before the search starts, so
+    what would fail on a device (its trusted keys, its runtime, the arguments, the model's
+    inputs) is one line now, not after the search: ConfigError naming the device."""
+    from sdk.remote_bench import benchmark_candidate
+
+    path = inline_for_device(model, work)
+    for devices in boards.values():
+        for device in devices:
+            try:
+                rep = benchmark_candidate(
+                    target.broker_url, target.fleet, device, path, min_runs=1,
+                    min_seconds=0.0, warmup_runs=0, threads=target.threads, inputs=inputs,
+                    key=target.key, timeout_s=target.timeout_s, remove=False,
+                    **target.auth(),
+                )  # fmt: skip
+                if not isinstance(rep.get("latency_ms"), Mapping):
+                    raise EdgeshipError("it answered without latencies")
+            except EdgeshipError as exc:
+                raise ConfigError(f"--device {device} cannot time candidates: {exc}") from None
+
+
+def inline_for_device(path: Path, work: Path) -> Path:
+    """``path``, or a copy in ``work`` with its external data read in: a device gets one file
+    per candidate (ConfigError when the data cannot be read in)."""
+    if path.suffix.lower() != ".onnx":
+        return path
+    from sdk.package import inline_external_data
+
+    scratch = work / f"{path.stem}.inlined.onnx"
+    return inline_external_data(path, scratch)
 
 
 def _alive(target: OnDevice, device: str) -> bool:
@@ -363,15 +431,27 @@ class _BoardQueue:
                     **self.target.auth(),
                 )
                 report = device_report(job.host, rep, device, self.board)
-            except EdgeshipError as exc:
-                if isinstance(exc, RemoteError) and not _alive(self.target, device):
-                    self._lost(device, job, exc)
-                    return
+            except Exception as exc:  # whatever a device answers, the queue goes on
+                if isinstance(exc, RemoteError):
+                    # No answer, or a refusal: a ping tells a device going away (it may say it
+                    # is shutting down) from one that refused this job. One that does not
+                    # answer the timing at all is dropped even if it answers a ping (hung).
+                    alive = _alive(self.target, device)
+                    if not alive or not isinstance(exc, CandidateRefused):
+                        hung = f"answers a ping but not the timing: {exc}"
+                        self._lost(device, job, hung if alive else str(exc))
+                        return
+                # A refusal, or an answer that cannot be (garbage): this job's failure there.
+                reason = (
+                    str(exc)
+                    if isinstance(exc, EdgeshipError)
+                    else (f"an answer that cannot be read ({type(exc).__name__}: {exc})")
+                )
                 with self.cond:
-                    self.run.missing[self.board][job.name] = f"{device}: {exc}"
+                    self.run.missing[self.board][job.name] = f"{device}: {reason}"
                     self.in_flight -= 1
                     self.cond.notify_all()
-                self.tell(f"  {job.name} on {device}: failed: {exc}")
+                self.tell(f"  {job.name} on {device}: failed: {reason}")
                 continue
             with self.cond:
                 self.run.reports[self.board][job.name] = report
@@ -381,7 +461,7 @@ class _BoardQueue:
             lat = report.latency_ms
             self.tell(f"  {job.name} on {device}: p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms")
 
-    def _lost(self, device: str, job: Job, exc: EdgeshipError) -> None:
+    def _lost(self, device: str, job: Job, exc: str) -> None:
         """``device`` stopped answering: its job goes back to the others, if any are left."""
         with self.cond:
             self.alive.discard(device)

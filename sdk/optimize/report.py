@@ -43,7 +43,11 @@ class Candidate:
 
     @property
     def meets_budget(self) -> bool:
-        return self.error is None and all(line.passed for line in self.budget_lines)
+        """No error, every budget line passed, and (with ``optimize --device``) timed on the
+        board it is judged for."""
+        untimed = self.host_bench is not None and self.bench is None
+        passed = all(line.passed for line in self.budget_lines)
+        return self.error is None and not untimed and passed
 
     @property
     def p95_ms(self) -> float:
@@ -218,6 +222,8 @@ class OptimizeReport:
             drop = "-" if c.accuracy_drop is None else f"{c.accuracy_drop * 100:.2f}"
             spent = float("nan") if c.elapsed_s is None else c.elapsed_s
             verdict = "ok" if c.meets_budget else "MISS"
+            if c.host_bench is not None and c.bench is None:
+                verdict = "untimed"
             mark = "*" if c.name == self.chosen else " "
             rows.append(
                 f"{mark}{c.name:<{width - 1}}{size:>9.1f}{lat.get('p50', float('nan')):>9.3f}"
@@ -255,10 +261,10 @@ class OptimizeReport:
             for device, why in self.devices.get("lost", {}).items():
                 tail.append(f"  {device} was lost mid-search: {why}")
             for device, app in self.devices.get("application", {}).items():
-                worst = (
-                    ""
-                    if app["p95_ms"] is None
-                    else (f", p95 up to {app['p95_ms']:.3g} ms, max {app['max_ms']:.3g} ms")
+                worst = "".join(
+                    f", {label} {app[key]:.3g} ms"
+                    for key, label in (("p95_ms", "p95 up to"), ("max_ms", "max"))
+                    if app.get(key) is not None
                 )
                 tail.append(
                     f"  the application on {device} while it timed: {app['calls']} calls, "

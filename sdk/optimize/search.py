@@ -147,6 +147,14 @@ def optimize(
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    if cfg.on_device is not None and boards is not None:
+        from sdk.optimize.on_device import probe
+
+        try:  # ... and each times the model as it is, or the search does not start
+            probe(cfg.on_device, boards, ctx.fp32.path, _input_spec(None, ctx.fp32), work)
+        except EdgeshipError:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
 
     notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
     recipes, skipped = default_registry().plan(ctx)
@@ -236,7 +244,7 @@ def _choose_on_devices(
     """Time the candidates on the devices (host figures as the first filter), then choose and
     bundle once per board model from that board's figures. The first board (of the first
     ``--device``) is bundled into ``out_dir``, each other into ``<out_dir>-<board>``."""
-    from sdk.optimize.on_device import Job, clean_up, time_on_devices
+    from sdk.optimize.on_device import Job, clean_up, inline_for_device, time_on_devices
 
     cfg = ctx.config
     target = cfg.on_device
@@ -256,7 +264,8 @@ def _choose_on_devices(
                 f"{target.hopeless_ratio:g}x (hopeless)"
             )
             continue
-        jobs.append(Job(c.name, c.artifact.path, c.bench, _input_spec(sample, c.artifact)))
+        path = inline_for_device(c.artifact.path, work)
+        jobs.append(Job(c.name, path, c.bench, _input_spec(sample, c.artifact)))
     bar.set_description(f"time {len(jobs)} candidates on {len(target.devices)} device(s)")
     run = time_on_devices(jobs, target, say=log.info, boards=boards)
     try:
@@ -276,49 +285,28 @@ def _choose_per_board(
     bar: Any,
 ) -> tuple[Candidate, Path, dict[str, Any]]:
     """Choose and bundle for each board model of ``run`` from its figures."""
-    from sdk.optimize.on_device import board_slug
-    from sdk.remote_bench import benchmark_candidate
-
     cfg = ctx.config
-    target = cfg.on_device
-    assert target is not None
     for board, reports in run.reports.items():
         for name, report in reports.items():
             next(c for c in made if c.name == name).device_benches[board] = report
     choices: dict[str, dict[str, Any]] = {}
     boards = list(run.boards)
+    dests = _board_dirs(out_dir, boards)
     first: tuple[Candidate, Path] | None = None
+    hopeless = {c.name: c.device_note for c in made if c.device_note}
     # The other boards first, the first board last: its figures stay on the candidates.
     for board in [*boards[1:], boards[0]]:
-        alive = [d for d in run.boards[board] if d not in run.lost]
         for c in made:
             c.bench = c.device_benches.get(board)
             c.confirm_p95_ms = []
-            c.budget_lines = check_budget(cfg.budget, _metrics(c)) if c.bench else []
-            missing = run.missing.get(board, {}).get(c.name)
-            if c.bench is None and missing and c.device_note is None:
-                c.device_note = missing
-        if not any(c.bench for c in made) or not alive:
+            c.budget_lines = check_budget(cfg.budget, _metrics(c))
+            c.device_note = hopeless.get(c.name) or run.missing.get(board, {}).get(c.name)
+        if not any(c.bench for c in made):
             notes.append(f"{board}: no candidate was timed there, so none is chosen for it")
             continue
-
-        def on_board(art: ModelArtifact, device: str = alive[0]) -> float:
-            rep = benchmark_candidate(
-                target.broker_url, target.fleet, device, art.path,
-                min_runs=target.min_runs, min_seconds=target.min_seconds,
-                threads=target.threads, inputs=_input_spec(sample, art), key=target.key,
-                timeout_s=target.timeout_s, remove=False, **target.auth(),
-            )  # fmt: skip
-            return float(rep["latency_ms"]["p95"])
-
         bar.set_description(f"confirm the choice on {board}")
-        chosen = _choose(made, cfg.confirm_rounds, on_board, notes)
-        dest = (
-            out_dir
-            if board == boards[0]
-            else out_dir.with_name(f"{out_dir.name}-{board_slug(board)}")
-        )
-        root = _bundle(ctx, chosen, work, dest, notes, bar)
+        chosen = _choose(made, cfg.confirm_rounds, _OnBoard(ctx, made, run, board, sample), notes)
+        root = _bundle(ctx, chosen, work, dests[board], notes, bar)
         choices[board] = {
             "chosen": chosen.name,
             "bundle": str(root),
@@ -328,9 +316,12 @@ def _choose_per_board(
         if board == boards[0]:
             first = (chosen, root)
     if first is None:
+        why = [f"{d} lost: {reason}" for d, reason in run.lost.items()]
+        why += [f"{name}: {reason}" for name, reason in run.missing.get(boards[0], {}).items()]
         raise EdgeshipError(
-            "no candidate could be timed on the first --device's board: "
-            + "; ".join(f"{d}: {why}" for d, why in run.lost.items())
+            f"no candidate could be timed on {boards[0]} (the first --device's board): "
+            + ("; ".join(why[:3]) or "no candidate was sent")
+            + (f"; and {len(why) - 3} more" if len(why) > 3 else "")
         )
     notes.append(
         "latencies and memory measured on the devices (each candidate in a child process of "
@@ -338,6 +329,66 @@ def _choose_per_board(
         "first filter"
     )
     return first[0], first[1], {**run.to_dict(), "choices": choices}
+
+
+def _board_dirs(out_dir: Path, boards: Sequence[str]) -> dict[str, Path]:
+    """``out_dir`` for the first board, ``<out_dir>-<slug>`` for each other: one folder each
+    (slugs made unique), never the search's ``-candidates`` work folder."""
+    from sdk.optimize.on_device import board_slug
+
+    dirs = {boards[0]: out_dir}
+    taken = {"candidates"}
+    for board in boards[1:]:
+        slug = board_slug(board)
+        n = 1
+        while (f"{slug}-{n}" if n > 1 else slug) in taken:
+            n += 1
+        slug = f"{slug}-{n}" if n > 1 else slug
+        taken.add(slug)
+        dirs[board] = out_dir.with_name(f"{out_dir.name}-{slug}")
+    return dirs
+
+
+class _OnBoard:
+    """The confirmation re-runs on a board: a candidate's p95 timed again on a live device of
+    it (the next one when one stops answering), checked as the first timings were; its
+    first-round figure when no device of the board can time it any more."""
+
+    def __init__(
+        self,
+        ctx: SearchContext,
+        made: list[Candidate],
+        run: DeviceRun,
+        board: str,
+        sample: dict[str, np.ndarray] | None,
+    ) -> None:
+        self.target = ctx.config.on_device
+        self.made, self.run, self.board, self.sample = made, run, board, sample
+
+    def __call__(self, art: ModelArtifact) -> float:
+        from sdk.optimize.on_device import device_report
+        from sdk.remote_bench import CandidateRefused, benchmark_candidate
+
+        target = self.target
+        assert target is not None
+        cand = next(c for c in self.made if c.artifact is art)
+        first = cand.device_benches[self.board]
+        for device in [d for d in self.run.boards[self.board] if d not in self.run.lost]:
+            try:
+                rep = benchmark_candidate(
+                    target.broker_url, target.fleet, device, art.path,
+                    min_runs=target.min_runs, min_seconds=target.min_seconds,
+                    threads=target.threads, inputs=_input_spec(self.sample, art),
+                    key=target.key, timeout_s=target.timeout_s, remove=False, **target.auth(),
+                )  # fmt: skip
+                assert cand.host_bench is not None
+                return device_report(cand.host_bench, rep, device, self.board).latency_ms["p95"]
+            except CandidateRefused as exc:
+                log.warning("confirming %s on %s: %s", cand.name, device, exc)
+                break
+            except Exception as exc:  # no answer, or an answer that cannot be: next device
+                self.run.lost.setdefault(device, f"during the confirmation re-runs: {exc}")
+        return first.latency_ms["p95"]
 
 
 def _context(
