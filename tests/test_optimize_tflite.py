@@ -121,6 +121,9 @@ def test_optimize_a_float_tflite_makes_litert_candidates_and_bundles_the_choice(
     for name in LITERT:  # evaluated against the float model, on the eval data
         assert made[name]["quality"]["agreement"] is not None, name
         assert made[name]["accuracy_drop"] is not None and made[name]["latency_ms"], name
+        # ... and each says how to make it again.
+        again = made[name]["reproduce"]
+        assert again.startswith("edgeship quantize ") and f"--recipe {name[7:]}" in again, again
     # int4 weights are smaller than int8 weights, which are smaller than float ones.
     size = {n: c["size_bytes"] for n, c in made.items()}
     assert size["litert-dynamic_wi4_afp32"] < size["litert-static_wi8_ai8"] < size["fp32"] / 3

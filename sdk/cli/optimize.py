@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "optimize",
         help="try fp32/int8 recipes, benchmark each, bundle the best that meets the budget",
-        description="Try fp32, dynamic int8 and static int8 versions of an ONNX model, measure "
+        description="Try fp32, dynamic int8 and static int8 versions of an ONNX model (LiteRT "
+        "int8 and int4 recipes for a float .tflite), measure "
         "each one's quality on --eval data and its speed and memory under --target, choose "
         "the fastest (p95) candidate that meets every budget line, and write it as a bundle. "
         "Calibration variants and accuracy-aware int8 run only when plain static int8 misses "
@@ -46,7 +47,8 @@ def register(sub: Any) -> None:
         "model",
         type=Path,
         help="the fp32 .onnx file (skl2onnx's defaults too: a ZipMap output becomes the "
-        "probability tensor, said in a note)",
+        "probability tensor, said in a note), or a float .tflite (LiteRT recipes then: "
+        "docs/quantization.md, 'A .tflite model')",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--calibration", type=Path, help=".npz of representative inputs")

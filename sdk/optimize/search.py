@@ -591,6 +591,14 @@ def _reproduce(artifact: ModelArtifact | None, calibration: DataSource | None) -
     it was quantized from (for pruned and distilled candidates, their fp32 export in the
     candidates directory), or None for a model quantize did not make."""
     details = {} if artifact is None else artifact.details
+    if artifact is not None and "recipe" in details and "float_model" in details:
+        # A LiteRT candidate: edgeship quantize on the float .tflite with its recipe.
+        cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
+        parts = ["edgeship", "quantize", str(details["float_model"])]
+        parts += ["--recipe", str(details["recipe"])]
+        if details.get("calibration_samples"):
+            parts += ["--calibration", cal]
+        return shlex.join([*parts, "-o", str(artifact.path)])
     if artifact is None or "mode" not in details or "source" not in details:
         return None
     cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
