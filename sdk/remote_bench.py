@@ -50,7 +50,13 @@ _FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 
 class CandidateRefused(RemoteError):
     """The device answered, and refused the candidate or could not time it (its reason in the
-    message): unlike a device that does not answer, it is still there for the next one."""
+    message): unlike a device that does not answer, it is still there for the next one.
+    ``stage`` is ``transfer`` (refused before timing: keys, size, a chunk) or ``timing`` (its
+    runtime could not time this model)."""
+
+    def __init__(self, message: str, stage: str = "transfer") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 def candidate_signature(sha256: str, key: str | Path) -> CandidateSignature:
@@ -207,12 +213,12 @@ def benchmark_candidate(
             reply = client.call(Action.BENCHMARK, bench.to_args(), timeout_s=left)
             if not reply.ok:
                 raise CandidateRefused(
-                    f"device {device!r} could not time the candidate: {reply.error}"
+                    f"device {device!r} could not time the candidate: {reply.error}", "timing"
                 )
             report = reply.result
             if not isinstance(report, dict) or "latency_ms" not in report:
                 raise CandidateRefused(
-                    f"device {device!r} answered the benchmark with something else"
+                    f"device {device!r} answered the benchmark with something else", "timing"
                 )
         finally:
             if remove:

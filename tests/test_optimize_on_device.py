@@ -208,6 +208,8 @@ def test_cli_device_options_are_checked_before_the_search(tmp_path: Path, capsys
         (["--device", "a", "--device", "a", "--broker", BROKER], "named twice"),
         (["--device", "a", "--broker", "http://x"], "scheme"),
         (["--device", "a", "--broker", BROKER, "--device-runs", "0"], "--device-runs"),
+        (["--device", "a", "--broker", BROKER, "--device-timeout", "5"], "--device-timeout"),
+        (["--device", "a", "--broker", BROKER, "--json", "."], "--json"),
     ]
     for extra, words in cases:
         assert main([*base, *extra]) == 2, extra

@@ -195,6 +195,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdk.optimize import optimize
 
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path is not None and (path.is_dir() or any(p.is_file() for p in path.parents)):
+            raise ConfigError(f"{flag} {path}: not a file that can be written (a folder is there)")
     config = _config(args)
     if args.sign_key is not None:  # a bad key fails now, not after the search
         from device_agent.signing import load_private_key
@@ -232,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
             + " ".join(sys.argv[1:] if argv_is_cli() else ["optimize", str(args.model), "..."]),
         )
         print(f"HTML report written to {args.html}")
-    return EXIT_OK if report.meets_budget else EXIT_BUDGET
+    unchosen = (report.devices or {}).get("unchosen") or {}
+    for board, why in unchosen.items():
+        print(f"no choice for {board}: nothing could be timed there ({why})", file=sys.stderr)
+    return EXIT_OK if report.meets_budget and not unchosen else EXIT_BUDGET
 
 
 def _config(args: argparse.Namespace) -> OptimizeConfig:
@@ -298,8 +304,12 @@ def _on_device(args: argparse.Namespace) -> Any:
         )
     except ConfigError as exc:
         raise ConfigError(f"--device-runs/--device-seconds/--device-threads: {exc}") from None
-    if not 0 < args.device_timeout < math.inf:
-        raise ConfigError(f"--device-timeout must be positive, got {args.device_timeout:g}")
+    if not args.device_seconds + 10 <= args.device_timeout < math.inf:
+        raise ConfigError(
+            f"--device-timeout must leave time for the transfer and --device-seconds "
+            f"({args.device_seconds:g} s) of timing: at least {args.device_seconds + 10:g} s, "
+            f"got {args.device_timeout:g}"
+        )
     return OnDevice(
         broker_url=args.broker,
         devices=tuple(args.device),

@@ -294,26 +294,43 @@ def probe(
     model: Path,
     inputs: Mapping[str, Any],
     work: Path,
-) -> None:
-    """Time ``model`` (the search's fp32) once on every device before the search starts, so
-    what would fail on a device (its trusted keys, its runtime, the arguments, the model's
-    inputs) is one line now, not after the search: ConfigError naming the device."""
+) -> dict[str, str]:
+    """Send ``model`` (the search's fp32) to every device and time it once, all devices at
+    once, before the search starts: a device that does not answer, or refuses what every
+    candidate would need (its trusted keys, the size, the arguments), is one line now
+    (ConfigError naming it), not after the search. A device whose runtime cannot time this
+    model (fp32 out of memory on a small board: the reason to quantize) is not an error:
+    returns those devices' reasons, for the report."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from sdk.remote_bench import benchmark_candidate
 
     path = inline_for_device(model, work)
-    for devices in boards.values():
-        for device in devices:
-            try:
-                rep = benchmark_candidate(
-                    target.broker_url, target.fleet, device, path, min_runs=1,
-                    min_seconds=0.0, warmup_runs=0, threads=target.threads, inputs=inputs,
-                    key=target.key, timeout_s=target.timeout_s, remove=False,
-                    **target.auth(),
-                )  # fmt: skip
-                if not isinstance(rep.get("latency_ms"), Mapping):
-                    raise EdgeshipError("it answered without latencies")
-            except EdgeshipError as exc:
-                raise ConfigError(f"--device {device} cannot time candidates: {exc}") from None
+
+    def one(device: str) -> tuple[str, str | None, ConfigError | None]:
+        try:
+            rep = benchmark_candidate(
+                target.broker_url, target.fleet, device, path, min_runs=1, min_seconds=0.0,
+                warmup_runs=0, threads=target.threads, inputs=inputs, key=target.key,
+                timeout_s=target.timeout_s, remove=False, **target.auth(),
+            )  # fmt: skip
+        except CandidateRefused as exc:
+            if exc.stage == "timing":
+                return device, str(exc), None
+            return device, None, ConfigError(f"--device {device} refuses candidates: {exc}")
+        except EdgeshipError as exc:
+            return device, None, ConfigError(f"--device {device} cannot time candidates: {exc}")
+        if not isinstance(rep.get("latency_ms"), Mapping):
+            return device, "it answered the fp32 timing without latencies", None
+        return device, None, None
+
+    devices = [d for ds in boards.values() for d in ds]
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        results = list(pool.map(one, devices))
+    for _, _, error in results:
+        if error is not None:
+            raise error
+    return {device: why for device, why, _ in results if why is not None}
 
 
 def inline_for_device(path: Path, work: Path) -> Path:
@@ -327,7 +344,7 @@ def inline_for_device(path: Path, work: Path) -> Path:
     return inline_external_data(path, scratch)
 
 
-def _alive(target: OnDevice, device: str) -> bool:
+def device_alive(target: OnDevice, device: str) -> bool:
     try:
         send_command(
             target.broker_url,
@@ -432,16 +449,14 @@ class _BoardQueue:
                 )
                 report = device_report(job.host, rep, device, self.board)
             except Exception as exc:  # whatever a device answers, the queue goes on
-                if isinstance(exc, RemoteError):
-                    # No answer, or a refusal: a ping tells a device going away (it may say it
-                    # is shutting down) from one that refused this job. One that does not
-                    # answer the timing at all is dropped even if it answers a ping (hung).
-                    alive = _alive(self.target, device)
-                    if not alive or not isinstance(exc, CandidateRefused):
-                        hung = f"answers a ping but not the timing: {exc}"
-                        self._lost(device, job, hung if alive else str(exc))
-                        return
-                # A refusal, or an answer that cannot be (garbage): this job's failure there.
+                if isinstance(exc, RemoteError) and not device_alive(self.target, device):
+                    # Gone (no ping; it may have said it was shutting down): its job goes to
+                    # another device of the board and it gets no more.
+                    self._lost(device, job, str(exc))
+                    return
+                # A refusal, no answer within --device-timeout from a device that still
+                # answers pings (slow, or stuck on this model), or an answer that cannot be:
+                # this job's failure there; the device goes on with the next.
                 reason = (
                     str(exc)
                     if isinstance(exc, EdgeshipError)

@@ -59,6 +59,8 @@ class Candidate:
     def violations(self) -> list[str]:
         if self.error is not None:
             return [f"candidate failed: {self.error}"]
+        if self.host_bench is not None and self.bench is None:
+            return [f"not timed on the device's board: {self.device_note or 'not sent'}"]
         return [line.describe() for line in self.budget_lines if not line.passed]
 
     @property

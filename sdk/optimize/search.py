@@ -96,6 +96,7 @@ from sdk.optimize.stages.fp32 import FP32
 from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX
 from sdk.optimize.stages.torch_inputs import check_torch_inputs
 from sdk.package import package
+from sdk.remote import RemoteError
 from sdk.targets import TargetProfile, get_target
 
 if TYPE_CHECKING:
@@ -147,16 +148,20 @@ def optimize(
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
+    sample = _bench_sample(ev if ev is not None else cal, ctx.fp32)
     if cfg.on_device is not None and boards is not None:
         from sdk.optimize.on_device import probe
 
-        try:  # ... and each times the model as it is, or the search does not start
-            probe(cfg.on_device, boards, ctx.fp32.path, _input_spec(None, ctx.fp32), work)
+        try:  # ... and each takes a candidate (the fp32 model), or the search does not start
+            cannot = probe(
+                cfg.on_device, boards, ctx.fp32.path, _input_spec(sample, ctx.fp32), work
+            )
         except EdgeshipError:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        notes.extend(f"{d} could not time the fp32 model: {why}" for d, why in cannot.items())
 
-    notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
     recipes, skipped = default_registry().plan(ctx)
     if cal is None and ctx.nothing_to_quantize is None:
         notes.append("no calibration data: static int8 was not tried (pass --calibration)")
@@ -165,7 +170,6 @@ def optimize(
     gate_on_check = cfg.min_cosine is not None and (
         ev is None or cfg.budget.max_accuracy_drop is None
     )
-    sample = _bench_sample(ev if ev is not None else cal, ctx.fp32)
     search = _Search(
         ctx, work, gate_on_check, _Measure(_bench_config(cfg, ctx.target), sample), started
     )
@@ -175,7 +179,7 @@ def optimize(
         candidates = search.run(recipes, skipped, calibration, bar)
         if cfg.on_device is not None and boards is not None:
             chosen, bundle_root, devices = _choose_on_devices(
-                ctx, candidates, boards, sample, work, out_dir, notes, bar
+                ctx, candidates, boards, sample, work, out_dir, notes, bar, search.measure
             )
         else:
             bar.set_description("confirm the choice against fp32")
@@ -240,6 +244,7 @@ def _choose_on_devices(
     out_dir: Path,
     notes: list[str],
     bar: Any,
+    host_measure: Callable[[ModelArtifact], BenchReport],
 ) -> tuple[Candidate, Path, dict[str, Any]]:
     """Time the candidates on the devices (host figures as the first filter), then choose and
     bundle once per board model from that board's figures. The first board (of the first
@@ -268,8 +273,11 @@ def _choose_on_devices(
         jobs.append(Job(c.name, path, c.bench, _input_spec(sample, c.artifact)))
     bar.set_description(f"time {len(jobs)} candidates on {len(target.devices)} device(s)")
     run = time_on_devices(jobs, target, say=log.info, boards=boards)
+    paths = {job.name: job.path for job in jobs}
     try:
-        return _choose_per_board(ctx, made, run, sample, work, out_dir, notes, bar)
+        return _choose_per_board(
+            ctx, made, run, sample, work, out_dir, notes, bar, paths, host_measure
+        )
     finally:
         clean_up(jobs, target, run)
 
@@ -283,6 +291,8 @@ def _choose_per_board(
     out_dir: Path,
     notes: list[str],
     bar: Any,
+    paths: Mapping[str, Path],
+    host_measure: Callable[[ModelArtifact], BenchReport],
 ) -> tuple[Candidate, Path, dict[str, Any]]:
     """Choose and bundle for each board model of ``run`` from its figures."""
     cfg = ctx.config
@@ -290,6 +300,7 @@ def _choose_per_board(
         for name, report in reports.items():
             next(c for c in made if c.name == name).device_benches[board] = report
     choices: dict[str, dict[str, Any]] = {}
+    unchosen: dict[str, str] = {}
     boards = list(run.boards)
     dests = _board_dirs(out_dir, boards)
     first: tuple[Candidate, Path] | None = None
@@ -302,10 +313,14 @@ def _choose_per_board(
             c.budget_lines = check_budget(cfg.budget, _metrics(c))
             c.device_note = hopeless.get(c.name) or run.missing.get(board, {}).get(c.name)
         if not any(c.bench for c in made):
-            notes.append(f"{board}: no candidate was timed there, so none is chosen for it")
+            why = [f"{d} lost: {r}" for d, r in run.lost.items() if d in run.boards[board]]
+            why += [f"{name}: {r}" for name, r in run.missing.get(board, {}).items()]
+            unchosen[board] = "; ".join(why[:3]) or "no candidate was sent"
+            notes.append(f"{board}: no candidate was timed there ({unchosen[board]})")
             continue
         bar.set_description(f"confirm the choice on {board}")
-        chosen = _choose(made, cfg.confirm_rounds, _OnBoard(ctx, made, run, board, sample), notes)
+        on_board = _OnBoard(ctx, made, run, board, sample, paths, notes)
+        chosen = _choose(made, cfg.confirm_rounds, on_board, notes)
         root = _bundle(ctx, chosen, work, dests[board], notes, bar)
         choices[board] = {
             "chosen": chosen.name,
@@ -316,19 +331,26 @@ def _choose_per_board(
         if board == boards[0]:
             first = (chosen, root)
     if first is None:
-        why = [f"{d} lost: {reason}" for d, reason in run.lost.items()]
-        why += [f"{name}: {reason}" for name, reason in run.missing.get(boards[0], {}).items()]
-        raise EdgeshipError(
+        # Nothing timed on the first board: the choice falls back to the host's figures, and
+        # the report says so (the CLI exits 1: a board got no choice).
+        for c in made:
+            c.bench, c.confirm_p95_ms = c.host_bench, []
+            c.budget_lines = check_budget(cfg.budget, _metrics(c))
+            c.device_note = c.device_note or run.missing.get(boards[0], {}).get(c.name)
+        notes.append(
             f"no candidate could be timed on {boards[0]} (the first --device's board): "
-            + ("; ".join(why[:3]) or "no candidate was sent")
-            + (f"; and {len(why) - 3} more" if len(why) > 3 else "")
+            "chosen from the host's figures instead"
         )
+        chosen = _choose(
+            made, cfg.confirm_rounds, lambda art: host_measure(art).latency_ms["p95"], notes
+        )
+        first = (chosen, _bundle(ctx, chosen, work, dests[boards[0]], notes, bar))
     notes.append(
         "latencies and memory measured on the devices (each candidate in a child process of "
         "the agent at low priority, beside the application it serves); host figures were the "
         "first filter"
     )
-    return first[0], first[1], {**run.to_dict(), "choices": choices}
+    return first[0], first[1], {**run.to_dict(), "choices": choices, "unchosen": unchosen}
 
 
 def _board_dirs(out_dir: Path, boards: Sequence[str]) -> dict[str, Path]:
@@ -351,8 +373,9 @@ def _board_dirs(out_dir: Path, boards: Sequence[str]) -> dict[str, Path]:
 
 class _OnBoard:
     """The confirmation re-runs on a board: a candidate's p95 timed again on a live device of
-    it (the next one when one stops answering), checked as the first timings were; its
-    first-round figure when no device of the board can time it any more."""
+    it (the next one when one refuses, stops answering or answers what cannot be), checked as
+    the first timings were; its first-round figure, said in a note, when no device of the
+    board can time it any more."""
 
     def __init__(
         self,
@@ -361,34 +384,40 @@ class _OnBoard:
         run: DeviceRun,
         board: str,
         sample: dict[str, np.ndarray] | None,
+        paths: Mapping[str, Path],
+        notes: list[str],
     ) -> None:
         self.target = ctx.config.on_device
         self.made, self.run, self.board, self.sample = made, run, board, sample
+        self.paths, self.notes = paths, notes
 
     def __call__(self, art: ModelArtifact) -> float:
-        from sdk.optimize.on_device import device_report
-        from sdk.remote_bench import CandidateRefused, benchmark_candidate
+        from sdk.optimize.on_device import device_alive, device_report
+        from sdk.remote_bench import benchmark_candidate
 
         target = self.target
         assert target is not None
         cand = next(c for c in self.made if c.artifact is art)
-        first = cand.device_benches[self.board]
+        assert cand.host_bench is not None
+        path = self.paths.get(cand.name, art.path)
         for device in [d for d in self.run.boards[self.board] if d not in self.run.lost]:
             try:
                 rep = benchmark_candidate(
-                    target.broker_url, target.fleet, device, art.path,
+                    target.broker_url, target.fleet, device, path,
                     min_runs=target.min_runs, min_seconds=target.min_seconds,
                     threads=target.threads, inputs=_input_spec(self.sample, art),
                     key=target.key, timeout_s=target.timeout_s, remove=False, **target.auth(),
                 )  # fmt: skip
-                assert cand.host_bench is not None
                 return device_report(cand.host_bench, rep, device, self.board).latency_ms["p95"]
-            except CandidateRefused as exc:
+            except Exception as exc:  # refused, no answer, or an answer that cannot be
                 log.warning("confirming %s on %s: %s", cand.name, device, exc)
-                break
-            except Exception as exc:  # no answer, or an answer that cannot be: next device
-                self.run.lost.setdefault(device, f"during the confirmation re-runs: {exc}")
-        return first.latency_ms["p95"]
+                if isinstance(exc, RemoteError) and not device_alive(target, device):
+                    self.run.lost.setdefault(device, f"during the confirmation re-runs: {exc}")
+        self.notes.append(
+            f"{cand.name}: no device of {self.board} could time it again for the confirmation; "
+            "its first figure stands in"
+        )
+        return cand.device_benches[self.board].latency_ms["p95"]
 
 
 def _context(
