@@ -338,3 +338,97 @@ def test_the_queue_survives_any_answer_and_board_folders_never_collide(
     assert dirs["First"] == tmp_path / "out"
     names = [d.name for d in dirs.values()]
     assert len(set(names)) == 4 and "out-candidates" not in names, names
+
+
+class _RefusingBoard:
+    """A device that takes every candidate and cannot time any (its runtime fails on each):
+    a scripted MQTT client answering the agent's commands as the contract says."""
+
+    def __init__(self, fleet: str, device: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from device_agent.contracts import messages as msg
+
+        self.msg, self.fleet, self.device, self.seq = msg, fleet, device, 0
+        self.asked: list[str] = []
+        ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(
+            msg.topic(fleet, device, "cmd"), qos=1
+        )
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
+        self.client.on_message = self._on_command
+        self.client.connect("127.0.0.1", 1883)
+        self.client.loop_start()
+        assert ready.wait(10)
+        status = msg.StatusMessage(
+            device=device, boot="b1", seq=self._next(), ts=time.time(), state="online",
+            agent_version="0.1.0", host={"model": "Refusing Board", "arch": "aarch64"},
+        )  # fmt: skip
+        topic = msg.topic(fleet, device, "status")
+        self.client.publish(topic, msg.encode(status), qos=1, retain=True).wait_for_publish(5)
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _on_command(self, client: Any, userdata: Any, m: Any) -> None:
+        msg = self.msg
+        command = msg.decode(m.topic, m.payload)
+        assert isinstance(command, msg.Command)
+        self.asked.append(command.action)
+        ok, result, error = True, {"pong": True}, None
+        if command.action == "candidate_begin":
+            result = {"have": [], "state": "receiving"}
+        elif command.action in ("candidate_chunk", "candidate_remove"):
+            result = {}
+        elif command.action == "benchmark":
+            ok, result, error = False, None, "the runtime failed on this model: out of memory"
+        reply = msg.CommandReply(
+            device=self.device, boot="b1", seq=self._next(), ts=time.time(), id=command.id,
+            ok=ok, result=result, error=error,
+        )  # fmt: skip
+        client.publish(msg.topic(self.fleet, self.device, "cmd/reply"), msg.encode(reply), qos=1)
+
+    def close(self) -> None:
+        topic = self.msg.topic(self.fleet, self.device, "status")
+        self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_a_board_that_times_nothing_gets_no_choice_and_the_run_says_so(
+    digits_onnx: Any, digits_npz: dict[str, Path], tmp_path: Path, capsys: Any
+) -> None:
+    """fp32 failing on the device is no reason to refuse the run (it may be why one
+    quantizes); when every candidate fails there, the choice comes from the host's figures, a
+    note says so, and the command exits 1 naming the board."""
+    from sdk.cli import main
+
+    fleet = f"t{uuid.uuid4().hex[:10]}"
+    board = _RefusingBoard(fleet, "refuser")
+    try:
+        rc = main(
+            [
+                "optimize", str(digits_onnx.path), "--calibration", str(digits_npz["calibration"]),
+                "--eval", str(digits_npz["eval"]), "-o", str(tmp_path / "out"),
+                "--budget", "drop<=2%", "--methods", "minmax", "--runs", "20", "--seconds", "0.2",
+                "--detector", "none", "--device", "refuser", "--broker", BROKER,
+                "--fleet", fleet, "--device-runs", "5", "--device-seconds", "0",
+                "--json", str(tmp_path / "r.json"),
+            ]
+        )  # fmt: skip
+    finally:
+        board.close()
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err
+    assert "no choice for Refusing Board" in captured.err
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["devices"]["unchosen"]["Refusing Board"]
+    assert any("could not time the fp32 model" in n for n in report["notes"])
+    assert any("chosen from the host's figures instead" in n for n in report["notes"])
+    assert (tmp_path / "out" / "manifest.json").is_file()  # the host's choice, bundled
+    assert "benchmark" in board.asked and "candidate_remove" in board.asked
