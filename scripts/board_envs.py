@@ -17,6 +17,15 @@ rather than like the developer's ``.venv``:
     an emulated Raspberry Pi 4: Debian bookworm's arm64 Python 3.11 (the Python of Raspberry Pi
     OS bookworm) unpacked into a sysroot and run by Debian's ``qemu-aarch64-static``, with aarch64
     wheels of the agent's dependencies and the agent's wheel on ``PYTHONPATH``.
+``pi-tflite``
+    the same emulated Pi with a second site of aarch64 wheels: ``numpy<2`` and
+    ``tflite-runtime==2.14.0`` instead of onnxruntime (``pi_python(site=pi_tflite_site())``).
+
+Not an environment but fetched and cached the same way (:func:`pretrained_tflite`): pretrained
+float ``.tflite`` models (MediaPipe's iris landmark and short-range face detector, from the
+``mediapipe`` wheel, Apache 2.0) and photos (scikit-image's bundled sample images, CC0 or public
+domain), taken out of the two wheels that ``pip download --no-deps`` fetches once; the wheels
+themselves are not kept.
 
 ONNX Runtime reads ``/proc/cpuinfo`` when it is imported and crashes (SIGSEGV) on an x86 one, so
 the emulated Python must see an Arm cpuinfo. Two ways, chosen by :func:`cpuinfo_method`:
@@ -52,7 +61,8 @@ so a second run costs a few hash computations. A missing prerequisite raises
 
 Command line (run it with the repository's ``.venv/bin/python``)::
 
-    python scripts/board_envs.py setup [agent] [tflite] [collector] [pi] [promtool]  # default: all
+    python scripts/board_envs.py setup [agent] [tflite] [collector] [pi] [pi-tflite] [promtool]
+    python scripts/board_envs.py setup pretrained-tflite  # MediaPipe .tflite models, photos
     python scripts/board_envs.py pi-python [--method mount|sysroot|binfmt]  # the Pi prefix
     python scripts/board_envs.py pi -- -m device_agent.cli check BUNDLE
 """
@@ -95,7 +105,9 @@ __all__ = [
     "pi_env",
     "pi_interpreter",
     "pi_python",
+    "pi_tflite_site",
     "pi_wheelhouse",
+    "pretrained_tflite",
     "project_wheel",
     "tflite_venv",
     "venv_python",
@@ -150,6 +162,21 @@ PI_PLATFORMS = ("manylinux2014_aarch64", *(f"manylinux_2_{m}_aarch64" for m in r
 
 TFLITE_RUNTIME = "tflite-runtime==2.14.0"
 OLD_NUMPY = "numpy<2"
+# A real pretrained float .tflite and real photos, each from a pinned wheel (pretrained_tflite).
+MEDIAPIPE_WHEEL = "mediapipe==0.10.14"
+PRETRAINED_TFLITE = {  # name: path under mediapipe/modules/ in that wheel
+    "iris_landmark": "iris_landmark/iris_landmark.tflite",
+    "face_detector": "face_detection/face_detection_short_range.tflite",
+}
+PHOTOS_WHEEL = "scikit-image==0.24.0"
+PHOTOS = (
+    "astronaut.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "motorcycle_left.png",
+    "rocket.jpg",
+)
 
 # Where the Pi 4 /proc/cpuinfo fixture lives (the first that exists is used).
 PI4_CPUINFO_CANDIDATES = (
@@ -609,32 +636,53 @@ def pi_root() -> Path:
     return _cached(CACHE / "pi-root", key, build, what="the arm64 Python 3.11 sysroot")
 
 
+def _pi_target_install(target: Path, reqs: Sequence[str]) -> None:
+    """``pip install --target`` of aarch64 CPython 3.11 wheels of ``reqs`` (none built here)."""
+    platforms = [arg for p in PI_PLATFORMS for arg in ("--platform", p)]
+    _run(
+        [
+            *_pip(),
+            "install",
+            "--quiet",
+            "--target",
+            str(target),
+            *platforms,
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            *reqs,
+        ],
+        what=f"downloading aarch64 wheels of {' '.join(reqs)}",
+    )
+
+
 def pi_site() -> Path:
     """aarch64 wheels of the agent's dependencies (``edgeship[agent]``), for the Pi's Python."""
     reqs = _requirements("agent")
     key = _digest("pi-site-v1", *reqs, *PI_PLATFORMS)
+    return _cached(
+        CACHE / "pi-site",
+        key,
+        lambda target: _pi_target_install(target, reqs),
+        what="aarch64 wheels for the Pi",
+    )
 
-    def build(target: Path) -> None:
-        platforms = [arg for p in PI_PLATFORMS for arg in ("--platform", p)]
-        _run(
-            [
-                *_pip(),
-                "install",
-                "--quiet",
-                "--target",
-                str(target),
-                *platforms,
-                "--only-binary=:all:",
-                "--python-version",
-                "3.11",
-                "--implementation",
-                "cp",
-                *reqs,
-            ],
-            what=f"downloading aarch64 wheels of {' '.join(reqs)}",
-        )
 
-    return _cached(CACHE / "pi-site", key, build, what="aarch64 wheels for the Pi")
+def pi_tflite_site() -> Path:
+    """aarch64 wheels of numpy<2, tflite-runtime 2.14.0 and the project's base dependencies (no
+    onnxruntime): the Pi's site for a board that runs tflite-runtime. Pass it to
+    :func:`pi_python` as ``site``."""
+    base = [r for r in _requirements() if not r.replace(" ", "").startswith("numpy")]
+    reqs = [OLD_NUMPY, TFLITE_RUNTIME, *base]
+    key = _digest("pi-tflite-site-v1", *reqs, *PI_PLATFORMS)
+    return _cached(
+        CACHE / "pi-tflite-site",
+        key,
+        lambda target: _pi_target_install(target, reqs),
+        what="aarch64 wheels of numpy<2 and tflite-runtime for the Pi",
+    )
 
 
 def pi_agent() -> Path:
@@ -792,7 +840,9 @@ def pi_env() -> dict[str, Path]:
     }
 
 
-def pi_python(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) -> list[str]:
+def pi_python(
+    method: CpuinfoMethod | None = None, cpuinfo: Path | None = None, site: Path | None = None
+) -> list[str]:
     """The command prefix that runs Python 3.11 on the emulated Raspberry Pi 4.
 
     Append Python's own arguments (``-c CODE``, ``-m device_agent.cli check BUNDLE``, a script).
@@ -802,14 +852,15 @@ def pi_python(method: CpuinfoMethod | None = None, cpuinfo: Path | None = None) 
     Run it with a working directory outside the checkout, or the checkout's ``device_agent``
     (the current directory comes first on ``sys.path``) would shadow the installed one.
     Only under ``method="binfmt"`` can the guest start its own ``sys.executable`` (see the
-    module's docstring).
+    module's docstring). ``site`` replaces the aarch64 wheels of :func:`pi_site` (onnxruntime)
+    with another folder of them, e.g. :func:`pi_tflite_site`'s (tflite-runtime, numpy<2).
     """
     parts = pi_env()
     env = [
         "env",
         "-u",
         "PYTHONHOME",
-        f"PYTHONPATH={parts['agent']}{os.pathsep}{parts['site']}",
+        f"PYTHONPATH={parts['agent']}{os.pathsep}{site or parts['site']}",
         "PYTHONNOUSERSITE=1",
     ]
     return [*_pi_prefix(method, cpuinfo, env), str(parts["root"] / PI_PYTHON)]
@@ -871,6 +922,54 @@ def pi_wheelhouse() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# A pretrained float .tflite and photos, from wheels
+
+
+def pretrained_tflite() -> dict[str, Path]:
+    """Pretrained float .tflite models from MediaPipe's wheel and scikit-image's photos, fetched
+    once.
+
+    Returns ``{"iris_landmark": .tflite, "face_detector": .tflite, "photos": folder of PHOTOS}``.
+    The two pinned wheels are fetched with ``pip download --no-deps`` (pip's own cache makes a
+    refetch cost no network), the files are taken out and the wheels deleted; afterwards
+    nothing is fetched until the pins change. MediaPipe's models are Apache 2.0; the photos are
+    CC0 or public domain (scikit-image's ``skimage.data`` docstrings). ``iris_landmark``: a
+    64x64x3 eye crop in [0, 1] to 71 eye-contour and 5 iris landmarks (x, y, z in the crop's
+    pixels), float32 weights; ``face_detector`` (short range): 128x128x3 in [-1, 1] to 896
+    anchors' box regressors and face scores, float16 weights behind DEQUANTIZE ops.
+    """
+    import zipfile
+
+    files = {name: f"mediapipe/modules/{member}" for name, member in PRETRAINED_TFLITE.items()}
+    key = _digest("pretrained-tflite-v1", MEDIAPIPE_WHEEL, PHOTOS_WHEEL, *files.values(), *PHOTOS)
+    target = CACHE / "pretrained-tflite"
+    wanted = {member: target / Path(member).name for member in files.values()}
+    wanted |= {f"skimage/data/{name}": target / "photos" / name for name in PHOTOS}
+
+    def build(target: Path) -> None:
+        wheels = target / "wheels"
+        download = [*_pip(), "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+        for req in (MEDIAPIPE_WHEEL, PHOTOS_WHEEL):
+            _run(
+                [*download, "-d", str(wheels), req],
+                what=f"downloading {req} from the package index (is it reachable?)",
+            )
+        (target / "photos").mkdir()
+        missing = dict(wanted)
+        for wheel in sorted(wheels.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as zf:
+                for member in set(zf.namelist()) & set(missing):
+                    missing.pop(member).write_bytes(zf.read(member))
+        if missing:
+            raise SetupError(f"not found in the downloaded wheels: {sorted(missing)}")
+        shutil.rmtree(wheels)
+
+    _cached(target, key, build, what="pretrained .tflite models and photos")
+    out = {name: wanted[member] for name, member in files.items()}
+    return {**out, "photos": target / "photos"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 _SETUPS: dict[str, Callable[[], object]] = {
@@ -878,6 +977,8 @@ _SETUPS: dict[str, Callable[[], object]] = {
     "tflite": tflite_venv,
     "collector": collector_venv,
     "pi": pi_env,
+    "pi-tflite": pi_tflite_site,
+    "pretrained-tflite": pretrained_tflite,
     "promtool": promtool,
 }
 
@@ -900,7 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "envs",
         nargs="*",
         metavar="ENV",
-        help="agent, tflite, collector, pi, promtool (default: all)",
+        help="agent, tflite, collector, pi, pi-tflite, pretrained-tflite, promtool (default: all)",
     )
     pi_prefix = sub.add_parser("pi-python", help="print the emulated-Pi Python command prefix")
     methods = ["mount", "sysroot", "binfmt"]
