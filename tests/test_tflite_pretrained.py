@@ -11,11 +11,11 @@ and the bundle is checked and run by the agent under ai-edge-litert here, under 
 tflite-runtime 2.14 and numpy<2). Quality is the task's: how far the bundle's landmarks are from
 fp32's, in pixels of the 64-pixel crop.
 
-The file is a TFLite schema-3 export (op codes only in ``deprecated_builtin_code``) without a
-signature; ai-edge-quantizer reads every op of such a file as ADD (nothing is quantized) and
-edgeship's calibration needs one signature. Until ``sdk.quantize.litert`` handles that itself,
-``_upgraded`` rewrites those two fields (weights and graph untouched), and
-``test_quantize_takes_the_file_as_mediapipe_ships_it`` is a strict xfail that says so.
+The file is used as MediaPipe ships it: a TFLite schema-3 export (op codes only in
+``deprecated_builtin_code``) without a signature. ai-edge-quantizer alone reads every op of such
+a file as ADD (nothing is quantized) and edgeship's calibration needs one signature, so
+``sdk.quantize.litert`` gives the quantizer a copy with both fields filled in (weights and graph
+untouched) and says so in a note (``test_quantize_takes_the_file_as_mediapipe_ships_it``).
 """
 
 from __future__ import annotations
@@ -84,31 +84,6 @@ def _setup(build: Callable[[], T]) -> T:
     except board_envs.SetupError as exc:
         message = f"board environment setup failed: {exc}"
     pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
-
-
-def _upgraded(src: Path, dst: Path) -> Path:
-    """``src`` with each op code also in ``builtin_code`` and a ``serving_default`` signature
-    over subgraph 0's inputs and outputs: what sdk.quantize.litert does not do yet."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model(str(src))
-    for code in model.operatorCodes:
-        code.builtinCode = max(code.builtinCode, code.deprecatedBuiltinCode)
-    graph = model.subgraphs[0]
-
-    def tensor_map(index: int) -> Any:
-        entry = schema.TensorMapT()
-        entry.name, entry.tensorIndex = graph.tensors[index].name, index
-        return entry
-
-    signature = schema.SignatureDefT()
-    signature.signatureKey, signature.subgraphIndex = b"serving_default", 0
-    signature.inputs = [tensor_map(int(i)) for i in graph.inputs]
-    signature.outputs = [tensor_map(int(i)) for i in graph.outputs]
-    model.signatureDefs = [signature]
-    flatbuffer_utils.write_model(model, str(dst))
-    return dst
 
 
 def _eye_crops(photo: Path) -> np.ndarray:
@@ -198,9 +173,9 @@ def data(pretrained: dict[str, Path], work: Path) -> dict[str, Path]:
 def optimized(
     pretrained: dict[str, Path], data: dict[str, Path], work: Path
 ) -> tuple[Path, Path, dict[str, Any]]:
-    """``edgeship optimize`` on the (upgraded) float model: (float model, bundle, JSON report).
+    """``edgeship optimize`` on the float model as shipped: (float model, bundle, JSON report).
     ``size<=1MB`` rules fp32 (2.5 MiB) out."""
-    model = _upgraded(pretrained["iris_landmark"], work / "iris_landmark.tflite")
+    model = pretrained["iris_landmark"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(
@@ -222,7 +197,7 @@ def test_optimize_quantizes_the_pretrained_model_and_the_agent_keeps_its_landmar
     assert all(c["error"] is None for c in made.values()), made
     assert made["fp32"]["size_bytes"] > 2_500_000 and not made["fp32"]["meets_budget"]
     # Every LiteRT recipe quantized weights (an op-code mix-up would leave them all float).
-    for name in ("litert-static_wi8_ai8", "litert-dynamic_wi8_afp32"):
+    for name in ("litert-static_wi8_ai8", "litert-weight_only_wi8_afp32"):
         assert made[name]["size_bytes"] < made["fp32"]["size_bytes"] / 2.5, name
     chosen = made[report["chosen"]]
     assert report["meets_budget"] and chosen["precision"] != "fp32", chosen
@@ -279,13 +254,8 @@ def test_the_bundle_runs_on_the_emulated_pi_under_tflite_runtime(
     assert _px(board["iris"], iris)[:, 0].mean() < MAX_MEAN_PX
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdk.quantize.litert: a schema-3 .tflite without a signature (as MediaPipe ships "
-    "it) is refused ('0 signatures') and its ops read as ADD; _upgraded works around both",
-)
 def test_quantize_takes_the_file_as_mediapipe_ships_it(
-    pretrained: dict[str, Path], data: dict[str, Path], work: Path
+    pretrained: dict[str, Path], data: dict[str, Path], work: Path, capsys: Any
 ) -> None:
     out = work / "as-shipped.int8.tflite"
     code = main(
@@ -295,3 +265,7 @@ def test_quantize_takes_the_file_as_mediapipe_ships_it(
         ]
     )
     assert code == 0 and out.stat().st_size < pretrained["iris_landmark"].stat().st_size / 2.5
+    printed = capsys.readouterr().out
+    assert "note: iris_landmark.tflite was given to ai-edge-quantizer as a copy" in printed
+    assert "deprecated_builtin_code" in printed and "serving_default" in printed
+    assert not list(work.glob("*float-for-quantizer*"))  # the copy is not left behind

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_tflite(args: argparse.Namespace) -> int:
     """A float .tflite through ai-edge-quantizer (``sdk.quantize.litert.quantize_tflite``)."""
+    from sdk.optimize.stages.litert_tflite import RUNTIME_UNSAFE
     from sdk.quantize.litert import quantize_tflite
 
     onnx_only = [
@@ -145,7 +146,7 @@ def _run_tflite(args: argparse.Namespace) -> int:
     elif _litert_recipes()[recipe]:
         raise ConfigError(
             f"recipe {recipe} calibrates activation ranges: pass --calibration DATA.npz, or "
-            "choose a recipe without calibration (--recipe dynamic_wi8_afp32)"
+            "choose a recipe without calibration (--recipe weight_only_wi8_afp32)"
         )
     art = quantize_tflite(args.model, args.calibration, args.output, recipe=recipe)
     src = args.model.stat().st_size
@@ -153,6 +154,10 @@ def _run_tflite(args: argparse.Namespace) -> int:
         f"wrote {art.path} ({art.recipe}, {art.precision}): {art.size_bytes / 1024:.1f} KiB, "
         f"{art.size_bytes / src:.2f}x the input's {src / 1024:.1f} KiB"
     )
+    for note in art.details.get("input_notes", []):
+        print(f"  note: {note}")
+    if recipe in RUNTIME_UNSAFE:
+        print(f"  note: {recipe}: {RUNTIME_UNSAFE[recipe]}")
     print(_check_line(art.details.get("check") or {}))
     return EXIT_OK
 

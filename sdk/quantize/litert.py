@@ -26,7 +26,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +115,25 @@ def quantize_tflite(
         ) from exc
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    source, fixes = _readable_by_the_quantizer(float_art.path, target)
+    source_art = float_art if source == float_art.path else replace(float_art, path=source)
     with warnings.catch_warnings():
         # The calibrator keeps every intermediate tensor on purpose and LiteRT warns about it.
         warnings.simplefilter("ignore")
         recipe_obj = getattr(aeq_recipe, recipe)()
-        quantizer = _step(
-            "loading the model", lambda: aeq_quantizer.Quantizer(float_art.path, recipe_obj)
-        )
+        quantizer = _step("loading the model", lambda: aeq_quantizer.Quantizer(source, recipe_obj))
         calibration_result = None
         if spec.calibrated and data is not None:
-            feeds = _calibration_feeds(float_art, data)
-            calibration_result = _step(
-                "calibrating", lambda: _calibrate(float_art.path, recipe_obj, feeds)
-            )
+            feeds = _calibration_feeds(source_art, data)
+            calibration_result = _step("calibrating", lambda: _calibrate(source, recipe_obj, feeds))
         result = _step(
             "quantizing",
             lambda: quantizer.quantize(calibration_result, enable_progress_report=False),
         )
         target.unlink(missing_ok=True)  # else the quantizer logs a warning while overwriting
         _step("writing the model", lambda: result.export_model(target))
+    if source != float_art.path:
+        source.unlink(missing_ok=True)
 
     check = _check_against_float(float_art, target, data)
     details = {
@@ -145,6 +145,12 @@ def quantize_tflite(
         "check": check,
         "float_size_bytes": float_art.size_bytes,
     }
+    if fixes:
+        details["input_notes"] = [
+            f"{float_art.path.name} was given to ai-edge-quantizer as a copy with "
+            + "; ".join(fixes)
+            + " (its weights and graph unchanged)"
+        ]
     session_io = _open(target).io
     art = ModelArtifact(
         path=target,
@@ -219,6 +225,49 @@ def _open(path: Path) -> Any:
         return open_session(path, threads=1)
     except EdgeshipError as exc:
         raise QuantizationError(f"the quantized model {path.name} does not load: {exc}") from exc
+
+
+def _readable_by_the_quantizer(path: Path, target: Path) -> tuple[Path, list[str]]:
+    """``path``, or a copy beside ``target`` that ai-edge-quantizer reads as the runtimes do,
+    and what was changed: files written by older converters (MediaPipe's, for one) keep each
+    operator's code only in ``deprecated_builtin_code``, which the quantizer does not read (it
+    takes every operator for ADD and quantizes nothing), and may have no signature, which its
+    calibration runs the model through. Weights and graph are left as they are."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError:
+        return path, []
+    try:
+        model = flatbuffer_utils.read_model(str(path))
+    except Exception as exc:  # not a flatbuffer: the quantizer says so in its own words
+        log.debug("cannot read %s as a TFLite flatbuffer: %s", path, exc)
+        return path, []
+    fixes = []
+    stale = [c for c in model.operatorCodes if c.builtinCode < c.deprecatedBuiltinCode]
+    for code in stale:
+        code.builtinCode = code.deprecatedBuiltinCode
+    if stale:
+        fixes.append(f"{len(stale)} operator codes read from the old deprecated_builtin_code field")
+    if not model.signatureDefs and len(model.subgraphs) == 1:
+        graph = model.subgraphs[0]
+
+        def tensor_map(index: int) -> Any:
+            entry = schema.TensorMapT()
+            entry.name, entry.tensorIndex = graph.tensors[index].name, index
+            return entry
+
+        signature = schema.SignatureDefT()
+        signature.signatureKey, signature.subgraphIndex = b"serving_default", 0
+        signature.inputs = [tensor_map(int(i)) for i in graph.inputs]
+        signature.outputs = [tensor_map(int(i)) for i in graph.outputs]
+        model.signatureDefs = [signature]
+        fixes.append("a serving_default signature over the graph's inputs and outputs added")
+    if not fixes:
+        return path, []
+    copy = target.with_name(target.stem + ".float-for-quantizer.tflite")
+    flatbuffer_utils.write_model(model, str(copy))
+    return copy, fixes
 
 
 def _calibration_feeds(art: ModelArtifact, data: Dataset) -> dict[str, list[dict[str, Any]]]:

@@ -4,7 +4,9 @@ in LiteRT and measured and judged like the ONNX ones.
 
 The recipes are :attr:`~sdk.optimize.OptimizeConfig.litert_recipes` when set, else
 :data:`TFLITE_RECIPES`: static int8 (calibrated on the calibration data; skipped with the
-reason when there is none), dynamic int8, weight-only int8 and int4 weights (dynamic). The
+reason when there is none) and weight-only int8. Dynamic int8 and int4 weights are listed as
+skipped (:data:`RUNTIME_UNSAFE`: tflite-runtime 2.14 computes wrong outputs with them) unless
+``litert_recipes`` names them. The
 ONNX Runtime recipes the search would try on an ONNX model are listed as skipped: the model is
 a ``.tflite``.
 
@@ -31,15 +33,27 @@ from sdk.optimize.stages.litert import LITERT_PREFIX
 from sdk.optimize.stages.ort_dynamic import DYNAMIC
 from sdk.optimize.stages.ort_static import STATIC_PREFIX
 
-__all__ = ["ONNX_ONLY_REASON", "TFLITE_RECIPES", "TfliteFileRecipe", "TfliteFileStage"]
+__all__ = [
+    "ONNX_ONLY_REASON",
+    "RUNTIME_UNSAFE",
+    "TFLITE_RECIPES",
+    "TfliteFileRecipe",
+    "TfliteFileStage",
+]
 
 #: The recipes tried on a float .tflite unless ``litert_recipes`` names others.
-TFLITE_RECIPES = (
-    "static_wi8_ai8",
-    "dynamic_wi8_afp32",
-    "weight_only_wi8_afp32",
-    "dynamic_wi4_afp32",
-)
+TFLITE_RECIPES = ("static_wi8_ai8", "weight_only_wi8_afp32")
+
+#: Recipes left out unless ``litert_recipes`` names them, and why: tflite-runtime 2.14 (the
+#: LiteRT many Raspberry Pi images have) loads ai-edge-quantizer's dynamic-range models and
+#: computes wrong outputs with them (the digits CNN: every digit predicted as '1', where
+#: ai-edge-litert agrees with the float model), with no error to catch.
+RUNTIME_UNSAFE = {
+    "dynamic_wi8_afp32": "tflite-runtime 2.14 (many Pi images) runs its models without an "
+    "error but computes wrong outputs; name it in litert_recipes to try it for ai-edge-litert",
+    "dynamic_wi4_afp32": "tflite-runtime 2.14 (many Pi images) runs its models without an "
+    "error but computes wrong outputs; name it in litert_recipes to try it for ai-edge-litert",
+}
 
 ONNX_ONLY_REASON = "the model is a .tflite: ONNX Runtime recipes need an ONNX model"
 
@@ -108,6 +122,8 @@ class TfliteFileStage:
                 plan.append(SkippedRecipe(f"{LITERT_PREFIX}-{recipe}", reason))
             else:
                 plan.append(_recipe(recipe))
+        if not ctx.config.litert_recipes:
+            plan += [SkippedRecipe(f"{LITERT_PREFIX}-{r}", w) for r, w in RUNTIME_UNSAFE.items()]
         plan += [SkippedRecipe(name, ONNX_ONLY_REASON) for name in _onnx_recipes(ctx)]
         return plan
 
