@@ -29,7 +29,7 @@ from sdk.optimize.stages.accuracy_aware import ACCURACY_AWARE
 from sdk.optimize.stages.base import Recipe, SearchContext
 from sdk.optimize.stages.distilled import DISTILLED
 from sdk.optimize.stages.fp16 import FP16
-from sdk.optimize.stages.litert import LITERT_PREFIX
+from sdk.optimize.stages.litert import LITERT_PREFIX, TfliteRecipe
 from sdk.optimize.stages.ort_dynamic import DYNAMIC
 from sdk.optimize.stages.ort_static import STATIC_PREFIX
 
@@ -59,15 +59,9 @@ ONNX_ONLY_REASON = "the model is a .tflite: ONNX Runtime recipes need an ONNX mo
 
 
 @dataclass(frozen=True)
-class TfliteFileRecipe(Recipe):
-    """The float .tflite quantized with the ai-edge-quantizer recipe ``recipe``."""
-
-    suffix: ClassVar[str] = ".tflite"
-    recipe: str
-
-    @property
-    def name(self) -> str:
-        return f"{LITERT_PREFIX}-{self.recipe}"
+class TfliteFileRecipe(TfliteRecipe):
+    """The float .tflite quantized with the ai-edge-quantizer recipe ``recipe`` (named as the
+    PyTorch path's LiteRT candidates are; made from the model as given, not an export)."""
 
     def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
         from sdk.quantize.litert import quantize_tflite
