@@ -31,6 +31,7 @@ from typing import Any
 
 from device_agent._version import __version__ as AGENT_VERSION
 from device_agent.agent_config import AgentConfig
+from device_agent.benchmark_command import run_benchmark_command
 from device_agent.bundle import Bundle
 from device_agent.candidates import CandidateStore
 from device_agent.command_runner import (
@@ -41,13 +42,13 @@ from device_agent.command_runner import (
     describe,
 )
 from device_agent.contracts import messages as msg
-from device_agent.contracts.commands import Action, BenchmarkArgs, PingReply
+from device_agent.contracts.commands import Action, PingReply
 from device_agent.deploy import Deployer
 from device_agent.deploy_files import bundle_to_run
-from device_agent.errors import ConfigError, EdgeshipError
+from device_agent.errors import EdgeshipError
 from device_agent.outlier_events import OutlierEvents
 from device_agent.runtime import ModelSession
-from device_agent.slot import CallWatch, LoadedModel, ModelSlot, Prediction
+from device_agent.slot import LoadedModel, ModelSlot, Prediction
 from device_agent.sysinfo import SysInfo
 from device_agent.telemetry import WindowAggregator
 
@@ -553,64 +554,15 @@ class Agent:
         return {"pong": True, "boot": self.boot}
 
     def _cmd_benchmark(self, command: msg.Command) -> dict[str, Any]:
-        from device_agent.benchmark import run_benchmark
-
-        if not isinstance(command.args, Mapping):
-            raise ConfigError("benchmark: args must be an object")
-        args = BenchmarkArgs.parse(command.args)
-        if args.candidate is not None:
-            return self._benchmark_candidate(args)
-        loaded = self.slot.loaded
-        return run_benchmark(
-            loaded.session,
-            loaded.io,
-            min_runs=args.min_runs,
-            min_seconds=args.min_seconds,
-            warmup_runs=args.warmup_runs,
-            max_seconds=args.max_seconds,
-            lock=loaded.run_lock,
-            model_path=loaded.bundle.model_path,
+        """``benchmark``: see :mod:`device_agent.benchmark_command`."""
+        return run_benchmark_command(
+            command,
+            slot=self.slot,
+            candidates=self.candidates,
+            sysinfo=self._sys,
+            config=self.config,
             stop=self._stop,
         )
-
-    def _benchmark_candidate(self, args: BenchmarkArgs) -> dict[str, Any]:
-        """Time candidate ``args.candidate`` in a child process
-        (:mod:`device_agent.candidate_bench`) while the application's calls are watched."""
-        from device_agent.candidate_bench import time_candidate
-
-        assert args.candidate is not None
-        candidate = self.candidates.ready(args.candidate)
-        loaded = self.slot.loaded
-        watch = self.slot.watch = CallWatch()
-        try:
-            report = time_candidate(
-                candidate.path, candidate.format, args, loaded.io, stop=self._stop
-            )
-        finally:
-            self.slot.watch = None
-        facts = self._sys.host_facts()
-        device = {
-            "device": self.config.device_id,
-            "board": facts["model"],
-            "cpu": self._sys.cpu_name(),
-            "arch": facts["arch"],
-            "cores": facts["cores"],
-            "mem_total_bytes": facts["mem_total_bytes"],
-            "os": facts["os"],
-            "agent_version": AGENT_VERSION,
-        }
-        report.update(
-            candidate=candidate.id,
-            format=candidate.format,
-            sha256=candidate.sha256,
-            model=None,  # the file's path on the device says nothing to the sender
-            measured_on=f"device {self.config.device_id}: {facts['model'] or 'unknown board'}"
-            f", {device['cpu'] or 'unknown CPU'}, {facts['arch']}, {facts['cores']} cores",
-            host={"arch": facts["arch"], "cpu": device["cpu"], "cores": facts["cores"]},
-            device=device,
-            application=watch.summary(),
-        )
-        return report
 
 
 _WORKER_DUTIES = {

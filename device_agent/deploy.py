@@ -23,11 +23,11 @@ changes. Only a bundle that passed probation is recorded as current on disk
 (:mod:`device_agent.deploy_files` has the layout), so a bundle that crashes the process is not
 used again after a restart.
 
-``deploy_revert`` takes back a deploy: one on probation rolls back as on ``deploy_abort``; the
-applied one that runs now (named by ``current.json``, before or after an agent restart) is
-swapped out for the bundle ``current.json`` names as ``previous``, loaded and self-tested first,
-and ``current.json`` then names that one (or is removed when it is the bundle the agent was
-given), so a restart runs it too.
+``deploy_revert`` (:mod:`device_agent.deploy_revert`) takes back a deploy: one on probation
+rolls back as on ``deploy_abort``; the applied one that runs now (named by ``current.json``,
+before or after an agent restart) is swapped out for the bundle ``current.json`` names as
+``previous``, loaded and self-tested first, and ``current.json`` then names that one (or is
+removed when it is the bundle the agent was given), so a restart runs it too.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from device_agent.agent_config import AgentConfig
 from device_agent.bundle import Bundle, load_bundle
@@ -55,7 +55,6 @@ from device_agent.contracts.commands import (
     DeployError,
     DeployRecord,
     DeployRef,
-    DeployRevert,
     ProbationArgs,
     ReceivingReply,
     printable,
@@ -69,12 +68,12 @@ from device_agent.deploy_files import (
     deploy_state,
     deployed_bundle,
     join_chunks,
-    read_current,
-    remove_durably,
     store_chunk,
     unpack_archive,
     write_atomic,
 )
+from device_agent.deploy_revert import RevertMixin
+from device_agent.deploy_revert import as_record as _as_record
 from device_agent.errors import BundleError, ConfigError, EdgeshipError
 from device_agent.probation import Trial
 from device_agent.slot import LoadedModel, ModelSlot, describe_failure
@@ -96,11 +95,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _KEEP_RECORDS = 32
-
-
-def _as_record(fields: Mapping[str, Any]) -> DeployRecord:
-    """A copy of a deploy's record, as the type the replies document."""
-    return cast(DeployRecord, dict(fields))
 
 
 ArgsAction = Callable[[Mapping[str, Any]], Mapping[str, object]]
@@ -139,7 +133,7 @@ def guarded_handlers(
     return {name.value: handler(action) for name, action in actions.items()}
 
 
-class Deployer:
+class Deployer(RevertMixin):
     """The device side of remote deploy for one agent's :class:`~device_agent.slot.ModelSlot`.
 
     :meth:`handlers` are registered as the agent's ``deploy_*`` commands; they run on the
@@ -473,121 +467,6 @@ class Deployer:
             f"deploy {deploy_id!r} cannot be aborted: "
             + ("unknown to this agent" if state is None else f"it is {state}")
         )
-
-    def revert(self, args: Mapping[str, Any]) -> DeployRecord:
-        """Roll back deploy ``deploy``: on probation, at once (as ``deploy_abort``); applied and
-        running, to the bundle it replaced (:meth:`_revert_applied`). A deploy already rolled
-        back gets its record again."""
-        revert = DeployRevert.parse(args)
-        deploy_id = revert.deploy
-        trial = self._trial
-        if trial is not None and trial.id == deploy_id:
-            why = "reverted by the operator during probation"
-            self.rollback(trial, printable(f"{why}: {revert.reason}" if revert.reason else why))
-            return _as_record(self._records[deploy_id])
-        rec = self._records.get(deploy_id)
-        if rec is not None and rec.get("state") == "rolled_back":
-            return _as_record(rec)  # a revert delivered twice, or after a rollback
-        pointer = self._running_pointer()
-        if pointer is None or pointer.get("deploy") != deploy_id:
-            raise DeployError(self._not_running(deploy_id, pointer, rec))
-        why = "reverted by the operator"
-        return self._revert_applied(
-            deploy_id, pointer, printable(f"{why}: {revert.reason}" if revert.reason else why)
-        )
-
-    def _running_pointer(self) -> dict[str, Any] | None:
-        """``current.json`` when the bundle it names is the one running now, else None."""
-        pointer = read_current(self._config)
-        if pointer is None or not isinstance(pointer.get("bundle"), str):
-            return None
-        try:
-            named = (self.root / pointer["bundle"]).resolve()
-        except (OSError, ValueError):  # a NUL in it: not a bundle the agent could have run
-            return None
-        return pointer if named == self._slot.loaded.bundle.root.resolve() else None
-
-    def _not_running(
-        self, deploy_id: str, pointer: Mapping[str, Any] | None, rec: Mapping[str, Any] | None
-    ) -> str:
-        loaded = self._slot.loaded
-        m, root, trial = loaded.model, loaded.bundle.root.resolve(), self._trial
-        if trial is not None:
-            source = f"deploy {trial.id}, on probation"
-        elif pointer is not None:
-            source = f"deploy {pointer.get('deploy')}"
-        elif root.parent == (self.root / "bundles").resolve():
-            source = f"deploy {root.name}"
-        else:
-            source = "the bundle the agent was given"
-        state = "" if rec is None else f"; it is {rec.get('state')}"
-        return printable(
-            f"deploy {deploy_id} is not the bundle running here (running: {m.name}@{m.version} "
-            f"from {source}){state}"
-        )
-
-    def _revert_applied(
-        self, deploy_id: str, pointer: Mapping[str, Any], reason: str
-    ) -> DeployRecord:
-        """Swap the bundle ``pointer`` names as ``previous`` back in for the applied
-        ``deploy_id``. It is loaded and self-tested first (DeployError naming why when it
-        cannot run: nothing changes), then ``current.json`` names it (or, when it is not a
-        deployed bundle but the one the agent was given, is removed: a restart runs that
-        one), then the slot swaps it in. The reverted bundle's folder is left to the next
-        deploy's pruning."""
-        m = self._slot.loaded.model
-        previous = pointer.get("previous")
-        keeps = f"{m.name} v{m.version} keeps running"
-        if not isinstance(previous, str) or not previous:
-            raise DeployError(
-                f"deploy {deploy_id} cannot be reverted: {CURRENT_NAME} names no previous "
-                f"bundle; {keeps}"
-            )
-        if not Path(previous).is_dir():
-            raise DeployError(
-                printable(
-                    f"deploy {deploy_id} cannot be reverted: the previous bundle {previous} "
-                    f"is gone; {keeps}"
-                )
-            )
-        try:
-            old = LoadedModel.open_tested(
-                load_bundle(previous, trusted_keys=self._config.trusted_keys), self._config
-            )
-        except Exception as exc:  # MemoryError included: nothing was swapped
-            raise DeployError(
-                printable(
-                    f"deploy {deploy_id} cannot be reverted: the previous bundle {previous} "
-                    f"cannot run: {describe_failure(exc)}; {keeps}"
-                )
-            ) from exc
-        back, pointer_path = old.bundle.root.resolve(), self.root / CURRENT_NAME
-        if back.parent == (self.root / "bundles").resolve():
-            om = old.model
-            restart = {
-                "deploy": back.name,  # a deployed bundle's folder is named by its deploy id
-                "bundle": f"bundles/{back.name}",
-                "model": om.name,
-                "model_version": om.version,
-                "previous": None,  # not known: current.json kept only the one before
-                "ts": time.time(),
-            }
-            write_atomic(pointer_path, json.dumps(restart, indent=2).encode())
-        else:
-            remove_durably(pointer_path)
-        with self._lock:
-            reverted = self._slot.swap(old)
-        rm, old_version = reverted.model, old.model.version
-        rec = self._record(
-            deploy_id,
-            state="rolled_back",
-            from_version=old_version,
-            to_version=rm.version,
-            model=rm.name,
-            reason=reason,
-        )
-        self._event(deploy_id, "rolled_back", old_version, rm.version, rm.name, reason)
-        return rec
 
     def _discard(self, upload: Upload) -> None:
         shutil.rmtree(upload.dir, ignore_errors=True)
