@@ -305,7 +305,7 @@ def test_the_queue_survives_any_answer_and_board_folders_never_collide(
     of order) is the job's failure on that device, never a stuck queue; board folders stay
     apart even when two board names make the same slug."""
     from sdk.bench import BenchConfig, benchmark
-    from sdk.optimize.search import _board_dirs
+    from sdk.optimize.device_choice import _board_dirs
 
     host = benchmark(digits_onnx, BenchConfig(min_runs=5, min_seconds=0.0))
     lat = {"p50": 1.0, "p90": 1.5, "p95": 2.0, "p99": 3.0, "max": 4.0}

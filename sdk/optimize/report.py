@@ -5,6 +5,7 @@ the table the CLI prints)."""
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sdk.artifact import ModelArtifact
 from sdk.bench import BenchReport
 from sdk.budget import Budget, BudgetLine
+from sdk.data import DataSource
 from sdk.evaluate import Quality
 from sdk.targets import TargetProfile
 
@@ -287,3 +289,39 @@ class OptimizeReport:
         tail.append(f"search took {self.elapsed_s:.1f} s{limit}{cache}")
         tail.extend(f"note: {n}" for n in self.notes)
         return "\n".join([head, *rows, *tail])
+
+
+def reproduce_command(artifact: ModelArtifact | None, calibration: DataSource | None) -> str | None:
+    """The ``edgeship quantize`` command that makes this int8 model again from the ONNX model
+    it was quantized from (for pruned and distilled candidates, their fp32 export in the
+    candidates directory), or None for a model quantize did not make."""
+    details = {} if artifact is None else artifact.details
+    if artifact is not None and "recipe" in details and "float_model" in details:
+        # A LiteRT candidate: edgeship quantize on the float .tflite with its recipe.
+        cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
+        parts = ["edgeship", "quantize", str(details["float_model"])]
+        parts += ["--recipe", str(details["recipe"])]
+        if details.get("calibration_samples"):
+            parts += ["--calibration", cal]
+        return shlex.join([*parts, "-o", str(artifact.path)])
+    if artifact is None or "mode" not in details or "source" not in details:
+        return None
+    cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
+    parts = ["edgeship", "quantize", str(details["source"])]
+    if details.get("calibration_samples") or details["mode"] == "static":
+        parts += ["--calibration", cal]
+    if details["mode"] == "dynamic":
+        parts += ["--mode", "dynamic"]
+    elif details.get("method") not in (None, "minmax"):
+        parts += ["--method", str(details["method"])]
+    if details.get("per_channel") is False:
+        parts.append("--per-tensor")
+    if details.get("reduce_range"):
+        parts.append("--reduce-range")
+    if details.get("op_types") is None:
+        parts += ["--op-types", "all"]
+    excluded = details.get("excluded_nodes") or []
+    if excluded:
+        parts += ["--exclude", ",".join(excluded)]
+    parts += ["-o", str(artifact.path)]
+    return shlex.join(parts)

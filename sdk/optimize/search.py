@@ -72,10 +72,9 @@ The objective, in order:
 from __future__ import annotations
 
 import logging
-import shlex
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,21 +87,18 @@ from sdk.budget import check_budget
 from sdk.data import Dataset, DataSource, load_dataset, take_samples
 from sdk.errors import ConfigError, EdgeshipError
 from sdk.evaluate import Quality, accuracy_drop, drop_basis, evaluate
-from sdk.optimize.bundling import bundle_benchmark, fit_detector, isa_note, write_reference
+from sdk.optimize.bundling import isa_note
+from sdk.optimize.choice import _bundle, _choose, _metrics, _nothing_to_quantize
 from sdk.optimize.config import OptimizeConfig
-from sdk.optimize.report import Candidate, OptimizeReport, SkippedRecipe
+from sdk.optimize.report import Candidate, OptimizeReport, SkippedRecipe, reproduce_command
 from sdk.optimize.stages import Recipe, SearchContext, default_registry
 from sdk.optimize.stages.fp32 import FP32
-from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX
 from sdk.optimize.stages.torch_inputs import check_torch_inputs
-from sdk.package import package
-from sdk.remote import RemoteError
 from sdk.targets import TargetProfile, get_target
 
 if TYPE_CHECKING:
     import torch
 
-    from sdk.optimize.on_device import DeviceRun
     from sdk.training import TrainData
 
 __all__ = ["optimize"]
@@ -138,29 +134,11 @@ def optimize(
     cfg = config or OptimizeConfig()
     ctx = _context(model, calibration, eval_data, cfg, torch_model, train_data, student)
     cal, ev = ctx.calibration, ctx.eval_data
-    boards = None
-    if cfg.on_device is not None:  # the devices are online before the search starts
-        from sdk.optimize.on_device import boards_of
-
-        boards = boards_of(cfg.on_device)
     out_dir = Path(out)
     work = out_dir.with_name(out_dir.name + "-candidates")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
     sample = _bench_sample(ev if ev is not None else cal, ctx.fp32)
-    if cfg.on_device is not None and boards is not None:
-        from sdk.optimize.on_device import probe
-
-        try:  # ... and each takes a candidate (the fp32 model), or the search does not start
-            cannot = probe(
-                cfg.on_device, boards, ctx.fp32.path, _input_spec(sample, ctx.fp32), work
-            )
-        except EdgeshipError:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        notes.extend(f"{d} could not time the fp32 model: {why}" for d, why in cannot.items())
+    boards = _devices_ready(ctx, sample, work, notes)
 
     recipes, skipped = default_registry().plan(ctx)
     if cal is None and ctx.nothing_to_quantize is None:
@@ -177,8 +155,10 @@ def optimize(
     devices: dict[str, Any] | None = None
     try:
         candidates = search.run(recipes, skipped, calibration, bar)
-        if cfg.on_device is not None and boards is not None:
-            chosen, bundle_root, devices = _choose_on_devices(
+        if boards is not None:
+            from sdk.optimize.device_choice import choose_on_devices
+
+            chosen, bundle_root, devices = choose_on_devices(
                 ctx, candidates, boards, sample, work, out_dir, notes, bar, search.measure
             )
         else:
@@ -189,10 +169,8 @@ def optimize(
                 lambda art: search.measure(art).latency_ms["p95"],
                 notes,
             )
+            _nothing_to_quantize(ctx, chosen, notes)
             bundle_root = _bundle(ctx, chosen, work, out_dir, notes, bar)
-        if ctx.nothing_to_quantize is not None:
-            kept = "fp32 kept" if chosen.name == FP32 else "int8 was not tried"
-            notes.append(f"{ctx.nothing_to_quantize}; {kept}")
         bar.update(1)
     finally:
         bar.close()
@@ -222,202 +200,33 @@ def optimize(
     )
 
 
-def _input_spec(
-    sample: dict[str, np.ndarray] | None, art: ModelArtifact
-) -> dict[str, dict[str, Any]]:
-    """The shapes the device times a candidate on: the search's real sample's, else the
-    model's with symbolic dimensions as 1."""
-    if sample is not None:
-        return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sample.items()}
-    return {
-        t.name: {"shape": [d if isinstance(d, int) else 1 for d in t.shape], "dtype": t.dtype}
-        for t in art.io.inputs
-    }
+def _devices_ready(
+    ctx: SearchContext, sample: dict[str, np.ndarray] | None, work: Path, notes: list[str]
+) -> Mapping[str, list[str]] | None:
+    """Make the search's work folder; with ``on_device``, the devices grouped by board, each
+    online and each having taken the fp32 model (:func:`sdk.optimize.on_device.probe`), before
+    the search starts (None without devices)."""
+    boards = None
+    target = ctx.config.on_device
+    if target is not None:  # the devices are online before the search starts
+        from sdk.optimize.on_device import boards_of
 
+        boards = boards_of(target)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    if target is None or boards is None:
+        return None
+    from sdk.optimize.device_choice import input_spec
+    from sdk.optimize.on_device import probe
 
-def _choose_on_devices(
-    ctx: SearchContext,
-    candidates: list[Candidate],
-    boards: Mapping[str, list[str]],
-    sample: dict[str, np.ndarray] | None,
-    work: Path,
-    out_dir: Path,
-    notes: list[str],
-    bar: Any,
-    host_measure: Callable[[ModelArtifact], BenchReport],
-) -> tuple[Candidate, Path, dict[str, Any]]:
-    """Time the candidates on the devices (host figures as the first filter), then choose and
-    bundle once per board model from that board's figures. The first board (of the first
-    ``--device``) is bundled into ``out_dir``, each other into ``<out_dir>-<board>``."""
-    from sdk.optimize.on_device import Job, clean_up, inline_for_device, time_on_devices
-
-    cfg = ctx.config
-    target = cfg.on_device
-    assert target is not None
-    made = [c for c in candidates if c.error is None and c.artifact and c.bench]
-    fp32 = next(c for c in made if c.name == FP32)
-    assert fp32.bench is not None
-    base = fp32.bench.latency_ms["p95"]
-    jobs: list[Job] = []
-    for c in made:
-        assert c.artifact is not None and c.bench is not None
-        c.host_bench = c.bench
-        ratio = c.bench.latency_ms["p95"] / base if base > 0 else 1.0
-        if c is not fp32 and ratio > target.hopeless_ratio:
-            c.device_note = (
-                f"not sent to the devices: host p95 {ratio:.2f}x fp32's, over "
-                f"{target.hopeless_ratio:g}x (hopeless)"
-            )
-            continue
-        path = inline_for_device(c.artifact.path, work)
-        jobs.append(Job(c.name, path, c.bench, _input_spec(sample, c.artifact)))
-    bar.set_description(f"time {len(jobs)} candidates on {len(target.devices)} device(s)")
-    run = time_on_devices(jobs, target, say=log.info, boards=boards)
-    paths = {job.name: job.path for job in jobs}
-    try:
-        return _choose_per_board(
-            ctx, made, run, sample, work, out_dir, notes, bar, paths, host_measure
-        )
-    finally:
-        clean_up(jobs, target, run)
-
-
-def _choose_per_board(
-    ctx: SearchContext,
-    made: list[Candidate],
-    run: DeviceRun,
-    sample: dict[str, np.ndarray] | None,
-    work: Path,
-    out_dir: Path,
-    notes: list[str],
-    bar: Any,
-    paths: Mapping[str, Path],
-    host_measure: Callable[[ModelArtifact], BenchReport],
-) -> tuple[Candidate, Path, dict[str, Any]]:
-    """Choose and bundle for each board model of ``run`` from its figures."""
-    cfg = ctx.config
-    for board, reports in run.reports.items():
-        for name, report in reports.items():
-            next(c for c in made if c.name == name).device_benches[board] = report
-    choices: dict[str, dict[str, Any]] = {}
-    unchosen: dict[str, str] = {}
-    boards = list(run.boards)
-    dests = _board_dirs(out_dir, boards)
-    first: tuple[Candidate, Path] | None = None
-    hopeless = {c.name: c.device_note for c in made if c.device_note}
-    # The other boards first, the first board last: its figures stay on the candidates.
-    for board in [*boards[1:], boards[0]]:
-        for c in made:
-            c.bench = c.device_benches.get(board)
-            c.confirm_p95_ms = []
-            c.budget_lines = check_budget(cfg.budget, _metrics(c))
-            c.device_note = hopeless.get(c.name) or run.missing.get(board, {}).get(c.name)
-        if not any(c.bench for c in made):
-            why = [f"{d} lost: {r}" for d, r in run.lost.items() if d in run.boards[board]]
-            why += [f"{name}: {r}" for name, r in run.missing.get(board, {}).items()]
-            unchosen[board] = "; ".join(why[:3]) or "no candidate was sent"
-            notes.append(f"{board}: no candidate was timed there ({unchosen[board]})")
-            continue
-        bar.set_description(f"confirm the choice on {board}")
-        on_board = _OnBoard(ctx, made, run, board, sample, paths, notes)
-        chosen = _choose(made, cfg.confirm_rounds, on_board, notes)
-        root = _bundle(ctx, chosen, work, dests[board], notes, bar)
-        choices[board] = {
-            "chosen": chosen.name,
-            "bundle": str(root),
-            "meets_budget": chosen.meets_budget,
-            "devices": run.boards[board],
-        }
-        if board == boards[0]:
-            first = (chosen, root)
-    if first is None:
-        # Nothing timed on the first board: the choice falls back to the host's figures, and
-        # the report says so (the CLI exits 1: a board got no choice).
-        for c in made:
-            c.bench, c.confirm_p95_ms = c.host_bench, []
-            c.budget_lines = check_budget(cfg.budget, _metrics(c))
-            c.device_note = c.device_note or run.missing.get(boards[0], {}).get(c.name)
-        notes.append(
-            f"no candidate could be timed on {boards[0]} (the first --device's board): "
-            "chosen from the host's figures instead"
-        )
-        chosen = _choose(
-            made, cfg.confirm_rounds, lambda art: host_measure(art).latency_ms["p95"], notes
-        )
-        first = (chosen, _bundle(ctx, chosen, work, dests[boards[0]], notes, bar))
-    notes.append(
-        "latencies and memory measured on the devices (each candidate in a child process of "
-        "the agent at low priority, beside the application it serves); host figures were the "
-        "first filter"
-    )
-    return first[0], first[1], {**run.to_dict(), "choices": choices, "unchosen": unchosen}
-
-
-def _board_dirs(out_dir: Path, boards: Sequence[str]) -> dict[str, Path]:
-    """``out_dir`` for the first board, ``<out_dir>-<slug>`` for each other: one folder each
-    (slugs made unique), never the search's ``-candidates`` work folder."""
-    from sdk.optimize.on_device import board_slug
-
-    dirs = {boards[0]: out_dir}
-    taken = {"candidates"}
-    for board in boards[1:]:
-        slug = board_slug(board)
-        n = 1
-        while (f"{slug}-{n}" if n > 1 else slug) in taken:
-            n += 1
-        slug = f"{slug}-{n}" if n > 1 else slug
-        taken.add(slug)
-        dirs[board] = out_dir.with_name(f"{out_dir.name}-{slug}")
-    return dirs
-
-
-class _OnBoard:
-    """The confirmation re-runs on a board: a candidate's p95 timed again on a live device of
-    it (the next one when one refuses, stops answering or answers what cannot be), checked as
-    the first timings were; its first-round figure, said in a note, when no device of the
-    board can time it any more."""
-
-    def __init__(
-        self,
-        ctx: SearchContext,
-        made: list[Candidate],
-        run: DeviceRun,
-        board: str,
-        sample: dict[str, np.ndarray] | None,
-        paths: Mapping[str, Path],
-        notes: list[str],
-    ) -> None:
-        self.target = ctx.config.on_device
-        self.made, self.run, self.board, self.sample = made, run, board, sample
-        self.paths, self.notes = paths, notes
-
-    def __call__(self, art: ModelArtifact) -> float:
-        from sdk.optimize.on_device import device_alive, device_report
-        from sdk.remote_bench import benchmark_candidate
-
-        target = self.target
-        assert target is not None
-        cand = next(c for c in self.made if c.artifact is art)
-        assert cand.host_bench is not None
-        path = self.paths.get(cand.name, art.path)
-        for device in [d for d in self.run.boards[self.board] if d not in self.run.lost]:
-            try:
-                rep = benchmark_candidate(
-                    target.broker_url, target.fleet, device, path,
-                    min_runs=target.min_runs, min_seconds=target.min_seconds,
-                    threads=target.threads, inputs=_input_spec(self.sample, art),
-                    key=target.key, timeout_s=target.timeout_s, remove=False, **target.auth(),
-                )  # fmt: skip
-                return device_report(cand.host_bench, rep, device, self.board).latency_ms["p95"]
-            except Exception as exc:  # refused, no answer, or an answer that cannot be
-                log.warning("confirming %s on %s: %s", cand.name, device, exc)
-                if isinstance(exc, RemoteError) and not device_alive(target, device):
-                    self.run.lost.setdefault(device, f"during the confirmation re-runs: {exc}")
-        self.notes.append(
-            f"{cand.name}: no device of {self.board} could time it again for the confirmation; "
-            "its first figure stands in"
-        )
-        return cand.device_benches[self.board].latency_ms["p95"]
+    try:  # ... and each takes a candidate (the fp32 model), or the search does not start
+        cannot = probe(target, boards, ctx.fp32.path, input_spec(sample, ctx.fp32), work)
+    except EdgeshipError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    notes.extend(f"{d} could not time the fp32 model: {why}" for d, why in cannot.items())
+    return boards
 
 
 def _context(
@@ -513,7 +322,7 @@ class _Search:
                 self._run_candidate(cand, recipe, bar)
             finally:
                 cand.elapsed_s = time.monotonic() - began
-            cand.reproduce = _reproduce(cand.artifact, calibration)
+            cand.reproduce = reproduce_command(cand.artifact, calibration)
             if recipe.baseline:
                 self.baseline_quality = cand.quality
             cand.budget_lines = [] if cand.error else check_budget(cfg.budget, _metrics(cand))
@@ -583,74 +392,6 @@ class _Search:
             cand.accuracy_drop = accuracy_drop(cand.quality, self.baseline_quality)
 
 
-def _bundle(
-    ctx: SearchContext,
-    chosen: Candidate,
-    work: Path,
-    out_dir: Path,
-    notes: list[str],
-    bar: Any,
-) -> Path:
-    """Bundle the chosen model with its detector and reference statistics; the bundle's root."""
-    cfg, cal, ev = ctx.config, ctx.calibration, ctx.eval_data
-    winner = chosen.artifact
-    if winner is None:  # _choose only returns candidates that were made
-        raise AssertionError("the chosen candidate has no model")
-    bar.set_description("fit the outlier detector")
-    detector = None if cal is None else fit_detector(cfg, cal, winner, work, notes)
-    bar.set_description("reference statistics")
-    reference = write_reference(cfg, ev if ev is not None else cal, winner, detector, work, notes)
-    bar.set_description("bundle")
-    bundle = package(
-        winner,
-        out_dir,
-        name=cfg.name,
-        version=cfg.version,
-        labels=cfg.labels if cfg.labels is not None else ctx.fp32.details.get("class_labels"),
-        budget=cfg.budget,
-        benchmark=bundle_benchmark(chosen),
-        detector=detector,
-        reference=reference,
-    )
-    return bundle.root
-
-
-def _reproduce(artifact: ModelArtifact | None, calibration: DataSource | None) -> str | None:
-    """The ``edgeship quantize`` command that makes this int8 model again from the ONNX model
-    it was quantized from (for pruned and distilled candidates, their fp32 export in the
-    candidates directory), or None for a model quantize did not make."""
-    details = {} if artifact is None else artifact.details
-    if artifact is not None and "recipe" in details and "float_model" in details:
-        # A LiteRT candidate: edgeship quantize on the float .tflite with its recipe.
-        cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
-        parts = ["edgeship", "quantize", str(details["float_model"])]
-        parts += ["--recipe", str(details["recipe"])]
-        if details.get("calibration_samples"):
-            parts += ["--calibration", cal]
-        return shlex.join([*parts, "-o", str(artifact.path)])
-    if artifact is None or "mode" not in details or "source" not in details:
-        return None
-    cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
-    parts = ["edgeship", "quantize", str(details["source"])]
-    if details.get("calibration_samples") or details["mode"] == "static":
-        parts += ["--calibration", cal]
-    if details["mode"] == "dynamic":
-        parts += ["--mode", "dynamic"]
-    elif details.get("method") not in (None, "minmax"):
-        parts += ["--method", str(details["method"])]
-    if details.get("per_channel") is False:
-        parts.append("--per-tensor")
-    if details.get("reduce_range"):
-        parts.append("--reduce-range")
-    if details.get("op_types") is None:
-        parts += ["--op-types", "all"]
-    excluded = details.get("excluded_nodes") or []
-    if excluded:
-        parts += ["--exclude", ",".join(excluded)]
-    parts += ["-o", str(artifact.path)]
-    return shlex.join(parts)
-
-
 def _check_gate(artifact: ModelArtifact, cfg: OptimizeConfig) -> str | None:
     """The reason an int8 candidate fails the calibration-data check, or None if it passes."""
     check = artifact.details.get("check") or {}
@@ -698,72 +439,6 @@ def _bench_config(cfg: OptimizeConfig, target: TargetProfile) -> BenchConfig:
         min_seconds=cfg.min_seconds,
         ci_stop=cfg.bench_ci_stop,
     )
-
-
-def _metrics(c: Candidate) -> Mapping[str, float | None]:
-    metrics: dict[str, float | None] = {"accuracy_drop": c.accuracy_drop}
-    if c.artifact is not None:
-        metrics["size_mb"] = c.artifact.size_bytes / 2**20
-    if c.bench is not None:
-        for key, value in c.bench.latency_ms.items():
-            metrics[f"{key}_ms"] = value
-        metrics["peak_rss_mb"] = c.bench.rss_increase_mb
-    return metrics
-
-
-def _choose(
-    candidates: list[Candidate],
-    confirm_rounds: int,
-    measure_p95: Callable[[ModelArtifact], float],
-    notes: list[str],
-) -> Candidate:
-    """Apply the objective in the module docstring; ``measure_p95`` re-benchmarks a model."""
-    made = [c for c in candidates if c.error is None and c.artifact is not None and c.bench]
-    passing = sorted(
-        (c for c in made if c.meets_budget),
-        key=lambda c: (c.p95_ms, c.artifact.size_bytes if c.artifact else 0),
-    )
-    if not passing:
-        return min(made, key=lambda c: (c.excess(), c.p95_ms))
-    winner = passing[0]
-    if confirm_rounds <= 0:
-        return winner
-    # Settle the choice with alternating re-runs so noise cannot pick a slower or riskier model:
-    # an all-ops winner against its default-op-types sibling, then the winner against fp32.
-    if winner.name.endswith(ALL_OPS_SUFFIX):
-        sibling_name = winner.name.removesuffix(ALL_OPS_SUFFIX)
-        sibling = next((c for c in passing if c.name == sibling_name), None)
-        if sibling is not None:
-            winner = _settle(winner, sibling, confirm_rounds, measure_p95, notes, strict=True)
-    fp32 = next((c for c in passing if c.name == FP32), None)
-    if fp32 is None or winner is fp32:
-        return winner
-    return _settle(winner, fp32, confirm_rounds, measure_p95, notes, strict=False)
-
-
-def _settle(
-    winner: Candidate,
-    preferred: Candidate,
-    rounds: int,
-    measure_p95: Callable[[ModelArtifact], float],
-    notes: list[str],
-    *,
-    strict: bool,
-) -> Candidate:
-    """Re-benchmark both alternately; keep ``winner`` only if its median p95 is below
-    ``preferred``'s (``strict``) or not above it."""
-    for _ in range(rounds):
-        for c in (preferred, winner):
-            assert c.artifact is not None
-            c.confirm_p95_ms.append(measure_p95(c.artifact))
-    if winner.p95_ms < preferred.p95_ms or (not strict and winner.p95_ms <= preferred.p95_ms):
-        return winner
-    notes.append(
-        f"{winner.name} looked faster than {preferred.name} at first, but alternating re-runs "
-        f"measured p95 {winner.p95_ms:.3f} ms vs {preferred.name} {preferred.p95_ms:.3f} ms: "
-        f"{preferred.name} chosen"
-    )
-    return preferred
 
 
 class _NoBar:

@@ -115,26 +115,7 @@ def quantize_tflite(
         ) from exc
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    source, fixes = _readable_by_the_quantizer(float_art.path, target)
-    source_art = float_art if source == float_art.path else replace(float_art, path=source)
-    with warnings.catch_warnings():
-        # The calibrator keeps every intermediate tensor on purpose and LiteRT warns about it.
-        warnings.simplefilter("ignore")
-        recipe_obj = getattr(aeq_recipe, recipe)()
-        quantizer = _step("loading the model", lambda: aeq_quantizer.Quantizer(source, recipe_obj))
-        calibration_result = None
-        if spec.calibrated and data is not None:
-            feeds = _calibration_feeds(source_art, data)
-            calibration_result = _step("calibrating", lambda: _calibrate(source, recipe_obj, feeds))
-        result = _step(
-            "quantizing",
-            lambda: quantizer.quantize(calibration_result, enable_progress_report=False),
-        )
-        target.unlink(missing_ok=True)  # else the quantizer logs a warning while overwriting
-        _step("writing the model", lambda: result.export_model(target))
-    if source != float_art.path:
-        source.unlink(missing_ok=True)
-
+    fixes = _run_quantizer(aeq_quantizer, aeq_recipe, float_art, recipe, spec, data, target)
     check = _check_against_float(float_art, target, data)
     details = {
         "float_model": str(float_art.path),
@@ -169,6 +150,39 @@ def quantize_tflite(
         check["max_abs_error"],
     )
     return art
+
+
+def _run_quantizer(
+    aeq_quantizer: Any,
+    aeq_recipe: Any,
+    float_art: ModelArtifact,
+    recipe: str,
+    spec: LiteRTRecipe,
+    data: Dataset | None,
+    target: Path,
+) -> list[str]:
+    """Quantize ``float_art`` into ``target`` with ai-edge-quantizer (calibrated on ``data``
+    when the recipe needs it); what had to be filled in for the quantizer to read it."""
+    source, fixes = _readable_by_the_quantizer(float_art.path, target)
+    source_art = float_art if source == float_art.path else replace(float_art, path=source)
+    with warnings.catch_warnings():
+        # The calibrator keeps every intermediate tensor on purpose and LiteRT warns about it.
+        warnings.simplefilter("ignore")
+        recipe_obj = getattr(aeq_recipe, recipe)()
+        quantizer = _step("loading the model", lambda: aeq_quantizer.Quantizer(source, recipe_obj))
+        calibration_result = None
+        if spec.calibrated and data is not None:
+            feeds = _calibration_feeds(source_art, data)
+            calibration_result = _step("calibrating", lambda: _calibrate(source, recipe_obj, feeds))
+        result = _step(
+            "quantizing",
+            lambda: quantizer.quantize(calibration_result, enable_progress_report=False),
+        )
+        target.unlink(missing_ok=True)  # else the quantizer logs a warning while overwriting
+        _step("writing the model", lambda: result.export_model(target))
+    if source != float_art.path:
+        source.unlink(missing_ok=True)
+    return fixes
 
 
 def _float_artifact(model: ModelArtifact | str | Path) -> ModelArtifact:

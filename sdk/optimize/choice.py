@@ -1,0 +1,124 @@
+"""The choice among a search's candidates, and its bundle: the objective (the lowest p95 of
+those that meet every budget line, settled against fp32 by alternating re-runs; else the
+smallest excess), shared by the host search (:mod:`sdk.optimize.search`) and the choice per
+board (:mod:`sdk.optimize.device_choice`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sdk.artifact import ModelArtifact
+from sdk.optimize.bundling import bundle_benchmark, fit_detector, write_reference
+from sdk.optimize.report import Candidate
+from sdk.optimize.stages import SearchContext
+from sdk.optimize.stages.fp32 import FP32
+from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX
+from sdk.package import package
+
+__all__ = ["_bundle", "_choose", "_metrics", "_nothing_to_quantize", "_settle"]
+
+
+def _nothing_to_quantize(ctx: SearchContext, chosen: Candidate, notes: list[str]) -> None:
+    if ctx.nothing_to_quantize is not None:
+        kept = "fp32 kept" if chosen.name == FP32 else "int8 was not tried"
+        notes.append(f"{ctx.nothing_to_quantize}; {kept}")
+
+
+def _bundle(
+    ctx: SearchContext,
+    chosen: Candidate,
+    work: Path,
+    out_dir: Path,
+    notes: list[str],
+    bar: Any,
+) -> Path:
+    """Bundle the chosen model with its detector and reference statistics; the bundle's root."""
+    cfg, cal, ev = ctx.config, ctx.calibration, ctx.eval_data
+    winner = chosen.artifact
+    if winner is None:  # _choose only returns candidates that were made
+        raise AssertionError("the chosen candidate has no model")
+    bar.set_description("fit the outlier detector")
+    detector = None if cal is None else fit_detector(cfg, cal, winner, work, notes)
+    bar.set_description("reference statistics")
+    reference = write_reference(cfg, ev if ev is not None else cal, winner, detector, work, notes)
+    bar.set_description("bundle")
+    bundle = package(
+        winner,
+        out_dir,
+        name=cfg.name,
+        version=cfg.version,
+        labels=cfg.labels if cfg.labels is not None else ctx.fp32.details.get("class_labels"),
+        budget=cfg.budget,
+        benchmark=bundle_benchmark(chosen),
+        detector=detector,
+        reference=reference,
+    )
+    return bundle.root
+
+
+def _metrics(c: Candidate) -> Mapping[str, float | None]:
+    metrics: dict[str, float | None] = {"accuracy_drop": c.accuracy_drop}
+    if c.artifact is not None:
+        metrics["size_mb"] = c.artifact.size_bytes / 2**20
+    if c.bench is not None:
+        for key, value in c.bench.latency_ms.items():
+            metrics[f"{key}_ms"] = value
+        metrics["peak_rss_mb"] = c.bench.rss_increase_mb
+    return metrics
+
+
+def _choose(
+    candidates: list[Candidate],
+    confirm_rounds: int,
+    measure_p95: Callable[[ModelArtifact], float],
+    notes: list[str],
+) -> Candidate:
+    """Apply the objective in the module docstring; ``measure_p95`` re-benchmarks a model."""
+    made = [c for c in candidates if c.error is None and c.artifact is not None and c.bench]
+    passing = sorted(
+        (c for c in made if c.meets_budget),
+        key=lambda c: (c.p95_ms, c.artifact.size_bytes if c.artifact else 0),
+    )
+    if not passing:
+        return min(made, key=lambda c: (c.excess(), c.p95_ms))
+    winner = passing[0]
+    if confirm_rounds <= 0:
+        return winner
+    # Settle the choice with alternating re-runs so noise cannot pick a slower or riskier model:
+    # an all-ops winner against its default-op-types sibling, then the winner against fp32.
+    if winner.name.endswith(ALL_OPS_SUFFIX):
+        sibling_name = winner.name.removesuffix(ALL_OPS_SUFFIX)
+        sibling = next((c for c in passing if c.name == sibling_name), None)
+        if sibling is not None:
+            winner = _settle(winner, sibling, confirm_rounds, measure_p95, notes, strict=True)
+    fp32 = next((c for c in passing if c.name == FP32), None)
+    if fp32 is None or winner is fp32:
+        return winner
+    return _settle(winner, fp32, confirm_rounds, measure_p95, notes, strict=False)
+
+
+def _settle(
+    winner: Candidate,
+    preferred: Candidate,
+    rounds: int,
+    measure_p95: Callable[[ModelArtifact], float],
+    notes: list[str],
+    *,
+    strict: bool,
+) -> Candidate:
+    """Re-benchmark both alternately; keep ``winner`` only if its median p95 is below
+    ``preferred``'s (``strict``) or not above it."""
+    for _ in range(rounds):
+        for c in (preferred, winner):
+            assert c.artifact is not None
+            c.confirm_p95_ms.append(measure_p95(c.artifact))
+    if winner.p95_ms < preferred.p95_ms or (not strict and winner.p95_ms <= preferred.p95_ms):
+        return winner
+    notes.append(
+        f"{winner.name} looked faster than {preferred.name} at first, but alternating re-runs "
+        f"measured p95 {winner.p95_ms:.3f} ms vs {preferred.name} {preferred.p95_ms:.3f} ms: "
+        f"{preferred.name} chosen"
+    )
+    return preferred
