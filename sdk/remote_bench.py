@@ -40,7 +40,7 @@ from device_agent.contracts.commands import (
     candidate_id,
 )
 from device_agent.errors import ConfigError
-from sdk.deploy import _caller
+from sdk.deploy import _Call, _caller
 from sdk.remote import CommandClient, RemoteError
 
 __all__ = ["CandidateRefused", "benchmark_candidate", "candidate_signature"]
@@ -74,6 +74,34 @@ def _inputs(spec: Mapping[str, Any] | Sequence[InputShape] | None) -> tuple[Inpu
     if isinstance(spec, Mapping):
         return InputShape.parse_all(spec)
     return tuple(spec)
+
+
+def _read_candidate(
+    path: Path, fmt: str, chunk_bytes: int, key: str | Path | None
+) -> tuple[bytes, CandidateBegin]:
+    """The candidate file's bytes and the ``candidate_begin`` that announces it (signed with
+    ``key`` if given); ConfigError for a file a device would not take."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the candidate {path}: {exc}") from exc
+    if not data:
+        raise ConfigError(f"the candidate {path} is empty")
+    sha = hashlib.sha256(data).hexdigest()
+    ident = candidate_id(sha)
+    total = math.ceil(len(data) / chunk_bytes)
+    if total > MAX_CHUNKS:
+        raise ConfigError(f"{path.name}: {len(data)} bytes is more chunks than a device takes")
+    begin = CandidateBegin(
+        candidate=ident,
+        size=len(data),
+        sha256=sha,
+        chunks=total,
+        chunk_bytes=min(chunk_bytes, len(data)),
+        format=fmt,
+        signature=None if key is None else candidate_signature(sha, key),
+    )
+    return data, begin
 
 
 def benchmark_candidate(
@@ -134,26 +162,8 @@ def benchmark_candidate(
         }
     )
     shapes = _inputs(inputs)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the candidate {path}: {exc}") from exc
-    if not data:
-        raise ConfigError(f"the candidate {path} is empty")
-    sha = hashlib.sha256(data).hexdigest()
-    ident = candidate_id(sha)
-    total = math.ceil(len(data) / chunk_bytes)
-    if total > MAX_CHUNKS:
-        raise ConfigError(f"{path.name}: {len(data)} bytes is more chunks than a device takes")
-    begin = CandidateBegin(
-        candidate=ident,
-        size=len(data),
-        sha256=sha,
-        chunks=total,
-        chunk_bytes=min(chunk_bytes, len(data)),
-        format=fmt,
-        signature=None if key is None else candidate_signature(sha, key),
-    )
+    data, begin = _read_candidate(path, fmt, chunk_bytes, key)
+    ident = begin.candidate
     bench = BenchmarkArgs(
         min_runs=args.min_runs,
         min_seconds=args.min_seconds,
@@ -172,40 +182,8 @@ def benchmark_candidate(
     ) as client:
         call = _caller(client, device, deadline, limit, call_timeout_s, attempts)
         try:
-            ok, begun, error = call(Action.CANDIDATE_BEGIN, begin.to_args())
-            if not ok:
-                raise CandidateRefused(f"device {device!r} refused the candidate: {error}")
-            given = begun.get("have") if isinstance(begun, dict) else None
-            # What a device answers is not trusted: only valid chunk indexes count as held.
-            have = {
-                i
-                for i in (given if isinstance(given, list) else [])
-                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total
-            }
-            todo = [i for i in range(total) if i not in have]
-
-            def send(index: int) -> tuple[bool, str | None]:
-                part = data[index * chunk_bytes : (index + 1) * chunk_bytes]
-                chunk = CandidateChunk(
-                    candidate=ident,
-                    index=index,
-                    data=base64.b64encode(part).decode("ascii"),
-                    sha256=hashlib.sha256(part).hexdigest(),
-                )
-                sent_ok, _, why = call(Action.CANDIDATE_CHUNK, chunk.to_args())
-                return sent_ok, why
-
-            with ThreadPoolExecutor(max_workers=max(1, window)) as pool:
-                for index, (sent_ok, why) in zip(todo, pool.map(send, todo), strict=True):
-                    if not sent_ok:
-                        pool.shutdown(cancel_futures=True)
-                        raise CandidateRefused(f"device {device!r} refused chunk {index}: {why}")
-            transfer = {
-                "chunks": total,
-                "chunks_sent": len(todo),
-                "bytes": len(data),
-                "seconds": time.monotonic() - started,
-            }
+            transfer = _send_candidate(call, device, begin, data, chunk_bytes, window)
+            transfer["seconds"] = time.monotonic() - started
             # The benchmark gets its own wait (it may take max_seconds), within the deadline.
             left = deadline - time.monotonic()
             if left <= 0:
@@ -225,6 +203,49 @@ def benchmark_candidate(
                 _remove(client, ident, call_timeout_s)
     report["transfer"] = transfer
     return report
+
+
+def _send_candidate(
+    call: _Call,
+    device: str,
+    begin: CandidateBegin,
+    data: bytes,
+    chunk_bytes: int,
+    window: int,
+) -> dict[str, Any]:
+    """Announce the candidate with ``begin`` and send the chunks the device does not have yet,
+    ``window`` at a time; the transfer's figures less ``seconds``."""
+    ok, begun, error = call(Action.CANDIDATE_BEGIN, begin.to_args())
+    if not ok:
+        raise CandidateRefused(f"device {device!r} refused the candidate: {error}")
+    ident = begin.candidate
+    total = math.ceil(len(data) / chunk_bytes)
+    given = begun.get("have") if isinstance(begun, dict) else None
+    # What a device answers is not trusted: only valid chunk indexes count as held.
+    have = {
+        i
+        for i in (given if isinstance(given, list) else [])
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total
+    }
+    todo = [i for i in range(total) if i not in have]
+
+    def send(index: int) -> tuple[bool, str | None]:
+        part = data[index * chunk_bytes : (index + 1) * chunk_bytes]
+        chunk = CandidateChunk(
+            candidate=ident,
+            index=index,
+            data=base64.b64encode(part).decode("ascii"),
+            sha256=hashlib.sha256(part).hexdigest(),
+        )
+        sent_ok, _, why = call(Action.CANDIDATE_CHUNK, chunk.to_args())
+        return sent_ok, why
+
+    with ThreadPoolExecutor(max_workers=max(1, window)) as pool:
+        for index, (sent_ok, why) in zip(todo, pool.map(send, todo), strict=True):
+            if not sent_ok:
+                pool.shutdown(cancel_futures=True)
+                raise CandidateRefused(f"device {device!r} refused chunk {index}: {why}")
+    return {"chunks": total, "chunks_sent": len(todo), "bytes": len(data)}
 
 
 def _remove(client: CommandClient, ident: str, timeout_s: float) -> None:
