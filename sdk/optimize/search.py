@@ -17,23 +17,27 @@ that train for minutes):
    runs it, since its activation scales depend on the batch);
 4. ``ort-static-int8-<method>-all-ops``: static int8 over every operator type ORT can
    quantize, when the model has operators that would add;
-5. calibration variants of (2): the other methods of ``static_methods`` and per-tensor weight
+5. ``ort-weight-int4``: only when the budget has a size line: the MatMul weights (and Gemm's,
+   rewritten to MatMul) in 4-bit blocks, run by ONNX Runtime's ``MatMulNBits``
+   (:func:`sdk.quantize.nbits.quantize_int4`; about a sixth of fp32's size), gated on
+   ``min_cosine`` like int8; a model without such weights lists it as skipped;
+6. calibration variants of (2): the other methods of ``static_methods`` and per-tensor weight
    scales (``-per-tensor``). They quantize the same operators, so they are no smaller and no
    faster than (2): they only run when (2) failed on quality (the ``drop`` line or the
    ``min_cosine`` gate) or could not be made;
-6. ``ort-static-int8-accuracy-aware``: :func:`sdk.quantize.accuracy_aware_quantize` keeps
+7. ``ort-static-int8-accuracy-aware``: :func:`sdk.quantize.accuracy_aware_quantize` keeps
    the most quantization-sensitive nodes in float until the drop fits the budget's ``drop``
    line. It needs eval data and a ``drop`` line and only runs when no static candidate so far
    meets every line and plain static int8 missed the ``drop`` line (otherwise it would return
    plain static int8 unchanged, or be beaten by a candidate with more of the model in int8);
-7. with a PyTorch model (``torch_model``, ``train_data``): ``pruned-<pct>-int8`` for each of
+8. with a PyTorch model (``torch_model``, ``train_data``): ``pruned-<pct>-int8`` for each of
    :attr:`OptimizeConfig.prune_ratios` (structured pruning with :func:`sdk.prune.prune_structured`,
    fine-tuning, ONNX export, static int8), and with a ``student``: ``distilled-int8``
    (:func:`sdk.distill.distill` from ``torch_model``, export, static int8);
-8. ``fp16``: only where the runtime benefits. Boards run ONNX Runtime's CPU execution
+9. ``fp16``: only where the runtime benefits. Boards run ONNX Runtime's CPU execution
    provider, whose fp16 support is a handful of kernels (it casts around the rest), so on a
    CPU target fp16 is listed as skipped with that reason; ``try_fp16=True`` forces it.
-9. with a PyTorch model and :attr:`OptimizeConfig.litert_recipes` (none by default):
+10. with a PyTorch model and :attr:`OptimizeConfig.litert_recipes` (none by default):
    ``litert-<recipe>`` for each, the model exported to TFLite and quantized for LiteRT with that
    ai-edge-quantizer recipe.
 

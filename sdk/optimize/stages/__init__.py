@@ -23,6 +23,7 @@ from sdk.optimize.stages.litert_tflite import TfliteFileStage
 from sdk.optimize.stages.ort_dynamic import DynamicStage
 from sdk.optimize.stages.ort_static import AllOpsStage, CalibrationVariantsStage, StaticStage
 from sdk.optimize.stages.pruned import PrunedStage
+from sdk.optimize.stages.weight4 import WeightInt4Stage
 
 __all__ = ["Recipe", "SearchContext", "Stage", "StageRegistry", "default_registry"]
 
@@ -66,15 +67,17 @@ class StageRegistry:
 
 
 def default_registry() -> StageRegistry:
-    """fp32, ORT static int8, ORT dynamic int8, static over every operator type, calibration
-    variants, accuracy-aware int8, pruned, distilled, fp16, LiteRT (with ``litert_recipes``),
-    and for a float .tflite the LiteRT recipes of the model as given."""
+    """fp32, ORT static int8, ORT dynamic int8, static over every operator type, int4 MatMul
+    weights (with a size line), calibration variants, accuracy-aware int8, pruned, distilled,
+    fp16, LiteRT (with ``litert_recipes``), and for a float .tflite the LiteRT recipes of the
+    model as given."""
     registry = StageRegistry()
     for stage in (
         Fp32Stage(),
         StaticStage(),
         DynamicStage(),
         AllOpsStage(),
+        WeightInt4Stage(),
         CalibrationVariantsStage(),
         AccuracyAwareStage(),
         PrunedStage(),
