@@ -29,6 +29,7 @@ __all__ = [
     "Dataset",
     "check_labels",
     "load_dataset",
+    "read_npz",
     "sample_count",
     "take_samples",
 ]
@@ -91,7 +92,7 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
             arrays[LABELS_KEY] = source.labels
         name = source.name
     elif isinstance(source, str | Path):
-        arrays = _read_npz(Path(source), what)
+        arrays = read_npz(Path(source), what)
     elif isinstance(source, np.ndarray):
         if len(io.inputs) != 1:
             raise DataError(
@@ -155,7 +156,8 @@ def _first(values: np.ndarray, count: int = 5) -> str:
     return ", ".join(str(v) for v in values.reshape(-1)[:count].tolist())
 
 
-def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file (no pickles); ``what`` prefixes every error."""
     if not path.exists():
         raise DataError(f"{what}: file not found: {path}")
     if path.suffix.lower() != ".npz":

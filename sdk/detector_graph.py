@@ -341,7 +341,9 @@ def _check_merged(
         except NotExportable:
             return  # no shape to draw a check input from; the tests cover the formulas
         dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
-        shape[0] = 3
+        batch = info.type.tensor_type.shape.dim[0]
+        # three samples, or the batch a fixed-batch model (exported at batch 1) takes
+        shape[0] = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else 3
         if np.dtype(dtype).kind != "f":
             return  # integer inputs (token ids, ...) need real data to mean anything
         feed[name] = rng.standard_normal(shape).astype(dtype)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from sdk.errors import ConfigError
 
-__all__ = ["PROFILES", "TargetProfile", "get_target", "host_profile"]
+__all__ = ["PROFILES", "RUNTIMES", "TargetProfile", "get_target", "host_profile"]
+
+#: The runtimes a bundle can name, as its manifest names them.
+RUNTIMES = ("onnxruntime", "litert")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,20 @@ class TargetProfile:
     # CPU features that matter for inference, named as Linux's /proc/cpuinfo names them
     # (asimd = NEON, asimddp = dot product, i8mm); see sdk.isa. Empty: unknown.
     isa: tuple[str, ...] = ()
+    # The runtimes installed on the board (of RUNTIMES); empty: not known, so either.
+    runtimes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if isinstance(self.runtimes, str) or unknown:
+            raise ConfigError(
+                f"target {self.name}: runtimes takes a tuple of {', '.join(RUNTIMES)}; "
+                f"got {self.runtimes!r}"
+            )
+
+    def usable_runtimes(self) -> tuple[str, ...]:
+        """The runtimes a bundle for this board may name: ``runtimes``, or all when unknown."""
+        return self.runtimes or RUNTIMES
 
     def threads_on_host(self) -> int:
         """Threads to benchmark with here: the board's cores, capped at this host's."""
@@ -65,7 +82,20 @@ def host_profile() -> TargetProfile:
         memory_mb=mem_mb,
         arch=platform.machine(),
         cpu=platform.processor() or platform.machine(),
+        runtimes=installed_runtimes(),
     )
+
+
+def installed_runtimes() -> tuple[str, ...]:
+    """The runtimes this Python can import (found, not imported: this stays cheap)."""
+    from importlib.util import find_spec
+
+    have = []
+    if find_spec("onnxruntime") is not None:
+        have.append("onnxruntime")
+    if find_spec("ai_edge_litert") is not None or find_spec("tflite_runtime") is not None:
+        have.append("litert")
+    return tuple(have)
 
 
 # ISA features per core generation (Linux /proc/cpuinfo names). Cortex-A53/A57/A72 are
@@ -139,8 +169,12 @@ PROFILES: dict[str, TargetProfile] = {
 }
 
 
-def get_target(name: str, *, latency_scale: float | None = None) -> TargetProfile:
-    """The profile called ``name`` (``host`` is this machine)."""
+def get_target(
+    name: str, *, latency_scale: float | None = None, runtimes: tuple[str, ...] | None = None
+) -> TargetProfile:
+    """The profile called ``name`` (``host`` is this machine, with the runtimes it has
+    installed); ``runtimes`` says what the board has installed (the board profiles do not
+    know: a Pi image may carry ONNX Runtime, LiteRT or both)."""
     key = name.strip().lower()
     if key == "host":
         profile = host_profile()
@@ -155,4 +189,8 @@ def get_target(name: str, *, latency_scale: float | None = None) -> TargetProfil
         from dataclasses import replace
 
         profile = replace(profile, latency_scale=latency_scale)
+    if runtimes is not None:
+        from dataclasses import replace
+
+        profile = replace(profile, runtimes=tuple(runtimes))
     return profile

@@ -135,6 +135,7 @@ def test_targets_json_lists_every_profile_with_its_raw_fields() -> None:
         assert shown == {
             **dataclasses.asdict(profile),
             "isa": list(profile.isa),
+            "runtimes": list(profile.runtimes),
             "threads_on_host": profile.threads_on_host(),
         }
     # the table shows the same profiles

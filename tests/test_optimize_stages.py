@@ -27,6 +27,7 @@ ORDER = [
     "ort-static",
     "ort-dynamic",
     "ort-static-all-ops",
+    "ort-weight-int4",
     "ort-static-variants",
     "accuracy-aware",
     "pruned",

@@ -108,10 +108,12 @@ def test_optimize_a_float_tflite_makes_litert_candidates_and_bundles_the_choice(
     skipped = {s["name"]: s["reason"] for s in report["skipped"]}
     for name in ("litert-dynamic_wi8_afp32", "litert-dynamic_wi4_afp32"):
         assert UNSAFE in skipped.pop(name), skipped
+    assert "cannot load its models" in skipped.pop("litert-weight_only_wi4_afp32"), skipped
     assert skipped == {
         "ort-static-int8-minmax": ONNX_SKIP,
         "ort-static-int8-accuracy-aware": ONNX_SKIP,
         "ort-dynamic-int8": ONNX_SKIP,
+        "ort-weight-int4": ONNX_SKIP,
         "fp16": ONNX_SKIP,
     }
     assert f"ort-dynamic-int8               skipped: {ONNX_SKIP}" in out

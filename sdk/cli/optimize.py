@@ -47,8 +47,10 @@ def register(sub: Any) -> None:
         "model",
         type=Path,
         help="the fp32 .onnx file (skl2onnx's defaults too: a ZipMap output becomes the "
-        "probability tensor, said in a note), or a float .tflite (LiteRT recipes then: "
-        "docs/quantization.md, 'A .tflite model')",
+        "probability tensor, said in a note), a float .tflite (LiteRT recipes then: "
+        "docs/quantization.md, 'A .tflite model'), or a PyTorch program saved with "
+        "torch.export.save (.pt2; needs --calibration, whose keys name the inputs): exported "
+        "to ONNX and to TFLite, and both runtimes' candidates searched (--runtime)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--calibration", type=Path, help=".npz of representative inputs")
@@ -189,6 +191,19 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         help="fp16 candidate: auto tries it only where the runtime benefits (not on CPU "
         "boards, where it is listed as skipped with the reason)",
     )
+    p.add_argument(
+        "--no-weight-int4",
+        action="store_true",
+        help="with a size line, do not try 4-bit MatMul weights (ort-weight-int4)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=["auto", "onnxruntime", "litert"],
+        default="auto",
+        help="the runtime the bundle may name: auto searches every runtime the target has "
+        "(this host: the ones installed; a board profile: both) and lets the measurements "
+        "choose; litert with a .pt2 measures everything against its float TFLite export",
+    )
     add_reduce_range_arg(p)
 
 
@@ -272,6 +287,8 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
         use_calibration_cache=not args.no_calibration_cache,
         try_fp16={"auto": None, "on": True, "off": False}[args.fp16],
         reduce_range=args.reduce_range,
+        runtime=args.runtime,
+        try_weight_int4=not args.no_weight_int4,
         on_device=_on_device(args),
     )
 

@@ -19,7 +19,8 @@ def register(sub: Any) -> None:
         "targets",
         help="list the target profiles",
         description="List the board profiles --target accepts: cores, memory, CPU. The first, "
-        "host, is this machine.",
+        "host, is this machine, with the runtimes installed here (JSON key runtimes; empty "
+        "for a board: not known, so optimize searches ONNX Runtime and LiteRT).",
         epilog="example: edgeship targets --json | jq -r '.targets[].name'",
     )
     p.add_argument(
@@ -39,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
         from device_agent.httpjson import dumps_json
 
         targets = [
-            {**dataclasses.asdict(t), "isa": list(t.isa), "threads_on_host": t.threads_on_host()}
+            {
+                **dataclasses.asdict(t),
+                "isa": list(t.isa),
+                "runtimes": list(t.runtimes),
+                "threads_on_host": t.threads_on_host(),
+            }
             for t in rows
         ]
         sys.stdout.write(dumps_json({"targets": targets}).decode("ascii") + "\n")
@@ -49,4 +55,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{t.name:<18}{t.cores:>6}{t.memory_mb:>7}MB  {t.cpu:<22}{t.description}")
     print("\nBenchmarks run with the board's core count, capped at this host's; latencies are")
     print("measured on this host. --latency-scale adds an estimate of board latency.")
+    host = rows[0].runtimes
+    print(
+        f"Runtimes: this host has {', '.join(host) or 'none installed'}; a board profile does "
+        "not say, so optimize\nsearches both unless --runtime keeps to one."
+    )
     return EXIT_OK

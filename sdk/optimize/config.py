@@ -10,7 +10,7 @@ from sdk.budget import Budget
 from sdk.cache_dirs import edgeship_cache
 from sdk.errors import ConfigError
 from sdk.quantize import CalibMethod
-from sdk.targets import TargetProfile
+from sdk.targets import RUNTIMES, TargetProfile
 
 if TYPE_CHECKING:
     from sdk.optimize.on_device import OnDevice
@@ -59,7 +59,18 @@ class OptimizeConfig:
     none), ``fine_tune_epochs`` after pruning and ``distill_epochs`` for the student;
     ``litert_recipes``: ai-edge-quantizer recipes (:data:`sdk.quantize.RECIPES`, e.g.
     ``"static_wi8_ai8"``), one ``litert-<recipe>`` candidate each: the PyTorch model exported
-    to TFLite and quantized for LiteRT (empty, the default: none).
+    to TFLite and quantized for LiteRT. Empty (the default): with ``runtime`` ``"auto"`` or
+    ``"litert"`` and a board that has LiteRT, the recipes a float ``.tflite`` gets
+    (:data:`sdk.optimize.stages.litert.TFLITE_RECIPES`); otherwise none.
+
+    ``try_weight_int4``: with a size line in the budget, the ``ort-weight-int4`` candidate
+    (4-bit MatMul weights, :mod:`sdk.optimize.stages.weight4`); False leaves it out.
+
+    ``runtime``: the runtime the bundle may name. ``"auto"`` searches every runtime the target
+    has (:attr:`sdk.targets.TargetProfile.runtimes`; ONNX Runtime and LiteRT when it does not
+    say) and lets the measurements choose; ``"onnxruntime"`` or ``"litert"`` keeps to one. A
+    board with LiteRT only gets a float TFLite baseline exported from ``torch_model``
+    (:mod:`sdk.optimize.runtimes`).
     """
 
     target: str | TargetProfile = "host"
@@ -90,6 +101,8 @@ class OptimizeConfig:
     fine_tune_epochs: int = 5
     distill_epochs: int = 15
     litert_recipes: tuple[str, ...] = ()
+    runtime: str = "auto"
+    try_weight_int4: bool = True
     # Time the candidates on real devices over MQTT and choose from their figures
     # (sdk.optimize.on_device.OnDevice; None: on this host).
     on_device: OnDevice | None = None
@@ -113,6 +126,13 @@ class OptimizeConfig:
             raise ConfigError(
                 f"litert_recipes: unknown ai-edge-quantizer recipes {unknown}; "
                 f"known: {list(RECIPES)}"
+            )
+        if self.runtime not in ("auto", *RUNTIMES):
+            raise ConfigError(f"runtime must be auto, onnxruntime or litert, got {self.runtime!r}")
+        if self.runtime == "onnxruntime" and self.litert_recipes:
+            raise ConfigError(
+                "litert_recipes make LiteRT candidates, and runtime is onnxruntime: "
+                "drop one of them"
             )
         for ratio in self.prune_ratios:
             if not 0.0 < ratio < 1.0:

@@ -113,7 +113,7 @@ EVAL_BATCH = 64
 
 
 def optimize(
-    model: ModelArtifact | str | Path,
+    model: ModelArtifact | str | Path | torch.nn.Module,
     *,
     calibration: DataSource | None = None,
     eval_data: DataSource | None = None,
@@ -136,11 +136,14 @@ def optimize(
     """
     started = time.monotonic()
     cfg = config or OptimizeConfig()
-    ctx = _context(model, calibration, eval_data, cfg, torch_model, train_data, student)
-    cal, ev = ctx.calibration, ctx.eval_data
     out_dir = Path(out)
+    exports = out_dir.with_name(out_dir.name + "-source")  # models the search starts from
+    model, torch_model = _torch_source(model, calibration, torch_model, exports)
+    ctx = _context(model, calibration, eval_data, cfg, torch_model, train_data, student, exports)
+    cal, ev = ctx.calibration, ctx.eval_data
     work = out_dir.with_name(out_dir.name + "-candidates")
     notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
+    notes += _runtime_notes(ctx)
     sample = _bench_sample(ev if ev is not None else cal, ctx.fp32)
     boards = _devices_ready(ctx, sample, work, notes)
 
@@ -187,6 +190,7 @@ def optimize(
         notes.append(f"benchmarked on one sample of the {source} data ({shapes})")
     if not cfg.keep_candidates:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(exports, ignore_errors=True)
     return OptimizeReport(
         candidates=candidates,
         chosen=chosen.name,
@@ -241,9 +245,11 @@ def _context(
     torch_model: torch.nn.Module | None,
     train_data: TrainData | None,
     student: torch.nn.Module | None,
+    source: Path,
 ) -> SearchContext:
     """The search's inputs, checked and loaded once: the data becomes ``Dataset``s here and
-    every stage reads those."""
+    every stage reads those. A search for LiteRT alone starts from ``torch_model``'s float
+    TFLite export, written in ``source``."""
     target = cfg.target if isinstance(cfg.target, TargetProfile) else get_target(cfg.target)
     fp32 = model if isinstance(model, ModelArtifact) else read_artifact(model, recipe=FP32)
     if fp32.format not in ("onnx", "tflite"):
@@ -255,7 +261,14 @@ def _context(
     )
     ev = None if eval_data is None else load_dataset(eval_data, fp32.io, what="eval data")
     check_torch_inputs(cfg, fp32, cal, ev, torch_model, train_data, student)
+    from sdk.optimize.runtimes import allowed_runtimes, litert_baseline
     from sdk.quantize.ort_check import nothing_to_quantize
+
+    runtimes = allowed_runtimes(cfg, target, fp32.format, torch_model)
+    if fp32.format == "onnx" and "onnxruntime" not in runtimes and torch_model is not None:
+        fp32 = litert_baseline(fp32, torch_model, cal, source / "model.tflite")
+        cal = None if cal is None else load_dataset(cal, fp32.io, what="calibration data")
+        ev = None if ev is None else load_dataset(ev, fp32.io, what="eval data")
 
     return SearchContext(
         config=cfg,
@@ -268,7 +281,59 @@ def _context(
         train_data=train_data,
         student=student,
         nothing_to_quantize=nothing_to_quantize(fp32.path) if fp32.format == "onnx" else None,
+        runtimes=runtimes,
     )
+
+
+def _torch_source(
+    model: ModelArtifact | str | Path | torch.nn.Module,
+    calibration: DataSource | None,
+    torch_model: torch.nn.Module | None,
+    folder: Path,
+) -> tuple[ModelArtifact | str | Path, torch.nn.Module | None]:
+    """A PyTorch model given as the model (a module, or a ``.pt2`` file) exported to ONNX in
+    ``folder``, and the module as ``torch_model``; any other model as it is."""
+    import sys
+
+    if isinstance(model, ModelArtifact):
+        return model, torch_model
+    if isinstance(model, str | Path):
+        if Path(model).suffix.lower() != ".pt2":
+            return model, torch_model
+        from sdk.optimize.runtimes import load_pt2
+
+        module = load_pt2(Path(model))
+    elif "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
+        module = model
+    else:
+        raise ConfigError(
+            "model must be a model file path, a ModelArtifact or a torch.nn.Module, "
+            f"not {type(model).__name__}"
+        )
+    if torch_model is not None:
+        raise ConfigError(
+            "the model is a PyTorch model already, and it is the one exported and pruned: "
+            "leave torch_model out"
+        )
+    from sdk.optimize.runtimes import source_model
+
+    return source_model(module, calibration, folder), module
+
+
+def _runtime_notes(ctx: SearchContext) -> list[str]:
+    """What the runtimes allowed changed about the search, in the report's notes."""
+    target = ctx.target.name
+    if ctx.fp32.details.get("litert_only"):
+        return [
+            f"target {target} runs LiteRT only here (runtime {ctx.config.runtime}): every "
+            "candidate is measured against torch_model's float TFLite export"
+        ]
+    if ctx.torch_model is not None and len(ctx.runtimes) > 1:
+        return [
+            f"ONNX Runtime and LiteRT candidates both searched (target {target} may run "
+            "either; --runtime keeps to one): the measurements choose"
+        ]
+    return []
 
 
 class _Measure:

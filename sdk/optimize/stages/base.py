@@ -24,7 +24,7 @@ from sdk.data import Dataset
 from sdk.errors import ConfigError
 from sdk.optimize.config import OptimizeConfig
 from sdk.optimize.report import Candidate, SkippedRecipe
-from sdk.targets import TargetProfile
+from sdk.targets import RUNTIMES, TargetProfile
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,8 @@ class SearchContext:
     #: Why no operator of ``fp32`` has an int8 form (a scikit-learn tree ensemble), or None:
     #: with a reason, the stages that quantize ``fp32`` with ONNX Runtime plan nothing.
     nothing_to_quantize: str | None = None
+    #: The runtimes candidates may use (:func:`sdk.optimize.runtimes.allowed_runtimes`).
+    runtimes: tuple[str, ...] = RUNTIMES
 
     def require_calibration(self) -> Dataset:
         """The calibration data of a recipe that was only planned because there is some."""

@@ -2,7 +2,9 @@
 the model exported to TFLite (litert-torch, at batch 1, the batch a board runs) and quantized
 with each listed ai-edge-quantizer recipe (:func:`sdk.quantize.quantize_tflite`). The
 candidates run in LiteRT, the runtime a bundle of them names, and are measured and judged like
-the ONNX ones. Off by default: it needs the ``tflite-export`` extra and minutes of conversion.
+the ONNX ones. With no ``litert_recipes`` named, the recipes a float ``.tflite`` gets are tried
+whenever ``torch_model`` is given and the board may run LiteRT (:mod:`sdk.optimize.runtimes`);
+without the ``tflite-export`` extra they are listed as skipped with the command that installs it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from sdk.errors import ConfigError
 from sdk.optimize.report import SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
 
-__all__ = ["LITERT_PREFIX", "LiteRTStage", "TfliteRecipe"]
+__all__ = ["LITERT_PREFIX", "TFLITE_RECIPES", "LiteRTStage", "TfliteRecipe"]
 
 LITERT_PREFIX = "litert"
+
+#: The recipes tried on a float .tflite, and on the PyTorch model's TFLite export, unless
+#: ``litert_recipes`` names others: the ones whose models tflite-runtime 2.14 runs correctly
+#: (:data:`sdk.optimize.stages.litert_tflite.RUNTIME_UNSAFE` says why not the others).
+TFLITE_RECIPES = ("static_wi8_ai8", "weight_only_wi8_afp32")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class TfliteRecipe(Recipe):
             path=path.with_name(path.stem + ".fp32.tflite"),
             input_names=[s.name for s in ctx.fp32.io.inputs],
             output_names=[s.name for s in ctx.fp32.io.outputs],
+            dynamic_batch=False,  # a board runs batch 1
         )
         calibration = cal if RECIPES[self.recipe].calibrated else None
         return quantize_tflite(exported, calibration, path, recipe=self.recipe)
@@ -65,10 +73,22 @@ class LiteRTStage:
     name = LITERT_PREFIX
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        from sdk.optimize.runtimes import litert_enabled, litert_export_missing
+
         recipes = ctx.config.litert_recipes
+        named = bool(recipes)
+        if not named and litert_enabled(ctx.config, ctx.runtimes, ctx.torch_model):
+            recipes = TFLITE_RECIPES
         if not recipes or ctx.calibration is None:
             return []
-        if ctx.torch_model is None:
+        names = [f"{LITERT_PREFIX}-{r}" for r in recipes]
+        reason = None
+        if "litert" not in ctx.runtimes:
+            reason = f"target {ctx.target.name} has no LiteRT runtime"
+        elif ctx.torch_model is None:
             reason = "LiteRT candidates are exported from the PyTorch model: pass torch_model"
-            return [SkippedRecipe(f"{LITERT_PREFIX}-{r}", reason) for r in recipes]
+        else:
+            reason = litert_export_missing()
+        if reason is not None:
+            return [SkippedRecipe(n, reason) for n in names]
         return [TfliteRecipe(r) for r in recipes]

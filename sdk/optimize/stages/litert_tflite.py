@@ -31,12 +31,13 @@ from sdk.optimize.stages.accuracy_aware import ACCURACY_AWARE
 from sdk.optimize.stages.base import Recipe, SearchContext
 from sdk.optimize.stages.distilled import DISTILLED
 from sdk.optimize.stages.fp16 import FP16
-from sdk.optimize.stages.litert import LITERT_PREFIX, TfliteRecipe
+from sdk.optimize.stages.litert import LITERT_PREFIX, TFLITE_RECIPES, TfliteRecipe
 from sdk.optimize.stages.ort_dynamic import DYNAMIC
 from sdk.optimize.stages.ort_static import STATIC_PREFIX
 from sdk.optimize.stages.weight4 import WEIGHT_INT4, precision_gate
 
 __all__ = [
+    "LITERT_ONLY_REASON",
     "ONNX_ONLY_REASON",
     "RUNTIME_UNSAFE",
     "SIZE_RECIPES",
@@ -45,8 +46,6 @@ __all__ = [
     "TfliteFileStage",
 ]
 
-#: The recipes tried on a float .tflite unless ``litert_recipes`` names others.
-TFLITE_RECIPES = ("static_wi8_ai8", "weight_only_wi8_afp32")
 
 #: Recipes left out unless ``litert_recipes`` names them, and why: tflite-runtime 2.14 (the
 #: LiteRT many Raspberry Pi images have) loads ai-edge-quantizer's dynamic-range models and
@@ -70,6 +69,8 @@ RUNTIME_UNSAFE = {
 SIZE_RECIPES = ("weight_only_wi4_afp32",)
 
 ONNX_ONLY_REASON = "the model is a .tflite: ONNX Runtime recipes need an ONNX model"
+#: The same, when the search exported the PyTorch model to TFLite for a LiteRT-only board.
+LITERT_ONLY_REASON = "the bundle may name LiteRT only (runtime, target): no ONNX Runtime recipe"
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class TfliteFileStage:
                 plan.append(SkippedRecipe(f"{LITERT_PREFIX}-{recipe}", reason))
             else:
                 plan.append(_recipe(recipe))
-        plan += [SkippedRecipe(name, ONNX_ONLY_REASON) for name in _onnx_recipes(ctx)]
+        why = LITERT_ONLY_REASON if ctx.fp32.details.get("litert_only") else ONNX_ONLY_REASON
+        plan += [SkippedRecipe(name, why) for name in _onnx_recipes(ctx)]
         return plan
 
 
@@ -143,7 +145,7 @@ def _onnx_recipes(ctx: SearchContext) -> list[str]:
     if cfg.budget.max_size_mb is not None:
         names.append(WEIGHT_INT4)
     names.append(FP16)
-    if ctx.torch_model is not None:
+    if ctx.torch_model is not None and ctx.train_data is not None:
         names += [f"pruned-{r * 100:g}-int8" for r in cfg.prune_ratios]
         if ctx.student is not None:
             names.append(DISTILLED)

@@ -1,5 +1,7 @@
-"""What the PyTorch stages (pruned, distilled) share: the inputs they are refused without, an
-example batch for export, and the export-then-static-int8 that ends each of them."""
+"""What the PyTorch stages (pruned, distilled, LiteRT) share: the inputs they are refused
+without, an example batch for export, and the export-then-static-int8 that ends pruning and
+distillation. ``torch_model`` alone (no ``train_data``) makes LiteRT candidates; pruning and
+distillation also need ``train_data``."""
 
 from __future__ import annotations
 
@@ -46,11 +48,14 @@ def check_torch_inputs(
         )
     if student is not None and not isinstance(student, torch.nn.Module):
         raise ConfigError(f"student must be a torch.nn.Module, got {type(student).__name__}")
-    if train_data is None:
-        raise ConfigError("torch_model needs train_data=(x, y) to fine-tune or distil with")
+    if student is not None and train_data is None:
+        raise ConfigError("a student needs train_data=(x, y) to be distilled on")
     if cal is None:
-        raise ConfigError("torch_model recipes end in static int8: pass calibration data")
-    if ev is None or cfg.budget.max_accuracy_drop is None:
+        raise ConfigError(
+            "torch_model's candidates are exported on and calibrated with calibration data: "
+            "pass calibration data"
+        )
+    if train_data is not None and (ev is None or cfg.budget.max_accuracy_drop is None):
         raise ConfigError(
             "pruning and distillation change what the model computes: pass eval data and a "
             "'drop' budget line so their accuracy is judged"
@@ -81,7 +86,9 @@ def check_torch_inputs(
 def torch_example(fp32: ModelArtifact, cal: Dataset) -> tuple[torch.Tensor, ...]:
     import torch
 
-    feed = take_samples(cal.inputs, 0, min(4, len(cal)))
+    first = fp32.io.inputs[0].shape[:1]  # a model exported at a fixed batch takes only that
+    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
+    feed = take_samples(cal.inputs, 0, min(fixed or 4, len(cal)))
     return tuple(torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in fp32.io.inputs)
 
 

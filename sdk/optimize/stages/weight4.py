@@ -52,7 +52,7 @@ class WeightInt4Stage:
     name = WEIGHT_INT4
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
-        if ctx.config.budget.max_size_mb is None:
+        if ctx.config.budget.max_size_mb is None or not ctx.config.try_weight_int4:
             return []
         from sdk.quantize.nbits import int4_blocker
 

@@ -1,0 +1,241 @@
+"""Which runtimes a search makes candidates for, and the models it starts from.
+
+A board runs a bundle in ONNX Runtime or in LiteRT (``ai-edge-litert``, or ``tflite-runtime`` on
+many Raspberry Pi images). :attr:`~sdk.optimize.OptimizeConfig.runtime` says which the bundle
+may name: ``"auto"`` (every runtime the target has, see
+:meth:`sdk.targets.TargetProfile.usable_runtimes`), ``"onnxruntime"`` or ``"litert"``. With
+both allowed and the PyTorch model at hand (``torch_model``), the search makes ONNX candidates
+*and* LiteRT ones (the module exported to TFLite and quantized with ai-edge-quantizer) and the
+measurements choose: on Arm, XNNPACK's int8 is often the fastest int8 there is.
+
+Where only LiteRT is allowed, the baseline every candidate is measured against is a float
+TFLite export of ``torch_model`` (:func:`litert_baseline`), so the search is the one a float
+``.tflite`` gets. A ``torch.nn.Module`` (or a ``.pt2`` file saved with ``torch.export.save``)
+given as the model is exported to ONNX first (:func:`source_model`), with input names taken
+from the calibration data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sdk.artifact import ModelArtifact
+from sdk.data import LABELS_KEY, Dataset, DataSource, take_samples
+from sdk.errors import ConfigError
+from sdk.optimize.config import OptimizeConfig
+from sdk.targets import TargetProfile
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["allowed_runtimes", "litert_baseline", "load_pt2", "source_model"]
+
+_LITERT_EXPORT = "pip install 'edgeship[tflite-export]'"
+
+
+def allowed_runtimes(
+    cfg: OptimizeConfig, target: TargetProfile, fmt: str, torch_model: Any
+) -> tuple[str, ...]:
+    """The runtimes the search's candidates may use, or a ConfigError saying what to change."""
+    usable = target.usable_runtimes()
+    if cfg.runtime == "auto":
+        allowed = usable
+    elif cfg.runtime in usable:
+        allowed = (cfg.runtime,)
+    else:
+        raise ConfigError(
+            f"runtime {cfg.runtime}: target {target.name} has {' and '.join(usable)} only"
+        )
+    if fmt == "tflite" and "litert" not in allowed:
+        raise ConfigError(
+            f"a .tflite model runs in LiteRT, and target {target.name} allows "
+            f"{' and '.join(allowed)} only: pass the ONNX model or --runtime litert"
+        )
+    if fmt == "onnx" and "onnxruntime" not in allowed and torch_model is None:
+        raise ConfigError(
+            f"target {target.name} runs LiteRT only (runtime {cfg.runtime}): pass a float "
+            ".tflite, or the PyTorch model (torch_model, or a .pt2 file) to export one"
+        )
+    return allowed
+
+
+def litert_enabled(cfg: OptimizeConfig, allowed: tuple[str, ...], torch_model: Any) -> bool:
+    """Whether the PyTorch path adds LiteRT candidates without ``litert_recipes`` naming
+    any: with the module at hand, on a board that has LiteRT, unless told otherwise."""
+    return torch_model is not None and "litert" in allowed
+
+
+def litert_export_missing() -> str | None:
+    """Why LiteRT candidates cannot be exported here (litert-torch is absent), or None."""
+    from importlib.util import find_spec
+
+    if find_spec("litert_torch") is None:
+        return f"exporting to TFLite needs litert-torch: {_LITERT_EXPORT}"
+    return None
+
+
+def litert_baseline(
+    fp32: ModelArtifact, torch_model: torch.nn.Module, cal: Dataset | None, path: Path
+) -> ModelArtifact:
+    """``torch_model`` exported to a float TFLite at ``path`` (batch 1, the batch a board
+    runs), with ``fp32``'s input and output names: the baseline of a LiteRT-only search."""
+    import torch
+
+    from sdk.export import export
+
+    missing = litert_export_missing()
+    if missing is not None:
+        raise ConfigError(f"a LiteRT-only search starts from a TFLite export; {missing}")
+    if cal is None:
+        raise ConfigError("a LiteRT-only search exports the PyTorch model: pass calibration data")
+    one = take_samples(cal.inputs, 0, 1)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(one[s.name])) for s in fp32.io.inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    art = export(
+        torch_model,
+        example,
+        to="tflite",
+        path=path,
+        input_names=[s.name for s in fp32.io.inputs],
+        output_names=[s.name for s in fp32.io.outputs],
+        dynamic_batch=False,
+    )
+    return _as_fp32(art).with_details(litert_only=True)
+
+
+def _as_fp32(art: ModelArtifact) -> ModelArtifact:
+    from dataclasses import replace
+
+    from sdk.optimize.stages.fp32 import FP32
+
+    return replace(art, recipe=FP32)
+
+
+def load_pt2(path: Path) -> torch.nn.Module:
+    """The module of an ExportedProgram saved with ``torch.export.save`` (a ``.pt2`` file)."""
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except Exception as exc:
+        from sdk.export_common import one_line
+
+        raise ConfigError(
+            f"{path.name}: not a program saved with torch.export.save ({one_line(exc)})"
+        ) from exc
+    batches = [
+        node.meta["val"].shape[0]
+        for node in program.graph.nodes
+        if node.op == "placeholder"
+        and node.name in program.graph_signature.user_inputs
+        and len(getattr(node.meta.get("val"), "shape", ())) > 0
+    ]
+    fixed = [b for b in batches if isinstance(b, int)]
+    if any(b != 1 for b in fixed):
+        raise ConfigError(
+            f"{path.name} was exported with a fixed batch of {fixed[0]}: export it with batch 1 "
+            "or a dynamic batch (torch.export.export(model, args, dynamic_shapes=...))"
+        )
+    return _as_program(program.module(), 1 if fixed else None)
+
+
+def _program_class() -> type:
+    import torch
+
+    class Program(torch.nn.Module):
+        """An exported program's module, which runs as it was exported: ``train()`` and
+        ``eval()`` (which torch refuses on it) leave it as it is."""
+
+        def __init__(self, inner: torch.nn.Module, fixed_batch: int | None) -> None:
+            super().__init__()
+            self.inner = inner
+            self.fixed_batch = fixed_batch  # the batch it was exported at, if fixed
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(*args)
+
+        def train(self, mode: bool = True) -> Program:
+            self.training = mode
+            return self
+
+    return Program
+
+
+def _as_program(inner: Any, fixed_batch: int | None) -> torch.nn.Module:
+    module: torch.nn.Module = _program_class()(inner, fixed_batch)
+    return module
+
+
+def source_model(
+    model: torch.nn.Module, calibration: DataSource | None, folder: Path
+) -> ModelArtifact:
+    """``model`` exported to ONNX in ``folder`` (dynamic batch), its inputs named and shaped
+    after the calibration data: ``{name: array}`` in the order of ``forward``'s arguments,
+    an ``.npz`` file of them, or one array (named ``input``)."""
+    import torch
+
+    from sdk.export import export
+
+    arrays = _input_arrays(calibration)
+    names = list(arrays)
+    fixed = getattr(model, "fixed_batch", None)  # a .pt2 exported at batch 1
+    batch = fixed or min(4, *(len(a) for a in arrays.values()))
+    example = tuple(torch.from_numpy(np.ascontiguousarray(a[:batch])) for a in arrays.values())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    except Exception as exc:
+        from sdk.export_common import one_line
+
+        raise ConfigError(
+            f"{type(model).__name__} does not run on the calibration data's inputs "
+            f"{[(n, tuple(a.shape)) for n, a in arrays.items()]}: {one_line(exc)}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    count = len(out) if isinstance(out, tuple | list) else 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return _as_fp32(
+        export(
+            model.eval(),
+            example,
+            to="onnx",
+            path=folder / "model.onnx",
+            input_names=names,
+            output_names=["output"] if count == 1 else [f"output_{i}" for i in range(count)],
+            dynamic_batch=fixed is None,
+        )
+    )
+
+
+def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
+    from sdk.data import read_npz
+
+    if calibration is None:
+        raise ConfigError(
+            "a PyTorch model is exported on calibration samples: pass calibration data"
+        )
+    if isinstance(calibration, Dataset):
+        arrays = dict(calibration.inputs)
+    elif isinstance(calibration, str | Path):
+        arrays = read_npz(Path(calibration), "calibration data")
+    elif isinstance(calibration, np.ndarray):
+        arrays = {"input": calibration}
+    elif isinstance(calibration, dict):
+        arrays = {str(k): np.asarray(v) for k, v in calibration.items()}
+    else:
+        raise ConfigError(
+            "with a PyTorch model, pass calibration data as {input name: array}, an .npz "
+            f"file or one array, not {type(calibration).__name__}"
+        )
+    arrays.pop(LABELS_KEY, None)
+    if not arrays or any(a.ndim == 0 or len(a) == 0 for a in arrays.values()):
+        raise ConfigError("calibration data: every input needs at least one sample")
+    return arrays
