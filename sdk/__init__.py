@@ -60,6 +60,7 @@ __all__ = [
     "parse_budget",
     "prune",
     "quantize",
+    "quantize_int4",
     "quantize_tflite",
     "read_artifact",
 ]
@@ -83,6 +84,7 @@ _HOMES: dict[str, str] = {
     "quantize": "sdk.quantize",
     "QuantizeConfig": "sdk.quantize",
     "quantize_tflite": "sdk.quantize",
+    "quantize_int4": "sdk.quantize",
     "evaluate": "sdk.evaluate",
     "Quality": "sdk.evaluate",
     "benchmark": "sdk.bench",
@@ -107,7 +109,7 @@ if TYPE_CHECKING:
     from sdk.optimize import OptimizeConfig, OptimizeReport, optimize
     from sdk.package import package
     from sdk.prune import prune_structured as prune
-    from sdk.quantize import QuantizeConfig, quantize, quantize_tflite
+    from sdk.quantize import QuantizeConfig, quantize, quantize_int4, quantize_tflite
     from sdk.targets import PROFILES, TargetProfile, get_target
 
 

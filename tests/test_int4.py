@@ -11,6 +11,7 @@ the int4 path rewrites to ``MatMul`` first.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import sdk
 from sdk.artifact import ModelArtifact, read_artifact
 from sdk.budget import parse_budget
+from sdk.cli.app import main
 from sdk.data import load_dataset
 from sdk.errors import QuantizationError
 from sdk.optimize import OptimizeConfig, optimize
@@ -316,6 +318,15 @@ def test_optimize_with_a_size_line_measures_int4_and_ships_it_when_only_it_fits(
         check=False,
     )
     assert check.returncode == 0 and check.stdout.rstrip().endswith("ok"), check.stdout
+    # the report's command (edgeship quantize --mode int4) writes the same model again
+    assert made.reproduce is not None and "--mode int4" in made.reproduce, made.reproduce
+    np.savez(tmp_path / "cal.npz", **{INPUT_NAME: digits_splits.x_cal})
+    again = tmp_path / "again.onnx"
+    argv = shlex.split(made.reproduce.replace("CALIBRATION.npz", str(tmp_path / "cal.npz")))
+    argv[argv.index("-o") + 1] = str(again)
+    assert argv[:2] == ["edgeship", "quantize"] and main(argv[1:]) == 0
+    assert again.read_bytes() == made.artifact.path.read_bytes()
+    assert main([*argv[1:], "--per-tensor"]) == 2  # an int8 option: one line, exit 2
 
 
 def test_optimize_without_a_size_line_does_not_try_int4(

@@ -304,6 +304,13 @@ def reproduce_command(artifact: ModelArtifact | None, calibration: DataSource | 
         if details.get("calibration_samples"):
             parts += ["--calibration", cal]
         return shlex.join([*parts, "-o", str(artifact.path)])
+    if artifact is not None and details.get("bits") == 4 and "source" in details:
+        # ort-weight-int4: edgeship quantize --mode int4 (its defaults are the search's)
+        parts = ["edgeship", "quantize", str(details["source"]), "--mode", "int4"]
+        if details.get("calibration_samples"):
+            cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
+            parts += ["--calibration", cal]
+        return shlex.join([*parts, "-o", str(artifact.path)])
     if artifact is None or "mode" not in details or "source" not in details:
         return None
     cal = str(calibration) if isinstance(calibration, str | Path) else "CALIBRATION.npz"
