@@ -27,6 +27,7 @@ ORDER = [
     "ort-static",
     "ort-dynamic",
     "ort-static-all-ops",
+    "latency-aware",
     "ort-weight-int4",
     "ort-static-variants",
     "accuracy-aware",
@@ -69,6 +70,7 @@ def test_the_default_plan_is_the_documented_candidate_order(tmp_path: Path) -> N
         "ort-static-int8-minmax",
         "ort-dynamic-int8",
         "ort-static-int8-minmax-all-ops",  # the MLP's Add and Relu are beyond the defaults
+        "ort-static-int8-latency-aware",
         "ort-static-int8-entropy",
         "ort-static-int8-percentile",
         "ort-static-int8-minmax-per-tensor",
