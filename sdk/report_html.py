@@ -161,6 +161,7 @@ def render_report(report: Mapping[str, Any], *, command: str | None = None) -> s
     )
     reproduce = html.escape(command) if command else "edgeship optimize … (see the report JSON)"
     each = _reproduce_each(candidates)
+    latency = _latency_aware_section(candidates)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>edgeship optimize: {html.escape(chosen)} for {html.escape(str(target.get("name", "")))}
@@ -199,7 +200,7 @@ code {{ background: #f4f4f4; padding: 2px 4px; }}
 front (no other candidate is at least as good on latency, memory, size and quality at once).</p>
 <h2>Budget lines of the chosen candidate</h2>
 <table><tr><th>line</th><th>measured</th><th>limit</th><th></th></tr>{"".join(budget_rows)}</table>
-<h2>Notes</h2>
+{latency}<h2>Notes</h2>
 <ul>{"".join(f"<li>{n}</li>" for n in notes) or "<li>none</li>"}</ul>
 <h2>Reproduce</h2>
 <p><code>{reproduce}</code></p>
@@ -261,6 +262,40 @@ def _notes(report: Mapping[str, Any], candidates: list[Mapping[str, Any]]) -> li
                 + ", ".join(html.escape(str(n)) for n in excluded)
             )
     return notes
+
+
+def _latency_aware_section(candidates: list[Mapping[str, Any]], top: int = 10) -> str:
+    """The latency-aware int8 candidate's per-node evidence (its ``details["latency_aware"]``):
+    the nodes whose int8 cost most exceeds their fp32 cost, and which it keeps in float."""
+    parts = []
+    for c in candidates:
+        details = c.get("details") or {}
+        evidence = details.get("latency_aware") if isinstance(details, Mapping) else None
+        if not isinstance(evidence, Mapping):
+            continue
+        rows = "".join(
+            f"<tr><td>{html.escape(str(n.get('node')))}</td>"
+            f'<td class="why">{html.escape(str(n.get("op_type")))}</td>'
+            f"<td>{_fmt(n.get('fp32_us'))}</td><td>{_fmt(n.get('int8_us'))}</td>"
+            f"<td>{'kept in float' if n.get('kept_in_float') else 'int8'}</td></tr>"
+            for n in list(evidence.get("nodes") or [])[:top]
+        )
+        rounds = ", ".join(
+            f"round {r.get('round')}: {r.get('excluded')} in float, {_fmt(r.get('wall_us'))} µs"
+            for r in evidence.get("rounds") or []
+        )
+        parts.append(
+            f"<h3>{html.escape(str(c['name']))}</h3><p>Measured per node with ONNX Runtime's "
+            f"profiler at {_fmt(evidence.get('threads'))} thread(s), median of "
+            f"{_fmt(evidence.get('runs'))} runs (fp32 run {_fmt(evidence.get('fp32_wall_us'))} "
+            f"µs; {html.escape(rounds)}; chosen round {_fmt(evidence.get('chosen_round'))}). "
+            "int8 µs counts the Quantize/DequantizeLinear pairs around the node.</p>"
+            '<table><tr><th>node</th><th class="why">op type</th><th>fp32 µs</th>'
+            f"<th>int8 µs</th><th></th></tr>{rows}</table>"
+        )
+    if not parts:
+        return ""
+    return "<h2>Latency-aware int8: per-node evidence</h2>\n" + "\n".join(parts) + "\n"
 
 
 def _skipped_table(report: Mapping[str, Any]) -> str:

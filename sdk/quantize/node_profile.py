@@ -12,8 +12,9 @@ measures where the time goes, so a quantizer can keep the nodes that lose in flo
 threads, every graph optimization) with ORT's profiler on, and reads the JSON trace: each
 ``Node`` event ``<runtime node>_kernel_time`` has its ``dur`` (µs) and ``args.op_name``. Only
 the timed runs count (the events inside the last ``runs`` ``model_run`` events); times are
-means per run. ORT optimizes the graph before it runs it, so the runtime's nodes are not the
-model's. They are mapped back (the optimized graph is saved next to the trace to read tensors):
+medians over those runs (a stall of a busy machine lands on one node of one run). ORT
+optimizes the graph before it runs it, so the runtime's nodes are not the model's. They are
+mapped back (the optimized graph is saved next to the trace to read tensors):
 
 1. a runtime node with a model node's name is that node;
 2. ``<tensor>_nchwc`` (x86's blocked-layout convolution, named after its output tensor) is the
@@ -67,7 +68,7 @@ _SUFFIX = "_kernel_time"
 
 @dataclass(frozen=True)
 class NodeTime:
-    """One model node's share of a run: mean µs per run over the kernels mapped to it."""
+    """One model node's share of a run: µs per run (medians) of the kernels mapped to it."""
 
     node: str
     op_type: str
@@ -79,14 +80,14 @@ class NodeTime:
 class NodeProfile:
     """Per-node times of one model (``nodes``, keyed by the model's node names), the runtime
     nodes no model node could be found for (``unattributed``, runtime name -> µs), and the
-    mean wall time of one run (``wall_us``, ORT's ``model_run`` event) over ``runs`` runs."""
+    median wall time of one run (``wall_us``, ORT's ``model_run`` event) over ``runs`` runs."""
 
     nodes: dict[str, NodeTime]
     unattributed: dict[str, float]
     wall_us: float
     runs: int
     threads: int
-    kernels_us: float = field(default=0.0)  # the sum of every timed kernel, per run
+    kernels_us: float = field(default=0.0)  # the sum of every kernel's median
 
     def us(self, node: str) -> float:
         found = self.nodes.get(node)
@@ -138,25 +139,29 @@ def profile_nodes(
 def _timed_kernels(
     events: Sequence[Mapping[str, Any]], runs: int
 ) -> tuple[dict[str, tuple[str, float]], float]:
-    """Runtime node -> (op, total µs over the timed runs), and the mean wall µs of a run."""
+    """Runtime node -> (op, median µs per timed run), and the median wall µs of a run. Medians,
+    not means: a busy machine's occasional stall would otherwise land on whichever node ran."""
     model_runs = sorted(
         (e for e in events if e.get("name") == "model_run"), key=lambda e: int(e["ts"])
     )[-runs:]
     if not model_runs:
         raise QuantizationError("the profiler recorded no model_run event")
     windows = [(int(e["ts"]), int(e["ts"]) + int(e["dur"])) for e in model_runs]
-    kernels: dict[str, tuple[str, float]] = {}
+    per_run: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
     for e in events:
         name = str(e.get("name", ""))
         if e.get("cat") != "Node" or not name.endswith(_SUFFIX):
             continue
         ts = int(e["ts"])
-        if not any(lo <= ts <= hi for lo, hi in windows):
+        window = next((i for i, (lo, hi) in enumerate(windows) if lo <= ts <= hi), None)
+        if window is None:
             continue
         node = name[: -len(_SUFFIX)]
-        op = str((e.get("args") or {}).get("op_name", "?"))
-        kernels[node] = (op, kernels.get(node, (op, 0.0))[1] + float(e["dur"]))
-    wall = sum(hi - lo for lo, hi in windows) / len(windows)
+        ops[node] = str((e.get("args") or {}).get("op_name", "?"))
+        per_run.setdefault(node, [0.0] * len(windows))[window] += float(e["dur"])
+    kernels = {n: (ops[n], float(np.median(times))) for n, times in per_run.items()}
+    wall = float(np.median([hi - lo for lo, hi in windows]))
     return kernels, wall
 
 
@@ -238,12 +243,12 @@ def _attribute(
     for r, (op, us) in kernels.items():
         node = mapped[r]
         if node is None:
-            unattributed[r] = us / runs
+            unattributed[r] = us
             continue
-        totals[node] = totals.get(node, 0.0) + us / runs
+        totals[node] = totals.get(node, 0.0) + us
         ran.setdefault(node, []).append(op)
     nodes = {n: NodeTime(n, model.ops[n], t, tuple(sorted(set(ran[n])))) for n, t in totals.items()}
-    kernels_us = sum(us for _, us in kernels.values()) / runs
+    kernels_us = sum(us for _, us in kernels.values())
     return NodeProfile(nodes, unattributed, wall, runs, threads, kernels_us)
 
 
