@@ -18,11 +18,13 @@ mapped back (the optimized graph is saved next to the trace to read tensors):
 
 1. a runtime node with a model node's name is that node;
 2. ``<tensor>_nchwc`` (x86's blocked-layout convolution, named after its output tensor) is the
-   node that produced that tensor, or, when that is an activation ORT fused into a convolution
-   (Relu, Clip, HardSigmoid, ...), the convolution before it;
+   node that produced that tensor;
 3. otherwise the model node whose name is the longest prefix of the runtime name followed by
    ``_`` or ``/`` (``/c0/Conv_token_1`` is the QLinearConv fused from ``/c0/Conv``;
-   ``..._DequantizeLinear/duplicated`` is a copy of that DequantizeLinear);
+   ``..._DequantizeLinear/duplicated`` is a copy of that DequantizeLinear); and a convolution
+   kernel found under an operator that is not one (ORT folds BatchNormalization, activations
+   and a residual Add into the convolution and names it after the last of them) is the
+   convolution that chain starts from;
 4. a layout node ORT inserted (``Transpose``, ``ReorderInput``, ``ReorderOutput``) belongs to
    the node it feeds from or, failing that, the node it feeds: it exists for that node's kernel;
 5. anything else is ``unattributed`` (kept by runtime name, with its time).
@@ -63,6 +65,17 @@ _LAYOUT = ("Transpose", "ReorderInput", "ReorderOutput")
 # Operators whose int8 form is a fused kernel (QLinearConv, QGemm, MatMulInteger, ...) and
 # into which ORT folds a following activation.
 _COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm")
+# The runtime's kernels for those (fp32 and int8 forms).
+_KERNELS = (
+    *_COMPUTE,
+    "FusedMatMul",
+    "NchwcConv",
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+)
 _SUFFIX = "_kernel_time"
 
 
@@ -205,21 +218,35 @@ def _model_graph(path: Path) -> _Graph:
     return _graph(onnx.load(str(path), load_external_data=False))
 
 
-def _source(name: str, model: _Graph, by_length: Sequence[str]) -> str | None:
+def _source(name: str, op: str, model: _Graph, by_length: Sequence[str]) -> str | None:
     """Rules 1-3 of the module docstring: the model node a runtime node was made from."""
-    if name in model.ops:
-        return name
-    if name.endswith("_nchwc"):
-        made = model.producer.get(name[: -len("_nchwc")])
-        if made is not None:
-            if model.ops[made] not in _COMPUTE and model.inputs.get(made):
-                before = model.producer.get(model.inputs[made][0])
-                if before is not None and model.ops[before] in _COMPUTE:
-                    return before
-            return made
-    for candidate in by_length:
-        if name.startswith(candidate) and name[len(candidate)] in "_/":
-            return candidate
+    found = name if name in model.ops else None
+    if found is None and name.endswith("_nchwc"):
+        found = model.producer.get(name[: -len("_nchwc")])
+    if found is None:
+        found = next((c for c in by_length if name.startswith(c) and name[len(c)] in "_/"), None)
+    if found is not None and op in _KERNELS and model.ops[found] not in _COMPUTE:
+        return _fused_into(found, model) or found
+    return found
+
+
+def _fused_into(node: str, model: _Graph, steps: int = 4) -> str | None:
+    """The convolution (or Gemm, MatMul) a chain of operators ending at ``node`` was fused
+    into: ORT folds BatchNormalization, activations and a residual Add into the kernel and
+    names it after the last of them. Walks back through single inputs; at a node fed by
+    several, only a directly feeding compute node is taken."""
+    for _ in range(steps):
+        feeds = [
+            model.producer[t]
+            for t in model.inputs.get(node, [])
+            if t in model.producer and model.ops[model.producer[t]] != "Constant"
+        ]
+        compute = [f for f in feeds if model.ops[f] in _COMPUTE]
+        if len(feeds) != 1:
+            return compute[0] if len(compute) == 1 else None
+        node = feeds[0]
+        if compute:
+            return node
     return None
 
 
@@ -233,7 +260,9 @@ def _attribute(
 ) -> NodeProfile:
     model = _model_graph(path)
     by_length = sorted((n for n in model.ops if n), key=len, reverse=True)
-    mapped: dict[str, str | None] = {r: _source(r, model, by_length) for r in kernels}
+    mapped: dict[str, str | None] = {
+        r: _source(r, op, model, by_length) for r, (op, _) in kernels.items()
+    }
     for r, (op, _) in kernels.items():  # rule 4: layout nodes inherit a neighbour's node
         if mapped[r] is None and op in _LAYOUT:
             mapped[r] = _neighbour(r, runtime, mapped)
