@@ -192,5 +192,7 @@ def get_target(
     if runtimes is not None:
         from dataclasses import replace
 
+        if isinstance(runtimes, str):
+            raise ConfigError(f"runtimes takes a tuple such as ({runtimes!r},), not a string")
         profile = replace(profile, runtimes=tuple(runtimes))
     return profile

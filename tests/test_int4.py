@@ -447,3 +447,14 @@ def test_tflite_runtime_2_14_cannot_load_litert_int4_weights(
     float_top1 = np.argmax(results[float_tflite.path]["logits"], axis=1)
     assert (float_top1 == y).mean() >= 0.93  # the float model runs there
     assert "DEQUANTIZE" in results[int4.path]["error"], results[int4.path]
+
+
+@pytest.mark.tflite
+def test_quantize_mode_int4_refuses_a_tflite_and_names_its_int4_recipe(
+    float_tflite: ModelArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "q.tflite"
+    assert main(["quantize", str(float_tflite.path), "--mode", "int4", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe weight_only_wi4_afp32" in err and "Traceback" not in err
+    assert not out.exists()

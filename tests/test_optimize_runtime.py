@@ -92,7 +92,7 @@ def test_a_board_with_litert_only_is_searched_from_a_float_tflite_export(
     assert {c.artifact.format for c in made} == {"tflite"}
     assert by["litert-static_wi8_ai8"].error is None
     assert not any(name.startswith("ort-") for name in by)
-    assert any("LiteRT only" in n for n in report.notes)
+    assert any("may name LiteRT only" in n for n in report.notes)
     assert load_bundle(report.bundle).manifest.model.runtime == "litert"
     from device_agent.cli import main as agent_main
 
@@ -127,7 +127,7 @@ def test_runtime_mistakes_are_one_line_errors(digits_mlp: Any, tmp_path: Path) -
     export(model, torch.from_numpy(cal[INPUT_NAME][:2]), to="onnx", path=onnx,
            input_names=[INPUT_NAME])  # fmt: skip
     litert_only = OptimizeConfig(target=get_target("rpi4", runtimes=("litert",)), **QUICK)
-    with pytest.raises(ConfigError, match=r"runs LiteRT only.*float \.tflite"):
+    with pytest.raises(ConfigError, match=r"may name LiteRT only.*float \.tflite"):
         optimize(onnx, calibration=cal, out=tmp_path / "b", config=litert_only)
     onnx_only = replace(litert_only, target=get_target("rpi4", runtimes=("onnxruntime",)))
     with pytest.raises(ConfigError, match="rpi4 has onnxruntime only"):
@@ -173,3 +173,42 @@ def test_the_cli_takes_a_pt2_program(
     rc = main(["optimize", str(tmp_path / "junk.pt2"), "-o", str(tmp_path / "b3"), *common])
     err = capsys.readouterr().err
     assert rc == 2 and "not a program saved with torch.export.save" in err
+
+
+def test_inputs_are_matched_to_forward_arguments_by_name(tmp_path: Path) -> None:
+    """Two inputs given in another order than forward's arguments are matched by name (fed by
+    position under swapped names they would be silently wrong); a missing or unknown name is
+    a one-line error; the caller's module keeps its training mode; and a -source folder the
+    user already had survives keep_candidates=False."""
+    import torch
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.fc(a * 2 - b)
+
+    torch.manual_seed(0)
+    net = TwoInputs().train()
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((64, 8)).astype(np.float32) for _ in range(2))
+    kept = tmp_path / "b-source" / "mine.txt"
+    kept.parent.mkdir()
+    kept.write_text("the user's")
+    config = OptimizeConfig(runtime="onnxruntime", keep_candidates=False, **QUICK)
+    report = optimize(net, calibration={"b": b, "a": a}, out=tmp_path / "b", config=config)
+    assert net.training  # given back as it came
+    from device_agent.runtime import open_session
+
+    fp32 = report.candidates[0].artifact
+    assert [s.name for s in fp32.io.inputs] == ["a", "b"]
+    got = open_session(report.bundle / "model.onnx").run({"a": a[:4], "b": b[:4]})[0]
+    with torch.no_grad():
+        want = net.eval()(torch.from_numpy(a[:4]), torch.from_numpy(b[:4])).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert kept.read_text() == "the user's"
+    with pytest.raises(ConfigError, match=r"named as the model's arguments \['a', 'b'\]: 'b'"):
+        optimize(net, calibration={"a": a, "c": b}, out=tmp_path / "c", config=config)
+    assert not (tmp_path / "c-source").exists()  # a failed run leaves no folder behind

@@ -96,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from sdk.quantize import QuantizeConfig, quantize
 
     if args.model.suffix.lower() == ".tflite":
+        if args.mode == "int4":
+            raise ConfigError(
+                "--mode int4 is for an ONNX model; a .tflite takes int4 weights with "
+                "--recipe weight_only_wi4_afp32 (or dynamic_wi4_afp32)"
+            )
         return _run_tflite(args)
     if args.recipe is not None:
         raise ConfigError("--recipe is for a .tflite model; ONNX models take --mode and --method")

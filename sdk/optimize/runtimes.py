@@ -17,6 +17,9 @@ from the calibration data.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +59,9 @@ def allowed_runtimes(
         )
     if fmt == "onnx" and "onnxruntime" not in allowed and torch_model is None:
         raise ConfigError(
-            f"target {target.name} runs LiteRT only (runtime {cfg.runtime}): pass a float "
-            ".tflite, or the PyTorch model (torch_model, or a .pt2 file) to export one"
+            f"the bundle may name LiteRT only (--runtime {cfg.runtime}, target {target.name} "
+            f"has {' and '.join(usable)}): pass a float .tflite, or the PyTorch model to export "
+            "one (a .pt2 file; torch_model in Python)"
         )
     return allowed
 
@@ -119,7 +123,8 @@ def load_pt2(path: Path) -> torch.nn.Module:
     import torch
 
     try:
-        program = torch.export.load(str(path))
+        with _quiet_torch():
+            program = torch.export.load(str(path))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
     except Exception as exc:
@@ -141,7 +146,20 @@ def load_pt2(path: Path) -> torch.nn.Module:
             f"{path.name} was exported with a fixed batch of {fixed[0]}: export it with batch 1 "
             "or a dynamic batch (torch.export.export(model, args, dynamic_shapes=...))"
         )
-    return _as_program(program.module(), 1 if fixed else None)
+    names = [str(n) for n in program.graph_signature.user_inputs]
+    return _as_program(program.module(), 1 if fixed else None, names)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch.export logs a failed load's traceback before raising: the error says it all."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _program_class() -> type:
@@ -151,10 +169,13 @@ def _program_class() -> type:
         """An exported program's module, which runs as it was exported: ``train()`` and
         ``eval()`` (which torch refuses on it) leave it as it is."""
 
-        def __init__(self, inner: torch.nn.Module, fixed_batch: int | None) -> None:
+        def __init__(
+            self, inner: torch.nn.Module, fixed_batch: int | None, input_names: list[str]
+        ) -> None:
             super().__init__()
             self.inner = inner
             self.fixed_batch = fixed_batch  # the batch it was exported at, if fixed
+            self.input_names = input_names  # forward's arguments, in order
 
         def forward(self, *args: Any) -> Any:
             return self.inner(*args)
@@ -166,9 +187,47 @@ def _program_class() -> type:
     return Program
 
 
-def _as_program(inner: Any, fixed_batch: int | None) -> torch.nn.Module:
-    module: torch.nn.Module = _program_class()(inner, fixed_batch)
+def _as_program(inner: Any, fixed_batch: int | None, names: list[str]) -> torch.nn.Module:
+    module: torch.nn.Module = _program_class()(inner, fixed_batch, names)
     return module
+
+
+def _argument_names(model: torch.nn.Module) -> list[str] | None:
+    """``forward``'s positional argument names, in order (None when it takes ``*args``)."""
+    import inspect
+
+    names = getattr(model, "input_names", None)  # a .pt2's, as recorded at export
+    if isinstance(names, list):
+        return names
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
+def _in_forward_order(
+    model: torch.nn.Module, arrays: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The calibration arrays in the order of ``forward``'s arguments, matched by name; a
+    single input matches whatever its key. A mismatch is a one-line error: feeding inputs by
+    position under the wrong names would be silently wrong."""
+    names = _argument_names(model)
+    if names is None or (len(names) == 1 and len(arrays) == 1):
+        return arrays
+    missing = [n for n in names if n not in arrays]
+    extra = [k for k in arrays if k not in names]
+    if missing or extra:
+        raise ConfigError(
+            f"calibration data's inputs {list(arrays)} must be named as the model's "
+            f"arguments {names}"
+            + (f": {', '.join(map(repr, missing))} missing" if missing else "")
+            + (f"; {', '.join(map(repr, extra))} unknown" if extra else "")
+        )
+    return {n: arrays[n] for n in names}
 
 
 def source_model(
@@ -181,7 +240,7 @@ def source_model(
 
     from sdk.export import export
 
-    arrays = _input_arrays(calibration)
+    arrays = _in_forward_order(model, _input_arrays(calibration))
     names = list(arrays)
     fixed = getattr(model, "fixed_batch", None)  # a .pt2 exported at batch 1
     batch = fixed or min(4, *(len(a) for a in arrays.values()))
@@ -194,25 +253,28 @@ def source_model(
     except Exception as exc:
         from sdk.export_common import one_line
 
+        model.train(was_training)
+        what = "the .pt2 program" if hasattr(model, "fixed_batch") else type(model).__name__
         raise ConfigError(
-            f"{type(model).__name__} does not run on the calibration data's inputs "
+            f"{what} does not run on the calibration data's inputs "
             f"{[(n, tuple(a.shape)) for n, a in arrays.items()]}: {one_line(exc)}"
         ) from exc
-    finally:
-        model.train(was_training)
     count = len(out) if isinstance(out, tuple | list) else 1
     folder.mkdir(parents=True, exist_ok=True)
-    return _as_fp32(
-        export(
-            model.eval(),
-            example,
-            to="onnx",
-            path=folder / "model.onnx",
-            input_names=names,
-            output_names=["output"] if count == 1 else [f"output_{i}" for i in range(count)],
-            dynamic_batch=fixed is None,
+    try:  # the module in eval mode, as it runs on a board; given back as it came
+        return _as_fp32(
+            export(
+                model,
+                example,
+                to="onnx",
+                path=folder / "model.onnx",
+                input_names=names,
+                output_names=["output"] if count == 1 else [f"output_{i}" for i in range(count)],
+                dynamic_batch=fixed is None,
+            )
         )
-    )
+    finally:
+        model.train(was_training)
 
 
 def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
@@ -238,4 +300,5 @@ def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
     arrays.pop(LABELS_KEY, None)
     if not arrays or any(a.ndim == 0 or len(a) == 0 for a in arrays.values()):
         raise ConfigError("calibration data: every input needs at least one sample")
-    return arrays
+    # float64 arrays (numpy's default) become float32, as they do for an ONNX model
+    return {k: a.astype(np.float32) if a.dtype == np.float64 else a for k, a in arrays.items()}

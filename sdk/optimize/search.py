@@ -138,8 +138,16 @@ def optimize(
     cfg = config or OptimizeConfig()
     out_dir = Path(out)
     exports = out_dir.with_name(out_dir.name + "-source")  # models the search starts from
-    model, torch_model = _torch_source(model, calibration, torch_model, exports)
-    ctx = _context(model, calibration, eval_data, cfg, torch_model, train_data, student, exports)
+    ours = not exports.exists()  # only a folder this run made is ever removed
+    try:
+        model, torch_model = _torch_source(model, calibration, torch_model, exports)
+        ctx = _context(
+            model, calibration, eval_data, cfg, torch_model, train_data, student, exports
+        )
+    except BaseException:
+        if ours:
+            shutil.rmtree(exports, ignore_errors=True)
+        raise
     cal, ev = ctx.calibration, ctx.eval_data
     work = out_dir.with_name(out_dir.name + "-candidates")
     notes: list[str] = list(ctx.fp32.details.get("notes") or [])  # what reading it changed
@@ -190,7 +198,8 @@ def optimize(
         notes.append(f"benchmarked on one sample of the {source} data ({shapes})")
     if not cfg.keep_candidates:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(exports, ignore_errors=True)
+        if ours:
+            shutil.rmtree(exports, ignore_errors=True)
     return OptimizeReport(
         candidates=candidates,
         chosen=chosen.name,
@@ -325,8 +334,8 @@ def _runtime_notes(ctx: SearchContext) -> list[str]:
     target = ctx.target.name
     if ctx.fp32.details.get("litert_only"):
         return [
-            f"target {target} runs LiteRT only here (runtime {ctx.config.runtime}): every "
-            "candidate is measured against torch_model's float TFLite export"
+            f"the bundle may name LiteRT only (runtime {ctx.config.runtime}, target {target}): "
+            "every candidate is measured against the PyTorch model's float TFLite export"
         ]
     if ctx.torch_model is not None and len(ctx.runtimes) > 1:
         return [
