@@ -215,7 +215,7 @@ def test_it_is_tried_only_while_plain_static_int8_is_made_and_not_faster(
     missing = recipe.skip_reason(ctx, _done(3.0)[:1])
     assert missing is not None and "not made" in missing
     assert LatencyAwareStage().plan(replace(ctx, calibration=None)) == []
-    off = replace(ctx, config=OptimizeConfig(try_accuracy_aware=False))
+    off = replace(ctx, config=OptimizeConfig(try_latency_aware=False))
     assert LatencyAwareStage().plan(off) == []
 
 

@@ -94,6 +94,7 @@ def test_options_turn_stages_off(tmp_path: Path) -> None:
         static_methods=("entropy",),
         per_tensor_variant=False,
         try_accuracy_aware=False,
+        try_latency_aware=False,
         try_fp16=False,
     )
     assert _names(ctx) == (["fp32", "ort-static-int8-entropy"], [])

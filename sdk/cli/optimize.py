@@ -192,6 +192,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         "boards, where it is listed as skipped with the reason)",
     )
     p.add_argument(
+        "--no-latency-aware",
+        action="store_true",
+        help="do not try latency-aware int8 (nodes whose int8 form the per-node profile "
+        "measures slower kept in float; tried only when plain static int8 is slower than fp32)",
+    )
+    p.add_argument(
         "--no-weight-int4",
         action="store_true",
         help="with a size line, do not try 4-bit MatMul weights (ort-weight-int4)",
@@ -289,6 +295,7 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
         reduce_range=args.reduce_range,
         runtime=args.runtime,
         try_weight_int4=not args.no_weight_int4,
+        try_latency_aware=not args.no_latency_aware,
         on_device=_on_device(args),
     )
 

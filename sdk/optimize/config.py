@@ -63,6 +63,9 @@ class OptimizeConfig:
     ``"litert"`` and a board that has LiteRT, the recipes a float ``.tflite`` gets
     (:data:`sdk.optimize.stages.litert.TFLITE_RECIPES`); otherwise none.
 
+    ``try_latency_aware``: the ``ort-static-int8-latency-aware`` candidate (nodes whose int8
+    form measured slower than their float one kept in float,
+    :mod:`sdk.optimize.stages.latency_aware`), tried when plain static int8 is slower than fp32.
     ``try_weight_int4``: with a size line in the budget, the ``ort-weight-int4`` candidate
     (4-bit MatMul weights, :mod:`sdk.optimize.stages.weight4`); False leaves it out.
 
@@ -103,6 +106,7 @@ class OptimizeConfig:
     litert_recipes: tuple[str, ...] = ()
     runtime: str = "auto"
     try_weight_int4: bool = True
+    try_latency_aware: bool = True
     # Time the candidates on real devices over MQTT and choose from their figures
     # (sdk.optimize.on_device.OnDevice; None: on this host).
     on_device: OnDevice | None = None

@@ -17,29 +17,36 @@ that train for minutes):
    runs it, since its activation scales depend on the batch);
 4. ``ort-static-int8-<method>-all-ops``: static int8 over every operator type ORT can
    quantize, when the model has operators that would add;
-5. ``ort-weight-int4``: only when the budget has a size line: the MatMul weights (and Gemm's,
+5. ``ort-static-int8-latency-aware``: only when plain static int8 (2) was made and is slower
+   than fp32: ONNX Runtime's per-node profile (one thread, medians) of fp32 and int8, and the
+   nodes whose int8 form (their share of Q/DQ included) costs more kept in float, re-quantized
+   while a round gets faster (:mod:`sdk.optimize.stages.latency_aware`; the per-node evidence
+   is in the report);
+6. ``ort-weight-int4``: only when the budget has a size line: the MatMul weights (and Gemm's,
    rewritten to MatMul) in 4-bit blocks, run by ONNX Runtime's ``MatMulNBits``
    (:func:`sdk.quantize.nbits.quantize_int4`; about a sixth of fp32's size), gated on
    ``min_cosine`` like int8; a model without such weights lists it as skipped;
-6. calibration variants of (2): the other methods of ``static_methods`` and per-tensor weight
+7. calibration variants of (2): the other methods of ``static_methods`` and per-tensor weight
    scales (``-per-tensor``). They quantize the same operators, so they are no smaller and no
    faster than (2): they only run when (2) failed on quality (the ``drop`` line or the
    ``min_cosine`` gate) or could not be made;
-7. ``ort-static-int8-accuracy-aware``: :func:`sdk.quantize.accuracy_aware_quantize` keeps
+8. ``ort-static-int8-accuracy-aware``: :func:`sdk.quantize.accuracy_aware_quantize` keeps
    the most quantization-sensitive nodes in float until the drop fits the budget's ``drop``
    line. It needs eval data and a ``drop`` line and only runs when no static candidate so far
    meets every line and plain static int8 missed the ``drop`` line (otherwise it would return
    plain static int8 unchanged, or be beaten by a candidate with more of the model in int8);
-8. with a PyTorch model (``torch_model``, ``train_data``): ``pruned-<pct>-int8`` for each of
+9. with a PyTorch model (``torch_model``, ``train_data``): ``pruned-<pct>-int8`` for each of
    :attr:`OptimizeConfig.prune_ratios` (structured pruning with :func:`sdk.prune.prune_structured`,
    fine-tuning, ONNX export, static int8), and with a ``student``: ``distilled-int8``
    (:func:`sdk.distill.distill` from ``torch_model``, export, static int8);
-9. ``fp16``: only where the runtime benefits. Boards run ONNX Runtime's CPU execution
+10. ``fp16``: only where the runtime benefits. Boards run ONNX Runtime's CPU execution
    provider, whose fp16 support is a handful of kernels (it casts around the rest), so on a
    CPU target fp16 is listed as skipped with that reason; ``try_fp16=True`` forces it.
-10. with a PyTorch model and :attr:`OptimizeConfig.litert_recipes` (none by default):
-   ``litert-<recipe>`` for each, the model exported to TFLite and quantized for LiteRT with that
-   ai-edge-quantizer recipe.
+11. with a PyTorch model (``torch_model``, or a module or ``.pt2`` as the model) on a board
+   that may run LiteRT (:attr:`OptimizeConfig.runtime`, :mod:`sdk.optimize.runtimes`):
+   ``litert-<recipe>`` for the recipes a float .tflite gets (or
+   :attr:`OptimizeConfig.litert_recipes`), the model exported to TFLite and quantized for
+   LiteRT with that ai-edge-quantizer recipe.
 
 Every candidate is evaluated on the eval data (top-1 accuracy with labels, else agreement with
 fp32, else, for outputs without classes, cosine similarity with fp32) and benchmarked in its
@@ -145,8 +152,7 @@ def optimize(
             model, calibration, eval_data, cfg, torch_model, train_data, student, exports
         )
     except BaseException:
-        if ours:
-            shutil.rmtree(exports, ignore_errors=True)
+        _remove(exports, ours)
         raise
     cal, ev = ctx.calibration, ctx.eval_data
     work = out_dir.with_name(out_dir.name + "-candidates")
@@ -189,17 +195,10 @@ def optimize(
         bar.update(1)
     finally:
         bar.close()
-    isa = None if ctx.nothing_to_quantize else isa_note(ctx.target)
-    if isa is not None:
-        notes.append(isa)
-    if sample is not None:
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items())
-        source = "eval" if ev is not None else "calibration"
-        notes.append(f"benchmarked on one sample of the {source} data ({shapes})")
+    notes += _closing_notes(ctx, sample)
     if not cfg.keep_candidates:
         shutil.rmtree(work, ignore_errors=True)
-        if ours:
-            shutil.rmtree(exports, ignore_errors=True)
+        _remove(exports, ours)
     return OptimizeReport(
         candidates=candidates,
         chosen=chosen.name,
@@ -215,6 +214,25 @@ def optimize(
         calibration_cache=ctx.calibration_cache,
         devices=devices,
     )
+
+
+def _remove(folder: Path, ours: bool) -> None:
+    """Remove ``folder`` if this run made it (``ours``), never one the user had."""
+    if ours:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _closing_notes(ctx: SearchContext, sample: dict[str, np.ndarray] | None) -> list[str]:
+    """The int8 outlook on the target and what every benchmark ran on."""
+    notes = []
+    isa = None if ctx.nothing_to_quantize else isa_note(ctx.target)
+    if isa is not None:
+        notes.append(isa)
+    if sample is not None:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items())
+        source = "eval" if ctx.eval_data is not None else "calibration"
+        notes.append(f"benchmarked on one sample of the {source} data ({shapes})")
+    return notes
 
 
 def _devices_ready(

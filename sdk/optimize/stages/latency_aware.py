@@ -23,8 +23,8 @@ chosen when it is really faster. ``details["latency_aware"]`` carries the eviden
 quantized node's fp32 and int8 µs from the last round that measured it before the chosen one,
 and whether it is kept in float (exactly the nodes that evidence shows slower in int8), plus
 each round's exclusions and time. It is only tried when plain static int8 was made and is not
-already faster than fp32 (turned off with ``try_accuracy_aware=False`` until the search's
-config has a ``try_latency_aware`` of its own).
+already faster than fp32; ``OptimizeConfig.try_latency_aware=False`` (``--no-latency-aware``)
+turns it off.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ __all__ = [
     "LATENCY_AWARE",
     "MAX_ROUNDS",
     "PROFILE_THREADS",
-    "TRY_LATENCY_AWARE",
     "LatencyAwareRecipe",
     "LatencyAwareStage",
     "NodeEvidence",
@@ -66,10 +65,6 @@ __all__ = [
 LATENCY_AWARE = f"{STATIC_PREFIX}-latency-aware"
 #: Re-quantizations after plain int8 at most (each one quantizes and profiles once).
 MAX_ROUNDS = 3
-#: Whether the search plans this candidate, until OptimizeConfig has a ``try_latency_aware``
-#: of its own (read with getattr, so that field takes over once it exists). Meanwhile
-#: ``try_accuracy_aware=False`` turns it off too: both keep nodes in float.
-TRY_LATENCY_AWARE = True
 #: Threads the per-node profile runs with (one: where int8 has to pay on a small board).
 PROFILE_THREADS = 1
 
@@ -304,10 +299,7 @@ class LatencyAwareStage:
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
         base = base_name(ctx)
-        wanted = getattr(ctx.config, "try_latency_aware", None)
-        if wanted is None:
-            wanted = TRY_LATENCY_AWARE and ctx.config.try_accuracy_aware
-        if base is None or not wanted:
+        if base is None or not ctx.config.try_latency_aware:
             return []
         config = QuantizeConfig(
             method=ctx.config.static_methods[0], reduce_range=ctx.config.reduce_range
