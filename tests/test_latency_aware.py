@@ -225,3 +225,44 @@ def test_profile_settings_are_checked(fp32: ModelArtifact, sample: dict[str, np.
     with pytest.raises(ConfigError, match="runs >= 1"):
         profile_nodes(fp32.path, sample, runs=0)
     assert isinstance(profile_nodes(fp32.path, sample, runs=1, warmup=0), NodeProfile)
+
+
+def test_a_whole_search_tries_it_or_says_why_not(
+    fp32: ModelArtifact, calibration: Dataset, work: Path
+) -> None:
+    """Through optimize: which branch runs depends on this machine (whether plain static int8
+    is slower than fp32 here), so both are checked: made, with its evidence and exclusions
+    consistent (or refused because every node is slower in int8), else skipped with the
+    measured reason."""
+    from sdk.budget import parse_budget
+    from sdk.optimize import optimize
+
+    config = OptimizeConfig(
+        budget=parse_budget("p95<=1000ms"),
+        static_methods=("minmax",),
+        try_dynamic=False,
+        try_all_ops=False,
+        min_runs=20,
+        min_seconds=0.05,
+        confirm_rounds=1,
+        detector=None,
+        use_calibration_cache=False,
+    )
+    report = optimize(fp32, calibration=calibration, out=work / "search" / "b", config=config)
+    by = {c.name: c for c in report.candidates}
+    static, base = by["ort-static-int8-minmax"], by["fp32"]
+    assert static.bench is not None and base.bench is not None
+    skipped = {s.name: s.reason for s in report.skipped}
+    if LATENCY_AWARE in by:
+        made = by[LATENCY_AWARE]
+        if made.error is not None:
+            assert "fp32 is the model to ship" in made.error, made.error
+        else:
+            assert made.artifact is not None and made.bench is not None
+            evidence = made.artifact.details["latency_aware"]
+            kept = {n["node"] for n in evidence["nodes"] if n["kept_in_float"]}
+            assert kept == set(evidence["excluded"])
+            assert kept <= set(made.artifact.details["excluded_nodes"])
+    else:
+        assert "already faster than fp32" in skipped[LATENCY_AWARE], skipped
+        assert static.bench.latency_ms["p95"] <= base.bench.latency_ms["p95"]
