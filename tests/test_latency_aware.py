@@ -20,6 +20,7 @@ import pytest
 from device_agent.runtime import open_session
 from sdk.artifact import ModelArtifact
 from sdk.data import Dataset, load_dataset
+from sdk.errors import QuantizationError
 from sdk.optimize import Candidate, OptimizeConfig
 from sdk.optimize.stages import SearchContext
 from sdk.optimize.stages.latency_aware import (
@@ -100,7 +101,11 @@ def candidate(fp32: ModelArtifact, calibration: Dataset, work: Path) -> ModelArt
     ctx = SearchContext(cfg, fp32, calibration, None, get_target("host"), work / "cache")
     (recipe,) = LatencyAwareStage().plan(ctx)
     assert isinstance(recipe, LatencyAwareRecipe) and recipe.name == LATENCY_AWARE
-    return recipe.make(ctx, work / "latency-aware.onnx")
+    try:
+        return recipe.make(ctx, work / "latency-aware.onnx")
+    except QuantizationError as exc:  # a CPU whose int8 loses on every node: nothing to keep
+        assert "fp32 is the model to ship" in str(exc), exc
+        pytest.skip(f"every node is slower in int8 on this CPU: {exc}")
 
 
 def _nodes(path: Path) -> dict[str, str]:
@@ -121,7 +126,8 @@ def test_the_fp32_profile_times_every_compute_node(
     assert all(t.us >= 0 for t in profile.nodes.values())
     assert all(t.op_type == nodes[t.node] for t in profile.nodes.values())
     total = sum(t.us for t in profile.nodes.values()) + sum(profile.unattributed.values())
-    assert 0 < total < profile.wall_us
+    # per-node medians against the median whole run: a margin for a busy machine
+    assert 0 < total < 1.2 * profile.wall_us
     assert profile.threads == 1 and profile.runs == 5
 
 
@@ -266,3 +272,21 @@ def test_a_whole_search_tries_it_or_says_why_not(
     else:
         assert "already faster than fp32" in skipped[LATENCY_AWARE], skipped
         assert static.bench.latency_ms["p95"] <= base.bench.latency_ms["p95"]
+
+
+def test_a_model_with_unnamed_nodes_is_skipped_with_the_reason(
+    fp32: ModelArtifact, calibration: Dataset, work: Path
+) -> None:
+    import onnx
+
+    proto = onnx.load(str(fp32.path))
+    for node in proto.graph.node[:2]:
+        node.name = ""
+    unnamed = work / "unnamed.onnx"
+    onnx.save(proto, str(unnamed))
+    art = replace(fp32, path=unnamed)
+    ctx = SearchContext(OptimizeConfig(), art, calibration, None, get_target("host"), None)
+    (recipe,) = LatencyAwareStage().plan(ctx)
+    reason = recipe.skip_reason(ctx, _done(static_p95=3.0))
+    assert reason is not None and "2 nodes of the model have no name" in reason
+    assert recipe.skip_reason(replace(ctx, fp32=fp32), _done(static_p95=3.0)) is None

@@ -191,8 +191,17 @@ def int4_blocker(model: Path) -> str | None:
     """Why ``model`` has nothing for int4 weights, or None: the reason names its operators
     when none of its top-level nodes is a ``MatMul`` with a constant 2-D float weight or a
     ``Gemm`` that :func:`gemm_to_matmul` turns into one."""
+    import importlib.util
+
     import onnx
 
+    if importlib.util.find_spec("onnxruntime.quantization.matmul_nbits_quantizer") is None:
+        import onnxruntime
+
+        return (
+            "int4 weights need onnxruntime 1.22 or newer (its MatMulNBitsQuantizer); this is "
+            f"{onnxruntime.__version__}"
+        )
     graph = onnx.load(str(model), load_external_data=False).graph
     weights = _weights(graph)
     if any(_matmul_weight(n, weights) or _gemm_plan(n, weights) for n in graph.node):

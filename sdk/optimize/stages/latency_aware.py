@@ -279,7 +279,7 @@ class LatencyAwareRecipe(Recipe):
                 f"{self.base} is already faster than fp32 (p95 {static.p95_ms:.3g} ms against "
                 f"{fp32.p95_ms:.3g} ms)"
             )
-        return None
+        return _unnamed(ctx.fp32.path)
 
     def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
         cal = ctx.require_calibration()
@@ -292,6 +292,21 @@ class LatencyAwareRecipe(Recipe):
             config=self.config,
             calibration_cache=ctx.calibration_cache,
         )
+
+
+def _unnamed(model: Path) -> str | None:
+    """Why per-node evidence cannot be had: nodes without a name (ONNX allows any number)
+    cannot be told apart in the profile, nor kept in float by name."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    unnamed = [n.op_type for n in graph.node if not n.name]
+    if not unnamed:
+        return None
+    return (
+        f"{len(unnamed)} nodes of the model have no name ({', '.join(sorted(set(unnamed))[:6])}): "
+        "per-node timings cannot be told apart nor kept in float by name"
+    )
 
 
 class LatencyAwareStage:
