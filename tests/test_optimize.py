@@ -313,7 +313,7 @@ def test_without_eval_data_int8_is_gated_on_the_calibration_check(tmp_path: Path
 
     off = OptimizeConfig(budget=budget, min_cosine=None, **QUICK)  # type: ignore[arg-type]
     ungated = optimize(model, calibration=cal, out=tmp_path / "off", config=off)
-    assert all(c.error is None for c in ungated.candidates)
+    assert all(_made_or_not_worth_it(c) for c in ungated.candidates)
     assert ungated.quality_gate.startswith("none")
 
 
@@ -363,7 +363,7 @@ def test_a_scalar_input_model_is_optimized(tmp_path: Path) -> None:
     config = OptimizeConfig(budget=parse_budget("p95<=100ms,drop<=5%"), **options)  # type: ignore[arg-type]
     report = optimize(model, calibration=data, eval_data=data, out=tmp_path / "b", config=config)
     print("\n" + report.summary())
-    assert all(c.error is None for c in report.candidates), report.summary()
+    assert all(_made_or_not_worth_it(c) for c in report.candidates), report.summary()
     bench = report.chosen_candidate.bench
     assert bench is not None and bench.input_shapes == {"x": (1, 8), "gain": ()}
     assert any("scalar inputs (gain)" in n for n in report.notes)
@@ -401,3 +401,12 @@ def test_cli_optimize_with_unlabelled_eval_data(tmp_path: Path) -> None:
     assert by["fp32"]["accuracy_drop"] == 0.0
     assert by["ort-static-int8-minmax"]["drop_basis"] == "agreement"
     assert report["quality_gate"].startswith("the budget's drop line")
+
+
+def _made_or_not_worth_it(candidate: Any) -> bool:
+    """Made, or latency-aware int8 finding every quantized node slower in int8 on this CPU
+    (machines differ: which nodes int8 speeds up is the CPU's, not the test's, to say)."""
+    return candidate.error is None or (
+        candidate.name == "ort-static-int8-latency-aware"
+        and "fp32 is the model to ship" in candidate.error
+    )

@@ -136,11 +136,9 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_int4(args: argparse.Namespace) -> int:
-    """An ONNX model's MatMul weights in 4 bits (``sdk.quantize.nbits.quantize_int4``)."""
-    from sdk.quantize.nbits import quantize_int4
-
-    int8_only = [
+def _int8_flags(args: argparse.Namespace) -> list[str]:
+    """The ONNX Runtime int8 options given: neither int4 weights nor a .tflite take them."""
+    return [
         flag
         for flag, used in (
             ("--method", args.method != "minmax"),
@@ -151,6 +149,13 @@ def _run_int4(args: argparse.Namespace) -> int:
         )
         if used
     ]
+
+
+def _run_int4(args: argparse.Namespace) -> int:
+    """An ONNX model's MatMul weights in 4 bits (``sdk.quantize.nbits.quantize_int4``)."""
+    from sdk.quantize.nbits import quantize_int4
+
+    int8_only = _int8_flags(args)
     if int8_only:
         raise ConfigError(f"{', '.join(int8_only)}: int8 options; --mode int4 takes none")
     require_file(args.model, "model")
@@ -172,17 +177,7 @@ def _run_tflite(args: argparse.Namespace) -> int:
     from sdk.optimize.stages.litert_tflite import RUNTIME_UNSAFE
     from sdk.quantize.litert import quantize_tflite
 
-    onnx_only = [
-        flag
-        for flag, used in (
-            ("--method", args.method != "minmax"),
-            ("--per-tensor", args.per_tensor),
-            ("--exclude", bool(args.exclude.strip())),
-            ("--op-types", args.op_types is not None),
-            ("--reduce-range", args.reduce_range),
-        )
-        if used
-    ]
+    onnx_only = _int8_flags(args)
     if onnx_only:
         raise ConfigError(
             f"{', '.join(onnx_only)}: ONNX Runtime options; a .tflite is quantized with "

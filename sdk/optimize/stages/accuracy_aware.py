@@ -22,6 +22,10 @@ __all__ = ["ACCURACY_AWARE", "AccuracyAwareRecipe", "AccuracyAwareStage"]
 ACCURACY_AWARE = f"{STATIC_PREFIX}-accuracy-aware"
 
 
+#: The latency-aware candidate's name (sdk.optimize.stages.latency_aware.LATENCY_AWARE).
+_LATENCY_AWARE = f"{STATIC_PREFIX}-latency-aware"
+
+
 @dataclass(frozen=True)
 class AccuracyAwareRecipe(Recipe):
     method: CalibMethod
@@ -37,16 +41,22 @@ class AccuracyAwareRecipe(Recipe):
         meeting = next(
             (c for c in static if c.meets_budget and not c.name.endswith(ALL_OPS_SUFFIX)), None
         )
+        if meeting is not None and meeting.name == _LATENCY_AWARE:
+            return (
+                f"{meeting.name} already meets every budget line, with only the nodes slower "
+                "in int8 kept in float: keeping others in float cannot make it faster"
+            )
         if meeting is not None:
             return (
                 f"{meeting.name} already meets every budget line with every default operator "
                 "in int8: keeping nodes in float cannot make it smaller or faster"
             )
-        quality_ok = [
+        quality_ok = [  # plain static int8 (not latency-aware, which keeps nodes in float)
             c
             for c in static
             if all(line.passed for line in c.budget_lines if line.name == "drop")
             and not c.name.endswith(ALL_OPS_SUFFIX)
+            and c.name != _LATENCY_AWARE
         ]
         if quality_ok:
             return (
