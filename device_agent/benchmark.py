@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from device_agent.contracts.bundle import IOSpec
-from device_agent.contracts.commands import MAX_RUNS, MAX_SECONDS, MAX_WARMUP_RUNS, BenchmarkArgs
+from device_agent.contracts.commands import (
+    MAX_RUNS,
+    MAX_SECONDS,
+    MAX_WARMUP_RUNS,
+    SHUTTING_DOWN,
+    BenchmarkArgs,
+)
 from device_agent.errors import ConfigError, EdgeshipError
 from device_agent.runtime import ModelSession, check_feed
 
@@ -235,8 +241,7 @@ def run_benchmark(
     )
     if timing.stopped:
         raise EdgeshipError(
-            f"benchmark stopped after {len(timing.latencies_ns)} timed run(s): the agent is "
-            "shutting down; send it again once it is back"
+            f"benchmark stopped after {len(timing.latencies_ns)} timed run(s): {SHUTTING_DOWN}"
         )
     return bench_report(
         timing,

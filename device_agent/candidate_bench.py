@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.contracts.bundle import IOSpec, TensorSpec
-from device_agent.contracts.commands import BenchmarkArgs
+from device_agent.contracts.commands import SHUTTING_DOWN, BenchmarkArgs
 from device_agent.errors import EdgeshipError
 
 __all__ = ["GRACE_S", "NICE", "time_candidate"]
@@ -98,7 +98,7 @@ def time_candidate(
             break
         except subprocess.TimeoutExpired:
             if stop.is_set():
-                why = "the agent is shutting down; send it again once it is back"
+                why = SHUTTING_DOWN
             elif time.monotonic() > kill_at:
                 why = f"it ran past max_seconds ({args.max_seconds:g} s) and was killed"
             else:

@@ -432,3 +432,36 @@ def test_a_board_that_times_nothing_gets_no_choice_and_the_run_says_so(
     assert any("chosen from the host's figures instead" in n for n in report["notes"])
     assert (tmp_path / "out" / "manifest.json").is_file()  # the host's choice, bundled
     assert "benchmark" in board.asked and "candidate_remove" in board.asked
+
+
+def test_a_device_saying_it_shuts_down_is_lost_even_while_it_still_answers_pings(
+    digits_onnx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent closed while it times a candidate answers "shutting down" and may still
+    answer a ping for a moment: its job goes to the other device, not into the failures (seen
+    in a parallel test run, where the ping came before the agent had gone)."""
+    from device_agent.contracts.commands import SHUTTING_DOWN
+    from sdk.bench import BenchConfig, benchmark
+    from sdk.remote_bench import CandidateRefused
+
+    host = benchmark(digits_onnx, BenchConfig(min_runs=5, min_seconds=0.0))
+    lat = {"p50": 1.0, "p90": 1.5, "p95": 2.0, "p99": 3.0, "max": 4.0}
+    said: list[str] = []
+
+    def measure(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        device = args[2]
+        said.append(device)
+        if device == "a":
+            raise CandidateRefused(f"benchmark stopped after 3 timed run(s): {SHUTTING_DOWN}")
+        return {"latency_ms": lat, "runs": 5}
+
+    from sdk.optimize import on_device
+
+    # the moment between its answer and its going: it still answers a ping
+    monkeypatch.setattr(on_device, "device_alive", lambda target, device: True)
+    jobs = [Job(f"c{i}", digits_onnx.path, host) for i in range(3)]
+    target = OnDevice(broker_url=BROKER, devices=("a", "b"), fleet="nofleet")
+    run = time_on_devices(jobs, target, boards={"B": ["a", "b"]}, measure=measure)
+    assert set(run.reports["B"]) == {"c0", "c1", "c2"} and run.missing["B"] == {}
+    assert list(run.lost) == ["a"] and SHUTTING_DOWN in run.lost["a"]
+    assert said.count("a") == 1 and sorted(run.timed_by["b"]) == ["c0", "c1", "c2"]

@@ -62,6 +62,7 @@ __all__ = [
     "MAX_VERSION_LEN",
     "MAX_WARMUP_RUNS",
     "MIN_CHUNK_BYTES",
+    "SHUTTING_DOWN",
     "Action",
     "BenchmarkArgs",
     "CandidateBegin",
@@ -94,6 +95,9 @@ MIN_CHUNK_BYTES = 512
 # The begin reply lists the chunks already received: 16384 numbers fit in one reply, and
 # 16384 chunks of 128 KiB carry 2 GiB.
 MAX_CHUNKS = 16384
+# The reason an agent gives for a benchmark or candidate timing it stopped because it is
+# shutting down: the sender times the job on another device (it is not the model's fault).
+SHUTTING_DOWN = "the agent is shutting down; send it again once it is back"
 # What a model name and version may be on the wire (DeployEvent, telemetry).
 MAX_MODEL_LEN = 128
 MAX_VERSION_LEN = 64

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from device_agent.contracts.commands import Action
+from device_agent.contracts.commands import SHUTTING_DOWN, Action
 from device_agent.errors import ConfigError, EdgeshipError
 from sdk.bench import BenchReport
 from sdk.fleet_watch import FleetWatch
@@ -449,9 +449,12 @@ class _BoardQueue:
                 )
                 report = device_report(job.host, rep, device, self.board)
             except Exception as exc:  # whatever a device answers, the queue goes on
-                if isinstance(exc, RemoteError) and not device_alive(self.target, device):
-                    # Gone (no ping; it may have said it was shutting down): its job goes to
-                    # another device of the board and it gets no more.
+                if isinstance(exc, RemoteError) and (
+                    SHUTTING_DOWN in str(exc) or not device_alive(self.target, device)
+                ):
+                    # Gone (no ping), or going (it said it is shutting down, and may still
+                    # answer a ping for a moment): its job goes to another device of the
+                    # board and it gets no more.
                     self._lost(device, job, str(exc))
                     return
                 # A refusal, no answer within --device-timeout from a device that still
