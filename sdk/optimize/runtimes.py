@@ -66,12 +66,6 @@ def allowed_runtimes(
     return allowed
 
 
-def litert_enabled(cfg: OptimizeConfig, allowed: tuple[str, ...], torch_model: Any) -> bool:
-    """Whether the PyTorch path adds LiteRT candidates without ``litert_recipes`` naming
-    any: with the module at hand, on a board that has LiteRT, unless told otherwise."""
-    return torch_model is not None and "litert" in allowed
-
-
 def litert_export_missing() -> str | None:
     """Why LiteRT candidates cannot be exported here (litert-torch is absent), or None."""
     from importlib.util import find_spec

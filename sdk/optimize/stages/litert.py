@@ -73,11 +73,12 @@ class LiteRTStage:
     name = LITERT_PREFIX
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
-        from sdk.optimize.runtimes import litert_enabled, litert_export_missing
+        from sdk.optimize.runtimes import litert_export_missing
 
         recipes = ctx.config.litert_recipes
         named = bool(recipes)
-        if not named and litert_enabled(ctx.config, ctx.runtimes, ctx.torch_model):
+        # by default with the module at hand, on a board that may run LiteRT
+        if not named and ctx.torch_model is not None and "litert" in ctx.runtimes:
             recipes = TFLITE_RECIPES
         if not recipes or ctx.calibration is None:
             return []
