@@ -49,8 +49,10 @@ def register(sub: Any) -> None:
         help="the fp32 .onnx file (skl2onnx's defaults too: a ZipMap output becomes the "
         "probability tensor, said in a note), a float .tflite (LiteRT recipes then: "
         "docs/quantization.md, 'A .tflite model'), or a PyTorch program saved with "
-        "torch.export.save (.pt2; needs --calibration, whose keys name the inputs): exported "
-        "to ONNX and to TFLite, and both runtimes' candidates searched (--runtime)",
+        "torch.export.save (.pt2), a Keras model (.keras, .h5) or a TensorFlow SavedModel "
+        "folder (these need --calibration, whose keys name the inputs): converted to ONNX and "
+        "to TFLite, and both runtimes' candidates searched (--runtime; Keras and SavedModel "
+        "need pip install 'edgeship[tf]')",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--calibration", type=Path, help=".npz of representative inputs")
@@ -270,7 +272,10 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
 
     budget = parse_budget(args.budget)
     target = get_target(args.target, latency_scale=args.latency_scale)
-    require_file(args.model, "model")
+    from sdk.optimize.tf_source import is_saved_model_dir
+
+    if not is_saved_model_dir(args.model):  # a SavedModel is a folder
+        require_file(args.model, "model")
     for what, path in (("calibration data", args.calibration), ("eval data", args.eval)):
         if path is not None:
             require_file(path, what)

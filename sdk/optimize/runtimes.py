@@ -76,14 +76,23 @@ def litert_export_missing() -> str | None:
 
 
 def litert_baseline(
-    fp32: ModelArtifact, torch_model: torch.nn.Module, cal: Dataset | None, path: Path
+    fp32: ModelArtifact, torch_model: torch.nn.Module | None, cal: Dataset | None, path: Path
 ) -> ModelArtifact:
     """``torch_model`` exported to a float TFLite at ``path`` (batch 1, the batch a board
-    runs), with ``fp32``'s input and output names: the baseline of a LiteRT-only search."""
+    runs), with ``fp32``'s input and output names: the baseline of a LiteRT-only search. A
+    Keras model's or SavedModel's float TFLite (:mod:`sdk.optimize.tf_source`) is there
+    already: ``fp32.details["tflite_source"]``."""
     import torch
 
+    from sdk.artifact import read_artifact
     from sdk.export import export
 
+    source = fp32.details.get("tflite_source")
+    if source is not None:
+        kept = {k: v for k, v in fp32.details.items() if k in ("made_from", "notes")}
+        return _as_fp32(read_artifact(source)).with_details(litert_only=True, **kept)
+    if torch_model is None:
+        raise ConfigError("a LiteRT-only search needs the PyTorch model to export a TFLite")
     missing = litert_export_missing()
     if missing is not None:
         raise ConfigError(f"a LiteRT-only search starts from a TFLite export; {missing}")

@@ -147,6 +147,7 @@ def optimize(
     exports = out_dir.with_name(out_dir.name + "-source")  # models the search starts from
     ours = not exports.exists()  # only a folder this run made is ever removed
     try:
+        model = _tf_source(model, calibration, torch_model, exports, cfg.runtime)
         model, torch_model = _torch_source(model, calibration, torch_model, exports)
         ctx = _context(
             model, calibration, eval_data, cfg, torch_model, train_data, student, exports
@@ -291,8 +292,9 @@ def _context(
     from sdk.optimize.runtimes import allowed_runtimes, litert_baseline
     from sdk.quantize.ort_check import nothing_to_quantize
 
-    runtimes = allowed_runtimes(cfg, target, fp32.format, torch_model)
-    if fp32.format == "onnx" and "onnxruntime" not in runtimes and torch_model is not None:
+    tflite = fp32.details.get("tflite_source")  # a Keras model's or SavedModel's conversion
+    runtimes = allowed_runtimes(cfg, target, fp32.format, torch_model or tflite)
+    if fp32.format == "onnx" and "onnxruntime" not in runtimes and (torch_model or tflite):
         fp32 = litert_baseline(fp32, torch_model, cal, source / "model.tflite")
         cal = None if cal is None else load_dataset(cal, fp32.io, what="calibration data")
         ev = None if ev is None else load_dataset(ev, fp32.io, what="eval data")
@@ -310,6 +312,20 @@ def _context(
         nothing_to_quantize=nothing_to_quantize(fp32.path) if fp32.format == "onnx" else None,
         runtimes=runtimes,
     )
+
+
+def _tf_source(
+    model: Any, calibration: DataSource | None, torch_model: Any, folder: Path, runtime: str
+) -> Any:
+    """A Keras model or SavedModel converted to ONNX and TFLite in ``folder``
+    (:mod:`sdk.optimize.tf_source`); any other model as it is."""
+    from sdk.optimize.tf_source import is_tf_model, tf_source_model
+
+    if not is_tf_model(model):
+        return model
+    if torch_model is not None:
+        raise ConfigError("torch_model goes with an ONNX model, not a Keras model: leave it out")
+    return tf_source_model(model, calibration, folder, runtime)
 
 
 def _torch_source(
@@ -334,8 +350,8 @@ def _torch_source(
         module = model
     else:
         raise ConfigError(
-            "model must be a model file path, a ModelArtifact or a torch.nn.Module, "
-            f"not {type(model).__name__}"
+            "model must be a model file path, a ModelArtifact, a torch.nn.Module or a "
+            f"keras.Model, not {type(model).__name__}"
         )
     if torch_model is not None:
         raise ConfigError(
@@ -350,12 +366,14 @@ def _torch_source(
 def _runtime_notes(ctx: SearchContext) -> list[str]:
     """What the runtimes allowed changed about the search, in the report's notes."""
     target = ctx.target.name
+    made_from = ctx.fp32.details.get("made_from", "the PyTorch model")
     if ctx.fp32.details.get("litert_only"):
         return [
             f"the bundle may name LiteRT only (runtime {ctx.config.runtime}, target {target}): "
-            "every candidate is measured against the PyTorch model's float TFLite export"
+            f"every candidate is measured against {made_from}'s float TFLite export"
         ]
-    if ctx.torch_model is not None and len(ctx.runtimes) > 1:
+    both = ctx.torch_model is not None or "tflite_source" in ctx.fp32.details
+    if both and len(ctx.runtimes) > 1:
         return [
             f"ONNX Runtime and LiteRT candidates both searched (target {target} may run "
             "either; --runtime keeps to one): the measurements choose"

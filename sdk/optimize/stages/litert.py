@@ -1,5 +1,6 @@
 """The ``litert-<recipe>`` stage, with a PyTorch model and ``OptimizeConfig.litert_recipes``:
-the model exported to TFLite (litert-torch, at batch 1, the batch a board runs) and quantized
+the model exported to TFLite (litert-torch, at batch 1, the batch a board runs; a Keras model's
+or SavedModel's float TFLite is made already, :mod:`sdk.optimize.tf_source`) and quantized
 with each listed ai-edge-quantizer recipe (:func:`sdk.quantize.quantize_tflite`). The
 candidates run in LiteRT, the runtime a bundle of them names, and are measured and judged like
 the ONNX ones. With no ``litert_recipes`` named, the recipes a float ``.tflite`` gets are tried
@@ -44,14 +45,20 @@ class TfliteRecipe(Recipe):
         return f"{LITERT_PREFIX}-{self.recipe}"
 
     def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
-        import torch
-
-        from sdk.export import export
+        from sdk.artifact import read_artifact
         from sdk.quantize.litert import RECIPES, quantize_tflite
 
         cal = ctx.require_calibration()
+        calibration = cal if RECIPES[self.recipe].calibrated else None
+        source = ctx.fp32.details.get("tflite_source")
+        if source is not None:  # a Keras model's or SavedModel's float TFLite, made already
+            return quantize_tflite(read_artifact(source), calibration, path, recipe=self.recipe)
         if ctx.torch_model is None:  # plan() rules this out
             raise ConfigError("a LiteRT candidate needs torch_model to export to TFLite")
+        import torch
+
+        from sdk.export import export
+
         one = take_samples(cal.inputs, 0, 1)
         example = tuple(
             torch.from_numpy(np.ascontiguousarray(one[s.name])) for s in ctx.fp32.io.inputs
@@ -65,7 +72,6 @@ class TfliteRecipe(Recipe):
             output_names=[s.name for s in ctx.fp32.io.outputs],
             dynamic_batch=False,  # a board runs batch 1
         )
-        calibration = cal if RECIPES[self.recipe].calibrated else None
         return quantize_tflite(exported, calibration, path, recipe=self.recipe)
 
 
@@ -77,8 +83,9 @@ class LiteRTStage:
 
         recipes = ctx.config.litert_recipes
         named = bool(recipes)
-        # by default with the module at hand, on a board that may run LiteRT
-        if not named and ctx.torch_model is not None and "litert" in ctx.runtimes:
+        converted = "tflite_source" in ctx.fp32.details  # a Keras model's or SavedModel's
+        # by default with the module (or a float TFLite) at hand, on a board that may run LiteRT
+        if not named and (ctx.torch_model is not None or converted) and "litert" in ctx.runtimes:
             recipes = TFLITE_RECIPES
         if not recipes or ctx.calibration is None:
             return []
@@ -86,6 +93,8 @@ class LiteRTStage:
         reason = None
         if "litert" not in ctx.runtimes:
             reason = f"target {ctx.target.name} has no LiteRT runtime"
+        elif converted:
+            reason = None
         elif ctx.torch_model is None:
             reason = "LiteRT candidates are exported from the PyTorch model: pass torch_model"
         else:
