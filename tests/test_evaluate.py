@@ -228,3 +228,66 @@ def test_a_drop_on_the_budget_line_is_not_pushed_over_it_by_float_error() -> Non
     lines = check_budget(parse_budget("drop<=1%"), {"accuracy_drop": drop})
     assert all(line.passed for line in lines)
     assert accuracy_drop(Quality(200, accuracy=0.98), Quality(200, accuracy=0.985)) == 0.005
+
+
+def _detector_head(path: Path) -> Path:
+    """x (N, 8, 16) -> boxes (N, 4, 16) in pixels (0..~1000) and sigmoid scores (N, 3, 16),
+    concatenated on axis 1 as YOLO-style heads are: (N, 7, 16)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    wb = (rng.standard_normal((4, 8)) * 100).astype(np.float32)
+    ws = rng.standard_normal((3, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "Wb"], ["b0"], kernel_shape=[1]),
+        helper.make_node("Relu", ["b0"], ["boxes"]),
+        helper.make_node("Conv", ["x", "Ws"], ["s0"], kernel_shape=[1]),
+        helper.make_node("Sigmoid", ["s0"], ["scores"]),
+        helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 16])],
+        [
+            numpy_helper.from_array(wb[:, :, None], "Wb"),
+            numpy_helper.from_array(ws[:, :, None], "Ws"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def test_a_detector_whose_scores_round_to_zero_is_not_called_close(tmp_path: Path) -> None:
+    """NudeNet's YOLOv8n: static int8 over every op quantized the head's Concat on the box
+    coordinates' scale, every class score became 0 (no detections), and the flattened cosine
+    with fp32 was still 0.9994, so `optimize` shipped it under 'drop<=1%'. A channel flattened
+    to one value where fp32's varies now makes the sample score cosine 0."""
+    from sdk.evaluate import _flat_cosine, collapsed_channels, cosine_rows
+    from sdk.quantize import QuantizeConfig, quantize
+
+    fp32 = _detector_head(tmp_path / "head.onnx")
+    x = {"x": np.random.default_rng(4).standard_normal((64, 8, 16)).astype(np.float32)}
+    every = quantize(fp32, x, out=tmp_path / "all.onnx", config=QuantizeConfig(op_types=None))
+    default = quantize(fp32, x, out=tmp_path / "default.onnx", config=QuantizeConfig())
+    data = load_dataset(x, _io(fp32))  # type: ignore[arg-type]
+    bad = evaluate(every, data, reference=fp32)
+    good = evaluate(default, data, reference=fp32)
+
+    import onnxruntime as ort
+
+    def run(path: Path) -> np.ndarray:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(s.run(None, x)[0])
+
+    ref, got = run(fp32), run(every.path)
+    print(f"\n[head] flattened {_flat_cosine(got, ref).mean():.4f}, scored {bad.cosine_mean}")
+    assert np.ptp(got[:, 4:], axis=(1, 2)).max() == 0  # the scores did collapse...
+    assert _flat_cosine(got, ref).mean() > 0.99  # ...where one flattened cosine hides it
+    assert collapsed_channels(got, ref) is not None and collapsed_channels(got, ref).all()
+    assert bad.cosine_mean == 0.0 and accuracy_drop(bad, Quality(samples=64)) == 1.0
+    assert good.cosine_mean is not None and good.cosine_mean > 0.99
+    # Outputs without channels to look at are scored as before.
+    flat = np.random.default_rng(5).standard_normal((4, 10))
+    assert collapsed_channels(flat, flat) is None
+    assert np.allclose(cosine_rows(flat, flat), 1.0)
