@@ -152,12 +152,16 @@ def latency_summary_ms(latencies_ns: Any) -> dict[str, float]:
 
 def sample_inputs(io: IOSpec, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the right names, dtypes and shapes; symbolic dims become ``batch`` (first
-    axis) or 1. Floats are uniform in [0, 1), integers 0 or 1 (valid token ids and masks)."""
+    axis), else the input's ``sample_shape`` from the manifest when it has one (a detector
+    whose height and width are free cannot run at 1x1), else 1. Floats are uniform in [0, 1),
+    integers 0 or 1 (valid token ids and masks)."""
     rng = np.random.default_rng(seed)
     feed: dict[str, np.ndarray] = {}
     for spec in io.inputs:
+        sample = spec.sample_shape or tuple(1 for _ in spec.shape)
         shape = tuple(
-            (batch if i == 0 else 1) if isinstance(d, str) else d for i, d in enumerate(spec.shape)
+            (batch if i == 0 else s) if isinstance(d, str) else d
+            for i, (d, s) in enumerate(zip(spec.shape, sample, strict=True))
         )
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":

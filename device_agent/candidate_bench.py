@@ -48,7 +48,10 @@ _BOOT = (
 
 
 def _spec_inputs(inputs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
-    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in inputs]
+    return [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "sample_shape": t.sample_shape}
+        for t in inputs
+    ]
 
 
 def time_candidate(
@@ -173,7 +176,15 @@ def _parse_result(code: int, out: bytes, err: bytes) -> dict[str, Any]:
 
 
 def _tensor_specs(items: Sequence[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
+    return tuple(
+        TensorSpec(i["name"], i["dtype"], tuple(i["shape"]), sample_shape=_sample_shape(i))
+        for i in items
+    )
+
+
+def _sample_shape(item: dict[str, Any]) -> tuple[int, ...] | None:
+    sample = item.get("sample_shape")
+    return None if sample is None else tuple(sample)
 
 
 def _sample(inputs: tuple[TensorSpec, ...]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from device_agent.contracts.bundle import (
     Manifest,
     ModelInfo,
 )
+from device_agent.contracts.shapes import MAX_TENSOR_ELEMENTS, parse_sample_shape
 from device_agent.errors import BundleError
 from device_agent.signing import SIGNATURE_NAME
 from sdk.artifact import ModelArtifact
@@ -74,12 +75,13 @@ def package(
     extra_files: Mapping[str, Path] | None = None,
     overwrite: bool = True,
     detector_in_graph: bool = True,
+    samples: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Write ``model`` and its manifest into the bundle directory ``out_dir``.
 
-    ``detector`` is ``(spec, params_path)``; ``reference`` a JSON file of reference statistics.
-    ``benchmark`` is the (JSON-serialisable) report that justified the choice. Returns the
-    bundle as the agent will load it, verified.
+    ``detector`` is ``(spec, params_path)``; ``reference`` a JSON file of reference statistics;
+    ``benchmark`` the (JSON-serialisable) report that justified the choice; ``samples`` the
+    calibration data (its shapes give ``sample_shape``). Returns the bundle as loaded, verified.
 
     With ``detector_in_graph`` (the default) and an ONNX model, the detector is also merged
     into the bundled model as an extra output (``sdk.detector_graph``), so the agent gets the
@@ -94,7 +96,7 @@ def package(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     model_file = "model.onnx" if model.format == "onnx" else "model.tflite"
-    io = _with_labels(model.io, labels)
+    io = _with_sample_shapes(_with_labels(model.io, labels), samples)
     taken = {model_file, MANIFEST_NAME, SIGNATURE_NAME, "reference.json"}
     if detector is not None:
         taken.add(detector[0].params_file)
@@ -240,6 +242,27 @@ def _with_labels(io: IOSpec, labels: Sequence[str] | None) -> IOSpec:
     return replace(
         io, outputs=(replace(first, labels=tuple(str(x) for x in labels)), *io.outputs[1:])
     )
+
+
+def _with_sample_shapes(io: IOSpec, samples: Mapping[str, Any] | None) -> IOSpec:
+    """``io`` with ``sample_shape`` on each input that has a symbolic dimension past the batch
+    axis and a sample in ``samples`` that fits its shape, within the manifest's limits (else
+    the input keeps none, and the agent's self-test uses 1 for those dimensions, as before)."""
+    if not samples:
+        return io
+    inputs = []
+    for spec in io.inputs:
+        shape = tuple(getattr(samples.get(spec.name), "shape", ()))
+        if any(isinstance(d, str) for d in spec.shape[1:]) and len(shape) == len(spec.shape):
+            try:
+                sample = parse_sample_shape([1, *map(int, shape[1:])], spec.shape, "sample_shape")
+            except BundleError:
+                sample = None  # not this input's layout, or too big
+            spec = replace(spec, sample_shape=sample)
+        inputs.append(spec)
+    if sum(t.fixed_elements for t in inputs) > MAX_TENSOR_ELEMENTS:
+        return io
+    return replace(io, inputs=tuple(inputs))
 
 
 def _jsonable(value: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from device_agent.contracts.errors import BundleError
+from device_agent.contracts.shapes import (
+    MAX_TENSOR_ELEMENTS,
+    parse_sample_shape,
+    parse_shape,
+)
 
 __all__ = [
     "DTYPES",
@@ -68,12 +73,6 @@ MAX_PATH_LEN = 1024
 MAX_FILES = 1000
 MAX_TENSORS = 1024  # inputs, and outputs
 MAX_LABELS = 65536
-MAX_RANK = 16  # the outlier events' input summaries carry at most 16 dimensions
-MAX_DIM = 2**31 - 1
-# The fixed dimensions of one tensor may hold at most this many elements (2**26: 256 MiB of
-# float32), and so may all the inputs together: the agent builds inputs of these shapes for its
-# self-test, and a board has a few GiB at most.
-MAX_TENSOR_ELEMENTS = 2**26
 MAX_NESTING = 64  # JSON depth anywhere in the manifest (free-form blocks included)
 # Control characters (C0, DEL, C1) and lone surrogates: a name or label holding one could not be
 # printed, logged on one line or encoded as UTF-8.
@@ -94,15 +93,20 @@ Dim = int | str
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input or output: its name, numpy dtype name and shape."""
+    """One model input or output: its name, numpy dtype name and shape; for an input with a
+    symbolic dimension past the batch axis, maybe the concrete shape of one sample
+    (:mod:`device_agent.contracts.shapes`)."""
 
     name: str
     dtype: str
     shape: tuple[Dim, ...]
     labels: tuple[str, ...] | None = None
+    sample_shape: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.sample_shape is not None:
+            out["sample_shape"] = list(self.sample_shape)
         if self.labels is not None:
             out["labels"] = list(self.labels)
         return out
@@ -114,31 +118,11 @@ class TensorSpec:
         dtype = _str(obj.get("dtype"), f"{where}.dtype")
         if dtype not in DTYPES:
             raise BundleError(f"{where}.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-        shape_raw = obj.get("shape")
-        if not isinstance(shape_raw, list):
-            raise BundleError(f"{where}.shape: expected a list, got {type(shape_raw).__name__}")
-        if len(shape_raw) > MAX_RANK:
-            raise BundleError(
-                f"{where}.shape: {len(shape_raw)} dimensions; at most {MAX_RANK} are supported"
-            )
-        shape: list[Dim] = []
-        for i, d in enumerate(shape_raw):
-            if isinstance(d, bool) or not isinstance(d, int | str):
-                raise BundleError(f"{where}.shape[{i}]: expected an int or a name, got {d!r}")
-            if isinstance(d, int) and d < 0:
-                raise BundleError(f"{where}.shape[{i}]: negative size {d}")
-            if isinstance(d, int) and d > MAX_DIM:
-                raise BundleError(f"{where}.shape[{i}]: size {d} is over the limit {MAX_DIM}")
-            if isinstance(d, str):
-                _str(d, f"{where}.shape[{i}]")
-            shape.append(d)
-        elements = math.prod(d for d in shape if isinstance(d, int))
-        if elements > MAX_TENSOR_ELEMENTS:
-            raise BundleError(
-                f"{where}.shape: {shape_raw} holds {elements} elements, over the limit of "
-                f"{MAX_TENSOR_ELEMENTS} per tensor; no board can hold such a tensor: check "
-                'the shape (use a name such as "batch" for a dynamic dimension)'
-            )
+        shape = parse_shape(obj.get("shape"), f"{where}.shape", _str)
+        sample_raw = obj.get("sample_shape")
+        sample = None
+        if sample_raw is not None:
+            sample = parse_sample_shape(sample_raw, shape, f"{where}.sample_shape")
         labels_raw = obj.get("labels")
         labels = None
         if labels_raw is not None:
@@ -148,11 +132,14 @@ class TensorSpec:
             labels = tuple(
                 _str(v, f"{where}.labels[{i}]", max_len=MAX_NAME_LEN) for i, v in enumerate(raw)
             )
-        return cls(name=name, dtype=dtype, shape=tuple(shape), labels=labels)
+        return cls(name=name, dtype=dtype, shape=shape, labels=labels, sample_shape=sample)
 
     @property
     def fixed_elements(self) -> int:
-        """How many elements the fixed dimensions hold (symbolic ones count as 1)."""
+        """How many elements the fixed dimensions hold (symbolic ones count as 1), or the
+        sample shape when there is one: what the agent's self-test builds."""
+        if self.sample_shape is not None:
+            return math.prod(self.sample_shape)
         return math.prod(d for d in self.shape if isinstance(d, int))
 
     def matches_shape(self, shape: Sequence[int]) -> bool:
@@ -186,6 +173,9 @@ class IOSpec:
             specs[side] = tuple(
                 TensorSpec.from_dict(t, f"{where}.{side}[{i}]") for i, t in enumerate(raw)
             )
+            extra = next((i for i, t in enumerate(specs[side]) if t.sample_shape is not None), None)
+            if side == "outputs" and extra is not None:
+                raise BundleError(f"{where}.outputs[{extra}].sample_shape: only inputs have one")
             names = [t.name for t in specs[side]]
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:

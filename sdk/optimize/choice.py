@@ -54,6 +54,7 @@ def _bundle(
         benchmark=bundle_benchmark(chosen),
         detector=detector,
         reference=reference,
+        samples=None if cal is None else cal.inputs,
     )
     return bundle.root
 
