@@ -4,11 +4,13 @@ Three boundaries, each fed random input interleaved with good input:
 
 * **A bundle directory -> the agent** (``load_bundle``, ``Agent.from_bundle`` + ``predict``,
   ``edgeship-agent check``). ``manifest.json`` is mutated as JSON (any field replaced by
-  random JSON: wrong types, lone surrogates, NUL, NaN and inf, huge integers, deep nesting) or
-  as bytes (non-UTF-8, truncation, duplicate keys, deep nesting); bundle files are replaced
-  with their hash updated (what anyone can do without the signing key); unlisted files are
-  added. Invariant: a load is a correct load or an EdgeshipError naming the problem, never
-  another exception; ``check`` exits 0 or 2, and with 2 prints exactly one line.
+  random JSON: wrong types, lone surrogates, NUL, NaN and inf, huge integers, deep nesting;
+  an input's ``sample_shape`` set to good and bad values: negative, zero, huge, non-int, NaN,
+  wrong length, nested) or as bytes (non-UTF-8, truncation, duplicate keys, deep nesting);
+  bundle files are replaced with their hash updated (what anyone can do without the signing
+  key); unlisted files are added. Invariant: a load is a correct load or an EdgeshipError
+  naming the problem, never another exception; ``check`` exits 0 or 2, and with 2 prints
+  exactly one line.
 * **deploy_* arguments -> the deploy handlers**: random argument objects for every action.
   Invariant: a result or a DeployError (``ok: false`` with the reason), never another
   exception; the deployer keeps working.
@@ -150,10 +152,44 @@ def _mutate(data: Any, path: tuple[Any, ...], op: str, value: Any) -> Any:
     return data
 
 
+# io.inputs[0].sample_shape for the base's input of shape ["batch", 16]: [1, 16] is valid.
+sample_shapes = st.one_of(
+    st.just([1, FEATURES]),
+    st.sampled_from(
+        [
+            [1, -FEATURES],
+            [-1, FEATURES],
+            [0, FEATURES],
+            [2, FEATURES],
+            [1, 2**31],
+            [2**31, FEATURES],
+            [10**400, FEATURES],
+            [1, float("nan")],
+            [float("inf"), FEATURES],
+            [1.0, FEATURES],
+            [True, FEATURES],
+            ["1", FEATURES],
+            [1],
+            [1, FEATURES, 1],
+            [],
+            [[1], [FEATURES]],
+            [1, _deep(70)],
+            {"0": 1},
+            None,
+        ]
+    ),
+    st.lists(st.one_of(st.integers(-3, 2**40), numbers), max_size=4),
+    json_values,
+)
+
+
 @st.composite
 def manifest_bytes(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
     data = json.loads(json.dumps(base))
-    for _ in range(draw(st.integers(1, 3))):
+    sampled = draw(st.booleans())
+    if sampled:
+        data["io"]["inputs"][0]["sample_shape"] = draw(sample_shapes)
+    for _ in range(draw(st.integers(0 if sampled else 1, 3))):
         paths = list(_paths(data))
         path = draw(st.sampled_from(paths))
         op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
