@@ -248,3 +248,48 @@ def test_without_tensorflow_the_cli_says_what_to_install(
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "pip install 'edgeship[tf]'" in lines[0], proc.stderr
         assert not (tmp_path / "b-source").exists()
+
+
+def _lambda_model(fn: Any) -> Any:
+    import keras
+
+    inp = keras.Input((3, 3), name="x")
+    return keras.Model(inp, keras.layers.Lambda(fn)(inp))
+
+
+def test_a_converter_that_fails_leaves_its_runtime_out_or_is_one_line(tmp_path: Path) -> None:
+    """tf2onnx has no ONNX op for Lgamma (it logs and emits an invalid graph); TFLite has no
+    builtin for MatrixDeterminant. Each model is searched on the runtime that converted it,
+    and an explicit --runtime for the one that failed is one line naming the op."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).standard_normal((8, 3, 3)).astype(np.float32)
+    lgamma = _lambda_model(lambda t: tf.math.lgamma(tf.abs(t) + 1.0))
+    det = _lambda_model(lambda t: tf.linalg.det(t))
+    for model, fmt, left_out, op in (
+        (lgamma, "tflite", "no ONNX Runtime candidates: tf2onnx", "Lgamma"),
+        (det, "onnx", "no LiteRT candidates: TensorFlow's TFLite", "MatrixDeterminant"),
+    ):
+        out = tmp_path / fmt
+        report = optimize(model, calibration={"x": x}, out=out, config=OptimizeConfig(**QUICK))
+        assert {c.artifact.format for c in report.candidates if c.artifact} == {fmt}
+        assert any(n.startswith(left_out) and n.endswith(op) for n in report.notes), report.notes
+        runtime = "onnxruntime" if fmt == "tflite" else "litert"
+        with pytest.raises(ConfigError) as info:
+            optimize(model, calibration={"x": x}, out=tmp_path / "e",
+                     config=OptimizeConfig(runtime=runtime, **QUICK))  # fmt: skip
+        text = str(info.value)
+        assert text.endswith(f"TensorFlow's {op}") and "\n" not in text, text
+        assert not (tmp_path / "e-source").exists()
+
+
+def test_converter_locations_are_stripped_from_the_message() -> None:
+    from sdk.optimize.tf_source import _converter_text
+
+    exc = RuntimeError(
+        "Could not translate MLIR to FlatBuffer./work/main/.venv/bin/edgeship:6:1: error: "
+        "'tf.Foo' failed\nmore"
+    )
+    assert _converter_text(exc) == (
+        "RuntimeError: Could not translate MLIR to FlatBuffer. error: 'tf.Foo' failed"
+    )

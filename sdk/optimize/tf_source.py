@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -91,19 +92,28 @@ def tf_source_model(
     if missing_onnx is not None and runtime == "onnxruntime":
         raise ConfigError(f"{loaded.what} to ONNX (--runtime onnxruntime): {missing_onnx}")
     notes = []
-    onnx_path = None
+    onnx_path = tflite_path = None
+    failed: dict[str, ConfigError] = {}
     if want_onnx and missing_onnx is None:
-        onnx_path = _to_onnx(tf, loaded, keys, arrays, fixed, folder / "model.onnx")
+        try:
+            onnx_path = _to_onnx(tf, loaded, keys, arrays, fixed, folder / "model.onnx")
+        except ConfigError as exc:
+            failed["ONNX Runtime"] = exc
     elif missing_onnx is not None:
         notes.append(f"no ONNX Runtime candidates: {missing_onnx}")
-    tflite_path = None
     if runtime != "onnxruntime":
-        tflite_path = _to_tflite(tf, loaded, keys, arrays, folder / "model.tflite")
+        try:
+            tflite_path = _to_tflite(tf, loaded, keys, arrays, folder / "model.tflite")
+        except ConfigError as exc:
+            failed["LiteRT"] = exc
+    if onnx_path is None and tflite_path is None:
+        raise ConfigError("; ".join(str(e) for e in failed.values())) from None
+    notes += [f"no {name} candidates: {exc}" for name, exc in failed.items()]
     made = " and ".join(str(p) for p in (onnx_path, tflite_path) if p is not None)
     notes.insert(0, f"{loaded.what} converted to {made} (TensorFlow {tf.__version__})")
     details: dict[str, Any] = {"made_from": loaded.what, "notes": notes}
     if onnx_path is None:
-        assert tflite_path is not None  # runtime is "litert" or tf2onnx is missing
+        assert tflite_path is not None  # runtime is "litert", or ONNX was not made
         details["litert_only"] = runtime == "litert"
         return read_artifact(tflite_path, recipe="fp32").with_details(**details)
     if tflite_path is not None:
@@ -313,6 +323,7 @@ def _to_onnx(
             )
     except Exception as exc:
         raise ConfigError(f"tf2onnx cannot convert {model.what}: {_one_line(exc)}") from None
+    _check_onnx(proto, model.what)
     outputs = [o.name for o in proto.graph.output]
     _rename_onnx(proto, dict(zip(outputs, model.names, strict=True)))
     for value in (*proto.graph.input, *proto.graph.output):
@@ -321,6 +332,27 @@ def _to_onnx(
             dims[0].dim_param = "batch"
     onnx.save(proto, str(path))
     return path
+
+
+def _check_onnx(proto: Any, what: str) -> None:
+    """tf2onnx logs an op it cannot convert and leaves the TensorFlow op in the graph: name
+    those ops (or what else ONNX's checker finds) in one line."""
+    import onnx
+
+    unknown = sorted(
+        {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")}
+        - {s.name for s in onnx.defs.get_all_schemas()}
+    )
+    if unknown:
+        raise ConfigError(
+            f"tf2onnx cannot convert {what}: ONNX has no op for TensorFlow's {', '.join(unknown)}"
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ConfigError(
+            f"tf2onnx cannot convert {what}: its ONNX fails ONNX's model check ({_one_line(exc)})"
+        ) from None
 
 
 def _function(tf: Any, model: _Model) -> Any:
@@ -349,8 +381,11 @@ def _to_tflite(
             converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model.trackable)
             path.write_bytes(converter.convert())
     except Exception as exc:
+        ops = sorted(set(re.findall(r"'tf\.(\w+)' op is neither a custom op", str(exc))))
+        why = f"LiteRT has no builtin op for TensorFlow's {', '.join(ops)}" if ops else None
         raise ConfigError(
-            f"TensorFlow's TFLite converter cannot convert {model.what}: {_one_line(exc)}"
+            f"TensorFlow's TFLite converter cannot convert {model.what}: "
+            f"{why or _converter_text(exc)}"
         ) from None
     _name_tflite(path, keys, model.names)
     return path
@@ -384,6 +419,14 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _converter_text(exc: BaseException) -> str:
+    """The converter's message without the MLIR source locations it prints (the caller's
+    script, ``/path/to/edgeship:6:1:``, ``loc(...)``)."""
+    text = _one_line(exc)
+    text = re.sub(r"(?:<unknown>|(?:/[^\s:\"]+)+):\d+(?::\d+)?:\s*", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def _one_line(exc: BaseException) -> str:
     from sdk.export_common import one_line
 
@@ -395,8 +438,8 @@ def _quiet_tf() -> Iterator[None]:
     """tf2onnx and TensorFlow log each step at INFO (and warnings a user cannot act on)."""
     loggers = [logging.getLogger(n) for n in ("tf2onnx", "tensorflow", "absl")]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    for lg in loggers:  # tf2onnx's errors (an op it cannot convert) are raised as one line
+        lg.setLevel(logging.CRITICAL if lg.name == "tf2onnx" else logging.ERROR)
     try:
         yield
     finally:
