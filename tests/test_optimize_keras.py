@@ -293,3 +293,19 @@ def test_converter_locations_are_stripped_from_the_message() -> None:
     assert _converter_text(exc) == (
         "RuntimeError: Could not translate MLIR to FlatBuffer. error: 'tf.Foo' failed"
     )
+
+
+def test_a_free_sequence_length_is_fixed_from_the_calibration_data_with_a_note(
+    tmp_path: Path,
+) -> None:
+    import keras
+
+    inp = keras.Input((None, 3), name="seq")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(5)(inp))
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(pooled))
+    x = np.random.default_rng(0).standard_normal((16, 7, 3)).astype(np.float32)
+    config = OptimizeConfig(runtime="litert", **QUICK)
+    report = optimize(model, calibration={"seq": x}, out=tmp_path / "b", config=config)
+    note = "input 'seq' has free dimension(s) past the batch, fixed from the calibration data"
+    assert any(note in n and "dimension 1 at 7" in n for n in report.notes), report.notes
+    assert open_session(tmp_path / "b-source" / "model.tflite").io.inputs[0].shape == (1, 7, 3)

@@ -109,6 +109,7 @@ def tf_source_model(
     if onnx_path is None and tflite_path is None:
         raise ConfigError("; ".join(str(e) for e in failed.values())) from None
     notes += [f"no {name} candidates: {exc}" for name, exc in failed.items()]
+    notes += _fixed_dims(loaded, keys, arrays)
     made = " and ".join(str(p) for p in (onnx_path, tflite_path) if p is not None)
     notes.insert(0, f"{loaded.what} converted to {made} (TensorFlow {tf.__version__})")
     details: dict[str, Any] = {"made_from": loaded.what, "notes": notes}
@@ -289,6 +290,23 @@ def _fixed_batch(model: _Model) -> bool:
             "or a free batch (keras.Input(shape) without batch_size)"
         )
     return bool(fixed)
+
+
+def _fixed_dims(model: _Model, keys: list[str], arrays: dict[str, np.ndarray]) -> list[str]:
+    """A note for each input dimension past the batch the model leaves free: the converted
+    files take the calibration data's (TFLite needs static shapes; the ONNX keeps to them)."""
+    notes = []
+    for key, (name, shape, _) in zip(keys, model.inputs, strict=True):
+        got = arrays[key].shape
+        free = [f"{i} at {got[i]}" for i, d in enumerate(shape) if i > 0 and d is None]
+        if free:
+            notes.append(
+                f"{model.what}'s input {name!r} has free dimension(s) past the batch, fixed "
+                f"from the calibration data's {key!r} {tuple(got)}: dimension "
+                f"{', '.join(free)} (a TFLite model has static shapes, and the ONNX is "
+                "converted at the same ones); eval data and the board must use them"
+            )
+    return notes
 
 
 def _specs(
