@@ -309,3 +309,27 @@ def test_a_free_sequence_length_is_fixed_from_the_calibration_data_with_a_note(
     note = "input 'seq' has free dimension(s) past the batch, fixed from the calibration data"
     assert any(note in n and "dimension 1 at 7" in n for n in report.notes), report.notes
     assert open_session(tmp_path / "b-source" / "model.tflite").io.inputs[0].shape == (1, 7, 3)
+
+
+def test_a_subclassed_model_takes_its_input_from_the_calibration_data(tmp_path: Path) -> None:
+    import keras
+
+    class Scale(keras.Model):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x: Any) -> Any:
+            return self.dense(x) * 2.0
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    model = Scale()  # never called: built on one calibration sample
+    config = OptimizeConfig(runtime="onnxruntime", **QUICK)
+    report = optimize(model, calibration={"feat": x}, out=tmp_path / "b", config=config)
+    assert report.chosen_candidate.error is None
+    session = open_session(tmp_path / "b-source" / "model.onnx")
+    assert [s.name for s in session.io.inputs] == ["feat"]
+    np.testing.assert_allclose(session.run({"feat": x})[0], np.asarray(model(x)), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"subclassed model.*functional model.*model\.export"):
+        optimize(Scale(), calibration={"a": x, "b": x}, out=tmp_path / "c", config=config)

@@ -4,11 +4,12 @@ ONNX (tf2onnx), and then searched like a PyTorch model (:mod:`sdk.optimize.runti
 Runtime candidates from ``model.onnx``, LiteRT ones from ``model.tflite``, within the runtimes
 :attr:`~sdk.optimize.OptimizeConfig.runtime` and the target allow.
 
-The model is a ``keras.Model`` (built: its inputs known), a ``.keras`` or ``.h5`` file, or a
-SavedModel directory (``saved_model.pb`` inside; its ``serving_default`` signature, else its only
-one). Both converters are handed the same function: the model called on its inputs in order,
-with the calibration data's names (a single input takes whatever its key; several are matched
-by name, and a missing or unknown name is a one-line error).
+The model is a ``keras.Model`` (a subclassed one of one input takes its input spec from the
+calibration data), a ``.keras`` or ``.h5`` file, or a SavedModel directory (``saved_model.pb``
+inside; its ``serving_default`` signature, else its only one). Both converters are handed the
+same function: the model called on its inputs in order, with the calibration data's names (a
+single input takes whatever its key; several are matched by name, and a missing or unknown name
+is a one-line error).
 
 The batch is kept as the PyTorch path keeps it: the ONNX model takes any batch unless the model
 was built at batch 1; the TFLite is converted at batch 1, the batch a board runs; a model built
@@ -83,7 +84,7 @@ def tf_source_model(
     artifact alone. ``runtime="onnxruntime"`` makes the ONNX model alone."""
     tf = _import_tf()
     folder.mkdir(parents=True, exist_ok=True)
-    loaded = _load(tf, model, folder)
+    loaded = _load(tf, model, folder, calibration)
     arrays = _input_arrays(calibration, loaded.what)
     keys = _match_inputs(loaded, arrays)
     fixed = _fixed_batch(loaded)
@@ -142,13 +143,13 @@ def _tf2onnx_missing() -> str | None:
     return None
 
 
-def _load(tf: Any, model: Any, folder: Path) -> _Model:
+def _load(tf: Any, model: Any, folder: Path, calibration: DataSource | None) -> _Model:
     """The model as one function; a Keras model is exported to a SavedModel in ``folder``
     first (called directly, TensorFlow's converter would keep its weights as variables)."""
     import keras
 
     if isinstance(model, keras.Model):
-        return _from_keras(tf, model, f"the Keras model {model.name!r}", folder)
+        return _from_keras(tf, model, f"the Keras model {model.name!r}", folder, calibration)
     path = Path(model)
     if is_saved_model_dir(path):
         return _from_saved_model(tf, path, f"SavedModel {path.name}/")
@@ -159,31 +160,64 @@ def _load(tf: Any, model: Any, folder: Path) -> _Model:
             loaded = keras.models.load_model(path, compile=False)
     except Exception as exc:
         raise ConfigError(f"{path.name}: Keras cannot load it ({_one_line(exc)})") from None
-    return _from_keras(tf, loaded, path.name, folder)
+    return _from_keras(tf, loaded, path.name, folder, calibration)
 
 
-def _from_keras(tf: Any, model: Any, what: str, folder: Path) -> _Model:
+def _from_keras(
+    tf: Any, model: Any, what: str, folder: Path, calibration: DataSource | None
+) -> _Model:
     try:
         inputs = list(model.inputs)
     except (AttributeError, ValueError):
         inputs = []
-    if not inputs:
-        raise ConfigError(
-            f"{what} has no known inputs: build it (call it once, or use keras.Input) first"
-        )
+    signature = None if inputs else _subclassed_signature(tf, model, what, calibration)
     saved = folder / "saved_model"
     try:
         with _quiet_tf(), contextlib.redirect_stdout(None):
-            model.export(str(saved), format="tf_saved_model", verbose=False)
+            model.export(
+                str(saved), format="tf_saved_model", verbose=False, input_signature=signature
+            )
     except Exception as exc:
         raise ConfigError(f"{what}: Keras cannot export it ({_one_line(exc)})") from None
-    loaded = _from_saved_model(tf, saved, what, [str(t.name) for t in inputs])
+    order = [str(t.name) for t in inputs] or [str(s.name) for s in signature or []]
+    loaded = _from_saved_model(tf, saved, what, order)
     shapes = {str(t.name): tuple(t.shape) for t in inputs}  # the export frees a fixed batch
     loaded = replace(loaded, inputs=[(n, shapes.get(n, s), d) for n, s, d in loaded.inputs])
     names = [str(n) for n in getattr(model, "output_names", None) or []]
     if len(names) == len(loaded.outputs) and len(set(names)) == len(names):
         loaded = replace(loaded, names=names)  # the export names them output_0, output_1, ...
     return loaded
+
+
+def _subclassed_signature(
+    tf: Any, model: Any, what: str, calibration: DataSource | None
+) -> list[Any]:
+    """A model without known inputs (a subclassed ``keras.Model``) of one input: its input
+    spec taken from the calibration data (any batch; a float array as float32), the model
+    called on one sample first if it was never called."""
+    arrays = _input_arrays(calibration, what)
+    advice = (
+        "wrap it in a functional model (x = keras.Input(shape); keras.Model(x, model(x))) or "
+        "give its SavedModel (model.export(dir))"
+    )
+    if len(arrays) != 1:
+        raise ConfigError(
+            f"{what} has no known inputs (a subclassed model) and the calibration data has "
+            f"{len(arrays)}, which cannot be matched to its call's arguments: {advice}"
+        )
+    key, array = next(iter(arrays.items()))
+    dtype = tf.float32 if array.dtype.kind == "f" else tf.as_dtype(array.dtype)
+    spec = tf.TensorSpec([None, *array.shape[1:]], dtype, name=key)
+    if not model.built:
+        try:
+            with _quiet_tf():
+                model(tf.constant(array[:1], dtype=dtype))
+        except Exception as exc:
+            raise ConfigError(
+                f"{what} has no known inputs and does not run on calibration data's {key!r} "
+                f"{tuple(array.shape)} ({_one_line(exc)}): {advice}"
+            ) from None
+    return [spec]
 
 
 def _from_saved_model(tf: Any, path: Path, what: str, order: list[str] | None = None) -> _Model:
