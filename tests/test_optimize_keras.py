@@ -333,3 +333,23 @@ def test_a_subclassed_model_takes_its_input_from_the_calibration_data(tmp_path: 
     np.testing.assert_allclose(session.run({"feat": x})[0], np.asarray(model(x)), atol=1e-5)
     with pytest.raises(ConfigError, match=r"subclassed model.*functional model.*model\.export"):
         optimize(Scale(), calibration={"a": x, "b": x}, out=tmp_path / "c", config=config)
+
+
+def test_a_source_folder_the_user_has_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import keras
+
+    inp = keras.Input((4,), name="x")
+    keras.Model(inp, keras.layers.Dense(2)(inp)).save(tmp_path / "m.keras")
+    np.savez(tmp_path / "cal.npz", x=np.ones((4, 4), np.float32))
+    mine = tmp_path / "b-source" / "model.onnx"
+    mine.parent.mkdir()
+    mine.write_text("the user's")
+    rc = main(["optimize", str(tmp_path / "m.keras"), "-o", str(tmp_path / "b"),
+               "--calibration", str(tmp_path / "cal.npz")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{mine.parent} already exists" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["model.onnx"]
+    assert mine.read_text() == "the user's"

@@ -179,7 +179,7 @@ def test_inputs_are_matched_to_forward_arguments_by_name(tmp_path: Path) -> None
     """Two inputs given in another order than forward's arguments are matched by name (fed by
     position under swapped names they would be silently wrong); a missing or unknown name is
     a one-line error; the caller's module keeps its training mode; and a -source folder the
-    user already had survives keep_candidates=False."""
+    user already had is refused up front and left as it was."""
     import torch
 
     class TwoInputs(torch.nn.Module):
@@ -198,7 +198,10 @@ def test_inputs_are_matched_to_forward_arguments_by_name(tmp_path: Path) -> None
     kept.parent.mkdir()
     kept.write_text("the user's")
     config = OptimizeConfig(runtime="onnxruntime", keep_candidates=False, **QUICK)
-    report = optimize(net, calibration={"b": b, "a": a}, out=tmp_path / "b", config=config)
+    with pytest.raises(ConfigError, match=r"b-source already exists: .* choose another -o"):
+        optimize(net, calibration={"b": b, "a": a}, out=tmp_path / "b", config=config)
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["mine.txt"]
+    report = optimize(net, calibration={"b": b, "a": a}, out=tmp_path / "b2", config=config)
     assert net.training  # given back as it came
     from device_agent.runtime import open_session
 

@@ -34,7 +34,7 @@ from sdk.targets import TargetProfile
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["allowed_runtimes", "litert_baseline", "load_pt2", "source_model"]
+__all__ = ["allowed_runtimes", "litert_baseline", "load_pt2", "refuse_existing", "source_model"]
 
 _LITERT_EXPORT = "pip install 'edgeship[tflite-export]'"
 
@@ -243,6 +243,7 @@ def source_model(
 
     from sdk.export import export
 
+    refuse_existing(folder)
     arrays = _in_forward_order(model, _input_arrays(calibration))
     names = list(arrays)
     fixed = getattr(model, "fixed_batch", None)  # a .pt2 exported at batch 1
@@ -278,6 +279,16 @@ def source_model(
         )
     finally:
         model.train(was_training)
+
+
+def refuse_existing(folder: Path) -> None:
+    """The ``<out>-source`` folder a search converts the model in must be its own: one the
+    user already has would get files written into it (and old ones left beside them)."""
+    if folder.exists():
+        raise ConfigError(
+            f"{folder} already exists: optimize converts the model into it; remove it or "
+            "choose another -o"
+        )
 
 
 def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
