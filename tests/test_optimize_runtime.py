@@ -198,7 +198,8 @@ def test_inputs_are_matched_to_forward_arguments_by_name(tmp_path: Path) -> None
     kept.parent.mkdir()
     kept.write_text("the user's")
     config = OptimizeConfig(runtime="onnxruntime", keep_candidates=False, **QUICK)
-    with pytest.raises(ConfigError, match=r"b-source already exists: .* choose another -o"):
+    refused = r"b-source already exists and was not made by edgeship: .* choose another -o"
+    with pytest.raises(ConfigError, match=refused):
         optimize(net, calibration={"b": b, "a": a}, out=tmp_path / "b", config=config)
     assert sorted(p.name for p in kept.parent.iterdir()) == ["mine.txt"]
     report = optimize(net, calibration={"b": b, "a": a}, out=tmp_path / "b2", config=config)
@@ -215,3 +216,22 @@ def test_inputs_are_matched_to_forward_arguments_by_name(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"named as the model's arguments \['a', 'b'\]: 'b'"):
         optimize(net, calibration={"a": a, "c": b}, out=tmp_path / "c", config=config)
     assert not (tmp_path / "c-source").exists()  # a failed run leaves no folder behind
+
+
+def test_a_source_folder_an_earlier_search_made_is_replaced(tmp_path: Path) -> None:
+    """Re-running optimize with the same -o works: the folder the first run made carries the
+    mark and is replaced; a folder without it (the user's) is refused and left as it was."""
+    from sdk.optimize.runtimes import SOURCE_MARK, make_source_folder, refuse_existing
+
+    ours = tmp_path / "out-source"
+    refuse_existing(ours)
+    make_source_folder(ours)
+    (ours / "model.onnx").write_text("old export")
+    refuse_existing(ours)  # an earlier run's: replaced
+    assert not ours.exists()
+    mine = tmp_path / "mine-source"
+    mine.mkdir()
+    (mine / "model.onnx").write_text("the user's")
+    with pytest.raises(ConfigError, match="not made by edgeship"):
+        refuse_existing(mine)
+    assert (mine / "model.onnx").read_text() == "the user's" and not (mine / SOURCE_MARK).exists()

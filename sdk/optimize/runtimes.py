@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,15 @@ from sdk.targets import TargetProfile
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["allowed_runtimes", "litert_baseline", "load_pt2", "refuse_existing", "source_model"]
+__all__ = [
+    "SOURCE_MARK",
+    "allowed_runtimes",
+    "litert_baseline",
+    "load_pt2",
+    "make_source_folder",
+    "refuse_existing",
+    "source_model",
+]
 
 _LITERT_EXPORT = "pip install 'edgeship[tflite-export]'"
 
@@ -264,7 +273,7 @@ def source_model(
             f"{[(n, tuple(a.shape)) for n, a in arrays.items()]}: {one_line(exc)}"
         ) from exc
     count = len(out) if isinstance(out, tuple | list) else 1
-    folder.mkdir(parents=True, exist_ok=True)
+    make_source_folder(folder)
     try:  # the module in eval mode, as it runs on a board; given back as it came
         return _as_fp32(
             export(
@@ -281,14 +290,34 @@ def source_model(
         model.train(was_training)
 
 
+#: Written in every ``<out>-source`` folder a search makes: a later run with the same ``-o``
+#: may replace a folder that holds it, and refuses one that does not (the user's own).
+SOURCE_MARK = ".edgeship-source"
+
+
 def refuse_existing(folder: Path) -> None:
     """The ``<out>-source`` folder a search converts the model in must be its own: one the
-    user already has would get files written into it (and old ones left beside them)."""
-    if folder.exists():
-        raise ConfigError(
-            f"{folder} already exists: optimize converts the model into it; remove it or "
-            "choose another -o"
-        )
+    user already has would get files written into it (and old ones left beside them). A folder
+    an earlier search made (it holds :data:`SOURCE_MARK`) is replaced, so re-running with the
+    same ``-o`` works."""
+    if not folder.exists():
+        return
+    if folder.is_dir() and (folder / SOURCE_MARK).is_file():
+        shutil.rmtree(folder)
+        return
+    raise ConfigError(
+        f"{folder} already exists and was not made by edgeship: optimize converts the model "
+        "into it; remove it or choose another -o"
+    )
+
+
+def make_source_folder(folder: Path) -> None:
+    """Create ``folder`` (checked by :func:`refuse_existing` first) and mark it as ours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SOURCE_MARK).write_text(
+        "made by edgeship optimize; a later run with the same -o replaces this folder\n",
+        encoding="utf-8",
+    )
 
 
 def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:

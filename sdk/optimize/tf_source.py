@@ -82,11 +82,11 @@ def tf_source_model(
     """``model`` converted in ``folder``: the ONNX artifact (``details["tflite_source"]`` the
     float TFLite beside it), or, with ``runtime="litert"`` or without tf2onnx, the float TFLite
     artifact alone. ``runtime="onnxruntime"`` makes the ONNX model alone."""
-    from sdk.optimize.runtimes import refuse_existing
+    from sdk.optimize.runtimes import make_source_folder, refuse_existing
 
     refuse_existing(folder)
     tf = _import_tf()
-    folder.mkdir(parents=True)
+    make_source_folder(folder)
     loaded = _load(tf, model, folder, calibration)
     arrays = _input_arrays(calibration, loaded.what)
     keys = _match_inputs(loaded, arrays)
