@@ -908,3 +908,30 @@ def test_low_check_on_a_saturating_host_says_the_host_may_be_to_blame(
     with caplog.at_level(logging.WARNING, logger="sdk.quantize"):  # a passing check: silent
         warn_on_check({**low, "cosine_min": 0.999}, QuantizeConfig(), host_saturates=True)
     assert not caplog.records
+
+
+def test_a_concat_of_far_apart_scales_is_kept_in_float(tmp_path: Path) -> None:
+    """Quantizing every op type put NudeNet's head Concat (box pixels beside [0, 1] class
+    scores, scales 395x apart) on one int8 scale and every score became 0. Such a Concat is
+    now kept in float, with a note, and so is the Sigmoid making the scores (an int8 Sigmoid
+    at an output only rounds: YOLOv8n's scores below 0.002 became exactly 0)."""
+    import onnxruntime as ort
+
+    from sdk.evaluate import collapsed_channels
+    from tests.test_evaluate import _detector_head
+
+    fp32 = _detector_head(tmp_path / "head.onnx")
+    x = {"x": np.random.default_rng(4).standard_normal((64, 8, 16)).astype(np.float32)}
+    every = quantize(fp32, x, out=tmp_path / "all.onnx", config=QuantizeConfig(op_types=None))
+    print(f"\n[concat] {every.details['fallbacks']}")
+    assert every.details["excluded_nodes"] == ["join", "score"]
+    notes = every.details["fallbacks"]
+    assert any("Concat joining tensors" in f and "'join'" in f for f in notes)
+    assert any("making the model's outputs ('score')" in f for f in notes)
+    assert every.details["check"]["cosine_min"] > 0.99
+    s_fp32 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    s_int8 = ort.InferenceSession(str(every.path), providers=["CPUExecutionProvider"])
+    ref, got = s_fp32.run(None, x)[0], s_int8.run(None, x)[0]
+    assert not collapsed_channels(got, ref).any()  # type: ignore[union-attr]
+    assert np.abs(got[:, 4:] - ref[:, 4:]).max() < 0.05  # the scores, to a few int8 steps
+    assert np.ptp(got[:, 4:], axis=(1, 2)).min() > 0  # float Sigmoid: no score flattened

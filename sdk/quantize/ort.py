@@ -55,13 +55,16 @@ from sdk.quantize.config import (
     op_types_for,
 )
 from sdk.quantize.ort_check import (
+    MIXED_SCALE_RATIO,
     RuntimeRefusal,
     count_quantized_nodes,
     failed_step,
+    mixed_scale_concats,
     node_in_message,
     nodes_behind,
     nothing_quantized,
     nothing_to_quantize,
+    quantized_heads,
     raised_in,
     verify,
     warn_on_check,
@@ -195,9 +198,10 @@ class _Run:
 def _quantize_until_it_runs(
     run: _Run, prepared: Path, tmp: Path, excluded: list[str]
 ) -> tuple[Path, int, IOSpec, dict[str, Any]]:
-    """Quantize, then load and run the result; a node the runtime refuses is kept in float and
-    quantization retried (at most ``_MAX_EXCLUSION_RETRIES`` times). Returns the model file, its
-    quantized node count, its I/O and the check against fp32."""
+    """Quantize, then load and run the result; a node the runtime refuses, or a Concat whose
+    inputs' scales are too far apart to share one (:func:`mixed_scale_concats`), is kept in
+    float and quantization retried (at most ``_MAX_EXCLUSION_RETRIES`` times). Returns the
+    model file, its quantized node count, its I/O and the check against fp32."""
     for attempt in range(_MAX_EXCLUSION_RETRIES + 1):
         candidate = tmp / f"quantized-{attempt}.onnx"
         _run_quantizer(
@@ -214,6 +218,8 @@ def _quantize_until_it_runs(
         quantized_nodes = count_quantized_nodes(candidate)
         if quantized_nodes == 0:
             raise QuantizationError(nothing_quantized(prepared, run.config, excluded))
+        if attempt < _MAX_EXCLUSION_RETRIES and _keep_heads_in_float(candidate, excluded, run):
+            continue
         try:
             quantized_io, check = verify(candidate, run.source, run.data, run.batch)
             return candidate, quantized_nodes, quantized_io, check
@@ -234,6 +240,34 @@ def _quantize_until_it_runs(
             run.fallbacks.append(note)
             excluded.extend(nodes)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _keep_heads_in_float(candidate: Path, excluded: list[str], run: _Run) -> bool:
+    """Exclude what would be quantized to no purpose at the model's end: Concats joining
+    tensors whose scales are far apart, and weightless ops making an output (a note for each
+    kind); whether anything was excluded."""
+    mixed = mixed_scale_concats(candidate, excluded)
+    notes = []
+    if mixed:
+        named = "; ".join(f"{name!r} ({ratio:.0f}x)" for name, ratio in mixed)
+        notes.append(
+            f"Concat joining tensors whose int8 scales differ by more than "
+            f"{MIXED_SCALE_RATIO:.0f}x ({named}): quantized together, the finer ones round "
+            "to a few levels"
+        )
+        excluded.extend(name for name, _ in mixed)
+    heads = quantized_heads(candidate, excluded)
+    if heads:
+        notes.append(
+            f"weightless ops making the model's outputs ({', '.join(map(repr, heads))}): "
+            "their int8 outputs are dequantized at once, so int8 only rounds them"
+        )
+        excluded.extend(heads)
+    for note in notes:
+        note = f"{note}; kept in float and quantized again"
+        log.info(note)
+        run.fallbacks.append(note)
+    return bool(notes)
 
 
 # --- inputs -------------------------------------------------------------------------------

@@ -64,6 +64,75 @@ def count_quantized_nodes(model: Path) -> int:
     return sum(1 for n, _ in _walk(graph) if n.op_type in _QUANT_OPS)
 
 
+#: A quantized Concat whose inputs' int8 scales differ by more than this is kept in float: at
+#: the output's (the largest) scale, an input with a scale this much finer keeps at most
+#: 256 / 16 = 16 levels. NudeNet's YOLOv8n head joins box coordinates in pixels and class
+#: scores in [0, 1] (scales 395x apart: every score became 0); the other Concats of the
+#: PaddleOCR, YOLO and EfficientNet-Lite nets measured were within 2.4x.
+MIXED_SCALE_RATIO = 16.0
+
+
+def mixed_scale_concats(model: Path, excluded: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """Concat nodes of a QDQ model fed by DequantizeLinear outputs whose per-tensor scales
+    differ by more than :data:`MIXED_SCALE_RATIO`, with that ratio (named nodes only, those in
+    ``excluded`` left out)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    scales = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) == 0}
+    made_by = {out: node for node in graph.node for out in node.output}
+    found: list[tuple[str, float]] = []
+    for node in graph.node:
+        if node.op_type != "Concat" or not node.name or node.name in excluded:
+            continue
+        feeds = [made_by.get(name) for name in node.input]
+        seen = [
+            float(scales[d.input[1]])
+            for d in feeds
+            if d is not None and d.op_type == "DequantizeLinear" and d.input[1] in scales
+        ]
+        seen = [v for v in seen if np.isfinite(v) and v > 0]
+        if len(seen) >= 2 and max(seen) / min(seen) > MIXED_SCALE_RATIO:
+            found.append((node.name, max(seen) / min(seen)))
+    return found
+
+
+# Operators without weights whose int8 form at a graph output only loses precision: the
+# output is dequantized anyway, and they cost little in float.
+_HEAD_OPS = frozenset(
+    {"Sigmoid", "Softmax", "Mul", "Add", "Sub", "Div", "Concat", "LeakyRelu", "Tanh",
+     "HardSigmoid", "Clip", "Relu"}
+)  # fmt: skip
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def quantized_heads(model: Path, excluded: Sequence[str] = ()) -> list[str]:
+    """Named weightless nodes (:data:`_HEAD_OPS`) of a QDQ model that make a graph output,
+    through Q/DQ pairs and Concats, whose output is quantized: YOLOv8n's class scores, an
+    int8 Sigmoid on a 1/255 grid, left every score below 0.002 at exactly 0."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    quants = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    heads: list[str] = []
+    todo = [o.name for o in graph.output]
+    seen: set[str] = set()
+    while todo:
+        node = made_by.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in _QDQ or (node.op_type == "Concat" and node.name in excluded):
+            todo.extend(node.input[:1] if node.op_type in _QDQ else node.input)
+            continue
+        quantized = any(q.op_type == "QuantizeLinear" and q.input[0] in node.output for q in quants)
+        if node.op_type in _HEAD_OPS and node.name and node.name not in excluded and quantized:
+            heads.append(node.name)
+    return heads
+
+
 def _op_counts(graph: Any, *, inside: bool) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node, nested in _walk(graph):
