@@ -269,3 +269,56 @@ def test_quantize_takes_the_file_as_mediapipe_ships_it(
     assert "note: iris_landmark.tflite was given to ai-edge-quantizer as a copy" in printed
     assert "deprecated_builtin_code" in printed and "serving_default" in printed
     assert not list(work.glob("*float-for-quantizer*"))  # the copy is not left behind
+
+
+def _face_crops(photos: Path) -> np.ndarray:
+    """48 square crops of the photos, 128x128 RGB in [-1, 1] (MediaPipe's face detector)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    crops = []
+    for name in ("astronaut.png", "chelsea.png", "coffee.png"):
+        image = Image.open(photos / name).convert("RGB")
+        for _ in range(16):
+            side = int(rng.integers(min(image.size) // 2, min(image.size)))
+            x0 = int(rng.integers(0, image.size[0] - side + 1))
+            y0 = int(rng.integers(0, image.size[1] - side + 1))
+            crop = image.crop((x0, y0, x0 + side, y0 + side)).resize((128, 128))
+            crops.append(np.asarray(crop, np.float32) / 127.5 - 1.0)
+    return np.stack(crops)
+
+
+def test_float16_weights_behind_dequantize_are_quantized(
+    pretrained: dict[str, Path], work: Path
+) -> None:
+    """MediaPipe's face detector keeps its weights in float16 behind 74 DEQUANTIZE ops, as
+    converters' fp16 export does; ai-edge-quantizer read no weights there and failed inside
+    its bias quantization ('NoneType' object has no attribute 'ndim') on every such model
+    (the selfie segmenter of benchmarks/pretrained_path.py). The copy it is given stores them
+    as float32 constants: it computes exactly what the file does, and int8 is made."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from sdk.quantize import quantize_tflite
+    from sdk.quantize.litert import _readable_by_the_quantizer
+
+    model = pretrained["face_detector"]
+    crops = _face_crops(pretrained["photos"])
+    copy, fixes = _readable_by_the_quantizer(model, work / "face.int8.tflite")
+    assert any("74 float16 weight tensors behind DEQUANTIZE" in f for f in fixes), fixes
+
+    def outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+        interp = Interpreter(str(path))
+        interp.allocate_tensors()
+        interp.set_tensor(interp.get_input_details()[0]["index"], x[None])
+        interp.invoke()
+        return [interp.get_tensor(o["index"]).copy() for o in interp.get_output_details()]
+
+    ops = Interpreter(str(copy))._get_ops_details()
+    assert not [o for o in ops if o["op_name"] == "DEQUANTIZE"]
+    for x in crops[:4]:
+        for a, b in zip(outputs(model, x), outputs(copy, x), strict=True):
+            assert np.array_equal(a, b)  # float16 -> float32 is exact
+    art = quantize_tflite(model, {"input": crops}, out=work / "face.int8.tflite")
+    notes = " ".join(art.details["input_notes"])
+    assert "float16 weight tensors behind DEQUANTIZE ops stored as float32" in notes
+    assert art.details["check"]["cosine_min"] > 0.9, art.details["check"]

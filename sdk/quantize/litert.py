@@ -130,7 +130,7 @@ def quantize_tflite(
         details["input_notes"] = [
             f"{float_art.path.name} was given to ai-edge-quantizer as a copy with "
             + "; ".join(fixes)
-            + " (its weights and graph unchanged)"
+            + " (every weight's value unchanged)"
         ]
     session_io = _open(target).io
     art = ModelArtifact(
@@ -263,6 +263,12 @@ def _readable_by_the_quantizer(path: Path, target: Path) -> tuple[Path, list[str
         code.builtinCode = code.deprecatedBuiltinCode
     if stale:
         fixes.append(f"{len(stale)} operator codes read from the old deprecated_builtin_code field")
+    folded = _fold_fp16_weights(model, schema)
+    if folded:
+        fixes.append(
+            f"{folded} float16 weight tensors behind DEQUANTIZE ops stored as float32 "
+            "(the quantizer reads no weights behind them and failed on their convolutions)"
+        )
     if not model.signatureDefs and len(model.subgraphs) == 1:
         graph = model.subgraphs[0]
 
@@ -282,6 +288,37 @@ def _readable_by_the_quantizer(path: Path, target: Path) -> tuple[Path, list[str
     copy = target.with_name(target.stem + ".float-for-quantizer.tflite")
     flatbuffer_utils.write_model(model, str(copy))
     return copy, fixes
+
+
+def _fold_fp16_weights(model: Any, schema: Any) -> int:
+    """Replace each DEQUANTIZE of a constant float16 tensor by its float32 result, stored as a
+    constant (converters' fp16 export, as in MediaPipe's models); how many were folded."""
+    codes = model.operatorCodes
+    dequantize = schema.BuiltinOperator.DEQUANTIZE
+    folded = 0
+    for graph in model.subgraphs:
+        kept = []
+        for op in graph.operators:
+            code = codes[op.opcodeIndex]
+            source = graph.tensors[op.inputs[0]] if len(op.inputs) == 1 else None
+            data = None if source is None else model.buffers[source.buffer].data
+            if (
+                max(code.builtinCode, code.deprecatedBuiltinCode) != dequantize
+                or source is None
+                or source.type != schema.TensorType.FLOAT16
+                or data is None
+                or len(data) == 0
+            ):
+                kept.append(op)
+                continue
+            values = np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype=np.float16)
+            buffer = schema.BufferT()
+            buffer.data = np.frombuffer(values.astype(np.float32).tobytes(), dtype=np.uint8)
+            model.buffers.append(buffer)
+            graph.tensors[op.outputs[0]].buffer = len(model.buffers) - 1
+            folded += 1
+        graph.operators = kept
+    return folded
 
 
 def _calibration_feeds(art: ModelArtifact, data: Dataset) -> dict[str, list[dict[str, Any]]]:
