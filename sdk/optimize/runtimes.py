@@ -42,6 +42,7 @@ __all__ = [
     "load_pt2",
     "make_source_folder",
     "refuse_existing",
+    "source_arrays",
     "source_model",
 ]
 
@@ -320,13 +321,16 @@ def make_source_folder(folder: Path) -> None:
     )
 
 
-def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
+def source_arrays(
+    calibration: DataSource | None, converted: str, kind: str
+) -> dict[str, np.ndarray]:
+    """The calibration data a PyTorch or Keras model is converted on, as ``{name: array}``
+    (labels dropped); ``converted`` says what happens to the model ("a PyTorch model is
+    exported") and ``kind`` names it ("a PyTorch model") in the one-line errors."""
     from sdk.data import read_npz
 
     if calibration is None:
-        raise ConfigError(
-            "a PyTorch model is exported on calibration samples: pass calibration data"
-        )
+        raise ConfigError(f"{converted} on calibration samples: pass calibration data")
     if isinstance(calibration, Dataset):
         arrays = dict(calibration.inputs)
     elif isinstance(calibration, str | Path):
@@ -337,11 +341,16 @@ def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
         arrays = {str(k): np.asarray(v) for k, v in calibration.items()}
     else:
         raise ConfigError(
-            "with a PyTorch model, pass calibration data as {input name: array}, an .npz "
+            f"with {kind}, pass calibration data as {{input name: array}}, an .npz "
             f"file or one array, not {type(calibration).__name__}"
         )
     arrays.pop(LABELS_KEY, None)
     if not arrays or any(a.ndim == 0 or len(a) == 0 for a in arrays.values()):
         raise ConfigError("calibration data: every input needs at least one sample")
+    return arrays
+
+
+def _input_arrays(calibration: DataSource | None) -> dict[str, np.ndarray]:
+    arrays = source_arrays(calibration, "a PyTorch model is exported", "a PyTorch model")
     # float64 arrays (numpy's default) become float32, as they do for an ONNX model
     return {k: a.astype(np.float32) if a.dtype == np.float64 else a for k, a in arrays.items()}

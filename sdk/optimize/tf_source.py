@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from sdk.artifact import ModelArtifact, read_artifact
-from sdk.data import LABELS_KEY, Dataset, DataSource
+from sdk.data import DataSource
 from sdk.errors import ConfigError
 
 __all__ = ["TF_INSTALL", "is_saved_model_dir", "is_tf_model", "tf_source_model"]
@@ -261,27 +261,9 @@ def _natural(name: str) -> tuple[str, int]:
 
 
 def _input_arrays(calibration: DataSource | None, what: str) -> dict[str, np.ndarray]:
-    from sdk.data import read_npz
+    from sdk.optimize.runtimes import source_arrays
 
-    if calibration is None:
-        raise ConfigError(f"{what} is converted on calibration samples: pass calibration data")
-    if isinstance(calibration, Dataset):
-        arrays = dict(calibration.inputs)
-    elif isinstance(calibration, str | Path):
-        arrays = read_npz(Path(calibration), "calibration data")
-    elif isinstance(calibration, np.ndarray):
-        arrays = {"input": calibration}
-    elif isinstance(calibration, dict):
-        arrays = {str(k): np.asarray(v) for k, v in calibration.items()}
-    else:
-        raise ConfigError(
-            "with a Keras model or SavedModel, pass calibration data as {input name: array}, "
-            f"an .npz file or one array, not {type(calibration).__name__}"
-        )
-    arrays.pop(LABELS_KEY, None)
-    if not arrays or any(a.ndim == 0 or len(a) == 0 for a in arrays.values()):
-        raise ConfigError("calibration data: every input needs at least one sample")
-    return arrays
+    return source_arrays(calibration, f"{what} is converted", "a Keras model or SavedModel")
 
 
 def _match_inputs(model: _Model, arrays: dict[str, np.ndarray]) -> list[str]:
