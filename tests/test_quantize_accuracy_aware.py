@@ -45,6 +45,23 @@ def test_ranks_every_quantized_tensor_of_an_mlp(tmp_path: Path) -> None:
     assert all(0 <= t.error < 0.05 for t in ranked)  # a well-behaved model quantizes well
 
 
+def test_ranks_a_model_exported_at_a_fixed_batch(tmp_path: Path) -> None:
+    """EfficientNet-Lite0 exported at batch 1 (benchmarks/conv_int8.py): the ranking probe ran
+    32 samples at a time and ONNX Runtime refused them ('Got: 32 Expected: 1'), so the
+    accuracy-aware candidate failed. The probe now takes the batch the model was exported at."""
+    import onnx
+
+    model = write_mlp_onnx(tmp_path / "mlp.onnx")
+    cal, _ = _mlp_data(model)
+    proto = onnx.load(str(model))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(proto, str(model))
+    int8 = sdk.quantize(model, cal, out=tmp_path / "mlp.int8.onnx")
+    ranked = rank_tensors(int8, sdk.load_dataset(cal, int8.io), model)
+    assert {"w1", "w2"} <= {t.tensor for t in ranked}
+    assert all(0 <= t.error < 0.05 for t in ranked)
+
+
 def test_within_budget_at_once_excludes_nothing(tmp_path: Path) -> None:
     model = write_mlp_onnx(tmp_path / "mlp.onnx")
     cal, ev = _mlp_data(model)
