@@ -16,10 +16,9 @@ How an output is scored depends on its shape:
   ``threshold=`` to choose. A per-sample cosine of a single value is only its sign, so these
   outputs get no cosine: the mean and largest absolute errors measure them instead;
 * anything else (sequences, maps, embeddings of rank 3 and up): no top-1; cosine and errors
-  only, and :func:`accuracy_drop` falls back to ``1 - cosine_mean``. A sample where one
-  channel of the candidate's output is flat but the reference's is not scores cosine 0
-  (:func:`collapsed_channels`): a detector whose class scores all round to zero is not 99.9%
-  like its fp32 original because its box coordinates are.
+  only, and :func:`accuracy_drop` falls back to ``1 - cosine_mean``. One flattened cosine
+  lets an output's largest values speak for all of it (a detector's pixel coordinates for
+  its [0, 1] scores): give such models labelled eval data, or check them with a task metric.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Quality",
     "accuracy_drop",
-    "collapsed_channels",
     "cosine_rows",
     "drop_basis",
     "evaluate",
@@ -257,41 +255,8 @@ def drop_basis(candidate: Quality, baseline: Quality) -> DropBasis:
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each sample (axis 0) of ``a`` and ``b``, flattened per sample.
 
-    Two all-zero samples count as identical (1.0); a zero against a non-zero as 0.0. A sample
-    with a collapsed channel (:func:`collapsed_channels`) scores 0.0 whatever the rest says.
+    Two all-zero samples count as identical (1.0); a zero against a non-zero as 0.0.
     """
-    cos = _flat_cosine(a, b)
-    collapsed = collapsed_channels(a, b)
-    return np.where(collapsed, 0.0, cos) if collapsed is not None else cos
-
-
-def collapsed_channels(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    """Per sample, whether some channel of ``a`` is constant where ``b``'s varies.
-
-    One flattened cosine lets the largest-valued part of an output speak for all of it: a
-    YOLO-style detector's ``(samples, 4 + classes, anchors)`` output holds box coordinates in
-    pixels beside class scores in [0, 1], and an int8 model whose last Concat is quantized on
-    the coordinates' scale rounds every score to zero (no detections left) while the
-    flattened cosine stays at 0.9994 (NudeNet 320n, measured). So for outputs of three or more
-    axes the channels (axis 1 or the last axis, whichever is shorter, when it holds two or
-    more) are looked at one by one: a channel flattened to one value where the reference's is
-    not has lost what it carried. ``None`` for outputs without such channels.
-    """
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    if x.ndim < 3 or x.shape != y.shape:
-        return None
-    axis = 1 if x.shape[1] <= x.shape[-1] else x.ndim - 1
-    if x.shape[axis] < 2:
-        return None
-    rest = tuple(i for i in range(1, x.ndim) if i != axis)
-    with np.errstate(invalid="ignore"):
-        flat_x = np.ptp(x, axis=rest) == 0  # (samples, channels)
-        varies_y = np.ptp(y, axis=rest) > 0
-    return np.asarray((flat_x & varies_y).any(axis=1))
-
-
-def _flat_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     x = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
     y = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
     nx = np.linalg.norm(x, axis=1)

@@ -917,7 +917,7 @@ def test_a_concat_of_far_apart_scales_is_kept_in_float(tmp_path: Path) -> None:
     at an output only rounds: YOLOv8n's scores below 0.002 became exactly 0)."""
     import onnxruntime as ort
 
-    from sdk.evaluate import collapsed_channels
+    from sdk.evaluate import cosine_rows
     from tests.test_evaluate import _detector_head
 
     fp32 = _detector_head(tmp_path / "head.onnx")
@@ -932,6 +932,6 @@ def test_a_concat_of_far_apart_scales_is_kept_in_float(tmp_path: Path) -> None:
     s_fp32 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     s_int8 = ort.InferenceSession(str(every.path), providers=["CPUExecutionProvider"])
     ref, got = s_fp32.run(None, x)[0], s_int8.run(None, x)[0]
-    assert not collapsed_channels(got, ref).any()  # type: ignore[union-attr]
+    assert cosine_rows(got[:, 4:], ref[:, 4:]).min() > 0.99  # the scores alone
     assert np.abs(got[:, 4:] - ref[:, 4:]).max() < 0.05  # the scores, to a few int8 steps
     assert np.ptp(got[:, 4:], axis=(1, 2)).min() > 0  # float Sigmoid: no score flattened
