@@ -235,3 +235,13 @@ def test_a_source_folder_an_earlier_search_made_is_replaced(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="not made by edgeship"):
         refuse_existing(mine)
     assert (mine / "model.onnx").read_text() == "the user's" and not (mine / SOURCE_MARK).exists()
+    link = tmp_path / "link-source"
+    link.symlink_to(tmp_path / "nowhere")  # dangling, then to a marked folder: refused both
+    with pytest.raises(ConfigError, match="symbolic link"):
+        refuse_existing(link)
+    make_source_folder(ours)
+    link.unlink()
+    link.symlink_to(ours)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        refuse_existing(link)
+    assert (ours / SOURCE_MARK).is_file()

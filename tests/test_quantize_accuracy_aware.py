@@ -60,6 +60,13 @@ def test_ranks_a_model_exported_at_a_fixed_batch(tmp_path: Path) -> None:
     ranked = rank_tensors(int8, sdk.load_dataset(cal, int8.io), model)
     assert {"w1", "w2"} <= {t.tensor for t in ranked}
     assert all(0 <= t.error < 0.05 for t in ranked)
+    # A second input with a free batch beside the fixed one: the fixed one decides.
+    from sdk.quantize.ranking import _fixed_batch
+
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("m", 1, ["N", 4]))
+    assert _fixed_batch(proto, {"x", "m"}) == 1
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert _fixed_batch(proto, {"x", "m"}) is None
 
 
 def test_within_budget_at_once_excludes_nothing(tmp_path: Path) -> None:

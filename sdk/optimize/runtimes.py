@@ -301,6 +301,11 @@ def refuse_existing(folder: Path) -> None:
     user already has would get files written into it (and old ones left beside them). A folder
     an earlier search made (it holds :data:`SOURCE_MARK`) is replaced, so re-running with the
     same ``-o`` works."""
+    if folder.is_symlink():
+        raise ConfigError(
+            f"{folder} is a symbolic link: optimize converts the model into a folder of its "
+            "own there; remove it or choose another -o"
+        )
     if not folder.exists():
         return
     if folder.is_dir() and (folder / SOURCE_MARK).is_file():

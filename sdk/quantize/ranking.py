@@ -285,14 +285,16 @@ def _activation_errors(
 
 
 def _fixed_batch(model: onnx.ModelProto, inputs: set[str]) -> int | None:
-    """The batch size a model exported at a fixed batch takes (its inputs' first axis), else
-    None. EfficientNet-Lite0 exported at batch 1 failed ranking at 32 samples a run."""
+    """The batch size a model exported at a fixed batch takes (the smallest fixed first axis
+    of its inputs, as evaluate does), else None. EfficientNet-Lite0 exported at batch 1
+    failed ranking at 32 samples a run."""
     sizes = {
         i.type.tensor_type.shape.dim[0].dim_value
         for i in model.graph.input
         if i.name in inputs and i.type.tensor_type.shape.dim
     }
-    return sizes.pop() if len(sizes) == 1 and 0 not in sizes else None
+    fixed = sizes - {0}  # 0: a symbolic first axis
+    return min(fixed) if fixed else None
 
 
 def _channel_sums(
