@@ -315,6 +315,7 @@ def test_float16_weights_behind_dequantize_are_quantized(
 
     ops = Interpreter(str(copy))._get_ops_details()
     assert not [o for o in ops if o["op_name"] == "DEQUANTIZE"]
+    assert not [t for t in Interpreter(str(copy)).get_tensor_details() if t["dtype"] == np.float16]
     for x in crops[:4]:
         for a, b in zip(outputs(model, x), outputs(copy, x), strict=True):
             assert np.array_equal(a, b)  # float16 -> float32 is exact
@@ -322,3 +323,7 @@ def test_float16_weights_behind_dequantize_are_quantized(
     notes = " ".join(art.details["input_notes"])
     assert "float16 weight tensors behind DEQUANTIZE ops stored as float32" in notes
     assert art.details["check"]["cosine_min"] > 0.9, art.details["check"]
+    # No float16 copy of the weights is left behind in the int8 file.
+    tensors = Interpreter(str(art.path)).get_tensor_details()
+    assert not [t for t in tensors if t["dtype"] == np.float16]
+    assert art.size_bytes < model.stat().st_size
