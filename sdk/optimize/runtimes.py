@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SOURCE_MARK",
     "allowed_runtimes",
+    "check_input_names",
     "litert_baseline",
     "load_pt2",
     "make_source_folder",
@@ -231,16 +232,21 @@ def _in_forward_order(
     names = _argument_names(model)
     if names is None or (len(names) == 1 and len(arrays) == 1):
         return arrays
+    check_input_names(arrays, names, "the model's arguments")
+    return {n: arrays[n] for n in names}
+
+
+def check_input_names(arrays: dict[str, np.ndarray], names: list[str], named_as: str) -> None:
+    """One line naming what is missing and what is unknown when the calibration data's keys
+    are not ``names`` (``named_as`` says whose names they are)."""
     missing = [n for n in names if n not in arrays]
     extra = [k for k in arrays if k not in names]
     if missing or extra:
         raise ConfigError(
-            f"calibration data's inputs {list(arrays)} must be named as the model's "
-            f"arguments {names}"
+            f"calibration data's inputs {list(arrays)} must be named as {named_as} {names}"
             + (f": {', '.join(map(repr, missing))} missing" if missing else "")
             + (f"; {', '.join(map(repr, extra))} unknown" if extra else "")
         )
-    return {n: arrays[n] for n in names}
 
 
 def source_model(

@@ -273,15 +273,9 @@ def _match_inputs(model: _Model, arrays: dict[str, np.ndarray]) -> list[str]:
     if len(names) == 1 and len(arrays) == 1:
         keys = list(arrays)
     else:
-        missing = [n for n in names if n not in arrays]
-        extra = [k for k in arrays if k not in names]
-        if missing or extra:
-            raise ConfigError(
-                f"calibration data's inputs {list(arrays)} must be named as {model.what}'s "
-                f"inputs {names}"
-                + (f": {', '.join(map(repr, missing))} missing" if missing else "")
-                + (f"; {', '.join(map(repr, extra))} unknown" if extra else "")
-            )
+        from sdk.optimize.runtimes import check_input_names
+
+        check_input_names(arrays, names, f"{model.what}'s inputs")
         keys = names
     for key, (name, shape, _) in zip(keys, model.inputs, strict=True):
         got = arrays[key].shape
