@@ -246,7 +246,10 @@ def _keep_heads_in_float(candidate: Path, excluded: list[str], run: _Run) -> boo
     """Exclude what would be quantized to no purpose at the model's end: Concats joining
     tensors whose scales are far apart, and weightless ops making an output (a note for each
     kind); whether anything was excluded."""
-    mixed = mixed_scale_concats(candidate, excluded)
+    import onnx
+
+    graph = onnx.load(str(candidate), load_external_data=False).graph  # read once for both
+    mixed = mixed_scale_concats(graph, excluded)
     notes = []
     if mixed:
         named = "; ".join(f"{name!r} ({ratio:.0f}x)" for name, ratio in mixed)
@@ -256,7 +259,7 @@ def _keep_heads_in_float(candidate: Path, excluded: list[str], run: _Run) -> boo
             "to a few levels"
         )
         excluded.extend(name for name, _ in mixed)
-    heads = quantized_heads(candidate, excluded)
+    heads = quantized_heads(graph, excluded)
     if heads:
         notes.append(
             f"weightless ops making the model's outputs ({', '.join(map(repr, heads))}): "

@@ -72,14 +72,12 @@ def count_quantized_nodes(model: Path) -> int:
 MIXED_SCALE_RATIO = 16.0
 
 
-def mixed_scale_concats(model: Path, excluded: Sequence[str] = ()) -> list[tuple[str, float]]:
-    """Concat nodes of a QDQ model fed by DequantizeLinear outputs whose per-tensor scales
-    differ by more than :data:`MIXED_SCALE_RATIO`, with that ratio (named nodes only, those in
-    ``excluded`` left out)."""
-    import onnx
+def mixed_scale_concats(graph: Any, excluded: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """Concat nodes of a QDQ model's graph fed by DequantizeLinear outputs whose per-tensor
+    scales differ by more than :data:`MIXED_SCALE_RATIO`, with that ratio (named nodes only,
+    those in ``excluded`` left out)."""
     from onnx import numpy_helper
 
-    graph = onnx.load(str(model), load_external_data=False).graph
     scales = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) == 0}
     made_by = {out: node for node in graph.node for out in node.output}
     found: list[tuple[str, float]] = []
@@ -107,13 +105,10 @@ _HEAD_OPS = frozenset(
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
-def quantized_heads(model: Path, excluded: Sequence[str] = ()) -> list[str]:
-    """Named weightless nodes (:data:`_HEAD_OPS`) of a QDQ model that make a graph output,
+def quantized_heads(graph: Any, excluded: Sequence[str] = ()) -> list[str]:
+    """Named weightless nodes (:data:`_HEAD_OPS`) of a QDQ model's graph that make an output,
     through Q/DQ pairs and Concats, whose output is quantized: YOLOv8n's class scores, an
     int8 Sigmoid on a 1/255 grid, left every score below 0.002 at exactly 0."""
-    import onnx
-
-    graph = onnx.load(str(model), load_external_data=False).graph
     made_by = {out: node for node in graph.node for out in node.output}
     quants = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     heads: list[str] = []
@@ -121,9 +116,9 @@ def quantized_heads(model: Path, excluded: Sequence[str] = ()) -> list[str]:
     seen: set[str] = set()
     while todo:
         node = made_by.get(todo.pop())
-        if node is None or node.name in seen:
+        if node is None or node.output[0] in seen:  # unnamed nodes are many
             continue
-        seen.add(node.name)
+        seen.add(node.output[0])
         if node.op_type in _QDQ or (node.op_type == "Concat" and node.name in excluded):
             todo.extend(node.input[:1] if node.op_type in _QDQ else node.input)
             continue
