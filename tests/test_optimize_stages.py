@@ -27,6 +27,7 @@ ORDER = [
     "ort-static",
     "ort-dynamic",
     "ort-static-all-ops",
+    "ort-static-bias-corrected",
     "latency-aware",
     "ort-weight-int4",
     "ort-static-variants",

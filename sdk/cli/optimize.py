@@ -171,6 +171,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         "minmax,entropy,percentile)",
     )
     p.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="do not try static int8 with bias correction (tried only when the all-ops, else "
+        "the plain, static int8 candidate misses the drop line alone)",
+    )
+    p.add_argument(
         "--no-accuracy-aware",
         action="store_true",
         help="do not try accuracy-aware int8 (nodes kept in float until the drop line is met; "
@@ -294,6 +300,7 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
         time_limit_s=args.time_limit,
         static_methods=_methods(args.methods),
         try_accuracy_aware=not args.no_accuracy_aware,
+        try_bias_correction=not args.no_bias_correction,
         calibration_cache=args.calibration_cache,
         use_calibration_cache=not args.no_calibration_cache,
         try_fp16={"auto": None, "on": True, "off": False}[args.fp16],

@@ -40,6 +40,9 @@ class OptimizeConfig:
     cosine similarity of the outputs) is below it fails; None turns the gate off.
     ``try_all_ops``: also try static int8 over every operator type ORT can quantize (when the
     model has such operators beyond the default ones); it is chosen only if it is faster.
+    ``try_bias_correction``: when that candidate (else plain static int8) misses the drop line
+    and no other, try it again with bias correction
+    (:attr:`sdk.quantize.QuantizeConfig.bias_correction`).
     ``try_accuracy_aware``: the accuracy-aware candidate (at most ``max_excluded_nodes`` nodes
     kept in float). ``try_fp16``: None decides from the target (skipped on CPU boards), True
     forces the candidate, False leaves it out. ``reduce_range``: every ONNX Runtime int8
@@ -92,6 +95,7 @@ class OptimizeConfig:
     outlier_fpr: float = 0.01
     min_cosine: float | None = 0.99
     try_all_ops: bool = True
+    try_bias_correction: bool = True
     try_accuracy_aware: bool = True
     max_excluded_nodes: int = 8
     try_fp16: bool | None = None

@@ -78,6 +78,9 @@ class QuantizeConfig:
     are what ONNX Runtime's CPU kernels support best on both x86 and Arm, and they spend the whole
     range on non-negative post-ReLU activations.
     ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI where 8-bit products can saturate.
+    ``bias_correction`` (static only): after quantizing, move each Conv's int32 bias so that its
+    output channels' means on the calibration data match the float Conv's
+    (:mod:`sdk.quantize.bias_correction`); helps depthwise nets whose int8 form drifts.
     """
 
     mode: QuantMode = "static"
@@ -90,6 +93,7 @@ class QuantizeConfig:
     weight_type: IntType = "int8"
     activation_type: IntType = "uint8"
     reduce_range: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -107,6 +111,8 @@ class QuantizeConfig:
             raise ConfigError(
                 f"max_calibration_samples must be at least 1, got {self.max_calibration_samples}"
             )
+        if self.bias_correction and self.mode != "static":
+            raise ConfigError("bias_correction needs static mode: it corrects calibrated biases")
         if isinstance(self.exclude_nodes, str) or isinstance(self.op_types, str):
             raise ConfigError("exclude_nodes and op_types take a tuple of names, not a string")
         # Lists (from a CLI or JSON) become tuples so the config stays hashable.
@@ -119,7 +125,8 @@ class QuantizeConfig:
         suffix = "-all-ops" if self.op_types is None else ""
         if self.mode == "dynamic":
             return f"ort-dynamic-int8{suffix}"
-        return f"ort-static-int8-qdq-{self.method}{suffix}"
+        corrected = "-bias-corrected" if self.bias_correction else ""
+        return f"ort-static-int8-qdq-{self.method}{suffix}{corrected}"
 
 
 def _has_fixed_batch_spec(spec: TensorSpec) -> bool:

@@ -12,6 +12,8 @@ ONNX Runtime's tooling can fail at has a fallback or an edgeship error that name
    one batch of activations whatever the size of the calibration set;
 4. the quantized model is loaded and run by the runtime the board uses, and compared with the fp32
    model on the same inputs; a node the runtime refuses is excluded and quantization retried.
+   With ``bias_correction``, each Conv's int32 bias is first moved to cancel the mean error its
+   outputs show on the calibration data (:mod:`sdk.quantize.bias_correction`).
 
 Each fallback is logged and listed in the returned artifact's ``details["fallbacks"]``.
 
@@ -41,7 +43,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +165,7 @@ def quantize(
         "size_ratio": target.stat().st_size / size_fp32 if size_fp32 else None,
         "check": check,
         "calibration_cache": None if cache is None else {"path": str(cache), "hit": cache_hit},
+        "bias_correction": run.corrections or None,
     }
     log.info(
         "quantized %s -> %s (%s, %d -> %d bytes, %d fallbacks)",
@@ -193,6 +196,17 @@ class _Run:
     config: QuantizeConfig
     fallbacks: list[str]
     cache: Path | None
+    corrections: dict[str, Any] = field(default_factory=dict)  # bias correction's record
+
+
+def _correct(prepared: Path, candidate: Path, run: _Run) -> dict[str, Any]:
+    from sdk.quantize.bias_correction import correct_biases
+
+    assert run.data is not None  # static mode always has calibration data
+    fixed = has_fixed_batch(run.source.io)
+    done = correct_biases(prepared, candidate, run.data, run.batch, fixed)
+    log.info("bias correction: %s", done)
+    return done
 
 
 def _quantize_until_it_runs(
@@ -220,6 +234,9 @@ def _quantize_until_it_runs(
             raise QuantizationError(nothing_quantized(prepared, run.config, excluded))
         if attempt < _MAX_EXCLUSION_RETRIES and _keep_heads_in_float(candidate, excluded, run):
             continue
+        if run.config.bias_correction and run.data is not None:
+            run.corrections.clear()
+            run.corrections.update(_correct(prepared, candidate, run))
         try:
             quantized_io, check = verify(candidate, run.source, run.data, run.batch)
             return candidate, quantized_nodes, quantized_io, check

@@ -22,7 +22,12 @@ from sdk.optimize.stages.latency_aware import LatencyAwareStage
 from sdk.optimize.stages.litert import LiteRTStage
 from sdk.optimize.stages.litert_tflite import TfliteFileStage
 from sdk.optimize.stages.ort_dynamic import DynamicStage
-from sdk.optimize.stages.ort_static import AllOpsStage, CalibrationVariantsStage, StaticStage
+from sdk.optimize.stages.ort_static import (
+    AllOpsStage,
+    BiasCorrectionStage,
+    CalibrationVariantsStage,
+    StaticStage,
+)
 from sdk.optimize.stages.pruned import PrunedStage
 from sdk.optimize.stages.weight4 import WeightInt4Stage
 
@@ -68,7 +73,8 @@ class StageRegistry:
 
 
 def default_registry() -> StageRegistry:
-    """fp32, ORT static int8, ORT dynamic int8, static over every operator type, latency-aware
+    """fp32, ORT static int8, ORT dynamic int8, static over every operator type, the same with
+    bias correction (only when it misses the drop line alone), latency-aware
     static int8 (the nodes measured slower in int8 kept in float; only while plain static int8
     is not faster than fp32), int4 MatMul weights (with a size line), calibration variants,
     accuracy-aware int8, pruned, distilled, fp16, LiteRT (with ``litert_recipes``), and for a
@@ -79,6 +85,7 @@ def default_registry() -> StageRegistry:
         StaticStage(),
         DynamicStage(),
         AllOpsStage(),
+        BiasCorrectionStage(),
         LatencyAwareStage(),
         WeightInt4Stage(),
         CalibrationVariantsStage(),

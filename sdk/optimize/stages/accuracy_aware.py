@@ -14,7 +14,7 @@ from sdk.artifact import ModelArtifact
 from sdk.errors import ConfigError
 from sdk.optimize.report import Candidate, SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
-from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX, STATIC_PREFIX
+from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX, BIAS_CORRECTED_SUFFIX, STATIC_PREFIX
 from sdk.quantize import CalibMethod, QuantizeConfig
 
 __all__ = ["ACCURACY_AWARE", "AccuracyAwareRecipe", "AccuracyAwareStage"]
@@ -55,7 +55,7 @@ class AccuracyAwareRecipe(Recipe):
             c
             for c in static
             if all(line.passed for line in c.budget_lines if line.name == "drop")
-            and not c.name.endswith(ALL_OPS_SUFFIX)
+            and not c.name.endswith((ALL_OPS_SUFFIX, BIAS_CORRECTED_SUFFIX))
             and c.name != _LATENCY_AWARE
         ]
         if quality_ok:

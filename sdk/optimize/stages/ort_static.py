@@ -7,6 +7,10 @@ stages because the search tries them at three points (module docstring of
   operator types (:data:`sdk.quantize.DEFAULT_OP_TYPES`);
 * ``ort-static-all-ops``: ``ort-static-int8-<method>-all-ops``, every operator type ORT can
   quantize, when the model has operators that would add;
+* ``ort-static-bias-corrected``: ``<that all-ops name, else the first>-bias-corrected``, the
+  same quantization with each Conv's int32 bias corrected on the calibration data
+  (:mod:`sdk.quantize.bias_correction`); as fast and as small, so only tried when the one it
+  corrects misses the drop line alone;
 * ``ort-static-variants``: the other calibration methods and per-tensor weight scales
   (``-per-tensor``). They quantize the same operators as the first, so they are no smaller and
   no faster: they are only tried when it failed on quality or could not be made.
@@ -25,9 +29,12 @@ from sdk.quantize import DEFAULT_OP_TYPES, QuantizeConfig, quantize
 
 __all__ = [
     "ALL_OPS_SUFFIX",
+    "BIAS_CORRECTED_SUFFIX",
     "PER_TENSOR_SUFFIX",
     "STATIC_PREFIX",
     "AllOpsStage",
+    "BiasCorrectedRecipe",
+    "BiasCorrectionStage",
     "CalibrationVariantRecipe",
     "CalibrationVariantsStage",
     "StaticRecipe",
@@ -38,6 +45,7 @@ __all__ = [
 STATIC_PREFIX = "ort-static-int8"
 ALL_OPS_SUFFIX = "-all-ops"
 PER_TENSOR_SUFFIX = "-per-tensor"
+BIAS_CORRECTED_SUFFIX = "-bias-corrected"
 
 
 def base_name(ctx: SearchContext) -> str | None:
@@ -123,6 +131,48 @@ class AllOpsStage:
         return [StaticRecipe(f"{base}{ALL_OPS_SUFFIX}", config)]
 
 
+@dataclass(frozen=True)
+class BiasCorrectedRecipe(StaticRecipe):
+    """``base``'s quantization with bias correction: tried only when ``base`` was made and
+    misses the drop line and no other (correction changes neither speed nor size)."""
+
+    base: str
+
+    def skip_reason(self, ctx: SearchContext, done: Sequence[Candidate]) -> str | None:
+        base = next((c for c in done if c.name == self.base), None)
+        if base is None:
+            return None
+        if base.error is not None:
+            return f"bias correction of {base.name}, which could not be made"
+        if base.meets_budget:
+            return f"bias correction of {base.name}, which already meets every budget line"
+        missed = [line.name for line in base.budget_lines if not line.passed]
+        if missed != ["drop"]:
+            return (
+                f"bias correction of {base.name}, which misses {', '.join(missed)}: "
+                "correcting biases changes accuracy only, not speed or size"
+            )
+        return None
+
+
+class BiasCorrectionStage:
+    name = "ort-static-bias-corrected"
+
+    def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
+        base = base_name(ctx)
+        if base is None or not ctx.config.try_bias_correction or not _has_conv(ctx.fp32):
+            return []
+        all_ops = ctx.config.try_all_ops and more_ops_to_quantize(ctx.fp32)
+        config = QuantizeConfig(
+            method=ctx.config.static_methods[0],
+            op_types=None if all_ops else DEFAULT_OP_TYPES,
+            reduce_range=ctx.config.reduce_range,
+            bias_correction=True,
+        )
+        corrected = f"{base}{ALL_OPS_SUFFIX}" if all_ops else base
+        return [BiasCorrectedRecipe(f"{corrected}{BIAS_CORRECTED_SUFFIX}", config, corrected)]
+
+
 class CalibrationVariantsStage:
     name = "ort-static-variants"
 
@@ -156,3 +206,11 @@ def more_ops_to_quantize(model: ModelArtifact) -> bool:
     present = {n.op_type for n in graph.node}
     broader = (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(DEFAULT_OP_TYPES)
     return bool(present & broader)
+
+
+def _has_conv(model: ModelArtifact) -> bool:
+    """Whether the model has a Conv, the only operator bias correction moves."""
+    import onnx
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    return any(n.op_type == "Conv" for n in graph.node)
