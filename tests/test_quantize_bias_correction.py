@@ -105,6 +105,77 @@ def test_only_conv_biases_move_and_the_mean_error_shrinks(outlier_cnn: dict[str,
     assert errors["corrected accuracy"] >= errors["plain accuracy"] - 0.005
 
 
+def _one_conv(path: Path, bias: bool = True, named: bool = True, batch: int | None = None) -> Path:
+    """X (N, 3, 8, 8) -> Conv 3x3 -> Y (N, 2, 8, 8). Channel 1's weights are positive and 1/300
+    of channel 0's scale: with per-tensor weight scales they all round to 0 in int8, so that
+    channel's int8 output is its bias alone and fp32's mean is what the bias must become."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-1, 1, (2, 3, 3, 3)).astype(np.float32)
+    w[1] = rng.uniform(0, 1, (3, 3, 3)).astype(np.float32) / 300
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(np.array([0.1, -0.01], np.float32), "b"))
+        inputs.append("b")
+    conv = helper.make_node("Conv", inputs, ["y"], name="conv" if named else "", pads=[1] * 4)
+    graph = helper.make_graph(
+        [conv],
+        "one-conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch or "n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch or "n", 2, 8, 8])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize(("bias", "named"), [(True, True), (False, True), (True, False)])
+def test_a_lost_channel_bias_becomes_the_float_mean(
+    tmp_path: Path, bias: bool, named: bool
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = _one_conv(tmp_path / "conv.onnx", bias=bias, named=named)
+    x = np.random.default_rng(1).uniform(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    config = QuantizeConfig(per_channel=False, bias_correction=True)
+    art = quantize(model, {"x": x}, out=tmp_path / "conv.int8.onnx", config=config)
+    assert art.details["bias_correction"]["convs"] == 1
+    fp32_mean = _logits(model, x, "x")[:, 1].mean()  # channel 1 of fp32's output
+    graph = onnx.load(str(art.path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    (conv,) = [n for n in graph.node if n.op_type == "Conv"]
+    weight_dq, bias_dq = producer[conv.input[1]], producer[conv.input[2]]
+    assert np.all(inits[weight_dq.input[0]][1] == 0)  # the premise: channel 1 rounds to 0
+    moved = inits[bias_dq.input[0]].astype(np.float64) * inits[bias_dq.input[1]]
+    assert abs(moved[1] - fp32_mean) < 1e-3, (moved, fp32_mean)  # a bias quantum is 3e-5
+
+
+def test_a_fixed_batch_over_the_sample_cap_still_gets_one_batch(tmp_path: Path) -> None:
+    model = _one_conv(tmp_path / "conv-b80.onnx", batch=80)
+    x = np.random.default_rng(1).uniform(0, 1, (160, 3, 8, 8)).astype(np.float32)
+    config = QuantizeConfig(per_channel=False, bias_correction=True)
+    art = quantize(model, {"x": x}, out=tmp_path / "b80.onnx", config=config)
+    assert art.details["bias_correction"]["convs"] == 1
+    assert art.details["bias_correction"]["samples"] == 80
+
+
+def test_nan_in_the_calibration_data_is_one_clear_error(tmp_path: Path) -> None:
+    from sdk.errors import QuantizationError
+
+    model = _one_conv(tmp_path / "conv.onnx")
+    x = np.random.default_rng(1).uniform(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    x[5, 0, 2, 2] = np.nan
+    config = QuantizeConfig(per_channel=False, bias_correction=True)
+    with pytest.raises(QuantizationError, match="non-finite"):
+        quantize(model, {"x": x}, out=tmp_path / "nan.onnx", config=config)
+    assert not (tmp_path / "nan.onnx").exists()
+
+
 def test_a_fixed_batch_export_is_corrected_in_its_batches(outlier_cnn: dict[str, Any]) -> None:
     c = outlier_cnn
     art = quantize(c["fixed"], c["cal"], out=c["tmp"] / "fixed.onnx", config=CORRECTED)
@@ -178,6 +249,8 @@ def test_optimize_tries_it_only_when_the_drop_line_alone_is_missed(
     base, corrected = by["ort-static-int8-minmax-all-ops"], by[name]
     assert corrected.error is None and corrected.artifact is not None
     assert corrected.artifact.details["bias_correction"]["convs"] == 2
+    assert corrected.reproduce is not None and "--bias-correction" in corrected.reproduce
+    assert base.reproduce is not None and "--bias-correction" not in base.reproduce
     assert [line.name for line in base.budget_lines if not line.passed] == ["drop"]
 
     # a size line no int8 form can meet: correcting biases cannot help, so it is skipped

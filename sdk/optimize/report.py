@@ -327,6 +327,8 @@ def reproduce_command(artifact: ModelArtifact | None, calibration: DataSource | 
         parts.append("--reduce-range")
     if details.get("op_types") is None:
         parts += ["--op-types", "all"]
+    if details.get("bias_correction"):
+        parts.append("--bias-correction")
     excluded = details.get("excluded_nodes") or []
     if excluded:
         parts += ["--exclude", ",".join(excluded)]

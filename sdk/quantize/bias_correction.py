@@ -42,7 +42,7 @@ import numpy as np
 from sdk.data import Dataset, take_samples
 from sdk.errors import QuantizationError
 
-__all__ = ["PASSES", "SAMPLES", "correct_biases"]
+__all__ = ["PASSES", "SAMPLES", "correct_biases", "prepare_for_correction"]
 
 #: Correction passes over the calibration samples (EfficientNet-Lite0's worst per-channel shift:
 #: 0.35, 0.068, 0.024, 0.011 after passes 1-4; its agreement with fp32 was the same after 2 and 4).
@@ -62,6 +62,40 @@ class _Conv:
     source: str  # the float tensor the int8 Conv's input was quantized from
 
 
+def prepare_for_correction(prepared: Path) -> None:
+    """Make every Conv of the pre-processed fp32 model correctable before it is quantized: an
+    unnamed Conv gets a name (its float twin is found by name) and a Conv without a bias gets a
+    zero one (ORT then quantizes it to an int32 bias that can be moved). Neither changes what
+    the model computes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(prepared))
+    inits = {i.name: i for i in model.graph.initializer}
+    taken = {n.name for n in model.graph.node}
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Conv":
+            continue
+        if not node.name:
+            name = f"edgeship_conv_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            changed = True
+        weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if len(node.input) == 2 and weight is not None and weight.dims:
+            bias = f"{node.name}_edgeship_zero_bias"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.zeros(weight.dims[0], np.float32), bias)
+            )
+            node.input.append(bias)
+            changed = True
+    if changed:
+        onnx.save(model, str(prepared))
+
+
 def correct_biases(
     reference: Path, candidate: Path, data: Dataset, batch: int, fixed_batch: bool
 ) -> dict[str, Any]:
@@ -76,7 +110,7 @@ def correct_biases(
     if not convs:
         return {"convs": 0, "note": "no Conv with an int32 bias and a float twin to correct"}
     step = batch if fixed_batch else 1  # one sample at a time: every conv output is kept
-    count = min(len(data), SAMPLES) // step * step
+    count = min(len(data) // step, max(SAMPLES // step, 1)) * step
     if count == 0:
         return {"convs": 0, "note": f"fewer than one batch of {step} calibration samples"}
     feeds = [take_samples(data.inputs, lo, lo + step) for lo in range(0, count, step)]
@@ -168,6 +202,12 @@ def _correct_once(model: Any, convs: list[_Conv], feeds: list[dict[str, np.ndarr
     worst = 0.0
     for conv in convs:
         error = means[conv.output] - means[_ref(conv)]
+        if not np.isfinite(error).all():
+            raise QuantizationError(
+                f"bias correction: Conv {conv.node.name!r} gives non-finite outputs on the "
+                "calibration data (NaN or inf in the inputs?); check the data or quantize "
+                "without bias correction"
+            )
         scale = numpy_helper.to_array(inits[conv.scale]).astype(np.float64)
         bias = numpy_helper.to_array(inits[conv.bias]).astype(np.int64)
         moved = bias - np.round(error / scale).astype(np.int64)

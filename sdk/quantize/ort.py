@@ -136,6 +136,10 @@ def quantize(
         tmp = Path(tmp_dir).resolve()
         proto = _read_model(source.path)
         prepared = _prepare(proto, tmp, fallbacks)
+        if config.bias_correction:
+            from sdk.quantize.bias_correction import prepare_for_correction
+
+            prepare_for_correction(prepared)
         _check_node_names(proto, prepared, config.exclude_nodes)
         excluded = _map_exclusions(config.exclude_nodes, prepared, fallbacks)
         run = _Run(source, data, batch, config, fallbacks, cache)

@@ -140,10 +140,8 @@ class BiasCorrectedRecipe(StaticRecipe):
 
     def skip_reason(self, ctx: SearchContext, done: Sequence[Candidate]) -> str | None:
         base = next((c for c in done if c.name == self.base), None)
-        if base is None:
+        if base is None or base.error is not None:  # not made, or refused by the cosine gate
             return None
-        if base.error is not None:
-            return f"bias correction of {base.name}, which could not be made"
         if base.meets_budget:
             return f"bias correction of {base.name}, which already meets every budget line"
         missed = [line.name for line in base.budget_lines if not line.passed]
