@@ -99,6 +99,33 @@ def test_a_board_with_litert_only_is_searched_from_a_float_tflite_export(
     assert agent_main(["check", str(report.bundle)]) == 0
 
 
+def test_an_onnx_model_with_its_module_for_litert_keeps_out_of_a_users_folder(
+    digits_mlp: Any, tmp_path: Path
+) -> None:
+    """An ONNX file with ``torch_model`` for a LiteRT-only board exports the float TFLite into
+    ``<out>-source``: a folder of that name the user already has is refused, untouched."""
+    import torch
+
+    from sdk.export import export
+    from sdk.optimize.runtimes import SOURCE_MARK
+    from sdk.zoo.digits import INPUT_NAME
+
+    model, cal, _ = digits_mlp
+    onnx = tmp_path / "m.onnx"
+    export(model, torch.from_numpy(cal[INPUT_NAME][:2]), to="onnx", path=onnx,
+           input_names=[INPUT_NAME])  # fmt: skip
+    mine = tmp_path / "b-source" / "model.tflite"
+    mine.parent.mkdir()
+    mine.write_text("the user's")
+    config = OptimizeConfig(target=get_target("rpi4", runtimes=("litert",)), **QUICK)
+    with pytest.raises(ConfigError, match="b-source already exists and was not made by edgeship"):
+        optimize(onnx, calibration=cal, out=tmp_path / "b", config=config, torch_model=model)
+    assert mine.read_text() == "the user's" and sorted(mine.parent.iterdir()) == [mine]
+    report = optimize(onnx, calibration=cal, out=tmp_path / "c", config=config, torch_model=model)
+    assert _by_name(report)["fp32"].artifact.format == "tflite"
+    assert (tmp_path / "c-source" / SOURCE_MARK).is_file()
+
+
 def test_runtime_onnxruntime_keeps_to_onnx(digits_mlp: Any, tmp_path: Path) -> None:
     model, cal, ev = digits_mlp
     config = OptimizeConfig(budget=parse_budget("drop<=3%"), runtime="onnxruntime", **QUICK)

@@ -111,7 +111,11 @@ def litert_baseline(
         raise ConfigError("a LiteRT-only search exports the PyTorch model: pass calibration data")
     one = take_samples(cal.inputs, 0, 1)
     example = tuple(torch.from_numpy(np.ascontiguousarray(one[s.name])) for s in fp32.io.inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent  # <out>-source: made by this search, or by an earlier one, or refused
+    if folder.is_symlink() or (folder.exists() and not (folder / SOURCE_MARK).is_file()):
+        refuse_existing(folder)  # the user's own folder: raises, nothing written into it
+    if not folder.exists():
+        make_source_folder(folder)
     art = export(
         torch_model,
         example,
