@@ -271,16 +271,9 @@ def _channel_means(
     feeds: list[dict[str, np.ndarray]],
     ranges: dict[str, tuple[float, float]],
 ) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    from sdk.quantize.ort_check import probe_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # ORT raises its own exception types
-        raise QuantizationError(f"bias correction: loading the probe model: {exc}") from exc
+    session = probe_session(probe, "bias correction: loading the probe model")
     sums: dict[str, np.ndarray] = {}
     for feed in feeds:
         for name, y in zip(names, session.run(names, feed), strict=True):

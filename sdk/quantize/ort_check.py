@@ -222,6 +222,23 @@ class RuntimeRefusal(Exception):
         self.node = node
 
 
+def probe_session(probe: Any, what: str, threads: int | None = None) -> Any:
+    """A quiet ONNX Runtime CPU session of ``probe`` (a ModelProto given extra outputs to read
+    tensors inside it); one ORT cannot load is a :class:`QuantizationError` led by ``what``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # ORT raises its own exception types
+        raise QuantizationError(f"{what}: {exc}") from exc
+
+
 def verify(
     candidate: Path, source: ModelArtifact, data: Dataset | None, batch: int
 ) -> tuple[IOSpec, dict[str, Any]]:

@@ -228,8 +228,9 @@ def _activation_errors(
     if not activations:
         return []
     import onnx
-    import onnxruntime as ort
     from onnx import helper
+
+    from sdk.quantize.ort_check import probe_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(reference)
@@ -241,16 +242,9 @@ def _activation_errors(
             probe.graph.output.append(
                 helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
             )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # ORT raises its own exception types
-        raise QuantizationError(
-            f"ranking tensors: ONNX Runtime cannot load the fp32 probe: {exc}"
-        ) from exc
+    session = probe_session(
+        probe, "ranking tensors: ONNX Runtime cannot load the fp32 probe", threads=1
+    )
     weights = {t.name for t in probe.graph.initializer}
     fixed = _fixed_batch(probe, graph_inputs - weights)
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
