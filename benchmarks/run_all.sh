@@ -9,7 +9,7 @@
 #                                              #       bench_vs_ort_loop optimize_search
 #                                              #       trust_overhead deploy ingest_fast_path
 #                                              #       rollout pretrained_path conv_int8
-#                                              #       effnet_margins (after conv_int8)
+#                                              #       effnet_margins int8_ceiling (after conv_int8)
 #                                              #       (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -36,10 +36,11 @@ declare -A ARGS=(
     [conv_int8]="--json benchmarks/results/conv_int8.json"
     # Reads conv_int8's EfficientNet-Lite0 candidate files: run after it.
     [effnet_margins]=""
+    [int8_ceiling]=""
 )
 ORDER=(optimize_vs_ort litert_vs_ort agent_overhead collector_ingest bench_vs_ort_loop
     optimize_search trust_overhead deploy ingest_fast_path rollout pretrained_path conv_int8
-    effnet_margins)
+    effnet_margins int8_ceiling)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 failed=0
