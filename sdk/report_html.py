@@ -261,6 +261,12 @@ def _notes(report: Mapping[str, Any], candidates: list[Mapping[str, Any]]) -> li
                 f"{html.escape(c['name'])}: kept in float: "
                 + ", ".join(html.escape(str(n)) for n in excluded)
             )
+        corrected = details.get("bias_correction") if isinstance(details, Mapping) else None
+        if corrected:
+            from sdk.quantize.bias_correction import describe
+
+            what = html.escape(describe(corrected))
+            notes.append(f"{html.escape(c['name'])}: bias correction: {what}")
     return notes
 
 

@@ -251,6 +251,10 @@ def test_optimize_tries_it_only_when_the_drop_line_alone_is_missed(
     assert corrected.artifact.details["bias_correction"]["convs"] == 2
     assert corrected.reproduce is not None and "--bias-correction" in corrected.reproduce
     assert base.reproduce is not None and "--bias-correction" not in base.reproduce
+    from sdk.report_html import render_report
+
+    moved = "bias correction: 2 Conv biases moved on 64 calibration samples"
+    assert moved in report.summary() and moved in render_report(report.to_dict())
     assert [line.name for line in base.budget_lines if not line.passed] == ["drop"]
 
     # a size line no int8 form can meet: correcting biases cannot help, so it is skipped

@@ -142,20 +142,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     corrected = art.details.get("bias_correction")
     if corrected:
-        print(f"  bias correction: {_correction_line(corrected)}")
+        from sdk.quantize.bias_correction import describe
+
+        print(f"  bias correction: {describe(corrected)}")
     print(_check_line(art.details.get("check") or {}))
     return EXIT_OK
-
-
-def _correction_line(done: dict[str, object]) -> str:
-    shifts = done.get("worst_shift")
-    if not done.get("convs") or not isinstance(shifts, list):
-        return str(done.get("note", "nothing corrected"))
-    moved = " -> ".join(f"{s:.3g}" for s in shifts)
-    return (
-        f"{done['convs']} Conv biases moved on {done['samples']} calibration samples "
-        f"(worst channel mean error per pass: {moved})"
-    )
 
 
 def _int8_flags(args: argparse.Namespace) -> list[str]:

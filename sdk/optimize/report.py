@@ -16,6 +16,7 @@ from sdk.bench import BenchReport
 from sdk.budget import Budget, BudgetLine
 from sdk.data import DataSource
 from sdk.evaluate import Quality
+from sdk.quantize.bias_correction import describe
 from sdk.targets import TargetProfile
 
 if TYPE_CHECKING:
@@ -237,6 +238,9 @@ class OptimizeReport:
             excluded = c.artifact.details.get("excluded_nodes") if c.artifact else None
             if excluded:
                 rows.append(f"  {'':<{width - 2}}kept in float: {', '.join(excluded)}")
+            corrected = c.artifact.details.get("bias_correction") if c.artifact else None
+            if corrected:
+                rows.append(f"  {'':<{width - 2}}bias correction: {describe(corrected)}")
             if c.host_bench is not None:
                 h = c.host_bench.latency_ms
                 rows.append(

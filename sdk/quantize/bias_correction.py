@@ -42,7 +42,7 @@ import numpy as np
 from sdk.data import Dataset, take_samples
 from sdk.errors import QuantizationError
 
-__all__ = ["PASSES", "SAMPLES", "correct_biases", "prepare_for_correction"]
+__all__ = ["PASSES", "SAMPLES", "correct_biases", "describe", "prepare_for_correction"]
 
 #: Correction passes over the calibration samples (EfficientNet-Lite0's worst per-channel shift:
 #: 0.35, 0.068, 0.024, 0.011 after passes 1-4; its agreement with fp32 was the same after 2 and 4).
@@ -127,6 +127,21 @@ def correct_biases(
         "passes": PASSES,
         "worst_shift": [round(s, 6) for s in shifts],
     }
+
+
+def describe(done: Any) -> str:
+    """One line on what :func:`correct_biases` did (its returned dict, as kept in a quantized
+    artifact's ``details["bias_correction"]``)."""
+    if not isinstance(done, dict):
+        return "nothing corrected"
+    shifts = done.get("worst_shift")
+    if not done.get("convs") or not isinstance(shifts, list):
+        return str(done.get("note", "nothing corrected"))
+    moved = " -> ".join(f"{float(v):.3g}" for v in shifts)
+    return (
+        f"{done['convs']} Conv biases moved on {done.get('samples')} calibration samples "
+        f"(worst channel mean error per pass: {moved})"
+    )
 
 
 def _corrigible(model: Any, reference: Any) -> list[_Conv]:
