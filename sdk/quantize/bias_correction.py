@@ -114,9 +114,10 @@ def correct_biases(
     if count == 0:
         return {"convs": 0, "note": f"fewer than one batch of {step} calibration samples"}
     feeds = [take_samples(data.inputs, lo, lo + step) for lo in range(0, count, step)]
+    ranges = _ranges(model)  # QuantizeLinear scales stay as they are: only biases move
     shifts = []
     for _ in range(PASSES):
-        shifts.append(_correct_once(model, convs, feeds))
+        shifts.append(_correct_once(model, convs, feeds, ranges))
     try:
         onnx.save(model, str(candidate))
     except (OSError, ValueError) as exc:
@@ -206,11 +207,15 @@ def _ranges(model: Any) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def _correct_once(model: Any, convs: list[_Conv], feeds: list[dict[str, np.ndarray]]) -> float:
+def _correct_once(
+    model: Any,
+    convs: list[_Conv],
+    feeds: list[dict[str, np.ndarray]],
+    ranges: dict[str, tuple[float, float]],
+) -> float:
     """One pass: measure every Conv's per-channel mean error, move its bias; the worst error."""
     from onnx import numpy_helper
 
-    ranges = _ranges(model)
     probe, names = _probe(model, convs, ranges)
     means = _channel_means(probe, names, feeds, ranges)
     inits = {i.name: i for i in model.graph.initializer}

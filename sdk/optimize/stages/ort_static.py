@@ -18,6 +18,7 @@ stages because the search tries them at three points (module docstring of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,18 +198,27 @@ class CalibrationVariantsStage:
 
 def more_ops_to_quantize(model: ModelArtifact) -> bool:
     """Whether quantizing every type ORT can would touch operators the default types leave."""
-    import onnx
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    graph = onnx.load(str(model.path), load_external_data=False).graph
-    present = {n.op_type for n in graph.node}
     broader = (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(DEFAULT_OP_TYPES)
-    return bool(present & broader)
+    return bool(_op_types(model.path) & broader)
 
 
 def _has_conv(model: ModelArtifact) -> bool:
     """Whether the model has a Conv, the only operator bias correction moves."""
+    return "Conv" in _op_types(model.path)
+
+
+def _op_types(path: Path) -> frozenset[str]:
+    """The operator types of the model's graph, read once per file version: several stages
+    ask while the search plans."""
+    stat = path.stat()
+    return _op_types_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _op_types_of(path: str, mtime_ns: int, size: int) -> frozenset[str]:
     import onnx
 
-    graph = onnx.load(str(model.path), load_external_data=False).graph
-    return any(n.op_type == "Conv" for n in graph.node)
+    graph = onnx.load(path, load_external_data=False).graph
+    return frozenset(n.op_type for n in graph.node)
