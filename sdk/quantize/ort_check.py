@@ -110,7 +110,7 @@ def quantized_heads(graph: Any, excluded: Sequence[str] = ()) -> list[str]:
     through Q/DQ pairs and Concats, whose output is quantized: YOLOv8n's class scores, an
     int8 Sigmoid on a 1/255 grid, left every score below 0.002 at exactly 0."""
     made_by = {out: node for node in graph.node for out in node.output}
-    quants = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    quantized_tensors = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
     heads: list[str] = []
     todo = [o.name for o in graph.output]
     seen: set[str] = set()
@@ -122,7 +122,7 @@ def quantized_heads(graph: Any, excluded: Sequence[str] = ()) -> list[str]:
         if node.op_type in _QDQ or (node.op_type == "Concat" and node.name in excluded):
             todo.extend(node.input[:1] if node.op_type in _QDQ else node.input)
             continue
-        quantized = any(q.op_type == "QuantizeLinear" and q.input[0] in node.output for q in quants)
+        quantized = any(out in quantized_tensors for out in node.output)
         if node.op_type in _HEAD_OPS and node.name and node.name not in excluded and quantized:
             heads.append(node.name)
     return heads
