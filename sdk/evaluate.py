@@ -335,12 +335,6 @@ def _reference_index(io: IOSpec, output: int | str, index: int) -> int:
     return index
 
 
-def _fixed_batch(session: ModelSession) -> int | None:
-    """The batch size baked into the model, or ``None`` when the first axis is dynamic."""
-    sizes = {s.shape[0] for s in session.io.inputs if s.shape and isinstance(s.shape[0], int)}
-    return min(sizes) if sizes else None
-
-
 class _Runner:
     """Runs one session on batches of any size and returns one output for the real rows.
 
@@ -353,7 +347,7 @@ class _Runner:
         self.session = session
         self.index = index
         self.what = what
-        self.fixed = _fixed_batch(session)
+        self.fixed = session.io.fixed_batch
         self.one_by_one = False
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:

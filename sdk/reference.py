@@ -88,7 +88,7 @@ def reference_stats(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     det = None if detector is None else load_detector(detector[0], detector[1])
     class_names = _class_names(io.outputs[0].shape, io.outputs[0].labels, labels)
-    fixed = _fixed_batch(io.inputs)
+    fixed = io.fixed_batch
     chunk = fixed or batch_size
     check = FeedChecker(io)
     classes: list[Any] = []
@@ -184,8 +184,3 @@ def _class_names(
                 raise ConfigError("labels must be distinct")
             return tuple(names)
     return tuple(str(i) for i in range(classes))
-
-
-def _fixed_batch(inputs: Sequence[Any]) -> int | None:
-    sizes = {t.shape[0] for t in inputs if t.shape and isinstance(t.shape[0], int)}
-    return min(sizes) if sizes else None

@@ -156,6 +156,13 @@ class IOSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the inputs fix (the smallest fixed first axis: a model exported at
+        batch N takes N samples a run), or None when every input's first axis is free."""
+        sizes = [t.shape[0] for t in self.inputs if t.shape and isinstance(t.shape[0], int)]
+        return min(sizes) if sizes else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "inputs": [t.to_dict() for t in self.inputs],

@@ -88,7 +88,6 @@ def fit_detector(
     else:
         kind, options = cfg.detector, DetectorOptions()
     # A model with a fixed batch axis (a .tflite export: batch 1) runs in batches of that size.
-    fixed = [s.shape[0] for s in model.io.inputs if s.shape and isinstance(s.shape[0], int)]
     try:
         spec, path = fit_detector(
             kind,
@@ -97,7 +96,7 @@ def fit_detector(
             target_fpr=cfg.outlier_fpr,
             options=options,
             out=work / "detector.npz",
-            batch_size=min(fixed) if fixed else 256,
+            batch_size=model.io.fixed_batch or 256,
         )
     except EdgeshipError as exc:
         notes.append(f"no outlier detector: fitting {kind} failed: {exc}")

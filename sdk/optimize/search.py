@@ -539,8 +539,7 @@ def _bench_sample(data: Dataset | None, model: ModelArtifact) -> dict[str, np.nd
     """One real sample (a whole batch for a model whose batch axis is fixed) to time."""
     if data is None:
         return None
-    fixed = [s.shape[0] for s in model.io.inputs if s.shape and isinstance(s.shape[0], int)]
-    count = min(fixed) if fixed else 1
+    count = model.io.fixed_batch or 1
     if len(data) < count:
         return None
     return take_samples(data.inputs, 0, count)

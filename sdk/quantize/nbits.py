@@ -386,8 +386,7 @@ def _verify(
     """The int4 model loaded and run next to fp32 (:func:`sdk.quantize.ort_check.verify`)."""
     from sdk.quantize.ort_check import RuntimeRefusal, verify
 
-    fixed = [s.shape[0] for s in source.io.inputs if s.shape and isinstance(s.shape[0], int)]
-    batch = fixed[0] if fixed else 32
+    batch = source.io.fixed_batch or 32
     try:
         io_spec, check = verify(candidate, source, data, batch)
     except RuntimeRefusal as refusal:

@@ -251,8 +251,7 @@ def _details(
 def one_sample(data: Dataset, model: ModelArtifact) -> dict[str, np.ndarray]:
     """The first sample (a whole batch for a model whose batch axis is fixed), as timed by
     the benchmark."""
-    fixed = [s.shape[0] for s in model.io.inputs if s.shape and isinstance(s.shape[0], int)]
-    count = min(fixed) if fixed else 1
+    count = model.io.fixed_batch or 1
     if len(data) < count:
         raise QuantizationError(f"need {count} samples to profile a fixed batch; have {len(data)}")
     return take_samples(data.inputs, 0, count)
