@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import gzip
 import hashlib
 import io
@@ -188,14 +189,16 @@ def manifest_bytes(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
     data = json.loads(json.dumps(base))
     sampled = draw(st.booleans())
     if sampled:
-        data["io"]["inputs"][0]["sample_shape"] = draw(sample_shapes)
+        # a copy: the sampled lists are shared constants that a later mutation would edit in
+        # place, making the next example's strategy differ (Hypothesis: FlakyStrategyDefinition)
+        data["io"]["inputs"][0]["sample_shape"] = copy.deepcopy(draw(sample_shapes))
     for _ in range(draw(st.integers(0 if sampled else 1, 3))):
         paths = list(_paths(data))
         path = draw(st.sampled_from(paths))
         op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
         if op == "delete" and not path:
             op = "replace"
-        data = _mutate(data, path, op, draw(json_values))
+        data = _mutate(data, path, op, copy.deepcopy(draw(json_values)))
     text = json.dumps(data, allow_nan=True).encode()
     raw = draw(
         st.sampled_from(["json", "json", "json", "flip", "cut", "utf8", "dup", "deep", "bytes"])
