@@ -18,7 +18,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["gradient_boosting_onnx", "logistic_regression_onnx", "mlp_onnx"]
+__all__ = [
+    "calibrated_linear_onnx",
+    "gradient_boosting_onnx",
+    "logistic_regression_onnx",
+    "mlp_onnx",
+]
 
 _OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
 
@@ -185,3 +190,40 @@ def mlp_onnx(model: Any, path: Path, *, zipmap: bool = True) -> Path:
     inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "shape"))
     tail, outputs = _outputs("probabilities", "label", classes, zipmap)
     return _save([*nodes, *tail], int(model.n_features_in_), outputs, path, inits)
+
+
+def calibrated_linear_onnx(model: Any, path: Path, *, zipmap: bool = True) -> Path:
+    """A fitted binary ``CalibratedClassifierCV(LinearSVC(), ensemble=False)`` (sigmoid) as
+    skl2onnx lays it out: the SVM's decision value from an ai.onnx.ml operator, then Platt's
+    sigmoid ``1 / (1 + exp(a * f + b))`` in plain arithmetic (Mul, Add, Exp, Div, Sub, Concat),
+    then ArgMax over the two probabilities for the label."""
+    (calibrated,) = model.calibrated_classifiers_
+    svm, (platt,) = calibrated.estimator, calibrated.calibrators
+    classes = [int(c) for c in model.classes_]
+    linear = helper.make_node(
+        "LinearRegressor",
+        ["X"],
+        ["decision"],
+        domain="ai.onnx.ml",
+        coefficients=[float(v) for v in svm.coef_.ravel()],
+        intercepts=[float(v) for v in svm.intercept_],
+    )
+    consts = {"a": platt.a_, "b": platt.b_, "one": 1.0}
+    inits = [numpy_helper.from_array(np.array([v], np.float32), k) for k, v in consts.items()]
+    inits.append(numpy_helper.from_array(np.array(classes, dtype=np.int64), "classes"))
+    nodes = [
+        linear,
+        helper.make_node("Mul", ["decision", "a"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], ["shifted"]),
+        helper.make_node("Exp", ["shifted"], ["expd"]),
+        helper.make_node("Add", ["expd", "one"], ["denominator"]),
+        helper.make_node("Div", ["one", "denominator"], ["positive"]),
+        helper.make_node("Sub", ["one", "positive"], ["negative"]),
+        helper.make_node("Concat", ["negative", "positive"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["argmax_output"], axis=1),
+        helper.make_node(
+            "ArrayFeatureExtractor", ["classes", "argmax_output"], ["label"], domain="ai.onnx.ml"
+        ),
+    ]
+    tail, outputs = _outputs("probabilities", "label", classes, zipmap)
+    return _save([*nodes, *tail], int(svm.n_features_in_), outputs, path, inits)

@@ -452,6 +452,38 @@ def test_a_model_with_nothing_to_quantize_is_an_error(mode: str, tmp_path: Path)
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_with_nothing_to_collect_says_why(
+    method: str, tmp_path: Path
+) -> None:
+    """Entropy and percentile calibration of a model with none of the quantized op types
+    (element-wise float arithmetic only) failed with ORT's internal 'Histogram has not been
+    collected. Please run collect() first.': now the same one line as minmax gives."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.errors import QuantizationError
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "a"], ["m"], name="scale"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="shift"),
+        ],
+        "elementwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(_f32(8), "a"), numpy_helper.from_array(_f32(8), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source = _save(model, tmp_path / "elementwise.onnx")
+    config = QuantizeConfig(method=method)  # type: ignore[arg-type]
+    with pytest.raises(QuantizationError) as raised:
+        quantize(source, {"x": _f32(16, 8)}, out=tmp_path / "q.onnx", config=config)
+    message = str(raised.value)
+    assert message.startswith("quantization: ONNX Runtime quantized nothing in this model")
+    assert "Add, Mul" in message and "Histogram" not in message
+    assert not (tmp_path / "q.onnx").exists()
+
+
 # --- evaluate -----------------------------------------------------------------------------
 
 

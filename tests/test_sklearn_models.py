@@ -25,7 +25,12 @@ import sdk
 from device_agent import Agent, AgentConfig
 from device_agent.contracts import messages as msg
 from tests.brokers import Collector, Mosquitto, wait_for
-from tests.sklearn_onnx import gradient_boosting_onnx, logistic_regression_onnx, mlp_onnx
+from tests.sklearn_onnx import (
+    calibrated_linear_onnx,
+    gradient_boosting_onnx,
+    logistic_regression_onnx,
+    mlp_onnx,
+)
 
 BIN = Path(sys.executable).parent
 ZIPMAP_NOTE = "output_probability: ZipMap removed, the output is the (N, {}) probability tensor"
@@ -284,6 +289,54 @@ def test_linear_classifier_has_nothing_to_quantize(digits: dict[str, Any], tmp_p
     assert quality is not None and quality.accuracy == pytest.approx(
         estimator.score(digits["x_test"], digits["y_test"])
     )
+
+
+def test_calibrated_linear_svm_has_nothing_to_quantize(tmp_path: Path) -> None:
+    """alt-profanity-check's shape (a pretrained CalibratedClassifierCV(LinearSVC) in a PyPI
+    wheel): the SVM is an ai.onnx.ml operator and only Platt's sigmoid arithmetic is left for
+    int8. optimize tried it and printed five failed candidates, two with ONNX Runtime's internal
+    'Histogram has not been collected': now fp32 and one note, and quantize refuses in one
+    line."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.svm import LinearSVC
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = ((x - x.mean(axis=0)) / x.std(axis=0)).astype(np.float32)
+    svm = LinearSVC(dual=False)
+    estimator = CalibratedClassifierCV(svm, ensemble=False).fit(x[:400], y[:400])
+    model = calibrated_linear_onnx(estimator, tmp_path / "svm.onnx")
+    expected = estimator.predict_proba(x[400:])
+    report = sdk.optimize(
+        model,
+        calibration={"X": x[:200]},
+        eval_data={"X": x[400:], "labels": y[400:]},
+        out=tmp_path / "bundle",
+        config=sdk.OptimizeConfig(
+            budget=sdk.parse_budget("drop<=1%"), min_seconds=0.2, min_runs=20
+        ),
+    )
+    assert [c.name for c in report.candidates] == ["fp32"]
+    assert (
+        "nothing to quantize in this model: its compute (LinearRegressor) has no int8 form, and "
+        "the rest (Add, Concat, Div, Exp, Mul, Sub) is arithmetic on its scores, "
+        "with no weights to shrink, that int8 would only slow down; fp32 kept"
+    ) in report.notes
+    quality = report.candidates[0].quality
+    assert quality is not None
+    assert quality.accuracy == pytest.approx(float((expected.argmax(axis=1) == y[400:]).mean()))
+
+    cal = _npz(tmp_path / "cal.npz", x[:200])
+    refused = _cli(
+        "edgeship", "quantize", model, "--calibration", cal, "-o", "q.onnx", cwd=tmp_path
+    )
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.count("\n") == 1 and "nothing to quantize" in refused.stderr
+    asked = _cli(
+        "edgeship", "quantize", model, "--calibration", cal, "--op-types", "Mul,Add",
+        "-o", "q.onnx", cwd=tmp_path,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stdout + asked.stderr
 
 
 def test_quantize_and_bench_on_a_tree_model(iris: dict[str, Any], tmp_path: Path) -> None:

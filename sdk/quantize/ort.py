@@ -548,6 +548,9 @@ def _run_quantizer(
                 model, out, data, data_io, batch, config, excluded, fallbacks, disable, cache
             )
             return
+        if "Histogram has not been collected" in str(exc):
+            # entropy/percentile calibration found no tensor of the quantized op types
+            raise QuantizationError(nothing_quantized(model, config, excluded)) from exc
         step = failed_step(exc, config.mode)
         node = node_in_message(str(exc), model)
         where = f" at node {node!r}" if node else ""

@@ -103,6 +103,9 @@ _HEAD_OPS = frozenset(
      "HardSigmoid", "Clip", "Relu"}
 )  # fmt: skip
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# ai.onnx.ml operators that only re-label or re-shape (skl2onnx's ZipMap, a label lookup):
+# they are not a model's compute
+_NO_COMPUTE = frozenset({"ZipMap", "ArrayFeatureExtractor", "CastMap", "LabelEncoder"})
 
 
 def quantized_heads(graph: Any, excluded: Sequence[str] = ()) -> list[str]:
@@ -142,11 +145,15 @@ def _op_summary(counts: dict[str, int]) -> str:
 
 
 def nothing_to_quantize(model: Path, op_types: Iterable[str] = ()) -> str | None:
-    """Why there is nothing to quantize in ``model``, said before any calibration: none of its
-    operators, in subgraphs too, is a type ONNX Runtime quantizes in any mode or format (tree
-    ensembles and linear classifiers from scikit-learn: ai.onnx.ml operators) nor one of
-    ``op_types`` (the types a user asked for: ORT's QDQ quantizer takes others too). None when
-    some operator is one (whether it gets quantized is then the quantizer's business)."""
+    """Why there is nothing to quantize in ``model``, said before any calibration. Either none
+    of its operators, in subgraphs too, is a type ONNX Runtime quantizes in any mode or format
+    (tree ensembles and linear classifiers from scikit-learn) nor one of ``op_types`` (the types
+    a user asked for: ORT's QDQ quantizer takes others too); or its compute is classical-ML
+    operators (``ai.onnx.ml``: LinearClassifier, TreeEnsemble..., which have no int8 form) and
+    it has no operator with a weight to quantize (:data:`_WEIGHT_OPS`): what int8 could reach is
+    arithmetic on their scores (a calibrated classifier's sigmoids), where Q/DQ pairs only add
+    work and error, and no weights to shrink. None otherwise (whether something gets quantized
+    is then the quantizer's business)."""
     import onnx
     from onnxruntime.quantization.registry import (
         IntegerOpsRegistry,
@@ -156,15 +163,27 @@ def nothing_to_quantize(model: Path, op_types: Iterable[str] = ()) -> str | None
 
     graph = onnx.load(str(model), load_external_data=False).graph
     counts: dict[str, int] = {}
+    classical: set[str] = set()
     for node, _ in _walk(graph):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    known = set(QDQRegistry) | set(QLinearOpsRegistry) | set(IntegerOpsRegistry) | set(op_types)
-    if set(counts) & known:
-        return None
-    return (
-        f"nothing to quantize in this model: its ops ({_op_summary(counts) or 'none'}) "
-        "have no int8 form"
-    )
+        if node.domain == "ai.onnx.ml":
+            classical.add(node.op_type)
+    asked = set(counts) & set(op_types)
+    known = set(QDQRegistry) | set(QLinearOpsRegistry) | set(IntegerOpsRegistry)
+    if not asked and not set(counts) & known:
+        return (
+            f"nothing to quantize in this model: its ops ({_op_summary(counts) or 'none'}) "
+            "have no int8 form"
+        )
+    compute = {op: n for op, n in counts.items() if op in classical and op not in _NO_COMPUTE}
+    if not asked and compute and not set(counts) & _WEIGHT_OPS:
+        rest = {op: n for op, n in counts.items() if op not in classical}
+        return (
+            f"nothing to quantize in this model: its compute ({_op_summary(compute)}) has no "
+            f"int8 form, and the rest ({_op_summary(rest) or 'none'}) is arithmetic on its "
+            "scores, with no weights to shrink, that int8 would only slow down"
+        )
+    return None
 
 
 def nothing_quantized(prepared: Path, config: QuantizeConfig, excluded: list[str]) -> str:
