@@ -7,6 +7,11 @@ where fp32 itself is split between two classes is a near-tie, not a lost answer.
 candidate, the disagreements with their fp32 margins and the agreement on the crops where fp32
 leads by at least 0.05 / 0.1 / 0.2.
 
+It also measures the labels' own resolution, the noise floor: fp32 itself run on the same crops
+with random +-0.5 and +-1 gray levels added to every pixel (the model's input is (x/255 - 0.5) /
+0.5, so one gray level is 2/255), three draws each. The share of crops whose top-1 changes under
+input noise a camera makes on every frame is the least any model judged on these labels loses.
+
     .venv/bin/python benchmarks/effnet_margins.py [--workdir .cache/conv-int8]
 """
 
@@ -61,7 +66,21 @@ def main() -> int:
         shown = [round(float(m), 3) for m in np.sort(margin[flips])[:20]]
         more = f" and {flips.sum() - 20} more" if flips.sum() > 20 else ""
         print(f"  fp32 margins at the flips: {shown}{more}")
+    noise_floor(fp32, x, ref.argmax(axis=1))
     return 0
+
+
+def noise_floor(fp32: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    """fp32's agreement with its own labels when each pixel moves by +-k gray levels."""
+    rng = np.random.default_rng(0)
+    print("\nnoise floor: fp32 on the same crops, each pixel moved by +-k gray levels at random")
+    for k in (0.5, 1.0):
+        kept = []
+        for _ in range(3):
+            step = rng.choice(np.array([-1.0, 1.0], np.float32), size=x.shape) * (k * 2 / 255)
+            kept.append(float((run(fp32, x + step).argmax(axis=1) == labels).mean()))
+        shown = ", ".join(f"{a * 100:.2f}%" for a in kept)
+        print(f"  +-{k} gray level: agreement {shown} (three draws)")
 
 
 if __name__ == "__main__":
