@@ -75,6 +75,13 @@ def register(sub: Any) -> None:
         "channels' means on the calibration data match the float Conv's (helps depthwise "
         "nets such as EfficientNet-Lite; same speed and size)",
     )
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="quantize the graph as it is: by default constant Mul/Add nodes after a Conv are "
+        "folded into its weights and written-out hard-swishes (Add, Clip, Mul, Div) become "
+        "x * HardSigmoid(x) first (exact rewrites; fewer tensors to quantize)",
+    )
     add_reduce_range_arg(p)
     p.add_argument(
         "--recipe",
@@ -128,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         op_types=op_types,
         reduce_range=args.reduce_range,
         bias_correction=args.bias_correction,
+        fuse=not args.no_fuse,
     )
     require_file(args.model, "model")
     if args.calibration is not None:
@@ -160,6 +168,7 @@ def _int8_flags(args: argparse.Namespace) -> list[str]:
             ("--op-types", args.op_types is not None),
             ("--reduce-range", args.reduce_range),
             ("--bias-correction", args.bias_correction),
+            ("--no-fuse", args.no_fuse),
         )
         if used
     ]

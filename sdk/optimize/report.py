@@ -333,6 +333,8 @@ def reproduce_command(artifact: ModelArtifact | None, calibration: DataSource | 
         parts += ["--op-types", "all"]
     if details.get("bias_correction"):
         parts.append("--bias-correction")
+    if details.get("fuse") is False:
+        parts.append("--no-fuse")
     excluded = details.get("excluded_nodes") or []
     if excluded:
         parts += ["--exclude", ",".join(excluded)]

@@ -19,6 +19,7 @@ from sdk.errors import DataError, QuantizationError
 from sdk.quantize.config import (
     QuantizeConfig,
 )
+from sdk.quantize.fusions import REWRITES
 
 if TYPE_CHECKING:
     from device_agent.contracts.bundle import IOSpec
@@ -116,7 +117,8 @@ def cache_file(
 
     The key hashes everything the ranges depend on: the fp32 model's bytes, the calibration
     samples (after ``max_calibration_samples``), the method, the operator types whose tensors
-    are calibrated, the batch size (ranges are merged per batch) and ONNX Runtime's version.
+    are calibrated, the batch size (ranges are merged per batch), ONNX Runtime's version and
+    whether (and by which rules) :mod:`sdk.quantize.fusions` rewrote the graph.
     Excluded nodes, per-channel weights and the integer types do not change the activation
     ranges, so the variants that differ only in those share one file. None (no caching) with
     an ONNX Runtime whose ``quantize_static`` has no ``calibration_cache_path`` (older releases).
@@ -151,6 +153,8 @@ def cache_file(
             "op_types": op_types_for(config),
             "batch": batch,
             "onnxruntime": onnxruntime.__version__,
+            # the rewrites rename and remove tensors: ranges of an unfused graph lack theirs
+            "fusions": REWRITES if config.fuse else None,
         },
         sort_keys=True,
     )

@@ -81,6 +81,9 @@ class QuantizeConfig:
     ``bias_correction`` (static only): after quantizing, move each Conv's int32 bias so that its
     output channels' means on the calibration data match the float Conv's
     (:mod:`sdk.quantize.bias_correction`); helps depthwise nets whose int8 form drifts.
+    ``fuse``: before quantizing, fold constant Mul/Add nodes after a Conv into its weights and
+    rewrite written-out hard-swishes as ``x * HardSigmoid(x)`` (:mod:`sdk.quantize.fusions`;
+    exact, fewer tensors to quantize); on by default.
     """
 
     mode: QuantMode = "static"
@@ -94,6 +97,7 @@ class QuantizeConfig:
     activation_type: IntType = "uint8"
     reduce_range: bool = False
     bias_correction: bool = False
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:

@@ -7,7 +7,9 @@ ONNX Runtime's tooling can fail at has a fallback or an edgeship error that name
 1. the model is read and, if its opset is older than :data:`sdk.onnx_tools.MIN_QUANT_OPSET`,
    upgraded (ORT's QDQ per-channel quantization needs opset 13);
 2. ORT's pre-processing (symbolic shape inference, graph optimization, ONNX shape inference) runs,
-   retried without symbolic shape inference, then without optimization, then skipped;
+   retried without symbolic shape inference, then without optimization, then skipped; then
+   (``fuse``) constant Mul/Add nodes after Convs are folded into them and written-out
+   hard-swishes made ``x * HardSigmoid(x)`` (:mod:`sdk.quantize.fusions`, exact);
 3. calibration streams the data one batch at a time (ORT's strided calibration), so memory holds
    one batch of activations whatever the size of the calibration set;
 4. the quantized model is loaded and run by the runtime the board uses, and compared with the fp32
@@ -15,7 +17,8 @@ ONNX Runtime's tooling can fail at has a fallback or an edgeship error that name
    With ``bias_correction``, each Conv's int32 bias is first moved to cancel the mean error its
    outputs show on the calibration data (:mod:`sdk.quantize.bias_correction`).
 
-Each fallback is logged and listed in the returned artifact's ``details["fallbacks"]``.
+Each fallback is logged and listed in the returned artifact's ``details["fallbacks"]``, with
+the rewrites of step 2.
 
 Only the operators in :data:`DEFAULT_OP_TYPES` are quantized unless ``op_types`` says otherwise:
 the ones that hold the weights and do the arithmetic (and the activations ORT folds into them).
@@ -135,7 +138,7 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="edgeship-quant-") as tmp_dir:
         tmp = Path(tmp_dir).resolve()
         proto = _read_model(source.path)
-        prepared = _prepare(proto, tmp, fallbacks)
+        prepared = _prepare(proto, tmp, fallbacks, fuse=config.fuse)
         if config.bias_correction:
             from sdk.quantize.bias_correction import prepare_for_correction
 
@@ -157,6 +160,7 @@ def quantize(
         "weight_type": config.weight_type,
         "activation_type": config.activation_type if config.mode == "static" else None,
         "reduce_range": config.reduce_range,
+        "fuse": config.fuse,
         "calibration_samples": 0 if data is None else len(data),
         "calibration_batch_size": batch if config.mode == "static" else None,
         "excluded_nodes": excluded,
@@ -339,8 +343,9 @@ def _check_node_names(proto: Any, prepared: Path, names: Sequence[str]) -> None:
 # --- preparation --------------------------------------------------------------------------
 
 
-def _prepare(proto: Any, tmp: Path, fallbacks: list[str]) -> Path:
-    """Upgrade an old opset and run ORT's pre-processing; return the model file to quantize."""
+def _prepare(proto: Any, tmp: Path, fallbacks: list[str], *, fuse: bool) -> Path:
+    """Upgrade an old opset, run ORT's pre-processing and (``fuse``) :mod:`sdk.quantize.fusions`;
+    return the model file to quantize."""
     import onnx
 
     from sdk.onnx_tools import MIN_QUANT_OPSET, opset_of, upgrade_opset
@@ -366,7 +371,22 @@ def _prepare(proto: Any, tmp: Path, fallbacks: list[str]) -> Path:
         ) from exc
     prepared = _preprocess(raw, tmp, fallbacks)
     _flatten_gemm_bias(prepared)
+    if fuse:
+        _fuse(prepared, fallbacks)
     return prepared
+
+
+def _fuse(model: Path, notes: list[str]) -> None:
+    import onnx
+
+    from sdk.quantize.fusions import fuse
+
+    proto = onnx.load(str(model), load_external_data=False)
+    done = fuse(proto)
+    if done:
+        onnx.save(proto, str(model))
+        log.info(done.describe())
+        notes.append(done.describe())
 
 
 def _flatten_gemm_bias(model: Path) -> None:
