@@ -251,3 +251,79 @@ def test_a_calibration_cache_from_the_unfused_graph_is_not_reused(
         )  # fmt: skip
         assert art.details["calibration_cache"]["hit"] is False
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def _hard_swish_nodes(out: str = "y") -> list[Any]:
+    return [
+        helper.make_node("Add", ["x", "three"], ["a"]),
+        helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+        helper.make_node("Mul", ["x", "c"], ["m"]),
+        helper.make_node("Div", ["m", "div"], [out]),
+    ]
+
+
+HS = {"three": np.array(3.0), "zero": np.array(0.0), "six": np.array(6.0), "div": np.array(6.0)}
+
+
+def _same_outputs(before: Any, after: Any, feeds: dict[str, np.ndarray]) -> None:
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(before.SerializeToString()).run(None, feeds)
+    b = ort.InferenceSession(after.SerializeToString()).run(None, feeds)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
+
+
+def test_a_tensor_read_inside_a_subgraph_is_not_rewritten() -> None:
+    """An If body reading the Conv's output (or a hard-swish's Clip output) is one more reader:
+    folding renamed the tensor and left the body reading a name nothing made."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv"),
+        helper.make_node("Mul", ["y", "c"], ["z"]),
+        helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body),
+    ]
+    model = _graph(nodes, {**CONV, "c": np.array([2.5])}, ["z", "o"])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    assert fuse(model).folded == 0
+    x = np.ones((1, 2, 4, 4), np.float32)
+    _same_outputs(before, model, {"x": x})
+
+
+def test_generated_names_never_collide() -> None:
+    nodes = [*_hard_swish_nodes(), helper.make_node("Relu", ["x"], ["y_hardsigmoid"])]
+    model = _graph(nodes, HS, ["y", "y_hardsigmoid"])
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    assert fuse(model).hard_swish == 1
+    x = np.random.default_rng(0).normal(0, 4, (1, 2, 4, 4)).astype(np.float32)
+    _same_outputs(before, model, {"x": x})
+
+
+@pytest.mark.parametrize("case", ["rank-5 three", "almost a sixth", "constant fed by the caller"])
+def test_constants_that_only_look_right_are_left_alone(case: str) -> None:
+    if case == "constant fed by the caller":
+        nodes = [
+            helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv"),
+            helper.make_node("Mul", ["y", "c"], ["z"]),
+        ]
+        model = _graph(nodes, {**CONV, "c": np.array([2.5])}, ["z"])
+        model.graph.input.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [1]))
+        assert fuse(model).folded == 0
+        return
+    inits = dict(HS)
+    nodes = _hard_swish_nodes()
+    if case == "rank-5 three":  # broadcasting it adds an axis to the output
+        inits["three"] = np.full((1, 1, 1, 1, 1), 3.0)
+    else:
+        nodes[3] = helper.make_node("Mul", ["m", "div"], ["y"])
+        inits["div"] = np.array(0.1666672)
+    model = _graph(nodes, inits, ["y"])
+    assert fuse(model).hard_swish == 0
