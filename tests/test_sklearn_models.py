@@ -318,9 +318,10 @@ def test_calibrated_linear_svm_has_nothing_to_quantize(tmp_path: Path) -> None:
     )
     assert [c.name for c in report.candidates] == ["fp32"]
     assert (
-        "nothing to quantize in this model: its compute (LinearRegressor) has no int8 form, and "
-        "the rest (Add, Concat, Div, Exp, Mul, Sub) is arithmetic on its scores, "
-        "with no weights to shrink, that int8 would only slow down; fp32 kept"
+        "nothing to quantize in this model: its compute (LinearRegressor) has no int8 form and "
+        "no operator holds a weight to shrink; int8 could only reach the arithmetic around it "
+        "(Add, Concat, Div, Exp, Mul, Sub), which it would slow down (name op types to quantize "
+        "them anyway: --op-types); fp32 kept"
     ) in report.notes
     quality = report.candidates[0].quality
     assert quality is not None
@@ -431,3 +432,49 @@ def test_nothing_to_quantize_counts_the_op_types_a_user_asked_for(tmp_path: Path
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert "its ops (Tanh) have no int8 form" in (nothing_to_quantize(path) or "")
     assert nothing_to_quantize(path, ("Tanh",)) is None
+
+
+def test_a_classical_model_with_an_embedding_table_still_quantizes(tmp_path: Path) -> None:
+    """A Gather from a float table is a weight (int8 makes it 4x smaller): a model whose other
+    compute is ai.onnx.ml is not 'nothing to quantize' (a review found optimize refusing it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.quantize.ort_check import nothing_to_quantize
+
+    table = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("ReduceMean", ["emb"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node(
+            "LinearRegressor", ["pooled"], ["y"], domain="ai.onnx.ml",
+            coefficients=[0.1] * 8, intercepts=[0.0],
+        ),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    path = tmp_path / "embedding.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    assert nothing_to_quantize(path) is None
+
+
+def test_every_op_type_asked_for_is_not_refused(tmp_path: Path) -> None:
+    """--op-types all (op_types=None) lets the quantizer try the arithmetic around a classical
+    op, as nothing_quantized's own hint suggests."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.svm import LinearSVC
+
+    from sdk.quantize.ort_check import nothing_to_quantize
+
+    x, y = load_breast_cancer(return_X_y=True)
+    estimator = CalibratedClassifierCV(LinearSVC(dual=False), ensemble=False).fit(x, y)
+    model = calibrated_linear_onnx(estimator, tmp_path / "svm.onnx")
+    assert "nothing to quantize" in (nothing_to_quantize(model) or "")
+    assert nothing_to_quantize(model, None) is None
+    assert nothing_to_quantize(model, ("Mul",)) is None

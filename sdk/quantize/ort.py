@@ -126,7 +126,7 @@ def quantize(
         raise ConfigError(f"{target.name}: the quantized model must be written to a .onnx file")
     if target.resolve() == source.path.resolve():
         raise ConfigError(f"{target}: writing the quantized model over its fp32 source is refused")
-    blocker = nothing_to_quantize(source.path, config.op_types or ())
+    blocker = nothing_to_quantize(source.path, config.op_types)
     if blocker is not None:
         raise QuantizationError(f"{blocker}; the fp32 model is the one to ship")
 

@@ -144,16 +144,18 @@ def _op_summary(counts: dict[str, int]) -> str:
     return ", ".join(types[:12]) + (", ..." if len(types) > 12 else "")
 
 
-def nothing_to_quantize(model: Path, op_types: Iterable[str] = ()) -> str | None:
+def nothing_to_quantize(model: Path, op_types: Iterable[str] | None = ()) -> str | None:
     """Why there is nothing to quantize in ``model``, said before any calibration. Either none
     of its operators, in subgraphs too, is a type ONNX Runtime quantizes in any mode or format
     (tree ensembles and linear classifiers from scikit-learn) nor one of ``op_types`` (the types
     a user asked for: ORT's QDQ quantizer takes others too); or its compute is classical-ML
     operators (``ai.onnx.ml``: LinearClassifier, TreeEnsemble..., which have no int8 form) and
-    it has no operator with a weight to quantize (:data:`_WEIGHT_OPS`): what int8 could reach is
-    arithmetic on their scores (a calibrated classifier's sigmoids), where Q/DQ pairs only add
-    work and error, and no weights to shrink. None otherwise (whether something gets quantized
-    is then the quantizer's business)."""
+    no operator holds a weight (:data:`_WEIGHT_OPS`, or a Gather from a float table): int8
+    could only reach the arithmetic around them (a calibrated classifier's sigmoids), where
+    Q/DQ pairs add work and error and there is nothing to shrink. The second rule holds only
+    when the user named none of the model's op types and did not ask for every type
+    (``op_types=None``). None otherwise (whether something gets quantized is then the
+    quantizer's business)."""
     import onnx
     from onnxruntime.quantization.registry import (
         IntegerOpsRegistry,
@@ -162,13 +164,17 @@ def nothing_to_quantize(model: Path, op_types: Iterable[str] = ()) -> str | None
     )
 
     graph = onnx.load(str(model), load_external_data=False).graph
+    tables = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     counts: dict[str, int] = {}
     classical: set[str] = set()
+    weighted = False
     for node, _ in _walk(graph):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
         if node.domain == "ai.onnx.ml":
             classical.add(node.op_type)
-    asked = set(counts) & set(op_types)
+        embedding = node.op_type == "Gather" and node.input and node.input[0] in tables
+        weighted = weighted or node.op_type in _WEIGHT_OPS or bool(embedding)
+    asked = set(counts) & set(op_types or ())
     known = set(QDQRegistry) | set(QLinearOpsRegistry) | set(IntegerOpsRegistry)
     if not asked and not set(counts) & known:
         return (
@@ -176,14 +182,15 @@ def nothing_to_quantize(model: Path, op_types: Iterable[str] = ()) -> str | None
             "have no int8 form"
         )
     compute = {op: n for op, n in counts.items() if op in classical and op not in _NO_COMPUTE}
-    if not asked and compute and not set(counts) & _WEIGHT_OPS:
-        rest = {op: n for op, n in counts.items() if op not in classical}
-        return (
-            f"nothing to quantize in this model: its compute ({_op_summary(compute)}) has no "
-            f"int8 form, and the rest ({_op_summary(rest) or 'none'}) is arithmetic on its "
-            "scores, with no weights to shrink, that int8 would only slow down"
-        )
-    return None
+    if op_types is None or asked or weighted or not compute:
+        return None
+    rest = {op: n for op, n in counts.items() if op not in classical}
+    return (
+        f"nothing to quantize in this model: its compute ({_op_summary(compute)}) has no int8 "
+        f"form and no operator holds a weight to shrink; int8 could only reach the arithmetic "
+        f"around it ({_op_summary(rest) or 'none'}), which it would slow down (name op types "
+        "to quantize them anyway: --op-types)"
+    )
 
 
 def nothing_quantized(prepared: Path, config: QuantizeConfig, excluded: list[str]) -> str:
