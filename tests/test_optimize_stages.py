@@ -24,6 +24,7 @@ from tests.helpers import write_mlp_onnx
 
 ORDER = [
     "fp32",
+    "fp32-fused",
     "ort-static",
     "ort-dynamic",
     "ort-static-all-ops",

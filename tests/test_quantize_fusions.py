@@ -327,3 +327,32 @@ def test_constants_that_only_look_right_are_left_alone(case: str) -> None:
         inits["div"] = np.array(0.1666672)
     model = _graph(nodes, inits, ["y"])
     assert fuse(model).hard_swish == 0
+
+
+def test_optimize_measures_the_rewritten_fp32_model(lcnet_style: dict[str, Any]) -> None:
+    """Candidate fp32-fused: the fp32 model with the rewrites, judged and timed like the rest
+    (which one ships depends on the machine's timings, not asserted here)."""
+    from sdk.budget import parse_budget
+    from sdk.optimize import OptimizeConfig, optimize
+
+    c, tmp = lcnet_style, lcnet_style["tmp"]
+    data = {"cal": {NAME: c["s"].x_cal}, "ev": {NAME: c["s"].x_test, "labels": c["s"].y_test}}
+    names = {}
+    for fused in (True, False):
+        config = OptimizeConfig(
+            budget=parse_budget("drop<=1%"), min_runs=20, min_seconds=0.2, try_fused_fp32=fused,
+            try_accuracy_aware=False, try_latency_aware=False, try_dynamic=False,
+        )  # fmt: skip
+        report = optimize(
+            c["fp32"], calibration=data["cal"], eval_data=data["ev"],
+            out=tmp / f"bundle-{fused}", config=config,
+        )  # fmt: skip
+        names[fused] = {x.name: x for x in report.candidates}
+    assert "fp32-fused" not in names[False]
+    fused_candidate = names[True]["fp32-fused"]
+    assert fused_candidate.error is None and fused_candidate.artifact is not None
+    assert fused_candidate.artifact.details["fusions"].startswith("folded 5 constant")
+    assert fused_candidate.quality is not None and fused_candidate.quality.agreement == 1.0
+    ref = _run(c["fp32"], c["s"].x_test)
+    got = _run(fused_candidate.artifact.path, c["s"].x_test)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

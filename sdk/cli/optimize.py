@@ -171,6 +171,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         "minmax,entropy,percentile)",
     )
     p.add_argument(
+        "--no-fused-fp32",
+        action="store_true",
+        help="do not measure fp32 with exact rewrites (constant scales folded into Convs, "
+        "written-out hard-swishes made x * HardSigmoid(x)): candidate fp32-fused, same outputs",
+    )
+    p.add_argument(
         "--no-bias-correction",
         action="store_true",
         help="do not try static int8 with bias correction (tried only when the all-ops, else "
@@ -301,6 +307,7 @@ def _config(args: argparse.Namespace) -> OptimizeConfig:
         static_methods=_methods(args.methods),
         try_accuracy_aware=not args.no_accuracy_aware,
         try_bias_correction=not args.no_bias_correction,
+        try_fused_fp32=not args.no_fused_fp32,
         calibration_cache=args.calibration_cache,
         use_calibration_cache=not args.no_calibration_cache,
         try_fp16={"auto": None, "on": True, "off": False}[args.fp16],

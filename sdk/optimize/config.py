@@ -38,6 +38,8 @@ class OptimizeConfig:
     ``min_cosine``: the quality gate used when there is no eval data with a ``drop`` budget
     line: an int8 candidate whose check against fp32 on calibration samples (worst-sample
     cosine similarity of the outputs) is below it fails; None turns the gate off.
+    ``try_fused_fp32``: also measure the fp32 model with the exact rewrites of
+    :mod:`sdk.quantize.fusions` (candidate ``fp32-fused``, when they find something).
     ``try_all_ops``: also try static int8 over every operator type ORT can quantize (when the
     model has such operators beyond the default ones); it is chosen only if it is faster.
     ``try_bias_correction``: when that candidate (else plain static int8) misses the drop line
@@ -95,6 +97,7 @@ class OptimizeConfig:
     outlier_fpr: float = 0.01
     min_cosine: float | None = 0.99
     try_all_ops: bool = True
+    try_fused_fp32: bool = True
     try_bias_correction: bool = True
     try_accuracy_aware: bool = True
     max_excluded_nodes: int = 8

@@ -17,7 +17,7 @@ from sdk.optimize.stages.accuracy_aware import AccuracyAwareStage
 from sdk.optimize.stages.base import Recipe, SearchContext, Stage
 from sdk.optimize.stages.distilled import DistilledStage
 from sdk.optimize.stages.fp16 import Fp16Stage
-from sdk.optimize.stages.fp32 import Fp32Stage
+from sdk.optimize.stages.fp32 import Fp32Stage, FusedFp32Stage
 from sdk.optimize.stages.latency_aware import LatencyAwareStage
 from sdk.optimize.stages.litert import LiteRTStage
 from sdk.optimize.stages.litert_tflite import TfliteFileStage
@@ -73,15 +73,17 @@ class StageRegistry:
 
 
 def default_registry() -> StageRegistry:
-    """fp32, ORT static int8, ORT dynamic int8, static over every operator type, the same with
-    bias correction (only when it misses the drop line alone), latency-aware
-    static int8 (the nodes measured slower in int8 kept in float; only while plain static int8
-    is not faster than fp32), int4 MatMul weights (with a size line), calibration variants,
-    accuracy-aware int8, pruned, distilled, fp16, LiteRT (with ``litert_recipes``), and for a
-    float .tflite the LiteRT recipes of the model as given."""
+    """fp32, fp32 with exact rewrites (when there is something to rewrite), ORT static int8,
+    ORT dynamic int8, static over every operator type, the same with bias correction (only
+    when it misses the drop line alone), latency-aware static int8 (the nodes measured slower
+    in int8 kept in float; only while plain static int8 is not faster than fp32), int4 MatMul
+    weights (with a size line), calibration variants, accuracy-aware int8, pruned, distilled,
+    fp16, LiteRT (with ``litert_recipes``), and for a float .tflite the LiteRT recipes of the
+    model as given."""
     registry = StageRegistry()
     for stage in (
         Fp32Stage(),
+        FusedFp32Stage(),
         StaticStage(),
         DynamicStage(),
         AllOpsStage(),
