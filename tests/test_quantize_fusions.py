@@ -189,7 +189,13 @@ CONV = {"w": np.ones((2, 2, 1, 1)), "b": np.zeros(2)}
 
 @pytest.mark.parametrize(
     "case",
-    ["two readers", "graph output", "per-position constant", "higher-rank constant"],
+    [
+        "two readers",
+        "graph output",
+        "per-position constant",
+        "higher-rank constant",
+        "last-axis constant",
+    ],
 )
 def test_folds_only_where_exact(case: str) -> None:
     conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")
@@ -204,8 +210,10 @@ def test_folds_only_where_exact(case: str) -> None:
         outputs.append("y")
     elif case == "per-position constant":
         inits["c"] = np.arange(16.0).reshape(1, 1, 4, 4)
-    else:
+    elif case == "higher-rank constant":
         inits["c"] = np.ones((1, 1, 2, 1, 1))
+    else:  # (C,) broadcasts over the last axis (W = C = 4 here), not over the channels
+        inits |= {"w": np.ones((4, 2, 1, 1)), "b": np.zeros(4), "c": np.arange(4.0)}
     model = _graph(nodes, inits, outputs)
     assert fuse(model).folded == 0
     assert [n.op_type for n in model.graph.node][:2] == ["Conv", "Mul"]
