@@ -165,6 +165,19 @@ def test_choice_is_settled_against_fp32_by_alternating_reruns(tmp_path: Path) ->
     assert _choose([fp32, int8], 3, lambda art: truth[art.path.stem], []) is int8
 
 
+def test_a_lossy_winner_is_settled_against_the_rewritten_fp32_too(tmp_path: Path) -> None:
+    """fp32-fused has fp32's outputs: an int8 model that looked fastest by noise must beat it
+    in alternating re-runs too, not only fp32 as given (a review found it never re-timed)."""
+    fp32 = _cand(tmp_path, "fp32", 1.00, 400)
+    fused = _cand(tmp_path, "fp32-fused", 0.62, 400)
+    int8 = _cand(tmp_path, "int8", 0.58, 100)
+    truth = {"fp32": 1.0, "fp32-fused": 0.60, "int8": 0.95}
+    notes: list[str] = []
+    chosen = _choose([fp32, fused, int8], 3, lambda art: truth[art.path.stem], notes)
+    assert chosen is fused and len(int8.confirm_p95_ms) == 3
+    assert "fp32-fused chosen" in notes[0]
+
+
 def test_even_rerun_counts_are_compared_by_their_median_not_their_upper_middle(
     tmp_path: Path,
 ) -> None:

@@ -13,7 +13,7 @@ from sdk.artifact import ModelArtifact
 from sdk.optimize.bundling import bundle_benchmark, fit_detector, write_reference
 from sdk.optimize.report import Candidate
 from sdk.optimize.stages import SearchContext
-from sdk.optimize.stages.fp32 import FP32
+from sdk.optimize.stages.fp32 import FP32, FP32_FUSED
 from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX
 from sdk.package import package
 
@@ -88,16 +88,19 @@ def _choose(
     if confirm_rounds <= 0:
         return winner
     # Settle the choice with alternating re-runs so noise cannot pick a slower or riskier model:
-    # an all-ops winner against its default-op-types sibling, then the winner against fp32.
+    # an all-ops winner against its default-op-types sibling...
     if winner.name.endswith(ALL_OPS_SUFFIX):
         sibling_name = winner.name.removesuffix(ALL_OPS_SUFFIX)
         sibling = next((c for c in passing if c.name == sibling_name), None)
         if sibling is not None:
             winner = _settle(winner, sibling, confirm_rounds, measure_p95, notes, strict=True)
-    fp32 = next((c for c in passing if c.name == FP32), None)
-    if fp32 is None or winner is fp32:
-        return winner
-    return _settle(winner, fp32, confirm_rounds, measure_p95, notes, strict=False)
+    # ...then against the float models: the rewritten fp32 (same outputs, often faster) first,
+    # so a lossy winner must beat the fastest lossless candidate too, and fp32 as given last.
+    for name in (FP32_FUSED, FP32):
+        reference = next((c for c in passing if c.name == name), None)
+        if reference is not None and winner is not reference:
+            winner = _settle(winner, reference, confirm_rounds, measure_p95, notes, strict=False)
+    return winner
 
 
 def _settle(

@@ -238,6 +238,9 @@ class OptimizeReport:
             excluded = c.artifact.details.get("excluded_nodes") if c.artifact else None
             if excluded:
                 rows.append(f"  {'':<{width - 2}}kept in float: {', '.join(excluded)}")
+            fusions = c.artifact.details.get("fusions") if c.artifact else None
+            if fusions:
+                rows.append(f"  {'':<{width - 2}}rewritten: {fusions}")
             corrected = c.artifact.details.get("bias_correction") if c.artifact else None
             if corrected:
                 rows.append(f"  {'':<{width - 2}}bias correction: {describe(corrected)}")

@@ -60,27 +60,27 @@ class Fusions:
             parts.append(
                 f"rewrote {self.hard_swish} {many} (Add, Clip, Mul, Div) as x * HardSigmoid(x)"
             )
-        return "; ".join(parts) + " (exact rewrites, fewer tensors to quantize)"
+        return "; ".join(parts) + " (exact rewrites)"
 
 
 class _Graph:
     """Producers, readers and constant values of a graph, kept current as it is rewritten."""
 
     def __init__(self, graph: Any) -> None:
-        from onnx import numpy_helper
-
         self.graph = graph
         self.inits = {i.name: i for i in graph.initializer}
         # an initializer that is also a graph input is a default the caller may override
         fed = {i.name for i in graph.input}
-        self.values: dict[str, np.ndarray] = {}
+        # constants by name, converted to arrays only when a rewrite looks at them
+        self.tensors: dict[str, Any] = {}
+        self.arrays: dict[str, np.ndarray] = {}
         for init in graph.initializer:
             if init.data_location != 1 and init.name not in fed:  # EXTERNAL: bytes elsewhere
-                self.values[init.name] = numpy_helper.to_array(init)
+                self.tensors[init.name] = init
         for node in graph.node:  # exporters' Constant nodes (pre-processing folds them)
             attrs = node.attribute
             if node.op_type == "Constant" and len(attrs) == 1 and attrs[0].name == "value":
-                self.values[node.output[0]] = numpy_helper.to_array(attrs[0].t)
+                self.tensors[node.output[0]] = attrs[0].t
         self.outputs = {o.name for o in graph.output}
         self.readers: dict[str, list[Any]] = {}
         self.producer: dict[str, Any] = {}
@@ -101,10 +101,23 @@ class _Graph:
         readers = self.readers.get(tensor, [])
         return readers[0] if len(readers) == 1 and tensor not in self.outputs else None
 
+    def value(self, tensor: str, *, at_most: int | None = None) -> np.ndarray | None:
+        """The constant ``tensor``'s array (None when it is not a constant, or has more than
+        ``at_most`` elements: those are not converted)."""
+        if tensor in self.arrays:
+            return self.arrays[tensor]
+        proto = self.tensors.get(tensor)
+        if proto is None or (at_most is not None and int(np.prod(proto.dims)) > at_most):
+            return None
+        from onnx import numpy_helper
+
+        self.arrays[tensor] = numpy_helper.to_array(proto)
+        return self.arrays[tensor]
+
     def scalar(self, tensor: str) -> float | None:
         """A float32 constant of shape () or (1,): one that broadcasts against any tensor without
         changing its shape."""
-        value = self.values.get(tensor)
+        value = self.value(tensor, at_most=1)
         if value is None or value.shape not in ((), (1,)) or value.dtype != np.float32:
             return None
         return float(value.reshape(()))
@@ -131,7 +144,8 @@ class _Graph:
         init = numpy_helper.from_array(value, unique)
         self.graph.initializer.append(init)
         self.inits[unique] = self.graph.initializer[-1]
-        self.values[unique] = value
+        self.tensors[unique] = init
+        self.arrays[unique] = value
         return unique
 
     def drop_unused_constants(self) -> None:
@@ -189,11 +203,11 @@ def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray |
 
 def _fold_next(g: _Graph, conv: Any) -> bool:
     """Fold the Mul or Add reading ``conv``'s output into its weight and bias."""
-    weight = g.values.get(conv.input[1]) if len(conv.input) > 1 else None
+    weight = g.value(conv.input[1]) if len(conv.input) > 1 else None
     if weight is None or weight.dtype != np.float32 or weight.ndim < 3:
         return False
     has_bias = len(conv.input) > 2 and conv.input[2] != ""
-    bias = g.values.get(conv.input[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
+    bias = g.value(conv.input[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
     if bias is None or bias.dtype != np.float32:
         return False
     nxt = g.only_reader(conv.output[0])
@@ -205,9 +219,10 @@ def _fold_next(g: _Graph, conv: Any) -> bool:
     ):
         return False
     other = nxt.input[1] if nxt.input[0] == conv.output[0] else nxt.input[0]
-    if other == conv.output[0] or other not in g.values:
+    constant = None if other == conv.output[0] else g.value(other, at_most=weight.shape[0])
+    if constant is None:
         return False
-    per_channel = _channel_vector(g.values[other], weight.shape[0], weight.ndim)
+    per_channel = _channel_vector(constant, weight.shape[0], weight.ndim)
     if per_channel is None:
         return False
     if nxt.op_type == "Mul":

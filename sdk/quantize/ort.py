@@ -385,8 +385,9 @@ def _fuse(model: Path, notes: list[str]) -> None:
     done = fuse(proto)
     if done:
         onnx.save(proto, str(model))
-        log.info(done.describe())
-        notes.append(done.describe())
+        note = done.describe().removesuffix(")") + ", fewer tensors to quantize)"
+        log.info(note)
+        notes.append(note)
 
 
 def _flatten_gemm_bias(model: Path) -> None:

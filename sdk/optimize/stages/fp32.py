@@ -3,7 +3,7 @@ baseline every drop is measured from; and ``fp32-fused``: the same ONNX model wi
 rewrites of :mod:`sdk.quantize.fusions` (constant scales and shifts folded into Convs,
 written-out hard-swishes made ``x * HardSigmoid(x)``), planned only when they find something
 to rewrite. Its outputs equal fp32's up to float rounding, and it is often faster: PaddleOCR's
-nets run at 0.75-0.85x fp32's p50 (docs/quantization.md)."""
+nets run at 0.6-0.85x fp32's p50 (docs/quantization.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdk.artifact import ModelArtifact
+from sdk.errors import ModelFormatError
 from sdk.optimize.report import SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
 
@@ -91,7 +92,9 @@ class FusedFp32Recipe(Recipe):
 
         fused = _fused(ctx.fp32.path)
         if fused is None:  # plan found something to rewrite in this same file
-            raise RuntimeError(f"{ctx.fp32.path}: nothing to rewrite any more")
+            raise ModelFormatError(
+                f"{ctx.fp32.path}: changed during the search: nothing to rewrite"
+            )
         model, done = fused
         onnx.save(model, str(path))
         return ModelArtifact(
