@@ -423,3 +423,37 @@ def _made_or_not_worth_it(candidate: Any) -> bool:
         candidate.name == "ort-static-int8-latency-aware"
         and "fp32 is the model to ship" in candidate.error
     )
+
+
+def test_a_model_with_external_data_is_searched_and_bundled(tmp_path: Path) -> None:
+    """The fp32 candidate copied the .onnx file alone, so a model saved with its weights in an
+    external data file failed at once ('External data path does not exist'): the copy now holds
+    its weights, and the bundle too."""
+    import onnx
+
+    from sdk.budget import parse_budget
+    from sdk.optimize import OptimizeConfig, optimize
+    from tests.helpers import write_mlp_onnx
+
+    proto = onnx.load(str(write_mlp_onnx(tmp_path / "mlp.onnx")))
+    model = tmp_path / "external" / "mlp.onnx"
+    model.parent.mkdir()
+    onnx.save(
+        proto, str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+        location="weights.bin", size_threshold=0,
+    )  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+    config = OptimizeConfig(budget=parse_budget("drop<=5%"), **QUICK)  # type: ignore[arg-type]
+    report = optimize(
+        model, calibration={"x": x[:100]}, eval_data={"x": x[100:]}, out=tmp_path / "b",
+        config=config,
+    )  # fmt: skip
+    by = {c.name: c for c in report.candidates}
+    assert by["fp32"].error is None and by["ort-static-int8-minmax"].error is None
+    fp32_copy = by["fp32"].artifact
+    assert fp32_copy is not None
+    assert not any(
+        i.data_location == onnx.TensorProto.EXTERNAL
+        for i in onnx.load(str(fp32_copy.path), load_external_data=False).graph.initializer
+    )
+    assert load_bundle(tmp_path / "b").manifest.model.recipe == report.chosen

@@ -46,7 +46,14 @@ class Fp32Recipe(Recipe):
         return FP32
 
     def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
-        shutil.copyfile(ctx.fp32.path, path)
+        if ctx.fp32.format == "onnx":
+            from sdk.package import inline_external_data
+
+            # a model with external data files is read in whole: the copy holds its weights
+            if inline_external_data(ctx.fp32.path, path) == ctx.fp32.path:
+                shutil.copyfile(ctx.fp32.path, path)
+        else:
+            shutil.copyfile(ctx.fp32.path, path)
         return ModelArtifact(path=path, format=ctx.fp32.format, io=ctx.fp32.io, recipe=FP32)
 
 
