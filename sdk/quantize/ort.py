@@ -370,28 +370,31 @@ def _prepare(proto: Any, tmp: Path, fallbacks: list[str], *, fuse: bool) -> Path
             f"opset upgrade: cannot save the upgraded model: {first_line(exc)}"
         ) from exc
     prepared = _preprocess(raw, tmp, fallbacks)
-    _flatten_gemm_bias(prepared)
-    if fuse:
-        _fuse(prepared, fallbacks)
+    _rewrite(prepared, fallbacks, fuse=fuse)
     return prepared
 
 
-def _fuse(model: Path, notes: list[str]) -> None:
+def _rewrite(model: Path, notes: list[str], *, fuse: bool) -> None:
+    """Gemm biases flattened and (``fuse``) the exact rewrites, in one read and one write of
+    the pre-processed model."""
     import onnx
 
-    from sdk.quantize.fusions import fuse
+    from sdk.quantize import fusions
 
     proto = onnx.load(str(model), load_external_data=False)
-    done = fuse(proto)
-    if done:
+    changed = _flatten_gemm_bias(proto)
+    done = fusions.fuse(proto) if fuse else fusions.Fusions()
+    if changed or done:
         onnx.save(proto, str(model))
+    if done:
         note = done.describe().removesuffix(")") + ", fewer tensors to quantize)"
         log.info(note)
         notes.append(note)
 
 
-def _flatten_gemm_bias(model: Path) -> None:
-    """Give every Gemm a 1-D bias: ``(1, N)`` becomes ``(N,)``, which broadcasts the same way.
+def _flatten_gemm_bias(proto: Any) -> bool:
+    """Give every Gemm of ``proto`` a 1-D bias: ``(1, N)`` becomes ``(N,)``, which broadcasts
+    the same way (True when one changed).
 
     ORT's optimizer fuses MatMul + Add into a Gemm that keeps the Add's ``(1, N)`` constant, and
     ORT's static quantizer (1.32) cannot adjust per-channel weight scales for a 2-D bias ("The
@@ -400,7 +403,6 @@ def _flatten_gemm_bias(model: Path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(model), load_external_data=False)
     inits = {i.name: i for i in proto.graph.initializer}
     uses: dict[str, int] = {}
     for node in proto.graph.node:
@@ -418,8 +420,7 @@ def _flatten_gemm_bias(model: Path) -> None:
         flat = numpy_helper.to_array(init).reshape(-1)
         init.CopyFrom(numpy_helper.from_array(flat, init.name))
         changed = True
-    if changed:
-        onnx.save(proto, str(model))
+    return changed
 
 
 _PREPROCESS_ATTEMPTS: tuple[tuple[str, dict[str, bool]], ...] = (
