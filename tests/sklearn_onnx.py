@@ -5,7 +5,8 @@ skl2onnx is not installed in the dev venv, so the tests build the same graphs it
 estimator predicts): input ``X`` (float, ``[N, features]``), output ``output_label`` (int64,
 ``[N]``, through a Cast) and output ``output_probability`` (a ZipMap: ``seq(map(int64,
 tensor(float)))``), ai.onnx.ml operators for trees and linear models, MatMul/Add/Relu/Softmax
-for an MLP. The layouts follow skl2onnx's converters (GradientBoosting.py, LinearClassifier.py,
+for an MLP, element-wise distances, TopK and ArrayFeatureExtractor for k nearest neighbours.
+The layouts follow skl2onnx's converters (GradientBoosting.py, LinearClassifier.py,
 multilayer_perceptron.py, zip_map.py).
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "gradient_boosting_onnx",
     "logistic_regression_onnx",
     "mlp_onnx",
+    "nearest_neighbors_onnx",
 ]
 
 _OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
@@ -227,3 +229,47 @@ def calibrated_linear_onnx(model: Any, path: Path, *, zipmap: bool = True) -> Pa
     ]
     tail, outputs = _outputs("probabilities", "label", classes, zipmap)
     return _save([*nodes, *tail], int(svm.n_features_in_), outputs, path, inits)
+
+
+def nearest_neighbors_onnx(model: Any, path: Path, *, zipmap: bool = True) -> Path:
+    """A fitted uniform-weight ``KNeighborsClassifier`` (Euclidean) laid out as skl2onnx's
+    converter does, with no operator of ONNX Runtime's default int8 types: squared distances to
+    every training point (element-wise; skl2onnx computes them in a Scan), TopK of their
+    negation, the neighbours' classes through ArrayFeatureExtractor, and votes counted with
+    Equal/Cast/ReduceSum, divided by k."""
+    classes = [int(c) for c in model.classes_]
+    k = int(model.n_neighbors)
+    points = np.asarray(model._fit_X, np.float32)
+    labels = np.asarray(model._y, np.int64).reshape(1, -1)  # class indices, as skl2onnx keeps
+    consts = [
+        numpy_helper.from_array(points[None], "points"),
+        numpy_helper.from_array(labels, "point_classes"),
+        numpy_helper.from_array(np.arange(len(classes), dtype=np.int64)[None, None], "class_ids"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_axis"),
+        numpy_helper.from_array(np.array([2], np.int64), "last_axis"),
+        numpy_helper.from_array(np.array([k], np.int64), "k"),
+        numpy_helper.from_array(np.array([-1, k], np.int64), "by_k"),
+        numpy_helper.from_array(np.array(float(k), np.float32), "k_float"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Unsqueeze", ["X", "one_axis"], ["x3"]),
+        node("Sub", ["x3", "points"], ["diff"]),
+        node("Mul", ["diff", "diff"], ["squares"]),
+        node("ReduceSum", ["squares", "last_axis"], ["dist"], keepdims=0),
+        node("Neg", ["dist"], ["closeness"]),
+        node("TopK", ["closeness", "k"], ["_top", "neighbours"]),
+        node("Flatten", ["neighbours"], ["flat"], axis=0),
+        node(
+            "ArrayFeatureExtractor", ["point_classes", "flat"], ["votes_flat"], domain="ai.onnx.ml"
+        ),
+        node("Reshape", ["votes_flat", "by_k"], ["votes"]),
+        node("Unsqueeze", ["votes", "last_axis"], ["votes3"]),
+        node("Equal", ["votes3", "class_ids"], ["hits"]),
+        node("Cast", ["hits"], ["hits_f"], to=TensorProto.FLOAT),
+        node("ReduceSum", ["hits_f", "one_axis"], ["counts"], keepdims=0),
+        node("Div", ["counts", "k_float"], ["probabilities"]),
+        node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    tail, outputs = _outputs("probabilities", "label", classes, zipmap)
+    return _save([*nodes, *tail], int(model.n_features_in_), outputs, path, consts)

@@ -30,6 +30,7 @@ from tests.sklearn_onnx import (
     gradient_boosting_onnx,
     logistic_regression_onnx,
     mlp_onnx,
+    nearest_neighbors_onnx,
 )
 
 BIN = Path(sys.executable).parent
@@ -338,6 +339,43 @@ def test_calibrated_linear_svm_has_nothing_to_quantize(tmp_path: Path) -> None:
         "-o", "q.onnx", cwd=tmp_path,
     )  # fmt: skip
     assert asked.returncode == 0, asked.stdout + asked.stderr
+
+
+def test_knn_says_once_that_the_default_op_types_have_nothing_to_quantize(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    """skl2onnx's k-nearest-neighbours graph has no Conv, MatMul, Gemm...: optimize printed six
+    failed candidates, each 'ONNX Runtime quantized nothing'. Now one skipped line, and the
+    all-ops candidate (which quantizes the distance arithmetic) is still made."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    estimator = KNeighborsClassifier(5).fit(digits["x_train"][:400], digits["y_train"][:400])
+    model = nearest_neighbors_onnx(estimator, tmp_path / "knn.onnx")
+    report = sdk.optimize(
+        model,
+        calibration={"X": digits["x_train"][400:600]},
+        eval_data={"X": digits["x_test"], "labels": digits["y_test"]},
+        out=tmp_path / "bundle",
+        config=sdk.OptimizeConfig(
+            budget=sdk.parse_budget("drop<=1%"), min_seconds=0.2, min_runs=20
+        ),
+    )
+    assert [(c.name, c.error) for c in report.candidates] == [
+        ("fp32", None),
+        ("ort-static-int8-minmax-all-ops", None),
+    ]
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert skipped.pop("ort-static-int8-minmax") == (
+        "no operator of the default int8 types (Conv, ConvTranspose, MatMul, Gemm, Gather, "
+        "Attention, LSTM, EmbedLayerNormalization) in this model: static and dynamic int8 of "
+        "those types would quantize nothing; ort-static-int8-minmax-all-ops quantizes the other "
+        "types"
+    )
+    assert not [name for name in skipped if name.startswith("ort-")], skipped
+    quality = report.candidates[0].quality
+    assert quality is not None and quality.accuracy == pytest.approx(
+        estimator.score(digits["x_test"], digits["y_test"])
+    )
 
 
 def test_quantize_and_bench_on_a_tree_model(iris: dict[str, Any], tmp_path: Path) -> None:

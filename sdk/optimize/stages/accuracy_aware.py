@@ -14,7 +14,12 @@ from sdk.artifact import ModelArtifact
 from sdk.errors import ConfigError
 from sdk.optimize.report import Candidate, SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
-from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX, BIAS_CORRECTED_SUFFIX, STATIC_PREFIX
+from sdk.optimize.stages.ort_static import (
+    ALL_OPS_SUFFIX,
+    BIAS_CORRECTED_SUFFIX,
+    STATIC_PREFIX,
+    no_default_ops,
+)
 from sdk.quantize import CalibMethod, QuantizeConfig
 
 __all__ = ["ACCURACY_AWARE", "AccuracyAwareRecipe", "AccuracyAwareStage"]
@@ -94,6 +99,6 @@ class AccuracyAwareStage:
         methods = ctx.config.static_methods
         if ctx.calibration is None or not methods or not ctx.config.try_accuracy_aware:
             return []
-        if ctx.nothing_to_quantize:
+        if ctx.nothing_to_quantize or no_default_ops(ctx):
             return []
         return [AccuracyAwareRecipe(methods[0])]

@@ -41,6 +41,7 @@ __all__ = [
     "StaticRecipe",
     "StaticStage",
     "base_name",
+    "no_default_ops",
 ]
 
 STATIC_PREFIX = "ort-static-int8"
@@ -109,6 +110,11 @@ class StaticStage:
         base = base_name(ctx)
         if base is None:
             return []
+        reason = no_default_ops(ctx)
+        if reason is not None:
+            if ctx.config.try_all_ops and more_ops_to_quantize(ctx.fp32):
+                reason += f"; {base}{ALL_OPS_SUFFIX} quantizes the other types"
+            return [SkippedRecipe(base, reason)]
         return [
             StaticRecipe(
                 base,
@@ -177,7 +183,7 @@ class CalibrationVariantsStage:
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
         base = base_name(ctx)
-        if base is None:
+        if base is None or no_default_ops(ctx) is not None:
             return []
         first, *others = ctx.config.static_methods
         plan: list[Recipe | SkippedRecipe] = [
@@ -194,6 +200,21 @@ class CalibrationVariantsStage:
             )
             plan.append(CalibrationVariantRecipe(f"{base}{PER_TENSOR_SUFFIX}", config, base))
         return plan
+
+
+def no_default_ops(ctx: SearchContext) -> str | None:
+    """Why the candidates that quantize the default operator types have nothing to do, or None.
+
+    A model with no operator of :data:`~sdk.quantize.DEFAULT_OP_TYPES` (a scikit-learn
+    k-nearest-neighbours graph: Scan, TopK, ReduceSum) would make ONNX Runtime quantize nothing
+    in every one of them: the search says so once, in the plain static candidate's place, and
+    plans none of the others (dynamic, calibration variants, accuracy- and latency-aware)."""
+    if ctx.fp32.format != "onnx" or _op_types(ctx.fp32.path) & set(DEFAULT_OP_TYPES):
+        return None
+    return (
+        f"no operator of the default int8 types ({', '.join(DEFAULT_OP_TYPES)}) in this model: "
+        "static and dynamic int8 of those types would quantize nothing"
+    )
 
 
 def more_ops_to_quantize(model: ModelArtifact) -> bool:
