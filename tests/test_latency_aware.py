@@ -104,7 +104,7 @@ def candidate(fp32: ModelArtifact, calibration: Dataset, work: Path) -> ModelArt
     try:
         return recipe.make(ctx, work / "latency-aware.onnx")
     except QuantizationError as exc:  # a CPU whose int8 loses on every node: nothing to keep
-        assert "fp32 is the model to ship" in str(exc), exc
+        assert "the float model is the one to ship" in str(exc), exc
         pytest.skip(f"every node is slower in int8 on this CPU: {exc}")
 
 
@@ -199,13 +199,18 @@ def test_the_evidence_renders_in_the_html_report(candidate: ModelArtifact) -> No
     assert "Latency-aware" not in render_report({"candidates": report["candidates"][:1]})
 
 
-def _done(static_p95: float | None, fp32_p95: float = 2.0) -> list[Candidate]:
+def _done(
+    static_p95: float | None, fp32_p95: float = 2.0, fused_p95: float | None = None
+) -> list[Candidate]:
     static = Candidate("ort-static-int8-minmax")
     if static_p95 is None:
         static.error = "calibration: no data"
     else:
         static.confirm_p95_ms = [static_p95]
-    return [Candidate("fp32", confirm_p95_ms=[fp32_p95]), static]
+    floats = [Candidate("fp32", confirm_p95_ms=[fp32_p95])]
+    if fused_p95 is not None:
+        floats.append(Candidate("fp32-fused", confirm_p95_ms=[fused_p95]))
+    return [*floats, static]
 
 
 def test_it_is_tried_only_while_plain_static_int8_is_made_and_not_faster(
@@ -215,7 +220,11 @@ def test_it_is_tried_only_while_plain_static_int8_is_made_and_not_faster(
     (recipe,) = LatencyAwareStage().plan(ctx)
     assert recipe.skip_reason(ctx, _done(3.0)) is None
     faster = recipe.skip_reason(ctx, _done(1.0))
-    assert faster is not None and "already faster than fp32" in faster
+    assert faster is not None and "already faster than fp32 (" in faster
+    # int8 faster than fp32 but not than fp32-fused, the float model that would ship: tried
+    assert recipe.skip_reason(ctx, _done(1.0, fused_p95=0.8)) is None
+    fused = recipe.skip_reason(ctx, _done(0.5, fused_p95=0.8))
+    assert fused is not None and "already faster than fp32-fused (" in fused
     failed = recipe.skip_reason(ctx, _done(None))
     assert failed is not None and "failed" in failed
     missing = recipe.skip_reason(ctx, _done(3.0)[:1])
@@ -262,7 +271,7 @@ def test_a_whole_search_tries_it_or_says_why_not(
     if LATENCY_AWARE in by:
         made = by[LATENCY_AWARE]
         if made.error is not None:
-            assert "fp32 is the model to ship" in made.error, made.error
+            assert "the float model is the one to ship" in made.error, made.error
         else:
             assert made.artifact is not None and made.bench is not None
             evidence = made.artifact.details["latency_aware"]
@@ -271,7 +280,8 @@ def test_a_whole_search_tries_it_or_says_why_not(
             assert kept <= set(made.artifact.details["excluded_nodes"])
     else:
         assert "already faster than fp32" in skipped[LATENCY_AWARE], skipped
-        assert static.bench.latency_ms["p95"] <= base.bench.latency_ms["p95"]
+        floats = [c for c in (base, by.get("fp32-fused")) if c is not None]
+        assert static.p95_ms < min(c.p95_ms for c in floats)
 
 
 def test_a_model_with_unnamed_nodes_is_skipped_with_the_reason(

@@ -421,7 +421,7 @@ def _made_or_not_worth_it(candidate: Any) -> bool:
     (machines differ: which nodes int8 speeds up is the CPU's, not the test's, to say)."""
     return candidate.error is None or (
         candidate.name == "ort-static-int8-latency-aware"
-        and "fp32 is the model to ship" in candidate.error
+        and "the float model is the one to ship" in candidate.error
     )
 
 

@@ -42,6 +42,7 @@ from sdk.data import Dataset, take_samples
 from sdk.errors import QuantizationError
 from sdk.optimize.report import Candidate, SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
+from sdk.optimize.stages.fp32 import FP32_FUSED
 from sdk.optimize.stages.ort_static import STATIC_PREFIX, base_name, no_default_ops
 from sdk.quantize import QuantizeConfig, quantize
 from sdk.quantize.node_profile import (
@@ -125,7 +126,7 @@ def latency_aware_quantize(
     """Static int8 of ``fp32`` with the nodes slower in int8 kept in float (module docstring),
     written to ``out``; the evidence is in ``details["latency_aware"]``. Raises
     :class:`QuantizationError` when no round can be made, or when every quantized node is
-    slower in int8 (fp32 is the model to ship)."""
+    slower in int8 (the float model is the one to ship)."""
     reference = profile_nodes(fp32.path, feed, runs=runs, threads=threads)
     rounds: list[_Round] = []
     notes: list[str] = []
@@ -205,7 +206,7 @@ def _choose(rounds: Sequence[_Round]) -> int:
     if not later:
         raise QuantizationError(
             f"every round with nodes kept in float failed; plain int8 had {len(rounds[0].slower)}"
-            " nodes slower than fp32: fp32 is the model to ship"
+            " nodes slower than fp32: the float model is the one to ship"
         )
     return min(later, key=lambda r: r.profile.wall_us).index
 
@@ -272,11 +273,12 @@ class LatencyAwareRecipe(Recipe):
             return f"plain static int8 ({self.base}) was not made: nothing to make faster"
         if static.error is not None:
             return f"plain static int8 ({self.base}) failed: keeping nodes in float cannot fix it"
-        fp32 = next((c for c in done if c.name == "fp32" and c.error is None), None)
-        if fp32 is not None and static.p95_ms < fp32.p95_ms:
+        floats = [c for c in done if c.name in ("fp32", FP32_FUSED) and c.error is None]
+        fastest = min(floats, key=lambda c: c.p95_ms, default=None)
+        if fastest is not None and static.p95_ms < fastest.p95_ms:
             return (
-                f"{self.base} is already faster than fp32 (p95 {static.p95_ms:.3g} ms against "
-                f"{fp32.p95_ms:.3g} ms)"
+                f"{self.base} is already faster than {fastest.name} (p95 {static.p95_ms:.3g} ms "
+                f"against {fastest.p95_ms:.3g} ms)"
             )
         return _unnamed(ctx.fp32.path)
 
