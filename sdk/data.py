@@ -114,14 +114,20 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
     n = sample_count(inputs)
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.shape[0] != n:
+        if labels.ndim not in (1, 2) or labels.shape[0] != n:
             raise DataError(
-                f"{what}: 'labels' must be a 1-D array with one label per sample "
-                f"({n}), got shape {labels.shape}"
+                f"{what}: 'labels' must be a 1-D array with one class id per sample "
+                f"({n}), or a 2-D array with one padded sequence per sample for a CTC "
+                f"model, got shape {labels.shape}"
             )
         # The class count is the model output's, known here only when the output is
         # (batch, classes) with a fixed count; evaluate() checks against the output it scores.
-        check_labels(labels, None, f"{what} ({name})")
+        if labels.ndim == 2:
+            from sdk.ctc import check_sequence_labels
+
+            check_sequence_labels(labels, None, f"{what} ({name})")
+        else:
+            check_labels(labels, None, f"{what} ({name})")
     return Dataset(inputs=inputs, labels=labels, name=name)
 
 

@@ -15,6 +15,10 @@ How an output is scored depends on its shape:
   the model's) all lie in [0, 1], i.e. look like probabilities, and 0 otherwise (logits); pass
   ``threshold=`` to choose. A per-sample cosine of a single value is only its sign, so these
   outputs get no cosine: the mean and largest absolute errors measure them instead;
+* ``(samples, steps, classes)`` with *sequence labels* (a 2-D ``labels`` array, one padded
+  row of class ids per sample): a CTC model's text, greedy-decoded, scored as character
+  accuracy (:mod:`sdk.ctc`); agreement is then the share of samples whose text matches the
+  reference's;
 * anything else (sequences, maps, embeddings of rank 3 and up): no top-1; cosine and errors
   only, and :func:`accuracy_drop` falls back to ``1 - cosine_mean``. One flattened cosine
   lets an output's largest values speak for all of it (a detector's pixel coordinates for
@@ -55,9 +59,10 @@ DropBasis = Literal["accuracy", "agreement", "cosine"]
 class Quality:
     """What :func:`evaluate` measured; a field is ``None`` when it could not be measured.
 
-    ``accuracy`` needs labels; ``agreement`` (share of samples whose top-1 class, or binary
-    decision, matches the reference's) needs a reference and a ``(samples, classes)`` or
-    ``(samples, 1)`` output; ``cosine_*`` (not for one value per sample), ``mean_abs_error`` and
+    ``accuracy`` needs labels (character accuracy with sequence labels); ``agreement`` (share
+    of samples whose top-1 class, binary decision or decoded text matches the reference's)
+    needs a reference and a ``(samples, classes)`` or ``(samples, 1)`` output, or sequence
+    labels; ``cosine_*`` (not for one value per sample), ``mean_abs_error`` and
     ``max_abs_error`` compare each sample's output with the reference's.
     ``decision_threshold`` is the threshold used for a one-score-per-sample output.
     """
@@ -118,25 +123,29 @@ def evaluate(
     ref_scores: list[np.ndarray] = []  # ...and the reference's, thresholded at the end
     max_abs = abs_sum = 0.0
     abs_count = 0
-    kind = None
+    kind: str | None = None
     start = 0
+    text = _Text(labels) if labels is not None and labels.ndim == 2 else None
     for feed in data.batches(run.fixed or batch_size):
         got = run(feed)
         n = got.shape[0]
         kind = _output_kind(got)
-        if kind == "classes" and labels is None and _EMBEDDING_NAME.search(name):
+        if text is not None:
+            kind = "sequence"
+            text.score(got, start, name, data.name)
+        elif kind == "classes" and labels is None and _EMBEDDING_NAME.search(name):
             # An embedding's largest coordinate means nothing: compare whole vectors.
             kind = "other"
-        if labels is not None and kind == "other":
+        if text is None and labels is not None and kind == "other":
             raise DataError(
                 f"the data has labels, but the model's output {name!r} has shape {got.shape}; "
                 "top-1 accuracy needs a (samples, classes) output or one score per sample"
             )
-        if labels is not None and start == 0:
+        if text is None and labels is not None and start == 0:
             _check_eval_labels(labels, kind, got, data.name, name)
         if kind == "binary":
             scores.append(got.reshape(n).astype(np.float64))
-        elif labels is not None:
+        elif text is None and labels is not None:
             correct += int((got.argmax(axis=1) == labels[start : start + n]).sum())
         if run_ref is not None:
             ref = run_ref(feed)
@@ -151,6 +160,8 @@ def evaluate(
                 cosines.append(cosine_rows(got, ref))
                 if kind == "classes":
                     agree += int((got.argmax(axis=1) == ref.argmax(axis=1)).sum())
+                elif text is not None:
+                    agree += text.agree(got, ref)
             max_abs = max(max_abs, max_abs_difference(got, ref))
             abs_sum += _abs_sum(got, ref)
             abs_count += got.size
@@ -162,19 +173,56 @@ def evaluate(
     if kind == "binary":
         cut, correct, agree = _binary_decisions(scores, ref_scores, labels, threshold)
         quality = replace(quality, decision_threshold=cut)
-    if labels is not None:
+    if text is not None:
+        quality = replace(quality, accuracy=text.accuracy())
+    elif labels is not None:
         quality = replace(quality, accuracy=correct / total)
     if ref_session is not None:
         cos = np.concatenate(cosines) if cosines else np.zeros(0)
         quality = replace(
             quality,
-            agreement=agree / total if kind in ("classes", "binary") else None,
+            agreement=agree / total if kind in ("classes", "binary", "sequence") else None,
             cosine_mean=float(cos.mean()) if cos.size else None,
             cosine_min=float(cos.min()) if cos.size else None,
             max_abs_error=max_abs,
             mean_abs_error=abs_sum / abs_count if abs_count else None,
         )
     return quality
+
+
+class _Text:
+    """Character accuracy of a CTC output against sequence labels, batch by batch."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        from sdk.ctc import rows
+
+        self.truth = rows(labels)
+        self.labels = labels
+        self.edits = 0
+
+    def score(self, got: np.ndarray, start: int, output: str, data_name: str) -> None:
+        from sdk.ctc import check_sequence_labels, edit_distance, greedy_decode
+
+        if got.ndim != 3:
+            raise DataError(
+                f"eval data ({data_name}) has sequence labels (a 2-D 'labels' array), which "
+                f"score a CTC output of shape (samples, steps, classes); the model's output "
+                f"{output!r} has shape {got.shape}"
+            )
+        if start == 0:
+            check_sequence_labels(self.labels, got.shape[2], f"eval data ({data_name})")
+        for i, seq in enumerate(greedy_decode(got)):
+            self.edits += edit_distance(seq, self.truth[start + i])
+
+    def agree(self, got: np.ndarray, ref: np.ndarray) -> int:
+        from sdk.ctc import greedy_decode
+
+        pairs = zip(greedy_decode(got), greedy_decode(ref), strict=True)
+        return sum(int(np.array_equal(a, b)) for a, b in pairs)
+
+    def accuracy(self) -> float:
+        length = sum(t.size for t in self.truth)
+        return max(0.0, 1.0 - self.edits / length) if length else 0.0
 
 
 def _check_eval_labels(

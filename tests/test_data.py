@@ -63,7 +63,7 @@ def test_integer_token_inputs() -> None:
         ({"image": np.zeros((0, 1, 8, 8), np.float32)}, "no samples"),
         (
             {"image": np.zeros((3, 1, 8, 8), np.float32), "labels": np.zeros(2, np.int64)},
-            "one label per sample",
+            "one class id per sample",
         ),
         (
             {"image": np.zeros((2, 1, 8, 8), np.float32), "labels": np.zeros(2, np.float32)},
