@@ -74,7 +74,11 @@ The objective, in order:
    benchmarked again, alternately, and the winner is kept only if its median p95 is not above
    fp32's: a candidate slower than fp32 is never chosen because of measurement noise. An
    ``-all-ops`` winner is settled the same way against its default-op-types sibling, and kept
-   only if it is faster: quantizing more operators must earn its extra risk.
+   only if it is faster: quantizing more operators must earn its extra risk. The float
+   models it is settled against are fp32-fused (when made) and fp32. When a float model wins
+   the re-runs, the next lossy candidates that met the budget and looked faster than every
+   float model get their turn the same way (up to ``choice.RUNNERS_UP``, 2, more), so one
+   noisy first measurement cannot hide a faster model that also meets the budget.
 2. When no candidate meets the budget, the best effort is the one with the smallest total
    relative excess over the failing lines; it is bundled all the same, and the report says how
    far each line is off.
