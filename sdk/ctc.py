@@ -63,13 +63,13 @@ def edit_distance(a: np.ndarray, b: np.ndarray) -> int:
 
 def check_sequence_labels(labels: np.ndarray, classes: int | None, where: str) -> None:
     """Refuse sequence labels that cannot be a CTC model's text: not integers, the blank (0)
-    inside a text, values outside ``[1, classes)``, padding (-1) before the end of a row."""
-    if labels.dtype.kind not in "iu":
+    inside a text, values outside ``[1, classes)``, padding (-1) before the end of a row, no
+    class id at all (every model would score 0%, and a drop of 0 passes any gate)."""
+    if labels.dtype.kind != "i":
         raise DataError(
-            f"{where}: sequence 'labels' must hold integer class ids, got {labels.dtype}"
+            f"{where}: sequence 'labels' must hold signed integer class ids (padded with "
+            f"{PAD}), got {labels.dtype}"
         )
-    if not labels.size:
-        return
     padded = labels == PAD
     if (padded[:, :-1] & ~padded[:, 1:]).any():
         raise DataError(
@@ -77,6 +77,11 @@ def check_sequence_labels(labels: np.ndarray, classes: int | None, where: str) -
             f"a row has {PAD} before a class id"
         )
     values = labels[~padded]
+    if not values.size:
+        raise DataError(
+            f"{where}: sequence 'labels' hold no class ids (every row is padding): every model "
+            "would score 0% on them, and a drop of 0 would pass any quality gate"
+        )
     if (values == BLANK).any():
         raise DataError(
             f"{where}: sequence 'labels' hold {BLANK}, the CTC blank; a text's class ids are "

@@ -125,7 +125,15 @@ def load_dataset(source: DataSource, io: IOSpec, *, what: str = "data") -> Datas
         if labels.ndim == 2:
             from sdk.ctc import check_sequence_labels
 
-            check_sequence_labels(labels, None, f"{what} ({name})")
+            try:
+                check_sequence_labels(labels, None, f"{what} ({name})")
+            except DataError as exc:
+                if labels.shape[1] != 1:
+                    raise
+                raise DataError(
+                    f"{exc} (a ({n}, 1) 'labels' array is read as one-character texts; class "
+                    "ids for a classifier are a 1-D array: labels.reshape(-1))"
+                ) from None
         else:
             check_labels(labels, None, f"{what} ({name})")
     return Dataset(inputs=inputs, labels=labels, name=name)

@@ -132,7 +132,7 @@ def evaluate(
         kind = _output_kind(got)
         if text is not None:
             kind = "sequence"
-            text.score(got, start, name, data.name)
+            text.score(got, start, _samples(feed), name, data.name)
         elif kind == "classes" and labels is None and _EMBEDDING_NAME.search(name):
             # An embedding's largest coordinate means nothing: compare whole vectors.
             kind = "other"
@@ -200,9 +200,16 @@ class _Text:
         self.labels = labels
         self.edits = 0
 
-    def score(self, got: np.ndarray, start: int, output: str, data_name: str) -> None:
+    def score(self, got: np.ndarray, start: int, samples: int, output: str, data_name: str) -> None:
         from sdk.ctc import check_sequence_labels, edit_distance, greedy_decode
 
+        if got.ndim == 3 and got.shape[0] != samples:
+            raise DataError(
+                f"the model's output {output!r} has shape {got.shape} for a batch of {samples} "
+                f"samples: sequence labels score a CTC output laid out (samples, steps, "
+                f"classes); a time-major (steps, samples, classes) output needs a Transpose "
+                f"(perm 1, 0, 2) at the end of the model"
+            )
         if got.ndim != 3:
             raise DataError(
                 f"eval data ({data_name}) has sequence labels (a 2-D 'labels' array), which "
@@ -432,3 +439,9 @@ class _Runner:
         except InputError as exc:
             raise DataError(f"eval data does not fit the {self.what}: {exc}") from exc
         return self.session.run(checked)[self.index]
+
+
+def _samples(feed: Any) -> int:
+    from sdk.data import sample_count
+
+    return sample_count(feed)

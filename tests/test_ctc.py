@@ -141,7 +141,8 @@ def test_sequence_labels_score_character_accuracy(case: dict[str, object]) -> No
     [
         ([[1, 0, 2]], "hold 0, the CTC blank"),
         ([[1, -1, 2]], "padded with -1 at the end of each row only"),
-        ([[1, 2.5]], "must hold integer class ids"),
+        ([[1, 2.5]], "must hold signed integer class ids"),
+        ([[-1, -1]], "hold no class ids"),
         ([[1, -3]], "outside"),
     ],
 )
@@ -174,3 +175,33 @@ def test_sequence_labels_must_fit_the_output(case: dict[str, object], tmp_path: 
     labelled = load_dataset({"x": X[:4], "labels": np.array([[1, 2]] * 4)}, open_session(flat).io)
     with pytest.raises(DataError, match=r"score a CTC output of shape \(samples, steps, classes\)"):
         evaluate(flat, labelled)
+
+
+def test_a_time_major_output_and_column_labels_are_refused_with_the_fix(
+    case: dict[str, object], tmp_path: Path
+) -> None:
+    """(steps, samples, classes), as PyTorch's CTCLoss takes it, was indexed as samples and
+    crashed (IndexError) or scored quietly wrong; a classifier's (N, 1) labels were read as
+    texts and refused as 'the CTC blank' without saying why."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from device_agent.runtime import open_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["s"], ["probs"], perm=[1, 0, 2])],
+        "time_major",
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [STEPS, "N", CLASSES])],
+    )
+    model = tmp_path / "time_major.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    scores = np.asarray(case["scores"])[:10]
+    labels = _padded([t for t in list(case["truth"])[:10]])  # type: ignore[call-overload]
+    data = load_dataset({"s": scores, "labels": labels}, open_session(model).io)
+    with pytest.raises(DataError, match=r"a time-major \(steps, samples, classes\) output"):
+        evaluate(model, data, batch_size=10)
+
+    column = np.zeros((4, 1), np.int64)
+    with pytest.raises(DataError, match=r"labels.reshape\(-1\)"):
+        load_dataset({"s": scores[:4], "labels": column}, open_session(model).io)

@@ -211,6 +211,31 @@ def test_when_the_first_lossy_winner_loses_its_reruns_the_next_one_gets_its_turn
     )
 
 
+def test_a_sibling_that_lost_to_fp32_is_not_settled_again_and_ties_are_settled(
+    tmp_path: Path,
+) -> None:
+    """A review found the default-op sibling an all-ops winner lost to re-timed against fp32 a
+    second time as the next runner-up, and an int8 whose first p95 tied fp32's never settled
+    against its sibling."""
+    fp32 = _cand(tmp_path, "fp32", 10.0, 400)
+    every = _cand(tmp_path, "ort-static-int8-minmax-all-ops", 5.0, 100)
+    static = _cand(tmp_path, "ort-static-int8-minmax", 6.0, 100)
+    dynamic = _cand(tmp_path, "ort-dynamic-int8", 7.0, 100)
+    truth = {"fp32": 4.0, every.name: 5.5, static.name: 5.0, dynamic.name: 3.0}
+    notes: list[str] = []
+    chosen = _choose([fp32, every, static, dynamic], 2, lambda a: truth[a.path.stem], notes)
+    assert chosen is dynamic, notes
+    assert len(static.confirm_p95_ms) == 4  # against all-ops, then fp32: once each
+    assert sum("ort-static-int8-minmax looked faster than fp32" in n for n in notes) == 1
+
+    fp32 = _cand(tmp_path, "fp32", 5.0, 400)
+    every = _cand(tmp_path, "ort-static-int8-minmax-all-ops", 5.0, 100)
+    static = _cand(tmp_path, "ort-static-int8-minmax", 5.5, 100)
+    truth = {"fp32": 5.0, every.name: 4.9, static.name: 4.0}
+    chosen = _choose([fp32, every, static], 2, lambda a: truth[a.path.stem], [])
+    assert chosen is static and len(every.confirm_p95_ms) == 2
+
+
 def test_even_rerun_counts_are_compared_by_their_median_not_their_upper_middle(
     tmp_path: Path,
 ) -> None:

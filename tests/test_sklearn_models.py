@@ -516,3 +516,68 @@ def test_every_op_type_asked_for_is_not_refused(tmp_path: Path) -> None:
     assert "nothing to quantize" in (nothing_to_quantize(model) or "")
     assert nothing_to_quantize(model, None) is None
     assert nothing_to_quantize(model, ("Mul",)) is None
+
+
+def _graph_model(path: Path, nodes: list[Any], inits: list[Any]) -> Path:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_default_op_types_rule_counts_subgraphs_and_only_gathers_from_tables(
+    tmp_path: Path,
+) -> None:
+    """A review found the rule reading top-level nodes only: a MatMul inside an If body got
+    'no operator of the default int8 types' (false; ORT's own error there says how to export
+    it flat), and a Gather of a Shape's int64 output counted as something to quantize."""
+    from onnx import helper, numpy_helper
+
+    from sdk.optimize.stages import SearchContext
+    from sdk.optimize.stages.ort_static import StaticStage
+    from sdk.targets import get_target
+
+    def plan(model: Path) -> list[Any]:
+        art = sdk.read_artifact(model)
+        cal = sdk.load_dataset({"X": np.ones((8, 4), np.float32)}, art.io)
+        ctx = SearchContext(sdk.OptimizeConfig(), art, cal, None, get_target("host"), None)
+        return list(StaticStage().plan(ctx))
+
+    ones = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    index = numpy_helper.from_array(np.array(0, np.int64), "i")
+    shape_gather = _graph_model(
+        tmp_path / "gather.onnx",
+        [
+            helper.make_node("Shape", ["X"], ["s"]),
+            helper.make_node("Gather", ["s", "i"], ["n"]),
+            helper.make_node("Cast", ["n"], ["nf"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", ["X", "nf"], ["Y"]),
+        ],
+        [index],
+    )
+    (skipped,) = plan(shape_gather)
+    assert "no operator of the default int8 types" in skipped.reason
+
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["b"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [None, 4])],
+    )
+    cond = numpy_helper.from_array(np.array(True), "c")
+    nested = _graph_model(
+        tmp_path / "nested.onnx",
+        [helper.make_node("If", ["c"], ["Y"], then_branch=branch, else_branch=branch)],
+        [ones, cond],
+    )
+    (static,) = plan(nested)
+    assert static.name == "ort-static-int8-minmax" and not hasattr(static, "reason")

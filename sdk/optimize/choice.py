@@ -88,18 +88,22 @@ def _choose(
         return passing[0]
     floats = [c for name in (FP32_FUSED, FP32) for c in passing if c.name == name]
     fastest_float = min((c.p95_ms for c in floats), default=float("inf"))
-    # Lossy candidates measured faster than every float model at first sight, fastest first,
+    # Lossy candidates measured no slower than every float model at first sight, fastest first,
     # each settled in turn: when a float model beats one in the re-runs, the next gets its
     # turn (up to RUNNERS_UP more), so one noisy measurement cannot hide a faster int8 that
     # also meets the budget.
-    contenders = [c for c in passing if c not in floats and c.p95_ms < fastest_float]
+    contenders = [c for c in passing if c not in floats and c.p95_ms <= fastest_float]
     tried: list[Candidate] = []
     settled = None
-    for contender in contenders[: 1 + RUNNERS_UP]:
+    turns = 0
+    for contender in contenders:
         if contender in tried:
             continue
+        if turns > RUNNERS_UP:
+            break
+        turns += 1
         settled = _settle_lossy(contender, passing, floats, confirm_rounds, measure_p95, notes)
-        tried += [contender, settled]
+        tried += [contender, *_siblings(contender, passing), settled]
         if settled not in floats:
             return settled
     if settled is not None:  # a float model beat every contender, settled against the rest
@@ -116,6 +120,14 @@ def _choose(
 RUNNERS_UP = 2
 
 
+def _siblings(winner: Candidate, passing: list[Candidate]) -> list[Candidate]:
+    """The default-op-types sibling an ``-all-ops`` winner is settled against, if it passed."""
+    if not winner.name.endswith(ALL_OPS_SUFFIX):
+        return []
+    name = winner.name.removesuffix(ALL_OPS_SUFFIX)
+    return [c for c in passing if c.name == name]
+
+
 def _settle_lossy(
     winner: Candidate,
     passing: list[Candidate],
@@ -127,11 +139,8 @@ def _settle_lossy(
     """Settle ``winner`` with alternating re-runs so noise cannot pick a slower or riskier
     model: an all-ops winner against its default-op-types sibling, then against the float
     models, the rewritten fp32 (same outputs, often faster) first, fp32 as given last."""
-    if winner.name.endswith(ALL_OPS_SUFFIX):
-        sibling_name = winner.name.removesuffix(ALL_OPS_SUFFIX)
-        sibling = next((c for c in passing if c.name == sibling_name), None)
-        if sibling is not None:
-            winner = _settle(winner, sibling, rounds, measure_p95, notes, strict=True)
+    for sibling in _siblings(winner, passing):
+        winner = _settle(winner, sibling, rounds, measure_p95, notes, strict=True)
     for reference in floats:
         if winner is not reference:
             winner = _settle(winner, reference, rounds, measure_p95, notes, strict=False)

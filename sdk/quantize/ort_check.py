@@ -56,6 +56,23 @@ def _walk(graph: Any, inside: bool = False) -> Iterator[tuple[Any, bool]]:
                 yield from _walk(sub, True)
 
 
+def holds_op_types(model: Path, op_types: Iterable[str]) -> bool:
+    """Whether an operator of ``op_types`` is anywhere in ``model``, subgraphs included, that
+    int8 could reach: a Gather only when it reads a float initializer (a table; a Gather of
+    a Shape's int64 output has nothing to quantize)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    tables = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    wanted = set(op_types)
+    for node, _ in _walk(graph):
+        if node.op_type not in wanted:
+            continue
+        if node.op_type != "Gather" or (node.input and node.input[0] in tables):
+            return True
+    return False
+
+
 def count_quantized_nodes(model: Path) -> int:
     """Nodes that quantize, dequantize or compute in integers, in subgraphs too."""
     import onnx

@@ -206,10 +206,12 @@ def no_default_ops(ctx: SearchContext) -> str | None:
     """Why the candidates that quantize the default operator types have nothing to do, or None.
 
     A model with no operator of :data:`~sdk.quantize.DEFAULT_OP_TYPES` (a scikit-learn
-    k-nearest-neighbours graph: Scan, TopK, ReduceSum) would make ONNX Runtime quantize nothing
-    in every one of them: the search says so once, in the plain static candidate's place, and
-    plans none of the others (dynamic, calibration variants, accuracy- and latency-aware)."""
-    if ctx.fp32.format != "onnx" or _op_types(ctx.fp32.path) & set(DEFAULT_OP_TYPES):
+    k-nearest-neighbours graph: Scan, TopK, ReduceSum), not even inside a subgraph, and no
+    Gather from a float table, would make ONNX Runtime quantize nothing in every one of them:
+    the search says so once, in the plain static candidate's place, and plans none of the
+    others (dynamic, calibration variants, accuracy- and latency-aware). Compute inside an
+    If/Loop/Scan body is left to those candidates, whose error says how to export it flat."""
+    if ctx.fp32.format != "onnx" or _holds_default_ops(ctx.fp32.path):
         return None
     return (
         f"no operator of the default int8 types ({', '.join(DEFAULT_OP_TYPES)}) in this model: "
@@ -228,6 +230,18 @@ def more_ops_to_quantize(model: ModelArtifact) -> bool:
 def _has_conv(model: ModelArtifact) -> bool:
     """Whether the model has a Conv, the only operator bias correction moves."""
     return "Conv" in _op_types(model.path)
+
+
+def _holds_default_ops(path: Path) -> bool:
+    stat = path.stat()
+    return _holds_default_ops_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _holds_default_ops_of(path: str, mtime_ns: int, size: int) -> bool:
+    from sdk.quantize.ort_check import holds_op_types
+
+    return holds_op_types(Path(path), DEFAULT_OP_TYPES)
 
 
 def _op_types(path: Path) -> frozenset[str]:
