@@ -9,7 +9,7 @@ the class indices of its text (``1..classes-1``), padded at the end with :data:`
 The score is corpus-level character accuracy, ``1 - (sum of edit distances) / (sum of label
 lengths)``, floored at 0, so a budget's drop line reads in character points: the measure OCR
 users judge a recognizer by, where a cosine of the score tensors is dominated by the blank
-steps (PP-OCRv4 rec's all-ops int8 lost 4.61 points of cosine yet read 96.2% of 5,154
+steps (PP-OCRv4 rec's all-ops int8 lost 4.61 points of cosine in (m) yet read 96.2% of 5,154
 rendered characters right against fp32's 93.5%: docs/benchmarks.md (n)).
 """
 
