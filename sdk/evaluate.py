@@ -129,20 +129,7 @@ def evaluate(
     for feed in data.batches(run.fixed or batch_size):
         got = run(feed)
         n = got.shape[0]
-        kind = _output_kind(got)
-        if text is not None:
-            kind = "sequence"
-            text.score(got, start, _samples(feed), name, data.name)
-        elif kind == "classes" and labels is None and _EMBEDDING_NAME.search(name):
-            # An embedding's largest coordinate means nothing: compare whole vectors.
-            kind = "other"
-        if text is None and labels is not None and kind == "other":
-            raise DataError(
-                f"the data has labels, but the model's output {name!r} has shape {got.shape}; "
-                "top-1 accuracy needs a (samples, classes) output or one score per sample"
-            )
-        if text is None and labels is not None and start == 0:
-            _check_eval_labels(labels, kind, got, data.name, name)
+        kind = _batch_kind(got, labels, text, (name, data.name), start, _samples(feed))
         if kind == "binary":
             scores.append(got.reshape(n).astype(np.float64))
         elif text is None and labels is not None:
@@ -188,6 +175,34 @@ def evaluate(
             mean_abs_error=abs_sum / abs_count if abs_count else None,
         )
     return quality
+
+
+def _batch_kind(
+    got: np.ndarray,
+    labels: np.ndarray | None,
+    text: _Text | None,
+    names: tuple[str, str],
+    start: int,
+    samples: int,
+) -> str:
+    """How a batch's output is scored (``classes``, ``binary``, ``sequence`` or ``other``);
+    labels are checked against it on the first batch, sequence labels scored as it goes.
+    ``names``: the output's and the data's."""
+    output, data_name = names
+    if text is not None:
+        text.score(got, start, samples, output, data_name)
+        return "sequence"
+    kind = _output_kind(got)
+    if kind == "classes" and labels is None and _EMBEDDING_NAME.search(output):
+        return "other"  # an embedding's largest coordinate means nothing: compare vectors
+    if labels is not None and kind == "other":
+        raise DataError(
+            f"the data has labels, but the model's output {output!r} has shape {got.shape}; "
+            "top-1 accuracy needs a (samples, classes) output or one score per sample"
+        )
+    if labels is not None and start == 0:
+        _check_eval_labels(labels, kind, got, data_name, output)
+    return kind
 
 
 class _Text:
