@@ -148,7 +148,7 @@ def evaluate(
                 if kind == "classes":
                     agree += int((got.argmax(axis=1) == ref.argmax(axis=1)).sum())
                 elif text is not None:
-                    agree += text.agree(got, ref)
+                    agree += text.agree(ref)
             max_abs = max(max_abs, max_abs_difference(got, ref))
             abs_sum += _abs_sum(got, ref)
             abs_count += got.size
@@ -214,6 +214,7 @@ class _Text:
         self.truth = rows(labels)
         self.labels = labels
         self.edits = 0
+        self.read: list[np.ndarray] = []  # the texts of the batch last scored
 
     def score(self, got: np.ndarray, start: int, samples: int, output: str, data_name: str) -> None:
         from sdk.ctc import check_sequence_labels, edit_distance, greedy_decode
@@ -233,13 +234,15 @@ class _Text:
             )
         if start == 0:
             check_sequence_labels(self.labels, got.shape[2], f"eval data ({data_name})")
-        for i, seq in enumerate(greedy_decode(got)):
+        self.read = greedy_decode(got)
+        for i, seq in enumerate(self.read):
             self.edits += edit_distance(seq, self.truth[start + i])
 
-    def agree(self, got: np.ndarray, ref: np.ndarray) -> int:
+    def agree(self, ref: np.ndarray) -> int:
+        """How many texts of the batch just scored match the reference's."""
         from sdk.ctc import greedy_decode
 
-        pairs = zip(greedy_decode(got), greedy_decode(ref), strict=True)
+        pairs = zip(self.read, greedy_decode(ref), strict=True)
         return sum(int(np.array_equal(a, b)) for a, b in pairs)
 
     def accuracy(self) -> float:

@@ -13,7 +13,7 @@ from sdk.artifact import ModelArtifact
 from sdk.optimize.bundling import bundle_benchmark, fit_detector, write_reference
 from sdk.optimize.report import Candidate
 from sdk.optimize.stages import SearchContext
-from sdk.optimize.stages.fp32 import FP32, FP32_FUSED
+from sdk.optimize.stages.fp32 import FLOAT_MODELS, FP32
 from sdk.optimize.stages.ort_static import ALL_OPS_SUFFIX
 from sdk.package import package
 
@@ -86,7 +86,7 @@ def _choose(
         return min(made, key=lambda c: (c.excess(), c.p95_ms))
     if confirm_rounds <= 0:
         return passing[0]
-    floats = [c for name in (FP32_FUSED, FP32) for c in passing if c.name == name]
+    floats = [c for name in FLOAT_MODELS for c in passing if c.name == name]
     fastest_float = min((c.p95_ms for c in floats), default=float("inf"))
     # Lossy candidates measured no slower than every float model at first sight, fastest first,
     # each settled in turn: when a float model beats one in the re-runs, the next gets its
@@ -108,11 +108,8 @@ def _choose(
             return settled
     if settled is not None:  # a float model beat every contender, settled against the rest
         return settled
-    winner = passing[0]
-    for reference in floats:  # the fastest float model against the others
-        if winner is not reference:
-            winner = _settle(winner, reference, confirm_rounds, measure_p95, notes, strict=False)
-    return winner
+    # no contender: passing[0] is the fastest float model, settled against the other
+    return _settle_lossy(passing[0], passing, floats, confirm_rounds, measure_p95, notes)
 
 
 #: How many more lossy candidates that meet the budget are settled against the float models

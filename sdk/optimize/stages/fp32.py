@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from sdk.quantize.fusions import Fusions
 
 __all__ = [
+    "FLOAT_MODELS",
     "FP32",
     "FP32_FUSED",
     "Fp32Recipe",
@@ -33,6 +34,8 @@ __all__ = [
 
 FP32 = "fp32"
 FP32_FUSED = "fp32-fused"
+#: The lossless candidates a lossy one must beat, in the order the choice settles against them.
+FLOAT_MODELS = (FP32_FUSED, FP32)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from sdk.data import Dataset, take_samples
 from sdk.errors import QuantizationError
 from sdk.optimize.report import Candidate, SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
-from sdk.optimize.stages.fp32 import FP32_FUSED
+from sdk.optimize.stages.fp32 import FLOAT_MODELS
 from sdk.optimize.stages.ort_static import STATIC_PREFIX, base_name, no_default_ops
 from sdk.quantize import QuantizeConfig, quantize
 from sdk.quantize.node_profile import (
@@ -273,7 +273,7 @@ class LatencyAwareRecipe(Recipe):
             return f"plain static int8 ({self.base}) was not made: nothing to make faster"
         if static.error is not None:
             return f"plain static int8 ({self.base}) failed: keeping nodes in float cannot fix it"
-        floats = [c for c in done if c.name in ("fp32", FP32_FUSED) and c.error is None]
+        floats = [c for c in done if c.name in FLOAT_MODELS and c.error is None]
         fastest = min(floats, key=lambda c: c.p95_ms, default=None)
         if fastest is not None and static.p95_ms < fastest.p95_ms:
             return (
