@@ -28,7 +28,7 @@ from typing import Any
 
 from sdk.targets import TargetProfile, get_target
 
-__all__ = ["IsaNote", "cpu_flags", "int8_outlook", "int8_verdict"]
+__all__ = ["IsaNote", "cpu_flags", "int8_outlook", "int8_verdict", "saturation"]
 
 _X86_VNNI = ("amx_int8", "avx512_vnni", "avx_vnni", "avx_vnni_int8")
 _X86_DOT16 = ("avx512bw", "avx2")
@@ -168,3 +168,36 @@ def int8_outlook(
             "benchmark on the board (edgeship bench --device) before trusting int8 timings"
         )
     return IsaNote(profile.name, speedup, reason, features, reduce, host_note)
+
+
+def saturation(
+    target: str | TargetProfile,
+    host_flags: Iterable[str] | None = None,
+    *,
+    root: str | Path = "/",
+) -> str | None:
+    """Why ONNX Runtime int8 made for ``target`` here should take 7-bit weights, or None.
+
+    Two machines run the model: ``target``, which ships it, and this host, where a search
+    measures its quality. Where either one's int8 kernels saturate with 8-bit weights (x86
+    without VNNI, see :func:`int8_verdict`), 8-bit weights make the model worse there (on the
+    target) or make it look worse than the board will run it (here); 7-bit weights saturate
+    on neither, at a little precision. ``host_flags`` and ``root`` as in :func:`int8_outlook`."""
+    profile = target if isinstance(target, TargetProfile) else get_target(target)
+    host = frozenset(host_flags) if host_flags is not None else cpu_flags(root)
+    if profile.name != "host":
+        _, _, features, saturates = int8_verdict(profile.isa)
+        if saturates:
+            return (
+                f"{profile.name}'s int8 kernels saturate with 8-bit weights "
+                f"({features[0]}, no VNNI)"
+            )
+    _, _, features, saturates = int8_verdict(host)
+    if not saturates:
+        return None
+    if profile.name == "host":
+        return f"this host's int8 kernels saturate with 8-bit weights ({features[0]}, no VNNI)"
+    return (
+        f"this host's int8 kernels saturate with 8-bit weights ({features[0]}, no VNNI): "
+        f"8-bit weights would score lower here, where quality is measured, than on {profile.name}"
+    )

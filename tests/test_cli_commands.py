@@ -96,3 +96,14 @@ def test_collect_without_the_collector_extra_says_what_to_install(blocked: str) 
     assert out.returncode == 2, out.stdout + out.stderr
     assert blocked in out.stderr and "pip install 'edgeship[collector]'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [([], None), (["--reduce-range"], True), (["--no-reduce-range"], False)]
+)
+def test_optimize_reduce_range_defaults_to_deciding(flag: list[str], value: bool | None) -> None:
+    """optimize's weights: 7 bits, 8 bits, or (neither flag) decided from the CPUs at hand;
+    quantize has only --reduce-range."""
+    args = build_parser().parse_args(["optimize", "m.onnx", "-o", "b", *flag])
+    assert args.reduce_range is value
+    assert build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx"]).reduce_range is False

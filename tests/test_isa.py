@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk.isa import cpu_flags, int8_outlook, int8_verdict
+from sdk.isa import cpu_flags, int8_outlook, int8_verdict, saturation
 from sdk.targets import PROFILES, get_target
 
 PI4 = Path(__file__).resolve().parent / "fixtures" / "pi4"
@@ -99,3 +99,35 @@ def test_cpuinfo_missing_or_mixed(tmp_path: Path) -> None:
     )
     assert cpu_flags(tmp_path) == {"fp", "asimd"}
     assert int8_outlook("host", root=tmp_path).expect_int8_speedup is False
+
+
+VNNI_HOST = {"sse4_2", "avx2", "avx512f", "avx512bw", "avx512_vnni"}
+AVX2_HOST = {"sse4_2", "avx2", "fma"}
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "why"),
+    [
+        ("host", VNNI_HOST, None),
+        ("host", AVX2_HOST, "this host's int8 kernels saturate"),
+        # a Pi's kernels do not saturate, but its quality is measured on this host
+        ("rpi4", AVX2_HOST, "would score lower here"),
+        ("rpi5", VNNI_HOST, None),
+        ("rpi4", set(), None),
+    ],
+)
+def test_saturation_names_the_machine_that_saturates(
+    target: str, host: set[str], why: str | None
+) -> None:
+    found = saturation(target, host_flags=host)
+    if why is None:
+        assert found is None
+    else:
+        assert found is not None and why in found
+
+
+def test_a_board_without_vnni_saturates_whatever_the_host() -> None:
+    board = replace(get_target("rpi4"), name="x86-box", isa=("sse4_2", "avx2"))
+    found = saturation(board, host_flags=VNNI_HOST)
+    assert found is not None and found.startswith("x86-box's int8 kernels saturate")
+    assert saturation(replace(board, isa=tuple(VNNI_HOST)), host_flags=VNNI_HOST) is None

@@ -485,3 +485,43 @@ def test_litert_candidates_are_measured_and_bundled_like_onnx_ones(
     model = load_bundle(report.bundle).manifest.model  # written and verifiable
     assert model.runtime == ("litert" if chosen.artifact.format == "tflite" else "onnxruntime")
     assert model.recipe == chosen.artifact.recipe
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting", "seven_bits"),
+    [
+        ({"avx2", "fma"}, None, True),  # saturating host, default: 7-bit weights, said in a note
+        ({"avx2", "avx512_vnni"}, None, False),
+        ({"avx2", "fma"}, False, False),  # the user asked for 8-bit weights
+    ],
+)
+def test_int8_weights_take_7_bits_where_the_host_saturates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: set[str], setting: Any, seven_bits: bool
+) -> None:
+    """The default decides from the CPU flags the search reads (faked here; every model is
+    quantized and run for real): each ONNX Runtime int8 candidate, dynamic included, and its
+    reproduce command carry the choice."""
+    import sdk.isa
+
+    monkeypatch.setattr(sdk.isa, "cpu_flags", lambda root="/": frozenset(flags))
+    model, cal, ev = _mlp(tmp_path)
+    config = OptimizeConfig(
+        budget=parse_budget("drop<=50%"),
+        reduce_range=setting,
+        try_all_ops=False,
+        try_accuracy_aware=False,
+        try_bias_correction=False,
+        try_fused_fp32=False,
+        **QUICK,
+    )
+    report = optimize(model, calibration=cal, eval_data=ev, out=tmp_path / "b", config=config)
+    int8 = [c for c in report.candidates if c.name.startswith("ort-")]
+    assert {c.name for c in int8} >= {"ort-static-int8-minmax", "ort-dynamic-int8"}
+    for c in int8:
+        assert c.artifact is not None, c.error
+        assert c.artifact.details["reduce_range"] is seven_bits, c.name
+        assert ("--reduce-range" in (c.reproduce or "")) is seven_bits, c.reproduce
+    noted = [n for n in report.notes if "took 7-bit weights" in n]
+    assert len(noted) == (1 if seven_bits and setting is None else 0), report.notes
+    if noted:
+        assert "this host's int8 kernels saturate" in noted[0] and "avx2" in noted[0]

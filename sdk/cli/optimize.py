@@ -224,7 +224,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         "(this host: the ones installed; a board profile: both) and lets the measurements "
         "choose; litert with a .pt2 measures everything against its float TFLite export",
     )
-    add_reduce_range_arg(p)
+    add_reduce_range_arg(p, auto=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,15 +94,25 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def add_reduce_range_arg(p: argparse.ArgumentParser) -> None:
-    """``--reduce-range``, shared with ``edgeship optimize``, which passes it to every ONNX
-    Runtime int8 candidate."""
+def add_reduce_range_arg(p: argparse.ArgumentParser, *, auto: bool = False) -> None:
+    """``--reduce-range``; with ``auto`` (``edgeship optimize``, which passes it to every ONNX
+    Runtime int8 candidate) also ``--no-reduce-range``, and neither means "decide"."""
+    why = (
+        "x86 CPUs without VNNI (AVX2 or AVX-512 without avx512_vnni/avx_vnni in /proc/cpuinfo) "
+        "saturate with 8-bit weights (ONNX Runtime's advice: 7-bit weights there); VNNI x86 and "
+        "Arm boards do not"
+    )
+    if not auto:
+        p.add_argument(
+            "--reduce-range", action="store_true", help=f"quantize weights to 7 bits: {why}"
+        )
+        return
     p.add_argument(
         "--reduce-range",
-        action="store_true",
-        help="quantize weights to 7 bits: use it on x86 CPUs without VNNI (AVX2 or AVX-512 "
-        "without avx512_vnni/avx_vnni in /proc/cpuinfo), whose int8 kernels saturate with 8-bit "
-        "weights (ONNX Runtime's advice); not needed on VNNI x86 or Arm boards",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"7-bit (--reduce-range) or 8-bit (--no-reduce-range) int8 weights; default: 7 bits "
+        f"where the target's or this host's int8 kernels saturate, 8 elsewhere. {why}",
     )
 
 

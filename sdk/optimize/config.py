@@ -47,10 +47,12 @@ class OptimizeConfig:
     (:attr:`sdk.quantize.QuantizeConfig.bias_correction`).
     ``try_accuracy_aware``: the accuracy-aware candidate (at most ``max_excluded_nodes`` nodes
     kept in float). ``try_fp16``: None decides from the target (skipped on CPU boards), True
-    forces the candidate, False leaves it out. ``reduce_range``: every ONNX Runtime int8
-    candidate quantizes with 7-bit weights (:attr:`sdk.quantize.QuantizeConfig.reduce_range`),
-    for x86 CPUs without VNNI, whose int8 kernels saturate with 8-bit weights
-    (:func:`sdk.isa.int8_outlook` says so in ``reduce_range``).
+    forces the candidate, False leaves it out. ``reduce_range``: True makes every ONNX Runtime
+    int8 candidate quantize with 7-bit weights (:attr:`sdk.quantize.QuantizeConfig.reduce_range`),
+    False with 8-bit ones; None (default) takes 7 bits where the target's int8 kernels or this
+    host's saturate with 8-bit weights (x86 without VNNI: :func:`sdk.isa.saturation`), and a
+    note says so. On this host the search measures every candidate's quality, so 8-bit weights
+    would score lower here than on a board that does not saturate.
 
     ``time_limit_s``: no new candidate starts once this many seconds have passed since the
     search began (None: no limit). ``bench_ci_stop``: a benchmark stops timing before
@@ -102,7 +104,7 @@ class OptimizeConfig:
     try_accuracy_aware: bool = True
     max_excluded_nodes: int = 8
     try_fp16: bool | None = None
-    reduce_range: bool = False
+    reduce_range: bool | None = None
     time_limit_s: float | None = None
     bench_ci_stop: float | None = 0.02
     calibration_cache: str | Path | None = None

@@ -233,6 +233,12 @@ def _closing_notes(ctx: SearchContext, sample: dict[str, np.ndarray] | None) -> 
     isa = None if ctx.nothing_to_quantize else isa_note(ctx.target)
     if isa is not None:
         notes.append(isa)
+    if ctx.reduce_range_why is not None and not ctx.nothing_to_quantize:
+        notes.append(
+            "ONNX Runtime int8 candidates took 7-bit weights (reduce_range): "
+            f"{ctx.reduce_range_why}; reduce_range=False (CLI --no-reduce-range) measures "
+            "8-bit weights anyway"
+        )
     if sample is not None:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items())
         source = "eval" if ctx.eval_data is not None else "calibration"
@@ -303,6 +309,11 @@ def _context(
         cal = None if cal is None else load_dataset(cal, fp32.io, what="calibration data")
         ev = None if ev is None else load_dataset(ev, fp32.io, what="eval data")
 
+    why_7_bits = None
+    if cfg.reduce_range is None and "onnxruntime" in runtimes:
+        from sdk.isa import saturation
+
+        why_7_bits = saturation(target)
     return SearchContext(
         config=cfg,
         fp32=fp32,
@@ -315,6 +326,8 @@ def _context(
         student=student,
         nothing_to_quantize=nothing_to_quantize(fp32.path) if fp32.format == "onnx" else None,
         runtimes=runtimes,
+        reduce_range=bool(cfg.reduce_range) or why_7_bits is not None,
+        reduce_range_why=why_7_bits,
     )
 
 

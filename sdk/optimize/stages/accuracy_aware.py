@@ -83,7 +83,7 @@ class AccuracyAwareRecipe(Recipe):
             max_drop=max_drop,
             max_excluded=ctx.config.max_excluded_nodes,
             out=path,
-            config=QuantizeConfig(method=self.method, reduce_range=ctx.config.reduce_range),
+            config=QuantizeConfig(method=self.method, reduce_range=ctx.reduce_range),
             calibration_cache=ctx.calibration_cache,
         )
         details = dict(artifact.details.get("accuracy_aware") or {})

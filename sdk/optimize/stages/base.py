@@ -53,6 +53,11 @@ class SearchContext:
     nothing_to_quantize: str | None = None
     #: The runtimes candidates may use (:func:`sdk.optimize.runtimes.allowed_runtimes`).
     runtimes: tuple[str, ...] = RUNTIMES
+    #: Whether every ONNX Runtime int8 candidate takes 7-bit weights: ``config.reduce_range``,
+    #: or where that is None, whether the target's or this host's int8 kernels saturate
+    #: (:func:`sdk.isa.saturation`, whose reason is in ``reduce_range_why``).
+    reduce_range: bool = False
+    reduce_range_why: str | None = None
 
     def require_calibration(self) -> Dataset:
         """The calibration data of a recipe that was only planned because there is some."""

@@ -45,15 +45,7 @@ class DistilledRecipe(Recipe):
                 "final_train_loss": history.final_loss,
             }
         }
-        return export_and_quantize(
-            trained,
-            ctx.fp32,
-            ctx.require_calibration(),
-            path,
-            "distilled+static-int8",
-            ctx.calibration_cache,
-            details,
-        )
+        return export_and_quantize(trained, ctx, path, "distilled+static-int8", details)
 
 
 class DistilledStage:

@@ -320,7 +320,5 @@ class LatencyAwareStage:
         base = base_name(ctx)
         if base is None or not ctx.config.try_latency_aware or no_default_ops(ctx):
             return []
-        config = QuantizeConfig(
-            method=ctx.config.static_methods[0], reduce_range=ctx.config.reduce_range
-        )
+        config = QuantizeConfig(method=ctx.config.static_methods[0], reduce_range=ctx.reduce_range)
         return [LatencyAwareRecipe(config, base)]

@@ -33,7 +33,7 @@ class DynamicRecipe(Recipe):
             ctx.fp32,
             ctx.calibration,
             out=path,
-            config=QuantizeConfig(mode="dynamic", reduce_range=ctx.config.reduce_range),
+            config=QuantizeConfig(mode="dynamic", reduce_range=ctx.reduce_range),
             calibration_cache=ctx.calibration_cache,
         )
 

@@ -118,9 +118,7 @@ class StaticStage:
         return [
             StaticRecipe(
                 base,
-                QuantizeConfig(
-                    method=ctx.config.static_methods[0], reduce_range=ctx.config.reduce_range
-                ),
+                QuantizeConfig(method=ctx.config.static_methods[0], reduce_range=ctx.reduce_range),
             )
         ]
 
@@ -133,7 +131,7 @@ class AllOpsStage:
         if base is None or not ctx.config.try_all_ops or not more_ops_to_quantize(ctx.fp32):
             return []
         config = QuantizeConfig(
-            method=ctx.config.static_methods[0], op_types=None, reduce_range=ctx.config.reduce_range
+            method=ctx.config.static_methods[0], op_types=None, reduce_range=ctx.reduce_range
         )
         return [StaticRecipe(f"{base}{ALL_OPS_SUFFIX}", config)]
 
@@ -171,7 +169,7 @@ class BiasCorrectionStage:
         config = QuantizeConfig(
             method=ctx.config.static_methods[0],
             op_types=None if all_ops else DEFAULT_OP_TYPES,
-            reduce_range=ctx.config.reduce_range,
+            reduce_range=ctx.reduce_range,
             bias_correction=True,
         )
         corrected = f"{base}{ALL_OPS_SUFFIX}" if all_ops else base
@@ -189,15 +187,13 @@ class CalibrationVariantsStage:
         plan: list[Recipe | SkippedRecipe] = [
             CalibrationVariantRecipe(
                 f"{STATIC_PREFIX}-{method}",
-                QuantizeConfig(method=method, reduce_range=ctx.config.reduce_range),
+                QuantizeConfig(method=method, reduce_range=ctx.reduce_range),
                 base,
             )
             for method in others
         ]
         if ctx.config.per_tensor_variant:
-            config = QuantizeConfig(
-                method=first, per_channel=False, reduce_range=ctx.config.reduce_range
-            )
+            config = QuantizeConfig(method=first, per_channel=False, reduce_range=ctx.reduce_range)
             plan.append(CalibrationVariantRecipe(f"{base}{PER_TENSOR_SUFFIX}", config, base))
         return plan
 

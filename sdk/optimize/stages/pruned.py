@@ -50,9 +50,7 @@ class PrunedRecipe(Recipe):
             }
         }
         recipe = f"pruned-{self.ratio * 100:g}+fine-tune+static-int8"
-        return export_and_quantize(
-            pruned, ctx.fp32, cal, path, recipe, ctx.calibration_cache, details
-        )
+        return export_and_quantize(pruned, ctx, path, recipe, details)
 
 
 class PrunedStage:

@@ -20,6 +20,7 @@ from sdk.quantize import quantize
 if TYPE_CHECKING:
     import torch
 
+    from sdk.optimize.stages.base import SearchContext
     from sdk.training import TrainData
 
 
@@ -93,16 +94,14 @@ def torch_example(fp32: ModelArtifact, cal: Dataset) -> tuple[torch.Tensor, ...]
 
 
 def export_and_quantize(
-    module: torch.nn.Module,
-    fp32: ModelArtifact,
-    cal: Dataset,
-    path: Path,
-    recipe: str,
-    cache: Path | None,
-    details: dict[str, Any],
+    module: torch.nn.Module, ctx: SearchContext, path: Path, recipe: str, details: dict[str, Any]
 ) -> ModelArtifact:
-    """Export ``module`` next to ``path`` as ONNX and quantize it (static int8) to ``path``."""
+    """Export ``module`` next to ``path`` as ONNX and quantize it (static int8, with the
+    search's ``reduce_range``) to ``path``."""
     from sdk.export import export
+    from sdk.quantize import QuantizeConfig
+
+    fp32, cal = ctx.fp32, ctx.require_calibration()
 
     exported = export(
         module,
@@ -112,5 +111,6 @@ def export_and_quantize(
         input_names=[s.name for s in fp32.io.inputs],
         output_names=[s.name for s in fp32.io.outputs],
     )
-    art = quantize(exported, cal, out=path, calibration_cache=cache)
+    config = QuantizeConfig(reduce_range=ctx.reduce_range)
+    art = quantize(exported, cal, out=path, config=config, calibration_cache=ctx.calibration_cache)
     return replace(art, recipe=recipe).with_details(**details)
