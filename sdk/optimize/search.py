@@ -300,6 +300,7 @@ def _context(
     ev = None if eval_data is None else load_dataset(eval_data, fp32.io, what="eval data")
     check_torch_inputs(cfg, fp32, cal, ev, torch_model, train_data, student)
     from sdk.optimize.runtimes import allowed_runtimes, litert_baseline
+    from sdk.optimize.stages.ort_static import no_default_ops
     from sdk.quantize.ort_check import nothing_to_quantize
 
     tflite = fp32.details.get("tflite_source")  # a Keras model's or SavedModel's conversion
@@ -325,6 +326,7 @@ def _context(
         train_data=train_data,
         student=student,
         nothing_to_quantize=nothing_to_quantize(fp32.path) if fp32.format == "onnx" else None,
+        no_default_ops=no_default_ops(fp32),
         runtimes=runtimes,
         reduce_range=bool(cfg.reduce_range) or why_7_bits is not None,
         reduce_range_why=why_7_bits,

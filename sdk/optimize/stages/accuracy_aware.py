@@ -18,7 +18,6 @@ from sdk.optimize.stages.ort_static import (
     ALL_OPS_SUFFIX,
     BIAS_CORRECTED_SUFFIX,
     STATIC_PREFIX,
-    no_default_ops,
 )
 from sdk.quantize import CalibMethod, QuantizeConfig
 
@@ -99,6 +98,6 @@ class AccuracyAwareStage:
         methods = ctx.config.static_methods
         if ctx.calibration is None or not methods or not ctx.config.try_accuracy_aware:
             return []
-        if ctx.nothing_to_quantize or no_default_ops(ctx):
+        if ctx.nothing_to_quantize or ctx.no_default_ops:
             return []
         return [AccuracyAwareRecipe(methods[0])]

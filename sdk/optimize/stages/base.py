@@ -51,6 +51,10 @@ class SearchContext:
     #: Why no operator of ``fp32`` has an int8 form (a scikit-learn tree ensemble), or None:
     #: with a reason, the stages that quantize ``fp32`` with ONNX Runtime plan nothing.
     nothing_to_quantize: str | None = None
+    #: Why no operator of the default int8 types is in ``fp32`` (a k-NN graph), or None
+    #: (:func:`sdk.optimize.stages.ort_static.no_default_ops`): with a reason, the plain static
+    #: candidate says so and the others that quantize those types plan nothing.
+    no_default_ops: str | None = None
     #: The runtimes candidates may use (:func:`sdk.optimize.runtimes.allowed_runtimes`).
     runtimes: tuple[str, ...] = RUNTIMES
     #: Whether every ONNX Runtime int8 candidate takes 7-bit weights: ``config.reduce_range``,

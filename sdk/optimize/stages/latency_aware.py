@@ -43,7 +43,7 @@ from sdk.errors import QuantizationError
 from sdk.optimize.report import Candidate, SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
 from sdk.optimize.stages.fp32 import FLOAT_MODELS
-from sdk.optimize.stages.ort_static import STATIC_PREFIX, base_name, no_default_ops
+from sdk.optimize.stages.ort_static import STATIC_PREFIX, base_name
 from sdk.quantize import QuantizeConfig, quantize
 from sdk.quantize.node_profile import (
     PROFILE_RUNS,
@@ -318,7 +318,7 @@ class LatencyAwareStage:
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
         base = base_name(ctx)
-        if base is None or not ctx.config.try_latency_aware or no_default_ops(ctx):
+        if base is None or not ctx.config.try_latency_aware or ctx.no_default_ops:
             return []
         config = QuantizeConfig(method=ctx.config.static_methods[0], reduce_range=ctx.reduce_range)
         return [LatencyAwareRecipe(config, base)]

@@ -12,7 +12,6 @@ from typing import ClassVar
 from sdk.artifact import ModelArtifact
 from sdk.optimize.report import SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
-from sdk.optimize.stages.ort_static import no_default_ops
 from sdk.quantize import QuantizeConfig, quantize
 
 __all__ = ["DYNAMIC", "DynamicRecipe", "DynamicStage"]
@@ -42,6 +41,6 @@ class DynamicStage:
     name = "ort-dynamic"
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
-        if not ctx.config.try_dynamic or ctx.nothing_to_quantize or no_default_ops(ctx):
+        if not ctx.config.try_dynamic or ctx.nothing_to_quantize or ctx.no_default_ops:
             return []
         return [DynamicRecipe()]

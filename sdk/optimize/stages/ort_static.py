@@ -110,7 +110,7 @@ class StaticStage:
         base = base_name(ctx)
         if base is None:
             return []
-        reason = no_default_ops(ctx)
+        reason = ctx.no_default_ops
         if reason is not None:
             if ctx.config.try_all_ops and more_ops_to_quantize(ctx.fp32):
                 reason += f"; {base}{ALL_OPS_SUFFIX} quantizes the other types"
@@ -181,7 +181,7 @@ class CalibrationVariantsStage:
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
         base = base_name(ctx)
-        if base is None or no_default_ops(ctx) is not None:
+        if base is None or ctx.no_default_ops is not None:
             return []
         first, *others = ctx.config.static_methods
         plan: list[Recipe | SkippedRecipe] = [
@@ -198,8 +198,9 @@ class CalibrationVariantsStage:
         return plan
 
 
-def no_default_ops(ctx: SearchContext) -> str | None:
-    """Why the candidates that quantize the default operator types have nothing to do, or None.
+def no_default_ops(model: ModelArtifact) -> str | None:
+    """Why the candidates that quantize the default operator types have nothing to do in
+    ``model``, or None; the search asks once (:attr:`SearchContext.no_default_ops`).
 
     A model with no operator of :data:`~sdk.quantize.DEFAULT_OP_TYPES` (a scikit-learn
     k-nearest-neighbours graph: Scan, TopK, ReduceSum), not even inside a subgraph, and no
@@ -207,7 +208,9 @@ def no_default_ops(ctx: SearchContext) -> str | None:
     the search says so once, in the plain static candidate's place, and plans none of the
     others (dynamic, calibration variants, accuracy- and latency-aware). Compute inside an
     If/Loop/Scan body is left to those candidates, whose error says how to export it flat."""
-    if ctx.fp32.format != "onnx" or _holds_default_ops(ctx.fp32.path):
+    from sdk.quantize.ort_check import holds_op_types
+
+    if model.format != "onnx" or holds_op_types(model.path, DEFAULT_OP_TYPES):
         return None
     return (
         f"no operator of the default int8 types ({', '.join(DEFAULT_OP_TYPES)}) in this model: "
@@ -226,18 +229,6 @@ def more_ops_to_quantize(model: ModelArtifact) -> bool:
 def _has_conv(model: ModelArtifact) -> bool:
     """Whether the model has a Conv, the only operator bias correction moves."""
     return "Conv" in _op_types(model.path)
-
-
-def _holds_default_ops(path: Path) -> bool:
-    stat = path.stat()
-    return _holds_default_ops_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _holds_default_ops_of(path: str, mtime_ns: int, size: int) -> bool:
-    from sdk.quantize.ort_check import holds_op_types
-
-    return holds_op_types(Path(path), DEFAULT_OP_TYPES)
 
 
 def _op_types(path: Path) -> frozenset[str]:
