@@ -48,7 +48,9 @@ class Fusions:
     def __bool__(self) -> bool:
         return bool(self.folded or self.hard_swish)
 
-    def describe(self) -> str:
+    def describe(self, why: str = "") -> str:
+        """What was rewritten, e.g. ``folded 2 constant Mul/Add nodes into the Convs before
+        them (exact rewrites)``; ``why`` joins the parenthesis (``fewer tensors to quantize``)."""
         parts = []
         if self.folded:
             nodes = "nodes" if self.folded > 1 else "node"
@@ -60,7 +62,7 @@ class Fusions:
             parts.append(
                 f"rewrote {self.hard_swish} {many} (Add, Clip, Mul, Div) as x * HardSigmoid(x)"
             )
-        return "; ".join(parts) + " (exact rewrites)"
+        return "; ".join(parts) + f" (exact rewrites{', ' + why if why else ''})"
 
 
 class _Graph:

@@ -387,7 +387,7 @@ def _rewrite(model: Path, notes: list[str], *, fuse: bool) -> None:
     if changed or done:
         onnx.save(proto, str(model))
     if done:
-        note = done.describe().removesuffix(")") + ", fewer tensors to quantize)"
+        note = done.describe("fewer tensors to quantize")
         log.info(note)
         notes.append(note)
 
