@@ -771,25 +771,20 @@ def fix_dims(src: Path, dst: Path, name: str, dims: dict[int, int]) -> Path:
 
 
 def ctc_decode(probs: np.ndarray, chars: list[str]) -> list[str]:
-    idx = probs.argmax(axis=2)
-    out = []
-    for row in idx:
-        keep = np.ones(len(row), bool)
-        keep[1:] = row[1:] != row[:-1]
-        keep &= row != 0
-        out.append("".join(chars[i] for i in row[keep]))
-    return out
+    """Each line's text: greedy CTC decoding (:func:`sdk.ctc.greedy_decode`, blank 0)."""
+    from sdk.ctc import greedy_decode
+
+    return ["".join(chars[i] for i in seq) for seq in greedy_decode(probs)]
 
 
 def cer(a: str, b: str) -> float:
     """Character error rate of ``a`` against reference ``b`` (Levenshtein / len(b))."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1] / max(1, len(b))
+    from sdk.ctc import edit_distance
+
+    def codes(text: str) -> np.ndarray:
+        return np.array([ord(c) for c in text], np.int64)
+
+    return edit_distance(codes(a), codes(b)) / max(1, len(b))
 
 
 def build_ocr_rec(
