@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdk.artifact import ModelArtifact
-from sdk.errors import ModelFormatError
 from sdk.optimize.report import SkippedRecipe
 from sdk.optimize.stages.base import Recipe, SearchContext
 
@@ -91,7 +90,11 @@ def _fused(source: Path) -> tuple[Any, Fusions] | None:
 
 @dataclass(frozen=True)
 class FusedFp32Recipe(Recipe):
-    """The fp32 ONNX model with the exact rewrites of :mod:`sdk.quantize.fusions`."""
+    """The fp32 ONNX model with the exact rewrites of :mod:`sdk.quantize.fusions`, rewritten
+    once, when the stage plans it (``model``, ``done``)."""
+
+    model: Any = field(compare=False, repr=False)
+    done: Fusions = field(compare=False)
 
     @property
     def name(self) -> str:
@@ -100,12 +103,7 @@ class FusedFp32Recipe(Recipe):
     def make(self, ctx: SearchContext, path: Path) -> ModelArtifact:
         import onnx
 
-        fused = _fused(ctx.fp32.path)
-        if fused is None:  # plan found something to rewrite in this same file
-            raise ModelFormatError(
-                f"{ctx.fp32.path}: changed during the search: nothing to rewrite"
-            )
-        model, done = fused
+        model, done = self.model, self.done
         onnx.save(model, str(path))
         return ModelArtifact(
             path=path,
@@ -120,6 +118,7 @@ class FusedFp32Stage:
     name = FP32_FUSED
 
     def plan(self, ctx: SearchContext) -> Sequence[Recipe | SkippedRecipe]:
-        if not ctx.config.try_fused_fp32 or _fused(ctx.fp32.path) is None:
+        fused = _fused(ctx.fp32.path) if ctx.config.try_fused_fp32 else None
+        if fused is None:
             return []
-        return [FusedFp32Recipe()]
+        return [FusedFp32Recipe(*fused)]
