@@ -683,7 +683,8 @@ def test_a_failing_bias_adjustment_is_retried_without_it(
     module = importlib.import_module("sdk.quantize.ort")  # sdk.quantize is also the function
     monkeypatch.setattr(module, "_flatten_gemm_bias", lambda model: None)
     source = _matmul_add_2d_bias(tmp_path / "gemm.onnx")
-    int8 = quantize(source, {"x": _f32(64, 8)}, out=tmp_path / "q.onnx")
+    config = QuantizeConfig(reduce_range=HOST_REDUCE_RANGE)  # 0.9521 on AVX2 without VNNI
+    int8 = quantize(source, {"x": _f32(64, 8)}, out=tmp_path / "q.onnx", config=config)
     assert any("without that adjustment" in f for f in int8.details["fallbacks"])
     assert int8.details["check"]["cosine_min"] > 0.99
 
@@ -954,7 +955,9 @@ def test_a_concat_of_far_apart_scales_is_kept_in_float(tmp_path: Path) -> None:
 
     fp32 = _detector_head(tmp_path / "head.onnx")
     x = {"x": np.random.default_rng(4).standard_normal((64, 8, 16)).astype(np.float32)}
-    every = quantize(fp32, x, out=tmp_path / "all.onnx", config=QuantizeConfig(op_types=None))
+    # 7-bit weights where this host's int8 saturates: the scores were 0.43 off on AVX2 (no VNNI)
+    config = QuantizeConfig(op_types=None, reduce_range=HOST_REDUCE_RANGE)
+    every = quantize(fp32, x, out=tmp_path / "all.onnx", config=config)
     print(f"\n[concat] {every.details['fallbacks']}")
     assert every.details["excluded_nodes"] == ["join", "score"]
     notes = every.details["fallbacks"]
