@@ -383,6 +383,8 @@ def test_duplicate_keys_anywhere_go_to_the_reference_decoder() -> None:
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=_VALUES, how=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
+# a device key "\n": validate_id named the field "devices.\n" unescaped (a CI run found it)
+@example(value={"\n": None}, how=0, seed=2050)
 def test_a_mutated_rollout_is_kept_as_decoded_or_dead_lettered(
     value: Any, how: int, seed: int
 ) -> None:

@@ -223,10 +223,9 @@ def validate_id(value: str, what: str) -> str:
     and ``#``, the level separator ``/`` and the ``$`` of broker-internal topics.
     """
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise ProtocolError(
-            f"{what}: {value!r} is not a valid id (1-64 characters of A-Z a-z 0-9 _ . -)",
-            field=what,
-        )
+        # through _fail: ``what`` may hold the key of a message ("devices.<key>"), escaped there
+        rule = "1-64 characters of A-Z a-z 0-9 _ . -"
+        raise _fail(what, f"{_short(value)} is not a valid id ({rule})")
     return value
 
 
