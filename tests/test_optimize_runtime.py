@@ -277,3 +277,27 @@ def test_a_source_folder_an_earlier_search_made_is_replaced(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="symbolic link"):
         refuse_existing(link)
     assert (ours / SOURCE_MARK).is_file()
+
+
+def test_a_float_tflite_search_says_nothing_of_ort_weights_on_a_saturating_host(
+    digits_mlp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float .tflite gets LiteRT candidates only: the 7-bit rule for ONNX Runtime's int8
+    weights, decided from the host's CPU flags (faked: AVX2 without VNNI), does not apply and
+    is not noted (a review found the note on a search without an ONNX Runtime candidate)."""
+    import torch
+
+    import sdk
+    import sdk.isa
+
+    monkeypatch.setattr(sdk.isa, "cpu_flags", lambda root="/": frozenset({"avx2", "fma"}))
+    model, cal, ev = digits_mlp
+    tflite = sdk.export(
+        model, (torch.from_numpy(cal["image"][:1]),), to="tflite",
+        path=tmp_path / "digits.tflite", input_names=["image"], output_names=["logits"],
+    )  # fmt: skip
+    config = OptimizeConfig(budget=parse_budget("drop<=3%"), **QUICK)
+    report = optimize(tflite.path, calibration=cal, eval_data=ev, out=tmp_path / "b", config=config)
+    assert not any(c.name.startswith("ort-") for c in report.candidates)
+    assert any(c.name.startswith("litert-") for c in report.candidates)
+    assert not any("7-bit" in n for n in report.notes), report.notes

@@ -225,7 +225,10 @@ def validate_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         # through _fail: ``what`` may hold the key of a message ("devices.<key>"), escaped there
         rule = "1-64 characters of A-Z a-z 0-9 _ . -"
-        raise _fail(what, f"{_short(value)} is not a valid id ({rule})")
+        shown = repr(value)  # whole up to the longest id (64 characters and quotes, escapes)
+        if len(shown) > 96:
+            shown = shown[:93] + "..."
+        raise _fail(what, f"{shown} is not a valid id ({rule})")
     return value
 
 

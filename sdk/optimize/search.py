@@ -311,7 +311,8 @@ def _context(
         ev = None if ev is None else load_dataset(ev, fp32.io, what="eval data")
 
     why_7_bits = None
-    if cfg.reduce_range is None and "onnxruntime" in runtimes:
+    # only an ONNX model gets ONNX Runtime int8 candidates (a float .tflite gets LiteRT ones)
+    if cfg.reduce_range is None and fp32.format == "onnx" and "onnxruntime" in runtimes:
         from sdk.isa import saturation
 
         why_7_bits = saturation(target)

@@ -60,6 +60,8 @@ class SearchContext:
     #: Whether every ONNX Runtime int8 candidate takes 7-bit weights: ``config.reduce_range``,
     #: or where that is None, whether the target's or this host's int8 kernels saturate
     #: (:func:`sdk.isa.saturation`, whose reason is in ``reduce_range_why``).
+    #: The search (``sdk.optimize.search._context``) fills these two and ``no_default_ops``
+    #: in; a context built by hand keeps the defaults (8-bit weights, default ops present).
     reduce_range: bool = False
     reduce_range_why: str | None = None
 

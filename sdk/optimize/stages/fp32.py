@@ -91,7 +91,10 @@ def _fused(source: Path) -> tuple[Any, Fusions] | None:
 @dataclass(frozen=True)
 class FusedFp32Recipe(Recipe):
     """The fp32 ONNX model with the exact rewrites of :mod:`sdk.quantize.fusions`, rewritten
-    once, when the stage plans it (``model``, ``done``)."""
+    once, when the stage plans it (``model``, ``done``). The rewritten copy is held until the
+    search ends: one more copy of the weights in the search's process (candidates are timed in
+    worker processes, so no benchmark's memory figure includes it), instead of a second
+    rewrite."""
 
     model: Any = field(compare=False, repr=False)
     done: Fusions = field(compare=False)
